@@ -20,6 +20,7 @@ pub mod pager;
 pub mod region;
 pub mod stats;
 pub mod store;
+pub mod threads;
 pub mod uffd;
 
 /// Size of one page of the managed region, in bytes. Every page-granular quantity in lego

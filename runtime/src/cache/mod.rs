@@ -1,1 +1,281 @@
-//! (being written)
+//! The DRAM cache's bookkeeping: one entry per page of the region saying where its content is
+//! (never written, resident, in the store, or on its way between them), the checksum of the
+//! copy in the store, how many pages are resident, and which resident pages to evict next.
+//!
+//! Rules: every state change happens with the [`Cache`] lock held, and the resident count is
+//! changed in the same critical section as the states it counts, so it can never drift. A page
+//! in a transit state (`Filling`, `Fetching`, `Evicting`) belongs to the one thread that put it
+//! there; nobody else changes it but to set the `REMOVED` flag, which the owner honours when it
+//! finishes. This module does no I/O and makes no system calls.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Where a page's content is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageState {
+    /// Never written, or discarded: it reads as zeros and is filled with zeros on first touch.
+    Absent = 0,
+    /// Mapped in the region (counted as resident).
+    Resident = 1,
+    /// Not mapped; the store holds it, with the checksum kept in the table.
+    Evicted = 2,
+    /// Being filled with zeros by a handler (counted as resident).
+    Filling = 3,
+    /// Being fetched from the store by a handler (counted as resident).
+    Fetching = 4,
+    /// Being moved out and written back by the evictor (counted as resident).
+    Evicting = 5,
+    /// Its content was lost (the store failed): every access raises `SIGBUS`.
+    Poisoned = 6,
+}
+
+const STATE_MASK: u8 = 0b111;
+/// Flag: the program discarded the page (`madvise`, `free` of a large run) while it was in a
+/// transit state; the owner turns it `Absent` when it finishes.
+pub const REMOVED: u8 = 1 << 3;
+/// Flag: the store holds a copy of this page whose CRC32C is in the checksum table. For a
+/// resident page it means the copy may equal the page (clean) if it was not written since.
+pub const STORED: u8 = 1 << 4;
+/// Flag: second chance for the clock: set when the page is installed or found written.
+pub const REFERENCED: u8 = 1 << 5;
+
+impl PageState {
+    fn from_bits(bits: u8) -> PageState {
+        match bits & STATE_MASK {
+            0 => PageState::Absent,
+            1 => PageState::Resident,
+            2 => PageState::Evicted,
+            3 => PageState::Filling,
+            4 => PageState::Fetching,
+            5 => PageState::Evicting,
+            _ => PageState::Poisoned,
+        }
+    }
+
+    /// True for the states whose page occupies (or is about to occupy) DRAM.
+    pub fn counts_resident(self) -> bool {
+        matches!(
+            self,
+            PageState::Resident | PageState::Filling | PageState::Fetching | PageState::Evicting
+        )
+    }
+}
+
+/// The page table and the counters, guarded by the cache lock.
+pub struct Table {
+    entries: Vec<u8>,
+    crcs: Vec<u32>,
+    resident: usize,
+    /// Clock hand: the page index where the next victim search starts.
+    hand: usize,
+    /// One past the highest page index ever made resident: the clock never looks beyond it.
+    high: usize,
+}
+
+impl Table {
+    pub fn state(&self, page: usize) -> PageState {
+        PageState::from_bits(self.entries[page])
+    }
+
+    pub fn flags(&self, page: usize) -> u8 {
+        self.entries[page] & !STATE_MASK
+    }
+
+    pub fn has_flag(&self, page: usize, flag: u8) -> bool {
+        self.entries[page] & flag != 0
+    }
+
+    pub fn set_flag(&mut self, page: usize, flag: u8, on: bool) {
+        if on {
+            self.entries[page] |= flag;
+        } else {
+            self.entries[page] &= !flag;
+        }
+    }
+
+    /// Moves `page` to `state`, keeping its flags, and keeps the resident count exact.
+    pub fn set_state(&mut self, page: usize, state: PageState) {
+        let old = self.state(page);
+        match (old.counts_resident(), state.counts_resident()) {
+            (false, true) => {
+                self.resident += 1;
+                self.high = self.high.max(page + 1);
+            }
+            (true, false) => self.resident -= 1,
+            _ => {}
+        }
+        self.entries[page] = (self.entries[page] & !STATE_MASK) | state as u8;
+    }
+
+    pub fn crc(&self, page: usize) -> u32 {
+        self.crcs[page]
+    }
+
+    pub fn set_stored(&mut self, page: usize, crc: u32) {
+        self.crcs[page] = crc;
+        self.set_flag(page, STORED, true);
+    }
+
+    pub fn forget_stored(&mut self, page: usize) {
+        self.set_flag(page, STORED, false);
+    }
+
+    pub fn resident(&self) -> usize {
+        self.resident
+    }
+
+    pub fn pages(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Length of the run starting at `page` (at most `max` pages) whose pages are all in a
+    /// state accepted by `accept`.
+    pub fn run_len(&self, page: usize, max: usize, accept: impl Fn(PageState) -> bool) -> usize {
+        let end = (page + max).min(self.entries.len());
+        (page..end).take_while(|&p| accept(self.state(p))).count()
+    }
+
+    /// Chooses up to `max` resident pages to evict with the clock algorithm (a page whose
+    /// `REFERENCED` flag is set gets a second chance: the flag is cleared and the page kept),
+    /// marks them `Evicting` and appends their indexes to `out`, sorted. Gives up after two
+    /// sweeps over the used part of the table.
+    pub fn pick_victims(&mut self, max: usize, out: &mut Vec<usize>) {
+        let start_len = out.len();
+        if self.high == 0 {
+            return;
+        }
+        let mut visited = 0;
+        let limit = self.high * 2;
+        while out.len() - start_len < max && visited < limit {
+            if self.hand >= self.high {
+                self.hand = 0;
+            }
+            let p = self.hand;
+            self.hand += 1;
+            visited += 1;
+            if self.state(p) != PageState::Resident {
+                continue;
+            }
+            if self.has_flag(p, REFERENCED) {
+                self.set_flag(p, REFERENCED, false);
+                continue;
+            }
+            self.set_state(p, PageState::Evicting);
+            out.push(p);
+        }
+        out[start_len..].sort_unstable();
+    }
+}
+
+/// The cache: its page table behind one lock, and its capacity.
+pub struct Cache {
+    table: Mutex<Table>,
+    capacity_pages: usize,
+}
+
+impl Cache {
+    /// A cache of `capacity_pages` over a region of `pages` pages, all `Absent`.
+    pub fn new(pages: usize, capacity_pages: usize) -> Cache {
+        assert!(
+            capacity_pages > 0,
+            "a cache needs room for at least one page"
+        );
+        Cache {
+            table: Mutex::new(Table {
+                entries: vec![0; pages],
+                crcs: vec![0; pages],
+                resident: 0,
+                hand: 0,
+                high: 0,
+            }),
+            capacity_pages,
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Table> {
+        // A poisoned lock means a runtime thread panicked, which aborts the process
+        // (panic = "abort"); recovering the guard is then moot but harmless.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn capacity_pages(&self) -> usize {
+        self.capacity_pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_count_follows_states() {
+        let cache = Cache::new(16, 8);
+        let mut t = cache.lock();
+        t.set_state(3, PageState::Filling);
+        t.set_state(3, PageState::Resident);
+        t.set_state(4, PageState::Fetching);
+        assert_eq!(t.resident(), 2);
+        t.set_state(3, PageState::Evicting);
+        t.set_state(3, PageState::Evicted);
+        assert_eq!(t.resident(), 1);
+        t.set_state(4, PageState::Absent);
+        assert_eq!(t.resident(), 0);
+    }
+
+    #[test]
+    fn flags_survive_state_changes() {
+        let cache = Cache::new(4, 4);
+        let mut t = cache.lock();
+        t.set_stored(1, 0xdead_beef);
+        t.set_state(1, PageState::Resident);
+        assert!(t.has_flag(1, STORED));
+        assert_eq!(t.crc(1), 0xdead_beef);
+        t.forget_stored(1);
+        assert!(!t.has_flag(1, STORED));
+        assert_eq!(t.state(1), PageState::Resident);
+    }
+
+    #[test]
+    fn clock_gives_referenced_pages_a_second_chance() {
+        let cache = Cache::new(8, 8);
+        let mut t = cache.lock();
+        for p in 0..4 {
+            t.set_state(p, PageState::Resident);
+        }
+        t.set_flag(1, REFERENCED, true);
+        let mut v = Vec::new();
+        t.pick_victims(2, &mut v);
+        assert_eq!(v, vec![0, 2]);
+        assert_eq!(t.state(0), PageState::Evicting);
+        assert_eq!(t.state(1), PageState::Resident);
+        v.clear();
+        t.pick_victims(8, &mut v);
+        assert_eq!(v, vec![1, 3]);
+        assert_eq!(
+            t.resident(),
+            4,
+            "evicting pages still count until written back"
+        );
+    }
+
+    #[test]
+    fn clock_skips_non_resident_pages_and_stops() {
+        let cache = Cache::new(8, 8);
+        let mut t = cache.lock();
+        t.set_state(5, PageState::Fetching);
+        let mut v = Vec::new();
+        t.pick_victims(4, &mut v);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn run_len_stops_at_other_states_and_table_end() {
+        let cache = Cache::new(8, 8);
+        let mut t = cache.lock();
+        t.set_state(3, PageState::Resident);
+        assert_eq!(t.run_len(0, 16, |s| s == PageState::Absent), 3);
+        assert_eq!(t.run_len(4, 16, |s| s == PageState::Absent), 4);
+        assert_eq!(t.run_len(4, 2, |s| s == PageState::Absent), 2);
+    }
+}

@@ -1,1 +1,569 @@
-//! (being written)
+//! The allocator: a malloc whose whole state lives inside the region it manages.
+//!
+//! lego runs two of these per process: the program's heap (a huge userfaultfd region, so
+//! every page touched may fault and every page may be evicted) and the runtime's own heap
+//! (Rust's global allocator). Rules this module keeps:
+//! - **The region is the heap image.** Header, locks, arenas, page map and span descriptors
+//!   are at fixed offsets from the base or reachable from it by region offsets; nothing in the
+//!   region points outside it. A region saved and mapped back at the same base is reopened
+//!   with [`Heap::open`].
+//! - **It never allocates** (it *is* the allocator) and never calls libc's malloc; its locks
+//!   are futex words inside the region.
+//! - **Touch few pages.** Small objects are carved from page-sized slabs of one size class,
+//!   handed out from a per-slab bump so a new slab is touched one object at a time; metadata
+//!   is touched lazily (the page map is a sparse array, descriptors are allocated on demand).
+//!   Freed large runs are given back through a discard callback, and the heap remembers which
+//!   free pages read as zero so `calloc` skips the memset on them.
+//!
+//! Layout of the region (pages): `[header][page map: u32 per page][data...]`; the data area is
+//! handed out by a bump pointer (`top`), so everything the heap ever wrote lies below
+//! [`Heap::top_bytes`]. The page map names, for the pages that need it, the descriptor of the
+//! span holding the page (all pages of a slab; the first and last page of a large allocation
+//! or free run). Entries may be stale: a lookup is trusted only if the named descriptor is
+//! live and covers the page, which is then necessarily the span holding it.
+//!
+//! Threads: each thread claims one of [`ARENAS_MAX`] arena indices for itself (shared round
+//! robin once all are held by live threads), remembered in a `thread_local` that both heaps
+//! share; the claiming thread keeps a lock-free cache of small objects in its arena (see
+//! `arena`). A free by another thread goes to the arena owning the slab, under its lock. Page
+//! runs come from the page heap under one lock. Lock order: arena, then
+//! page heap; arenas in index order (only `prepare_fork` takes more than one).
+
+mod arena;
+mod lock;
+mod pages;
+mod size_class;
+mod span;
+#[cfg(test)]
+mod tests;
+
+use std::cell::UnsafeCell;
+use std::ptr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use thiserror::Error;
+
+use self::arena::Arena;
+use self::lock::RawLock;
+use self::pages::PageState;
+use self::size_class::{class_of, CLASSES, SMALL_MAX_BYTES};
+use self::span::{Span, OWNER_LARGE, SPAN_BYTES};
+use crate::PAGE_SIZE;
+
+/// Called with page-aligned ranges whose content is no longer needed; afterwards they must
+/// read as zero (the heap hands them out as fresh memory).
+pub type DiscardFn = fn(addr: *mut u8, len: usize);
+
+/// "LEGOHEAP", little-endian.
+pub const HEAP_MAGIC: u64 = u64::from_le_bytes(*b"LEGOHEAP");
+/// Version of the heap image format; bump on any change to the layout or the class table.
+pub const HEAP_VERSION: u32 = 1;
+/// Arenas for small objects; threads beyond this many share them round robin.
+pub const ARENAS_MAX: usize = 64;
+/// Largest region a heap can manage: descriptor indices are `u32` units of 64 bytes.
+pub const REGION_BYTES_MAX: usize = (u32::MAX as usize + 1) * SPAN_BYTES;
+/// Smallest data area a heap is worth formatting, in pages.
+pub const DATA_PAGES_MIN: usize = 64;
+/// Free runs at least this long are given back (discarded) when they hold dirty pages.
+pub const DISCARD_MIN_BYTES: usize = 64 * 1024;
+/// Requests above this many bytes are page runs rather than size-class objects.
+pub const LARGE_MIN_BYTES: usize = SMALL_MAX_BYTES + 1;
+
+const _: () = assert!(DISCARD_MIN_BYTES.is_multiple_of(PAGE_SIZE));
+const _: () = assert!(ARENAS_MAX < OWNER_LARGE as usize);
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HeapError {
+    #[error("heap base {base:#x} is not page-aligned")]
+    MisalignedBase { base: usize },
+    #[error("heap region length {len} is not a multiple of the page size ({PAGE_SIZE})")]
+    MisalignedLength { len: usize },
+    #[error("heap region of {len} bytes is too small: at least {min} bytes are needed")]
+    RegionTooSmall { len: usize, min: usize },
+    #[error(
+        "heap region of {len} bytes is too large: at most {REGION_BYTES_MAX} bytes are supported"
+    )]
+    RegionTooLarge { len: usize },
+    #[error("no heap image at {base:#x}: magic is {found:#018x}, expected {HEAP_MAGIC:#018x}")]
+    BadMagic { base: usize, found: u64 },
+    #[error("heap image at {base:#x} has format version {found}, this build reads version {HEAP_VERSION}")]
+    BadVersion { base: usize, found: u32 },
+    #[error("heap image at {base:#x} was made for a region of {stored} bytes, not {len}")]
+    LengthMismatch {
+        base: usize,
+        stored: u64,
+        len: usize,
+    },
+    #[error("heap image was made at base {stored:#x} but is mapped at {base:#x}; it must be mapped back at its own address")]
+    BaseMismatch { base: usize, stored: usize },
+}
+
+/// The heap header, at offset 0 of its region. All-zero bytes are a valid (unformatted) value
+/// of every field, which is how [`Heap::create`] can format memory that reads as zero.
+#[repr(C)]
+pub struct Heap {
+    magic: u64,
+    version: u32,
+    region_pages: u32,
+    region_len: u64,
+    /// Address of the region when it was formatted; `open` refuses any other.
+    base_addr: usize,
+    pagemap_offset: usize,
+    /// First page of the data area.
+    data_start_page: u32,
+    /// Bump pointer, in pages: every page at or above it has never been handed out. Written
+    /// under the page lock, read without it for statistics.
+    top_page: AtomicU32,
+    root: AtomicUsize,
+    invalid_frees: AtomicU64,
+    /// Bytes of live large allocations (page lock).
+    large_bytes: AtomicU64,
+    /// Marks objects sitting in a thread cache (second word); derived from the base so that
+    /// it is fixed for the image and unlikely to appear in program data.
+    tcache_key: u64,
+    pages_lock: RawLock,
+    pages: UnsafeCell<PageState>,
+    arenas: [Arena; ARENAS_MAX],
+}
+
+// SAFETY: every mutable field is an atomic, or sits in an `UnsafeCell` reached only with the
+// lock that guards it held (`pages` under `pages_lock`, an arena's state under its lock), and
+// the region memory behind the header follows the same rules (see `span` for descriptors).
+unsafe impl Sync for Heap {}
+
+/// A page-lock guard; dropping it unlocks.
+struct PagesGuard<'h> {
+    heap: &'h Heap,
+}
+
+impl<'h> PagesGuard<'h> {
+    #[inline]
+    fn state(&mut self) -> &mut PageState {
+        // SAFETY: the page lock is held for the guard's life and the guard is borrowed
+        // mutably, so this is the only reference to the page state.
+        unsafe { &mut *self.heap.pages.get() }
+    }
+}
+
+impl Drop for PagesGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.heap.pages_lock.unlock();
+    }
+}
+
+/// What a lookup found at a pointer handed to `free`, `realloc` or `usable_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Block {
+    Small { class: usize },
+    Large { pages: usize },
+}
+
+impl Heap {
+    /// Formats a new heap in `[base, base+len)`.
+    ///
+    /// # Safety
+    /// `base` is page-aligned, `[base, base+len)` is mapped read-write, reads as zero, is used
+    /// by nothing else and stays mapped for the rest of the process.
+    pub unsafe fn create(base: *mut u8, len: usize) -> Result<&'static Heap, HeapError> {
+        let layout = Layout::new(base, len)?;
+        let heap = base.cast::<Heap>();
+        // SAFETY: the caller hands over the zeroed region; all-zero is a valid `Heap` (plain
+        // integers, atomics, arrays of them), and only the header's own bytes are written.
+        unsafe {
+            (*heap).magic = HEAP_MAGIC;
+            (*heap).version = HEAP_VERSION;
+            (*heap).region_pages = layout.region_pages;
+            (*heap).region_len = len as u64;
+            (*heap).base_addr = base.expose_provenance();
+            (*heap).pagemap_offset = layout.pagemap_offset;
+            (*heap).data_start_page = layout.data_start_page;
+            (*heap).tcache_key = tcache_key(base.addr());
+            (*heap)
+                .top_page
+                .store(layout.data_start_page, Ordering::Release);
+            Ok(&*heap)
+        }
+    }
+
+    /// Attaches to a heap image already present at `base` (after a restore), checking its
+    /// magic, version, length and base. Locks are reset: no thread of this process holds them.
+    ///
+    /// # Safety
+    /// `[base, base+len)` is mapped read-write, holds only what an earlier heap at this very
+    /// address wrote (saved while no heap call was in flight), and stays mapped.
+    pub unsafe fn open(base: *mut u8, len: usize) -> Result<&'static Heap, HeapError> {
+        let layout = Layout::new(base, len)?;
+        let addr = base.expose_provenance();
+        let heap = base.cast::<Heap>();
+        // SAFETY: the region is mapped and at least one header long (checked by the layout);
+        // the header's fields are plain integers, so any bytes are a valid value to check.
+        let h = unsafe { &*heap };
+        if h.magic != HEAP_MAGIC {
+            return Err(HeapError::BadMagic {
+                base: addr,
+                found: h.magic,
+            });
+        }
+        if h.version != HEAP_VERSION {
+            return Err(HeapError::BadVersion {
+                base: addr,
+                found: h.version,
+            });
+        }
+        if h.region_len != len as u64 || h.region_pages != layout.region_pages {
+            return Err(HeapError::LengthMismatch {
+                base: addr,
+                stored: h.region_len,
+                len,
+            });
+        }
+        if h.base_addr != addr {
+            return Err(HeapError::BaseMismatch {
+                base: addr,
+                stored: h.base_addr,
+            });
+        }
+        h.reset_locks();
+        Ok(h)
+    }
+
+    pub fn malloc(&self, size: usize) -> *mut u8 {
+        if size <= SMALL_MAX_BYTES {
+            self.alloc_small(class_of(size)).0
+        } else {
+            self.alloc_large(size, 1).0
+        }
+    }
+
+    /// `n * size` zeroed bytes; null if the product overflows or the heap is full. Memory
+    /// known to read as zero (never handed out, or discarded) is not written.
+    pub fn calloc(&self, n: usize, size: usize) -> *mut u8 {
+        let Some(bytes) = n.checked_mul(size) else {
+            return ptr::null_mut();
+        };
+        let (p, zeroed) = if bytes <= SMALL_MAX_BYTES {
+            self.alloc_small(class_of(bytes))
+        } else {
+            self.alloc_large(bytes, 1)
+        };
+        if !p.is_null() && !zeroed {
+            // SAFETY: `p` is a fresh allocation of at least `bytes` bytes.
+            unsafe { ptr::write_bytes(p, 0, bytes) };
+        }
+        p
+    }
+
+    /// glibc semantics: null `ptr` is `malloc(size)`; `size == 0` frees and returns null; on
+    /// failure null is returned and `ptr` stays valid. An invalid `ptr` is counted and null
+    /// returned.
+    // `ptr` is only read after `lookup` proved it a live allocation of this heap, which is
+    // what the C contract of realloc promises anyway; the API is safe like `free`'s.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
+    pub fn realloc(&self, ptr: *mut u8, size: usize, discard: DiscardFn) -> *mut u8 {
+        if ptr.is_null() {
+            return self.malloc(size);
+        }
+        if size == 0 {
+            self.free(ptr, discard);
+            return ptr::null_mut();
+        }
+        let Some(block) = self.lookup(ptr) else {
+            self.count_invalid_free();
+            return ptr::null_mut();
+        };
+        let usable = match block {
+            Block::Small { class } => {
+                let usable = CLASSES[class].size as usize;
+                // Stay put unless the block would be less than half used.
+                if size <= usable && size > usable / 2 {
+                    return ptr;
+                }
+                usable
+            }
+            Block::Large { pages } => {
+                let usable = pages * PAGE_SIZE;
+                if size > SMALL_MAX_BYTES && self.resize_large_in_place(ptr, pages, size, discard) {
+                    return ptr;
+                }
+                usable
+            }
+        };
+        let new = self.malloc(size);
+        if !new.is_null() {
+            // SAFETY: both blocks are live and distinct, `new` holds at least `size` bytes and
+            // `ptr` at least `usable`.
+            unsafe { ptr::copy_nonoverlapping(ptr, new, size.min(usable)) };
+            self.free(ptr, discard);
+        }
+        new
+    }
+
+    /// `size` bytes aligned to `align` (a power of two; otherwise null).
+    pub fn memalign(&self, align: usize, size: usize) -> *mut u8 {
+        if !align.is_power_of_two() {
+            return ptr::null_mut();
+        }
+        if align <= 16 {
+            return self.malloc(size);
+        }
+        if align <= PAGE_SIZE && size <= SMALL_MAX_BYTES {
+            // A class whose size is a multiple of `align` has every object aligned, as slabs
+            // start on a page; powers of two are classes, so the search ends.
+            let mut class = class_of(size.max(align));
+            while !(CLASSES[class].size as usize).is_multiple_of(align) {
+                class += 1;
+            }
+            return self.alloc_small(class).0;
+        }
+        let Some(size) = size.checked_next_multiple_of(PAGE_SIZE) else {
+            return ptr::null_mut();
+        };
+        self.alloc_large(size.max(LARGE_MIN_BYTES), align.max(PAGE_SIZE) / PAGE_SIZE)
+            .0
+    }
+
+    /// Frees `ptr` (null is ignored). A pointer in the region that is not a live allocation
+    /// is counted in [`Heap::invalid_frees`] and otherwise ignored.
+    pub fn free(&self, ptr: *mut u8, discard: DiscardFn) {
+        if ptr.is_null() {
+            return;
+        }
+        let Some((page, si)) = self.route(ptr) else {
+            self.count_invalid_free();
+            return;
+        };
+        // SAFETY: `route` returns indices of descriptors (the page map only ever holds them).
+        let owner = unsafe { (*self.span(si)).owner.load(Ordering::Acquire) };
+        let ok = match owner {
+            OWNER_LARGE => self.free_large(ptr, page, si, discard),
+            o if o >= 1 && o as usize <= ARENAS_MAX => {
+                self.free_small(ptr, page, si, o as usize - 1, discard)
+            }
+            _ => false,
+        };
+        if !ok {
+            self.count_invalid_free();
+        }
+    }
+
+    /// Bytes usable at `ptr` (at least what was asked); 0 for anything but a live allocation.
+    pub fn usable_size(&self, ptr: *mut u8) -> usize {
+        match self.lookup(ptr) {
+            Some(Block::Small { class }) => CLASSES[class].size as usize,
+            Some(Block::Large { pages }) => pages * PAGE_SIZE,
+            None => 0,
+        }
+    }
+
+    #[inline]
+    pub fn contains(&self, ptr: *const u8) -> bool {
+        let base = self.base_addr;
+        let p = ptr.addr();
+        p >= base && p - base < self.region_len as usize
+    }
+
+    /// The one user pointer kept in the header (null until set).
+    pub fn root(&self) -> *mut u8 {
+        ptr::with_exposed_provenance_mut(self.root.load(Ordering::Acquire))
+    }
+
+    pub fn set_root(&self, p: *mut u8) {
+        self.root.store(p.expose_provenance(), Ordering::Release);
+    }
+
+    /// Bytes of live allocations, counted at their class or page-run size.
+    pub fn bytes_in_use(&self) -> u64 {
+        let small: u64 = self
+            .arenas
+            .iter()
+            .map(|a| {
+                let cached = a.cached_bytes.load(Ordering::Relaxed);
+                a.bytes.load(Ordering::Relaxed).saturating_sub(cached)
+            })
+            .sum();
+        small + self.large_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the region below the bump pointer: header, page map (reserved, touched
+    /// lazily), descriptor pages and every page ever handed out. The heap never wrote above it.
+    pub fn top_bytes(&self) -> u64 {
+        u64::from(self.top_page.load(Ordering::Acquire)) * PAGE_SIZE as u64
+    }
+
+    /// Frees (and reallocs) of pointers in the region that were not live allocations.
+    pub fn invalid_frees(&self) -> u64 {
+        self.invalid_frees.load(Ordering::Relaxed)
+    }
+
+    /// Takes every lock of the heap, in the fixed order (arenas by index, then the page
+    /// heap), so `fork` copies a consistent heap. Pair with one of the two `after_fork_*`.
+    pub fn prepare_fork(&self) {
+        for a in &self.arenas {
+            a.lock.lock();
+        }
+        self.pages_lock.lock();
+    }
+
+    /// In the parent after `fork`: releases what `prepare_fork` took.
+    pub fn after_fork_parent(&self) {
+        self.pages_lock.unlock();
+        for a in self.arenas.iter().rev() {
+            a.lock.unlock();
+        }
+    }
+
+    /// In the child after `fork`: the locks are held on behalf of threads that do not exist
+    /// here, so they are reset rather than unlocked.
+    pub fn after_fork_child(&self) {
+        self.reset_locks();
+        arena::reset_claims_after_fork();
+    }
+
+    fn reset_locks(&self) {
+        self.pages_lock.reset();
+        for a in &self.arenas {
+            a.lock.reset();
+        }
+    }
+
+    // ----- internals shared by the submodules -----
+
+    #[inline]
+    fn base(&self) -> *mut u8 {
+        ptr::with_exposed_provenance_mut(self.base_addr)
+    }
+
+    /// Address of page `page` of the region.
+    #[inline]
+    fn page_addr(&self, page: u32) -> *mut u8 {
+        self.base().wrapping_add(page as usize * PAGE_SIZE)
+    }
+
+    /// Descriptor `si` (its byte offset in the region / 64).
+    #[inline]
+    fn span(&self, si: u32) -> *mut Span {
+        self.base().wrapping_add(si as usize * SPAN_BYTES).cast()
+    }
+
+    /// Page-map entry of `page` (< region pages).
+    #[inline]
+    fn pagemap(&self, page: u32) -> &AtomicU32 {
+        debug_assert!(page < self.region_pages);
+        let at = self
+            .base()
+            .wrapping_add(self.pagemap_offset + page as usize * 4);
+        // SAFETY: the page map lies inside the mapped region (see `Layout`), entries are
+        // 4-byte aligned, and they are only ever accessed atomically.
+        unsafe { &*at.cast::<AtomicU32>() }
+    }
+
+    #[inline]
+    fn lock_pages(&self) -> PagesGuard<'_> {
+        self.pages_lock.lock();
+        PagesGuard { heap: self }
+    }
+
+    /// Page index and page-map entry of a pointer into the data area, if any. Pages at or
+    /// above top never had an entry (top only grows), so they read as 0 without a look at top.
+    #[inline]
+    fn route(&self, ptr: *mut u8) -> Option<(u32, u32)> {
+        let off = ptr.addr().wrapping_sub(self.base_addr);
+        let page = off / PAGE_SIZE;
+        if page < self.data_start_page as usize || page >= self.region_pages as usize {
+            return None;
+        }
+        let page = page as u32;
+        let si = self.pagemap(page).load(Ordering::Acquire);
+        (si != 0).then_some((page, si))
+    }
+
+    /// What is at `ptr`, if it is a live allocation (checked under the owning lock).
+    fn lookup(&self, ptr: *mut u8) -> Option<Block> {
+        let (page, si) = self.route(ptr)?;
+        let s = self.span(si);
+        // SAFETY: `si` names a descriptor (the page map only holds descriptor indices).
+        let owner = unsafe { (*s).owner.load(Ordering::Acquire) };
+        if owner == OWNER_LARGE {
+            let _g = self.lock_pages();
+            // SAFETY: the page lock guards large descriptors; `live_large` checks `si` first.
+            unsafe {
+                self.live_large(ptr, page, si).then(|| Block::Large {
+                    pages: (*s).npages as usize,
+                })
+            }
+        } else if owner >= 1 && owner as usize <= ARENAS_MAX {
+            let a = owner as usize - 1;
+            let arena = &self.arenas[a];
+            arena.lock.lock();
+            // SAFETY: the arena lock is held; `slab_object` re-checks ownership first.
+            let found = unsafe { self.slab_object(ptr, page, si, a) };
+            // SAFETY: as above.
+            let class = found.map(|_| unsafe { (*s).class } as usize);
+            arena.lock.unlock();
+            class.map(|class| Block::Small { class })
+        } else {
+            None
+        }
+    }
+
+    fn count_invalid_free(&self) {
+        self.invalid_frees.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The thread-cache key of a heap based at `base` (splitmix64 finalizer; never 0).
+fn tcache_key(base: usize) -> u64 {
+    let mut z = (base as u64) ^ HEAP_MAGIC;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | 1
+}
+
+/// Where things go in a region of a given length.
+struct Layout {
+    region_pages: u32,
+    pagemap_offset: usize,
+    data_start_page: u32,
+}
+
+impl Layout {
+    fn new(base: *mut u8, len: usize) -> Result<Layout, HeapError> {
+        if !base.addr().is_multiple_of(PAGE_SIZE) || base.is_null() {
+            return Err(HeapError::MisalignedBase { base: base.addr() });
+        }
+        if !len.is_multiple_of(PAGE_SIZE) {
+            return Err(HeapError::MisalignedLength { len });
+        }
+        if len > REGION_BYTES_MAX {
+            return Err(HeapError::RegionTooLarge { len });
+        }
+        let region_pages = len / PAGE_SIZE;
+        let pagemap_offset = std::mem::size_of::<Heap>().next_multiple_of(PAGE_SIZE);
+        let pagemap_bytes = (region_pages * 4).next_multiple_of(PAGE_SIZE);
+        let data_start = pagemap_offset + pagemap_bytes;
+        let min = data_start + DATA_PAGES_MIN * PAGE_SIZE;
+        if len < min {
+            return Err(HeapError::RegionTooSmall { len, min });
+        }
+        Ok(Layout {
+            region_pages: u32::try_from(region_pages)
+                .expect("REGION_BYTES_MAX bounds the page count"),
+            pagemap_offset,
+            data_start_page: u32::try_from(data_start / PAGE_SIZE)
+                .expect("REGION_BYTES_MAX bounds the page count"),
+        })
+    }
+}
+
+// Debug-only consistency helpers used by the tests.
+#[cfg(test)]
+impl Heap {
+    fn is_small(&self, ptr: *mut u8) -> bool {
+        matches!(self.lookup(ptr), Some(Block::Small { .. }))
+    }
+
+    fn locks_free(&self) -> bool {
+        !self.pages_lock.is_held() && self.arenas.iter().all(|a| !a.lock.is_held())
+    }
+}

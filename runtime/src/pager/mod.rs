@@ -1,1 +1,357 @@
-//! (being written)
+//! The pager: the threads that turn userfaultfd events into cache and store work, and the
+//! [`Runtime`] handle that the preload library starts and stops.
+//!
+//! Threads: one fault handler per CPU (pinned to it, all reading the one userfaultfd), and one
+//! evictor that keeps the resident set between the watermarks.
+//!
+//! The rules that make it correct (see `docs/DESIGN.md`):
+//! - Installing a page (`UFFDIO_COPY`) happens with the `events` lock held for reading, and
+//!   reading events happens with it held for writing, together with applying the non-fault
+//!   events (`REMOVE`, `UNMAP`, `REMAP`) to the page table. So a program's `madvise` is never
+//!   undone by a concurrent install: either the install comes first and the `madvise` zaps it,
+//!   or the `REMOVE` is in the table first and the install skips the page.
+//! - Eviction takes a page out with `UFFDIO_MOVE`, which is atomic for the program: a write
+//!   either lands before the move (and is in the copy written back) or faults after it (and
+//!   waits until the page is back). Dirty pages are found with `PAGEMAP_SCAN` over
+//!   asynchronously write-protected pages, and checked against the stored checksum.
+//! - A fault on a page in transit is not answered by the handler that reads it: the owner of the
+//!   transit wakes the range when it is done, and the thread faults again if it must.
+//! - A page whose content cannot be fetched is poisoned: the faulting thread gets `SIGBUS`.
+
+mod evict;
+mod fault;
+mod gate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, RwLock};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::cache::{Cache, PageState};
+use crate::config::Config;
+use crate::region::{self, Region, RegionError};
+use crate::stats::Stats;
+use crate::store::{self, PageStore, StoreError};
+use crate::uffd::{self, Features, PagemapScanner, UffdError, Userfault};
+use crate::PAGE_SIZE;
+
+use gate::Gate;
+
+/// Counters of this process's runtime (one runtime per process).
+pub static STATS: Stats = Stats::new();
+
+/// Most pages filled with zeros by one fault: fresh heap is touched in order, and one
+/// `UFFDIO_COPY` of a run costs little more than one of a page (see MACHINE.md).
+pub const ZERO_RUN_PAGES_MAX: usize = 64;
+/// Most evicted pages fetched by one fault: the faulting page and the evicted ones after it.
+pub const FETCH_RUN_PAGES_MAX: usize = 16;
+/// Most events read from the userfaultfd at once.
+pub const EVENTS_PER_READ_MAX: usize = 64;
+/// Most pages one eviction batch moves out (the evictor's staging area holds that many).
+pub const EVICT_BATCH_PAGES_MAX: usize = 1024;
+/// How long a handler waits for the evictor to make room before it checks again.
+const ROOM_WAIT_MS: u64 = 20;
+/// How long an idle thread sleeps in `poll` before it looks at the stop flag.
+const IDLE_POLL_MS: i32 = 200;
+
+const _: () = assert!(FETCH_RUN_PAGES_MAX <= ZERO_RUN_PAGES_MAX);
+
+/// Errors of starting the runtime.
+#[derive(Debug, Error)]
+pub enum PagerError {
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error("cannot start the runtime thread {name}: {source}")]
+    Thread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "this kernel offers userfaultfd features {offered:#x} but lego needs asynchronous \
+         write-protection, PAGEMAP_SCAN and UFFDIO_MOVE (Linux 6.8 or newer)"
+    )]
+    KernelTooOld { offered: u64 },
+}
+
+/// Features lego asks for on the heap's userfaultfd.
+const HEAP_FEATURES: u64 = uffd::sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    | uffd::sys::UFFD_FEATURE_WP_ASYNC
+    | uffd::sys::UFFD_FEATURE_WP_UNPOPULATED
+    | uffd::sys::UFFD_FEATURE_EVENT_REMOVE
+    | uffd::sys::UFFD_FEATURE_EVENT_UNMAP
+    | uffd::sys::UFFD_FEATURE_EVENT_REMAP
+    | uffd::sys::UFFD_FEATURE_THREAD_ID
+    | uffd::sys::UFFD_FEATURE_POISON
+    | uffd::sys::UFFD_FEATURE_MOVE;
+
+/// The state shared by the runtime's threads.
+pub(crate) struct Shared {
+    pub(crate) region: Region,
+    pub(crate) uffd: Userfault,
+    /// A second userfaultfd, with no events, for the evictor's staging area: pages moved there
+    /// are dropped with `MADV_DONTNEED`, which on the heap's userfaultfd would send a `REMOVE`.
+    pub(crate) staging_uffd: Userfault,
+    pub(crate) staging: Region,
+    pub(crate) scanner: PagemapScanner,
+    pub(crate) cache: Cache,
+    /// Readers: installs. Writer: reading events and applying the non-fault ones.
+    pub(crate) events: RwLock<()>,
+    /// Signalled (with the cache lock) when resident pages were freed.
+    pub(crate) room: Condvar,
+    /// Signalled (with the cache lock) when the evictor should run.
+    pub(crate) evict_wanted: Condvar,
+    /// Handlers and the evictor pass it to do work; `fork` closes it meanwhile.
+    pub(crate) gate: Gate,
+    pub(crate) store: Box<dyn PageStore>,
+    pub(crate) zeros: Region,
+    pub(crate) high_pages: usize,
+    pub(crate) low_pages: usize,
+    pub(crate) evict_batch_pages: usize,
+    /// Set while write-backs fail: handlers then stop waiting for room (the cache overflows
+    /// rather than the program stalling forever).
+    pub(crate) store_failing: AtomicBool,
+    pub(crate) stop: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn page_of(&self, addr: usize) -> usize {
+        (addr - self.region.base) / PAGE_SIZE
+    }
+
+    pub(crate) fn addr_of(&self, page: usize) -> usize {
+        self.region.base + page * PAGE_SIZE
+    }
+
+    pub(crate) fn publish_resident(&self, resident: usize) {
+        STATS.set_resident_pages(resident as u64);
+    }
+
+    /// Applies a `REMOVE`/`UNMAP`/`REMAP`-away of `[start, end)`: the program no longer has
+    /// those pages' content. Called with the `events` lock held for writing.
+    pub(crate) fn forget_range(&self, start: usize, end: usize) {
+        let start = start.max(self.region.base);
+        let end = end.min(self.region.end());
+        if start >= end {
+            return;
+        }
+        let first = self.page_of(start);
+        let last = self.page_of(end - 1);
+        let mut discard: Vec<(u64, u64)> = Vec::new();
+        {
+            let mut t = self.cache.lock();
+            for p in first..=last {
+                match t.state(p) {
+                    PageState::Filling | PageState::Fetching | PageState::Evicting => {
+                        t.set_flag(p, crate::cache::REMOVED, true);
+                    }
+                    _ => {
+                        if t.has_flag(p, crate::cache::STORED) {
+                            push_run(&mut discard, p as u64);
+                            t.forget_stored(p);
+                        }
+                        t.set_state(p, PageState::Absent);
+                    }
+                }
+            }
+            self.publish_resident(t.resident());
+        }
+        let mut count = 0;
+        for (first, n) in discard {
+            count += n;
+            if let Err(e) = self.store.discard(first, n) {
+                log::debug!("discarding pages {first}+{n} in the store failed: {e}");
+            }
+        }
+        STATS.add(crate::stats::Counter::PagesDiscarded, count);
+        self.room.notify_all();
+    }
+}
+
+/// Appends `page` to a list of `(first, count)` runs, extending the last run when adjacent.
+pub(crate) fn push_run(runs: &mut Vec<(u64, u64)>, page: u64) {
+    if let Some(last) = runs.last_mut() {
+        if last.0 + last.1 == page {
+            last.1 += 1;
+            return;
+        }
+    }
+    runs.push((page, 1));
+}
+
+/// A running pager over one region.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    features: Features,
+    handlers: usize,
+}
+
+impl Runtime {
+    /// Registers `region` with a new userfaultfd, marks the pages already present as resident
+    /// (the allocator may have run before the runtime started), opens the store and starts the
+    /// threads.
+    pub fn start(config: &Config, region: Region) -> Result<Runtime, PagerError> {
+        let offered = Userfault::probe()?;
+        let needed = uffd::sys::UFFD_FEATURE_WP_ASYNC
+            | uffd::sys::UFFD_FEATURE_MOVE
+            | uffd::sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+        if !offered.has(needed) {
+            return Err(PagerError::KernelTooOld { offered: offered.0 });
+        }
+        let uffd = Userfault::open(HEAP_FEATURES & offered.0)?;
+        let staging_uffd = Userfault::open(0)?;
+        let batch = config.evict_batch_pages.clamp(1, EVICT_BATCH_PAGES_MAX);
+        let staging = Region::reserve(EVICT_BATCH_PAGES_MAX * PAGE_SIZE, None)?;
+        staging_uffd.register(staging.base, staging.len, false)?;
+        let zeros = Region::reserve(ZERO_RUN_PAGES_MAX * PAGE_SIZE, None)?;
+        let store = store::open(
+            &config.backend,
+            config.heap_bytes,
+            config.fault_injection.as_ref(),
+        )?;
+        let scanner = PagemapScanner::open()?;
+
+        let capacity = usize::try_from(config.cache_pages())
+            .unwrap_or(usize::MAX)
+            .max(1);
+        // Start evicting a few batches before the cache is full, so that a fault rarely waits
+        // for room; stop a few batches lower, so that the evictor works in large batches.
+        let headroom = (2 * batch).min(capacity / 4);
+        let high = capacity - headroom;
+        let low = high.saturating_sub((2 * batch).min(capacity / 4));
+
+        uffd.register(region.base, region.len, true)?;
+        let cache = Cache::new(region.pages(), capacity);
+        {
+            let mut t = cache.lock();
+            region::for_each_present_page(region.base, region.len, |p| {
+                t.set_state(p, PageState::Resident);
+            });
+            STATS.set_resident_pages(t.resident() as u64);
+        }
+
+        let shared = Arc::new(Shared {
+            region,
+            uffd,
+            staging_uffd,
+            staging,
+            scanner,
+            cache,
+            events: RwLock::new(()),
+            room: Condvar::new(),
+            evict_wanted: Condvar::new(),
+            gate: Gate::new(),
+            store,
+            zeros,
+            high_pages: high,
+            low_pages: low,
+            evict_batch_pages: batch,
+            store_failing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+
+        let cpus = online_cpus();
+        let handlers = config.handler_threads.max(1);
+        for i in 0..handlers {
+            let sh = Arc::clone(&shared);
+            let cpu = if handlers <= cpus {
+                Some(i % cpus)
+            } else {
+                None
+            };
+            crate::threads::spawn(&format!("lego-fault-{i}"), move || {
+                fault::handler_loop(&sh, cpu)
+            })
+            .map_err(|source| PagerError::Thread {
+                name: format!("lego-fault-{i}"),
+                source,
+            })?;
+        }
+        let sh = Arc::clone(&shared);
+        crate::threads::spawn("lego-evict", move || evict::evictor_loop(&sh)).map_err(
+            |source| PagerError::Thread {
+                name: "lego-evict".into(),
+                source,
+            },
+        )?;
+        let features = shared.uffd.features();
+        log::info!(
+            "userfaultfd features {:#x}; dirty tracking: asynchronous write-protect + PAGEMAP_SCAN; eviction: UFFDIO_MOVE; {} handler threads; cache {} pages (evict above {}, down to {}); store {}",
+            features.0,
+            handlers,
+            capacity,
+            high,
+            low,
+            shared.store.describe()
+        );
+        Ok(Runtime {
+            shared,
+            features,
+            handlers,
+        })
+    }
+
+    /// One line describing how the runtime runs, for the stats report.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        vec![
+            ("uffd_features".into(), format!("{:#x}", self.features.0)),
+            ("dirty_tracking".into(), "wp_async+pagemap_scan".to_string()),
+            ("handler_threads".into(), self.handlers.to_string()),
+            (
+                "cache_pages".into(),
+                self.shared.cache.capacity_pages().to_string(),
+            ),
+            ("backend".into(), self.shared.store.describe()),
+        ]
+    }
+
+    /// Called by the program's own `free` of a large run: the content of `[addr, addr+len)`
+    /// is no longer needed. The `madvise` sends a `REMOVE` event that updates the table.
+    pub fn discard(&self, addr: usize, len: usize) {
+        region::drop_pages(addr, len);
+    }
+
+    /// Before `fork`: stops eviction and fault handling, and brings every evicted page back, so
+    /// that the child (whose copy of the region is ordinary memory, no longer served by lego)
+    /// sees exactly the parent's heap. The cache may exceed its size until the fork is over.
+    pub fn prepare_fork(&self) {
+        self.shared.gate.close();
+        fault::page_in_everything(&self.shared);
+    }
+
+    /// In the parent after `fork`: resumes fault handling and eviction.
+    pub fn after_fork_parent(&self) {
+        self.shared.gate.open();
+        let _t = self.shared.cache.lock();
+        self.shared.evict_wanted.notify_all();
+    }
+
+    /// Stops nothing: the threads keep serving faults until the process exits, because other
+    /// libraries' destructors may still touch the heap after lego's exit handler.
+    pub fn request_stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Pins the calling thread to `cpu`; failure (a restricted cpuset) only costs speed.
+pub(crate) fn pin_to_cpu(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+pub(crate) fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}

@@ -1,0 +1,721 @@
+//! Heap tests on anonymous `MAP_NORESERVE` regions. Discards are real (`MADV_DONTNEED` on a
+//! private anonymous mapping reads back as zero), so "fresh memory is zero" is checked for
+//! real, not assumed.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use super::size_class::SMALL_MAX_BYTES;
+use super::*;
+
+const REGION_BYTES: usize = 1 << 30;
+
+/// A mapped region for one test heap; unmapped on drop (tests only: lego never unmaps).
+struct TestRegion {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory; the heap inside synchronizes itself.
+unsafe impl Send for TestRegion {}
+// SAFETY: as above.
+unsafe impl Sync for TestRegion {}
+
+impl TestRegion {
+    fn new(len: usize) -> TestRegion {
+        // SAFETY: a fresh private anonymous mapping; nothing else is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap of the test region failed");
+        TestRegion {
+            base: p.cast(),
+            len,
+        }
+    }
+
+    /// A heap on this region. The `'static` is a lie bounded by the test: the region outlives
+    /// every use of the heap in it.
+    fn create(&self) -> &'static Heap {
+        // SAFETY: the region is fresh, zeroed, page-aligned and owned by this test.
+        unsafe { Heap::create(self.base, self.len) }.expect("creating the test heap")
+    }
+}
+
+impl Drop for TestRegion {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `new` and nothing uses it any more.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+static DISCARDED: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+fn discard(addr: *mut u8, len: usize) {
+    assert_eq!(
+        addr.addr() % PAGE_SIZE,
+        0,
+        "discard address not page-aligned"
+    );
+    assert_eq!(len % PAGE_SIZE, 0, "discard length not page-aligned");
+    assert!(len > 0);
+    // SAFETY: the heap hands over a page-aligned range of its own region it no longer uses.
+    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0, "madvise failed");
+    DISCARDED
+        .lock()
+        .expect("discard log poisoned")
+        .push((addr.addr(), len));
+}
+
+fn discards_in(heap: &Heap) -> Vec<(usize, usize)> {
+    let log = DISCARDED.lock().expect("discard log poisoned");
+    log.iter()
+        .copied()
+        .filter(|&(a, _)| heap.contains(a as *const u8))
+        .collect()
+}
+
+fn fill(p: *mut u8, len: usize, byte: u8) {
+    // SAFETY: callers pass live allocations of at least `len` bytes.
+    unsafe { std::ptr::write_bytes(p, byte, len) };
+}
+
+fn check(p: *mut u8, len: usize, byte: u8) -> bool {
+    // SAFETY: callers pass live allocations of at least `len` bytes.
+    let s = unsafe { std::slice::from_raw_parts(p, len) };
+    s.iter().all(|&b| b == byte)
+}
+
+/// Resident pages of `[p, p+len)` per mincore.
+fn resident_pages(p: *mut u8, len: usize) -> usize {
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut vec = vec![0u8; pages];
+    let start = p.addr() & !(PAGE_SIZE - 1);
+    // SAFETY: the range is mapped (inside a test region) and `vec` has one byte per page.
+    let rc = unsafe {
+        libc::mincore(
+            start as *mut libc::c_void,
+            pages * PAGE_SIZE,
+            vec.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "mincore failed");
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+/// Tiny xorshift, so the stress tests are reproducible from their seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Mostly small sizes, some medium, a few large.
+    fn size(&mut self) -> usize {
+        match self.below(100) {
+            0..=69 => self.below(257) as usize,
+            70..=94 => self.below(SMALL_MAX_BYTES as u64 + 1) as usize,
+            _ => self.below(600_000) as usize,
+        }
+    }
+}
+
+#[test]
+fn create_checks_its_arguments() {
+    let r = TestRegion::new(REGION_BYTES);
+    // SAFETY: the region is mapped; bad arguments are refused before anything is written.
+    unsafe {
+        assert!(matches!(
+            Heap::create(r.base.add(8), 1 << 20),
+            Err(HeapError::MisalignedBase { .. })
+        ));
+        assert!(matches!(
+            Heap::create(r.base, 12345),
+            Err(HeapError::MisalignedLength { .. })
+        ));
+        assert!(matches!(
+            Heap::create(r.base, 4 * PAGE_SIZE),
+            Err(HeapError::RegionTooSmall { .. })
+        ));
+        assert!(matches!(
+            Heap::open(r.base, r.len),
+            Err(HeapError::BadMagic { .. })
+        ));
+    }
+    let heap = r.create();
+    assert_eq!(heap.bytes_in_use(), 0);
+    assert!(heap.locks_free());
+    // SAFETY: same region, a heap image is present.
+    unsafe {
+        assert!(matches!(
+            Heap::open(r.base, r.len / 2),
+            Err(HeapError::LengthMismatch { .. })
+        ));
+    }
+    let msg = HeapError::BadVersion {
+        base: 0x1000,
+        found: 7,
+    }
+    .to_string();
+    assert!(msg.contains("version 7"), "{msg}");
+}
+
+#[test]
+fn all_sizes_do_not_overlap() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let mut blocks = Vec::new();
+    let mut sizes: Vec<usize> = (0..=1024).collect();
+    sizes.extend((1025..=SMALL_MAX_BYTES + 4096).step_by(97));
+    sizes.extend([65536, 65537, 100_000, 1 << 20, (1 << 20) + 1, 3 << 20]);
+    for (i, &size) in sizes.iter().enumerate() {
+        for _ in 0..3 {
+            let p = heap.malloc(size);
+            assert!(!p.is_null(), "malloc({size})");
+            assert_eq!(p.addr() % 16, 0, "malloc({size}) misaligned");
+            assert!(heap.usable_size(p) >= size.max(1), "usable_size for {size}");
+            assert!(heap.contains(p));
+            fill(p, size, i as u8);
+            blocks.push((p, size, i as u8));
+        }
+    }
+    for &(p, size, b) in &blocks {
+        assert!(check(p, size, b), "block of {size} bytes was overwritten");
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    while !blocks.is_empty() {
+        let (p, size, b) = blocks.swap_remove(rng.below(blocks.len() as u64) as usize);
+        assert!(check(p, size, b), "block of {size} bytes was overwritten");
+        heap.free(p, discard);
+    }
+    assert_eq!(heap.bytes_in_use(), 0);
+    assert_eq!(heap.invalid_frees(), 0);
+    assert!(heap.locks_free());
+}
+
+#[test]
+fn malloc_zero_is_unique() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let a = heap.malloc(0);
+    let b = heap.malloc(0);
+    assert!(!a.is_null() && !b.is_null() && a != b);
+    heap.free(a, discard);
+    heap.free(b, discard);
+}
+
+#[test]
+fn small_objects_stay_dense() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let ptrs: Vec<_> = (0..256).map(|_| heap.malloc(16)).collect();
+    let lo = ptrs.iter().map(|p| p.addr()).min().expect("non-empty");
+    let hi = ptrs.iter().map(|p| p.addr()).max().expect("non-empty");
+    assert!(
+        hi - lo < PAGE_SIZE,
+        "256 16-byte objects spread over {} bytes",
+        hi - lo
+    );
+    // A new slab is touched as it is used: one object of a fresh 4 KiB-class slab leaves the
+    // slab's other pages untouched.
+    let big = heap.malloc(4096);
+    assert!(resident_pages(big.wrapping_add(PAGE_SIZE), 4 * PAGE_SIZE) == 0);
+    for p in ptrs {
+        heap.free(p, discard);
+    }
+    heap.free(big, discard);
+}
+
+#[test]
+fn calloc_zeroes_reused_memory() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    for &size in &[1usize, 16, 100, 1000, 5000, 32768, 40000, 70000, 1 << 20] {
+        let dirty: Vec<_> = (0..8).map(|_| heap.malloc(size)).collect();
+        for &p in &dirty {
+            fill(p, size, 0xAA);
+        }
+        for &p in &dirty {
+            heap.free(p, discard);
+        }
+        for _ in 0..8 {
+            let p = heap.calloc(1, size);
+            assert!(!p.is_null());
+            assert!(check(p, size, 0), "calloc({size}) returned dirty memory");
+            fill(p, size, 0x55);
+            heap.free(p, discard);
+        }
+    }
+    assert!(
+        heap.calloc(usize::MAX / 2, 3).is_null(),
+        "calloc overflow must fail"
+    );
+    assert_eq!(heap.bytes_in_use(), 0);
+}
+
+#[test]
+fn calloc_of_fresh_memory_does_not_touch_it() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let len = 8 << 20;
+    let p = heap.calloc(1, len);
+    assert!(!p.is_null());
+    assert_eq!(resident_pages(p, len), 0, "calloc wrote fresh pages");
+    fill(p, len, 7);
+    heap.free(p, discard);
+    // The same pages come back discarded: still no memset.
+    let q = heap.calloc(len, 1);
+    assert_eq!(q, p);
+    assert_eq!(resident_pages(q, len), 0, "calloc wrote discarded pages");
+    assert!(check(q, len, 0));
+    heap.free(q, discard);
+}
+
+#[test]
+fn large_free_discards_page_aligned_ranges() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let len = (1 << 20) + 123;
+    let p = heap.malloc(len);
+    fill(p, len, 0x11);
+    heap.free(p, discard);
+    let d = discards_in(heap);
+    let covered: usize = d
+        .iter()
+        .filter(|&&(a, l)| a <= p.addr() + len && a + l >= p.addr())
+        .map(|&(_, l)| l)
+        .sum();
+    assert!(covered >= len, "freed run was not given back: {d:?}");
+    assert_eq!(resident_pages(p, len), 0);
+    // A dirty small run merging into a long free run is given back too.
+    let before = discards_in(heap).len();
+    let small = heap.malloc(40_000);
+    fill(small, 40_000, 1);
+    heap.free(small, discard);
+    assert!(discards_in(heap).len() > before);
+}
+
+#[test]
+fn realloc_keeps_contents() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let steps = [
+        1usize,
+        24,
+        200,
+        3000,
+        30_000,
+        40_000,
+        200_000,
+        3 << 20,
+        100_000,
+        50_000,
+        5000,
+        8,
+        1,
+    ];
+    let mut p = heap.malloc(steps[0]);
+    fill(p, steps[0], 0x3C);
+    let mut have = steps[0];
+    for &size in &steps[1..] {
+        p = heap.realloc(p, size, discard);
+        assert!(!p.is_null(), "realloc to {size}");
+        assert!(heap.usable_size(p) >= size);
+        let kept = have.min(size);
+        assert!(check(p, kept, 0x3C), "realloc to {size} lost bytes");
+        fill(p, size, 0x3C);
+        have = size;
+    }
+    assert!(
+        heap.realloc(p, 0, discard).is_null(),
+        "realloc(p, 0) frees and returns null"
+    );
+    let q = heap.realloc(std::ptr::null_mut(), 100, discard);
+    assert!(!q.is_null());
+    heap.free(q, discard);
+    assert_eq!(heap.bytes_in_use(), 0);
+    assert_eq!(heap.invalid_frees(), 0);
+}
+
+#[test]
+fn realloc_grows_large_in_place_at_top() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let mut p = heap.malloc(1 << 20);
+    fill(p, 1 << 20, 9);
+    let first = p;
+    let mut size = 1 << 20;
+    for _ in 0..5 {
+        size *= 2;
+        p = heap.realloc(p, size, discard);
+        assert_eq!(p, first, "a growing vector at the top should not move");
+    }
+    assert!(check(p, 1 << 20, 9));
+    heap.free(p, discard);
+}
+
+#[test]
+fn memalign_aligns() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let mut blocks = Vec::new();
+    let mut align = 16;
+    while align <= 2 << 20 {
+        for &size in &[1usize, 17, align / 2, align, align + 1, 3 * align, 100_000] {
+            let p = heap.memalign(align, size);
+            assert!(!p.is_null(), "memalign({align}, {size})");
+            assert_eq!(p.addr() % align, 0, "memalign({align}, {size})");
+            assert!(heap.usable_size(p) >= size);
+            fill(p, size, align.trailing_zeros() as u8);
+            blocks.push((p, size, align.trailing_zeros() as u8));
+        }
+        align *= 2;
+    }
+    for (p, size, b) in blocks {
+        assert!(check(p, size, b), "aligned block overwritten");
+        heap.free(p, discard);
+    }
+    assert!(
+        heap.memalign(48, 10).is_null(),
+        "non-power-of-two alignment must fail"
+    );
+    assert_eq!(heap.bytes_in_use(), 0);
+}
+
+#[test]
+fn invalid_frees_are_counted_not_fatal() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let a = heap.malloc(64);
+    let big = heap.malloc(1 << 20);
+    heap.free(a, discard);
+    heap.free(a, discard); // double free
+    heap.free(big.wrapping_add(PAGE_SIZE), discard); // inside a large run
+    heap.free(big.wrapping_add(8), discard); // misaligned
+    heap.free(r.base.wrapping_add(100), discard); // header
+    heap.free(r.base.wrapping_add(r.len - 16), discard); // above top
+    assert_eq!(heap.usable_size(a), 0);
+    assert!(heap.realloc(a, 10, discard).is_null());
+    let b = heap.malloc(128);
+    heap.free(b.wrapping_add(16), discard); // not an object start
+    heap.free(b.wrapping_add(128), discard); // the next object, never handed out
+    assert_eq!(heap.invalid_frees(), 8);
+    // The heap is intact: the freed object comes back once, not twice.
+    let c = heap.malloc(64);
+    let d = heap.malloc(64);
+    assert_ne!(c, d);
+    for p in [b, c, d, big] {
+        heap.free(p, discard);
+    }
+    assert_eq!(heap.bytes_in_use(), 0);
+    assert_eq!(heap.invalid_frees(), 8);
+    assert!(heap.locks_free());
+}
+
+#[test]
+fn out_of_space_returns_null() {
+    let r = TestRegion::new(16 << 20);
+    let heap = r.create();
+    assert!(heap.malloc(64 << 20).is_null());
+    assert!(heap.malloc(usize::MAX).is_null());
+    assert!(heap.memalign(1 << 30, 10).is_null());
+    let mut got = Vec::new();
+    loop {
+        let p = heap.malloc(1 << 20);
+        if p.is_null() {
+            break;
+        }
+        got.push(p);
+    }
+    assert!(got.len() >= 10, "only {} MiB fit in 16 MiB", got.len());
+    for p in got {
+        heap.free(p, discard);
+    }
+    assert!(
+        !heap.malloc(1 << 20).is_null(),
+        "freed space must be reusable"
+    );
+}
+
+#[test]
+fn root_and_stats() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    assert!(heap.root().is_null());
+    let p = heap.malloc(100);
+    heap.set_root(p);
+    assert_eq!(heap.root(), p);
+    assert_eq!(heap.bytes_in_use(), 112);
+    assert!(heap.top_bytes() > 0 && heap.top_bytes() < 4 << 20);
+    let big = heap.malloc(1 << 20);
+    assert_eq!(heap.bytes_in_use(), 112 + (1 << 20));
+    heap.free(big, discard);
+    heap.free(p, discard);
+    assert_eq!(heap.bytes_in_use(), 0);
+}
+
+#[test]
+fn reopen_continues_the_same_heap() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let mut rng = Rng(42);
+    let mut live: Vec<(*mut u8, usize, u8)> = Vec::new();
+    for i in 0..2000 {
+        let size = rng.size();
+        let p = heap.malloc(size);
+        fill(p, size, i as u8);
+        live.push((p, size, i as u8));
+        if rng.below(3) == 0 {
+            let (p, _, _) = live.swap_remove(rng.below(live.len() as u64) as usize);
+            heap.free(p, discard);
+        }
+    }
+    heap.set_root(live[0].0);
+    let in_use = heap.bytes_in_use();
+    // SAFETY: the same region at the same base, with no heap call in flight.
+    let again = unsafe { Heap::open(r.base, r.len) }.expect("reopening the heap");
+    assert_eq!(again.bytes_in_use(), in_use);
+    assert_eq!(again.root(), live[0].0);
+    for i in 0..2000 {
+        let size = rng.size();
+        let p = again.malloc(size);
+        fill(p, size, i as u8);
+        live.push((p, size, i as u8));
+        let (p, size, b) = live.swap_remove(rng.below(live.len() as u64) as usize);
+        assert!(check(p, size, b), "block lost across reopen");
+        again.free(p, discard);
+    }
+    for (p, size, b) in live {
+        assert!(check(p, size, b), "block lost across reopen");
+        again.free(p, discard);
+    }
+    assert_eq!(again.bytes_in_use(), 0);
+    assert_eq!(again.invalid_frees(), 0);
+}
+
+#[test]
+fn fork_hooks_give_the_child_a_working_heap() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let p = heap.malloc(1000);
+    fill(p, 1000, 3);
+    heap.prepare_fork();
+    assert!(!heap.locks_free());
+    // SAFETY: the child only calls the heap (which allocates nothing through libc or Rust)
+    // and `_exit`s; it never returns into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        heap.after_fork_child();
+        let mut ok = heap.locks_free() && check(p, 1000, 3);
+        let q = heap.malloc(5000);
+        ok &= !q.is_null();
+        heap.free(p, discard_in_child);
+        heap.free(q, discard_in_child);
+        ok &= heap.bytes_in_use() == 0;
+        // SAFETY: ends the child without running the harness's atexit handlers.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    heap.after_fork_parent();
+    assert!(heap.locks_free());
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+    assert!(check(p, 1000, 3));
+    heap.free(p, discard);
+}
+
+/// The child of a fork must not touch the (possibly locked) discard log.
+fn discard_in_child(addr: *mut u8, len: usize) {
+    // SAFETY: as in `discard`.
+    unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTNEED) };
+}
+
+/// Four threads malloc, free, realloc and calloc at random, checking every block's bytes, and
+/// pass a share of their blocks to the next thread to free (cross-arena frees).
+#[test]
+fn threads_stress() {
+    const THREADS: usize = 4;
+    const OPS: usize = if cfg!(debug_assertions) {
+        30_000
+    } else {
+        300_000
+    };
+    let r = Arc::new(TestRegion::new(REGION_BYTES));
+    let heap = r.create();
+    type Block = (usize, usize, u8);
+    let queues: Arc<Vec<Mutex<VecDeque<Block>>>> =
+        Arc::new((0..THREADS).map(|_| Mutex::new(VecDeque::new())).collect());
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let queues = queues.clone();
+            let _region = r.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x1234_5678 + t as u64 * 7919);
+                let mut live: Vec<Block> = Vec::new();
+                let verify = |(p, size, b): Block| {
+                    assert!(
+                        check(p as *mut u8, size, b),
+                        "thread {t}: block of {size} bytes overwritten"
+                    );
+                };
+                for i in 0..OPS {
+                    let tag = (i % 251) as u8 + 1;
+                    match rng.below(10) {
+                        0..=3 => {
+                            let size = rng.size();
+                            let p = heap.malloc(size);
+                            assert!(!p.is_null());
+                            fill(p, size, tag);
+                            live.push((p.addr(), size, tag));
+                        }
+                        4 => {
+                            let size = rng.size();
+                            let p = heap.calloc(1, size);
+                            assert!(check(p, size, 0), "thread {t}: calloc({size}) dirty");
+                            fill(p, size, tag);
+                            live.push((p.addr(), size, tag));
+                        }
+                        5..=6 if !live.is_empty() => {
+                            let blk = live.swap_remove(rng.below(live.len() as u64) as usize);
+                            verify(blk);
+                            heap.free(blk.0 as *mut u8, discard);
+                        }
+                        7 if !live.is_empty() => {
+                            let k = rng.below(live.len() as u64) as usize;
+                            let (p, size, b) = live[k];
+                            verify(live[k]);
+                            let new_size = rng.size().max(1);
+                            let q = heap.realloc(p as *mut u8, new_size, discard);
+                            assert!(!q.is_null());
+                            assert!(
+                                check(q, size.min(new_size), b),
+                                "thread {t}: realloc lost bytes"
+                            );
+                            fill(q, new_size, b);
+                            live[k] = (q.addr(), new_size, b);
+                        }
+                        8 if !live.is_empty() => {
+                            let blk = live.swap_remove(rng.below(live.len() as u64) as usize);
+                            verify(blk);
+                            queues[(t + 1) % THREADS]
+                                .lock()
+                                .expect("queue")
+                                .push_back(blk);
+                        }
+                        _ => {
+                            let got: Vec<Block> =
+                                queues[t].lock().expect("queue").drain(..).collect();
+                            for blk in got {
+                                verify(blk);
+                                heap.free(blk.0 as *mut u8, discard);
+                            }
+                        }
+                    }
+                    if live.len() > 2000 {
+                        let blk = live.swap_remove(0);
+                        heap.free(blk.0 as *mut u8, discard);
+                    }
+                }
+                for blk in live {
+                    verify(blk);
+                    heap.free(blk.0 as *mut u8, discard);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("stress thread failed");
+    }
+    for q in queues.iter() {
+        for blk in q.lock().expect("queue").drain(..) {
+            heap.free(blk.0 as *mut u8, discard);
+        }
+    }
+    assert_eq!(heap.bytes_in_use(), 0);
+    assert_eq!(heap.invalid_frees(), 0);
+    assert!(heap.locks_free());
+    assert!(
+        heap.top_bytes() < 512 << 20,
+        "heap grew to {} bytes",
+        heap.top_bytes()
+    );
+}
+
+#[test]
+fn is_small_tells_classes_from_runs() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    let a = heap.malloc(SMALL_MAX_BYTES);
+    let b = heap.malloc(SMALL_MAX_BYTES + 1);
+    assert!(heap.is_small(a));
+    assert!(!heap.is_small(b));
+    assert_eq!(heap.usable_size(b) % PAGE_SIZE, 0);
+    heap.free(a, discard);
+    heap.free(b, discard);
+}
+
+/// More live threads than arenas: the extra ones share arenas with exclusive owners (locked
+/// path next to lock-free caches), and dead threads' claims are taken over afterwards.
+#[test]
+fn more_threads_than_arenas() {
+    const THREADS: usize = ARENAS_MAX + 16;
+    let r = Arc::new(TestRegion::new(REGION_BYTES));
+    let heap = r.create();
+    for round in 0..2 {
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let barrier = barrier.clone();
+                let _region = r.clone();
+                std::thread::spawn(move || {
+                    let mut rng = Rng(77 + t as u64 + round * 1000);
+                    let mut live = Vec::new();
+                    // Everyone holds an arena (claimed or shared) before anyone frees.
+                    let first = heap.malloc(24);
+                    barrier.wait();
+                    for i in 0..2000 {
+                        let size = rng.below(600) as usize;
+                        let p = heap.malloc(size);
+                        fill(p, size, i as u8);
+                        live.push((p, size, i as u8));
+                        if rng.below(2) == 0 {
+                            let (p, size, b) =
+                                live.swap_remove(rng.below(live.len() as u64) as usize);
+                            assert!(check(p, size, b), "thread {t}: block overwritten");
+                            heap.free(p, discard);
+                        }
+                    }
+                    for (p, size, b) in live {
+                        assert!(check(p, size, b), "thread {t}: block overwritten");
+                        heap.free(p, discard);
+                    }
+                    heap.free(first, discard);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread failed");
+        }
+    }
+    assert_eq!(heap.bytes_in_use(), 0);
+    assert_eq!(heap.invalid_frees(), 0);
+}

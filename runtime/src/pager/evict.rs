@@ -1,0 +1,334 @@
+//! The evictor: keeps the resident set under the cache size by moving batches of pages out of
+//! the region, writing back the dirty ones, and dropping the clean ones.
+//!
+//! One batch: choose victims (clock) and mark them `Evicting`; find which were written since
+//! their last write-back (`PAGEMAP_SCAN`, which also re-protects them); move them atomically
+//! into the staging area (`UFFDIO_MOVE`); checksum each; write the dirty ones to the store in
+//! one batch; mark them `Evicted` (or `Absent` for all-zero pages) and wake any thread that
+//! faulted on them meanwhile. If the write-back fails, the pages are copied back into the
+//! region: the cache overflows, the program never loses data.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{sleep_ms, Shared, STATS};
+use crate::cache::{PageState, REMOVED, STORED};
+use crate::logging::RateLimit;
+use crate::stats::Counter;
+use crate::store::PageWrite;
+use crate::PAGE_SIZE;
+
+static EVICT_ERRORS: RateLimit = RateLimit::new(2);
+/// How long the evictor backs off after a failed write-back before it tries again.
+const STORE_RETRY_MS: u64 = 100;
+/// How long the evictor sleeps when it wants to evict but finds nothing it can.
+const NOTHING_TO_EVICT_MS: u64 = 5;
+
+pub(crate) fn evictor_loop(sh: &Shared) {
+    let mut victims: Vec<usize> = Vec::with_capacity(super::EVICT_BATCH_PAGES_MAX);
+    loop {
+        {
+            let mut t = sh.cache.lock();
+            while t.resident() <= sh.high_pages {
+                let (guard, _) = sh
+                    .evict_wanted
+                    .wait_timeout(t, Duration::from_millis(200))
+                    .unwrap_or_else(|e| e.into_inner());
+                t = guard;
+                if sh.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+        }
+        // Evict down to the low watermark, one batch at a time, each inside the gate.
+        loop {
+            let _pass = sh.gate.enter();
+            victims.clear();
+            {
+                let mut t = sh.cache.lock();
+                if t.resident() <= sh.low_pages {
+                    break;
+                }
+                t.pick_victims(sh.evict_batch_pages, &mut victims);
+            }
+            if victims.is_empty() {
+                drop(_pass);
+                sleep_ms(NOTHING_TO_EVICT_MS);
+                break;
+            }
+            let ok = evict_batch(sh, &victims);
+            sh.room.notify_all();
+            if !ok {
+                drop(_pass);
+                sleep_ms(STORE_RETRY_MS);
+                break;
+            }
+        }
+    }
+}
+
+/// What became of one victim.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Still in the region (could not be moved): goes back to `Resident`.
+    Stayed,
+    /// Moved out, and it was not there (the program dropped it): becomes `Absent`.
+    Hole,
+    /// Moved out; content all zero: becomes `Absent`, no write-back.
+    Zero,
+    /// Moved out; equal to its stored copy: becomes `Evicted` without a write-back.
+    Clean,
+    /// Moved out; must be written back.
+    Dirty,
+}
+
+/// Evicts the sorted `victims` (all `Evicting`). Returns false if the write-back failed.
+fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
+    let n = victims.len();
+    assert!(n <= super::EVICT_BATCH_PAGES_MAX);
+    let runs = runs_of(victims);
+
+    // 1. Which victims were written since last protected (and protect them again).
+    let mut written = vec![false; n];
+    for &(i, len) in &runs {
+        let start = sh.addr_of(victims[i]);
+        let end = start + len * PAGE_SIZE;
+        let res = sh.scanner.take_written(start, end, |a, b| {
+            let (a, b) = (a.max(start), b.min(end));
+            for addr in (a..b).step_by(PAGE_SIZE) {
+                written[i + (addr - start) / PAGE_SIZE] = true;
+            }
+        });
+        if let Err(e) = res {
+            // Without the scan every page counts as written; the checksum still spares clean
+            // pages their write-back.
+            log::debug!("PAGEMAP_SCAN failed: {e}");
+            written[i..i + len].iter_mut().for_each(|w| *w = true);
+        }
+    }
+
+    // 2. Move them out, victim i to staging slot i.
+    let mut fate = vec![Fate::Dirty; n];
+    for &(i, len) in &runs {
+        move_run(sh, victims, i, len, &mut fate);
+    }
+
+    // 3. Which staging slots really hold a page (holes: the program dropped the page).
+    let mut present = vec![false; n];
+    crate::region::for_each_present_page(sh.staging.base, n * PAGE_SIZE, |slot| {
+        present[slot] = true;
+    });
+
+    // 4. Classify by content.
+    let mut crcs = vec![0u32; n];
+    {
+        let t = sh.cache.lock();
+        for i in 0..n {
+            if fate[i] == Fate::Stayed {
+                continue;
+            }
+            if !present[i] {
+                fate[i] = Fate::Hole;
+                continue;
+            }
+            let page = staging_page(sh, i);
+            if page.iter().all(|&b| b == 0) {
+                fate[i] = Fate::Zero;
+                continue;
+            }
+            crcs[i] = crc32c::crc32c(page);
+            let p = victims[i];
+            fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crcs[i] {
+                Fate::Clean
+            } else {
+                Fate::Dirty
+            };
+        }
+    }
+
+    // 5. Write back the dirty ones in one batch.
+    let writes: Vec<PageWrite<'_>> = (0..n)
+        .filter(|&i| fate[i] == Fate::Dirty)
+        .map(|i| PageWrite {
+            page: victims[i] as u64,
+            buf: staging_page(sh, i),
+        })
+        .collect();
+    let dirty = writes.len() as u64;
+    if !writes.is_empty() {
+        if let Err(e) = sh.store.store(&writes) {
+            drop(writes);
+            STATS.add(Counter::StoreErrors, 1);
+            if EVICT_ERRORS.allow() {
+                log::error!(
+                    "writing back {dirty} evicted pages failed, keeping them in memory (the cache will grow past its size until the store recovers): {e}"
+                );
+            }
+            put_back(sh, victims, &fate, &present);
+            sh.store_failing.store(true, Ordering::Relaxed);
+            return false;
+        }
+        sh.store_failing.store(false, Ordering::Relaxed);
+    } else {
+        drop(writes);
+    }
+
+    // 6. Record the outcome, wake whoever faulted meanwhile, empty the staging area.
+    let mut discard: Vec<(u64, u64)> = Vec::new();
+    let (mut evicted, mut clean) = (0u64, 0u64);
+    {
+        let mut t = sh.cache.lock();
+        for i in 0..n {
+            let p = victims[i];
+            let removed = t.has_flag(p, REMOVED);
+            t.set_flag(p, REMOVED, false);
+            match fate[i] {
+                Fate::Stayed => t.set_state(p, PageState::Resident),
+                _ if removed || matches!(fate[i], Fate::Hole | Fate::Zero) => {
+                    if t.has_flag(p, STORED) {
+                        super::push_run(&mut discard, p as u64);
+                        t.forget_stored(p);
+                    }
+                    t.set_state(p, PageState::Absent);
+                    evicted += 1;
+                }
+                Fate::Clean => {
+                    t.set_state(p, PageState::Evicted);
+                    clean += 1;
+                    evicted += 1;
+                }
+                _ => {
+                    t.set_stored(p, crcs[i]);
+                    t.set_state(p, PageState::Evicted);
+                    evicted += 1;
+                }
+            }
+        }
+        sh.publish_resident(t.resident());
+    }
+    for &(i, len) in &runs {
+        let _ = sh.uffd.wake(sh.addr_of(victims[i]), len * PAGE_SIZE);
+    }
+    crate::region::drop_pages(sh.staging.base, n * PAGE_SIZE);
+    for (first, count) in discard {
+        let _ = sh.store.discard(first, count);
+    }
+    STATS.add(Counter::PagesEvicted, evicted);
+    STATS.add(Counter::PagesDroppedClean, clean);
+    STATS.add(Counter::PagesWrittenBack, dirty);
+    STATS.add(Counter::BytesWrittenBack, dirty * PAGE_SIZE as u64);
+    true
+}
+
+/// Times a shared page needed its copy-on-write broken before it could be moved.
+static SHARED_PAGES_UNSHARED: AtomicU64 = AtomicU64::new(0);
+
+/// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. A page shared
+/// with a forked child (`EBUSY`) is made private first by an atomic add of zero to it, which
+/// takes the kernel's copy-on-write path without changing a byte; a page that still cannot move
+/// stays resident.
+fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize, fate: &mut [Fate]) {
+    let mut k = 0;
+    let mut unshared_at = usize::MAX;
+    while k < len {
+        let src = sh.addr_of(victims[i + k]);
+        let dst = sh.staging.base + (i + k) * PAGE_SIZE;
+        match sh.staging_uffd.move_pages(dst, src, (len - k) * PAGE_SIZE) {
+            Ok(()) => return,
+            Err(partial) => {
+                k += partial.done / PAGE_SIZE;
+                if k >= len {
+                    return;
+                }
+                if partial.errno == nix::errno::Errno::EBUSY && unshared_at != k {
+                    unshared_at = k;
+                    SHARED_PAGES_UNSHARED.fetch_add(1, Ordering::Relaxed);
+                    let word = sh.addr_of(victims[i + k]) as *const AtomicU64;
+                    // SAFETY: the page is resident in the region (it is `Evicting`, owned by
+                    // this thread, and MOVE just found it present and shared), 8-byte aligned,
+                    // and adding zero atomically changes no byte the program could observe.
+                    unsafe { (*word).fetch_add(0, Ordering::SeqCst) };
+                    continue;
+                }
+                if EVICT_ERRORS.allow() {
+                    log::warn!(
+                        "cannot move the page at {src:#x} out of the heap ({}); keeping it resident",
+                        partial.errno
+                    );
+                }
+                fate[i + k] = Fate::Stayed;
+                k += 1;
+            }
+        }
+    }
+}
+
+/// After a failed write-back: copies every moved page back into the region (unprotected, so it
+/// counts as written) and marks all victims resident again.
+fn put_back(sh: &Shared, victims: &[usize], fate: &[Fate], present: &[bool]) {
+    let _r = sh.events.read().unwrap_or_else(|e| e.into_inner());
+    for i in 0..victims.len() {
+        if fate[i] == Fate::Stayed || !present[i] {
+            continue;
+        }
+        let slot = sh.staging.base + i * PAGE_SIZE;
+        // SAFETY: the slot holds a page moved there by this batch; the destination is a page of
+        // the registered region that is missing since the move (faults on it wait for us).
+        let _ = unsafe {
+            sh.uffd.copy(
+                sh.addr_of(victims[i]),
+                slot as *const u8,
+                PAGE_SIZE,
+                false,
+                true,
+            )
+        };
+    }
+    drop(_r);
+    {
+        let mut t = sh.cache.lock();
+        for i in 0..victims.len() {
+            let p = victims[i];
+            if t.has_flag(p, REMOVED) || (!present[i] && fate[i] != Fate::Stayed) {
+                t.set_flag(p, REMOVED, false);
+                t.set_state(p, PageState::Absent);
+            } else {
+                t.set_state(p, PageState::Resident);
+            }
+        }
+        sh.publish_resident(t.resident());
+    }
+    crate::region::drop_pages(sh.staging.base, victims.len() * PAGE_SIZE);
+}
+
+fn staging_page(sh: &Shared, slot: usize) -> &[u8] {
+    assert!((slot + 1) * PAGE_SIZE <= sh.staging.len);
+    // SAFETY: the slot lies inside the staging mapping and holds a page moved there by this
+    // batch (callers check `present`); only the evictor thread touches the staging area.
+    unsafe {
+        std::slice::from_raw_parts((sh.staging.base + slot * PAGE_SIZE) as *const u8, PAGE_SIZE)
+    }
+}
+
+/// Splits sorted page indexes into runs of consecutive pages: `(index of first, length)`.
+fn runs_of(pages: &[usize]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, &p) in pages.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if pages[r.0] + r.1 == p => r.1 += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_of;
+
+    #[test]
+    fn runs_split_at_gaps() {
+        assert_eq!(runs_of(&[1, 2, 3, 7, 8, 10]), vec![(0, 3), (3, 2), (5, 1)]);
+        assert!(runs_of(&[]).is_empty());
+    }
+}

@@ -1,0 +1,467 @@
+//! The fault handlers: read events, apply the non-fault ones, and resolve missing-page faults
+//! by filling runs of fresh pages with zeros or fetching runs of evicted pages from the store.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{Event, EventBuffer, FaultKind};
+
+use super::{
+    pin_to_cpu, Shared, EVENTS_PER_READ_MAX, FETCH_RUN_PAGES_MAX, IDLE_POLL_MS, ROOM_WAIT_MS,
+    STATS, ZERO_RUN_PAGES_MAX,
+};
+use crate::cache::{PageState, REFERENCED, REMOVED, STORED};
+use crate::logging::RateLimit;
+use crate::region::Region;
+use crate::stats::Counter;
+use crate::store::PageRead;
+use crate::PAGE_SIZE;
+
+/// Messages about poisoned pages: at most this many a second reach stderr.
+static POISON_MESSAGES: RateLimit = RateLimit::new(8);
+static FAULT_ERRORS: RateLimit = RateLimit::new(8);
+
+/// A page-aligned buffer for fetched pages (O_DIRECT needs the alignment).
+pub(crate) struct PageBuf {
+    region: Region,
+}
+
+impl PageBuf {
+    pub(crate) fn new(pages: usize) -> PageBuf {
+        let region = Region::reserve(pages * PAGE_SIZE, None)
+            .expect("a fault handler's fetch buffer (a few pages of address space) must map");
+        PageBuf { region }
+    }
+
+    pub(crate) fn addr(&self, i: usize) -> usize {
+        self.region.base + i * PAGE_SIZE
+    }
+
+    /// Mutable page-sized slices for the first `n` pages.
+    pub(crate) fn pages_mut(&mut self, n: usize) -> Vec<&mut [u8]> {
+        assert!(n * PAGE_SIZE <= self.region.len);
+        // SAFETY: the region is a private mapping owned by this buffer, `n` pages long at
+        // least, and the slices returned are disjoint and borrow `self` mutably.
+        let all =
+            unsafe { std::slice::from_raw_parts_mut(self.region.base as *mut u8, n * PAGE_SIZE) };
+        all.chunks_mut(PAGE_SIZE).collect()
+    }
+
+    pub(crate) fn page(&self, i: usize) -> &[u8] {
+        assert!((i + 1) * PAGE_SIZE <= self.region.len);
+        // SAFETY: page `i` lies inside this buffer's private mapping.
+        unsafe { std::slice::from_raw_parts(self.addr(i) as *const u8, PAGE_SIZE) }
+    }
+}
+
+pub(crate) fn handler_loop(sh: &Shared, cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu);
+    }
+    let mut buf = EventBuffer::new(EVENTS_PER_READ_MAX);
+    let mut events: Vec<Event> = Vec::with_capacity(EVENTS_PER_READ_MAX);
+    let mut fetch = PageBuf::new(FETCH_RUN_PAGES_MAX);
+    loop {
+        if !sh.uffd.wait_readable(IDLE_POLL_MS) {
+            if sh.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            continue;
+        }
+        events.clear();
+        {
+            let _w = sh.events.write().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = sh.uffd.read_ready(&mut buf, &mut events) {
+                if FAULT_ERRORS.allow() {
+                    log::error!("reading userfaultfd events failed: {e}");
+                }
+                continue;
+            }
+            for ev in &events {
+                match ev {
+                    Event::Remove { start, end } => {
+                        STATS.add(Counter::EventsRemove, 1);
+                        sh.forget_range(*start as usize, *end as usize);
+                    }
+                    Event::Unmap { start, end } => {
+                        STATS.add(Counter::EventsUnmap, 1);
+                        log::warn!(
+                            "the program unmapped {:#x}..{:#x} inside lego's heap region",
+                            *start as usize,
+                            *end as usize
+                        );
+                        sh.forget_range(*start as usize, *end as usize);
+                    }
+                    Event::Remap { from, len, .. } => {
+                        STATS.add(Counter::EventsRemap, 1);
+                        log::warn!(
+                            "the program moved {len} bytes at {:#x} out of lego's heap region with mremap",
+                            *from as usize
+                        );
+                        sh.forget_range(*from as usize, *from as usize + len);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let started = Instant::now();
+        let _pass = sh.gate.enter();
+        for ev in &events {
+            if let Event::Pagefault { kind, addr, .. } = ev {
+                let addr = *addr as usize;
+                if !sh.region.contains(addr) {
+                    continue;
+                }
+                match kind {
+                    FaultKind::Missing => handle_missing(sh, addr & !(PAGE_SIZE - 1), &mut fetch),
+                    // Asynchronous write-protection resolves write faults in the kernel; a
+                    // message can only be stale. Waking is always safe.
+                    _ => {
+                        STATS.add(Counter::FaultsWriteProtect, 1);
+                        let _ = sh.uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE);
+                    }
+                }
+                STATS.record_fault_latency_ns(duration_ns(started.elapsed()));
+            }
+        }
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What a handler decided to do about a fault, with the pages claimed for it.
+enum Plan {
+    /// Nothing to do now (the page is in transit; its owner will wake the thread).
+    Nothing,
+    Zero {
+        first: usize,
+        n: usize,
+    },
+    Fetch {
+        first: usize,
+        n: usize,
+    },
+    Poison {
+        page: usize,
+    },
+}
+
+/// Resolves a missing-page fault at page-aligned `addr`.
+pub(crate) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
+    let page = sh.page_of(addr);
+    let plan = plan_fault(sh, page, usize::MAX);
+    match plan {
+        Plan::Nothing => {}
+        Plan::Zero { first, n } => {
+            STATS.add(Counter::FaultsZeroFill, 1);
+            install_zeros(sh, first, n);
+        }
+        Plan::Fetch { first, n } => {
+            STATS.add(Counter::FaultsFetch, 1);
+            fetch_and_install(sh, first, n, page, fetch);
+        }
+        Plan::Poison { page } => poison(sh, page, "its content was lost earlier"),
+    }
+}
+
+/// Looks at the page and claims a run for the work it needs, waiting for room in the cache.
+/// `room_override` lets `fork` page in everything regardless of the cache size.
+fn plan_fault(sh: &Shared, page: usize, room_override: usize) -> Plan {
+    let mut t = sh.cache.lock();
+    loop {
+        let state = t.state(page);
+        let (max, accept): (usize, fn(PageState) -> bool) = match state {
+            PageState::Filling | PageState::Fetching | PageState::Evicting => {
+                STATS.add(Counter::FaultsSpurious, 1);
+                return Plan::Nothing;
+            }
+            PageState::Poisoned => return Plan::Poison { page },
+            // A resident page that faults was dropped by the kernel behind lego's back (the
+            // program's MADV_FREE): it reads as zeros, like the kernel would give.
+            PageState::Absent | PageState::Resident => {
+                (ZERO_RUN_PAGES_MAX, |s| s == PageState::Absent)
+            }
+            PageState::Evicted => (FETCH_RUN_PAGES_MAX, |s| s == PageState::Evicted),
+        };
+        let capacity = sh.cache.capacity_pages().min(room_override);
+        let room = capacity.saturating_sub(t.resident());
+        let failing = sh.store_failing.load(Ordering::Relaxed);
+        if room == 0 && !failing && room_override == usize::MAX {
+            sh.evict_wanted.notify_one();
+            let (guard, _) = sh
+                .room
+                .wait_timeout(t, Duration::from_millis(ROOM_WAIT_MS))
+                .unwrap_or_else(|e| e.into_inner());
+            t = guard;
+            continue;
+        }
+        let room = if room_override == usize::MAX && !failing {
+            room
+        } else {
+            max
+        };
+        let n = (1 + t.run_len(page + 1, max - 1, accept)).min(room.max(1));
+        let transit = if state == PageState::Evicted {
+            PageState::Fetching
+        } else {
+            PageState::Filling
+        };
+        for p in page..page + n {
+            t.set_state(p, transit);
+        }
+        let resident = t.resident();
+        sh.publish_resident(resident);
+        if resident > sh.high_pages {
+            sh.evict_wanted.notify_one();
+        }
+        return if transit == PageState::Fetching {
+            Plan::Fetch { first: page, n }
+        } else {
+            Plan::Zero { first: page, n }
+        };
+    }
+}
+
+/// Installs zero pages over the claimed run `[first, first+n)`.
+fn install_zeros(sh: &Shared, first: usize, n: usize) {
+    let _r = sh.events.read().unwrap_or_else(|e| e.into_inner());
+    let n = trim_removed(sh, first, n);
+    if n > 0 {
+        install(sh, first, n, sh.zeros.base as *const u8, false);
+    }
+    let mut t = sh.cache.lock();
+    for p in first..first + n {
+        t.forget_stored(p);
+        t.set_state(p, PageState::Resident);
+        t.set_flag(p, REFERENCED, true);
+    }
+    STATS.add(Counter::PagesZeroFilled, n as u64);
+}
+
+/// Stops the claimed run at its first page that was removed meanwhile; makes that page and the
+/// rest of the run `Absent` again and wakes their waiters (they fault again and get zeros).
+/// Called with the `events` lock held for reading, so no new removal can arrive.
+fn trim_removed(sh: &Shared, first: usize, n: usize) -> usize {
+    let mut t = sh.cache.lock();
+    let keep = (first..first + n)
+        .take_while(|&p| !t.has_flag(p, REMOVED))
+        .count();
+    if keep < n {
+        for p in first + keep..first + n {
+            t.set_flag(p, REMOVED, false);
+            t.forget_stored(p);
+            t.set_state(p, PageState::Absent);
+        }
+        sh.publish_resident(t.resident());
+        drop(t);
+        let _ = sh
+            .uffd
+            .wake(sh.addr_of(first + keep), (n - keep) * PAGE_SIZE);
+        sh.room.notify_all();
+    }
+    keep
+}
+
+/// `UFFDIO_COPY` of `n` pages from `src` to page `first`, waking the waiters. A page that is
+/// already present (`EEXIST`) is skipped; any other failure poisons the rest of the run, so
+/// that no thread waits forever and none reads made-up data.
+fn install(sh: &Shared, first: usize, n: usize, src: *const u8, wp: bool) {
+    let mut done = 0;
+    while done < n {
+        let dst = sh.addr_of(first + done);
+        // SAFETY: `src` is readable for `n` pages (a zero region or a fetch buffer), `dst` lies
+        // in the registered region, and both are page-aligned.
+        let res = unsafe {
+            sh.uffd.copy(
+                dst,
+                src.add(done * PAGE_SIZE),
+                (n - done) * PAGE_SIZE,
+                wp,
+                true,
+            )
+        };
+        match res {
+            Ok(()) => return,
+            Err(partial) => {
+                done += partial.done / PAGE_SIZE;
+                if partial.errno == nix::errno::Errno::EEXIST {
+                    // Present already: it was never missing for long; just wake its waiters.
+                    let _ = sh.uffd.wake(sh.addr_of(first + done), PAGE_SIZE);
+                    done += 1;
+                    continue;
+                }
+                if FAULT_ERRORS.allow() {
+                    log::error!(
+                        "installing {} pages at {:#x} failed ({})",
+                        n - done,
+                        sh.addr_of(first + done),
+                        partial.errno
+                    );
+                }
+                let _ = sh
+                    .uffd
+                    .poison(sh.addr_of(first + done), (n - done) * PAGE_SIZE);
+                return;
+            }
+        }
+    }
+}
+
+/// Fetches the claimed run `[first, first+n)` from the store, checks every page against its
+/// checksum, and installs the good ones write-protected (clean). `faulting` is the page whose
+/// fault started it: if it cannot be fetched it is poisoned; the read-ahead pages that fail are
+/// put back as evicted (or poisoned when their copy is corrupt).
+pub(crate) fn fetch_and_install(
+    sh: &Shared,
+    first: usize,
+    n: usize,
+    faulting: usize,
+    buf: &mut PageBuf,
+) {
+    let crcs: Vec<u32> = {
+        let t = sh.cache.lock();
+        (first..first + n).map(|p| t.crc(p)).collect()
+    };
+    let result = {
+        let mut slices = buf.pages_mut(n);
+        let mut batch: Vec<PageRead<'_>> = slices
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| PageRead {
+                page: (first + i) as u64,
+                buf: b,
+            })
+            .collect();
+        sh.store.fetch(&mut batch)
+    };
+    if let Err(e) = result {
+        STATS.add(Counter::FetchErrors, 1);
+        let mut t = sh.cache.lock();
+        for p in first..first + n {
+            let removed = t.has_flag(p, REMOVED);
+            t.set_flag(p, REMOVED, false);
+            t.set_state(
+                p,
+                if removed {
+                    PageState::Absent
+                } else if p == faulting {
+                    PageState::Poisoned
+                } else {
+                    PageState::Evicted
+                },
+            );
+        }
+        sh.publish_resident(t.resident());
+        drop(t);
+        sh.room.notify_all();
+        let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
+        poison(
+            sh,
+            faulting,
+            &format!("fetching it from the store failed: {e}"),
+        );
+        return;
+    }
+    // Verify every page before anything is installed: a corrupt copy is never served.
+    let mut good = vec![true; n];
+    for i in 0..n {
+        let crc = crc32c::crc32c(buf.page(i));
+        if crc != crcs[i] {
+            good[i] = false;
+        }
+    }
+    let _r = sh.events.read().unwrap_or_else(|e| e.into_inner());
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut bad_faulting = false;
+    {
+        let mut t = sh.cache.lock();
+        for i in 0..n {
+            let p = first + i;
+            if t.has_flag(p, REMOVED) {
+                t.set_flag(p, REMOVED, false);
+                t.forget_stored(p);
+                t.set_state(p, PageState::Absent);
+            } else if !good[i] {
+                t.set_state(p, PageState::Poisoned);
+                bad_faulting |= p == faulting;
+            } else {
+                match runs.last_mut() {
+                    Some(r) if r.0 + r.1 == i => r.1 += 1,
+                    _ => runs.push((i, 1)),
+                }
+            }
+        }
+    }
+    for &(i, len) in &runs {
+        install(sh, first + i, len, buf.addr(i) as *const u8, true);
+    }
+    drop(_r);
+    let mut installed = 0;
+    {
+        let mut t = sh.cache.lock();
+        for &(i, len) in &runs {
+            for p in first + i..first + i + len {
+                t.set_state(p, PageState::Resident);
+                t.set_flag(p, REFERENCED, true);
+                debug_assert!(t.has_flag(p, STORED));
+                installed += 1;
+            }
+        }
+        sh.publish_resident(t.resident());
+    }
+    STATS.add(Counter::PagesFetched, installed);
+    STATS.add(Counter::BytesFetched, installed * PAGE_SIZE as u64);
+    if installed > 1 {
+        STATS.add(Counter::PagesReadAhead, installed - 1);
+    }
+    sh.room.notify_all();
+    // Pages that were removed or found corrupt: wake their waiters, who fault again.
+    let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
+    if bad_faulting {
+        poison(
+            sh,
+            faulting,
+            "its copy in the store failed its CRC32C check",
+        );
+    }
+}
+
+/// Poisons `page` so that the faulting thread gets `SIGBUS`, and says so on stderr.
+fn poison(sh: &Shared, page: usize, why: &str) {
+    let addr = sh.addr_of(page);
+    STATS.add(Counter::PagesPoisoned, 1);
+    if POISON_MESSAGES.allow() {
+        crate::logging::write_stderr_line(&format!(
+            "lego: SIGBUS: the heap page at {addr:#x} cannot be served because {why}"
+        ));
+    }
+    if let Err(e) = sh.uffd.poison(addr, PAGE_SIZE) {
+        // EEXIST: already poisoned (or present); the waiters must still be woken.
+        log::debug!("poisoning {addr:#x}: {e}");
+        let _ = sh.uffd.wake(addr, PAGE_SIZE);
+    }
+}
+
+/// Brings every evicted page back into memory (for `fork`), ignoring the cache size, and waits
+/// until no page is in transit. Called with the gate closed, so no handler or evictor runs.
+pub(crate) fn page_in_everything(sh: &Shared) {
+    let mut buf = PageBuf::new(FETCH_RUN_PAGES_MAX);
+    let pages = sh.region.pages();
+    let mut page = 0;
+    let mut brought = 0u64;
+    while page < pages {
+        let state = sh.cache.lock().state(page);
+        if state == PageState::Evicted {
+            if let Plan::Fetch { first, n } = plan_fault(sh, page, 0) {
+                fetch_and_install(sh, first, n, first, &mut buf);
+                brought += n as u64;
+                page = first + n;
+                continue;
+            }
+        }
+        page += 1;
+    }
+    STATS.add(Counter::ForkPageIns, brought);
+}

@@ -1,0 +1,277 @@
+//! [`FaultyStore`]: fault injection at the store seam, for tests (`LEGO_FAULT_INJECT`).
+//!
+//! It wraps a real store and, for the operation a [`FaultPlan`] names, lets exactly
+//! `after_pages` pages through; the call that crosses that budget forwards the pages still
+//! within it (a realistic partial write or read) and then fails, and every later call of that
+//! operation fails without touching the inner store. The other operation and `discard` always
+//! pass through. The budget is shared by all threads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{op_name, PageRead, PageStore, PageWrite, StoreError};
+use crate::config::{FaultOp, FaultPlan};
+
+/// A store that fails on purpose after a number of pages.
+pub struct FaultyStore<S: PageStore> {
+    inner: S,
+    plan: FaultPlan,
+    // Pages of the planned operation let through so far (never above `plan.after_pages`).
+    passed: AtomicU64,
+}
+
+impl<S: PageStore> FaultyStore<S> {
+    /// Wraps `inner` with the fault plan.
+    pub fn new(inner: S, plan: FaultPlan) -> FaultyStore<S> {
+        FaultyStore {
+            inner,
+            plan,
+            passed: AtomicU64::new(0),
+        }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Takes up to `want` pages from the budget; returns how many were granted.
+    fn grant(&self, want: usize) -> usize {
+        let want = u64::try_from(want).unwrap_or(u64::MAX);
+        let limit = self.plan.after_pages;
+        let before = self
+            .passed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |passed| {
+                Some(passed.saturating_add(want).min(limit))
+            })
+            .expect("the update closure always returns Some");
+        let granted = before.saturating_add(want).min(limit) - before;
+        usize::try_from(granted).expect("granted pages are at most the batch length")
+    }
+
+    fn injected(&self, page: u64) -> StoreError {
+        StoreError::Injected {
+            op: self.plan.op,
+            page,
+            source: std::io::Error::from_raw_os_error(self.plan.errno),
+        }
+    }
+}
+
+impl<S: PageStore> PageStore for FaultyStore<S> {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        if self.plan.op != FaultOp::Fetch {
+            return self.inner.fetch(batch);
+        }
+        let granted = self.grant(batch.len());
+        let (pass, fail) = batch.split_at_mut(granted);
+        if !pass.is_empty() {
+            self.inner.fetch(pass)?;
+        }
+        match fail.first() {
+            Some(r) => Err(self.injected(r.page)),
+            None => Ok(()),
+        }
+    }
+
+    fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
+        if self.plan.op != FaultOp::Store {
+            return self.inner.store(batch);
+        }
+        let granted = self.grant(batch.len());
+        let (pass, fail) = batch.split_at(granted);
+        if !pass.is_empty() {
+            self.inner.store(pass)?;
+        }
+        match fail.first() {
+            Some(w) => Err(self.injected(w.page)),
+            None => Ok(()),
+        }
+    }
+
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        self.inner.discard(first, count)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (faulty: {} fails with errno {} after {} pages)",
+            self.inner.describe(),
+            op_name(self.plan.op),
+            self.plan.errno,
+            self.plan.after_pages
+        )
+    }
+}
+
+// Boxed stores (what `store::open` returns) can be wrapped too.
+impl PageStore for Box<dyn PageStore> {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        (**self).fetch(batch)
+    }
+
+    fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
+        (**self).store(batch)
+    }
+
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        (**self).discard(first, count)
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records which pages reached it.
+    #[derive(Default)]
+    struct Recorder {
+        fetched: Mutex<Vec<u64>>,
+        stored: Mutex<Vec<u64>>,
+    }
+
+    impl PageStore for Recorder {
+        fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+            let mut fetched = self.fetched.lock().expect("test lock");
+            fetched.extend(batch.iter().map(|r| r.page));
+            Ok(())
+        }
+        fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
+            let mut stored = self.stored.lock().expect("test lock");
+            stored.extend(batch.iter().map(|w| w.page));
+            Ok(())
+        }
+        fn discard(&self, _first: u64, _count: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "recorder".to_string()
+        }
+    }
+
+    fn writes(pages: std::ops::Range<u64>, buf: &[u8]) -> Vec<PageWrite<'_>> {
+        pages.map(|page| PageWrite { page, buf }).collect()
+    }
+
+    #[test]
+    fn store_fails_exactly_after_n_pages() {
+        let plan = FaultPlan {
+            op: FaultOp::Store,
+            after_pages: 10,
+            errno: libc::ENOSPC,
+        };
+        let store = FaultyStore::new(Recorder::default(), plan);
+        let buf = [0u8; 8];
+        store.store(&writes(0..4, &buf)).expect("4 of 10");
+        store.store(&writes(4..8, &buf)).expect("8 of 10");
+        let err = store
+            .store(&writes(8..12, &buf))
+            .expect_err("crosses the budget");
+        assert!(matches!(
+            err,
+            StoreError::Injected {
+                op: FaultOp::Store,
+                page: 10,
+                ..
+            }
+        ));
+        assert_eq!(err.errno(), Some(libc::ENOSPC));
+        let err = store
+            .store(&writes(20..21, &buf))
+            .expect_err("after budget");
+        assert!(matches!(err, StoreError::Injected { page: 20, .. }));
+        // Exactly ten pages reached the inner store.
+        let stored = store.inner().stored.lock().expect("test lock").clone();
+        assert_eq!(stored, (0..10).collect::<Vec<_>>());
+        // Fetches and discards are untouched.
+        let mut buf2 = [0u8; 8];
+        let mut reads = [PageRead {
+            page: 3,
+            buf: &mut buf2,
+        }];
+        store.fetch(&mut reads).expect("fetch passes");
+        store.discard(0, 100).expect("discard passes");
+        assert!(store.describe().contains("store fails with errno"));
+    }
+
+    #[test]
+    fn fetch_fails_from_the_first_call_when_budget_is_zero() {
+        let plan = FaultPlan {
+            op: FaultOp::Fetch,
+            after_pages: 0,
+            errno: libc::EIO,
+        };
+        let store = FaultyStore::new(Recorder::default(), plan);
+        let mut bufs = [[0u8; 8]; 2];
+        let mut reads: Vec<PageRead<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| PageRead {
+                page: 7 + i as u64,
+                buf,
+            })
+            .collect();
+        let err = store.fetch(&mut reads).expect_err("no budget");
+        assert!(matches!(
+            err,
+            StoreError::Injected {
+                op: FaultOp::Fetch,
+                page: 7,
+                ..
+            }
+        ));
+        assert_eq!(err.errno(), Some(libc::EIO));
+        assert!(store.inner().fetched.lock().expect("test lock").is_empty());
+        store
+            .store(&writes(0..3, &[0u8; 8]))
+            .expect("stores pass when fetch is the planned op");
+    }
+
+    #[test]
+    fn budget_is_exact_across_threads() {
+        let plan = FaultPlan {
+            op: FaultOp::Store,
+            after_pages: 1000,
+            errno: libc::EIO,
+        };
+        let store = FaultyStore::new(Recorder::default(), plan);
+        let buf = [0u8; 8];
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let store = &store;
+                let buf = &buf;
+                s.spawn(move || {
+                    for i in 0..100u64 {
+                        let first = (t * 100 + i) * 7;
+                        let _ = store.store(&writes(first..first + 7, buf));
+                    }
+                });
+            }
+        });
+        assert_eq!(store.inner().stored.lock().expect("test lock").len(), 1000);
+    }
+
+    #[test]
+    fn open_wraps_the_file_store_when_a_plan_is_given() {
+        let dir = std::env::temp_dir();
+        let plan = FaultPlan {
+            op: FaultOp::Fetch,
+            after_pages: 1,
+            errno: libc::EIO,
+        };
+        let spec = crate::config::BackendSpec::File { dir: dir.clone() };
+        let store = crate::store::open(&spec, 16 * crate::PAGE_SIZE as u64, Some(&plan))
+            .expect("opening a faulty file store");
+        assert!(store.describe().starts_with("file:"));
+        assert!(store
+            .describe()
+            .contains("faulty: fetch fails with errno 5 after 1 pages"));
+        let plain = crate::store::open(&spec, 16 * crate::PAGE_SIZE as u64, None)
+            .expect("opening a plain file store");
+        assert!(!plain.describe().contains("faulty"));
+    }
+}

@@ -1,0 +1,935 @@
+//! [`FileStore`]: the embedded default page store, one sparse file holding the whole heap
+//! (page `p` at byte offset `p * PAGE_SIZE`).
+//!
+//! Lifecycle: `open` creates a private directory `DIR/lego-PID-XXXXXX` (mode 0700, created
+//! exclusively under a random name like `mkdtemp`) and in it the file `pages` (mode 0600, `O_EXCL`), sizes it with `ftruncate`
+//! (sparse: untouched pages cost no disk and read back as zeros), then unlinks the file at
+//! once and keeps only the descriptor. So a killed process leaves at most an empty
+//! directory, which is still worth keeping while the store lives: it names the owning PID for
+//! an operator, and it is what [`remove_stale`] sweeps (every `open` does so, for directories
+//! of processes that no longer exist). Dropping the store removes the directory;
+//! [`FileStore::cleanup_path`] gives it to a crash handler that wants to do the same.
+//!
+//! I/O: `O_DIRECT`, so that evicted pages really leave memory instead of lingering in the page
+//! cache; a filesystem that refuses it (`EINVAL`) gets buffered I/O plus
+//! `posix_fadvise(DONTNEED)` after writes. Reads and writes go through io_uring (a small pool
+//! of rings, so concurrent handler threads do not queue behind one lock), or through
+//! `preadv`/`pwritev` when the kernel refuses io_uring. Each fallback is announced by one
+//! `log::warn!` per store. Runs of consecutive pages become one I/O each (vectored when their
+//! buffers are not adjacent in memory). `discard` punches a hole.
+
+use std::collections::hash_map::RandomState;
+use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::io::ErrorKind;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError, TryLockError};
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
+use nix::sys::statfs::{fstatfs, TMPFS_MAGIC};
+
+use super::{check_buffer, PageRead, PageStore, PageWrite, StoreError, PAGE_BYTES};
+use crate::io::{self, IoError, ReadOp, Ring, WriteOp, RING_ENTRIES};
+use crate::PAGE_SIZE;
+
+/// Most io_uring rings one store keeps: enough for every handler thread plus the evictor on
+/// the small machines lego targets; more concurrent callers wait for a ring.
+pub const RING_POOL_SIZE_MAX: usize = 4;
+
+/// Name of the page file inside the private directory (unlinked right after creation).
+const PAGE_FILE_NAME: &str = "pages";
+
+/// Prefix of the private directory's name; the PID and a `mkdtemp` suffix follow.
+const DIR_PREFIX: &str = "lego-";
+
+/// Length of the random suffix of the private directory's name.
+const DIR_SUFFIX_LEN: usize = 6;
+
+/// Names tried for the private directory before giving up (each collision means another
+/// directory with the same random suffix already exists, which is already unlikely once).
+const DIR_CREATE_ATTEMPTS_MAX: u32 = 64;
+
+/// Most directory entries [`remove_stale`] looks at, so a huge shared directory cannot stall
+/// startup.
+pub const STALE_SCAN_ENTRIES_MAX: usize = 10_000;
+
+/// Choices that are normally made by probing the machine; tests force the fallbacks with them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Use `preadv`/`pwritev` even where io_uring works.
+    pub force_sync_io: bool,
+    /// Open without `O_DIRECT` even where the filesystem supports it.
+    pub force_buffered: bool,
+}
+
+/// The page file and how it is accessed.
+pub struct FileStore {
+    file: File,
+    dir: PathBuf,
+    path: PathBuf,
+    pages: u64,
+    direct: bool,
+    engine: Engine,
+    // Whether `discard` found that the filesystem cannot punch holes (warned once, then
+    // discards are skipped: they are only an optimisation).
+    punch_unsupported: AtomicBool,
+}
+
+/// How the bytes move.
+enum Engine {
+    // Boxed: the pool is a kilobyte of mutexes and rings, the other variant nothing.
+    Uring(Box<RingPool>),
+    Sync,
+}
+
+impl FileStore {
+    /// Creates the page file for a heap of `heap_bytes` (rounded up to whole pages) in a new
+    /// private directory inside `dir`.
+    pub fn open(dir: &Path, heap_bytes: u64) -> Result<FileStore, StoreError> {
+        Self::open_with(dir, heap_bytes, FileOptions::default())
+    }
+
+    /// [`FileStore::open`] with the probing choices overridden.
+    pub fn open_with(
+        dir: &Path,
+        heap_bytes: u64,
+        options: FileOptions,
+    ) -> Result<FileStore, StoreError> {
+        let pages = heap_bytes.div_ceil(PAGE_BYTES);
+        let file_bytes = pages
+            .checked_mul(PAGE_BYTES)
+            .filter(|&b| b > 0 && i64::try_from(b).is_ok())
+            .ok_or(StoreError::HeapSize { heap_bytes })?;
+
+        let swept = remove_stale(dir);
+        if swept > 0 {
+            log::info!(
+                "removed {swept} page-store directories of dead processes from {}",
+                dir.display()
+            );
+        }
+        let private = DirGuard::create(dir)?;
+        let path = private.path.join(PAGE_FILE_NAME);
+        let (file, direct) = create_file(&path, file_bytes, options.force_buffered)?;
+        std::fs::remove_file(&path).map_err(|source| StoreError::CreateFile {
+            path: path.clone(),
+            what: "unlinking it after creation",
+            source,
+        })?;
+        if let Ok(fs) = fstatfs(file.as_fd()) {
+            if fs.filesystem_type() == TMPFS_MAGIC {
+                log::warn!(
+                    "page store directory {} is on tmpfs: evicted pages stay in RAM; \
+                     point LEGO_BACKEND=file:DIR at a disk",
+                    dir.display()
+                );
+            }
+        }
+        let engine = if options.force_sync_io {
+            Engine::Sync
+        } else {
+            match Ring::new(RING_ENTRIES) {
+                Ok(ring) => Engine::Uring(Box::new(RingPool::new(ring))),
+                Err(e) => {
+                    let why = match &e {
+                        IoError::Refused { source } | IoError::Setup { source, .. } => {
+                            format!("{e} ({source})")
+                        }
+                        other => other.to_string(),
+                    };
+                    log::warn!("{why}; page file I/O falls back to pread/pwrite");
+                    Engine::Sync
+                }
+            }
+        };
+        let store = FileStore {
+            file,
+            dir: private.keep(),
+            path,
+            pages,
+            direct,
+            engine,
+            punch_unsupported: AtomicBool::new(false),
+        };
+        log::info!("page store: {}", store.describe());
+        Ok(store)
+    }
+
+    /// The one filesystem entry this store leaves while it is open (its private directory,
+    /// empty because the page file is already unlinked). A crash handler may `rmdir` it.
+    pub fn cleanup_path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pages the file holds.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Whether the file is accessed with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether I/O goes through io_uring (rather than `preadv`/`pwritev`).
+    pub fn uses_io_uring(&self) -> bool {
+        matches!(self.engine, Engine::Uring(_))
+    }
+
+    fn check_page(&self, page: u64, buf: &[u8]) -> Result<(), StoreError> {
+        if page >= self.pages {
+            return Err(StoreError::PageOutOfRange {
+                path: self.path.clone(),
+                page,
+                pages: self.pages,
+            });
+        }
+        check_buffer(page, buf)
+    }
+
+    /// Page index of a failure, from the I/O error's offset when it has one.
+    fn failed_page(source: &IoError, fallback: u64) -> u64 {
+        source
+            .offset()
+            .map_or(fallback, |offset| offset / PAGE_BYTES)
+    }
+}
+
+/// Byte offset of `page` as an `off_t`.
+fn page_offset(page: u64) -> i64 {
+    // Pages are checked against `pages`, whose byte size was checked to fit `off_t` at open.
+    i64::try_from(page.saturating_mul(PAGE_BYTES)).expect("page offsets within the file fit off_t")
+}
+
+impl PageStore for FileStore {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        let Some(first) = batch.first().map(|r| r.page) else {
+            return Ok(());
+        };
+        for r in batch.iter() {
+            self.check_page(r.page, r.buf)?;
+        }
+        let mut ops: Vec<ReadOp<'_>> = Vec::new();
+        let mut prev: Option<u64> = None;
+        for r in batch.iter_mut() {
+            match ops.last_mut() {
+                Some(op) if prev.and_then(|p| p.checked_add(1)) == Some(r.page) => {
+                    op.push(&mut *r.buf)
+                }
+                _ => {
+                    let mut op = ReadOp::new(r.page * PAGE_BYTES);
+                    op.push(&mut *r.buf);
+                    ops.push(op);
+                }
+            }
+            prev = Some(r.page);
+        }
+        let fd = self.file.as_fd();
+        let result = match &self.engine {
+            Engine::Uring(pool) => pool.with(|ring| ring.read_at(fd, &mut ops)),
+            Engine::Sync => io::sync::read_at(fd, &mut ops),
+        };
+        result.map_err(|source| StoreError::Fetch {
+            path: self.path.clone(),
+            page: Self::failed_page(&source, first),
+            source,
+        })
+    }
+
+    fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
+        let Some(first) = batch.first().map(|w| w.page) else {
+            return Ok(());
+        };
+        let (mut low, mut high) = (first, first);
+        for w in batch {
+            self.check_page(w.page, w.buf)?;
+            low = low.min(w.page);
+            high = high.max(w.page);
+        }
+        let mut ops: Vec<WriteOp<'_>> = Vec::new();
+        let mut prev: Option<u64> = None;
+        for w in batch {
+            match ops.last_mut() {
+                Some(op) if prev.and_then(|p| p.checked_add(1)) == Some(w.page) => op.push(w.buf),
+                _ => {
+                    let mut op = WriteOp::new(w.page * PAGE_BYTES);
+                    op.push(w.buf);
+                    ops.push(op);
+                }
+            }
+            prev = Some(w.page);
+        }
+        let fd = self.file.as_fd();
+        let result = match &self.engine {
+            Engine::Uring(pool) => pool.with(|ring| ring.write_at(fd, &mut ops)),
+            Engine::Sync => io::sync::write_at(fd, &mut ops),
+        };
+        result.map_err(|source| StoreError::Store {
+            path: self.path.clone(),
+            page: Self::failed_page(&source, first),
+            source,
+        })?;
+        if !self.direct {
+            // Without O_DIRECT the written pages sit in the page cache, i.e. still in RAM.
+            // One advice over the batch's span starts their writeback and drops what is
+            // already clean; it is best effort, so a failure is not the caller's problem.
+            let span = (high - low + 1).saturating_mul(PAGE_BYTES);
+            let span = i64::try_from(span).expect("a span within the file fits off_t");
+            if let Err(e) = posix_fadvise(
+                self.file.as_raw_fd(),
+                page_offset(low),
+                span,
+                PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            ) {
+                log::debug!("posix_fadvise(DONTNEED) on {}: {e}", self.path.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        if count == 0 || self.punch_unsupported.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if first >= self.pages {
+            return Err(StoreError::PageOutOfRange {
+                path: self.path.clone(),
+                page: first,
+                pages: self.pages,
+            });
+        }
+        // A range running past the end is clipped: those pages were never stored.
+        let end = first.saturating_add(count).min(self.pages);
+        let len = page_offset(end - first);
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        loop {
+            match fallocate(self.file.as_raw_fd(), flags, page_offset(first), len) {
+                Ok(()) => return Ok(()),
+                // Only a signal interrupts it, and each retry is a fresh, complete attempt.
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EOPNOTSUPP) => {
+                    if !self.punch_unsupported.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "the filesystem of {} cannot punch holes; freed pages keep their \
+                             disk space until exit",
+                            self.path.display()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(StoreError::Discard {
+                        path: self.path.clone(),
+                        first,
+                        count,
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "file:{} ({}, {})",
+            self.dir.display(),
+            if self.direct { "O_DIRECT" } else { "buffered" },
+            if self.uses_io_uring() {
+                "io_uring"
+            } else {
+                "pread/pwrite"
+            }
+        )
+    }
+}
+
+impl Drop for FileStore {
+    fn drop(&mut self) {
+        // The page file is already unlinked; its blocks go when the descriptor closes.
+        remove_private_dir(&self.dir);
+    }
+}
+
+/// Removes a private directory, tolerating that someone (a crash handler, a sweep by another
+/// process) already did.
+fn remove_private_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => log::warn!("removing page store directory {}: {e}", dir.display()),
+    }
+}
+
+/// Creates and sizes the page file, with `O_DIRECT` unless refused or `buffered`. Returns the
+/// file and whether it is direct.
+fn create_file(path: &Path, bytes: u64, buffered: bool) -> Result<(File, bool), StoreError> {
+    let err = |what: &'static str| {
+        move |source: std::io::Error| StoreError::CreateFile {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let open = |create: bool, direct: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .mode(0o600)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(path)
+    };
+    let (file, mut direct) = if buffered {
+        (open(true, false).map_err(err("creating it"))?, false)
+    } else {
+        match open(true, true) {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                warn_buffered(path);
+                (open(true, false).map_err(err("creating it"))?, false)
+            }
+            Err(e) => return Err(err("creating it")(e)),
+        }
+    };
+    file.set_len(bytes).map_err(err("sizing it"))?;
+    if direct && !direct_reads_work(&file).map_err(err("probing O_DIRECT on it"))? {
+        // Some filesystems accept the flag at open and refuse the I/O itself.
+        warn_buffered(path);
+        direct = false;
+        return Ok((open(false, false).map_err(err("reopening it"))?, direct));
+    }
+    Ok((file, direct))
+}
+
+fn warn_buffered(path: &Path) {
+    log::warn!(
+        "the filesystem of {} refuses O_DIRECT; evicted pages go through the page cache \
+         (dropped with posix_fadvise after writes)",
+        path.display()
+    );
+}
+
+/// One page-aligned page, for the O_DIRECT probe.
+#[repr(C, align(4096))]
+struct AlignedPage([u8; PAGE_SIZE]);
+
+/// Reads page 0 of a freshly sized (sparse, so all-zero) file with O_DIRECT: `Ok(false)` when
+/// the filesystem refuses direct I/O with `EINVAL`.
+fn direct_reads_work(file: &File) -> Result<bool, std::io::Error> {
+    let mut page = Box::new(AlignedPage([0; PAGE_SIZE]));
+    let mut op = ReadOp::new(0);
+    op.push(&mut page.0);
+    match io::sync::read_at(file.as_fd(), &mut [op]) {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
+/// `DIR_SUFFIX_LEN` random alphanumeric characters. The randomness is std's per-process hash
+/// keys (seeded from the OS), which is all a name needs: creation is exclusive anyway.
+fn random_suffix(attempt: u32) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u32(attempt);
+    let mut bits = hasher.finish();
+    let alphabet_len = u64::try_from(ALPHABET.len()).expect("a short alphabet");
+    (0..DIR_SUFFIX_LEN)
+        .map(|_| {
+            let i = usize::try_from(bits % alphabet_len).expect("an index below the alphabet");
+            bits /= alphabet_len;
+            char::from(ALPHABET[i])
+        })
+        .collect()
+}
+
+/// The private directory while `open` is still running: removed again if `open` fails.
+struct DirGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl DirGuard {
+    /// Creates `parent/lego-PID-XXXXXX` with mode 0700, like `mkdtemp` (which allocates
+    /// nothing either, but is behind a nix feature this crate does not enable).
+    fn create(parent: &Path) -> Result<DirGuard, StoreError> {
+        let mut last_error = None;
+        for attempt in 0..DIR_CREATE_ATTEMPTS_MAX {
+            let path = parent.join(format!(
+                "{DIR_PREFIX}{}-{}",
+                std::process::id(),
+                random_suffix(attempt)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(DirGuard { path, armed: true }),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => last_error = Some(e),
+                Err(source) => {
+                    return Err(StoreError::CreateDir {
+                        dir: parent.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        Err(StoreError::CreateDir {
+            dir: parent.to_path_buf(),
+            source: last_error.unwrap_or_else(|| ErrorKind::AlreadyExists.into()),
+        })
+    }
+
+    fn keep(mut self) -> PathBuf {
+        self.armed = false;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            remove_private_dir(&self.path);
+        }
+    }
+}
+
+/// Removes the private directories in `dir` left by processes of this user that no longer
+/// exist (killed before they could clean up). Best effort: returns how many it removed.
+pub fn remove_stale(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    // SAFETY: geteuid has no preconditions, touches no memory of ours and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for entry in entries.take(STALE_SCAN_ENTRIES_MAX).flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(stale_dir_pid) else {
+            continue;
+        };
+        // symlink_metadata: a symlink named like ours is never followed, let alone removed.
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() || meta.uid() != me || pid_alive(pid) {
+            continue;
+        }
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The PID in a name of the form `lego-PID-XXXXXX`, if the name has that form.
+fn stale_dir_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix(DIR_PREFIX)?;
+    let (pid, suffix) = rest.split_once('-')?;
+    if suffix.len() != DIR_SUFFIX_LEN || !suffix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok().filter(|&pid| pid > 0)
+}
+
+/// Whether a process with this PID exists (signal 0 probes without sending anything). A
+/// process of another user (`EPERM`) counts as alive.
+fn pid_alive(pid: i32) -> bool {
+    if u32::try_from(pid).is_ok_and(|pid| pid == std::process::id()) {
+        return true;
+    }
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(Errno::ESRCH)
+    )
+}
+
+/// Up to [`RING_POOL_SIZE_MAX`] rings, created on demand when every existing one is busy.
+struct RingPool {
+    // Filled in order: slot k is only created by a caller that found slots 0..k all built.
+    slots: [OnceLock<Mutex<Ring>>; RING_POOL_SIZE_MAX],
+    // Round-robin choice of the ring to wait for when all are busy.
+    next: AtomicUsize,
+    // Set once creating another ring failed; from then on the pool stops growing.
+    full: AtomicBool,
+}
+
+impl RingPool {
+    fn new(first: Ring) -> RingPool {
+        let pool = RingPool {
+            slots: std::array::from_fn(|_| OnceLock::new()),
+            next: AtomicUsize::new(0),
+            full: AtomicBool::new(false),
+        };
+        // A fresh OnceLock accepts its first value.
+        let _ = pool.slots[0].set(Mutex::new(first));
+        pool
+    }
+
+    /// Runs `f` on a ring no other thread is using: a free one, a new one, or (when the pool
+    /// is at its size limit) the next one in turn once it is free.
+    fn with<R>(&self, f: impl FnOnce(&mut Ring) -> R) -> R {
+        let mut built = 0;
+        for slot in &self.slots {
+            let ring = match slot.get() {
+                Some(ring) => ring,
+                None => {
+                    if self.full.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match Ring::new(RING_ENTRIES) {
+                        // Losing a race to another creator is fine: its ring is as good.
+                        Ok(ring) => slot.get_or_init(|| Mutex::new(ring)),
+                        Err(e) => {
+                            log::debug!("not growing the io_uring pool: {e}");
+                            self.full.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            };
+            built += 1;
+            match ring.try_lock() {
+                Ok(mut guard) => return f(&mut guard),
+                // A panic never leaves a ring mid-call with I/O in flight (the ring waits for
+                // every completion before returning), so a poisoned ring is still sound.
+                Err(TryLockError::Poisoned(poisoned)) => return f(&mut poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % built.max(1);
+        let ring = self.slots[index]
+            .get()
+            .expect("slot 0 is filled at creation and slots fill in order");
+        let mut guard = ring.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut guard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::test_support::{fill, pages, Page};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A directory of its own for each test, so stale sweeps and listings do not interfere.
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        fn new(name: &str) -> TestDir {
+            let path =
+                std::env::temp_dir().join(format!("lego-store-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir(&path).expect("creating the test directory");
+            TestDir(path)
+        }
+
+        fn entries(&self) -> usize {
+            std::fs::read_dir(&self.0)
+                .expect("listing the test directory")
+                .count()
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const HEAP_PAGES: u64 = 16_384;
+
+    fn open(dir: &TestDir, options: FileOptions) -> FileStore {
+        FileStore::open_with(&dir.0, HEAP_PAGES * PAGE_BYTES, options).expect("opening the store")
+    }
+
+    fn all_modes() -> [FileOptions; 3] {
+        [
+            FileOptions::default(),
+            FileOptions {
+                force_sync_io: true,
+                force_buffered: false,
+            },
+            FileOptions {
+                force_sync_io: true,
+                force_buffered: true,
+            },
+        ]
+    }
+
+    /// Stores `indices` (page numbers, sorted) with buffers taken from `src` in order,
+    /// fetches them back into fresh buffers and compares.
+    fn round_trip(store: &FileStore, indices: &[u64], seed: u64) {
+        let mut src = pages(indices.len());
+        for (p, &page) in src.iter_mut().zip(indices) {
+            fill(&mut p.0, page ^ seed);
+        }
+        let writes: Vec<PageWrite<'_>> = src
+            .iter()
+            .zip(indices)
+            .map(|(p, &page)| PageWrite { page, buf: &p.0 })
+            .collect();
+        store.store(&writes).expect("storing the batch");
+        let mut dst = pages(indices.len());
+        let mut reads: Vec<PageRead<'_>> = dst
+            .iter_mut()
+            .zip(indices)
+            .map(|(p, &page)| PageRead {
+                page,
+                buf: &mut p.0,
+            })
+            .collect();
+        store.fetch(&mut reads).expect("fetching the batch");
+        for (i, (a, b)) in src.iter().zip(&dst).enumerate() {
+            assert!(a.0 == b.0, "page {} differs", indices[i]);
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_in_every_mode() {
+        let dir = TestDir::new("round-trip");
+        for options in all_modes() {
+            let store = open(&dir, options);
+            assert_eq!(store.uses_io_uring(), !options.force_sync_io);
+            assert_eq!(store.is_direct(), !options.force_buffered);
+            for n in [1u64, 2, 7, 64, 255, 256, 1024] {
+                // Contiguous, at the start and at the very end of the file.
+                let contiguous: Vec<u64> = (100..100 + n).collect();
+                round_trip(&store, &contiguous, n);
+                let tail: Vec<u64> = (HEAP_PAGES - n..HEAP_PAGES).collect();
+                round_trip(&store, &tail, n + 1);
+                // Scattered, with some short runs mixed in.
+                let scattered: Vec<u64> = (0..n).map(|i| i * 13 + (i % 3)).collect();
+                let mut scattered = scattered;
+                scattered.dedup();
+                round_trip(&store, &scattered, n + 2);
+            }
+        }
+    }
+
+    #[test]
+    fn consecutive_pages_with_scattered_buffers_use_vectored_io() {
+        let dir = TestDir::new("vectored");
+        for options in all_modes() {
+            let store = open(&dir, options);
+            let mut src = pages(8);
+            for (i, p) in src.iter_mut().enumerate() {
+                fill(&mut p.0, 1000 + i as u64);
+            }
+            // Pages 10..14 from every other buffer: one file run, four memory segments.
+            let writes: Vec<PageWrite<'_>> = (0..4)
+                .map(|i| PageWrite {
+                    page: 10 + i,
+                    buf: &src[2 * i as usize].0,
+                })
+                .collect();
+            store.store(&writes).expect("storing");
+            let mut dst = pages(4);
+            let mut reads: Vec<PageRead<'_>> = dst
+                .iter_mut()
+                .enumerate()
+                .map(|(i, p)| PageRead {
+                    page: 10 + i as u64,
+                    buf: &mut p.0,
+                })
+                .collect();
+            // Reverse the buffers' order so the read is vectored too.
+            let n = reads.len();
+            for i in 0..n / 2 {
+                let (a, b) = reads.split_at_mut(n - 1 - i);
+                std::mem::swap(&mut a[i].buf, &mut b[0].buf);
+            }
+            store.fetch(&mut reads).expect("fetching");
+            drop(reads);
+            for i in 0..4 {
+                assert!(dst[3 - i].0 == src[2 * i].0, "page {} differs", 10 + i);
+            }
+        }
+    }
+
+    #[test]
+    fn never_written_pages_read_as_zeros_and_discard_zeroes() {
+        let dir = TestDir::new("discard");
+        for options in all_modes() {
+            let store = open(&dir, options);
+            round_trip(&store, &[5, 6, 7], 9);
+            store.discard(6, 1).expect("discarding page 6");
+            let mut dst = pages(3);
+            for p in dst.iter_mut() {
+                p.0.fill(0xAA);
+            }
+            let mut reads: Vec<PageRead<'_>> = dst
+                .iter_mut()
+                .zip([5u64, 6, 7])
+                .map(|(p, page)| PageRead {
+                    page,
+                    buf: &mut p.0,
+                })
+                .collect();
+            store.fetch(&mut reads).expect("fetching");
+            drop(reads);
+            let mut expect = Page([0; PAGE_SIZE]);
+            fill(&mut expect.0, 5 ^ 9);
+            assert!(dst[0].0 == expect.0, "page 5 must survive the discard of 6");
+            assert!(
+                dst[1].0.iter().all(|&b| b == 0),
+                "page 6 must read as zeros"
+            );
+            fill(&mut expect.0, 7 ^ 9);
+            assert!(dst[2].0 == expect.0, "page 7 must survive the discard of 6");
+            // Discarding past the end is clipped; starting past the end is an error.
+            store
+                .discard(HEAP_PAGES - 1, 100)
+                .expect("discard clipped at the end");
+            assert!(matches!(
+                store.discard(HEAP_PAGES, 1),
+                Err(StoreError::PageOutOfRange { .. })
+            ));
+            store.discard(HEAP_PAGES, 0).expect("empty discard");
+        }
+    }
+
+    #[test]
+    fn modes_o_direct_and_cleanup() {
+        let dir = TestDir::new("modes");
+        let store = open(&dir, FileOptions::default());
+        let private = store.cleanup_path().to_path_buf();
+        assert!(private.starts_with(&dir.0));
+        let dir_mode = std::fs::metadata(&private)
+            .expect("the private directory exists while the store is open")
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        let file_meta = store.file.metadata().expect("fstat of the page file");
+        assert_eq!(file_meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            file_meta.nlink(),
+            0,
+            "the page file is unlinked after opening"
+        );
+        assert_eq!(file_meta.len(), HEAP_PAGES * PAGE_BYTES);
+        assert_eq!(
+            std::fs::read_dir(&private)
+                .expect("listing the private directory")
+                .count(),
+            0
+        );
+        // /tmp on this machine is a disk filesystem: O_DIRECT must really be in effect.
+        let flags = nix::fcntl::fcntl(store.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .expect("F_GETFL on the page file");
+        assert_ne!(flags & libc::O_DIRECT, 0, "the page file must be O_DIRECT");
+        assert!(store.describe().contains("O_DIRECT, io_uring"));
+        drop(store);
+        assert_eq!(dir.entries(), 0, "nothing may be left after drop");
+
+        let buffered = open(
+            &dir,
+            FileOptions {
+                force_sync_io: true,
+                force_buffered: true,
+            },
+        );
+        let flags = nix::fcntl::fcntl(buffered.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .expect("F_GETFL on the page file");
+        assert_eq!(flags & libc::O_DIRECT, 0);
+        assert!(buffered.describe().contains("buffered, pread/pwrite"));
+        drop(buffered);
+        assert_eq!(dir.entries(), 0, "nothing may be left after drop");
+    }
+
+    #[test]
+    fn bad_pages_and_buffers_are_refused() {
+        let dir = TestDir::new("refused");
+        let store = open(&dir, FileOptions::default());
+        let mut buf = pages(2);
+        let mut reads = [PageRead {
+            page: HEAP_PAGES,
+            buf: &mut buf[0].0,
+        }];
+        assert!(matches!(
+            store.fetch(&mut reads),
+            Err(StoreError::PageOutOfRange { page, .. }) if page == HEAP_PAGES
+        ));
+        let misaligned = &buf[1].0[1..];
+        let bad = [PageWrite {
+            page: 1,
+            buf: misaligned,
+        }];
+        assert!(matches!(
+            store.store(&bad),
+            Err(StoreError::BadBuffer { page: 1, .. })
+        ));
+        store.fetch(&mut []).expect("empty fetch");
+        store.store(&[]).expect("empty store");
+    }
+
+    #[test]
+    fn heap_sizes_round_up_and_zero_is_refused() {
+        let dir = TestDir::new("sizes");
+        let store = FileStore::open(&dir.0, 3 * PAGE_BYTES + 1).expect("opening");
+        assert_eq!(store.pages(), 4);
+        drop(store);
+        assert!(matches!(
+            FileStore::open(&dir.0, 0),
+            Err(StoreError::HeapSize { heap_bytes: 0 })
+        ));
+        assert!(matches!(
+            FileStore::open(&dir.0, u64::MAX),
+            Err(StoreError::HeapSize { .. })
+        ));
+        assert_eq!(dir.entries(), 0, "a failed open leaves nothing behind");
+        assert!(matches!(
+            FileStore::open(&dir.0.join("missing"), PAGE_BYTES),
+            Err(StoreError::CreateDir { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_callers_share_the_ring_pool() {
+        let dir = TestDir::new("threads");
+        let store = open(&dir, FileOptions::default());
+        std::thread::scope(|s| {
+            for t in 0..6u64 {
+                let store = &store;
+                s.spawn(move || {
+                    for round in 0..20u64 {
+                        let first = t * 512 + (round % 4) * 64;
+                        let indices: Vec<u64> = (first..first + 64).collect();
+                        round_trip(store, &indices, t * 100 + round);
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn stale_directories_of_dead_processes_are_swept() {
+        let dir = TestDir::new("stale");
+        // A PID above the kernel's maximum (2^22) can never be alive.
+        let dead = dir.0.join("lego-4194400-abc123");
+        std::fs::create_dir(&dead).expect("creating a fake stale directory");
+        std::fs::write(dead.join(PAGE_FILE_NAME), b"left over").expect("writing a leftover");
+        let alive = dir.0.join(format!("lego-{}-xyz789", std::process::id()));
+        std::fs::create_dir(&alive).expect("creating a live-looking directory");
+        let unrelated = dir.0.join("lego-4194400-not-ours");
+        std::fs::create_dir(&unrelated).expect("creating an unrelated directory");
+        assert_eq!(remove_stale(&dir.0), 1);
+        assert!(!dead.exists());
+        assert!(alive.exists());
+        assert!(unrelated.exists());
+    }
+
+    #[test]
+    fn stale_names_parse() {
+        assert_eq!(stale_dir_pid("lego-123-a1B2c3"), Some(123));
+        assert_eq!(stale_dir_pid("lego-123-a1B2c"), None);
+        assert_eq!(stale_dir_pid("lego--a1B2c3"), None);
+        assert_eq!(stale_dir_pid("lego-0-a1B2c3"), None);
+        assert_eq!(stale_dir_pid("lego-x1-a1B2c3"), None);
+        assert_eq!(stale_dir_pid("other-1-a1B2c3"), None);
+    }
+}

@@ -1,0 +1,187 @@
+//! Failures on purpose: no permission to use userfaultfd, a store that cannot give a page
+//! back (SIGBUS, never wrong data), a store that cannot take pages (ENOSPC).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use lego_tests::{heavy, program, shim_lib, Outcome, Run, ShimSetup, TempDir};
+
+/// Exit status when userfaultfd is not permitted.
+const EXIT_NO_PERMISSION: i32 = 3;
+
+/// The unprivileged user the permission test runs as (nobody).
+const NOBODY_ID: &str = "65534";
+
+/// True if stderr contains `0x` followed by at least one hex digit (a page address).
+fn has_hex_address(text: &str) -> bool {
+    text.match_indices("0x").any(|(i, _)| {
+        text[i + 2..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_hexdigit())
+    })
+}
+
+fn copy_executable(from: &Path, to_dir: &Path) -> std::path::PathBuf {
+    let to = to_dir.join(from.file_name().expect("a file name"));
+    fs::copy(from, &to)
+        .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", from.display(), to.display()));
+    fs::set_permissions(&to, fs::Permissions::from_mode(0o755))
+        .expect("chmod 755 on a file we own");
+    to
+}
+
+/// As a user without CAP_SYS_PTRACE, with `vm.unprivileged_userfaultfd=0` and
+/// `/dev/userfaultfd` closed to others, the shim cannot register its region: it must say
+/// so, with every way out, and exit 3 before main.
+#[test]
+fn no_userfaultfd_permission() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: switching to an unprivileged user needs root");
+        return;
+    }
+    let sysctl = fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    assert_eq!(
+        sysctl.trim(),
+        "0",
+        "this test needs vm.unprivileged_userfaultfd=0 (the Linux default): with 1 an \
+         unprivileged user may use userfaultfd and there is nothing to refuse"
+    );
+    if let Ok(meta) = fs::metadata("/dev/userfaultfd") {
+        assert_eq!(
+            meta.permissions().mode() & 0o006,
+            0,
+            "this test needs /dev/userfaultfd closed to other users (mode 0600)"
+        );
+    }
+    // The unprivileged user must be able to read the library and run the program.
+    let dir = TempDir::new_in(Path::new("/tmp"), "noperm");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+        .expect("chmod 755 on our dir");
+    let lib = copy_executable(&shim_lib(), dir.path());
+    let hello = copy_executable(&program("hello"), dir.path());
+    let store = TempDir::new_in(Path::new("/tmp"), "noperm-store");
+    store.open_to_all();
+    let out = Run::new(&hello)
+        .shim_at(&lib)
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_CACHE_SIZE", "64M")
+        .wrapped([
+            "setpriv",
+            &format!("--reuid={NOBODY_ID}"),
+            &format!("--regid={NOBODY_ID}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .run();
+    assert!(
+        !out.stdout.contains("main ran"),
+        "main ran without userfaultfd permission:\n{out}"
+    );
+    assert_eq!(
+        out.code,
+        Some(EXIT_NO_PERMISSION),
+        "expected exit status 3:\n{out}"
+    );
+    let lines = out.lego_lines();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one 'lego: ' line on stderr:\n{out}"
+    );
+    for needed in [
+        "CAP_SYS_PTRACE",
+        "vm.unprivileged_userfaultfd",
+        "/dev/userfaultfd",
+    ] {
+        assert!(
+            lines[0].contains(needed),
+            "the message must mention {needed}:\n{out}"
+        );
+    }
+}
+
+/// Runs `sigbus_fetch 128` with a 32 MiB cache and the given fault plan.
+fn run_with_fault(plan: &str) -> Outcome {
+    let setup = ShimSetup::new("fault", 32);
+    setup
+        .apply(Run::new(program("sigbus_fetch")).args(["128"]))
+        .env("LEGO_FAULT_INJECT", plan)
+        .env("LEGO_STATS", "0")
+        .run()
+}
+
+/// A page that cannot be fetched kills the faulting thread with SIGBUS and a message that
+/// names the page; the program never sees wrong data.
+#[test]
+fn failed_fetch_is_sigbus_not_wrong_data() {
+    let _serial = heavy();
+    for plan in ["fetch:eio:after=0", "fetch:eio:after=3000"] {
+        let out = run_with_fault(plan);
+        assert!(
+            !out.stdout.contains("WRONG DATA"),
+            "{plan}: the program read wrong data:\n{out}"
+        );
+        assert!(
+            !out.stdout.contains("all checks passed"),
+            "{plan}: evicted pages could not be fetched, yet the program completed:\n{out}"
+        );
+        assert_eq!(
+            out.signal,
+            Some(libc::SIGBUS),
+            "{plan}: expected death by SIGBUS (7):\n{out}"
+        );
+        assert!(
+            out.stderr.contains("lego: ") && out.stderr.contains("SIGBUS"),
+            "{plan}: stderr must explain the SIGBUS in a 'lego: ' line:\n{out}"
+        );
+        assert!(
+            has_hex_address(&out.stderr),
+            "{plan}: stderr must name the page address in hex:\n{out}"
+        );
+    }
+}
+
+/// A store that runs out of space must not cost data: the program either completes with
+/// the right output (pages stay resident when write-back fails) or stops with a clear
+/// `lego: ` message.
+#[test]
+fn store_out_of_space_never_gives_wrong_data() {
+    let _serial = heavy();
+    let native = Run::new(program("sigbus_fetch")).args(["128"]).run();
+    native.assert_success();
+    for plan in ["store:enospc:after=0", "store:enospc:after=5000"] {
+        let out = run_with_fault(plan);
+        assert!(
+            !out.stdout.contains("WRONG DATA"),
+            "{plan}: the program read wrong data:\n{out}"
+        );
+        if out.code == Some(0) {
+            assert_eq!(
+                out.stdout, native.stdout,
+                "{plan}: completed with different output:\n{out}"
+            );
+        } else {
+            assert!(
+                !out.lego_lines().is_empty(),
+                "{plan}: the program failed without a 'lego: ' message saying why:\n{out}"
+            );
+        }
+        eprintln!(
+            "{plan}: exit {:?} signal {:?}; stderr: {}",
+            out.code,
+            out.signal,
+            out.stderr.trim()
+        );
+    }
+}
+
+#[test]
+fn hex_address_detection() {
+    assert!(has_hex_address("lego: SIGBUS at page 0x7f12a000"));
+    assert!(!has_hex_address("lego: 0x"));
+    assert!(!has_hex_address("no address"));
+}

@@ -1,0 +1,149 @@
+//! Configuration through `LEGO_*` variables: a bad setting stops the program before `main`
+//! with exit status 2 and one `lego: ` line naming the variable and the bad value; an empty
+//! value means unset; `LEGO_STATS=1` prints a summary on stderr.
+
+use lego_tests::{program, Outcome, Run, TempDir};
+
+/// Exit status of a program stopped by a bad setting.
+const EXIT_BAD_SETTING: i32 = 2;
+
+fn hello_with(env: &[(&str, &str)]) -> Outcome {
+    let mut run = Run::new(program("hello")).shim();
+    for (k, v) in env {
+        run = run.env(k, v);
+    }
+    run.run()
+}
+
+/// Asserts the run was refused: status 2, main never ran, and stderr is exactly one line
+/// starting `lego: ` that contains every string in `mentions`.
+fn assert_refused(out: &Outcome, mentions: &[&str]) {
+    assert_eq!(
+        out.code,
+        Some(EXIT_BAD_SETTING),
+        "a bad setting must exit with status 2:\n{out}"
+    );
+    assert!(
+        !out.stdout.contains("main ran"),
+        "main ran despite a bad setting:\n{out}"
+    );
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "stderr must be exactly one line:\n{out}");
+    assert!(
+        lines[0].starts_with("lego: "),
+        "the line must start with 'lego: ':\n{out}"
+    );
+    for m in mentions {
+        assert!(
+            lines[0].contains(m),
+            "the message must mention {m:?}:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn cache_size_not_a_size() {
+    let out = hello_with(&[("LEGO_CACHE_SIZE", "banana")]);
+    assert_refused(&out, &["LEGO_CACHE_SIZE", "banana"]);
+}
+
+#[test]
+fn cache_larger_than_heap() {
+    let out = hello_with(&[("LEGO_CACHE_SIZE", "2G"), ("LEGO_HEAP_SIZE", "1G")]);
+    assert_refused(&out, &["LEGO_CACHE_SIZE", "2G", "LEGO_HEAP_SIZE"]);
+}
+
+#[test]
+fn unknown_backend() {
+    let out = hello_with(&[("LEGO_BACKEND", "redis:x")]);
+    assert_refused(&out, &["LEGO_BACKEND", "redis:x"]);
+}
+
+/// Every other setting rejects garbage the same way.
+#[test]
+fn every_setting_rejects_garbage() {
+    let cases: &[(&str, &str)] = &[
+        ("LEGO_CACHE_SIZE", "0"),
+        ("LEGO_CACHE_SIZE", "250%"),
+        ("LEGO_CACHE_SIZE", "12Q"),
+        ("LEGO_HEAP_SIZE", "lots"),
+        ("LEGO_BACKEND", "file:relative/dir"),
+        ("LEGO_STATS", "yes"),
+        ("LEGO_LOG_LEVEL", "loud"),
+        ("LEGO_HANDLER_THREADS", "many"),
+        ("LEGO_FAULT_INJECT", "bogus"),
+    ];
+    for &(var, value) in cases {
+        let out = hello_with(&[(var, value)]);
+        assert_refused(&out, &[var, value]);
+    }
+}
+
+/// An empty value is the same as unset: the program runs with the defaults.
+#[test]
+fn empty_values_mean_unset() {
+    let vars = [
+        "LEGO_CACHE_SIZE",
+        "LEGO_HEAP_SIZE",
+        "LEGO_BACKEND",
+        "LEGO_STATS",
+        "LEGO_LOG_LEVEL",
+        "LEGO_HANDLER_THREADS",
+        "LEGO_FAULT_INJECT",
+    ];
+    for var in vars {
+        let out = hello_with(&[(var, "")]);
+        out.assert_success();
+        assert_eq!(
+            out.stdout, "main ran\nheap works\n",
+            "{var}= (empty):\n{out}"
+        );
+    }
+    let all: Vec<(&str, &str)> = vars.iter().map(|v| (*v, "")).collect();
+    let out = hello_with(&all);
+    out.assert_success();
+    assert_eq!(out.stdout, "main ran\nheap works\n", "all empty:\n{out}");
+}
+
+/// Good settings of every kind are accepted.
+#[test]
+fn good_settings_run() {
+    let dir = TempDir::new("settings-store");
+    let backend = dir.backend();
+    let out = hello_with(&[
+        ("LEGO_CACHE_SIZE", "64M"),
+        ("LEGO_HEAP_SIZE", "4G"),
+        ("LEGO_BACKEND", &backend),
+        ("LEGO_STATS", "0"),
+        ("LEGO_LOG_LEVEL", "off"),
+        ("LEGO_HANDLER_THREADS", "2"),
+    ]);
+    out.assert_success();
+    assert_eq!(out.stdout, "main ran\nheap works\n", "{out}");
+    let out = hello_with(&[("LEGO_CACHE_SIZE", "5%")]);
+    out.assert_success();
+    assert_eq!(out.stdout, "main ran\nheap works\n", "{out}");
+}
+
+#[test]
+fn stats_summary_on_stderr() {
+    let out = hello_with(&[("LEGO_STATS", "1"), ("LEGO_CACHE_SIZE", "64M")]);
+    out.assert_success();
+    assert_eq!(out.stdout, "main ran\nheap works\n", "{out}");
+    assert!(
+        out.stderr.contains("lego: stats"),
+        "LEGO_STATS=1 printed no summary:\n{out}"
+    );
+}
+
+/// The exit status of the program passes through the shim untouched.
+#[test]
+fn exit_status_passes_through() {
+    let out = Run::new(program("hello")).args(["7"]).shim().run();
+    assert_eq!(out.code, Some(7), "{out}");
+    assert_eq!(out.stdout, "main ran\nheap works\n", "{out}");
+}

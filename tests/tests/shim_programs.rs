@@ -1,0 +1,108 @@
+//! The test programs in `tests/c/` under the shim with a cache about a tenth of their heap:
+//! output byte for byte equal to the native run, exit 0, peak RSS within the cache plus the
+//! stated overhead, and the stats proving pages really were evicted and fetched back.
+
+use lego_tests::{
+    assert_rss_within_cache, assert_same_output, heavy, program, Outcome, Run, ShimSetup, Stats,
+    TempDir, MIB,
+};
+
+/// Runs `name ARGS` natively and under the shim with a `cache_mib` cache, and checks
+/// everything an oversubscribed run must satisfy. Returns the shim run and its stats.
+fn oversubscribed(
+    name: &str,
+    args: &[&str],
+    cache_mib: u64,
+    check_stats: bool,
+) -> (Outcome, Option<Stats>) {
+    let _serial = heavy();
+    let bin = program(name);
+    let native = Run::new(&bin).args(args).measure_rss().run();
+    native.assert_success();
+    let setup = ShimSetup::new(name, cache_mib);
+    let mut run = setup.apply(Run::new(&bin).args(args));
+    if !check_stats {
+        // Without a stats file: in a forking program parent and child would both write it.
+        run = run.env("LEGO_STATS", "0");
+    }
+    let shimmed = run.run();
+    assert_same_output(&native, &shimmed);
+    assert_rss_within_cache(&shimmed, cache_mib, Some(&native));
+    let stats = check_stats.then(|| {
+        let stats = setup.stats();
+        stats.assert_oversubscribed(cache_mib);
+        eprintln!(
+            "{}: evicted {} fetched {} zero-filled {} written back {} peak resident {} pages, heap top {} bytes",
+            shimmed.what,
+            stats.pages_evicted,
+            stats.pages_fetched,
+            stats.pages_zero_filled,
+            stats.pages_written_back,
+            stats.peak_resident_pages,
+            stats.heap_top_bytes
+        );
+        stats
+    });
+    (shimmed, stats)
+}
+
+/// 512 MiB of mixed small/medium/large blocks, sequential and random sweeps, frees,
+/// reallocs: all in a 48 MiB cache.
+#[test]
+fn single_threaded_mixed_heap() {
+    let (_, stats) = oversubscribed("heap_mixed", &["512", "1"], 48, true);
+    let stats = stats.expect("stats were read");
+    assert!(
+        stats.heap_top_bytes >= 8 * 48 * MIB,
+        "heap top {} bytes is not ~10x the 48 MiB cache:\n{}",
+        stats.heap_top_bytes,
+        stats.raw
+    );
+}
+
+/// Four threads with 110 MiB each and a ring of producer/consumer queues whose messages are
+/// freed by the thread that did not allocate them.
+#[test]
+fn multi_threaded_with_cross_thread_frees() {
+    oversubscribed("heap_threads", &["110", "20000"], 48, true);
+}
+
+/// calloc over dirty freed memory, realloc prefixes, aligned allocations, overflow errors,
+/// errno kept by free.
+#[test]
+fn allocation_api_corners() {
+    oversubscribed("alloc_api", &["192"], 24, true);
+}
+
+/// fork with most of the heap evicted: the child sees the pre-fork contents while the
+/// parent rewrites them, and both can allocate and free afterwards.
+#[test]
+fn fork_with_evicted_pages() {
+    oversubscribed("fork_evicted", &["256"], 32, false);
+}
+
+/// read(2) into and write(2) from evicted buffers: the kernel's own accesses fault.
+#[test]
+fn syscalls_on_evicted_buffers() {
+    let dir = TempDir::new("syscall-files");
+    let dir_arg = dir.path().to_string_lossy().into_owned();
+    oversubscribed("syscall_buffers", &[&dir_arg, "256"], 32, true);
+}
+
+/// C++: four std::threads building unordered_maps, maps and churning strings (~330 MiB).
+#[test]
+fn cpp_containers_multi_threaded() {
+    oversubscribed("cpp_maps", &["120000"], 32, true);
+}
+
+/// The runtime's own allocations must not live in the region it pages, even in a run that
+/// barely allocates: checked from the stats JSON.
+#[test]
+fn internal_heap_is_outside_the_managed_region() {
+    let setup = ShimSetup::new("disjoint", 64);
+    let out = setup.apply(Run::new(program("hello"))).run();
+    out.assert_success();
+    assert!(out.stdout.starts_with("main ran\n"), "{out}");
+    let stats = setup.stats();
+    stats.assert_internal_heap_disjoint();
+}
