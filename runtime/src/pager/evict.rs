@@ -245,14 +245,20 @@ fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize, fate: &mut [Fa
                     SHARED_PAGES_UNSHARED.fetch_add(1, Ordering::Relaxed);
                     let word = sh.addr_of(victims[i + k]) as *const AtomicU64;
                     // SAFETY: the page is resident in the region (it is `Evicting`, owned by
-                    // this thread, and MOVE just found it present and shared), 8-byte aligned,
-                    // and adding zero atomically changes no byte the program could observe.
-                    unsafe { (*word).fetch_add(0, Ordering::SeqCst) };
+                    // this thread, and MOVE just found it present and shared) and 8-byte
+                    // aligned. A compare-exchange of a word with itself changes no byte the
+                    // program could observe, but it is a locked write cycle, so it takes the
+                    // kernel's copy-on-write path. (An atomic add of zero would not do: LLVM
+                    // turns an idempotent read-modify-write into a fenced load.)
+                    let word = unsafe { &*word };
+                    let v = word.load(Ordering::Relaxed);
+                    let _ = word.compare_exchange(v, v, Ordering::SeqCst, Ordering::Relaxed);
                     continue;
                 }
                 if EVICT_ERRORS.allow() {
                     log::warn!(
-                        "cannot move the page at {src:#x} out of the heap ({}); keeping it resident",
+                        "cannot move the page at {:#x} out of the heap ({}); keeping it resident",
+                        sh.addr_of(victims[i + k]),
                         partial.errno
                     );
                 }
@@ -332,3 +338,4 @@ mod tests {
         assert!(runs_of(&[]).is_empty());
     }
 }
+
