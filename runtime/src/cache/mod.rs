@@ -129,6 +129,11 @@ impl Table {
         self.entries.len()
     }
 
+    /// One past the highest page index ever made resident.
+    pub fn high(&self) -> usize {
+        self.high
+    }
+
     /// Length of the run starting at `page` (at most `max` pages) whose pages are all in a
     /// state accepted by `accept`.
     pub fn run_len(&self, page: usize, max: usize, accept: impl Fn(PageState) -> bool) -> usize {

@@ -338,4 +338,3 @@ mod tests {
         assert!(runs_of(&[]).is_empty());
     }
 }
-

@@ -10,16 +10,19 @@ use super::{
     pin_to_cpu, Shared, EVENTS_PER_READ_MAX, FETCH_RUN_PAGES_MAX, IDLE_POLL_MS, ROOM_WAIT_MS,
     STATS, ZERO_RUN_PAGES_MAX,
 };
-use crate::cache::{PageState, REFERENCED, REMOVED, STORED};
+use crate::cache::{PageState, REFERENCED, REMOVED};
 use crate::logging::RateLimit;
 use crate::region::Region;
 use crate::stats::Counter;
 use crate::store::PageRead;
+use crate::uffd::UffdError;
 use crate::PAGE_SIZE;
 
 /// Messages about poisoned pages: at most this many a second reach stderr.
 static POISON_MESSAGES: RateLimit = RateLimit::new(8);
 static FAULT_ERRORS: RateLimit = RateLimit::new(8);
+/// Attempts at poisoning a page while events keep the address space changing.
+const POISON_RETRIES_MAX: u32 = 1000;
 
 /// A page-aligned buffer for fetched pages (O_DIRECT needs the alignment).
 pub(crate) struct PageBuf {
@@ -59,72 +62,100 @@ pub(crate) fn handler_loop(sh: &Shared, cpu: Option<usize>) {
         pin_to_cpu(cpu);
     }
     let mut buf = EventBuffer::new(EVENTS_PER_READ_MAX);
-    let mut events: Vec<Event> = Vec::with_capacity(EVENTS_PER_READ_MAX);
+    let mut faults: Vec<usize> = Vec::with_capacity(EVENTS_PER_READ_MAX);
     let mut fetch = PageBuf::new(FETCH_RUN_PAGES_MAX);
     loop {
-        if !sh.uffd.wait_readable(IDLE_POLL_MS) {
+        if !sh.uffd.wait_readable(&sh.kick, IDLE_POLL_MS) {
             if sh.stop.load(Ordering::Relaxed) {
                 return;
             }
             continue;
         }
-        events.clear();
-        {
-            let _w = sh.events.write().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = sh.uffd.read_ready(&mut buf, &mut events) {
-                if FAULT_ERRORS.allow() {
-                    log::error!("reading userfaultfd events failed: {e}");
-                }
-                continue;
-            }
-            for ev in &events {
-                match ev {
-                    Event::Remove { start, end } => {
-                        STATS.add(Counter::EventsRemove, 1);
-                        sh.forget_range(*start as usize, *end as usize);
-                    }
-                    Event::Unmap { start, end } => {
-                        STATS.add(Counter::EventsUnmap, 1);
-                        log::warn!(
-                            "the program unmapped {:#x}..{:#x} inside lego's heap region",
-                            *start as usize,
-                            *end as usize
-                        );
-                        sh.forget_range(*start as usize, *end as usize);
-                    }
-                    Event::Remap { from, len, .. } => {
-                        STATS.add(Counter::EventsRemap, 1);
-                        log::warn!(
-                            "the program moved {len} bytes at {:#x} out of lego's heap region with mremap",
-                            *from as usize
-                        );
-                        sh.forget_range(*from as usize, *from as usize + len);
-                    }
-                    _ => {}
-                }
-            }
-        }
+        faults.clear();
+        pump_events(sh, &mut buf, &mut faults);
+        faults.extend(sh.take_deferred());
         let started = Instant::now();
         let _pass = sh.gate.enter();
+        for &addr in &faults {
+            handle_missing(sh, addr & !(PAGE_SIZE - 1), &mut fetch);
+            STATS.record_fault_latency_ns(duration_ns(started.elapsed()));
+        }
+    }
+}
+
+/// Reads every ready event with the `events` lock held for writing, applies the non-fault
+/// events to the page table at once, and appends the addresses of missing-page faults in the
+/// region to `faults`.
+pub(crate) fn pump_events(sh: &Shared, buf: &mut EventBuffer, faults: &mut Vec<usize>) {
+    let mut events: Vec<Event> = Vec::with_capacity(EVENTS_PER_READ_MAX);
+    let _w = sh.events.write().unwrap_or_else(|e| e.into_inner());
+    loop {
+        events.clear();
+        if let Err(e) = sh.uffd.read_ready(buf, &mut events) {
+            if FAULT_ERRORS.allow() {
+                log::error!("reading userfaultfd events failed: {e}");
+            }
+            return;
+        }
+        if events.is_empty() {
+            return;
+        }
         for ev in &events {
-            if let Event::Pagefault { kind, addr, .. } = ev {
-                let addr = *addr as usize;
-                if !sh.region.contains(addr) {
-                    continue;
-                }
-                match kind {
-                    FaultKind::Missing => handle_missing(sh, addr & !(PAGE_SIZE - 1), &mut fetch),
-                    // Asynchronous write-protection resolves write faults in the kernel; a
-                    // message can only be stale. Waking is always safe.
-                    _ => {
-                        STATS.add(Counter::FaultsWriteProtect, 1);
-                        let _ = sh.uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE);
+            match ev {
+                Event::Pagefault { kind, addr, .. } => {
+                    let addr = *addr as usize;
+                    if !sh.region.contains(addr) {
+                        continue;
+                    }
+                    match kind {
+                        FaultKind::Missing => faults.push(addr),
+                        // Asynchronous write-protection resolves write faults in the kernel;
+                        // such a message can only be stale. Waking is always safe.
+                        _ => {
+                            STATS.add(Counter::FaultsWriteProtect, 1);
+                            let _ = sh.uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE);
+                        }
                     }
                 }
-                STATS.record_fault_latency_ns(duration_ns(started.elapsed()));
+                Event::Remove { start, end } => {
+                    STATS.add(Counter::EventsRemove, 1);
+                    sh.forget_range(*start as usize, *end as usize);
+                }
+                Event::Unmap { start, end } => {
+                    STATS.add(Counter::EventsUnmap, 1);
+                    log::warn!(
+                        "the program unmapped {:#x}..{:#x} inside lego's heap region",
+                        *start as usize,
+                        *end as usize
+                    );
+                    sh.forget_range(*start as usize, *end as usize);
+                }
+                Event::Remap { from, len, .. } => {
+                    STATS.add(Counter::EventsRemap, 1);
+                    log::warn!(
+                        "the program moved {len} bytes at {:#x} out of lego's heap region with mremap",
+                        *from as usize
+                    );
+                    sh.forget_range(*from as usize, *from as usize + len);
+                }
+                Event::Fork { .. } => {}
             }
         }
     }
+}
+
+/// Called when the kernel refused an install with `EAGAIN` because a non-fault event (a
+/// program's `madvise` or `munmap`) waits to be read: reads and applies it, keeps the faults
+/// read along the way for the handlers, and wakes them.
+pub(crate) fn pump_for_install(sh: &Shared) {
+    let mut buf = EventBuffer::new(EVENTS_PER_READ_MAX);
+    let mut faults = Vec::new();
+    pump_events(sh, &mut buf, &mut faults);
+    if !faults.is_empty() {
+        sh.defer(faults);
+        sh.kick.signal();
+    }
+    std::thread::yield_now();
 }
 
 fn duration_ns(d: Duration) -> u64 {
@@ -224,89 +255,149 @@ fn plan_fault(sh: &Shared, page: usize, room_override: usize) -> Plan {
     }
 }
 
-/// Installs zero pages over the claimed run `[first, first+n)`.
-fn install_zeros(sh: &Shared, first: usize, n: usize) {
-    let _r = sh.events.read().unwrap_or_else(|e| e.into_inner());
-    let n = trim_removed(sh, first, n);
-    if n > 0 {
-        install(sh, first, n, sh.zeros.base as *const u8, false);
-    }
-    let mut t = sh.cache.lock();
-    for p in first..first + n {
-        t.forget_stored(p);
-        t.set_state(p, PageState::Resident);
-        t.set_flag(p, REFERENCED, true);
-    }
-    STATS.add(Counter::PagesZeroFilled, n as u64);
+/// What became of one page of a claimed run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    Installed,
+    /// The program discarded it meanwhile: it reads as zeros from now on.
+    Removed,
+    /// The kernel refused it for good: it is poisoned.
+    Failed,
 }
 
-/// Stops the claimed run at its first page that was removed meanwhile; makes that page and the
-/// rest of the run `Absent` again and wakes their waiters (they fault again and get zeros).
-/// Called with the `events` lock held for reading, so no new removal can arrive.
-fn trim_removed(sh: &Shared, first: usize, n: usize) -> usize {
-    let mut t = sh.cache.lock();
-    let keep = (first..first + n)
-        .take_while(|&p| !t.has_flag(p, REMOVED))
-        .count();
-    if keep < n {
-        for p in first + keep..first + n {
-            t.set_flag(p, REMOVED, false);
-            t.forget_stored(p);
-            t.set_state(p, PageState::Absent);
-        }
-        sh.publish_resident(t.resident());
-        drop(t);
-        let _ = sh
-            .uffd
-            .wake(sh.addr_of(first + keep), (n - keep) * PAGE_SIZE);
-        sh.room.notify_all();
-    }
-    keep
-}
-
-/// `UFFDIO_COPY` of `n` pages from `src` to page `first`, waking the waiters. A page that is
-/// already present (`EEXIST`) is skipped; any other failure poisons the rest of the run, so
-/// that no thread waits forever and none reads made-up data.
-fn install(sh: &Shared, first: usize, n: usize, src: *const u8, wp: bool) {
-    let mut done = 0;
-    while done < n {
-        let dst = sh.addr_of(first + done);
-        // SAFETY: `src` is readable for `n` pages (a zero region or a fetch buffer), `dst` lies
-        // in the registered region, and both are page-aligned.
-        let res = unsafe {
-            sh.uffd.copy(
-                dst,
-                src.add(done * PAGE_SIZE),
-                (n - done) * PAGE_SIZE,
-                wp,
-                true,
-            )
-        };
-        match res {
-            Ok(()) => return,
-            Err(partial) => {
-                done += partial.done / PAGE_SIZE;
-                if partial.errno == nix::errno::Errno::EEXIST {
-                    // Present already: it was never missing for long; just wake its waiters.
-                    let _ = sh.uffd.wake(sh.addr_of(first + done), PAGE_SIZE);
-                    done += 1;
-                    continue;
+/// Installs the claimed pages `[first, first+n)` whose `out` entry is `Pending`, page `i` copied
+/// from `src + i * PAGE_SIZE`, write-protected (clean) if `wp`, waking their waiters. Pages the
+/// program removed meanwhile are skipped. The `events` lock is held for reading around each
+/// `UFFDIO_COPY`; when the kernel answers `EAGAIN` (an event is waiting to be read) it is
+/// released, the events are read, and the copy is retried.
+fn install_pages(sh: &Shared, first: usize, src: *const u8, wp: bool, out: &mut [Outcome]) {
+    let n = out.len();
+    'retry: loop {
+        let guard = sh.events.read().unwrap_or_else(|e| e.into_inner());
+        {
+            let t = sh.cache.lock();
+            for (i, o) in out.iter_mut().enumerate() {
+                if *o == Outcome::Pending && t.has_flag(first + i, REMOVED) {
+                    *o = Outcome::Removed;
                 }
-                if FAULT_ERRORS.allow() {
-                    log::error!(
-                        "installing {} pages at {:#x} failed ({})",
-                        n - done,
-                        sh.addr_of(first + done),
-                        partial.errno
-                    );
-                }
-                let _ = sh
-                    .uffd
-                    .poison(sh.addr_of(first + done), (n - done) * PAGE_SIZE);
-                return;
             }
         }
+        let mut i = 0;
+        while i < n {
+            if out[i] != Outcome::Pending {
+                i += 1;
+                continue;
+            }
+            let end = (i..n).find(|&j| out[j] != Outcome::Pending).unwrap_or(n);
+            // SAFETY: `src` is readable for `n` pages (a zero region or a fetch buffer); the
+            // destination lies in the registered region; both are page-aligned.
+            let res = unsafe {
+                sh.uffd.copy(
+                    sh.addr_of(first + i),
+                    src.add(i * PAGE_SIZE),
+                    (end - i) * PAGE_SIZE,
+                    wp,
+                    true,
+                )
+            };
+            match res {
+                Ok(()) => {
+                    out[i..end].iter_mut().for_each(|o| *o = Outcome::Installed);
+                    i = end;
+                }
+                Err(partial) => {
+                    let d = partial.done / PAGE_SIZE;
+                    out[i..i + d]
+                        .iter_mut()
+                        .for_each(|o| *o = Outcome::Installed);
+                    i += d;
+                    if partial.errno == nix::errno::Errno::EAGAIN {
+                        drop(guard);
+                        pump_for_install(sh);
+                        continue 'retry;
+                    }
+                    if partial.errno == nix::errno::Errno::EEXIST {
+                        // Present already: it was never missing for long; wake its waiters.
+                        let _ = sh.uffd.wake(sh.addr_of(first + i), PAGE_SIZE);
+                        out[i] = Outcome::Installed;
+                        i += 1;
+                        continue;
+                    }
+                    if FAULT_ERRORS.allow() {
+                        log::error!(
+                            "installing the page at {:#x} failed ({})",
+                            sh.addr_of(first + i),
+                            partial.errno
+                        );
+                    }
+                    out[i] = Outcome::Failed;
+                    i += 1;
+                }
+            }
+        }
+        return;
     }
+}
+
+/// Records the outcome of a claimed run in the page table and wakes every waiter of the run
+/// (those of skipped pages fault again and find the page's new state).
+fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_failed: &str) -> u64 {
+    let mut installed = 0;
+    let mut failed: Vec<usize> = Vec::new();
+    {
+        let mut t = sh.cache.lock();
+        for (i, o) in out.iter().enumerate() {
+            let p = first + i;
+            let removed = t.has_flag(p, REMOVED);
+            t.set_flag(p, REMOVED, false);
+            match o {
+                _ if removed => {
+                    t.forget_stored(p);
+                    t.set_state(p, PageState::Absent);
+                }
+                Outcome::Removed => {
+                    t.forget_stored(p);
+                    t.set_state(p, PageState::Absent);
+                }
+                Outcome::Installed => {
+                    if !fetched {
+                        t.forget_stored(p);
+                    }
+                    t.set_state(p, PageState::Resident);
+                    t.set_flag(p, REFERENCED, true);
+                    installed += 1;
+                }
+                Outcome::Failed => {
+                    t.set_state(p, PageState::Poisoned);
+                    failed.push(p);
+                }
+                Outcome::Pending => t.set_state(
+                    p,
+                    if fetched {
+                        PageState::Evicted
+                    } else {
+                        PageState::Absent
+                    },
+                ),
+            }
+        }
+        sh.publish_resident(t.resident());
+    }
+    sh.room.notify_all();
+    let _ = sh.uffd.wake(sh.addr_of(first), out.len() * PAGE_SIZE);
+    for p in failed {
+        poison(sh, p, why_failed);
+    }
+    installed
+}
+
+/// Fills the claimed run `[first, first+n)` with zeros.
+fn install_zeros(sh: &Shared, first: usize, n: usize) {
+    let mut out = vec![Outcome::Pending; n];
+    install_pages(sh, first, sh.zeros.base as *const u8, false, &mut out);
+    let installed = finish_run(sh, first, &out, false, "the kernel refused to install it");
+    STATS.add(Counter::PagesZeroFilled, installed);
 }
 
 /// Fetches the claimed run `[first, first+n)` from the store, checks every page against its
@@ -372,58 +463,29 @@ pub(crate) fn fetch_and_install(
             good[i] = false;
         }
     }
-    let _r = sh.events.read().unwrap_or_else(|e| e.into_inner());
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut bad_faulting = false;
-    {
-        let mut t = sh.cache.lock();
-        for i in 0..n {
-            let p = first + i;
-            if t.has_flag(p, REMOVED) {
-                t.set_flag(p, REMOVED, false);
-                t.forget_stored(p);
-                t.set_state(p, PageState::Absent);
-            } else if !good[i] {
-                t.set_state(p, PageState::Poisoned);
-                bad_faulting |= p == faulting;
-            } else {
-                match runs.last_mut() {
-                    Some(r) if r.0 + r.1 == i => r.1 += 1,
-                    _ => runs.push((i, 1)),
-                }
-            }
-        }
-    }
-    for &(i, len) in &runs {
-        install(sh, first + i, len, buf.addr(i) as *const u8, true);
-    }
-    drop(_r);
-    let mut installed = 0;
-    {
-        let mut t = sh.cache.lock();
-        for &(i, len) in &runs {
-            for p in first + i..first + i + len {
-                t.set_state(p, PageState::Resident);
-                t.set_flag(p, REFERENCED, true);
-                debug_assert!(t.has_flag(p, STORED));
-                installed += 1;
-            }
-        }
-        sh.publish_resident(t.resident());
-    }
+    let mut out: Vec<Outcome> = good
+        .iter()
+        .map(|&g| if g { Outcome::Pending } else { Outcome::Failed })
+        .collect();
+    let bad_faulting = !good[faulting - first];
+    // Corrupt copies are not installed: they are poisoned (below, by `finish_run`).
+    install_pages(sh, first, buf.addr(0) as *const u8, true, &mut out);
+    let installed = finish_run(
+        sh,
+        first,
+        &out,
+        true,
+        "its copy in the store failed its CRC32C check or could not be installed",
+    );
     STATS.add(Counter::PagesFetched, installed);
     STATS.add(Counter::BytesFetched, installed * PAGE_SIZE as u64);
     if installed > 1 {
         STATS.add(Counter::PagesReadAhead, installed - 1);
     }
-    sh.room.notify_all();
-    // Pages that were removed or found corrupt: wake their waiters, who fault again.
-    let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
     if bad_faulting {
-        poison(
-            sh,
-            faulting,
-            "its copy in the store failed its CRC32C check",
+        log::error!(
+            "the copy of the page at {:#x} in the store failed its CRC32C check",
+            sh.addr_of(faulting)
         );
     }
 }
@@ -437,18 +499,28 @@ fn poison(sh: &Shared, page: usize, why: &str) {
             "lego: SIGBUS: the heap page at {addr:#x} cannot be served because {why}"
         ));
     }
-    if let Err(e) = sh.uffd.poison(addr, PAGE_SIZE) {
-        // EEXIST: already poisoned (or present); the waiters must still be woken.
-        log::debug!("poisoning {addr:#x}: {e}");
-        let _ = sh.uffd.wake(addr, PAGE_SIZE);
+    for _ in 0..POISON_RETRIES_MAX {
+        match sh.uffd.poison(addr, PAGE_SIZE) {
+            Ok(()) => return,
+            Err(UffdError::Ioctl {
+                errno: nix::errno::Errno::EAGAIN,
+                ..
+            }) => pump_for_install(sh),
+            Err(e) => {
+                // EEXIST: already poisoned (or present); the waiters must still be woken.
+                log::debug!("poisoning {addr:#x}: {e}");
+                break;
+            }
+        }
     }
+    let _ = sh.uffd.wake(addr, PAGE_SIZE);
 }
 
 /// Brings every evicted page back into memory (for `fork`), ignoring the cache size, and waits
 /// until no page is in transit. Called with the gate closed, so no handler or evictor runs.
 pub(crate) fn page_in_everything(sh: &Shared) {
     let mut buf = PageBuf::new(FETCH_RUN_PAGES_MAX);
-    let pages = sh.region.pages();
+    let pages = sh.cache.lock().high();
     let mut page = 0;
     let mut brought = 0u64;
     while page < pages {

@@ -23,7 +23,7 @@ mod fault;
 mod gate;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::region::{self, Region, RegionError};
 use crate::stats::Stats;
 use crate::store::{self, PageStore, StoreError};
-use crate::uffd::{self, Features, PagemapScanner, UffdError, Userfault};
+use crate::uffd::{self, Features, Kick, PagemapScanner, UffdError, Userfault};
 use crate::PAGE_SIZE;
 
 use gate::Gate;
@@ -117,6 +117,10 @@ pub(crate) struct Shared {
     /// rather than the program stalling forever).
     pub(crate) store_failing: AtomicBool,
     pub(crate) stop: AtomicBool,
+    /// Faults read by a thread that was not going to handle them (see `pump_for_install`).
+    pub(crate) deferred: Mutex<Vec<usize>>,
+    /// Wakes the handlers when `deferred` gets work.
+    pub(crate) kick: Kick,
 }
 
 impl Shared {
@@ -126,6 +130,17 @@ impl Shared {
 
     pub(crate) fn addr_of(&self, page: usize) -> usize {
         self.region.base + page * PAGE_SIZE
+    }
+
+    pub(crate) fn defer(&self, faults: Vec<usize>) {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(faults);
+    }
+
+    pub(crate) fn take_deferred(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(crate) fn publish_resident(&self, resident: usize) {
@@ -253,6 +268,11 @@ impl Runtime {
             evict_batch_pages: batch,
             store_failing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            deferred: Mutex::new(Vec::new()),
+            kick: Kick::new().map_err(|source| PagerError::Thread {
+                name: "eventfd".into(),
+                source,
+            })?,
         });
 
         let cpus = online_cpus();

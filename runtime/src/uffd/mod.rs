@@ -281,16 +281,59 @@ impl Userfault {
         Ok(())
     }
 
-    /// Blocks until the userfaultfd has an event to read, or `timeout_ms` passes.
-    pub fn wait_readable(&self, timeout_ms: i32) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one live pollfd.
-        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    /// Blocks until the userfaultfd has an event to read, `kick` (an eventfd) is signalled,
+    /// or `timeout_ms` passes. Returns true if something is ready; drains `kick`.
+    pub fn wait_readable(&self, kick: &Kick, timeout_ms: i32) -> bool {
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: kick.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `pfds` is an array of two live pollfds.
+        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+        if ret > 0 && pfds[1].revents & libc::POLLIN != 0 {
+            kick.drain();
+        }
         ret > 0
+    }
+}
+
+/// An eventfd that wakes the fault handlers from their `poll` when another thread has read
+/// fault events on their behalf.
+pub struct Kick {
+    fd: OwnedFd,
+}
+
+impl Kick {
+    pub fn new() -> std::io::Result<Kick> {
+        // SAFETY: eventfd takes two integers and returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: eventfd returned a new fd that nobody else owns.
+        Ok(Kick {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
     }
 }
 
