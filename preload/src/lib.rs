@@ -86,7 +86,7 @@ fn internal_heap() -> &'static Heap {
     {
         let region = match Region::reserve(INTERNAL_HEAP_BYTES, None) {
             Ok(r) => r,
-            Err(e) => die(EXIT_CANNOT_START, &format_no_alloc(&e)),
+            Err(e) => die(EXIT_CANNOT_START, format_no_alloc(&e)),
         };
         // SAFETY: the region is fresh, page-aligned, zeroed and owned by this heap alone.
         let heap = match unsafe { Heap::create(region.base as *mut u8, region.len) } {

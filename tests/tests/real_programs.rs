@@ -12,8 +12,8 @@ use lego_tests::{
 /// Rows of the sqlite database: about 340 MiB of heap natively.
 const SQLITE_ROWS: u64 = 160_000;
 
-/// Scale of the Python structure: about 430 MiB of heap natively.
-const PYTHON_SCALE: u64 = 1_000_000;
+/// Scale of the Python structure: about 220 MiB of heap natively.
+const PYTHON_SCALE: u64 = 1_200_000;
 
 fn check_real(native: &Outcome, shimmed: &Outcome, setup: &ShimSetup) {
     assert_same_output(native, shimmed);
@@ -52,7 +52,7 @@ fn python_builds_a_structure_ten_times_the_cache() {
             .env("PYTHONDONTWRITEBYTECODE", "1")
     };
     let native = make().measure_rss().run();
-    let setup = ShimSetup::new("python", 40);
+    let setup = ShimSetup::new("python", 24);
     let shimmed = setup.apply(make()).run();
     check_real(&native, &shimmed, &setup);
 }

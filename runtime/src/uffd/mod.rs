@@ -319,9 +319,8 @@ impl Kick {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: eventfd returned a new fd that nobody else owns.
-        Ok(Kick {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Kick { fd })
     }
 
     pub fn signal(&self) {
