@@ -3,7 +3,7 @@
 # under lego, and show that it gives the same answer as without lego while its resident
 # memory stays near the cache size.
 #
-#   scripts/demo.sh [CACHE]      CACHE like 64M (default), 128M, 1G; or LEGO_DEMO_CACHE=...
+#   scripts/demo.sh [CACHE]      CACHE like 32M (default), 128M, 1G; or LEGO_DEMO_CACHE=...
 #
 # Steps: set-up and release build (as scripts/test.sh does), a native run, then the same
 # run through `lego run --cache CACHE` with LEGO_STATS=1; prints both results, the stats and
@@ -16,7 +16,7 @@ root="$(pwd)"
 say() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-cache="${1:-${LEGO_DEMO_CACHE:-64M}}"
+cache="${1:-${LEGO_DEMO_CACHE:-32M}}"
 case "$cache" in
     *[kK]) cache_mib=$(( ${cache%?} / 1024 )) ;;
     *[mM]) cache_mib=${cache%?} ;;
@@ -33,7 +33,7 @@ say "cargo build --release --workspace"
 cargo build --release --workspace
 
 # The structure takes about 430 MiB of heap per million entries; aim for 8x the cache.
-scale=$(( cache_mib * 8 * 1000000 / 430 ))
+scale=$(( cache_mib * 8 * 1000000 / 180 ))
 script="$root/tests/real/structure.py"
 # The real interpreter, not a wrapper script (pyenv): only the program should be preloaded.
 python="$(python3 -c 'import sys; print(sys.executable)')"
