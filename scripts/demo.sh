@@ -42,14 +42,22 @@ trap 'rm -rf "$tmp"' EXIT
 export PYTHONMALLOC=malloc PYTHONHASHSEED=0 PYTHONDONTWRITEBYTECODE=1
 
 say "native: $python structure.py $scale (a heap of about $(( cache_mib * 8 )) MiB)"
-/usr/bin/time -f '%M' -o "$tmp/native.rss" "$python" "$script" "$scale" | tee "$tmp/native.out"
+/usr/bin/time -f '%M' -o "$tmp/native.rss" "$python" "$script" "$scale" | tee "$tmp/native.out" \
+    || die "the native run failed (exit status ${PIPESTATUS[0]})"
 
 say "under lego: lego run --cache $cache -- $python structure.py $scale   (LEGO_STATS=1)"
+# Keep going if it fails: the comparison below says what went wrong.
+lego_status=0
 LEGO_STATS=1 /usr/bin/time -f '%M' -o "$tmp/lego.rss" \
     "$root/target/release/lego" run --cache "$cache" -- "$python" "$script" "$scale" \
-    | tee "$tmp/lego.out"
+    | tee "$tmp/lego.out" || lego_status="${PIPESTATUS[0]}"
 
 say "result"
+if [ "$lego_status" != 0 ]; then
+    # time's report names the signal or status of the program it ran.
+    echo "the run under lego FAILED: $(head -n 1 "$tmp/lego.rss") (exit status $lego_status)"
+    exit 1
+fi
 if cmp -s "$tmp/native.out" "$tmp/lego.out"; then
     echo "output under lego is identical to the native output"
 else

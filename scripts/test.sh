@@ -64,8 +64,9 @@ fi
 say "cargo build --release --workspace"
 cargo build --release --workspace
 
+# --no-fail-fast: one failing test binary must not hide the others' results.
 say "cargo test --release --workspace"
-cargo test --release --workspace
+cargo test --release --workspace --no-fail-fast
 
 say "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings

@@ -18,6 +18,7 @@ fn run_pages_a_program_through_a_small_cache() {
         .args([bin.as_os_str()])
         .args(args)
         .measure_rss()
+        .label("lego run")
         .run();
     // `lego run` must have preloaded the sibling library: it is found next to the binary.
     assert!(shim_lib().is_file());

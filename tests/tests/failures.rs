@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use lego_tests::{heavy, program, shim_lib, Outcome, Run, ShimSetup, TempDir};
+use lego_tests::{heavy, program, shim_lib, Outcome, Run, ShimSetup, Stats, TempDir};
 
 /// Exit status when userfaultfd is not permitted.
 const EXIT_NO_PERMISSION: i32 = 3;
@@ -104,14 +104,16 @@ fn no_userfaultfd_permission() {
     }
 }
 
-/// Runs `sigbus_fetch 128` with a 32 MiB cache and the given fault plan.
-fn run_with_fault(plan: &str) -> Outcome {
+/// Runs `sigbus_fetch 128` with a 32 MiB cache and the given fault plan; returns the
+/// outcome and the stats, if the run lived to write them.
+fn run_with_fault(plan: &str) -> (Outcome, Option<Stats>) {
     let setup = ShimSetup::new("fault", 32);
-    setup
+    let out = setup
         .apply(Run::new(program("sigbus_fetch")).args(["128"]))
         .env("LEGO_FAULT_INJECT", plan)
-        .env("LEGO_STATS", "0")
-        .run()
+        .run();
+    let stats = setup.stats_path().is_file().then(|| setup.stats());
+    (out, stats)
 }
 
 /// A page that cannot be fetched kills the faulting thread with SIGBUS and a message that
@@ -120,7 +122,7 @@ fn run_with_fault(plan: &str) -> Outcome {
 fn failed_fetch_is_sigbus_not_wrong_data() {
     let _serial = heavy();
     for plan in ["fetch:eio:after=0", "fetch:eio:after=3000"] {
-        let out = run_with_fault(plan);
+        let (out, _) = run_with_fault(plan);
         assert!(
             !out.stdout.contains("WRONG DATA"),
             "{plan}: the program read wrong data:\n{out}"
@@ -154,7 +156,7 @@ fn store_out_of_space_never_gives_wrong_data() {
     let native = Run::new(program("sigbus_fetch")).args(["128"]).run();
     native.assert_success();
     for plan in ["store:enospc:after=0", "store:enospc:after=5000"] {
-        let out = run_with_fault(plan);
+        let (out, stats) = run_with_fault(plan);
         assert!(
             !out.stdout.contains("WRONG DATA"),
             "{plan}: the program read wrong data:\n{out}"
@@ -164,6 +166,15 @@ fn store_out_of_space_never_gives_wrong_data() {
                 out.stdout, native.stdout,
                 "{plan}: completed with different output:\n{out}"
             );
+            // Completing proves nothing unless writes to the store really failed.
+            let stats = stats
+                .as_ref()
+                .unwrap_or_else(|| panic!("{plan}: no stats file after a clean exit:\n{out}"));
+            assert!(
+                stats.number("store_errors").is_some_and(|n| n > 0),
+                "{plan}: the injected ENOSPC never happened (store_errors is not > 0):\n{}",
+                stats.raw
+            );
         } else {
             assert!(
                 !out.lego_lines().is_empty(),
@@ -171,9 +182,10 @@ fn store_out_of_space_never_gives_wrong_data() {
             );
         }
         eprintln!(
-            "{plan}: exit {:?} signal {:?}; stderr: {}",
+            "{plan}: exit {:?} signal {:?}, store_errors {:?}; stderr: {}",
             out.code,
             out.signal,
+            stats.as_ref().and_then(|s| s.number("store_errors")),
             out.stderr.trim()
         );
     }
