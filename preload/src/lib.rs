@@ -86,7 +86,11 @@ fn internal_heap() -> &'static Heap {
     {
         let region = match Region::reserve(INTERNAL_HEAP_BYTES, None) {
             Ok(r) => r,
-            Err(e) => die(EXIT_CANNOT_START, format_no_alloc(&e)),
+            // No internal heap yet, so no formatted message: only a fixed text.
+            Err(_) => die(
+                EXIT_CANNOT_START,
+                "lego: cannot reserve address space for the internal heap",
+            ),
         };
         // SAFETY: the region is fresh, page-aligned, zeroed and owned by this heap alone.
         let heap = match unsafe { Heap::create(region.base as *mut u8, region.len) } {
@@ -101,11 +105,6 @@ fn internal_heap() -> &'static Heap {
     spin_until_ready(&INTERNAL_STATE);
     // SAFETY: READY is stored after the pointer is published.
     unsafe { &*INTERNAL_HEAP.load(Ordering::Acquire) }
-}
-
-/// Formats an error for a message before the internal heap exists: only a fixed text.
-fn format_no_alloc<E: std::fmt::Debug>(_e: &E) -> &'static str {
-    "lego: cannot reserve address space for the internal heap"
 }
 
 /// The user's heap, created on first use (which reads and checks the configuration: a bad

@@ -35,9 +35,6 @@ pub(crate) fn evictor_loop(sh: &Shared) {
                     .wait_timeout(t, Duration::from_millis(200))
                     .unwrap_or_else(|e| e.into_inner());
                 t = guard;
-                if sh.stop.load(Ordering::Relaxed) {
-                    return;
-                }
             }
         }
         // Evict down to the low watermark, one batch at a time, each inside the gate.

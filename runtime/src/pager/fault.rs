@@ -66,9 +66,6 @@ pub(crate) fn handler_loop(sh: &Shared, cpu: Option<usize>) {
     let mut fetch = PageBuf::new(FETCH_RUN_PAGES_MAX);
     loop {
         if !sh.uffd.wait_readable(&sh.kick, IDLE_POLL_MS) {
-            if sh.stop.load(Ordering::Relaxed) {
-                return;
-            }
             continue;
         }
         faults.clear();

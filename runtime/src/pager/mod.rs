@@ -22,7 +22,7 @@ mod evict;
 mod fault;
 mod gate;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -52,7 +52,8 @@ pub const EVENTS_PER_READ_MAX: usize = 64;
 pub const EVICT_BATCH_PAGES_MAX: usize = 1024;
 /// How long a handler waits for the evictor to make room before it checks again.
 const ROOM_WAIT_MS: u64 = 20;
-/// How long an idle thread sleeps in `poll` before it looks at the stop flag.
+/// How long an idle handler sleeps in `poll` before it polls again. The handlers never stop:
+/// other libraries' destructors may touch the heap after lego's exit handler has run.
 const IDLE_POLL_MS: i32 = 200;
 
 const _: () = assert!(FETCH_RUN_PAGES_MAX <= ZERO_RUN_PAGES_MAX);
@@ -116,7 +117,6 @@ pub(crate) struct Shared {
     /// Set while write-backs fail: handlers then stop waiting for room (the cache overflows
     /// rather than the program stalling forever).
     pub(crate) store_failing: AtomicBool,
-    pub(crate) stop: AtomicBool,
     /// Faults read by a thread that was not going to handle them (see `pump_for_install`).
     pub(crate) deferred: Mutex<Vec<usize>>,
     /// Wakes the handlers when `deferred` gets work.
@@ -267,7 +267,6 @@ impl Runtime {
             low_pages: low,
             evict_batch_pages: batch,
             store_failing: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
             kick: Kick::new().map_err(|source| PagerError::Thread {
                 name: "eventfd".into(),
@@ -330,12 +329,6 @@ impl Runtime {
         ]
     }
 
-    /// Called by the program's own `free` of a large run: the content of `[addr, addr+len)`
-    /// is no longer needed. The `madvise` sends a `REMOVE` event that updates the table.
-    pub fn discard(&self, addr: usize, len: usize) {
-        region::drop_pages(addr, len);
-    }
-
     /// Before `fork`: stops eviction and fault handling, and brings every evicted page back, so
     /// that the child (whose copy of the region is ordinary memory, no longer served by lego)
     /// sees exactly the parent's heap. The cache may exceed its size until the fork is over.
@@ -349,12 +342,6 @@ impl Runtime {
         self.shared.gate.open();
         let _t = self.shared.cache.lock();
         self.shared.evict_wanted.notify_all();
-    }
-
-    /// Stops nothing: the threads keep serving faults until the process exits, because other
-    /// libraries' destructors may still touch the heap after lego's exit handler.
-    pub fn request_stop(&self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
     }
 }
 
