@@ -110,6 +110,15 @@ pub fn for_each_present_page(base: usize, len: usize, mut present: impl FnMut(us
 }
 
 /// Drops the pages of `[addr, addr+len)`: they read as zero afterwards.
+/// Whether the page at `addr` (page-aligned, inside a mapping of this process) is present in
+/// memory. Asking never faults the page in.
+pub fn page_present(addr: usize) -> bool {
+    let mut v = 0u8;
+    // SAFETY: one page of a mapping of this process; `v` holds the one result byte.
+    let ret = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE_SIZE, &mut v) };
+    ret == 0 && v & 1 != 0
+}
+
 pub fn drop_pages(addr: usize, len: usize) {
     // SAFETY: MADV_DONTNEED on private anonymous memory only discards content; callers pass
     // ranges of memory whose content is no longer needed.

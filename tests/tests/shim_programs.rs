@@ -95,9 +95,15 @@ fn syscalls_on_evicted_buffers() {
 
 /// C++: four std::threads building unordered_maps, maps and churning strings (~330 MiB).
 #[test]
-#[ignore = "known bug: segfaults under a 32 MiB cache (the allocator's heap grows far past the live size, and a paging bug shows); see the closing note of issue 2"]
 fn cpp_containers_multi_threaded() {
     oversubscribed("cpp_maps", &["18000"], 32, true);
+}
+
+/// Four threads writing their own words of the same pages while the evictor moves those
+/// pages out: no write may be lost, no page served stale or as zeros.
+#[test]
+fn concurrent_writers_on_pages_being_evicted() {
+    oversubscribed("pager_stress", &["128", "4", "60000"], 16, true);
 }
 
 /// The runtime's own allocations must not live in the region it pages, even in a run that

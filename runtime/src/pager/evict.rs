@@ -105,27 +105,35 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
     }
 
     // 2. Move them out, victim i to staging slot i.
-    let mut fate = vec![Fate::Dirty; n];
     for &(i, len) in &runs {
-        move_run(sh, victims, i, len, &mut fate);
+        move_run(sh, victims, i, len);
     }
 
-    // 3. Which staging slots really hold a page (holes: the program dropped the page).
+    // 3. Where each page is now, read back from the page tables rather than taken from the
+    //    kernel's account of the moves (Linux 6.18 was seen answering EEXIST, with nothing
+    //    moved, for pages it had moved). In its staging slot: moved. Still in the region:
+    //    stays resident. In neither: a hole (the program dropped the page).
     let mut present = vec![false; n];
     crate::region::for_each_present_page(sh.staging.base, n * PAGE_SIZE, |slot| {
         present[slot] = true;
     });
+    let mut fate = vec![Fate::Dirty; n];
+    for i in 0..n {
+        if !present[i] {
+            fate[i] = if crate::region::page_present(sh.addr_of(victims[i])) {
+                Fate::Stayed
+            } else {
+                Fate::Hole
+            };
+        }
+    }
 
     // 4. Classify by content.
     let mut crcs = vec![0u32; n];
     {
         let t = sh.cache.lock();
         for i in 0..n {
-            if fate[i] == Fate::Stayed {
-                continue;
-            }
             if !present[i] {
-                fate[i] = Fate::Hole;
                 continue;
             }
             let page = staging_page(sh, i);
@@ -219,49 +227,61 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
 
 /// Times a shared page needed its copy-on-write broken before it could be moved.
 static SHARED_PAGES_UNSHARED: AtomicU64 = AtomicU64::new(0);
+/// Moves tried for one page before it is left resident.
+const MOVE_ATTEMPTS_MAX: u32 = 3;
 
-/// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. A page shared
-/// with a forked child (`EBUSY`) is made private first by an atomic add of zero to it, which
-/// takes the kernel's copy-on-write path without changing a byte; a page that still cannot move
-/// stays resident.
-fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize, fate: &mut [Fate]) {
+/// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. After an error
+/// the run goes on from the first page that is neither in its slot nor a hole, whatever the
+/// kernel said it had done. A page shared with a forked child (`EBUSY`) is made private first,
+/// which takes the kernel's copy-on-write path without changing a byte. A page that still
+/// cannot move stays resident (the caller finds it still in the region).
+fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize) {
+    let slot = |k: usize| sh.staging.base + (i + k) * PAGE_SIZE;
+    let src = |k: usize| sh.addr_of(victims[i + k]);
     let mut k = 0;
+    let mut attempts = 0;
     let mut unshared_at = usize::MAX;
     while k < len {
-        let src = sh.addr_of(victims[i + k]);
-        let dst = sh.staging.base + (i + k) * PAGE_SIZE;
-        match sh.staging_uffd.move_pages(dst, src, (len - k) * PAGE_SIZE) {
-            Ok(()) => return,
-            Err(partial) => {
-                k += partial.done / PAGE_SIZE;
-                if k >= len {
-                    return;
-                }
-                if partial.errno == nix::errno::Errno::EBUSY && unshared_at != k {
-                    unshared_at = k;
-                    SHARED_PAGES_UNSHARED.fetch_add(1, Ordering::Relaxed);
-                    let word = sh.addr_of(victims[i + k]) as *const AtomicU64;
-                    // SAFETY: the page is resident in the region (it is `Evicting`, owned by
-                    // this thread, and MOVE just found it present and shared) and 8-byte
-                    // aligned. A compare-exchange of a word with itself changes no byte the
-                    // program could observe, but it is a locked write cycle, so it takes the
-                    // kernel's copy-on-write path. (An atomic add of zero would not do: LLVM
-                    // turns an idempotent read-modify-write into a fenced load.)
-                    let word = unsafe { &*word };
-                    let v = word.load(Ordering::Relaxed);
-                    let _ = word.compare_exchange(v, v, Ordering::SeqCst, Ordering::Relaxed);
-                    continue;
-                }
-                if EVICT_ERRORS.allow() {
-                    log::warn!(
-                        "cannot move the page at {:#x} out of the heap ({}); keeping it resident",
-                        sh.addr_of(victims[i + k]),
-                        partial.errno
-                    );
-                }
-                fate[i + k] = Fate::Stayed;
-                k += 1;
+        let Err(partial) = sh
+            .staging_uffd
+            .move_pages(slot(k), src(k), (len - k) * PAGE_SIZE)
+        else {
+            return;
+        };
+        let from = k;
+        while k < len
+            && (crate::region::page_present(slot(k)) || !crate::region::page_present(src(k)))
+        {
+            k += 1;
+        }
+        if k >= len {
+            return;
+        }
+        attempts = if k == from { attempts + 1 } else { 1 };
+        if partial.errno == nix::errno::Errno::EBUSY && unshared_at != k {
+            unshared_at = k;
+            SHARED_PAGES_UNSHARED.fetch_add(1, Ordering::Relaxed);
+            let word = src(k) as *const AtomicU64;
+            // SAFETY: the page is resident in the region (it is `Evicting`, owned by this
+            // thread, and was just found present) and 8-byte aligned. A compare-exchange of a
+            // word with itself changes no byte the program could observe, but it is a locked
+            // write cycle, so it takes the kernel's copy-on-write path. (An atomic add of zero
+            // would not do: LLVM turns an idempotent read-modify-write into a fenced load.)
+            let word = unsafe { &*word };
+            let v = word.load(Ordering::Relaxed);
+            let _ = word.compare_exchange(v, v, Ordering::SeqCst, Ordering::Relaxed);
+            continue;
+        }
+        if attempts >= MOVE_ATTEMPTS_MAX {
+            if EVICT_ERRORS.allow() {
+                log::warn!(
+                    "cannot move the page at {:#x} out of the heap ({}); keeping it resident",
+                    src(k),
+                    partial.errno
+                );
             }
+            k += 1;
+            attempts = 0;
         }
     }
 }
