@@ -179,7 +179,7 @@ enum Plan {
 /// Resolves a missing-page fault at page-aligned `addr`.
 pub(crate) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
     let page = sh.page_of(addr);
-    let plan = plan_fault(sh, page, usize::MAX);
+    let plan = plan_fault(sh, page, false);
     match plan {
         Plan::Nothing => {}
         Plan::Zero { first, n } => {
@@ -194,13 +194,18 @@ pub(crate) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
     }
 }
 
-/// Looks at the page and claims a run for the work it needs, waiting for room in the cache.
-/// `room_override` lets `fork` page in everything regardless of the cache size.
-fn plan_fault(sh: &Shared, page: usize, room_override: usize) -> Plan {
+/// Looks at the page and claims a run for the work it needs, waiting for room in the cache
+/// unless `ignore_room` (`fork` pages everything in regardless of the cache size).
+///
+/// A fresh page gets a run of up to [`ZERO_RUN_PAGES_MAX`] zero pages (fresh heap is touched
+/// in order); an evicted one a run of evicted pages as long as its read-ahead stream's window.
+/// Runs never take more pages than the cache has room for, and stop at the first page in
+/// another state.
+fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
     let mut t = sh.cache.lock();
     loop {
         let state = t.state(page);
-        let (max, accept): (usize, fn(PageState) -> bool) = match state {
+        let fetch = match state {
             PageState::Filling | PageState::Fetching | PageState::Evicting => {
                 STATS.add(Counter::FaultsSpurious, 1);
                 return Plan::Nothing;
@@ -208,15 +213,12 @@ fn plan_fault(sh: &Shared, page: usize, room_override: usize) -> Plan {
             PageState::Poisoned => return Plan::Poison { page },
             // A resident page that faults was dropped by the kernel behind lego's back (the
             // program's MADV_FREE): it reads as zeros, like the kernel would give.
-            PageState::Absent | PageState::Resident => {
-                (ZERO_RUN_PAGES_MAX, |s| s == PageState::Absent)
-            }
-            PageState::Evicted => (FETCH_RUN_PAGES_MAX, |s| s == PageState::Evicted),
+            PageState::Absent | PageState::Resident => false,
+            PageState::Evicted => true,
         };
-        let capacity = sh.cache.capacity_pages().min(room_override);
-        let room = capacity.saturating_sub(t.resident());
         let failing = sh.store_failing.load(Ordering::Relaxed);
-        if room == 0 && !failing && room_override == usize::MAX {
+        let room = sh.cache.capacity_pages().saturating_sub(t.resident());
+        if room == 0 && !failing && !ignore_room {
             sh.evict_wanted.notify_one();
             let (guard, _) = sh
                 .room
@@ -225,17 +227,37 @@ fn plan_fault(sh: &Shared, page: usize, room_override: usize) -> Plan {
             t = guard;
             continue;
         }
-        let room = if room_override == usize::MAX && !failing {
-            room
+        let mut stream = None;
+        let want = if !fetch {
+            ZERO_RUN_PAGES_MAX
+        } else if ignore_room {
+            FETCH_RUN_PAGES_MAX
         } else {
-            max
+            let (window, s) = sh
+                .readahead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .window(page);
+            stream = Some(s);
+            window
         };
-        let n = (1 + t.run_len(page + 1, max - 1, accept)).min(room.max(1));
-        let transit = if state == PageState::Evicted {
-            PageState::Fetching
+        let limit = if failing || ignore_room {
+            want
         } else {
-            PageState::Filling
+            want.min(room).max(1)
         };
+        let (accept, transit) = if fetch {
+            (PageState::Evicted, PageState::Fetching)
+        } else {
+            (PageState::Absent, PageState::Filling)
+        };
+        let n = 1 + t.run_len(page + 1, limit - 1, |s| s == accept);
+        if let Some(s) = stream {
+            sh.readahead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fetched(s, page, n);
+        }
         for p in page..page + n {
             t.set_state(p, transit);
         }
@@ -244,7 +266,7 @@ fn plan_fault(sh: &Shared, page: usize, room_override: usize) -> Plan {
         if resident > sh.high_pages {
             sh.evict_wanted.notify_one();
         }
-        return if transit == PageState::Fetching {
+        return if fetch {
             Plan::Fetch { first: page, n }
         } else {
             Plan::Zero { first: page, n }
@@ -523,7 +545,7 @@ pub(crate) fn page_in_everything(sh: &Shared) {
     while page < pages {
         let state = sh.cache.lock().state(page);
         if state == PageState::Evicted {
-            if let Plan::Fetch { first, n } = plan_fault(sh, page, 0) {
+            if let Plan::Fetch { first, n } = plan_fault(sh, page, true) {
                 fetch_and_install(sh, first, n, first, &mut buf);
                 brought += n as u64;
                 page = first + n;

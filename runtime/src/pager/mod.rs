@@ -21,6 +21,7 @@
 mod evict;
 mod fault;
 mod gate;
+mod readahead;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -42,10 +43,11 @@ use gate::Gate;
 pub static STATS: Stats = Stats::new();
 
 /// Most pages filled with zeros by one fault: fresh heap is touched in order, and one
-/// `UFFDIO_COPY` of a run costs little more than one of a page (see MACHINE.md).
-pub const ZERO_RUN_PAGES_MAX: usize = 64;
-/// Most evicted pages fetched by one fault: the faulting page and the evicted ones after it.
-pub const FETCH_RUN_PAGES_MAX: usize = 16;
+/// `UFFDIO_COPY` of a run of 256 pages costs about as much per page as the kernel's own
+/// anonymous fault (see MACHINE.md).
+pub const ZERO_RUN_PAGES_MAX: usize = 256;
+/// Most evicted pages fetched by one fault (the read-ahead window of a sequential stream).
+pub const FETCH_RUN_PAGES_MAX: usize = 256;
 /// Most events read from the userfaultfd at once.
 pub const EVENTS_PER_READ_MAX: usize = 64;
 /// Most pages one eviction batch moves out (the evictor's staging area holds that many).
@@ -117,6 +119,8 @@ pub(crate) struct Shared {
     /// Set while write-backs fail: handlers then stop waiting for room (the cache overflows
     /// rather than the program stalling forever).
     pub(crate) store_failing: AtomicBool,
+    /// Read-ahead streams (locked inside the cache lock, never the other way round).
+    pub(crate) readahead: Mutex<readahead::Readahead>,
     /// Faults read by a thread that was not going to handle them (see `pump_for_install`).
     pub(crate) deferred: Mutex<Vec<usize>>,
     /// Wakes the handlers when `deferred` gets work.
@@ -267,6 +271,7 @@ impl Runtime {
             low_pages: low,
             evict_batch_pages: batch,
             store_failing: AtomicBool::new(false),
+            readahead: Mutex::new(readahead::Readahead::new()),
             deferred: Mutex::new(Vec::new()),
             kick: Kick::new().map_err(|source| PagerError::Thread {
                 name: "eventfd".into(),
