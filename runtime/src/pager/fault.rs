@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use userfaultfd::{Event, EventBuffer, FaultKind};
 
 use super::{
-    pin_to_cpu, Shared, EVENTS_PER_READ_MAX, FETCH_RUN_PAGES_MAX, IDLE_POLL_MS, ROOM_WAIT_MS,
-    STATS, ZERO_RUN_PAGES_MAX,
+    pin_to_cpu, Shared, EVENTS_PER_READ_MAX, FETCH_CHUNK_PAGES, FETCH_FIRST_CHUNK_PAGES,
+    FETCH_RUN_PAGES_MAX, IDLE_POLL_MS, ROOM_WAIT_MS, STATS, ZERO_RUN_PAGES_MAX,
 };
 use crate::cache::{PageState, REFERENCED, REMOVED};
 use crate::logging::RateLimit;
@@ -63,7 +63,7 @@ pub(crate) fn handler_loop(sh: &Shared, cpu: Option<usize>) {
     }
     let mut buf = EventBuffer::new(EVENTS_PER_READ_MAX);
     let mut faults: Vec<usize> = Vec::with_capacity(EVENTS_PER_READ_MAX);
-    let mut fetch = PageBuf::new(FETCH_RUN_PAGES_MAX);
+    let mut fetch = PageBuf::new(FETCH_CHUNK_PAGES);
     loop {
         if !sh.uffd.wait_readable(&sh.kick, IDLE_POLL_MS) {
             continue;
@@ -419,10 +419,11 @@ fn install_zeros(sh: &Shared, first: usize, n: usize) {
     STATS.add(Counter::PagesZeroFilled, installed);
 }
 
-/// Fetches the claimed run `[first, first+n)` from the store, checks every page against its
-/// checksum, and installs the good ones write-protected (clean). `faulting` is the page whose
-/// fault started it: if it cannot be fetched it is poisoned; the read-ahead pages that fail are
-/// put back as evicted (or poisoned when their copy is corrupt).
+/// Fetches the claimed run `[first, first+n)` from the store in chunks: a small first one
+/// that holds `faulting` (the page whose fault started it), so that the faulting thread runs
+/// again soon, then larger ones while it works on the first pages (a sequential reader that
+/// catches up waits only for the chunk it needs). If a read fails, the rest of the run is
+/// given back unread.
 pub(crate) fn fetch_and_install(
     sh: &Shared,
     first: usize,
@@ -430,6 +431,57 @@ pub(crate) fn fetch_and_install(
     faulting: usize,
     buf: &mut PageBuf,
 ) {
+    debug_assert!(faulting >= first && faulting < first + n);
+    let mut at = first;
+    while at < first + n {
+        let chunk = if at == first {
+            FETCH_FIRST_CHUNK_PAGES.max(faulting - first + 1)
+        } else {
+            FETCH_CHUNK_PAGES
+        };
+        let len = chunk.min(first + n - at).min(FETCH_CHUNK_PAGES);
+        if !fetch_chunk(sh, at, len, faulting, buf) {
+            release_claim(sh, at + len, first + n - (at + len));
+            return;
+        }
+        at += len;
+    }
+}
+
+/// Gives back claimed `Fetching` pages without reading them: evicted again (or absent if the
+/// program discarded them meanwhile), waking any thread that waits on them.
+fn release_claim(sh: &Shared, first: usize, n: usize) {
+    if n == 0 {
+        return;
+    }
+    {
+        let mut t = sh.cache.lock();
+        for p in first..first + n {
+            let removed = t.has_flag(p, REMOVED);
+            t.set_flag(p, REMOVED, false);
+            if removed {
+                t.forget_stored(p);
+            }
+            t.set_state(
+                p,
+                if removed {
+                    PageState::Absent
+                } else {
+                    PageState::Evicted
+                },
+            );
+        }
+        sh.publish_resident(t.resident());
+    }
+    sh.room.notify_all();
+    let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
+}
+
+/// Fetches the claimed pages `[first, first+n)` (at most [`FETCH_CHUNK_PAGES`]), checks every
+/// page against its checksum, and installs the good ones write-protected (clean). If `faulting`
+/// is among them and cannot be fetched it is poisoned; the read-ahead pages that fail are put
+/// back as evicted (or poisoned when their copy is corrupt). False if the read failed.
+fn fetch_chunk(sh: &Shared, first: usize, n: usize, faulting: usize, buf: &mut PageBuf) -> bool {
     let crcs: Vec<u32> = {
         let t = sh.cache.lock();
         (first..first + n).map(|p| t.crc(p)).collect()
@@ -467,12 +519,14 @@ pub(crate) fn fetch_and_install(
         drop(t);
         sh.room.notify_all();
         let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
-        poison(
-            sh,
-            faulting,
-            &format!("fetching it from the store failed: {e}"),
-        );
-        return;
+        if (first..first + n).contains(&faulting) {
+            poison(
+                sh,
+                faulting,
+                &format!("fetching it from the store failed: {e}"),
+            );
+        }
+        return false;
     }
     // Verify every page before anything is installed: a corrupt copy is never served.
     let mut good = vec![true; n];
@@ -486,7 +540,7 @@ pub(crate) fn fetch_and_install(
         .iter()
         .map(|&g| if g { Outcome::Pending } else { Outcome::Failed })
         .collect();
-    let bad_faulting = !good[faulting - first];
+    let bad_faulting = (first..first + n).contains(&faulting) && !good[faulting - first];
     // Corrupt copies are not installed: they are poisoned (below, by `finish_run`).
     install_pages(sh, first, buf.addr(0) as *const u8, true, &mut out);
     let installed = finish_run(
@@ -507,6 +561,7 @@ pub(crate) fn fetch_and_install(
             sh.addr_of(faulting)
         );
     }
+    true
 }
 
 /// Poisons `page` so that the faulting thread gets `SIGBUS`, and says so on stderr.
@@ -538,7 +593,7 @@ fn poison(sh: &Shared, page: usize, why: &str) {
 /// Brings every evicted page back into memory (for `fork`), ignoring the cache size, and waits
 /// until no page is in transit. Called with the gate closed, so no handler or evictor runs.
 pub(crate) fn page_in_everything(sh: &Shared) {
-    let mut buf = PageBuf::new(FETCH_RUN_PAGES_MAX);
+    let mut buf = PageBuf::new(FETCH_CHUNK_PAGES);
     let pages = sh.cache.lock().high();
     let mut page = 0;
     let mut brought = 0u64;

@@ -47,7 +47,11 @@ pub static STATS: Stats = Stats::new();
 /// anonymous fault (see MACHINE.md).
 pub const ZERO_RUN_PAGES_MAX: usize = 256;
 /// Most evicted pages fetched by one fault (the read-ahead window of a sequential stream).
-pub const FETCH_RUN_PAGES_MAX: usize = 256;
+pub const FETCH_RUN_PAGES_MAX: usize = 512;
+/// Pages of a fetched run read and installed before the faulting thread is woken.
+pub const FETCH_FIRST_CHUNK_PAGES: usize = 16;
+/// Pages of a fetched run read and installed at once after the first chunk.
+pub const FETCH_CHUNK_PAGES: usize = 64;
 /// Most events read from the userfaultfd at once.
 pub const EVENTS_PER_READ_MAX: usize = 64;
 /// Most pages one eviction batch moves out (the evictor's staging area holds that many).
@@ -58,7 +62,9 @@ const ROOM_WAIT_MS: u64 = 20;
 /// other libraries' destructors may touch the heap after lego's exit handler has run.
 const IDLE_POLL_MS: i32 = 200;
 
-const _: () = assert!(FETCH_RUN_PAGES_MAX <= ZERO_RUN_PAGES_MAX);
+const _: () = assert!(
+    FETCH_FIRST_CHUNK_PAGES <= FETCH_CHUNK_PAGES && FETCH_CHUNK_PAGES <= FETCH_RUN_PAGES_MAX
+);
 
 /// Errors of starting the runtime.
 #[derive(Debug, Error)]

@@ -8,8 +8,7 @@
 //! fetches one page per fault and wastes neither I/O nor cache room, while a sweep quickly
 //! fetches large runs with one fault and one read each.
 
-/// Largest read-ahead window in pages (1 MiB: one `UFFDIO_COPY` of that size costs about as
-/// much per page as the kernel's own fault; see MACHINE.md).
+/// Largest read-ahead window in pages (fetched in chunks, see `fault::fetch_and_install`).
 pub(crate) const WINDOW_PAGES_MAX: usize = super::FETCH_RUN_PAGES_MAX;
 /// Streams followed at once (a few per CPU: each thread of a sweep is one).
 const STREAMS: usize = 16;
@@ -79,13 +78,17 @@ mod tests {
         let mut ra = Readahead::new();
         let mut page = 1000;
         let mut windows = Vec::new();
-        for _ in 0..12 {
+        for _ in 0..14 {
             let (w, s) = ra.window(page);
             windows.push(w);
             ra.fetched(s, page, w);
             page += w;
         }
-        assert_eq!(windows[..10], [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        assert_eq!(windows[..8], [1, 2, 4, 8, 16, 32, 64, 128]);
+        assert_eq!(windows[13], WINDOW_PAGES_MAX);
+        assert!(windows
+            .windows(2)
+            .all(|w| w[1] == (w[0] * 2).min(WINDOW_PAGES_MAX)));
     }
 
     #[test]
@@ -120,6 +123,6 @@ mod tests {
                 *page += w;
             }
         }
-        assert_eq!(last, [256; 3]);
+        assert_eq!(last, [WINDOW_PAGES_MAX; 3]);
     }
 }
