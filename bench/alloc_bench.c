@@ -127,7 +127,7 @@ static uint64_t vec_word(uint64_t key, size_t j) { return (key << 32) + j; }
 
 static size_t bench_realloc(double scale) {
     enum { VECS = 16 };
-    size_t cycles = (size_t)(24 * scale);
+    size_t cycles = (size_t)(48 * scale);
     if (cycles == 0) cycles = 1;
     rng_t r = {3};
     uint64_t *v[VECS] = {0};

@@ -212,8 +212,9 @@ int main(int argc, char **argv) {
     check_all();
     double s = (double)(t1 - t0) / 1e9;
     printf("bench=page_sweep mode=%s heap_mib=%g pages=%zu threads=%zu accesses=%zu seconds=%.6f "
-           "us_per_access=%.3f\n",
-           mode, heap_mib, pages, mt ? threads : 1, done, s, s * 1e6 / (double)done);
+           "us_per_access=%.3f accesses_per_s=%.0f\n",
+           mode, heap_mib, pages, mt ? threads : 1, done, s, s * 1e6 / (double)done,
+           (double)done / s);
     free(table);
     free(heap);
     free(versions);

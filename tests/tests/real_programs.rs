@@ -52,7 +52,7 @@ fn python_builds_a_structure_ten_times_the_cache() {
             .env("PYTHONDONTWRITEBYTECODE", "1")
     };
     let native = make().measure_rss().run();
-    let setup = ShimSetup::new("python", 24);
+    let setup = ShimSetup::new("python", 20);
     let shimmed = setup.apply(make()).run();
     check_real(&native, &shimmed, &setup);
 }

@@ -66,14 +66,14 @@ fn single_threaded_mixed_heap() {
 /// freed by the thread that did not allocate them.
 #[test]
 fn multi_threaded_with_cross_thread_frees() {
-    oversubscribed("heap_threads", &["110", "20000"], 48, true);
+    oversubscribed("heap_threads", &["110", "20000"], 40, true);
 }
 
 /// calloc over dirty freed memory, realloc prefixes, aligned allocations, overflow errors,
 /// errno kept by free.
 #[test]
 fn allocation_api_corners() {
-    oversubscribed("alloc_api", &["192"], 24, true);
+    oversubscribed("alloc_api", &["192"], 18, true);
 }
 
 /// fork with most of the heap evicted: the child sees the pre-fork contents while the
@@ -82,7 +82,7 @@ fn allocation_api_corners() {
 /// the parent is briefly as large as its heap.
 #[test]
 fn fork_with_evicted_pages() {
-    oversubscribed("fork_evicted", &["256"], 32, false);
+    oversubscribed("fork_evicted", &["256"], 24, false);
 }
 
 /// read(2) into and write(2) from evicted buffers: the kernel's own accesses fault.
@@ -90,7 +90,7 @@ fn fork_with_evicted_pages() {
 fn syscalls_on_evicted_buffers() {
     let dir = TempDir::new("syscall-files");
     let dir_arg = dir.path().to_string_lossy().into_owned();
-    oversubscribed("syscall_buffers", &[&dir_arg, "256"], 32, true);
+    oversubscribed("syscall_buffers", &[&dir_arg, "256"], 24, true);
 }
 
 /// C++: four std::threads building unordered_maps, maps and churning strings (~330 MiB).
@@ -103,7 +103,7 @@ fn cpp_containers_multi_threaded() {
 /// pages out: no write may be lost, no page served stale or as zeros.
 #[test]
 fn concurrent_writers_on_pages_being_evicted() {
-    oversubscribed("pager_stress", &["128", "4", "60000"], 16, true);
+    oversubscribed("pager_stress", &["160", "4", "60000"], 16, true);
 }
 
 /// The runtime's own allocations must not live in the region it pages, even in a run that
