@@ -135,6 +135,10 @@ fn user_heap() -> Option<&'static Heap> {
                     &format!("lego: cannot format the heap: {e}"),
                 ),
             };
+            // Freed memory kept for reuse counts against the cache like live memory: an
+            // eighth of the cache at most.
+            let cache = usize::try_from(config.cache_bytes).unwrap_or(usize::MAX);
+            heap.set_retain_bytes((cache / 8).min(lego_runtime::heap::RETAIN_BYTES_DEFAULT));
             let _ = CONFIG.set(config);
             USER_BASE.store(region.base, Ordering::Release);
             USER_LEN.store(region.len, Ordering::Release);

@@ -141,6 +141,20 @@ impl Table {
         (page..end).take_while(|&p| accept(self.state(p))).count()
     }
 
+    /// Length of the run ending just before `page` (at most `max` pages, going down) whose
+    /// pages are all in a state accepted by `accept`.
+    pub fn run_len_before(
+        &self,
+        page: usize,
+        max: usize,
+        accept: impl Fn(PageState) -> bool,
+    ) -> usize {
+        (page.saturating_sub(max)..page)
+            .rev()
+            .take_while(|&p| accept(self.state(p)))
+            .count()
+    }
+
     /// Chooses up to `max` resident pages to evict with the clock algorithm (a page whose
     /// `REFERENCED` flag is set gets a second chance: the flag is cleared and the page kept),
     /// marks them `Evicting` and appends their indexes to `out`, sorted. Gives up after two
@@ -282,5 +296,9 @@ mod tests {
         assert_eq!(t.run_len(0, 16, |s| s == PageState::Absent), 3);
         assert_eq!(t.run_len(4, 16, |s| s == PageState::Absent), 4);
         assert_eq!(t.run_len(4, 2, |s| s == PageState::Absent), 2);
+        assert_eq!(t.run_len_before(3, 16, |s| s == PageState::Absent), 3);
+        assert_eq!(t.run_len_before(8, 16, |s| s == PageState::Absent), 4);
+        assert_eq!(t.run_len_before(8, 2, |s| s == PageState::Absent), 2);
+        assert_eq!(t.run_len_before(0, 16, |s| s == PageState::Absent), 0);
     }
 }

@@ -57,7 +57,7 @@ pub type DiscardFn = fn(addr: *mut u8, len: usize);
 /// "LEGOHEAP", little-endian.
 pub const HEAP_MAGIC: u64 = u64::from_le_bytes(*b"LEGOHEAP");
 /// Version of the heap image format; bump on any change to the layout or the class table.
-pub const HEAP_VERSION: u32 = 1;
+pub const HEAP_VERSION: u32 = 2;
 /// Arenas for small objects; threads beyond this many share them round robin.
 pub const ARENAS_MAX: usize = 64;
 /// Largest region a heap can manage: descriptor indices are `u32` units of 64 bytes.
@@ -67,6 +67,8 @@ pub const DATA_PAGES_MIN: usize = 64;
 /// Free runs at least this long are given back (discarded) when they hold dirty pages.
 pub const DISCARD_MIN_BYTES: usize = 64 * 1024;
 /// Requests above this many bytes are page runs rather than size-class objects.
+/// Default of [`Heap::set_retain_bytes`].
+pub const RETAIN_BYTES_DEFAULT: usize = 32 << 20;
 pub const LARGE_MIN_BYTES: usize = SMALL_MAX_BYTES + 1;
 
 const _: () = assert!(DISCARD_MIN_BYTES.is_multiple_of(PAGE_SIZE));
@@ -118,6 +120,9 @@ pub struct Heap {
     invalid_frees: AtomicU64,
     /// Bytes of live large allocations (page lock).
     large_bytes: AtomicU64,
+    /// Pages of freed, dirty runs kept for reuse before freed runs are given back (see
+    /// [`Heap::set_retain_bytes`]).
+    retain_pages: AtomicU32,
     /// Marks objects sitting in a thread cache (second word); derived from the base so that
     /// it is fixed for the image and unlikely to appear in program data.
     tcache_key: u64,
@@ -179,6 +184,10 @@ impl Heap {
             (*heap).pagemap_offset = layout.pagemap_offset;
             (*heap).data_start_page = layout.data_start_page;
             (*heap).tcache_key = tcache_key(base.addr());
+            (*heap).retain_pages.store(
+                RETAIN_BYTES_DEFAULT.div_ceil(PAGE_SIZE) as u32,
+                Ordering::Relaxed,
+            );
             (*heap)
                 .top_page
                 .store(layout.data_start_page, Ordering::Release);
@@ -387,6 +396,24 @@ impl Heap {
 
     /// Bytes of the region below the bump pointer: header, page map (reserved, touched
     /// lazily), descriptor pages and every page ever handed out. The heap never wrote above it.
+    /// How many bytes of freed runs may stay dirty (not given back) for reuse: reusing them
+    /// costs nothing, while giving a run back and touching it again costs a system call and a
+    /// fault per run on a paged heap. Freed runs of at least [`DISCARD_MIN_BYTES`] are given
+    /// back once the dirty free pages would exceed this.
+    pub fn set_retain_bytes(&self, bytes: usize) {
+        let pages = u32::try_from(bytes / PAGE_SIZE).unwrap_or(u32::MAX);
+        self.retain_pages.store(pages, Ordering::Relaxed);
+    }
+
+    /// Bytes of freed runs kept dirty for reuse right now.
+    pub fn retained_bytes(&self) -> u64 {
+        let g = self.lock_pages();
+        // SAFETY: the page lock is held by `g`.
+        let pages = unsafe { (*self.pages.get()).dirty_free_pages };
+        drop(g);
+        pages * PAGE_SIZE as u64
+    }
+
     pub fn top_bytes(&self) -> u64 {
         u64::from(self.top_page.load(Ordering::Acquire)) * PAGE_SIZE as u64
     }

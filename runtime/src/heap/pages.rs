@@ -3,11 +3,12 @@
 //! Free runs sit in size buckets (exact up to [`FREE_EXACT_PAGES_MAX`] pages, then four per
 //! power of two) with a bitmap of non-empty buckets; a request takes the first fitting run and
 //! splits off the rest. When nothing fits, pages come from the bump pointer (`top`), and pages
-//! above `top` have never been touched. Freed runs merge with free neighbours. Each free run
-//! knows whether all its pages read as zero (`fresh`): never handed out, or discarded. A freed
-//! run of at least [`DISCARD_MIN_BYTES`] holding dirty pages is given back through the discard
-//! callback — outside the lock, while the run sits in no bucket ("limbo") so no one can be
-//! handed pages that are about to be zeroed under them.
+//! above `top` have never been touched. Each free run knows whether all its pages read as
+//! zero (`fresh`: never handed out, or given back); freed runs merge with free neighbours of
+//! the same kind. Dirty free runs are kept for reuse up to the retain budget; past it the
+//! largest ones (of at least [`DISCARD_MIN_BYTES`]) are given back through the discard callback
+//! — outside the lock, while they sit in no bucket ("limbo") so no one can be handed pages that
+//! are about to be zeroed under them — and become fresh.
 //!
 //! Descriptors come from a spare pool refilled a page at a time from `top`; descriptor pages
 //! are never freed (at most one descriptor per page of the region can ever be live).
@@ -29,6 +30,9 @@ const SPANS_PER_PAGE: u32 = (PAGE_SIZE / super::span::SPAN_BYTES) as u32;
 /// New descriptors one run allocation may need: the split-off prefix and suffix of a free run,
 /// or the run taken from top and the alignment gap before it.
 const SPANS_PER_ALLOC_MAX: u32 = 2;
+/// Most dirty runs one purge gives back (each costs one `madvise`; on a paged heap also a
+/// round trip to the runtime's event handler).
+const PURGE_RUNS_MAX: usize = 8;
 
 const _: () = assert!(bucket_of(1 << 26) < FREE_BUCKETS);
 const _: () = assert!(super::REGION_BYTES_MAX / PAGE_SIZE <= 1 << 26);
@@ -42,14 +46,15 @@ pub(crate) struct PageState {
     /// Spare descriptors, linked through `next`.
     spare: u32,
     spare_count: u32,
+    /// Pages of the free runs in the buckets that are not fresh (may hold old data).
+    pub(super) dirty_free_pages: u64,
 }
 
-/// A free run taken out of the buckets to discard its dirty pieces outside the lock.
-pub(crate) struct Limbo {
-    si: u32,
-    /// `(first page, pages)` of the pieces to discard.
-    dirty: [(u32, u32); 3],
-    dirty_count: usize,
+/// Dirty free runs taken out of the buckets to be given back outside the lock (see
+/// [`Heap::release_run`]).
+pub(crate) struct Purge {
+    runs: [u32; PURGE_RUNS_MAX],
+    count: usize,
 }
 
 const fn bucket_of(npages: u32) -> usize {
@@ -122,11 +127,14 @@ impl Heap {
         Some(self.take_spare(st, at, npages, 1))
     }
 
-    /// Returns run `si` (owned by no one, in no list) to the free buckets, merging it with free
-    /// neighbours. If the merged run is long enough to give back and holds dirty pages, it is
-    /// put in limbo instead and must be passed to [`Heap::finish_limbo`] once every lock is
-    /// released. With `may_discard` false the run must be fresh and merges only with fresh
-    /// neighbours (used to re-insert a run after its discard).
+    /// Returns run `si` (owned by no one, in no list) to the free buckets, merging it with the
+    /// free neighbours that are as fresh as it is (a dirty run never makes a fresh one dirty).
+    ///
+    /// Freed dirty runs stay dirty, for reuse at no cost, until the dirty free pages exceed the
+    /// retain budget ([`Heap::set_retain_bytes`]); then the largest dirty runs of at least
+    /// [`DISCARD_MIN_BYTES`] are taken out ("limbo": in no bucket, so no one can be handed
+    /// pages that are about to be zeroed under them) and returned as a [`Purge`], which the
+    /// caller passes to [`Heap::finish_purge`] once every heap lock is released.
     ///
     /// # Safety
     /// The page lock is held and `st` is its state.
@@ -135,21 +143,16 @@ impl Heap {
         st: &mut PageState,
         si: u32,
         fresh: bool,
-        may_discard: bool,
-    ) -> Option<Limbo> {
+    ) -> Option<Purge> {
         let s = self.span(si);
-        let mut pieces = [(0u32, 0u32, false); 3];
-        pieces[0] = ((*s).start, (*s).npages, fresh);
-        let mut count = 1;
         let mut start = (*s).start;
         let mut end = start + (*s).npages;
+        let same = |f: u8| (f != 0) == fresh;
         if start > self.data_start_page {
             if let Some(l) = self.free_run_at(start - 1) {
                 let ls = self.span(l);
-                if (*ls).start + (*ls).npages == start && (may_discard || (*ls).fresh != 0) {
+                if (*ls).start + (*ls).npages == start && same((*ls).fresh) {
                     self.remove_free(st, l);
-                    pieces[count] = ((*ls).start, (*ls).npages, (*ls).fresh != 0);
-                    count += 1;
                     start = (*ls).start;
                     self.put_spare(st, l);
                 }
@@ -158,10 +161,8 @@ impl Heap {
         if end < self.top_page.load(Ordering::Relaxed) {
             if let Some(r) = self.free_run_at(end) {
                 let rs = self.span(r);
-                if (*rs).start == end && (may_discard || (*rs).fresh != 0) {
+                if (*rs).start == end && same((*rs).fresh) {
                     self.remove_free(st, r);
-                    pieces[count] = ((*rs).start, (*rs).npages, (*rs).fresh != 0);
-                    count += 1;
                     end += (*rs).npages;
                     self.put_spare(st, r);
                 }
@@ -170,50 +171,82 @@ impl Heap {
         (*s).start = start;
         (*s).npages = end - start;
         (*s).owner.store(OWNER_NONE, Ordering::Release);
-        let all_fresh = pieces[..count].iter().all(|p| p.2);
-        debug_assert!(may_discard || all_fresh);
-        if !all_fresh && may_discard && end - start >= DISCARD_MIN_PAGES {
-            (*s).kind = KIND_LIMBO;
-            self.map_ends(si);
-            let mut limbo = Limbo {
-                si,
-                dirty: [(0, 0); 3],
-                dirty_count: 0,
-            };
-            for &(p, n, f) in &pieces[..count] {
-                if !f {
-                    limbo.dirty[limbo.dirty_count] = (p, n);
-                    limbo.dirty_count += 1;
-                }
-            }
-            return Some(limbo);
-        }
-        (*s).fresh = u8::from(all_fresh);
+        (*s).fresh = u8::from(fresh);
         self.insert_free(st, si);
-        None
+        if fresh || st.dirty_free_pages <= u64::from(self.retain_pages.load(Ordering::Relaxed)) {
+            return None;
+        }
+        self.take_purge(st)
     }
 
-    /// Discards a limbo run's dirty pieces, then files it as a fresh free run. Call with no
-    /// heap lock held: the callback may take its own locks or allocate from another heap.
-    pub(super) fn finish_limbo(&self, limbo: Limbo, discard: DiscardFn) {
-        for &(page, n) in &limbo.dirty[..limbo.dirty_count] {
-            discard(self.page_addr(page), n as usize * PAGE_SIZE);
+    /// Takes the largest dirty free runs (at least [`DISCARD_MIN_PAGES`] each, at most
+    /// [`PURGE_RUNS_MAX`]) out of the buckets until the dirty free pages are down to half the
+    /// retain budget.
+    ///
+    /// # Safety
+    /// The page lock is held and `st` is its state.
+    unsafe fn take_purge(&self, st: &mut PageState) -> Option<Purge> {
+        let target = u64::from(self.retain_pages.load(Ordering::Relaxed)) / 2;
+        let mut purge = Purge {
+            runs: [0; PURGE_RUNS_MAX],
+            count: 0,
+        };
+        let mut b = FREE_BUCKETS;
+        while b > bucket_of(DISCARD_MIN_PAGES) && purge.count < PURGE_RUNS_MAX {
+            b -= 1;
+            if st.nonempty & (1 << b) == 0 {
+                continue;
+            }
+            let mut si = st.buckets[b];
+            let mut scanned = 0;
+            while si != 0
+                && scanned < FREE_SCAN_MAX
+                && purge.count < PURGE_RUNS_MAX
+                && st.dirty_free_pages > target
+            {
+                let s = self.span(si);
+                let next = (*s).next;
+                if (*s).fresh == 0 && (*s).npages >= DISCARD_MIN_PAGES {
+                    self.remove_free(st, si);
+                    (*s).kind = KIND_LIMBO;
+                    purge.runs[purge.count] = si;
+                    purge.count += 1;
+                }
+                si = next;
+                scanned += 1;
+            }
+            if st.dirty_free_pages <= target {
+                break;
+            }
+        }
+        (purge.count > 0).then_some(purge)
+    }
+
+    /// Gives back the runs of a purge, then files them as fresh free runs. Call with no heap
+    /// lock held: the callback may take its own locks or allocate from another heap.
+    pub(super) fn finish_purge(&self, purge: Purge, discard: DiscardFn) {
+        for &si in &purge.runs[..purge.count] {
+            // SAFETY: a limbo run belongs to this call alone (in no bucket, owned by no one),
+            // so its extent cannot change.
+            let (start, npages) = unsafe { ((*self.span(si)).start, (*self.span(si)).npages) };
+            discard(self.page_addr(start), npages as usize * PAGE_SIZE);
         }
         let mut g = self.lock_pages();
-        // SAFETY: the page lock is held; the limbo run belongs to this call alone (in no
-        // bucket, owned by no one) until it is filed again.
-        let again = unsafe { self.release_run(g.state(), limbo.si, true, false) };
-        debug_assert!(again.is_none());
+        for &si in &purge.runs[..purge.count] {
+            // SAFETY: the page lock is held; the run is still this call's alone.
+            let again = unsafe { self.release_run(g.state(), si, true) };
+            debug_assert!(again.is_none());
+        }
     }
 
-    /// Returns run `si` to the page heap and gives back its dirty pages if it is long enough.
+    /// Returns run `si` to the page heap (see [`Heap::release_run`]).
     pub(super) fn give_back(&self, si: u32, fresh: bool, discard: DiscardFn) {
         let mut g = self.lock_pages();
         // SAFETY: the page lock is held; the caller passes a run it took out of use.
-        let limbo = unsafe { self.release_run(g.state(), si, fresh, true) };
+        let purge = unsafe { self.release_run(g.state(), si, fresh) };
         drop(g);
-        if let Some(limbo) = limbo {
-            self.finish_limbo(limbo, discard);
+        if let Some(purge) = purge {
+            self.finish_purge(purge, discard);
         }
     }
 
@@ -259,11 +292,11 @@ impl Heap {
                 bytes - u64::from((*s).npages) * PAGE_SIZE as u64,
                 Ordering::Relaxed,
             );
-            self.release_run(g.state(), si, false, true)
+            self.release_run(g.state(), si, false)
         };
         drop(g);
-        if let Some(limbo) = limbo {
-            self.finish_limbo(limbo, discard);
+        if let Some(purge) = limbo {
+            self.finish_purge(purge, discard);
         }
         true
     }
@@ -307,10 +340,10 @@ impl Heap {
                 (*s).npages = new_pages;
                 self.map_ends(si);
                 self.sub_large_pages(old - new_pages);
-                let limbo = self.release_run(st, tail, false, true);
+                let purge = self.release_run(st, tail, false);
                 drop(g);
-                if let Some(limbo) = limbo {
-                    self.finish_limbo(limbo, discard);
+                if let Some(purge) = purge {
+                    self.finish_purge(purge, discard);
                 }
                 return true;
             }
@@ -438,6 +471,9 @@ impl Heap {
         }
         st.buckets[b] = si;
         st.nonempty |= 1 << b;
+        if (*s).fresh == 0 {
+            st.dirty_free_pages += u64::from((*s).npages);
+        }
         self.map_ends(si);
     }
 
@@ -462,6 +498,9 @@ impl Heap {
         (*s).next = 0;
         (*s).prev = 0;
         (*s).kind = KIND_UNUSED;
+        if (*s).fresh == 0 {
+            st.dirty_free_pages -= u64::from((*s).npages);
+        }
     }
 
     /// Refills the spare descriptors to at least `count` from `top`; false if the region is

@@ -270,6 +270,7 @@ fn calloc_zeroes_reused_memory() {
 fn calloc_of_fresh_memory_does_not_touch_it() {
     let r = TestRegion::new(REGION_BYTES);
     let heap = r.create();
+    heap.set_retain_bytes(0);
     let len = 8 << 20;
     let p = heap.calloc(1, len);
     assert!(!p.is_null());
@@ -288,6 +289,7 @@ fn calloc_of_fresh_memory_does_not_touch_it() {
 fn large_free_discards_page_aligned_ranges() {
     let r = TestRegion::new(REGION_BYTES);
     let heap = r.create();
+    heap.set_retain_bytes(0);
     let len = (1 << 20) + 123;
     let p = heap.malloc(len);
     fill(p, len, 0x11);
@@ -300,12 +302,58 @@ fn large_free_discards_page_aligned_ranges() {
         .sum();
     assert!(covered >= len, "freed run was not given back: {d:?}");
     assert_eq!(resident_pages(p, len), 0);
-    // A dirty small run merging into a long free run is given back too.
+    // Small dirty runs are kept until they merge into one long enough to give back.
     let before = discards_in(heap).len();
-    let small = heap.malloc(40_000);
-    fill(small, 40_000, 1);
-    heap.free(small, discard);
-    assert!(discards_in(heap).len() > before);
+    let a = heap.malloc(40_000);
+    let b = heap.malloc(40_000);
+    assert_eq!(b.addr(), a.addr() + 40_960, "adjacent runs");
+    fill(a, 40_000, 1);
+    fill(b, 40_000, 1);
+    heap.free(a, discard);
+    assert_eq!(
+        discards_in(heap).len(),
+        before,
+        "a 40 KB run is too short to give back"
+    );
+    heap.free(b, discard);
+    assert!(
+        discards_in(heap).len() > before,
+        "the merged 80 KB run was kept"
+    );
+    assert_eq!(heap.retained_bytes(), 0);
+}
+
+#[test]
+fn freed_runs_stay_dirty_up_to_the_retain_budget() {
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    heap.set_retain_bytes(4 << 20);
+    let len = 1 << 20;
+    let before = discards_in(heap).len();
+    // Below the budget: kept dirty, reused without a discard, and calloc clears it.
+    let p = heap.malloc(len);
+    fill(p, len, 0x22);
+    heap.free(p, discard);
+    assert_eq!(
+        discards_in(heap).len(),
+        before,
+        "a run under the budget was given back"
+    );
+    assert!(heap.retained_bytes() >= len as u64);
+    let q = heap.calloc(1, len);
+    assert_eq!(q, p, "the retained run is reused");
+    assert!(check(q, len, 0), "calloc of a retained run must clear it");
+    assert_eq!(heap.retained_bytes(), 0);
+    // Over the budget: given back.
+    let big = heap.malloc(8 << 20);
+    fill(big, 8 << 20, 0x33);
+    heap.free(big, discard);
+    assert!(
+        discards_in(heap).len() > before,
+        "a run over the budget was kept"
+    );
+    assert!(heap.retained_bytes() <= 4 << 20);
+    heap.free(q, discard);
 }
 
 #[test]

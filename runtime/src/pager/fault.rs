@@ -251,14 +251,22 @@ fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
         } else {
             (PageState::Absent, PageState::Filling)
         };
-        let n = 1 + t.run_len(page + 1, limit - 1, |s| s == accept);
+        let mut first = page;
+        let mut n = 1 + t.run_len(page + 1, limit - 1, |s| s == accept);
+        if !fetch && n < limit {
+            // Fresh memory written downwards (a backward memmove into a new block): the run
+            // grows below the fault instead.
+            let below = t.run_len_before(page, limit - n, |s| s == accept);
+            first -= below;
+            n += below;
+        }
         if let Some(s) = stream {
             sh.readahead
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .fetched(s, page, n);
         }
-        for p in page..page + n {
+        for p in first..first + n {
             t.set_state(p, transit);
         }
         let resident = t.resident();
@@ -267,9 +275,9 @@ fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
             sh.evict_wanted.notify_one();
         }
         return if fetch {
-            Plan::Fetch { first: page, n }
+            Plan::Fetch { first, n }
         } else {
-            Plan::Zero { first: page, n }
+            Plan::Zero { first, n }
         };
     }
 }
