@@ -398,8 +398,9 @@ impl Heap {
     /// lazily), descriptor pages and every page ever handed out. The heap never wrote above it.
     /// How many bytes of freed runs may stay dirty (not given back) for reuse: reusing them
     /// costs nothing, while giving a run back and touching it again costs a system call and a
-    /// fault per run on a paged heap. Freed runs of at least [`DISCARD_MIN_BYTES`] are given
-    /// back once the dirty free pages would exceed this.
+    /// fault per run on a paged heap. The heap keeps an eighth of its bytes in use (at least
+    /// 4 MiB) but never more than this; past it, freed runs of at least
+    /// [`DISCARD_MIN_BYTES`] are given back, largest first.
     pub fn set_retain_bytes(&self, bytes: usize) {
         let pages = u32::try_from(bytes / PAGE_SIZE).unwrap_or(u32::MAX);
         self.retain_pages.store(pages, Ordering::Relaxed);
