@@ -4,7 +4,8 @@
 //! Layering (imports only go down):
 //! - bottom: [`config`], [`stats`], [`logging`], [`uffd`] (the kernel interface only),
 //!   [`io`] (the io_uring ring), [`heap`] (the allocator, which knows nothing of paging);
-//! - [`store`]: the `PageStore` trait and its backends;
+//! - [`store`]: the `PageStore` trait and its backends; [`log`]: the durable heap's log
+//!   (its format at the bottom, the writer and replay above it);
 //! - [`cache`]: the page table, residency accounting and the choice of victims;
 //! - [`pager`]: the threads that turn fault events into cache and store work (handlers,
 //!   evictor) and the public `Runtime` that the preload library starts;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod heap;
 pub mod io;
+pub mod log;
 pub mod logging;
 pub mod pager;
 pub mod region;

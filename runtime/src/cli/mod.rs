@@ -4,15 +4,29 @@
 //! `lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats DEST] -- PROGRAM ARGS...`
 //! sets `LD_PRELOAD` to the `liblego.so` next to the `lego` binary and the matching `LEGO_*`
 //! variables, then executes the program in place (its exit status is the command's).
+//!
+//! `lego replay LOG_DIR -o IMAGE [--epoch N]` rebuilds the heap image of the last complete
+//! epoch (or of epoch N) from a log directory, with a progress line on stderr when stderr is a
+//! terminal, and prints what it recovered and what it left out; it fails only when nothing
+//! usable is there. `lego inspect LOG_DIR` describes the segments, epochs and damage of a log.
 
 use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]";
+use crate::log::replay::{error_chain, inspect_dir, replay_dir, Progress, ReplayError};
+
+pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
+       lego replay LOG_DIR -o IMAGE [--epoch N]
+       lego inspect LOG_DIR";
+
+/// How often the progress line on a terminal is redrawn, at most.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Error)]
 pub enum CliError {
@@ -26,6 +40,126 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    // The binary prints only the top-level message, so the causes are spelled out in it.
+    #[error("{}", error_chain(source))]
+    Replay {
+        #[source]
+        source: ReplayError,
+    },
+}
+
+impl From<ReplayError> for CliError {
+    fn from(source: ReplayError) -> Self {
+        CliError::Replay { source }
+    }
+}
+
+/// What `lego replay` was asked to do.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReplayArgs {
+    pub log_dir: PathBuf,
+    pub image: PathBuf,
+    pub epoch: Option<u64>,
+}
+
+/// Parses the arguments that follow `lego replay`.
+pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
+    let mut log_dir = None;
+    let mut image = None;
+    let mut epoch = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        let value = || {
+            args.get(i + 1)
+                .ok_or_else(|| CliError::Usage(format!("{a} needs a value")))
+        };
+        match a.as_ref() {
+            "-o" | "--output" => {
+                image = Some(PathBuf::from(value()?));
+                i += 2;
+            }
+            "--epoch" => {
+                let v = value()?.to_string_lossy();
+                let n = v.parse::<u64>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "--epoch {v} is not an epoch number: expected a whole number from 1 up"
+                    ))
+                })?;
+                epoch = Some(n);
+                i += 2;
+            }
+            s if s.starts_with('-') && s.len() > 1 => {
+                return Err(CliError::Usage(format!("unknown option {s}")));
+            }
+            _ if log_dir.is_none() => {
+                log_dir = Some(PathBuf::from(&args[i]));
+                i += 1;
+            }
+            s => return Err(CliError::Usage(format!("unexpected argument {s}"))),
+        }
+    }
+    Ok(ReplayArgs {
+        log_dir: log_dir.ok_or_else(|| CliError::Usage("no LOG_DIR given".into()))?,
+        image: image.ok_or_else(|| CliError::Usage("no -o IMAGE given".into()))?,
+        epoch,
+    })
+}
+
+/// Parses the arguments that follow `lego inspect`.
+pub fn parse_inspect(args: &[OsString]) -> Result<PathBuf, CliError> {
+    match args {
+        [dir] if !dir.to_string_lossy().starts_with('-') => Ok(PathBuf::from(dir)),
+        [] => Err(CliError::Usage("no LOG_DIR given".into())),
+        [one] => Err(CliError::Usage(format!(
+            "unknown option {}",
+            one.to_string_lossy()
+        ))),
+        _ => Err(CliError::Usage("inspect takes exactly one LOG_DIR".into())),
+    }
+}
+
+/// A progress line on stderr, redrawn in place (`\r`) when stderr is a terminal; nothing
+/// otherwise.
+struct ProgressLine {
+    enabled: bool,
+    last: Option<Instant>,
+    width: usize,
+}
+
+impl ProgressLine {
+    fn new() -> ProgressLine {
+        ProgressLine {
+            enabled: std::io::stderr().is_terminal(),
+            last: None,
+            width: 0,
+        }
+    }
+
+    fn update(&mut self, p: Progress) {
+        if !self.enabled || self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let (what, done, total, unit) = match p {
+            Progress::ReadingLog { done, total } => {
+                ("reading the log", done >> 20, total >> 20, "MiB")
+            }
+            Progress::WritingImage { done, total } => ("writing the image", done, total, "pages"),
+        };
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        let line = format!("lego replay: {what}: {done}/{total} {unit} ({percent}%)");
+        self.width = self.width.max(line.len());
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{line:<w$}", w = self.width);
+        let _ = err.flush();
+    }
+
+    fn finish(&mut self) {
+        if self.enabled && self.width > 0 {
+            let _ = write!(std::io::stderr().lock(), "\r{:w$}\r", "", w = self.width);
+        }
+    }
 }
 
 /// What `lego run` was asked to do.
@@ -84,7 +218,7 @@ pub fn sibling_library() -> Result<PathBuf, CliError> {
     }
 }
 
-/// Runs `lego` with `args` (without the program name). Returns only on error.
+/// Runs `lego` with `args` (without the program name). `run` returns only on error.
 pub fn main(args: &[OsString]) -> Result<(), CliError> {
     match args.first().map(|a| a.to_string_lossy()) {
         Some(cmd) if cmd == "run" => {
@@ -106,6 +240,21 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
                 source,
             })
         }
+        Some(cmd) if cmd == "replay" => {
+            let a = parse_replay(&args[1..])?;
+            let mut line = ProgressLine::new();
+            let result = replay_dir(&a.log_dir, &a.image, a.epoch, &mut |p| line.update(p));
+            line.finish();
+            let report = result?;
+            print!("{report}");
+            println!("image written to {}", a.image.display());
+            Ok(())
+        }
+        Some(cmd) if cmd == "inspect" => {
+            let dir = parse_inspect(&args[1..])?;
+            print!("{}", inspect_dir(&dir)?);
+            Ok(())
+        }
         Some(cmd) if cmd == "-h" || cmd == "--help" || cmd == "help" => {
             println!("{USAGE}");
             Ok(())
@@ -121,6 +270,99 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn replay_arguments_in_any_order() {
+        let want = ReplayArgs {
+            log_dir: PathBuf::from("logs"),
+            image: PathBuf::from("heap.img"),
+            epoch: Some(7),
+        };
+        for v in [
+            &["logs", "-o", "heap.img", "--epoch", "7"][..],
+            &["--epoch", "7", "--output", "heap.img", "logs"][..],
+        ] {
+            assert_eq!(parse_replay(&os(v)).expect("parses"), want);
+        }
+        let plain = parse_replay(&os(&["logs", "-o", "x"])).expect("parses");
+        assert_eq!(plain.epoch, None);
+    }
+
+    #[test]
+    fn bad_replay_and_inspect_arguments_are_usage_errors() {
+        for v in [
+            &[][..],
+            &["logs"][..],
+            &["-o", "x"][..],
+            &["logs", "-o"][..],
+            &["logs", "-o", "x", "--epoch", "0"][..],
+            &["logs", "-o", "x", "--epoch", "seven"][..],
+            &["logs", "more", "-o", "x"][..],
+            &["logs", "-o", "x", "--bogus"][..],
+        ] {
+            assert!(
+                matches!(parse_replay(&os(v)), Err(CliError::Usage(_))),
+                "{v:?} must be a usage error"
+            );
+        }
+        assert_eq!(
+            parse_inspect(&os(&["logs"])).expect("parses"),
+            PathBuf::from("logs")
+        );
+        for v in [&[][..], &["a", "b"][..], &["--x"][..]] {
+            assert!(matches!(parse_inspect(&os(v)), Err(CliError::Usage(_))));
+        }
+    }
+
+    #[test]
+    fn replay_and_inspect_commands() {
+        use crate::log::format::{EpochPage, RegionInfo};
+        use crate::log::test_support::{page, TestDir};
+        use crate::log::{LogWriter, WriterOptions};
+
+        let dir = TestDir::new("cli");
+        let logs = dir.0.join("heap");
+        let region = RegionInfo {
+            base: 0x7c00_0000_0000,
+            len: 16 * 4096,
+        };
+        let mut w = LogWriter::create(&logs, region, WriterOptions::default()).expect("creating");
+        let p = page(1);
+        w.append_epoch(&[EpochPage {
+            page: 3,
+            data: Some(&p),
+        }])
+        .expect("appending");
+        drop(w);
+        let image = dir.0.join("heap.img");
+        let arg = |p: &std::path::Path| p.as_os_str().to_os_string();
+        main(&[
+            OsString::from("replay"),
+            arg(&logs),
+            "-o".into(),
+            arg(&image),
+        ])
+        .expect("replay succeeds");
+        let bytes = std::fs::read(&image).expect("the image exists");
+        assert_eq!(bytes.len(), 5 * 4096);
+        assert!(bytes[4 * 4096..] == p[..]);
+        main(&[OsString::from("inspect"), arg(&logs)]).expect("inspect succeeds");
+
+        let empty = dir.0.join("empty");
+        std::fs::create_dir(&empty).expect("mkdir");
+        let err = main(&[
+            OsString::from("replay"),
+            arg(&empty),
+            "-o".into(),
+            arg(&image),
+        ])
+        .expect_err("nothing to replay");
+        assert!(matches!(err, CliError::Replay { .. }));
+        assert!(err.to_string().contains("holds no log segments"), "{err}");
+        let err = main(&[OsString::from("inspect"), arg(&dir.0.join("missing"))])
+            .expect_err("no such directory");
+        assert!(err.to_string().contains("No such file"), "{err}");
     }
 
     #[test]

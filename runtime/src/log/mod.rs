@@ -1,0 +1,172 @@
+//! The durable heap's log: epochs of changed pages appended to segment files, and the replay
+//! that turns them back into a heap image.
+//!
+//! - [`format`]: the on-disk layout of segments, records and images (pure, no I/O);
+//! - [`segment`]: the synchronous segment writer, the log directory and its lock;
+//! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`.
+//!
+//! Rules: the log is the only durable copy of the heap, so nothing here ever applies a record
+//! whose checksum does not match or an epoch whose commit record is missing; everything is
+//! written and read through [`segment::LogStorage`] and [`replay::SegmentSource`] so tests can
+//! run it in memory and inject failures. This module knows nothing of the pager: it takes
+//! pages and gives pages. The design and its reasons are in `docs/DESIGN.md`, "The log".
+
+pub mod format;
+pub mod replay;
+pub mod segment;
+
+pub use format::{EpochPage, FormatError, RegionInfo};
+pub use replay::{inspect_dir, replay_dir, Inspection, Progress, ReplayError, ReplayReport};
+pub use segment::{LogDir, LogError, LogWriter, SyncMode, WriterOptions};
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! A model of the heap the log describes, page contents, and replay in memory.
+
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use super::format::{EpochPage, ImageHeader, RegionInfo, BLOCK_BYTES_U64};
+    use super::replay::{plan, write_image, ReplayError, ReplayReport, Segment};
+    use super::segment::MemoryStorage;
+    use crate::PAGE_SIZE;
+
+    /// A page whose bytes follow from `seed` (never all zeros).
+    pub fn page(seed: u64) -> Vec<u8> {
+        let mut p = vec![0u8; PAGE_SIZE];
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for chunk in p.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    /// One change of an epoch: the page's new content, or `None` for a `ZERO` record.
+    pub type Change = (u64, Option<Vec<u8>>);
+
+    /// Borrows changes as the writer takes them.
+    pub fn epoch_pages(changes: &[Change]) -> Vec<EpochPage<'_>> {
+        changes
+            .iter()
+            .map(|(page, data)| EpochPage {
+                page: *page,
+                data: data.as_deref(),
+            })
+            .collect()
+    }
+
+    /// What the heap holds after each epoch, kept the simple way.
+    #[derive(Clone)]
+    pub struct Model {
+        pub region: RegionInfo,
+        pub log_id: u64,
+        pub pages: BTreeMap<u64, Vec<u8>>,
+    }
+
+    impl Model {
+        pub fn new(region: RegionInfo, log_id: u64) -> Model {
+            Model {
+                region,
+                log_id,
+                pages: BTreeMap::new(),
+            }
+        }
+
+        pub fn apply(&mut self, changes: &[Change]) {
+            for (page, data) in changes {
+                match data {
+                    Some(d) => self.pages.insert(*page, d.clone()),
+                    None => self.pages.remove(page),
+                };
+            }
+        }
+
+        /// Every non-zero page, as a checkpoint logs them.
+        pub fn checkpoint_changes(&self) -> Vec<Change> {
+            self.pages
+                .iter()
+                .filter(|(_, d)| d.iter().any(|&b| b != 0))
+                .map(|(&p, d)| (p, Some(d.clone())))
+                .collect()
+        }
+
+        /// The image file replay must write for this state at `epoch`, byte for byte.
+        pub fn image(&self, epoch: u64) -> Vec<u8> {
+            let nonzero: Vec<(&u64, &Vec<u8>)> = self
+                .pages
+                .iter()
+                .filter(|(_, d)| d.iter().any(|&b| b != 0))
+                .collect();
+            let len = nonzero
+                .last()
+                .map_or(BLOCK_BYTES_U64, |(&p, _)| ImageHeader::page_offset(p + 1));
+            let mut img = vec![0u8; usize::try_from(len).expect("small test images")];
+            let header = ImageHeader {
+                region: self.region,
+                epoch,
+                log_id: self.log_id,
+                pages: nonzero.len() as u64,
+            };
+            img[..PAGE_SIZE].copy_from_slice(&header.encode().0);
+            for (&p, d) in nonzero {
+                let at = usize::try_from(ImageHeader::page_offset(p)).expect("small");
+                img[at..at + PAGE_SIZE].copy_from_slice(d);
+            }
+            img
+        }
+    }
+
+    /// The segments of a memory log, as replay reads them.
+    pub fn segments_of(storage: &MemoryStorage) -> Vec<Segment<Vec<u8>>> {
+        storage
+            .snapshot()
+            .into_iter()
+            .map(|(seq, bytes)| Segment {
+                seq,
+                path: PathBuf::from(super::format::segment_file_name(seq)),
+                source: bytes,
+            })
+            .collect()
+    }
+
+    /// Both passes of replay in memory: the report and the image bytes.
+    pub fn replay_mem(
+        segments: &[Segment<Vec<u8>>],
+        target: Option<u64>,
+    ) -> Result<(ReplayReport, Vec<u8>), ReplayError> {
+        let dir = Path::new("memory:");
+        let mut plan = plan(dir, segments, target, &mut |_| {})?;
+        let mut image = Vec::new();
+        write_image(
+            &mut plan,
+            segments,
+            &mut image,
+            Path::new("memory:image"),
+            &mut |_| {},
+        )?;
+        assert_eq!(plan.report.image_bytes, image.len() as u64);
+        Ok((plan.report, image))
+    }
+
+    /// A directory of its own for each test, removed afterwards.
+    pub struct TestDir(pub PathBuf);
+
+    impl TestDir {
+        pub fn new(name: &str) -> TestDir {
+            let path =
+                std::env::temp_dir().join(format!("lego-log-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir(&path).expect("creating the test directory");
+            TestDir(path)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
