@@ -203,6 +203,12 @@ fn owner_of(p: *mut u8) -> Option<&'static Heap> {
 /// Gives freed pages back: `MADV_DONTNEED`, which on the user region also sends the runtime a
 /// `REMOVE` event so that the page is forgotten in the store too.
 fn discard_pages(addr: *mut u8, len: usize) {
+    if !DETACHED.load(Ordering::Relaxed) && in_user_region(addr as usize) {
+        if let Some(rt) = RUNTIME.get() {
+            rt.discard(addr as usize, len);
+            return;
+        }
+    }
     region::drop_pages(addr as usize, len);
 }
 
@@ -348,6 +354,7 @@ extern "C" fn lego_exit() {
     let (Some(config), Some(rt)) = (CONFIG.get(), RUNTIME.get()) else {
         return;
     };
+    rt.at_exit();
     if config.stats == lego_runtime::config::StatsSink::Off {
         return;
     }

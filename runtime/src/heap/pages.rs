@@ -30,8 +30,6 @@ const SPANS_PER_PAGE: u32 = (PAGE_SIZE / super::span::SPAN_BYTES) as u32;
 /// New descriptors one run allocation may need: the split-off prefix and suffix of a free run,
 /// or the run taken from top and the alignment gap before it.
 const SPANS_PER_ALLOC_MAX: u32 = 2;
-/// Dirty free pages kept whatever the heap's size (4 MiB).
-const RETAIN_FLOOR_PAGES: u64 = (4 << 20) / PAGE_SIZE as u64;
 /// Most dirty runs one purge gives back (each costs one `madvise`; on a paged heap also a
 /// round trip to the runtime's event handler).
 const PURGE_RUNS_MAX: usize = 8;
@@ -181,12 +179,9 @@ impl Heap {
         self.take_purge(st)
     }
 
-    /// Dirty free pages the heap keeps: an eighth of the bytes in use (at least
-    /// [`RETAIN_FLOOR_PAGES`]), and never more than the configured budget.
+    /// Dirty free pages the heap keeps (see [`Heap::set_retain_bytes`]).
     fn retain_budget_pages(&self) -> u64 {
-        let configured = u64::from(self.retain_pages.load(Ordering::Relaxed));
-        let in_use = self.bytes_in_use() / PAGE_SIZE as u64;
-        (in_use / 8).max(RETAIN_FLOOR_PAGES).min(configured)
+        u64::from(self.retain_pages.load(Ordering::Relaxed))
     }
 
     /// Takes the largest dirty free runs (at least [`DISCARD_MIN_PAGES`] each, at most

@@ -286,6 +286,79 @@ fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize) {
     }
 }
 
+/// Pages that would not move, remembered without allocating (up to `N`).
+pub(crate) struct Stuck<const N: usize> {
+    pages: [usize; N],
+    count: usize,
+    /// More than `N` pages were stuck.
+    pub(crate) overflowed: bool,
+}
+
+impl<const N: usize> Stuck<N> {
+    pub(crate) fn new() -> Self {
+        Stuck {
+            pages: [0; N],
+            count: 0,
+            overflowed: false,
+        }
+    }
+
+    fn push(&mut self, page: usize) {
+        if self.count < N {
+            self.pages[self.count] = page;
+            self.count += 1;
+        } else {
+            self.overflowed = true;
+        }
+    }
+
+    pub(crate) fn pages(&self) -> &[usize] {
+        &self.pages[..self.count]
+    }
+}
+
+/// Moves the present pages of `[src, src + pages * PAGE_SIZE)` to `[dst, ...)` (an empty area
+/// on the staging userfaultfd), checking where each page went rather than trusting the
+/// kernel's account (see [`move_run`]). Pages that would not move are added to `stuck`. It
+/// neither allocates nor logs (it runs on program threads; see `Runtime::discard`).
+pub(crate) fn move_out<const N: usize>(
+    sh: &Shared,
+    dst: usize,
+    src: usize,
+    pages: usize,
+    stuck: &mut Stuck<N>,
+) {
+    let at = |k: usize| (dst + k * PAGE_SIZE, src + k * PAGE_SIZE);
+    let mut k = 0;
+    let mut attempts = 0;
+    while k < pages {
+        let (d, s) = at(k);
+        if sh
+            .staging_uffd
+            .move_pages(d, s, (pages - k) * PAGE_SIZE)
+            .is_ok()
+        {
+            return;
+        }
+        let from = k;
+        while k < pages && {
+            let (d, s) = at(k);
+            crate::region::page_present(d) || !crate::region::page_present(s)
+        } {
+            k += 1;
+        }
+        if k >= pages {
+            return;
+        }
+        attempts = if k == from { attempts + 1 } else { 1 };
+        if attempts >= MOVE_ATTEMPTS_MAX {
+            stuck.push(at(k).1);
+            k += 1;
+            attempts = 0;
+        }
+    }
+}
+
 /// After a failed write-back: copies every moved page back into the region (unprotected, so it
 /// counts as written) and marks all victims resident again.
 fn put_back(sh: &Shared, victims: &[usize], fate: &[Fate], present: &[bool]) {

@@ -18,7 +18,7 @@
 //!   transit wakes the range when it is done, and the thread faults again if it must.
 //! - A page whose content cannot be fetched is poisoned: the faulting thread gets `SIGBUS`.
 
-mod evict;
+pub(crate) mod evict;
 mod fault;
 mod gate;
 mod readahead;
@@ -56,6 +56,12 @@ pub const FETCH_CHUNK_PAGES: usize = 64;
 pub const EVENTS_PER_READ_MAX: usize = 64;
 /// Most pages one eviction batch moves out (the evictor's staging area holds that many).
 pub const EVICT_BATCH_PAGES_MAX: usize = 1024;
+/// Store runs [`Shared::forget_range`] collects before it drops them.
+const FORGET_RUNS_MAX: usize = 64;
+/// Pages [`Runtime::discard`] remembers that would not move; more are given back as a range.
+const DISCARD_STUCK_MAX: usize = 64;
+/// Most pages [`Runtime::discard`] moves out at once (the size of its scratch area).
+const DISCARD_CHUNK_PAGES: usize = 1024;
 /// How long a handler waits for the evictor to make room before it checks again.
 const ROOM_WAIT_MS: u64 = 20;
 /// How long an idle handler sleeps in `poll` before it polls again. The handlers never stop:
@@ -107,6 +113,8 @@ pub(crate) struct Shared {
     /// are dropped with `MADV_DONTNEED`, which on the heap's userfaultfd would send a `REMOVE`.
     pub(crate) staging_uffd: Userfault,
     pub(crate) staging: Region,
+    /// Where [`Runtime::discard`] moves the pages it takes out (on `staging_uffd` too).
+    pub(crate) scratch: Mutex<Region>,
     pub(crate) scanner: PagemapScanner,
     pub(crate) cache: Cache,
     /// Readers: installs. Writer: reading events and applying the non-fault ones.
@@ -157,40 +165,55 @@ impl Shared {
         STATS.set_resident_pages(resident as u64);
     }
 
-    /// Applies a `REMOVE`/`UNMAP`/`REMAP`-away of `[start, end)`: the program no longer has
-    /// those pages' content. Called with the `events` lock held for writing.
+    /// Applies a `REMOVE`/`UNMAP`/`REMAP`-away of `[start, end)`, or a discard: the program no
+    /// longer has those pages' content. Called with the `events` lock held for writing.
+    ///
+    /// It may run on a program thread ([`Runtime::discard`]) holding the runtime's locks, so it
+    /// must not allocate, log or touch thread-locals: any of those may touch the thread's TLS
+    /// vector, which glibc keeps in the managed heap, and a fault there could never be served.
+    /// The table is therefore updated a chunk at a time, with the store's copies of each chunk
+    /// dropped in between from a fixed-size list.
     pub(crate) fn forget_range(&self, start: usize, end: usize) {
         let start = start.max(self.region.base);
         let end = end.min(self.region.end());
         if start >= end {
             return;
         }
-        let first = self.page_of(start);
         let last = self.page_of(end - 1);
-        let mut discard: Vec<(u64, u64)> = Vec::new();
-        {
-            let mut t = self.cache.lock();
-            for p in first..=last {
-                match t.state(p) {
-                    PageState::Filling | PageState::Fetching | PageState::Evicting => {
-                        t.set_flag(p, crate::cache::REMOVED, true);
-                    }
-                    _ => {
-                        if t.has_flag(p, crate::cache::STORED) {
-                            push_run(&mut discard, p as u64);
-                            t.forget_stored(p);
-                        }
-                        t.set_state(p, PageState::Absent);
-                    }
-                }
-            }
-            self.publish_resident(t.resident());
-        }
+        let mut p = self.page_of(start);
         let mut count = 0;
-        for (first, n) in discard {
-            count += n;
-            if let Err(e) = self.store.discard(first, n) {
-                log::debug!("discarding pages {first}+{n} in the store failed: {e}");
+        while p <= last {
+            let mut runs = [(0u64, 0u64); FORGET_RUNS_MAX];
+            let mut n = 0;
+            {
+                let mut t = self.cache.lock();
+                while p <= last && n < FORGET_RUNS_MAX {
+                    match t.state(p) {
+                        PageState::Filling | PageState::Fetching | PageState::Evicting => {
+                            t.set_flag(p, crate::cache::REMOVED, true);
+                        }
+                        _ => {
+                            if t.has_flag(p, crate::cache::STORED) {
+                                let page = p as u64;
+                                if n > 0 && runs[n - 1].0 + runs[n - 1].1 == page {
+                                    runs[n - 1].1 += 1;
+                                } else {
+                                    runs[n] = (page, 1);
+                                    n += 1;
+                                }
+                                t.forget_stored(p);
+                            }
+                            t.set_state(p, PageState::Absent);
+                        }
+                    }
+                    p += 1;
+                }
+                self.publish_resident(t.resident());
+            }
+            for &(first, pages) in &runs[..n] {
+                count += pages;
+                // A failed hole punch leaves a stale copy that nothing reads any more.
+                let _ = self.store.discard(first, pages);
             }
         }
         STATS.add(crate::stats::Counter::PagesDiscarded, count);
@@ -233,6 +256,8 @@ impl Runtime {
         let batch = config.evict_batch_pages.clamp(1, EVICT_BATCH_PAGES_MAX);
         let staging = Region::reserve(EVICT_BATCH_PAGES_MAX * PAGE_SIZE, None)?;
         staging_uffd.register(staging.base, staging.len, false)?;
+        let scratch = Region::reserve(DISCARD_CHUNK_PAGES * PAGE_SIZE, None)?;
+        staging_uffd.register(scratch.base, scratch.len, false)?;
         let zeros = Region::reserve(ZERO_RUN_PAGES_MAX * PAGE_SIZE, None)?;
         let store = store::open(
             &config.backend,
@@ -265,6 +290,7 @@ impl Runtime {
             uffd,
             staging_uffd,
             staging,
+            scratch: Mutex::new(scratch),
             scanner,
             cache,
             events: RwLock::new(()),
@@ -327,6 +353,55 @@ impl Runtime {
     }
 
     /// One line describing how the runtime runs, for the stats report.
+    /// Gives the pages of `[addr, addr+len)` (page-aligned, in the region) back: afterwards
+    /// they read as zeros, their store copies are dropped, and no install can bring old content
+    /// back. The allocator calls this for freed runs instead of `madvise(MADV_DONTNEED)`,
+    /// which would make the caller wait for a fault handler to read a `REMOVE` event: here the
+    /// calling thread takes the pages out itself with `UFFDIO_MOVE` into a scratch area that
+    /// it then drops.
+    ///
+    /// It runs on the program's thread with the runtime's locks held, so nothing in it may
+    /// allocate, log or touch thread-locals (see [`Shared::forget_range`]).
+    pub fn discard(&self, addr: usize, len: usize) {
+        let sh = &self.shared;
+        let start = addr.max(sh.region.base);
+        let end = (addr + len).min(sh.region.end());
+        if start >= end {
+            return;
+        }
+        let mut stuck = evict::Stuck::<DISCARD_STUCK_MAX>::new();
+        {
+            // Under the write lock no install is in flight, and every later one sees the
+            // pages as removed (or, for pages that turn `Absent`, finds them missing and
+            // zero-fills them, which is what they read as from now on).
+            let _w = sh.events.write().unwrap_or_else(|e| e.into_inner());
+            sh.forget_range(start, end);
+            let scratch = sh.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            let mut at = start;
+            while at < end {
+                let pages = ((end - at) / PAGE_SIZE).min(DISCARD_CHUNK_PAGES);
+                evict::move_out(sh, scratch.base, at, pages, &mut stuck);
+                region::drop_pages(scratch.base, pages * PAGE_SIZE);
+                at += pages * PAGE_SIZE;
+            }
+        }
+        // Pages the kernel would not move (shared with a forked child): the classic way, now
+        // that the write lock is released and a handler can read the `REMOVE` event.
+        if stuck.overflowed {
+            region::drop_pages(start, end - start);
+        } else {
+            for &page in stuck.pages() {
+                region::drop_pages(page, PAGE_SIZE);
+            }
+        }
+    }
+
+    /// At a normal exit: removes the store's private directory (its file is already
+    /// unlinked; the store keeps working for late faults).
+    pub fn at_exit(&self) {
+        self.shared.store.at_exit();
+    }
+
     pub fn describe(&self) -> Vec<(String, String)> {
         vec![
             ("uffd_features".into(), format!("{:#x}", self.features.0)),

@@ -92,6 +92,10 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.inner.discard(first, count)
     }
 
+    fn at_exit(&self) {
+        self.inner.at_exit();
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} (faulty: {} fails with errno {} after {} pages)",
@@ -115,6 +119,10 @@ impl PageStore for Box<dyn PageStore> {
 
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
         (**self).discard(first, count)
+    }
+
+    fn at_exit(&self) {
+        (**self).at_exit();
     }
 
     fn describe(&self) -> String {

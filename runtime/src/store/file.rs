@@ -333,6 +333,11 @@ impl PageStore for FileStore {
         }
     }
 
+    fn at_exit(&self) {
+        // The page file was unlinked at creation and stays open; only the directory is left.
+        remove_private_dir(&self.dir);
+    }
+
     fn describe(&self) -> String {
         format!(
             "file:{} ({}, {})",

@@ -56,6 +56,10 @@ pub trait PageStore: Send + Sync {
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError>;
     /// One line for logs and stats, e.g. "file:/tmp/lego-1234-abcd (O_DIRECT, io_uring)".
     fn describe(&self) -> String;
+    /// Called once when the process exits normally: removes what only this process uses on
+    /// disk (the store stays usable: late faults from other libraries' destructors may still
+    /// fetch pages).
+    fn at_exit(&self) {}
 }
 
 /// Opens the store the configuration names, sized for a heap of `heap_bytes`, wrapped in a
