@@ -37,6 +37,12 @@ static void check_obj(const void *p, size_t size, uint64_t key, const char *what
                    (unsigned long long)got, (unsigned long long)key);
 }
 
+/* N scaled by the command line's SCALE, at least 1. */
+static size_t scaled(double n, double scale) {
+    size_t v = (size_t)(n * scale);
+    return v ? v : 1;
+}
+
 struct slot {
     void *p;
     size_t size;
@@ -45,7 +51,7 @@ struct slot {
 
 static size_t bench_small(double scale) {
     enum { SLOTS = 1 << 16 };
-    size_t ops = (size_t)(8e6 * scale);
+    size_t ops = scaled(8e6, scale);
     struct slot *slots = calloc(SLOTS, sizeof *slots);
     rng_t r = {1};
     for (size_t i = 0; i < ops; i++) {
@@ -101,7 +107,7 @@ static void *producer(void *arg) {
 }
 
 static size_t bench_prodcons(double scale) {
-    prodcons_objects = (size_t)(3e6 * scale);
+    prodcons_objects = scaled(3e6, scale);
     pthread_t t;
     if (pthread_create(&t, NULL, producer, NULL) != 0) {
         fprintf(stderr, "alloc_bench: pthread_create failed\n");
@@ -127,8 +133,7 @@ static uint64_t vec_word(uint64_t key, size_t j) { return (key << 32) + j; }
 
 static size_t bench_realloc(double scale) {
     enum { VECS = 16 };
-    size_t cycles = (size_t)(48 * scale);
-    if (cycles == 0) cycles = 1;
+    size_t cycles = scaled(48, scale);
     rng_t r = {3};
     uint64_t *v[VECS] = {0};
     size_t words[VECS] = {0}, max_words[VECS];
@@ -173,7 +178,7 @@ static size_t bench_realloc(double scale) {
 
 static size_t bench_large(double scale) {
     enum { LIVE = 8 };
-    size_t ops = (size_t)(3000 * scale);
+    size_t ops = scaled(3000, scale);
     size_t ps = page_size();
     struct slot live[LIVE] = {{0}};
     rng_t r = {4};
@@ -197,7 +202,7 @@ static size_t bench_large(double scale) {
 
 static size_t bench_frag(double scale) {
     enum { ROUNDS = 6 };
-    size_t n = (size_t)(1e6 * scale);
+    size_t n = scaled(1e6, scale);
     struct slot *objs = calloc(n, sizeof *objs);
     rng_t r = {5};
     size_t ops = 0;

@@ -12,7 +12,7 @@
  *
  * The heap is one malloc'd block of HEAP_MIB. Before the timed part every page is filled
  * completely (its first word is a stamp derived from its index, its second a version, the rest
- * a pattern), so every page is dirty and incompressible. Every access checks the stamp and the
+ * a pattern), so every page is dirty and none is all zeros. Every access checks the stamp and the
  * version; at the end every page is checked completely. Only the accesses are timed:
  * "seconds" and "accesses" give the cost per page access. */
 #include <math.h>
@@ -170,7 +170,7 @@ int main(int argc, char **argv) {
     pages = (size_t)(heap_mib * (double)MIB) / ps;
     if (pages < threads || pages >= WRITE_FLAG) die_usage(USAGE);
     size_t accesses = (size_t)(rounds * (double)pages);
-    if (accesses == 0) die_usage(USAGE);
+    if (accesses < threads || (seq && rounds < 1)) die_usage(USAGE);
     versions = xmalloc(pages * sizeof *versions);
     heap = xmalloc(pages * ps);
     fill();

@@ -1,0 +1,787 @@
+#!/usr/bin/env bash
+# The README's benchmark command: every benchmark against its baseline in one run, on one
+# machine, alternating A B A B over several rounds, compared by medians.
+#
+#   scripts/bench.sh           full run: 5 rounds, heap 256 MiB over a 64 MiB cache (~7 min here)
+#   scripts/bench.sh --quick   3 rounds, heap 128 MiB over 32 MiB (~1.5 min here)
+#
+# Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
+#   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
+#                    shim) and vs the naive userfaultfd floor (bench/uffd_floor.c)
+#   oversubscribed   seq, random, zipf, mt over a heap 4x the cache: lego in a memory cgroup
+#                    capped at cache + 16 MiB (the stated overhead) with no swap, vs the same
+#                    program without the shim in a cgroup capped at the cache with a swap file
+#                    on the same disk (kernel swap), plus an uncapped native run for reference
+#   thread scaling   page_sweep mt under lego with 1 .. nproc threads
+#   cache curve      zipf at a cache of 10/25/50/100% of the working set, lego vs kernel swap
+#                    (target/bench/cache_curve.png)
+#   allocator        bench/alloc_bench.c modes, lego with the heap all resident vs glibc:
+#                    time and peak RSS (/usr/bin/time -f %M), geometric means of the ratios
+#
+# Output: the table on stdout; target/bench/results.md and results.json (the table, the cache
+# curve and every run's raw numbers); per-run output in target/bench/runs/; every failed run
+# (exit status, wrong data, timeout, OOM kill) with its command line in
+# target/bench/failures.log. Goals come from issue 3; a missed goal is reported, never an
+# error. No timing is asserted anywhere.
+#
+# Kernel swap and the cgroups need root and the cgroup v1 memory controller at
+# /sys/fs/cgroup/memory; without them those rows say "skipped (reason)" and lego runs
+# uncapped. The swap file (/var/tmp/lego-bench-PID.swap) and the cgroups are removed at exit.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf '\n==> %s\n' "$*" >&2; }
+note() { printf '    %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+quick=0
+case "${1:-}" in
+    '') ;;
+    --quick) quick=1 ;;
+    -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (expected --quick or nothing)" ;;
+esac
+
+# ---------------------------------------------------------------------------------------------
+# Sizes. Every size is in MiB. The oversubscribed heap is 4x the cache (the issue's goals).
+if [ "$quick" = 1 ]; then
+    mode=quick
+    rounds=3              # A B rounds per benchmark
+    first_touch_mib=128   # heap touched once
+    over_cache_mib=32     # cache for the oversubscribed workloads
+    over_heap_mib=128     # heap for the oversubscribed workloads
+    seq_sweeps=2          # page_sweep seq ROUNDS
+    random_per_page=0.5   # page_sweep random ROUNDS (accesses per page)
+    zipf_per_page=1       # page_sweep zipf ROUNDS
+    mt_per_page=0.5       # page_sweep mt ROUNDS
+    curve_heap_mib=160    # heap of the cache curve (10% of it must be >= lego's 16 MiB minimum)
+    curve_rounds=3        # rounds for the cache curve
+    alloc_scale=0.25      # alloc_bench SCALE
+    run_timeout_s=120     # one run; a run past it is killed and reported as a timeout
+else
+    mode=full
+    rounds=5
+    first_touch_mib=256
+    over_cache_mib=64
+    over_heap_mib=256
+    seq_sweeps=4
+    random_per_page=1
+    zipf_per_page=2
+    mt_per_page=1
+    curve_heap_mib=256
+    curve_rounds=5
+    alloc_scale=1
+    run_timeout_s=300
+fi
+first_touch_cache=2048    # lego's cache for first touch and the allocator: larger than any heap
+overhead_mib=16           # lego's stated overhead (README): its cgroup is capped at cache + this
+curve_percents="10 25 50 100"
+lego_min_cache_mib=16     # LEGO_CACHE_SIZE's minimum
+ncpu="$(nproc)"
+mt_threads=$(( ncpu >= 2 ? ncpu : 2 ))
+
+out_dir=target/bench
+bin_dir="$out_dir/bin"
+runs_dir="$out_dir/runs"
+raw="$out_dir/raw.tsv"          # one line per run: name variant round status exit key=value...
+failures="$out_dir/failures.log"
+built_lib=target/release/liblego.so
+lib="$out_dir/liblego.so"       # the run's own copy: a rebuild during the run cannot change it
+store_dir=/var/tmp              # lego's page store and the swap file: the same disk
+swap_file="$store_dir/lego-bench-$$.swap"
+cg_root=/sys/fs/cgroup/memory
+cg_lego="$cg_root/lego-bench-$$-lego"
+cg_swap="$cg_root/lego-bench-$$-swap"
+
+if grep -qw hypervisor /proc/cpuinfo 2>/dev/null; then cpu_word=vCPU; else cpu_word=CPU; fi
+kernel="$(uname -r)"
+machine="$ncpu $cpu_word, Linux $(echo "$kernel" | cut -d. -f1-2)"
+
+# ---------------------------------------------------------------------------------------------
+# Clean-up: the swap file, the cgroups, and a run still going when the script is interrupted.
+swap_on=0
+swap_created=0
+child=""
+cleanup() {
+    if [ -n "$child" ]; then
+        # timeout(1) leads its own process group: end the run we started, and only it.
+        kill -KILL -- "-$child" 2>/dev/null || true
+        wait "$child" 2>/dev/null || true
+    fi
+    if [ "$swap_on" = 1 ]; then swapoff "$swap_file" 2>/dev/null || note "swapoff $swap_file failed"; fi
+    if [ "$swap_created" = 1 ]; then rm -f "$swap_file"; fi
+    for cg in "$cg_lego" "$cg_swap"; do
+        if [ -d "$cg" ]; then rmdir "$cg" 2>/dev/null || note "could not remove cgroup $cg"; fi
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# Set-up and build.
+setup_tools() {
+    scripts/test.sh --setup-only
+    command -v timeout >/dev/null 2>&1 || die "timeout(1) is missing: install coreutils"
+    if ! command -v gnuplot >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            say "installing gnuplot-nox for the plot"
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get install -y --no-install-recommends gnuplot-nox >/dev/null 2>&1 \
+                || { apt-get update >/dev/null && apt-get install -y --no-install-recommends gnuplot-nox >/dev/null; } \
+                || note "could not install gnuplot-nox: the plot will be skipped"
+        else
+            note "gnuplot is missing (apt-get install gnuplot-nox): the plot will be skipped"
+        fi
+    fi
+}
+
+build() {
+    say "cargo build --release"
+    cargo build --release
+    [ -f "$built_lib" ] || die "$built_lib was not built"
+    cp "$built_lib" "$lib.tmp"
+    mv -f "$lib.tmp" "$lib"
+    say "compiling bench/*.c into $bin_dir"
+    mkdir -p "$bin_dir"
+    local src
+    for src in bench/*.c; do
+        gcc -O2 -pthread -Wall -Wextra -o "$bin_dir/$(basename "$src" .c)" "$src" -lm
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Memory cgroups (v1) and the swap file. cgroup_ok/swap_ok say whether each is usable; the
+# *_reason variables say why not, for the table.
+cgroup_ok=0
+cgroup_reason=""
+swap_ok=0
+swap_reason=""
+swap_toggle=0   # 1 when swap cannot be refused per cgroup: lego runs with the swap file off
+
+setup_cgroups_and_swap() {
+    say "memory cgroups and swap file"
+    if [ "$(id -u)" != 0 ]; then
+        cgroup_reason="not root"
+    elif [ ! -f "$cg_root/memory.limit_in_bytes" ]; then
+        cgroup_reason="no cgroup v1 memory controller at $cg_root"
+    elif ! mkdir "$cg_lego" "$cg_swap" 2>/dev/null; then
+        cgroup_reason="cannot create cgroups under $cg_root"
+    else
+        cgroup_ok=1
+    fi
+    if [ "$cgroup_ok" = 0 ]; then
+        swap_reason="$cgroup_reason"
+        note "kernel-swap baseline skipped and lego runs uncapped: $cgroup_reason"
+        return
+    fi
+    if [ ! -f "$cg_lego/memory.memsw.limit_in_bytes" ]; then
+        swap_toggle=1
+        note "no memory.memsw.* (swap accounting off): lego runs with the swap file turned off"
+    fi
+    local heap_max=$(( over_heap_mib > curve_heap_mib ? over_heap_mib : curve_heap_mib ))
+    local swap_mib=$(( 2 * heap_max )) msg
+    if msg="$(dd if=/dev/zero of="$swap_file" bs=1M count="$swap_mib" status=none 2>&1 \
+        && chmod 600 "$swap_file" && mkswap "$swap_file" 2>&1 >/dev/null)"; then
+        swap_created=1
+        if msg="$(swapon "$swap_file" 2>&1)"; then
+            swap_on=1
+            swap_ok=1
+            note "swap file $swap_file ($swap_mib MiB) on; cgroups $cg_lego, $cg_swap"
+        else
+            swap_created=1
+            swap_reason="swapon failed: ${msg:-unknown error}"
+        fi
+    else
+        [ -e "$swap_file" ] && swap_created=1
+        swap_reason="cannot create swap file $swap_file: ${msg:-unknown error}"
+    fi
+    if [ "$swap_ok" = 0 ]; then note "kernel-swap baseline skipped: $swap_reason"; fi
+    if tail -n +2 /proc/swaps | grep -qv "^$swap_file "; then
+        note "other swap devices are active (see /proc/swaps); lego's cgroup still refuses swap"
+    fi
+}
+
+set_swap() { # on|off, only where swap cannot be refused per cgroup
+    [ "$swap_toggle" = 1 ] && [ "$swap_ok" = 1 ] || return 0
+    if [ "$1" = on ] && [ "$swap_on" = 0 ]; then swapon "$swap_file" && swap_on=1; fi
+    if [ "$1" = off ] && [ "$swap_on" = 1 ]; then swapoff "$swap_file" && swap_on=0; fi
+}
+
+# cg_limit DIR BYTES swap|no-swap. v1 wants memsw.limit >= limit at every step, so memsw goes
+# to unlimited first.
+cg_limit() {
+    local dir=$1 bytes=$2 swap=$3
+    if [ -f "$dir/memory.memsw.limit_in_bytes" ]; then echo -1 >"$dir/memory.memsw.limit_in_bytes"; fi
+    echo "$bytes" >"$dir/memory.limit_in_bytes"
+    if [ "$swap" = no-swap ]; then
+        if [ -f "$dir/memory.memsw.limit_in_bytes" ]; then echo "$bytes" >"$dir/memory.memsw.limit_in_bytes"; fi
+        echo 0 >"$dir/memory.swappiness"
+    else
+        cat "$cg_root/memory.swappiness" >"$dir/memory.swappiness"
+    fi
+    # Forget the previous run: its leftover page cache and its peak.
+    echo 0 >"$dir/memory.force_empty" 2>/dev/null || true
+    echo 0 >"$dir/memory.max_usage_in_bytes"
+    if [ -f "$dir/memory.memsw.max_usage_in_bytes" ]; then echo 0 >"$dir/memory.memsw.max_usage_in_bytes"; fi
+}
+
+cg_oom_kills() { awk '$1 == "oom_kill" { print $2; found = 1 } END { if (!found) print 0 }' "$1/memory.oom_control"; }
+
+stores_left=0   # lego runs that exited normally but left their page store directory behind
+
+# ---------------------------------------------------------------------------------------------
+# One measured run.
+#   measure NAME VARIANT ROUND SETUP PROGRAM ARGS...
+# SETUP: plain | lego:CACHE_MIB | lego-cg:CACHE_MIB (lego capped at cache + overhead, no swap)
+#        | swap-cg:CACHE_MIB (no shim, capped at the cache, swap allowed)
+# Appends a line to $raw: NAME VARIANT ROUND STATUS EXIT then the program's key=value result
+# with rss_kib= (peak RSS) and cgroup_peak_bytes= added.
+measure() {
+    local name=$1 variant=$2 round=$3 setup=$4
+    shift 4
+    local kind=${setup%%:*} cache=${setup#*:}
+    local tag="$name.$variant.$round"
+    local out="$runs_dir/$tag.out" err="$runs_dir/$tag.err" rss_file="$runs_dir/$tag.rss"
+    local cg="" oom_before=0
+    local -a cmd=(timeout -k 5 "$run_timeout_s" /usr/bin/time -f %M -o "$rss_file")
+    if [ "$cgroup_ok" = 1 ]; then
+        case $kind in
+            lego-cg) cg=$cg_lego; set_swap off; cg_limit "$cg" $(( (cache + overhead_mib) << 20 )) no-swap ;;
+            swap-cg) cg=$cg_swap; set_swap on; cg_limit "$cg" $(( cache << 20 )) swap ;;
+        esac
+    fi
+    if [ -n "$cg" ]; then
+        oom_before="$(cg_oom_kills "$cg")"
+        # shellcheck disable=SC2016 # $$ and $0 belong to the inner shell
+        cmd+=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg")
+    fi
+    case $kind in
+        lego | lego-cg)
+            cmd+=(env "LD_PRELOAD=$lib" "LEGO_CACHE_SIZE=${cache}M" "LEGO_BACKEND=file:$store_dir"
+                "LEGO_STATS=$runs_dir/$tag.stats.json") ;;
+    esac
+    cmd+=("$@")
+
+    local rc=0 started=$SECONDS
+    "${cmd[@]}" >"$out" 2>"$err" &
+    child=$!
+    wait "$child" || rc=$?
+    child=""
+
+    local result status=ok rss cg_peak=""
+    result="$(grep -m1 '^bench=' "$out" || true)"
+    rss="$(tail -n 1 "$rss_file" 2>/dev/null | grep -E '^[0-9]+$' || true)"
+    if [ -n "$cg" ]; then cg_peak="$(cat "$cg/memory.max_usage_in_bytes")"; fi
+    if grep -q '^WRONG DATA' "$out"; then
+        status=wrong-data
+    elif [ -n "$cg" ] && [ "$(cg_oom_kills "$cg")" != "$oom_before" ]; then
+        status=oom-killed
+    elif [ "$rc" = 124 ] || { [ "$rc" = 137 ] && [ $(( SECONDS - started )) -ge "$run_timeout_s" ]; }; then
+        status=timeout
+    elif [ "$rc" != 0 ]; then
+        status="exit-$rc"
+    elif [ -z "$result" ]; then
+        status=no-result
+    fi
+    # lego removes its page store directory when it exits normally; count the ones left.
+    local store_path
+    store_path="$(grep -o '"backend":"file:[^" ]*' "$runs_dir/$tag.stats.json" 2>/dev/null | sed 's/.*file://' || true)"
+    if [ -n "$store_path" ] && [ -d "$store_path" ]; then
+        if [ "$status" = ok ]; then stores_left=$(( stores_left + 1 )); fi
+        rmdir "$store_path" 2>/dev/null || true
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s rss_kib=%s cgroup_peak_bytes=%s\n' "$name" "$variant" "$round" \
+        "$status" "$rc" "${result:-bench=none}" "${rss:-?}" "${cg_peak:-?}" >>"$raw"
+
+    local shown
+    shown="$(printf '%s\n' "$result" | tr ' ' '\n' \
+        | grep -E '^(ns_per_page|seconds|us_per_access)=' | tr '\n' ' ' || true)"
+    printf '    %-18s round %s/%s  %-8s %s%s\n' "$name" "$round" "${rounds_now:-$rounds}" "$variant" \
+        "${shown:-}" "$([ "$status" = ok ] || echo " FAILED: $status")" >&2
+    if [ "$status" != ok ]; then
+        {
+            printf '== %s %s round %s: %s (exit %s)\n' "$name" "$variant" "$round" "$status" "$rc"
+            printf 'command:'
+            printf ' %q' "${cmd[@]}"
+            printf '\nstdout (last lines):\n'
+            tail -n 5 "$out"
+            printf 'stderr (last lines):\n'
+            tail -n 10 "$err"
+            printf '\n'
+        } >>"$failures"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks.
+run_first_touch() {
+    say "first touch: $first_touch_mib MiB, lego (cache ${first_touch_cache} MiB) vs kernel vs uffd floor"
+    local r
+    for r in $(seq 1 "$rounds"); do
+        measure first_touch lego "$r" "lego:$first_touch_cache" "$bin_dir/first_touch" "$first_touch_mib"
+        measure first_touch kernel "$r" plain "$bin_dir/first_touch" "$first_touch_mib"
+        measure first_touch floor "$r" plain "$bin_dir/uffd_floor" "$first_touch_mib"
+    done
+}
+
+sweep_args() { # the page_sweep arguments of one oversubscribed workload
+    case $1 in
+        seq) echo "seq $over_heap_mib $seq_sweeps" ;;
+        random) echo "random $over_heap_mib $random_per_page" ;;
+        zipf) echo "zipf $over_heap_mib $zipf_per_page" ;;
+        mt) echo "mt $over_heap_mib $mt_per_page $mt_threads" ;;
+    esac
+}
+
+run_oversubscribed() {
+    say "oversubscribed: heap $over_heap_mib MiB over cache $over_cache_mib MiB; lego vs kernel swap vs native"
+    local r w
+    local -a args
+    for r in $(seq 1 "$rounds"); do
+        for w in seq random zipf mt; do
+            read -r -a args <<<"$(sweep_args "$w")"
+            measure "$w" lego "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+            if [ "$swap_ok" = 1 ]; then
+                measure "$w" swap "$r" "swap-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+            fi
+            measure "$w" native "$r" plain "$bin_dir/page_sweep" "${args[@]}"
+        done
+    done
+}
+
+thread_counts() { # 1, 2, 4, ... up to the CPU count, and the CPU count itself
+    local t=1
+    while [ "$t" -lt "$ncpu" ]; do echo "$t"; t=$(( t * 2 )); done
+    echo "$ncpu"
+}
+
+run_thread_scaling() {
+    say "thread scaling: page_sweep mt under lego, heap $over_heap_mib MiB over cache $over_cache_mib MiB"
+    local r t
+    for r in $(seq 1 "$rounds"); do
+        for t in $(thread_counts); do
+            measure mt_scaling "lego_${t}t" "$r" "lego-cg:$over_cache_mib" \
+                "$bin_dir/page_sweep" mt "$over_heap_mib" "$mt_per_page" "$t"
+        done
+    done
+}
+
+curve_cache_mib() { # the cache for PERCENT of the curve's heap, at least lego's minimum
+    local c=$(( (curve_heap_mib * $1 + 50) / 100 ))
+    echo $(( c < lego_min_cache_mib ? lego_min_cache_mib : c ))
+}
+
+run_cache_curve() {
+    say "cache curve: zipf over $curve_heap_mib MiB at $curve_percents % cache; lego vs kernel swap"
+    local r p c rounds_now=$curve_rounds
+    for r in $(seq 1 "$curve_rounds"); do
+        for p in $curve_percents; do
+            c="$(curve_cache_mib "$p")"
+            measure "curve_$p" lego "$r" "lego-cg:$c" "$bin_dir/page_sweep" zipf "$curve_heap_mib" "$zipf_per_page"
+            if [ "$swap_ok" = 1 ]; then
+                measure "curve_$p" swap "$r" "swap-cg:$c" "$bin_dir/page_sweep" zipf "$curve_heap_mib" "$zipf_per_page"
+            fi
+        done
+    done
+}
+
+alloc_modes="small prodcons realloc large frag"
+
+run_alloc() {
+    say "allocator: lego (cache ${first_touch_cache} MiB, all resident) vs glibc, scale $alloc_scale"
+    local r m
+    for r in $(seq 1 "$rounds"); do
+        for m in $alloc_modes; do
+            measure "alloc_$m" lego "$r" "lego:$first_touch_cache" "$bin_dir/alloc_bench" "$m" "$alloc_scale"
+            measure "alloc_$m" glibc "$r" plain "$bin_dir/alloc_bench" "$m" "$alloc_scale"
+        done
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Statistics over $raw.
+median() { # NAME VARIANT KEY: the median of KEY over the successful runs, or nothing
+    awk -F'\t' -v n="$1" -v v="$2" -v k="$3" '
+        $1 == n && $2 == v && $4 == "ok" {
+            c = split($6, kv, " ")
+            for (i = 1; i <= c; i++) {
+                eq = index(kv[i], "=")
+                if (substr(kv[i], 1, eq - 1) == k && substr(kv[i], eq + 1) != "?") print substr(kv[i], eq + 1)
+            }
+        }' "$raw" | sort -g | awk '
+        { a[NR] = $1 }
+        END {
+            if (NR == 0) exit
+            if (NR % 2) printf "%.10g\n", a[(NR + 1) / 2]
+            else printf "%.10g\n", (a[NR / 2] + a[NR / 2 + 1]) / 2
+        }'
+}
+
+peak() { # VARIANT KEY NAME...: the largest KEY over the successful runs of NAMEs, or nothing
+    local variant=$1 key=$2
+    shift 2
+    awk -F'\t' -v v="$variant" -v k="$key" -v names=" $* " '
+        $2 == v && $4 == "ok" && index(names, " " $1 " ") {
+            c = split($6, kv, " ")
+            for (i = 1; i <= c; i++) {
+                eq = index(kv[i], "=")
+                x = substr(kv[i], eq + 1)
+                if (substr(kv[i], 1, eq - 1) == k && x != "?" && (!found || x + 0 > max + 0)) { max = x; found = 1 }
+            }
+        }
+        END { if (found) print max }' "$raw"
+}
+
+failed_runs() { # NAME VARIANT: how many runs did not succeed
+    awk -F'\t' -v n="$1" -v v="$2" '$1 == n && $2 == v && $4 != "ok" { c++ } END { print c + 0 }' "$raw"
+}
+
+all_runs() { # NAME VARIANT
+    awk -F'\t' -v n="$1" -v v="$2" '$1 == n && $2 == v { c++ } END { print c + 0 }' "$raw"
+}
+
+calc() { awk "BEGIN { printf \"%.10g\n\", ($1) }"; } # parenthesised: a bare > would redirect
+
+fmt_value() { # VALUE UNIT: a table cell
+    [ -n "$1" ] || { echo "—"; return; }
+    case $2 in
+        ns) awk -v x="$1" 'BEGIN { printf "%.2f us/page", x / 1000 }' ;;
+        s) awk -v x="$1" 'BEGIN { printf "%.3g s", x }' ;;
+        kib) awk -v x="$1" 'BEGIN { printf "%.1f MiB", x / 1024 }' ;;
+        bytes) awk -v x="$1" 'BEGIN { printf "%.1f MiB", x / 1048576 }' ;;
+        rate) awk -v x="$1" 'BEGIN { printf "%.1f k pages/s", x / 1000 }' ;;
+        *) echo "$1" ;;
+    esac
+}
+
+# Rows of the table, one tab-separated line each:
+# metric, lego cell, baseline cell, ratio cell, goal cell, status, lego value, baseline value,
+# ratio value, unit.
+rows=()
+
+# add_row METRIC LEGO BASELINE UNIT GOAL_KIND GOAL NOTE
+#   GOAL_KIND: le (ratio <= GOAL is met), gt (ratio > GOAL is met), none (reference only)
+#   NOTE: when set and a value is missing, it replaces the missing cells ("skipped (...)")
+add_row() {
+    local metric=$1 a=$2 b=$3 unit=$4 kind=$5 goal=$6 why=$7
+    local ratio="" ratio_cell goal_cell status a_cell b_cell
+    a_cell="$(fmt_value "$a" "$unit")"
+    b_cell="$(fmt_value "$b" "$unit")"
+    if [ -n "$a" ] && [ -n "$b" ] && [ "$(calc "$b > 0")" = 1 ]; then ratio="$(calc "$a / $b")"; fi
+    if [ -n "$ratio" ]; then
+        ratio_cell="$(awk -v x="$ratio" 'BEGIN { printf "%.2f", x }')"
+    else
+        ratio_cell="${why:-n/a}"
+    fi
+    [ -n "$a" ] || a_cell="${why:-—}"
+    [ -n "$b" ] || b_cell="${why:-—}"
+    case $kind in
+        none) goal_cell="— (reference)"; status=reference ;;
+        le | gt)
+            local sign="<="
+            [ "$kind" = le ] || sign=">"
+            if [ -z "$ratio" ]; then
+                goal_cell="$sign $goal: not measured"; status=not-measured
+            elif [ "$kind" = le ] && [ "$(calc "$ratio <= $goal")" = 1 ]; then
+                goal_cell="$sign $goal: met"; status=met
+            elif [ "$kind" = gt ] && [ "$(calc "$ratio > $goal")" = 1 ]; then
+                goal_cell="$sign $goal: met"; status=met
+            else
+                local by
+                if [ "$kind" = le ]; then by="$(calc "$ratio / $goal")"; else by="$(calc "$goal / $ratio")"; fi
+                goal_cell="$sign $goal: missed by $(awk -v x="$by" 'BEGIN { printf "%.2fx", x }')"
+                status=missed
+            fi ;;
+    esac
+    # "?" for a missing number: read -a would merge the tabs around an empty field.
+    rows+=("$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$metric" "$a_cell" "$b_cell" \
+        "$ratio_cell" "$goal_cell" "$status" "${a:-?}" "${b:-?}" "${ratio:-?}" "$unit")")
+}
+
+failure_note() { # NAME VARIANT...: "k of n VARIANT runs failed" for each variant with failures
+    local name=$1 v f n text=""
+    shift
+    for v in "$@"; do
+        f="$(failed_runs "$name" "$v")"
+        n="$(all_runs "$name" "$v")"
+        if [ "$f" != 0 ]; then text="$text; $f of $n $v runs failed"; fi
+    done
+    echo "${text#; }"
+}
+
+# A cell for a variant that never ran (skipped) or whose runs all failed.
+missing_reason() { # NAME VARIANT SKIP_REASON
+    if [ "$(all_runs "$1" "$2")" = 0 ]; then
+        echo "skipped (${3:-not run})"
+    else
+        echo "failed ($(failed_runs "$1" "$2") of $(all_runs "$1" "$2") runs, see failures.log)"
+    fi
+}
+
+notes=()
+
+compare() { # METRIC NAME A B KEY UNIT GOAL_KIND GOAL SKIP_REASON_FOR_B
+    local metric=$1 name=$2 va=$3 vb=$4 key=$5 unit=$6 kind=$7 goal=$8 skip=$9
+    local a b why="" fails
+    a="$(median "$name" "$va" "$key")"
+    b="$(median "$name" "$vb" "$key")"
+    if [ -z "$b" ]; then why="$(missing_reason "$name" "$vb" "$skip")"; fi
+    if [ -z "$a" ]; then why="$(missing_reason "$name" "$va" "")"; fi
+    fails="$(failure_note "$name" "$va" "$vb")"
+    if [ -n "$fails" ]; then notes+=("$metric: $fails (target/bench/failures.log)"); fi
+    add_row "$metric" "$a" "$b" "$unit" "$kind" "$goal" "$why"
+}
+
+geomean_row() { # METRIC KEY UNIT GOAL: geometric mean over the allocator modes of lego/glibc
+    local metric=$1 key=$2 goal=$4 m a b logs="" n=0 g=""
+    for m in $alloc_modes; do
+        a="$(median "alloc_$m" lego "$key")"
+        b="$(median "alloc_$m" glibc "$key")"
+        if [ -n "$a" ] && [ -n "$b" ]; then
+            logs="$logs + log($a / $b)"
+            n=$(( n + 1 ))
+        fi
+    done
+    [ "$n" = 0 ] || g="$(calc "exp((0 $logs) / $n)")"
+    # The geometric mean is a ratio: show it against 1 so add_row reports it as the ratio.
+    add_row "$metric (geometric mean over $n of $(echo "$alloc_modes" | wc -w))" "$g" "${g:+1}" ratio le "$goal" \
+        "$([ -n "$g" ] || echo "failed (see failures.log)")"
+    local last=$(( ${#rows[@]} - 1 ))
+    # Its lego and baseline cells carry no meaning of their own.
+    rows[last]="$(printf '%s\n' "${rows[last]}" | awk -F'\t' -v OFS='\t' '{ $2 = "—"; $3 = "—"; print }')"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+build_rows() {
+    local over="heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M"
+    compare "first touch, lego / kernel anonymous fault ($first_touch_mib MiB)" \
+        first_touch lego kernel ns_per_page ns le 1.0 ""
+    compare "first touch, lego / naive uffd floor (1 handler, UFFDIO_ZEROPAGE)" \
+        first_touch lego floor ns_per_page ns none "" ""
+    compare "first touch, naive uffd floor / kernel anonymous fault" \
+        first_touch floor kernel ns_per_page ns none "" ""
+    compare "sequential sweeps ($seq_sweeps), $over, lego / kernel swap" seq lego swap seconds s le 0.3 "$swap_reason"
+    compare "random page reads (${random_per_page}x pages), $over, lego / kernel swap" random lego swap seconds s le 1.0 "$swap_reason"
+    compare "zipf 0.99 reads+writes (${zipf_per_page}x pages), $over, lego / kernel swap" zipf lego swap seconds s none "" "$swap_reason"
+    compare "$mt_threads threads random reads (${mt_per_page}x pages), $over, lego / kernel swap" mt lego swap seconds s none "" "$swap_reason"
+    local w
+    for w in seq random zipf mt; do
+        compare "$w, $over, lego / native without cap (reference)" "$w" lego native seconds s none "" ""
+    done
+    # What the cgroups saw (page cache and kernel memory included): evicted pages left memory.
+    local peak_lego peak_swap
+    peak_lego="$(peak lego cgroup_peak_bytes seq random zipf mt)"
+    peak_swap="$(peak swap cgroup_peak_bytes seq random zipf mt)"
+    if [ "$cgroup_ok" = 1 ]; then
+        add_row "peak cgroup memory over seq/random/zipf/mt, lego (cap $(( over_cache_mib + overhead_mib )) MiB) / kernel swap (cap $over_cache_mib MiB)" \
+            "$peak_lego" "$peak_swap" bytes none "" "$([ -n "$peak_swap" ] || echo "skipped ($swap_reason)")"
+    fi
+    local t prev=""
+    for t in $(thread_counts); do
+        if [ -n "$prev" ]; then
+            compare "multi-threaded faults, lego throughput ${t} / ${prev} threads ($over)" \
+                mt_scaling "lego_${t}t" "lego_${prev}t" accesses_per_s rate gt 1.0 ""
+        fi
+        prev=$t
+    done
+    if [ "$ncpu" = 1 ]; then notes+=("one CPU: thread scaling not measured"); fi
+    if [ "$stores_left" != 0 ]; then
+        notes+=("$stores_left lego runs exited normally but left their (empty) page store directory in $store_dir (removed by this script)")
+    fi
+    local m
+    for m in $alloc_modes; do
+        compare "allocator $m, time, lego / glibc" "alloc_$m" lego glibc seconds s none "" ""
+        compare "allocator $m, peak RSS, lego / glibc" "alloc_$m" lego glibc rss_kib kib none "" ""
+    done
+    geomean_row "allocator time, lego / glibc" seconds ratio 1.10
+    geomean_row "allocator peak RSS, lego / glibc" rss_kib ratio 1.2
+}
+
+curve_lines=() # percent, cache MiB, lego seconds, swap seconds
+
+build_curve() {
+    local p c a b
+    for p in $curve_percents; do
+        c="$(curve_cache_mib "$p")"
+        a="$(median "curve_$p" lego seconds)"
+        b="$(median "curve_$p" swap seconds)"
+        curve_lines+=("$p	$c	${a:-?}	${b:-?}")
+    done
+}
+
+plot_curve() {
+    local dat="$out_dir/cache_curve.dat" png="$out_dir/cache_curve.png" term=png
+    printf '# percent\tcache_mib\tlego_s\tswap_s\n' >"$dat"
+    printf '%s\n' "${curve_lines[@]}" >>"$dat"
+    if ! command -v gnuplot >/dev/null 2>&1; then
+        notes+=("plot skipped: gnuplot is not installed")
+        return
+    fi
+    if gnuplot -e 'set terminal' 2>&1 | grep -q pngcairo; then term=pngcairo; fi
+    gnuplot <<EOF || notes+=("plot failed: gnuplot returned an error")
+set terminal $term size 800,500
+set output '$png'
+set title "zipf 0.99 over a ${curve_heap_mib} MiB heap: time against cache size ($machine)"
+set xlabel 'cache, % of the working set'
+set ylabel 'seconds (median of $curve_rounds)'
+set datafile missing '?'
+set key top right
+set grid
+set xrange [0:105]
+set yrange [0:*]
+set xtics (10, 25, 50, 100)
+plot '$dat' using 1:3 with linespoints lw 2 pt 7 title 'lego (cgroup: cache + ${overhead_mib} MiB, no swap)', \
+     '$dat' using 1:4 with linespoints lw 2 pt 5 title 'kernel swap (cgroup: cache, swap file)'
+EOF
+}
+
+json_str() { # a JSON string literal
+    printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"
+}
+
+json_num() { # a JSON number, or null
+    if [ -n "$1" ] && [ "$1" != "?" ]; then printf '%s' "$1"; else printf 'null'; fi
+}
+
+write_reports() {
+    local md="$out_dir/results.md" json="$out_dir/results.json" line
+    local commit
+    commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    if [ -n "$(git status --porcelain -- runtime preload 2>/dev/null)" ]; then
+        commit="$commit plus uncommitted changes in runtime/ or preload/"
+    fi
+    local lib_sum
+    lib_sum="$(sha256sum "$lib" | cut -c1-12)"
+    local table
+    table="$(
+        echo "| metric | lego | baseline | ratio | goal | machine |"
+        echo "|---|---|---|---|---|---|"
+        for line in "${rows[@]}"; do
+            printf '%s\n' "$line" | awk -F'\t' -v m="$machine" '{ printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, m }'
+        done
+    )"
+    {
+        echo "# lego benchmarks ($mode run)"
+        echo
+        echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit (liblego.so sha256 $lib_sum), $machine (kernel $kernel), $rounds rounds A B A B, medians."
+        echo "Ratios are lego / baseline (lower is better) except thread scaling (higher is better)."
+        echo
+        echo "$table"
+        echo
+        if [ "${#notes[@]}" -gt 0 ]; then
+            echo "Notes:"
+            printf -- '- %s\n' "${notes[@]}"
+            echo
+        fi
+        echo "## Time against cache size (zipf 0.99, ${zipf_per_page}x pages, heap $curve_heap_mib MiB)"
+        echo
+        echo "| cache | lego | kernel swap | lego / swap |"
+        echo "|---|---|---|---|"
+        for line in "${curve_lines[@]}"; do
+            printf '%s\n' "$line" | awk -F'\t' '{
+                r = ($3 != "?" && $4 != "?" && $4 > 0) ? sprintf("%.2f", $3 / $4) : "—"
+                printf "| %s%% (%s MiB) | %s | %s | %s |\n", $1, $2, ($3 == "?" ? "—" : sprintf("%.3f s", $3)), ($4 == "?" ? "—" : sprintf("%.3f s", $4)), r
+            }'
+        done
+        echo
+        [ -f "$out_dir/cache_curve.png" ] && echo "![time against cache size](cache_curve.png)" && echo
+        echo "## Set-up"
+        echo
+        echo "- lego: \`LD_PRELOAD=$lib\` (a copy of $built_lib taken after the build), \`LEGO_BACKEND=file:$store_dir\`; oversubscribed runs in a memory cgroup (v1) capped at cache + $overhead_mib MiB with swap refused (memsw limit = limit, swappiness 0)."
+        echo "- kernel swap: the same program without the shim in a memory cgroup capped at the cache size, swap file in $store_dir (same disk), swappiness $(cat /proc/sys/vm/swappiness 2>/dev/null || echo '?'), page-cluster $(cat /proc/sys/vm/page-cluster 2>/dev/null || echo '?'), zswap $(cat /sys/module/zswap/parameters/enabled 2>/dev/null || echo 'absent')."
+        echo "- first touch and allocator: lego with LEGO_CACHE_SIZE=${first_touch_cache}M (heap all resident), no cgroup; peak RSS from \`/usr/bin/time -f %M\`."
+        echo "- programs: bench/*.c, gcc -O2; page_sweep fills every page before the timed part and checks every access and, at the end, every word."
+        echo
+        echo "## Raw runs"
+        echo
+        echo "| benchmark | variant | round | status | result |"
+        echo "|---|---|---|---|---|"
+        awk -F'\t' '{ printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $6 }' "$raw"
+    } >"$md"
+
+    {
+        printf '{\n  "mode": %s,\n  "machine": %s,\n  "kernel": %s,\n  "commit": %s,\n  "liblego_sha256": %s,\n  "date": %s,\n' \
+            "$(json_str "$mode")" "$(json_str "$machine")" "$(json_str "$kernel")" \
+            "$(json_str "$commit")" "$(json_str "$lib_sum")" "$(json_str "$(date -u '+%Y-%m-%dT%H:%M:%SZ')")"
+        printf '  "config": {"rounds": %s, "first_touch_mib": %s, "first_touch_cache_mib": %s, "over_cache_mib": %s, "over_heap_mib": %s, "seq_sweeps": %s, "random_per_page": %s, "zipf_per_page": %s, "mt_per_page": %s, "mt_threads": %s, "curve_heap_mib": %s, "curve_rounds": %s, "alloc_scale": %s, "overhead_mib": %s, "cgroup": %s, "swap": %s},\n' \
+            "$rounds" "$first_touch_mib" "$first_touch_cache" "$over_cache_mib" "$over_heap_mib" "$seq_sweeps" \
+            "$random_per_page" "$zipf_per_page" "$mt_per_page" "$mt_threads" "$curve_heap_mib" "$curve_rounds" \
+            "$alloc_scale" "$overhead_mib" \
+            "$(json_str "$([ "$cgroup_ok" = 1 ] && echo "v1 $cg_root" || echo "skipped ($cgroup_reason)")")" \
+            "$(json_str "$([ "$swap_ok" = 1 ] && echo "file $swap_file" || echo "skipped ($swap_reason)")")"
+        printf '  "rows": [\n'
+        local i=0 f
+        for line in "${rows[@]}"; do
+            IFS=$'\t' read -r -a f <<<"$line"
+            [ "$i" = 0 ] || printf ',\n'
+            printf '    {"metric": %s, "lego": %s, "baseline": %s, "ratio": %s, "goal": %s, "status": %s, "lego_value": %s, "baseline_value": %s, "ratio_value": %s, "unit": %s, "machine": %s}' \
+                "$(json_str "${f[0]}")" "$(json_str "${f[1]}")" "$(json_str "${f[2]}")" "$(json_str "${f[3]}")" \
+                "$(json_str "${f[4]}")" "$(json_str "${f[5]}")" "$(json_num "${f[6]:-}")" "$(json_num "${f[7]:-}")" \
+                "$(json_num "${f[8]:-}")" "$(json_str "${f[9]:-}")" "$(json_str "$machine")"
+            i=$(( i + 1 ))
+        done
+        printf '\n  ],\n  "notes": ['
+        i=0
+        for line in "${notes[@]}"; do
+            [ "$i" = 0 ] || printf ', '
+            json_str "$line"
+            i=$(( i + 1 ))
+        done
+        printf '],\n  "cache_curve": [\n'
+        i=0
+        for line in "${curve_lines[@]}"; do
+            IFS=$'\t' read -r -a f <<<"$line"
+            [ "$i" = 0 ] || printf ',\n'
+            printf '    {"percent": %s, "cache_mib": %s, "lego_seconds": %s, "swap_seconds": %s}' \
+                "${f[0]}" "${f[1]}" "$(json_num "${f[2]}")" "$(json_num "${f[3]}")"
+            i=$(( i + 1 ))
+        done
+        printf '\n  ],\n  "runs": [\n'
+        awk -F'\t' '
+            function val(x) { return (x ~ /^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$/) ? x : "\"" x "\"" }
+            {
+                if (NR > 1) printf ",\n"
+                printf "    {\"name\": \"%s\", \"variant\": \"%s\", \"round\": %s, \"status\": \"%s\", \"exit\": %s, \"result\": {", $1, $2, $3, $4, $5
+                c = split($6, kv, " ")
+                for (i = 1; i <= c; i++) {
+                    eq = index(kv[i], "=")
+                    v = substr(kv[i], eq + 1)
+                    printf "%s\"%s\": %s", (i > 1 ? ", " : ""), substr(kv[i], 1, eq - 1), (v == "?" ? "null" : val(v))
+                }
+                printf "}}"
+            }' "$raw"
+        printf '\n  ]\n}\n'
+    } >"$json"
+
+    printf '\n%s\n\n' "$table"
+    if [ "${#notes[@]}" -gt 0 ]; then printf -- '- %s\n' "${notes[@]}"; echo; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+start_s=$SECONDS
+say "lego benchmarks, $mode run on $machine"
+setup_tools
+build
+rm -rf "$runs_dir"
+mkdir -p "$runs_dir"
+: >"$raw"
+: >"$failures"
+setup_cgroups_and_swap
+run_first_touch
+run_oversubscribed
+run_thread_scaling
+run_cache_curve
+run_alloc
+build_rows
+build_curve
+plot_curve
+write_reports
+failed_total="$(awk -F'\t' '$4 != "ok"' "$raw" | wc -l)"
+if [ "$failed_total" != 0 ]; then
+    note "$failed_total runs failed: see $failures"
+else
+    rm -f "$failures"
+fi
+say "done in $(( SECONDS - start_s )) s: $out_dir/results.md, $out_dir/results.json, $out_dir/cache_curve.png"
