@@ -230,60 +230,17 @@ static SHARED_PAGES_UNSHARED: AtomicU64 = AtomicU64::new(0);
 /// Moves tried for one page before it is left resident.
 const MOVE_ATTEMPTS_MAX: u32 = 3;
 
-/// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. After an error
-/// the run goes on from the first page that is neither in its slot nor a hole, whatever the
-/// kernel said it had done. A page shared with a forked child (`EBUSY`) is made private first,
-/// which takes the kernel's copy-on-write path without changing a byte. A page that still
+/// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. A page that
 /// cannot move stays resident (the caller finds it still in the region).
 fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize) {
-    let slot = |k: usize| sh.staging.base + (i + k) * PAGE_SIZE;
-    let src = |k: usize| sh.addr_of(victims[i + k]);
-    let mut k = 0;
-    let mut attempts = 0;
-    let mut unshared_at = usize::MAX;
-    while k < len {
-        let Err(partial) = sh
-            .staging_uffd
-            .move_pages(slot(k), src(k), (len - k) * PAGE_SIZE)
-        else {
-            return;
-        };
-        let from = k;
-        while k < len
-            && (crate::region::page_present(slot(k)) || !crate::region::page_present(src(k)))
-        {
-            k += 1;
-        }
-        if k >= len {
-            return;
-        }
-        attempts = if k == from { attempts + 1 } else { 1 };
-        if partial.errno == nix::errno::Errno::EBUSY && unshared_at != k {
-            unshared_at = k;
-            SHARED_PAGES_UNSHARED.fetch_add(1, Ordering::Relaxed);
-            let word = src(k) as *const AtomicU64;
-            // SAFETY: the page is resident in the region (it is `Evicting`, owned by this
-            // thread, and was just found present) and 8-byte aligned. A compare-exchange of a
-            // word with itself changes no byte the program could observe, but it is a locked
-            // write cycle, so it takes the kernel's copy-on-write path. (An atomic add of zero
-            // would not do: LLVM turns an idempotent read-modify-write into a fenced load.)
-            let word = unsafe { &*word };
-            let v = word.load(Ordering::Relaxed);
-            let _ = word.compare_exchange(v, v, Ordering::SeqCst, Ordering::Relaxed);
-            continue;
-        }
-        if attempts >= MOVE_ATTEMPTS_MAX {
-            if EVICT_ERRORS.allow() {
-                log::warn!(
-                    "cannot move the page at {:#x} out of the heap ({}); keeping it resident",
-                    src(k),
-                    partial.errno
-                );
-            }
-            k += 1;
-            attempts = 0;
-        }
-    }
+    let mut stuck = Stuck::<0>::new();
+    move_out(
+        sh,
+        sh.staging.base + i * PAGE_SIZE,
+        sh.addr_of(victims[i]),
+        len,
+        &mut stuck,
+    );
 }
 
 /// Pages that would not move, remembered without allocating (up to `N`).
@@ -318,9 +275,11 @@ impl<const N: usize> Stuck<N> {
 }
 
 /// Moves the present pages of `[src, src + pages * PAGE_SIZE)` to `[dst, ...)` (an empty area
-/// on the staging userfaultfd), checking where each page went rather than trusting the
-/// kernel's account (see [`move_run`]). Pages that would not move are added to `stuck`. It
-/// neither allocates nor logs (it runs on program threads; see `Runtime::discard`).
+/// on the staging userfaultfd), checking where each page went with `mincore` rather than
+/// trusting the kernel's account (Linux 6.18 was seen answering `EEXIST`, with nothing moved,
+/// for pages it had moved): after an error it goes on from the first page that is neither in
+/// its slot nor a hole. Pages that would not move are added to `stuck`. It neither allocates
+/// nor logs (it runs on program threads; see `Runtime::discard`).
 pub(crate) fn move_out<const N: usize>(
     sh: &Shared,
     dst: usize,
@@ -331,15 +290,13 @@ pub(crate) fn move_out<const N: usize>(
     let at = |k: usize| (dst + k * PAGE_SIZE, src + k * PAGE_SIZE);
     let mut k = 0;
     let mut attempts = 0;
+    let mut unshared_at = usize::MAX;
     while k < pages {
         let (d, s) = at(k);
-        if sh
-            .staging_uffd
-            .move_pages(d, s, (pages - k) * PAGE_SIZE)
-            .is_ok()
-        {
+        let Err(partial) = sh.staging_uffd.move_pages(d, s, (pages - k) * PAGE_SIZE) else {
             return;
-        }
+        };
+        let errno = partial.errno;
         let from = k;
         while k < pages && {
             let (d, s) = at(k);
@@ -351,6 +308,21 @@ pub(crate) fn move_out<const N: usize>(
             return;
         }
         attempts = if k == from { attempts + 1 } else { 1 };
+        if errno == nix::errno::Errno::EBUSY && unshared_at != k {
+            // Shared with a forked child: make it private first. A compare-exchange of a word
+            // with itself changes no byte the program could observe, but it is a locked write
+            // cycle, so it takes the kernel's copy-on-write path. (An atomic add of zero would
+            // not do: LLVM turns an idempotent read-modify-write into a fenced load.)
+            unshared_at = k;
+            SHARED_PAGES_UNSHARED.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: the page is present in the region (just checked) and 8-byte aligned; it
+            // is in transit (being evicted or discarded) and owned by this thread, and the
+            // exchange leaves its content as it is.
+            let word = unsafe { &*(at(k).1 as *const AtomicU64) };
+            let v = word.load(Ordering::Relaxed);
+            let _ = word.compare_exchange(v, v, Ordering::SeqCst, Ordering::Relaxed);
+            continue;
+        }
         if attempts >= MOVE_ATTEMPTS_MAX {
             stuck.push(at(k).1);
             k += 1;
