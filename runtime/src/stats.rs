@@ -108,6 +108,8 @@ counters! {
     PagesFetched => pages_fetched,
     /// Pages fetched ahead of a fault on a neighbouring page.
     PagesReadAhead => pages_read_ahead,
+    /// Windows a handler fetched for a sequential stream with no thread waiting.
+    Prefetches => prefetches,
     /// Pages removed from the cache.
     PagesEvicted => pages_evicted,
     /// Evicted pages written to the store because they were dirty.

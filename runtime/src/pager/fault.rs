@@ -21,6 +21,9 @@ use crate::PAGE_SIZE;
 /// Messages about poisoned pages: at most this many a second reach stderr.
 static POISON_MESSAGES: RateLimit = RateLimit::new(8);
 static FAULT_ERRORS: RateLimit = RateLimit::new(8);
+/// Smallest fetched run (a sequential stream's window) after which the handler prefetches the
+/// stream's next window.
+const PREFETCH_MIN_PAGES: usize = 64;
 /// Attempts at poisoning a page while events keep the address space changing.
 const POISON_RETRIES_MAX: u32 = 1000;
 
@@ -189,6 +192,9 @@ pub(crate) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
         Plan::Fetch { first, n } => {
             STATS.add(Counter::FaultsFetch, 1);
             fetch_and_install(sh, first, n, page, fetch);
+            if n >= PREFETCH_MIN_PAGES {
+                prefetch(sh, first + n, fetch);
+            }
         }
         Plan::Poison { page } => poison(sh, page, "its content was lost earlier"),
     }
@@ -279,6 +285,54 @@ fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
         } else {
             Plan::Zero { first, n }
         };
+    }
+}
+
+/// After a fetch for a sequential stream (a run of at least [`PREFETCH_MIN_PAGES`]), the
+/// handler goes on to fetch the stream's next window at `page` while the program works
+/// through the pages it just got, so that a sweep finds them resident instead of faulting.
+/// It never waits for room and never poisons: a page it cannot bring in stays evicted, and a
+/// thread that needs it will fault and fetch it itself.
+fn prefetch(sh: &Shared, page: usize, buf: &mut PageBuf) {
+    let n = {
+        let mut t = sh.cache.lock();
+        if page >= t.pages() || t.state(page) != PageState::Evicted {
+            return;
+        }
+        let room = sh.cache.capacity_pages().saturating_sub(t.resident());
+        if room < PREFETCH_MIN_PAGES {
+            return;
+        }
+        let (window, stream) = sh
+            .readahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .window(page);
+        let limit = window.min(room).max(1);
+        let n = 1 + t.run_len(page + 1, limit - 1, |s| s == PageState::Evicted);
+        sh.readahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fetched(stream, page, n);
+        for p in page..page + n {
+            t.set_state(p, PageState::Fetching);
+        }
+        let resident = t.resident();
+        sh.publish_resident(resident);
+        if resident > sh.high_pages {
+            sh.evict_wanted.notify_one();
+        }
+        n
+    };
+    STATS.add(Counter::Prefetches, 1);
+    let mut at = page;
+    while at < page + n {
+        let len = FETCH_CHUNK_PAGES.min(page + n - at);
+        if !fetch_chunk(sh, at, len, usize::MAX, buf) {
+            release_claim(sh, at + len, page + n - (at + len));
+            return;
+        }
+        at += len;
     }
 }
 
