@@ -78,6 +78,8 @@ say "lego replay $log_dir -o $image ${epoch_args[*]:-}"
 image_abs="$(cd "$(dirname "$image")" && pwd)/$(basename "$image")"
 log_abs="$(cd "$log_dir" && pwd)"
 say "restart the program on the recovered heap (same binary, same arguments):"
+echo "    (not yet: this version of liblego.so refuses LEGO_RESTORE and LEGO_LOG_DIR until the"
+echo "     durable heap is finished; the image above is complete and will restore then)"
 printf '    LEGO_RESTORE=%q LD_PRELOAD=%q PROGRAM [ARGS...]\n' "$image_abs" "$lib"
 if [ ${#epoch_args[@]} -eq 0 ]; then
     printf '\nto keep logging to the same directory, add LEGO_LOG_DIR=%q\n' "$log_abs"

@@ -57,6 +57,13 @@ fn cache_larger_than_heap() {
     assert_refused(&out, &["LEGO_CACHE_SIZE", "2G", "LEGO_HEAP_SIZE"]);
 }
 
+/// The durable heap is not built yet: asking for it must stop the program, not run it without.
+#[test]
+fn durable_heap_settings_are_refused() {
+    let out = hello_with(&[("LEGO_LOG_DIR", "/var/lib/app/heap")]);
+    assert_refused(&out, &["LEGO_LOG_DIR", "no durable heap"]);
+}
+
 #[test]
 fn unknown_backend() {
     let out = hello_with(&[("LEGO_BACKEND", "redis:x")]);
