@@ -603,7 +603,7 @@ mod tests {
         }
         assert_eq!(snap.faults_zero_fill, 101);
         assert_eq!(snap.fork_page_ins, COUNTERS as u64 + 100);
-        assert_eq!(COUNTERS, 21);
+        assert_eq!(COUNTERS, 22);
     }
 
     #[test]
