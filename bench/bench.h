@@ -85,4 +85,21 @@ static inline void *xmalloc(size_t n) {
         exit(1);                                                                              \
     } while (0)
 
+/* The first-touch loop shared by first_touch.c and uffd_floor.c: writes one byte per page of
+ * `heap` in order (timed), checks them all, and prints the result line as `name`. */
+static inline void first_touch_and_report(const char *name, unsigned char *heap, size_t pages,
+                                          size_t ps, size_t mib) {
+    uint64_t t0 = now_ns();
+    for (size_t i = 0; i < pages; i++) heap[i * ps] = (unsigned char)(i * 7 + 1);
+    uint64_t t1 = now_ns();
+    for (size_t i = 0; i < pages; i++) {
+        if (heap[i * ps] != (unsigned char)(i * 7 + 1))
+            WRONG_DATA("page %zu holds %u, expected %u", i, heap[i * ps],
+                       (unsigned)(unsigned char)(i * 7 + 1));
+    }
+    double ns = (double)(t1 - t0);
+    printf("bench=%s mib=%zu pages=%zu seconds=%.6f ns_per_page=%.1f\n", name, mib, pages,
+           ns / 1e9, ns / (double)pages);
+}
+
 #endif

@@ -16,18 +16,7 @@ int main(int argc, char **argv) {
     size_t pages = mib * MIB / ps;
     unsigned char *heap = xmalloc(pages * ps);
 
-    uint64_t t0 = now_ns();
-    for (size_t i = 0; i < pages; i++) heap[i * ps] = (unsigned char)(i * 7 + 1);
-    uint64_t t1 = now_ns();
-
-    for (size_t i = 0; i < pages; i++) {
-        if (heap[i * ps] != (unsigned char)(i * 7 + 1))
-            WRONG_DATA("page %zu holds %u, expected %u", i, heap[i * ps],
-                       (unsigned)(unsigned char)(i * 7 + 1));
-    }
-    double ns = (double)(t1 - t0);
-    printf("bench=first_touch mib=%zu pages=%zu seconds=%.6f ns_per_page=%.1f\n", mib, pages,
-           ns / 1e9, ns / (double)pages);
+    first_touch_and_report("first_touch", heap, pages, ps, mib);
     free(heap);
     return 0;
 }

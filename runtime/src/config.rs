@@ -1530,5 +1530,4 @@ mod tests {
         assert!(config(&[("LEGO_RESTORE", "/tmp/heap.img")]).is_err());
         assert!(config(&[("LEGO_LOG_DIR", "")]).is_ok(), "empty means unset");
     }
-
 }
