@@ -200,8 +200,9 @@ fn owner_of(p: *mut u8) -> Option<&'static Heap> {
     None
 }
 
-/// Gives freed pages back: `MADV_DONTNEED`, which on the user region also sends the runtime a
-/// `REMOVE` event so that the page is forgotten in the store too.
+/// Gives freed pages back. On the user region the runtime does it (`Runtime::discard`: the
+/// pages are moved out and forgotten in the store too, with no event round trip); elsewhere,
+/// and in a forked child, `MADV_DONTNEED`.
 fn discard_pages(addr: *mut u8, len: usize) {
     if !DETACHED.load(Ordering::Relaxed) && in_user_region(addr as usize) {
         if let Some(rt) = RUNTIME.get() {

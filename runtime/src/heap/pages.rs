@@ -30,8 +30,7 @@ const SPANS_PER_PAGE: u32 = (PAGE_SIZE / super::span::SPAN_BYTES) as u32;
 /// New descriptors one run allocation may need: the split-off prefix and suffix of a free run,
 /// or the run taken from top and the alignment gap before it.
 const SPANS_PER_ALLOC_MAX: u32 = 2;
-/// Most dirty runs one purge gives back (each costs one `madvise`; on a paged heap also a
-/// round trip to the runtime's event handler).
+/// Most dirty runs one purge gives back (each is one call of the discard callback).
 const PURGE_RUNS_MAX: usize = 8;
 
 const _: () = assert!(bucket_of(1 << 26) < FREE_BUCKETS);

@@ -179,7 +179,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
     }
 
     // 6. Record the outcome, wake whoever faulted meanwhile, empty the staging area.
-    let mut discard: Vec<(u64, u64)> = Vec::new();
+    let mut discard = super::Runs::<{ super::EVICT_BATCH_PAGES_MAX }>::new();
     let (mut evicted, mut clean) = (0u64, 0u64);
     {
         let mut t = sh.cache.lock();
@@ -191,7 +191,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
                 Fate::Stayed => t.set_state(p, PageState::Resident),
                 _ if removed || matches!(fate[i], Fate::Hole | Fate::Zero) => {
                     if t.has_flag(p, STORED) {
-                        super::push_run(&mut discard, p as u64);
+                        discard.push(p as u64);
                         t.forget_stored(p);
                     }
                     t.set_state(p, PageState::Absent);
@@ -215,7 +215,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
         let _ = sh.uffd.wake(sh.addr_of(victims[i]), len * PAGE_SIZE);
     }
     crate::region::drop_pages(sh.staging.base, n * PAGE_SIZE);
-    for (first, count) in discard {
+    for &(first, count) in discard.as_slice() {
         let _ = sh.store.discard(first, count);
     }
     STATS.add(Counter::PagesEvicted, evicted);

@@ -191,7 +191,7 @@ pub(crate) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
         }
         Plan::Fetch { first, n } => {
             STATS.add(Counter::FaultsFetch, 1);
-            fetch_and_install(sh, first, n, page, fetch);
+            fetch_in_chunks(sh, first, n, Some(page), fetch);
             if n >= PREFETCH_MIN_PAGES {
                 prefetch(sh, first + n, fetch);
             }
@@ -233,53 +233,41 @@ fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
             t = guard;
             continue;
         }
-        let mut stream = None;
-        let want = if !fetch {
-            ZERO_RUN_PAGES_MAX
-        } else if ignore_room {
-            FETCH_RUN_PAGES_MAX
-        } else {
-            let (window, s) = sh
-                .readahead
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .window(page);
-            stream = Some(s);
-            window
+        let limit = |want: usize| {
+            if failing || ignore_room {
+                want
+            } else {
+                want.min(room).max(1)
+            }
         };
-        let limit = if failing || ignore_room {
-            want
-        } else {
-            want.min(room).max(1)
-        };
-        let (accept, transit) = if fetch {
-            (PageState::Evicted, PageState::Fetching)
-        } else {
-            (PageState::Absent, PageState::Filling)
-        };
-        let mut first = page;
-        let mut n = 1 + t.run_len(page + 1, limit - 1, |s| s == accept);
-        if !fetch && n < limit {
+        let (first, n) = if !fetch {
+            let limit = limit(ZERO_RUN_PAGES_MAX);
+            let accept = |s| s == PageState::Absent;
+            let mut n = 1 + t.run_len(page + 1, limit - 1, accept);
             // Fresh memory written downwards (a backward memmove into a new block): the run
             // grows below the fault instead.
-            let below = t.run_len_before(page, limit - n, |s| s == accept);
-            first -= below;
+            let below = t.run_len_before(page, limit - n, accept);
             n += below;
-        }
-        if let Some(s) = stream {
-            sh.readahead
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fetched(s, page, n);
-        }
-        for p in first..first + n {
-            t.set_state(p, transit);
-        }
-        let resident = t.resident();
-        sh.publish_resident(resident);
-        if resident > sh.high_pages {
-            sh.evict_wanted.notify_one();
-        }
+            (page - below, n)
+        } else if ignore_room {
+            let n = 1 + t.run_len(page + 1, FETCH_RUN_PAGES_MAX - 1, |s| {
+                s == PageState::Evicted
+            });
+            (page, n)
+        } else {
+            (page, claim_window(sh, &t, page, limit))
+        };
+        claim(
+            sh,
+            &mut t,
+            first,
+            n,
+            if fetch {
+                PageState::Fetching
+            } else {
+                PageState::Filling
+            },
+        );
         return if fetch {
             Plan::Fetch { first, n }
         } else {
@@ -303,36 +291,40 @@ fn prefetch(sh: &Shared, page: usize, buf: &mut PageBuf) {
         if room < PREFETCH_MIN_PAGES {
             return;
         }
-        let (window, stream) = sh
-            .readahead
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .window(page);
-        let limit = window.min(room).max(1);
-        let n = 1 + t.run_len(page + 1, limit - 1, |s| s == PageState::Evicted);
-        sh.readahead
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .fetched(stream, page, n);
-        for p in page..page + n {
-            t.set_state(p, PageState::Fetching);
-        }
-        let resident = t.resident();
-        sh.publish_resident(resident);
-        if resident > sh.high_pages {
-            sh.evict_wanted.notify_one();
-        }
+        let n = claim_window(sh, &t, page, |window| window.min(room));
+        claim(sh, &mut t, page, n, PageState::Fetching);
         n
     };
     STATS.add(Counter::Prefetches, 1);
-    let mut at = page;
-    while at < page + n {
-        let len = FETCH_CHUNK_PAGES.min(page + n - at);
-        if !fetch_chunk(sh, at, len, usize::MAX, buf) {
-            release_claim(sh, at + len, page + n - (at + len));
-            return;
-        }
-        at += len;
+    fetch_in_chunks(sh, page, n, None, buf);
+}
+
+/// The length of the run of evicted pages from `page` that its read-ahead stream's window
+/// (cut by `limit`) asks for, recorded as fetched by the stream. The cache lock is held (`t`).
+fn claim_window(
+    sh: &Shared,
+    t: &crate::cache::Table,
+    page: usize,
+    limit: impl Fn(usize) -> usize,
+) -> usize {
+    let mut ra = sh.readahead.lock().unwrap_or_else(|e| e.into_inner());
+    let (window, stream) = ra.window(page);
+    let limit = limit(window).max(1);
+    let n = 1 + t.run_len(page + 1, limit - 1, |s| s == PageState::Evicted);
+    ra.fetched(stream, page, n);
+    n
+}
+
+/// Puts `[first, first+n)` in `transit` for the calling thread, and wakes the evictor if that
+/// took the resident set over the high watermark. The cache lock is held (`t`).
+fn claim(sh: &Shared, t: &mut crate::cache::Table, first: usize, n: usize, transit: PageState) {
+    for p in first..first + n {
+        t.set_state(p, transit);
+    }
+    let resident = t.resident();
+    sh.publish_resident(resident);
+    if resident > sh.high_pages {
+        sh.evict_wanted.notify_one();
     }
 }
 
@@ -481,27 +473,27 @@ fn install_zeros(sh: &Shared, first: usize, n: usize) {
     STATS.add(Counter::PagesZeroFilled, installed);
 }
 
-/// Fetches the claimed run `[first, first+n)` from the store in chunks: a small first one
-/// that holds `faulting` (the page whose fault started it), so that the faulting thread runs
-/// again soon, then larger ones while it works on the first pages (a sequential reader that
-/// catches up waits only for the chunk it needs). If a read fails, the rest of the run is
-/// given back unread.
-pub(crate) fn fetch_and_install(
+/// Fetches the claimed run `[first, first+n)` from the store in chunks. When a thread faulted
+/// on `first` (`faulting`), the first chunk is small so that it runs again soon, and the
+/// larger ones follow while it works on the first pages (a sequential reader that catches up
+/// waits only for the chunk it needs). If a read fails, the rest of the run is given back
+/// unread.
+pub(crate) fn fetch_in_chunks(
     sh: &Shared,
     first: usize,
     n: usize,
-    faulting: usize,
+    faulting: Option<usize>,
     buf: &mut PageBuf,
 ) {
-    debug_assert!(faulting >= first && faulting < first + n);
+    debug_assert!(faulting.is_none() || faulting == Some(first));
     let mut at = first;
     while at < first + n {
-        let chunk = if at == first {
-            FETCH_FIRST_CHUNK_PAGES.max(faulting - first + 1)
+        let chunk = if at == first && faulting.is_some() {
+            FETCH_FIRST_CHUNK_PAGES
         } else {
             FETCH_CHUNK_PAGES
         };
-        let len = chunk.min(first + n - at).min(FETCH_CHUNK_PAGES);
+        let len = chunk.min(first + n - at);
         if !fetch_chunk(sh, at, len, faulting, buf) {
             release_claim(sh, at + len, first + n - (at + len));
             return;
@@ -543,7 +535,14 @@ fn release_claim(sh: &Shared, first: usize, n: usize) {
 /// page against its checksum, and installs the good ones write-protected (clean). If `faulting`
 /// is among them and cannot be fetched it is poisoned; the read-ahead pages that fail are put
 /// back as evicted (or poisoned when their copy is corrupt). False if the read failed.
-fn fetch_chunk(sh: &Shared, first: usize, n: usize, faulting: usize, buf: &mut PageBuf) -> bool {
+fn fetch_chunk(
+    sh: &Shared,
+    first: usize,
+    n: usize,
+    faulting: Option<usize>,
+    buf: &mut PageBuf,
+) -> bool {
+    let faulting = faulting.filter(|f| (first..first + n).contains(f));
     let crcs: Vec<u32> = {
         let t = sh.cache.lock();
         (first..first + n).map(|p| t.crc(p)).collect()
@@ -570,7 +569,7 @@ fn fetch_chunk(sh: &Shared, first: usize, n: usize, faulting: usize, buf: &mut P
                 p,
                 if removed {
                     PageState::Absent
-                } else if p == faulting {
+                } else if Some(p) == faulting {
                     PageState::Poisoned
                 } else {
                     PageState::Evicted
@@ -581,12 +580,8 @@ fn fetch_chunk(sh: &Shared, first: usize, n: usize, faulting: usize, buf: &mut P
         drop(t);
         sh.room.notify_all();
         let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
-        if (first..first + n).contains(&faulting) {
-            poison(
-                sh,
-                faulting,
-                &format!("fetching it from the store failed: {e}"),
-            );
+        if let Some(page) = faulting {
+            poison(sh, page, &format!("fetching it from the store failed: {e}"));
         }
         return false;
     }
@@ -602,7 +597,7 @@ fn fetch_chunk(sh: &Shared, first: usize, n: usize, faulting: usize, buf: &mut P
         .iter()
         .map(|&g| if g { Outcome::Pending } else { Outcome::Failed })
         .collect();
-    let bad_faulting = (first..first + n).contains(&faulting) && !good[faulting - first];
+    let bad_faulting = faulting.filter(|&f| !good[f - first]);
     // Corrupt copies are not installed: they are poisoned (below, by `finish_run`).
     install_pages(sh, first, buf.addr(0) as *const u8, true, &mut out);
     let installed = finish_run(
@@ -617,10 +612,10 @@ fn fetch_chunk(sh: &Shared, first: usize, n: usize, faulting: usize, buf: &mut P
     if installed > 1 {
         STATS.add(Counter::PagesReadAhead, installed - 1);
     }
-    if bad_faulting {
+    if let Some(page) = bad_faulting {
         log::error!(
             "the copy of the page at {:#x} in the store failed its CRC32C check",
-            sh.addr_of(faulting)
+            sh.addr_of(page)
         );
     }
     true
@@ -663,7 +658,7 @@ pub(crate) fn page_in_everything(sh: &Shared) {
         let state = sh.cache.lock().state(page);
         if state == PageState::Evicted {
             if let Plan::Fetch { first, n } = plan_fault(sh, page, true) {
-                fetch_and_install(sh, first, n, first, &mut buf);
+                fetch_in_chunks(sh, first, n, Some(first), &mut buf);
                 brought += n as u64;
                 page = first + n;
                 continue;

@@ -18,7 +18,7 @@
 //!   transit wakes the range when it is done, and the thread faults again if it must.
 //! - A page whose content cannot be fetched is poisoned: the faulting thread gets `SIGBUS`.
 
-pub(crate) mod evict;
+mod evict;
 mod fault;
 mod gate;
 mod readahead;
@@ -183,24 +183,17 @@ impl Shared {
         let mut p = self.page_of(start);
         let mut count = 0;
         while p <= last {
-            let mut runs = [(0u64, 0u64); FORGET_RUNS_MAX];
-            let mut n = 0;
+            let mut runs = Runs::<FORGET_RUNS_MAX>::new();
             {
                 let mut t = self.cache.lock();
-                while p <= last && n < FORGET_RUNS_MAX {
+                while p <= last && !runs.is_full() {
                     match t.state(p) {
                         PageState::Filling | PageState::Fetching | PageState::Evicting => {
                             t.set_flag(p, crate::cache::REMOVED, true);
                         }
                         _ => {
                             if t.has_flag(p, crate::cache::STORED) {
-                                let page = p as u64;
-                                if n > 0 && runs[n - 1].0 + runs[n - 1].1 == page {
-                                    runs[n - 1].1 += 1;
-                                } else {
-                                    runs[n] = (page, 1);
-                                    n += 1;
-                                }
+                                runs.push(p as u64);
                                 t.forget_stored(p);
                             }
                             t.set_state(p, PageState::Absent);
@@ -210,7 +203,7 @@ impl Shared {
                 }
                 self.publish_resident(t.resident());
             }
-            for &(first, pages) in &runs[..n] {
+            for &(first, pages) in runs.as_slice() {
                 count += pages;
                 // A failed hole punch leaves a stale copy that nothing reads any more.
                 let _ = self.store.discard(first, pages);
@@ -221,15 +214,43 @@ impl Shared {
     }
 }
 
-/// Appends `page` to a list of `(first, count)` runs, extending the last run when adjacent.
-pub(crate) fn push_run(runs: &mut Vec<(u64, u64)>, page: u64) {
-    if let Some(last) = runs.last_mut() {
-        if last.0 + last.1 == page {
-            last.1 += 1;
-            return;
+/// `(first page, count)` runs of pages in a fixed array: filled where nothing may allocate
+/// (see [`Shared::forget_range`]).
+pub(crate) struct Runs<const N: usize> {
+    runs: [(u64, u64); N],
+    len: usize,
+}
+
+impl<const N: usize> Runs<N> {
+    pub(crate) fn new() -> Self {
+        Runs {
+            runs: [(0, 0); N],
+            len: 0,
         }
     }
-    runs.push((page, 1));
+
+    /// True when a page that does not extend the last run would not fit.
+    pub(crate) fn is_full(&self) -> bool {
+        self.len == N
+    }
+
+    /// Appends `page`, extending the last run when adjacent. The caller checks
+    /// [`Runs::is_full`] first.
+    pub(crate) fn push(&mut self, page: u64) {
+        if let Some(last) = self.runs[..self.len].last_mut() {
+            if last.0 + last.1 == page {
+                last.1 += 1;
+                return;
+            }
+        }
+        assert!(self.len < N, "a run list of {N} runs overflowed");
+        self.runs[self.len] = (page, 1);
+        self.len += 1;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[(u64, u64)] {
+        &self.runs[..self.len]
+    }
 }
 
 /// A running pager over one region.
@@ -352,7 +373,6 @@ impl Runtime {
         })
     }
 
-    /// One line describing how the runtime runs, for the stats report.
     /// Gives the pages of `[addr, addr+len)` (page-aligned, in the region) back: afterwards
     /// they read as zeros, their store copies are dropped, and no install can bring old content
     /// back. The allocator calls this for freed runs instead of `madvise(MADV_DONTNEED)`,
@@ -402,6 +422,7 @@ impl Runtime {
         self.shared.store.at_exit();
     }
 
+    /// What the runtime runs with, for the stats report.
     pub fn describe(&self) -> Vec<(String, String)> {
         vec![
             ("uffd_features".into(), format!("{:#x}", self.features.0)),

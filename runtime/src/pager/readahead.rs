@@ -8,7 +8,7 @@
 //! fetches one page per fault and wastes neither I/O nor cache room, while a sweep quickly
 //! fetches large runs with one fault and one read each.
 
-/// Largest read-ahead window in pages (fetched in chunks, see `fault::fetch_and_install`).
+/// Largest read-ahead window in pages (fetched in chunks, see `fault::fetch_in_chunks`).
 pub(crate) const WINDOW_PAGES_MAX: usize = super::FETCH_RUN_PAGES_MAX;
 /// Streams followed at once (a few per CPU: each thread of a sweep is one).
 const STREAMS: usize = 16;
