@@ -70,6 +70,19 @@ const _: () = assert!(HEAP_BYTES_DEFAULT <= HEAP_BYTES_MAX);
 const _: () = assert!(EVICT_BATCH_PAGES_MIN <= EVICT_BATCH_PAGES_DEFAULT);
 const _: () = assert!(EVICT_BATCH_PAGES_DEFAULT <= EVICT_BATCH_PAGES_MAX);
 
+/// Bounds on the epoch interval (`LEGO_FLUSH_MS`), in milliseconds.
+pub const FLUSH_MS_MIN: u64 = 10;
+/// Upper bound on the epoch interval, in milliseconds (one hour).
+pub const FLUSH_MS_MAX: u64 = 3_600_000;
+/// Default epoch interval, in milliseconds.
+pub const FLUSH_MS_DEFAULT: u64 = 1000;
+/// Smallest `LEGO_FLUSH_PAGES`, in pages.
+pub const FLUSH_PAGES_MIN: usize = 16;
+/// Largest `LEGO_FLUSH_PAGES`, in pages (64 GiB of dirty pages).
+pub const FLUSH_PAGES_MAX: usize = 1 << 24;
+/// Smallest `LEGO_LOG_MAX`, in bytes: below it compaction would run all the time.
+pub const LOG_MAX_BYTES_MIN: u64 = 16 * MIB;
+
 /// Longest fraction accepted in a size ("1.123456789G"), in digits; keeps the arithmetic in
 /// 64 bits exact.
 const SIZE_FRACTION_DIGITS_MAX: usize = 9;
@@ -92,6 +105,18 @@ pub mod vars {
     pub const EVICT_BATCH: &str = "LEGO_EVICT_BATCH";
     /// Fault injection (testing hook).
     pub const FAULT_INJECT: &str = "LEGO_FAULT_INJECT";
+    /// Directory of the durable heap's log.
+    pub const LOG_DIR: &str = "LEGO_LOG_DIR";
+    /// Longest time between two epochs.
+    pub const FLUSH_MS: &str = "LEGO_FLUSH_MS";
+    /// Dirty pages that start an epoch early.
+    pub const FLUSH_PAGES: &str = "LEGO_FLUSH_PAGES";
+    /// Whether the log waits for the disk.
+    pub const SYNC: &str = "LEGO_SYNC";
+    /// Log size that triggers a compaction.
+    pub const LOG_MAX: &str = "LEGO_LOG_MAX";
+    /// Heap image to restore at start.
+    pub const RESTORE: &str = "LEGO_RESTORE";
     /// Not lego's own: the default backend directory comes from it.
     pub const TMPDIR: &str = "TMPDIR";
 }
@@ -163,6 +188,49 @@ const SETTINGS: &[Setting] = &[
         meaning: "Testing hook: after N pages succeed, every fetch (fetch:ERRNO:after=N) or \
                   store (store:ERRNO:after=N) fails with ERRNO (eio or enospc).",
     },
+    Setting {
+        name: vars::LOG_DIR,
+        default: "unset (no log: the heap is not durable)",
+        example: "/var/lib/app/heap",
+        meaning: "Durable heap: append epochs of changed pages to a log in this directory \
+                  (created 0700, one writer at a time); `lego replay` rebuilds the heap from it.",
+    },
+    Setting {
+        name: vars::FLUSH_MS,
+        default: "1000",
+        example: "200",
+        meaning: "Longest time between two epochs of the log, in milliseconds, from 10 to \
+                  3600000; needs LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::FLUSH_PAGES,
+        default: "a quarter of the cache, in pages",
+        example: "8192",
+        meaning: "Dirty pages that start an epoch before LEGO_FLUSH_MS is up, from 16 to \
+                  16777216; needs LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::SYNC,
+        default: "fdatasync",
+        example: "none",
+        meaning: "fdatasync: an epoch counts once the disk has it (survives a machine crash); \
+                  none: never wait for the disk (survives a crash of the program only); needs \
+                  LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::LOG_MAX,
+        default: "4 times the heap's live size, at least 64M",
+        example: "2G",
+        meaning: "Log size (a size, at least 16M) above which the log is compacted into a \
+                  checkpoint of the live heap and older segments are removed; needs LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::RESTORE,
+        default: "unset",
+        example: "/tmp/heap.img",
+        meaning: "Start from this heap image (made by `lego replay`): the heap is mapped at its \
+                  old address and pages are read from the image as they are touched.",
+    },
 ];
 
 /// Every `LEGO_*` variable lego reads, each listed once with its default.
@@ -193,6 +261,35 @@ pub struct Config {
     pub evict_batch_pages: usize,
     /// Store failures to inject (`LEGO_FAULT_INJECT`); a testing hook, `None` in normal runs.
     pub fault_injection: Option<FaultPlan>,
+    /// The durable heap's log (`LEGO_LOG_DIR` and its companions), `None` when unset.
+    pub log: Option<LogSettings>,
+    /// The heap image to start from (`LEGO_RESTORE`).
+    pub restore: Option<PathBuf>,
+}
+
+/// Settings of the durable heap's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// The log directory (`LEGO_LOG_DIR`).
+    pub dir: PathBuf,
+    /// Longest time between epochs, in milliseconds (`LEGO_FLUSH_MS`).
+    pub flush_ms: u64,
+    /// Dirty pages that start an epoch early (`LEGO_FLUSH_PAGES`).
+    pub flush_pages: usize,
+    /// Whether epochs wait for the disk (`LEGO_SYNC`).
+    pub sync: LogSync,
+    /// Log size that triggers a compaction, in bytes (`LEGO_LOG_MAX`); `None`: follow the
+    /// heap's live size.
+    pub log_max_bytes: Option<u64>,
+}
+
+/// `LEGO_SYNC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSync {
+    /// `fdatasync` before and after each commit record.
+    Fdatasync,
+    /// Never wait for the disk.
+    None,
 }
 
 /// Which page store holds evicted pages.
@@ -297,15 +394,37 @@ pub enum SizeError {
 /// value and what would be right.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
-    /// A setting of a feature this version does not have yet.
+    /// A setting of the log while `LEGO_LOG_DIR` is unset.
     #[error(
-        "{name} is set, but this version of lego has no durable heap yet (the log writer and \
-         restore are not built): the program would run without the durability it asks for; \
-         unset {name}"
+        "{name} is set but {} is not: {name} tunes the durable heap's log, which only runs \
+         with a log directory; set {} or unset {name}",
+        vars::LOG_DIR,
+        vars::LOG_DIR
     )]
-    NotYetSupported {
+    NeedsLogDir {
         /// The variable.
         name: &'static str,
+    },
+    /// `LEGO_SYNC` is not a sync mode.
+    #[error(
+        "{}={value:?} is not a sync mode: expected fdatasync (the default) or none",
+        vars::SYNC
+    )]
+    Sync {
+        /// The value as set.
+        value: String,
+    },
+    /// `LEGO_LOG_MAX` is below [`LOG_MAX_BYTES_MIN`].
+    #[error(
+        "{}={shown} ({bytes} bytes) is too small: the log needs at least 16 MiB \
+         ({LOG_MAX_BYTES_MIN} bytes) between compactions",
+        vars::LOG_MAX
+    )]
+    LogMaxTooSmall {
+        /// The value as set (quoted).
+        shown: String,
+        /// The size in bytes.
+        bytes: u64,
     },
     /// The value is not valid UTF-8.
     #[error("{name}={value:?} is not valid UTF-8: expected a plain text value")]
@@ -486,6 +605,12 @@ struct RawSettings {
     handler_threads: Option<Raw<usize>>,
     evict_batch_pages: Option<Raw<usize>>,
     fault_injection: Option<FaultPlan>,
+    log_dir: Option<String>,
+    flush_ms: Option<u64>,
+    flush_pages: Option<Raw<usize>>,
+    sync: Option<LogSync>,
+    log_max_bytes: Option<Raw<u64>>,
+    restore: Option<String>,
 }
 
 impl Config {
@@ -571,25 +696,7 @@ fn lookup(get: &impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
 }
 
 /// Step one: parse each variable on its own.
-/// Settings of the durable heap, which this version does not have yet. A user who sets one
-/// expects a heap that survives a crash: running without it, silently, would lose their data.
-const NOT_YET_SUPPORTED: [&str; 6] = [
-    "LEGO_LOG_DIR",
-    "LEGO_RESTORE",
-    "LEGO_FLUSH_MS",
-    "LEGO_FLUSH_PAGES",
-    "LEGO_SYNC",
-    "LEGO_LOG_MAX",
-];
-
 fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSettings, ConfigError> {
-    if let Some(name) = NOT_YET_SUPPORTED
-        .iter()
-        .copied()
-        .find(|name| get(name).is_some_and(|v| !v.is_empty()))
-    {
-        return Err(ConfigError::NotYetSupported { name });
-    }
     let size = |name: &'static str| -> Result<Option<Raw<u64>>, ConfigError> {
         let Some(text) = lookup(&get, name) else {
             return Ok(None);
@@ -641,6 +748,29 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
         fault_injection: lookup(&get, vars::FAULT_INJECT)
             .map(|v| parse_fault_plan(&v))
             .transpose()?,
+        log_dir: lookup(&get, vars::LOG_DIR),
+        flush_ms: lookup(&get, vars::FLUSH_MS)
+            .map(|text| match text.parse::<u64>() {
+                Ok(v) if (FLUSH_MS_MIN..=FLUSH_MS_MAX).contains(&v) => Ok(v),
+                _ => Err(ConfigError::Count {
+                    name: vars::FLUSH_MS,
+                    value: text,
+                    unit: "milliseconds",
+                    min: FLUSH_MS_MIN as usize,
+                    max: FLUSH_MS_MAX as usize,
+                }),
+            })
+            .transpose()?,
+        flush_pages: count(vars::FLUSH_PAGES, "pages", FLUSH_PAGES_MIN, FLUSH_PAGES_MAX)?,
+        sync: lookup(&get, vars::SYNC)
+            .map(|v| match v.to_ascii_lowercase().as_str() {
+                "fdatasync" => Ok(LogSync::Fdatasync),
+                "none" => Ok(LogSync::None),
+                _ => Err(ConfigError::Sync { value: v }),
+            })
+            .transpose()?,
+        log_max_bytes: size(vars::LOG_MAX)?,
+        restore: lookup(&get, vars::RESTORE),
     })
 }
 
@@ -731,6 +861,51 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         None => EVICT_BATCH_PAGES_DEFAULT,
     };
 
+    let log = match raw.log_dir {
+        Some(dir) => {
+            let flush_pages = match raw.flush_pages {
+                Some(pages) => check_count(
+                    pages,
+                    vars::FLUSH_PAGES,
+                    "pages",
+                    FLUSH_PAGES_MIN,
+                    FLUSH_PAGES_MAX,
+                )?,
+                None => usize::try_from(cache_bytes / PAGE_BYTES / 4)
+                    .unwrap_or(FLUSH_PAGES_MAX)
+                    .clamp(FLUSH_PAGES_MIN, FLUSH_PAGES_MAX),
+            };
+            let log_max_bytes = match raw.log_max_bytes {
+                Some(max) if max.value < LOG_MAX_BYTES_MIN => {
+                    return Err(ConfigError::LogMaxTooSmall {
+                        shown: max.shown(),
+                        bytes: max.value,
+                    })
+                }
+                other => other.map(|max| max.value),
+            };
+            Some(LogSettings {
+                dir: PathBuf::from(dir),
+                flush_ms: raw.flush_ms.unwrap_or(FLUSH_MS_DEFAULT),
+                flush_pages,
+                sync: raw.sync.unwrap_or(LogSync::Fdatasync),
+                log_max_bytes,
+            })
+        }
+        None => {
+            let set = [
+                (vars::FLUSH_MS, raw.flush_ms.is_some()),
+                (vars::FLUSH_PAGES, raw.flush_pages.is_some()),
+                (vars::SYNC, raw.sync.is_some()),
+                (vars::LOG_MAX, raw.log_max_bytes.is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::NeedsLogDir { name });
+            }
+            None
+        }
+    };
+
     Ok(Config {
         cache_bytes,
         heap_bytes,
@@ -740,6 +915,8 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         handler_threads,
         evict_batch_pages,
         fault_injection: raw.fault_injection,
+        log,
+        restore: raw.restore.map(PathBuf::from),
     })
 }
 
@@ -1212,6 +1389,8 @@ mod tests {
                     after_pages: 7,
                     errno: libc::ENOSPC
                 }),
+                log: None,
+                restore: None,
             }
         );
         assert_eq!(c.cache_pages(), 48 * MIB / PAGE_BYTES);
@@ -1409,7 +1588,7 @@ mod tests {
         )
         .expect("defaults are valid");
         let mut read = read.into_inner();
-        read.retain(|n| n != vars::TMPDIR && !NOT_YET_SUPPORTED.contains(&n.as_str()));
+        read.retain(|n| n != vars::TMPDIR);
         read.sort();
         let mut documented: Vec<String> = SETTINGS.iter().map(|s| s.name.to_owned()).collect();
         documented.sort();
@@ -1430,6 +1609,10 @@ mod tests {
             // The cache example must fit the heap example and vice versa.
             if s.name == vars::HEAP_SIZE {
                 pairs.push((vars::CACHE_SIZE, "512M"));
+            }
+            // The log's settings tune a log.
+            if [vars::FLUSH_MS, vars::FLUSH_PAGES, vars::SYNC, vars::LOG_MAX].contains(&s.name) {
+                pairs.push((vars::LOG_DIR, "/var/lib/app/heap"));
             }
             config(&pairs).unwrap_or_else(|e| panic!("{}={}: {e}", s.name, s.example));
         }
@@ -1522,12 +1705,33 @@ mod tests {
     }
 
     #[test]
-    fn durable_heap_settings_are_refused_until_they_work() {
-        let err = config(&[("LEGO_LOG_DIR", "/var/lib/app/heap")]).expect_err("refused");
+    fn log_settings_need_a_log_dir_and_have_defaults() {
+        let err = config(&[("LEGO_FLUSH_MS", "200")]).expect_err("refused");
         let msg = err.to_string();
-        assert!(msg.starts_with("LEGO_LOG_DIR is set"), "{msg}");
-        assert!(msg.contains("unset LEGO_LOG_DIR"), "{msg}");
-        assert!(config(&[("LEGO_RESTORE", "/tmp/heap.img")]).is_err());
-        assert!(config(&[("LEGO_LOG_DIR", "")]).is_ok(), "empty means unset");
+        assert!(msg.starts_with("LEGO_FLUSH_MS is set but LEGO_LOG_DIR is not"), "{msg}");
+        assert!(config(&[("LEGO_SYNC", "none")]).is_err());
+        let c = config(&[("LEGO_LOG_DIR", "/var/lib/app/heap"), ("LEGO_CACHE_SIZE", "64M")])
+            .expect("valid");
+        let log = c.log.expect("a log");
+        assert_eq!(log.dir, PathBuf::from("/var/lib/app/heap"));
+        assert_eq!(log.flush_ms, FLUSH_MS_DEFAULT);
+        assert_eq!(log.flush_pages, 4096, "a quarter of a 64 MiB cache");
+        assert_eq!(log.sync, LogSync::Fdatasync);
+        assert_eq!(log.log_max_bytes, None);
+        let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_SYNC", "always")])
+            .expect_err("bad sync")
+            .to_string();
+        assert!(msg.starts_with("LEGO_SYNC=\"always\" is not a sync mode"), "{msg}");
+        let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_FLUSH_MS", "5")])
+            .expect_err("too short")
+            .to_string();
+        assert!(msg.contains("from 10 to 3600000"), "{msg}");
+        let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_LOG_MAX", "1M")])
+            .expect_err("too small")
+            .to_string();
+        assert!(msg.starts_with("LEGO_LOG_MAX=\"1M\""), "{msg}");
+        assert!(config(&[("LEGO_LOG_DIR", "")]).expect("empty").log.is_none());
+        let c = config(&[("LEGO_RESTORE", "/tmp/heap.img")]).expect("restore alone");
+        assert_eq!(c.restore, Some(PathBuf::from("/tmp/heap.img")));
     }
 }

@@ -30,18 +30,27 @@ pub enum PageState {
     Poisoned = 6,
 }
 
-const STATE_MASK: u8 = 0b111;
+const STATE_MASK: u16 = 0b111;
 /// Flag: the program discarded the page (`madvise`, `free` of a large run) while it was in a
 /// transit state; the owner turns it `Absent` when it finishes.
-pub const REMOVED: u8 = 1 << 3;
+pub const REMOVED: u16 = 1 << 3;
 /// Flag: the store holds a copy of this page whose CRC32C is in the checksum table. For a
 /// resident page it means the copy may equal the page (clean) if it was not written since.
-pub const STORED: u8 = 1 << 4;
+pub const STORED: u16 = 1 << 4;
 /// Flag: second chance for the clock: set when the page is installed or found written.
-pub const REFERENCED: u8 = 1 << 5;
+pub const REFERENCED: u16 = 1 << 5;
+/// Flag: the page's content is in the restore image (`LEGO_RESTORE`) and nowhere else yet; its
+/// checksum is not in the table (replay checked the log's checksums when it built the image).
+pub const IMAGE: u16 = 1 << 6;
+/// Flag: the page changed since the log last recorded it (durable heap only): the next epoch
+/// logs its content (or a `ZERO` record when it is `Absent`).
+pub const LOGDIRTY: u16 = 1 << 7;
+/// Flag: the epoch being written reads this evicted page's copy from the store: the evictor
+/// leaves the page alone and a discard keeps the store's copy until the epoch has it.
+pub const LOGHOLD: u16 = 1 << 8;
 
 impl PageState {
-    fn from_bits(bits: u8) -> PageState {
+    fn from_bits(bits: u16) -> PageState {
         match bits & STATE_MASK {
             0 => PageState::Absent,
             1 => PageState::Resident,
@@ -64,7 +73,7 @@ impl PageState {
 
 /// The page table and the counters, guarded by the cache lock.
 pub struct Table {
-    entries: Vec<u8>,
+    entries: Vec<u16>,
     crcs: Vec<u32>,
     resident: usize,
     /// Clock hand: the page index where the next victim search starts.
@@ -78,15 +87,15 @@ impl Table {
         PageState::from_bits(self.entries[page])
     }
 
-    pub fn flags(&self, page: usize) -> u8 {
+    pub fn flags(&self, page: usize) -> u16 {
         self.entries[page] & !STATE_MASK
     }
 
-    pub fn has_flag(&self, page: usize, flag: u8) -> bool {
+    pub fn has_flag(&self, page: usize, flag: u16) -> bool {
         self.entries[page] & flag != 0
     }
 
-    pub fn set_flag(&mut self, page: usize, flag: u8, on: bool) {
+    pub fn set_flag(&mut self, page: usize, flag: u16, on: bool) {
         if on {
             self.entries[page] |= flag;
         } else {
@@ -105,7 +114,7 @@ impl Table {
             (true, false) => self.resident -= 1,
             _ => {}
         }
-        self.entries[page] = (self.entries[page] & !STATE_MASK) | state as u8;
+        self.entries[page] = (self.entries[page] & !STATE_MASK) | state as u16;
     }
 
     pub fn crc(&self, page: usize) -> u32 {
@@ -173,7 +182,7 @@ impl Table {
             let p = self.hand;
             self.hand += 1;
             visited += 1;
-            if self.state(p) != PageState::Resident {
+            if self.state(p) != PageState::Resident || self.has_flag(p, LOGHOLD) {
                 continue;
             }
             if self.has_flag(p, REFERENCED) {

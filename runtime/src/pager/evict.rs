@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{sleep_ms, Shared, STATS};
-use crate::cache::{PageState, REMOVED, STORED};
+use crate::cache::{PageState, LOGDIRTY, REMOVED, STORED};
 use crate::logging::RateLimit;
 use crate::stats::Counter;
 use crate::store::PageWrite;
@@ -187,6 +187,11 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
             let p = victims[i];
             let removed = t.has_flag(p, REMOVED);
             t.set_flag(p, REMOVED, false);
+            // The scan above consumed the page's written bit: the log learns of the change
+            // from the table (and a page that turns `Absent` gets a `ZERO` record).
+            if written[i] || matches!(fate[i], Fate::Dirty | Fate::Zero | Fate::Hole) {
+                t.set_flag(p, LOGDIRTY, true);
+            }
             match fate[i] {
                 Fate::Stayed => t.set_state(p, PageState::Resident),
                 _ if removed || matches!(fate[i], Fate::Hole | Fate::Zero) => {

@@ -10,7 +10,7 @@ use super::{
     pin_to_cpu, Shared, EVENTS_PER_READ_MAX, FETCH_CHUNK_PAGES, FETCH_FIRST_CHUNK_PAGES,
     FETCH_RUN_PAGES_MAX, IDLE_POLL_MS, ROOM_WAIT_MS, STATS, ZERO_RUN_PAGES_MAX,
 };
-use crate::cache::{PageState, REFERENCED, REMOVED};
+use crate::cache::{PageState, IMAGE, REFERENCED, REMOVED};
 use crate::logging::RateLimit;
 use crate::region::Region;
 use crate::stats::Counter;
@@ -87,8 +87,14 @@ pub(crate) fn handler_loop(sh: &Shared, cpu: Option<usize>) {
 /// events to the page table at once, and appends the addresses of missing-page faults in the
 /// region to `faults`.
 pub(crate) fn pump_events(sh: &Shared, buf: &mut EventBuffer, faults: &mut Vec<usize>) {
-    let mut events: Vec<Event> = Vec::with_capacity(EVENTS_PER_READ_MAX);
     let _w = sh.events.write().unwrap_or_else(|e| e.into_inner());
+    pump_events_locked(sh, buf, faults);
+}
+
+/// [`pump_events`] for a caller that holds the `events` lock for writing already (the epoch
+/// cut).
+pub(crate) fn pump_events_locked(sh: &Shared, buf: &mut EventBuffer, faults: &mut Vec<usize>) {
+    let mut events: Vec<Event> = Vec::with_capacity(EVENTS_PER_READ_MAX);
     loop {
         events.clear();
         if let Err(e) = sh.uffd.read_ready(buf, &mut events) {
@@ -424,6 +430,11 @@ fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_fai
             let p = first + i;
             let removed = t.has_flag(p, REMOVED);
             t.set_flag(p, REMOVED, false);
+            if removed || matches!(o, Outcome::Removed | Outcome::Installed) {
+                // Installed: the region has the content now (and the store gets it when the
+                // page is evicted); removed: nobody needs the image's copy any more.
+                t.set_flag(p, IMAGE, false);
+            }
             match o {
                 _ if removed => {
                     t.forget_stored(p);
@@ -543,9 +554,13 @@ fn fetch_chunk(
     buf: &mut PageBuf,
 ) -> bool {
     let faulting = faulting.filter(|f| (first..first + n).contains(f));
-    let crcs: Vec<u32> = {
+    // Pages still in the restore image have no checksum in the table (replay checked the
+    // log's when it wrote the image).
+    let crcs: Vec<Option<u32>> = {
         let t = sh.cache.lock();
-        (first..first + n).map(|p| t.crc(p)).collect()
+        (first..first + n)
+            .map(|p| (!t.has_flag(p, IMAGE)).then(|| t.crc(p)))
+            .collect()
     };
     let result = {
         let mut slices = buf.pages_mut(n);
@@ -588,9 +603,10 @@ fn fetch_chunk(
     // Verify every page before anything is installed: a corrupt copy is never served.
     let mut good = vec![true; n];
     for i in 0..n {
-        let crc = crc32c::crc32c(buf.page(i));
-        if crc != crcs[i] {
-            good[i] = false;
+        if let Some(want) = crcs[i] {
+            if crc32c::crc32c(buf.page(i)) != want {
+                good[i] = false;
+            }
         }
     }
     let mut out: Vec<Outcome> = good

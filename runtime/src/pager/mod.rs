@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cache::{Cache, PageState};
+use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, STORED};
 use crate::config::Config;
 use crate::region::{self, Region, RegionError};
 use crate::stats::Stats;
@@ -187,15 +187,22 @@ impl Shared {
             {
                 let mut t = self.cache.lock();
                 while p <= last && !runs.is_full() {
-                    match t.state(p) {
+                    let state = t.state(p);
+                    if state != PageState::Absent {
+                        // The log records the page as zeros in the next epoch.
+                        t.set_flag(p, LOGDIRTY, true);
+                    }
+                    match state {
                         PageState::Filling | PageState::Fetching | PageState::Evicting => {
-                            t.set_flag(p, crate::cache::REMOVED, true);
+                            t.set_flag(p, REMOVED, true);
                         }
                         _ => {
-                            if t.has_flag(p, crate::cache::STORED) {
+                            // An epoch being written still reads a held page's store copy.
+                            if t.has_flag(p, STORED) && !t.has_flag(p, LOGHOLD) {
                                 runs.push(p as u64);
-                                t.forget_stored(p);
                             }
+                            t.forget_stored(p);
+                            t.set_flag(p, IMAGE, false);
                             t.set_state(p, PageState::Absent);
                         }
                     }

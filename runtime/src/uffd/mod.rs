@@ -390,6 +390,27 @@ impl PagemapScanner {
         &self,
         start: usize,
         end: usize,
+        found: impl FnMut(usize, usize),
+    ) -> Result<(), UffdError> {
+        self.scan_written(start, end, true, found)
+    }
+
+    /// Like [`PagemapScanner::take_written`] but only reports: the pages stay writable (it
+    /// counts dirty pages without making their next write fault).
+    pub fn find_written(
+        &self,
+        start: usize,
+        end: usize,
+        found: impl FnMut(usize, usize),
+    ) -> Result<(), UffdError> {
+        self.scan_written(start, end, false, found)
+    }
+
+    fn scan_written(
+        &self,
+        start: usize,
+        end: usize,
+        protect: bool,
         mut found: impl FnMut(usize, usize),
     ) -> Result<(), UffdError> {
         let mut regions = [sys::PageRegion::default(); SCAN_REGIONS_MAX];
@@ -397,7 +418,11 @@ impl PagemapScanner {
         while from < end {
             let mut arg = sys::PmScanArg {
                 size: std::mem::size_of::<sys::PmScanArg>() as u64,
-                flags: sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC,
+                flags: if protect {
+                    sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC
+                } else {
+                    sys::PM_SCAN_CHECK_WPASYNC
+                },
                 start: from as u64,
                 end: end as u64,
                 vec: regions.as_mut_ptr() as u64,
