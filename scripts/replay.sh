@@ -78,12 +78,10 @@ say "lego replay $log_dir -o $image ${epoch_args[*]:-}"
 image_abs="$(cd "$(dirname "$image")" && pwd)/$(basename "$image")"
 log_abs="$(cd "$log_dir" && pwd)"
 say "restart the program on the recovered heap (same binary, same arguments):"
-echo "    (not yet: this version of liblego.so refuses LEGO_RESTORE and LEGO_LOG_DIR until the"
-echo "     durable heap is finished; the image above is complete and will restore then)"
 printf '    LEGO_RESTORE=%q LD_PRELOAD=%q PROGRAM [ARGS...]\n' "$image_abs" "$lib"
 if [ ${#epoch_args[@]} -eq 0 ]; then
     printf '\nto keep logging to the same directory, add LEGO_LOG_DIR=%q\n' "$log_abs"
 else
-    printf '\nto keep logging, give it a new LEGO_LOG_DIR: this log goes on past epoch %s\n' \
-        "${epoch_args[1]}"
+    printf '\nto keep logging to the same directory, add LEGO_LOG_DIR=%q: the log then\n' "$log_abs"
+    printf 'continues from epoch %s, and the epochs after it are dropped\n' "${epoch_args[1]}"
 fi

@@ -246,3 +246,43 @@ pub unsafe extern "C" fn __libc_pvalloc(size: size_t) -> *mut c_void {
     // SAFETY: same contract.
     unsafe { pvalloc(size) }
 }
+
+/// `long lego_checkpoint(void)`: see `preload/include/lego.h`.
+#[no_mangle]
+pub extern "C" fn lego_checkpoint() -> libc::c_long {
+    let rt = match super::RUNTIME.get() {
+        Some(rt) if !super::DETACHED.load(std::sync::atomic::Ordering::Relaxed) => rt,
+        _ => {
+            set_errno(libc::ENOTSUP);
+            return -1;
+        }
+    };
+    match rt.checkpoint() {
+        Ok(epoch) => libc::c_long::try_from(epoch).unwrap_or(libc::c_long::MAX),
+        Err(lego_runtime::pager::EpochError::NoLog) => {
+            set_errno(libc::ENOTSUP);
+            -1
+        }
+        Err(lego_runtime::pager::EpochError::Failed(_)) => {
+            set_errno(libc::EIO);
+            -1
+        }
+    }
+}
+
+/// `void *lego_root(void)`: see `preload/include/lego.h`.
+#[no_mangle]
+pub extern "C" fn lego_root() -> *mut c_void {
+    match super::user_heap() {
+        Some(h) => h.root().cast(),
+        None => std::ptr::null_mut(),
+    }
+}
+
+/// `void lego_set_root(void *p)`: see `preload/include/lego.h`.
+#[no_mangle]
+pub extern "C" fn lego_set_root(p: *mut c_void) {
+    if let Some(h) = super::user_heap() {
+        h.set_root(p.cast());
+    }
+}

@@ -18,10 +18,11 @@ mod exports;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use lego_runtime::config::Config;
 use lego_runtime::heap::Heap;
+use lego_runtime::log::image::ImageFile;
 use lego_runtime::pager::{Runtime, STATS};
 use lego_runtime::region::{self, Region};
 use lego_runtime::stats::Counter;
@@ -39,6 +40,22 @@ const EXIT_CANNOT_START: i32 = 3;
 const UNINIT: u8 = 0;
 const BUSY: u8 = 1;
 const READY: u8 = 2;
+/// The user heap is being restored from an image (`LEGO_RESTORE`): its region is reserved,
+/// but it can be opened only once the runtime serves faults (in the constructor). Until then
+/// every allocation comes from the internal heap.
+const RESTORING: u8 = 3;
+
+/// The durable heap's variables. Once this process holds the log (or restored the image),
+/// they are removed from its environment, so that programs it `exec`s run with an ordinary
+/// heap instead of competing for the same log directory or restoring the same image.
+const DURABLE_VARS: [&str; 6] = [
+    lego_runtime::config::vars::LOG_DIR,
+    lego_runtime::config::vars::FLUSH_MS,
+    lego_runtime::config::vars::FLUSH_PAGES,
+    lego_runtime::config::vars::SYNC,
+    lego_runtime::config::vars::LOG_MAX,
+    lego_runtime::config::vars::RESTORE,
+];
 
 static INTERNAL_STATE: AtomicU8 = AtomicU8::new(UNINIT);
 static INTERNAL_HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
@@ -50,6 +67,11 @@ static USER_BASE: AtomicUsize = AtomicUsize::new(0);
 static USER_LEN: AtomicUsize = AtomicUsize::new(0);
 
 static CONFIG: OnceLock<Config> = OnceLock::new();
+/// The image being restored, between `user_heap` (which reserves its region) and the
+/// constructor (which starts the runtime on it).
+static RESTORE_IMAGE: Mutex<Option<ImageFile>> = Mutex::new(None);
+/// The restored heap's region, until the heap is published.
+static RESTORE_REGION: Mutex<Option<Region>> = Mutex::new(None);
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 /// The process that started the runtime; a forked child is not it.
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);
@@ -122,6 +144,12 @@ fn user_heap() -> Option<&'static Heap> {
                 Ok(c) => c,
                 Err(e) => die(EXIT_BAD_SETTING, &format!("lego: {e}")),
             };
+            if let Some(path) = &config.restore {
+                reserve_for_restore(&config, path);
+                let _ = CONFIG.set(config);
+                USER_STATE.store(RESTORING, Ordering::Release);
+                return None;
+            }
             let len = usize::try_from(config.heap_bytes).unwrap_or(usize::MAX);
             let region = match Region::reserve(len, None) {
                 Ok(r) => r,
@@ -137,24 +165,73 @@ fn user_heap() -> Option<&'static Heap> {
             };
             // Freed memory kept for reuse counts against the cache like live memory: an
             // eighth of the cache at most.
-            let cache = usize::try_from(config.cache_bytes).unwrap_or(usize::MAX);
-            heap.set_retain_bytes((cache / 8).min(lego_runtime::heap::RETAIN_BYTES_DEFAULT));
             let _ = CONFIG.set(config);
-            USER_BASE.store(region.base, Ordering::Release);
-            USER_LEN.store(region.len, Ordering::Release);
-            USER_HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
-            USER_STATE.store(READY, Ordering::Release);
+            publish_user_heap(heap, region);
             Some(heap)
         }
         // The thread that is creating the heap allocates while it does (reading the
-        // configuration): those allocations come from the internal heap.
-        Err(BUSY) => None,
+        // configuration): those allocations come from the internal heap. So does everything
+        // before a restored heap is open.
+        Err(BUSY) | Err(RESTORING) => None,
         Err(_) => {
             spin_until_ready(&USER_STATE);
             // SAFETY: READY is stored after the pointer is published.
             Some(unsafe { &*USER_HEAP.load(Ordering::Acquire) })
         }
     }
+}
+
+/// Makes `heap` the user heap: from now on the program allocates from it.
+fn publish_user_heap(heap: &'static Heap, region: Region) {
+    // Freed memory kept for reuse counts against the cache like live memory: an eighth of the
+    // cache at most.
+    let cache = CONFIG
+        .get()
+        .map_or(0, |c| usize::try_from(c.cache_bytes).unwrap_or(usize::MAX));
+    heap.set_retain_bytes((cache / 8).min(lego_runtime::heap::RETAIN_BYTES_DEFAULT));
+    USER_BASE.store(region.base, Ordering::Release);
+    USER_LEN.store(region.len, Ordering::Release);
+    USER_HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+    USER_STATE.store(READY, Ordering::Release);
+}
+
+/// `LEGO_RESTORE`: opens the image and reserves its region at the address it had, or stops
+/// the program with a message.
+fn reserve_for_restore(config: &Config, path: &std::path::Path) {
+    let var = lego_runtime::config::vars::RESTORE;
+    let image = match ImageFile::open(path) {
+        Ok(img) => img,
+        Err(e) => die(
+            EXIT_CANNOT_START,
+            &format!(
+                "lego: {var}: {}",
+                lego_runtime::log::replay::error_chain(&e)
+            ),
+        ),
+    };
+    let info = image.header().region;
+    let (base, len) = (info.base as usize, info.len as usize);
+    if config.cache_bytes > info.len {
+        die(
+            EXIT_BAD_SETTING,
+            &format!(
+                "lego: {var}: the image's heap is {len} bytes, smaller than LEGO_CACHE_SIZE ({} bytes); set LEGO_CACHE_SIZE to at most {len}",
+                config.cache_bytes
+            ),
+        );
+    }
+    let region = match Region::reserve(len, Some(base)) {
+        Ok(r) => r,
+        Err(e) => die(
+            EXIT_CANNOT_START,
+            &format!(
+                "lego: {var}: the heap of {} must be mapped at {base:#x}, where it was, but {e} (is another allocator or a sanitizer using that address? run without address-space layout changes such as a different LD_PRELOAD order)",
+                path.display()
+            ),
+        ),
+    };
+    *RESTORE_IMAGE.lock().unwrap_or_else(|e| e.into_inner()) = Some(image);
+    *RESTORE_REGION.lock().unwrap_or_else(|e| e.into_inner()) = Some(region);
 }
 
 /// The heap that serves a call made on this thread now.
@@ -164,6 +241,7 @@ fn heap_for_caller() -> &'static Heap {
     }
     match user_heap() {
         Some(h) => h,
+        None if USER_STATE.load(Ordering::Acquire) == RESTORING => internal_heap(),
         None => {
             // Another thread is creating the user heap; wait for it unless it is this one.
             if USER_STATE.load(Ordering::Acquire) == BUSY && CONFIG.get().is_none() {
@@ -275,24 +353,70 @@ static GLOBAL: InternalAlloc = InternalAlloc;
 
 /// The constructor: reads the configuration (through the heap), starts the runtime.
 extern "C" fn lego_init() {
-    let Some(_) = user_heap() else {
-        return;
-    };
+    let restoring = user_heap().is_none() && USER_STATE.load(Ordering::Acquire) == RESTORING;
     let Some(config) = CONFIG.get() else {
         return;
     };
     lego_runtime::logging::init(config.log_level);
-    let region = Region {
-        base: USER_BASE.load(Ordering::Acquire),
-        len: USER_LEN.load(Ordering::Acquire),
+    let (region, image) = if restoring {
+        let region = RESTORE_REGION
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let image = RESTORE_IMAGE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match region {
+            Some(r) => (r, image),
+            None => return,
+        }
+    } else {
+        let region = Region {
+            base: USER_BASE.load(Ordering::Acquire),
+            len: USER_LEN.load(Ordering::Acquire),
+        };
+        if region.base == 0 {
+            return;
+        }
+        (region, None)
     };
     // SAFETY: getpid has no preconditions.
     OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
-    match Runtime::start(config, region) {
+    let quiesce = lego_runtime::pager::Quiesce {
+        hold: hold_user_heap,
+        release: release_user_heap,
+    };
+    match Runtime::start(config, region, image, Some(quiesce)) {
         Ok(rt) => {
             let _ = RUNTIME.set(rt);
         }
-        Err(e) => die(EXIT_CANNOT_START, &format!("lego: {e}")),
+        Err(e) => die(
+            EXIT_CANNOT_START,
+            &format!("lego: {}", lego_runtime::log::replay::error_chain(&e)),
+        ),
+    }
+    if restoring {
+        // The runtime serves the region now: opening the heap faults its header in from the
+        // image.
+        // SAFETY: the region was reserved at the image's address for this heap alone and
+        // holds exactly what the image holds (served on fault); it stays mapped.
+        let heap = match unsafe { Heap::open(region.base as *mut u8, region.len) } {
+            Ok(h) => h,
+            Err(e) => die(
+                EXIT_CANNOT_START,
+                &format!(
+                    "lego: {}: the image holds no usable heap: {e}",
+                    lego_runtime::config::vars::RESTORE
+                ),
+            ),
+        };
+        publish_user_heap(heap, region);
+    }
+    if config.log.is_some() || config.restore.is_some() {
+        for var in DURABLE_VARS {
+            std::env::remove_var(var);
+        }
     }
     // SAFETY: the handlers are plain `extern "C"` functions that live as long as the library.
     unsafe {
@@ -304,6 +428,31 @@ extern "C" fn lego_init() {
 #[used]
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = lego_init;
+
+/// Before an epoch cut (on the flusher thread): takes the user heap's locks.
+fn hold_user_heap() -> bool {
+    match published_user_heap() {
+        Some(h) => {
+            h.prepare_fork();
+            true
+        }
+        None => false,
+    }
+}
+
+/// After an epoch cut: gives them back.
+fn release_user_heap() {
+    if let Some(h) = published_user_heap() {
+        h.after_fork_parent();
+    }
+}
+
+/// The user heap if it is open (never creates it: the flusher is a runtime thread).
+fn published_user_heap() -> Option<&'static Heap> {
+    let p = USER_HEAP.load(Ordering::Acquire);
+    // SAFETY: once published, the heap lives in a region that is never unmapped.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
 
 extern "C" fn fork_prepare() {
     if DETACHED.load(Ordering::Relaxed) {
@@ -355,6 +504,15 @@ extern "C" fn lego_exit() {
     let (Some(config), Some(rt)) = (CONFIG.get(), RUNTIME.get()) else {
         return;
     };
+    // A normal exit logs the heap's final state: replay then gives it, not the last periodic
+    // epoch. (Other threads may still run; like any epoch it is a consistent cut.)
+    if config.log.is_some() {
+        if let Err(e) = rt.checkpoint() {
+            stderr_line(&format!(
+                "lego: the final epoch at exit was not logged: {e}"
+            ));
+        }
+    }
     rt.at_exit();
     if config.stats == lego_runtime::config::StatsSink::Off {
         return;

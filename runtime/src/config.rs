@@ -1708,10 +1708,16 @@ mod tests {
     fn log_settings_need_a_log_dir_and_have_defaults() {
         let err = config(&[("LEGO_FLUSH_MS", "200")]).expect_err("refused");
         let msg = err.to_string();
-        assert!(msg.starts_with("LEGO_FLUSH_MS is set but LEGO_LOG_DIR is not"), "{msg}");
+        assert!(
+            msg.starts_with("LEGO_FLUSH_MS is set but LEGO_LOG_DIR is not"),
+            "{msg}"
+        );
         assert!(config(&[("LEGO_SYNC", "none")]).is_err());
-        let c = config(&[("LEGO_LOG_DIR", "/var/lib/app/heap"), ("LEGO_CACHE_SIZE", "64M")])
-            .expect("valid");
+        let c = config(&[
+            ("LEGO_LOG_DIR", "/var/lib/app/heap"),
+            ("LEGO_CACHE_SIZE", "64M"),
+        ])
+        .expect("valid");
         let log = c.log.expect("a log");
         assert_eq!(log.dir, PathBuf::from("/var/lib/app/heap"));
         assert_eq!(log.flush_ms, FLUSH_MS_DEFAULT);
@@ -1721,7 +1727,10 @@ mod tests {
         let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_SYNC", "always")])
             .expect_err("bad sync")
             .to_string();
-        assert!(msg.starts_with("LEGO_SYNC=\"always\" is not a sync mode"), "{msg}");
+        assert!(
+            msg.starts_with("LEGO_SYNC=\"always\" is not a sync mode"),
+            "{msg}"
+        );
         let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_FLUSH_MS", "5")])
             .expect_err("too short")
             .to_string();
@@ -1730,7 +1739,10 @@ mod tests {
             .expect_err("too small")
             .to_string();
         assert!(msg.starts_with("LEGO_LOG_MAX=\"1M\""), "{msg}");
-        assert!(config(&[("LEGO_LOG_DIR", "")]).expect("empty").log.is_none());
+        assert!(config(&[("LEGO_LOG_DIR", "")])
+            .expect("empty")
+            .log
+            .is_none());
         let c = config(&[("LEGO_RESTORE", "/tmp/heap.img")]).expect("restore alone");
         assert_eq!(c.restore, Some(PathBuf::from("/tmp/heap.img")));
     }

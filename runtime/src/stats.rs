@@ -138,6 +138,19 @@ counters! {
     EventsRemap => events_remap,
     /// Pages served to a forked child's copy of the region.
     ForkPageIns => fork_page_ins,
+    /// Epochs committed to the durable heap's log.
+    EpochsCommitted => epochs_committed,
+    /// Pages (contents and zero records) appended to the log by epochs.
+    PagesLogged => pages_logged,
+    /// Time spent in epoch cuts (the part where threads that touch dirty pages wait), in
+    /// microseconds.
+    EpochCutMicros => epoch_cut_micros,
+    /// Pages an epoch copied while the program could write them (they would not move).
+    EpochPagesCopied => epoch_pages_copied,
+    /// Epochs or compactions the log failed to write.
+    LogErrors => log_errors,
+    /// Compactions of the log into a checkpoint.
+    LogCompactions => log_compactions,
 }
 
 /// Number of counters.
@@ -602,8 +615,9 @@ mod tests {
             assert_eq!(snap.get(c), i as u64 + 101, "{}", c.name());
         }
         assert_eq!(snap.faults_zero_fill, 101);
-        assert_eq!(snap.fork_page_ins, COUNTERS as u64 + 100);
-        assert_eq!(COUNTERS, 22);
+        assert_eq!(snap.fork_page_ins, 22 + 100);
+        assert_eq!(snap.log_compactions, COUNTERS as u64 + 100);
+        assert_eq!(COUNTERS, 28);
     }
 
     #[test]

@@ -57,11 +57,28 @@ fn cache_larger_than_heap() {
     assert_refused(&out, &["LEGO_CACHE_SIZE", "2G", "LEGO_HEAP_SIZE"]);
 }
 
-/// The durable heap is not built yet: asking for it must stop the program, not run it without.
+/// The log's settings without a log directory tune nothing: refused, naming both variables.
 #[test]
-fn durable_heap_settings_are_refused() {
-    let out = hello_with(&[("LEGO_LOG_DIR", "/var/lib/app/heap")]);
-    assert_refused(&out, &["LEGO_LOG_DIR", "no durable heap"]);
+fn log_settings_without_a_log_dir_are_refused() {
+    let out = hello_with(&[("LEGO_FLUSH_MS", "200")]);
+    assert_refused(&out, &["LEGO_FLUSH_MS", "LEGO_LOG_DIR"]);
+    let out = hello_with(&[("LEGO_LOG_DIR", "/tmp/x"), ("LEGO_SYNC", "sometimes")]);
+    assert_refused(&out, &["LEGO_SYNC", "sometimes", "fdatasync"]);
+}
+
+/// A restore image that is not one stops the program before main, naming the variable.
+#[test]
+fn restore_from_a_file_that_is_not_an_image_is_refused() {
+    let dir = TempDir::new("notimage");
+    let path = dir.path().join("heap.img");
+    std::fs::write(&path, b"this is not a heap image").expect("write");
+    let out = hello_with(&[("LEGO_RESTORE", path.to_str().expect("utf-8"))]);
+    assert_eq!(out.code, Some(3), "{out}");
+    assert!(!out.stdout.contains("main ran"), "{out}");
+    assert!(
+        out.stderr.contains("LEGO_RESTORE") && out.stderr.contains("not a lego heap image"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -138,7 +138,13 @@ impl Table {
         self.entries.len()
     }
 
-    /// One past the highest page index ever made resident.
+    /// Counts `page` as used (for a page that becomes `Evicted` without ever being resident:
+    /// a restored heap's pages), so that scans over the used part of the table see it.
+    pub fn note_used(&mut self, page: usize) {
+        self.high = self.high.max(page + 1);
+    }
+
+    /// One past the highest page index ever made resident (or noted used).
     pub fn high(&self) -> usize {
         self.high
     }

@@ -157,6 +157,24 @@ pub(super) fn reset_claims_after_fork() {
 }
 
 impl Heap {
+    /// Empties every thread cache without returning its objects (after a restore: the image
+    /// may have been cut while a thread was halfway through a lock-free cache operation, and the
+    /// threads that owned the caches are gone). The cached objects stay allocated as far as
+    /// their slabs know: a bounded leak of at most the caches' size.
+    pub(super) fn drop_thread_caches(&self) {
+        for arena in &self.arenas {
+            // SAFETY: called while no thread of this process uses the heap yet (it is being
+            // opened), so nobody else touches the caches.
+            unsafe {
+                for bin in (*arena.tcache.get()).iter_mut() {
+                    bin.head = 0;
+                    bin.count = 0;
+                }
+            }
+            arena.cached_bytes.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// One object of `class`: its address (null if the heap is full) and whether it reads as
     /// zero.
     #[inline]

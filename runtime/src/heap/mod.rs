@@ -234,6 +234,7 @@ impl Heap {
             });
         }
         h.reset_locks();
+        h.drop_thread_caches();
         Ok(h)
     }
 

@@ -562,18 +562,7 @@ fn fetch_chunk(
             .map(|p| (!t.has_flag(p, IMAGE)).then(|| t.crc(p)))
             .collect()
     };
-    let result = {
-        let mut slices = buf.pages_mut(n);
-        let mut batch: Vec<PageRead<'_>> = slices
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| PageRead {
-                page: (first + i) as u64,
-                buf: b,
-            })
-            .collect();
-        sh.store.fetch(&mut batch)
-    };
+    let result = read_pages(sh, first, &crcs, buf);
     if let Err(e) = result {
         STATS.add(Counter::FetchErrors, 1);
         let mut t = sh.cache.lock();
@@ -635,6 +624,50 @@ fn fetch_chunk(
         );
     }
     true
+}
+
+/// Reads pages `first..first + crcs.len()` into `buf`: from the restore image the pages that
+/// are still there (no checksum in `crcs`), from the store the others.
+fn read_pages(
+    sh: &Shared,
+    first: usize,
+    crcs: &[Option<u32>],
+    buf: &mut PageBuf,
+) -> Result<(), String> {
+    let mut slices = buf.pages_mut(crcs.len());
+    let mut from_store: Vec<PageRead<'_>> = Vec::with_capacity(crcs.len());
+    let mut i = 0;
+    let mut rest = slices.as_mut_slice();
+    while i < crcs.len() {
+        // A run of pages from the same source.
+        let image = crcs[i].is_none();
+        let n = crcs[i..]
+            .iter()
+            .take_while(|c| c.is_none() == image)
+            .count();
+        let (run, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        rest = tail;
+        if image {
+            let Some(img) = &sh.image else {
+                return Err("the page is marked as in the restore image, but none is open".into());
+            };
+            let mut bufs: Vec<&mut [u8]> = run.iter_mut().map(|b| &mut **b).collect();
+            img.read_pages((first + i) as u64, &mut bufs)
+                .map_err(|e| crate::log::replay::error_chain(&e))?;
+        } else {
+            for (k, b) in run.iter_mut().enumerate() {
+                from_store.push(PageRead {
+                    page: (first + i + k) as u64,
+                    buf: b,
+                });
+            }
+        }
+        i += n;
+    }
+    if from_store.is_empty() {
+        return Ok(());
+    }
+    sh.store.fetch(&mut from_store).map_err(|e| e.to_string())
 }
 
 /// Poisons `page` so that the faulting thread gets `SIGBUS`, and says so on stderr.

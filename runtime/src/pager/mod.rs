@@ -18,6 +18,7 @@
 //!   transit wakes the range when it is done, and the thread faults again if it must.
 //! - A page whose content cannot be fetched is poisoned: the faulting thread gets `SIGBUS`.
 
+mod epoch;
 mod evict;
 mod fault;
 mod gate;
@@ -30,7 +31,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, STORED};
-use crate::config::Config;
+use crate::config::{Config, LogSync};
+use crate::log::image::{ImageError, ImageFile};
+use crate::log::{LogError, LogWriter, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region, RegionError};
 use crate::stats::Stats;
 use crate::store::{self, PageStore, StoreError};
@@ -38,6 +41,8 @@ use crate::uffd::{self, Features, Kick, PagemapScanner, UffdError, Userfault};
 use crate::PAGE_SIZE;
 
 use gate::Gate;
+
+pub use epoch::EpochError;
 
 /// Counters of this process's runtime (one runtime per process).
 pub static STATS: Stats = Stats::new();
@@ -87,6 +92,10 @@ pub enum PagerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
     #[error(
         "this kernel offers userfaultfd features {offered:#x} but lego needs asynchronous \
          write-protection, PAGEMAP_SCAN and UFFDIO_MOVE (Linux 6.8 or newer)"
@@ -104,6 +113,16 @@ const HEAP_FEATURES: u64 = uffd::sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP
     | uffd::sys::UFFD_FEATURE_THREAD_ID
     | uffd::sys::UFFD_FEATURE_POISON
     | uffd::sys::UFFD_FEATURE_MOVE;
+
+/// How the epoch cut keeps the program's allocator still: `hold` takes every lock of the user
+/// heap (it may fault, so it runs before the cut closes the gate) and `release` gives them
+/// back (only if `hold` answered true). A cut then never catches the allocator halfway
+/// through a locked operation.
+#[derive(Clone, Copy)]
+pub struct Quiesce {
+    pub hold: fn() -> bool,
+    pub release: fn(),
+}
 
 /// The state shared by the runtime's threads.
 pub(crate) struct Shared {
@@ -139,6 +158,14 @@ pub(crate) struct Shared {
     pub(crate) deferred: Mutex<Vec<usize>>,
     /// Wakes the handlers when `deferred` gets work.
     pub(crate) kick: Kick,
+    /// The restore image pages marked `IMAGE` are read from (`LEGO_RESTORE`).
+    pub(crate) image: Option<ImageFile>,
+    /// The durable heap's requests and progress, when it has a log.
+    pub(crate) durable: Option<epoch::Durable>,
+    /// Where an epoch cut moves dirty pages (on `staging_uffd`, as large as the heap), when
+    /// the heap has a log.
+    pub(crate) snapshot: Option<Region>,
+    pub(crate) quiesce: Option<Quiesce>,
 }
 
 impl Shared {
@@ -271,7 +298,12 @@ impl Runtime {
     /// Registers `region` with a new userfaultfd, marks the pages already present as resident
     /// (the allocator may have run before the runtime started), opens the store and starts the
     /// threads.
-    pub fn start(config: &Config, region: Region) -> Result<Runtime, PagerError> {
+    pub fn start(
+        config: &Config,
+        region: Region,
+        image: Option<ImageFile>,
+        quiesce: Option<Quiesce>,
+    ) -> Result<Runtime, PagerError> {
         let offered = Userfault::probe()?;
         let needed = uffd::sys::UFFD_FEATURE_WP_ASYNC
             | uffd::sys::UFFD_FEATURE_MOVE
@@ -293,6 +325,34 @@ impl Runtime {
             config.fault_injection.as_ref(),
         )?;
         let scanner = PagemapScanner::open()?;
+        let region_info = RegionInfo {
+            base: region.base as u64,
+            len: region.len as u64,
+        };
+        let writer = match &config.log {
+            Some(log) => {
+                let options = WriterOptions {
+                    sync: match log.sync {
+                        LogSync::Fdatasync => SyncMode::Data,
+                        LogSync::None => SyncMode::None,
+                    },
+                    ..WriterOptions::default()
+                };
+                Some(match &image {
+                    Some(img) => LogWriter::resume(&log.dir, region_info, options, img.path())?,
+                    None => LogWriter::create(&log.dir, region_info, options)?,
+                })
+            }
+            None => None,
+        };
+        let snapshot = match &writer {
+            Some(_) => {
+                let snap = Region::reserve(region.len, None)?;
+                staging_uffd.register(snap.base, snap.len, false)?;
+                Some(snap)
+            }
+            None => None,
+        };
 
         let capacity = usize::try_from(config.cache_pages())
             .unwrap_or(usize::MAX)
@@ -310,6 +370,27 @@ impl Runtime {
             region::for_each_present_page(region.base, region.len, |p| {
                 t.set_state(p, PageState::Resident);
             });
+            // A restored heap: the image's pages are evicted, and read from the image when
+            // touched. The log already has them (a resumed log starts with the image).
+            if let Some(img) = &image {
+                let mut count = 0u64;
+                img.for_each_data_run(|first, n| {
+                    for p in first..first + n {
+                        let p = p as usize;
+                        if t.state(p) == PageState::Absent {
+                            t.set_state(p, PageState::Evicted);
+                            t.set_flag(p, IMAGE, true);
+                            t.note_used(p);
+                            count += 1;
+                        }
+                    }
+                })?;
+                log::info!(
+                    "restoring {count} pages of epoch {} from {}",
+                    img.header().epoch,
+                    img.path().display()
+                );
+            }
             STATS.set_resident_pages(t.resident() as u64);
         }
 
@@ -337,6 +418,10 @@ impl Runtime {
                 name: "eventfd".into(),
                 source,
             })?,
+            image,
+            durable: config.log.clone().map(epoch::Durable::new),
+            snapshot,
+            quiesce,
         });
 
         let cpus = online_cpus();
@@ -363,6 +448,15 @@ impl Runtime {
                 source,
             },
         )?;
+        if let Some(writer) = writer {
+            let sh = Arc::clone(&shared);
+            crate::threads::spawn("lego-flush", move || epoch::flusher_loop(&sh, writer)).map_err(
+                |source| PagerError::Thread {
+                    name: "lego-flush".into(),
+                    source,
+                },
+            )?;
+        }
         let features = shared.uffd.features();
         log::info!(
             "userfaultfd features {:#x}; dirty tracking: asynchronous write-protect + PAGEMAP_SCAN; eviction: UFFDIO_MOVE; {} handler threads; cache {} pages (evict above {}, down to {}); store {}",
@@ -421,6 +515,20 @@ impl Runtime {
                 region::drop_pages(page, PAGE_SIZE);
             }
         }
+    }
+
+    /// `lego_checkpoint`: returns once every write made before the call is in a committed
+    /// epoch of the log, with that epoch's number.
+    pub fn checkpoint(&self) -> Result<u64, EpochError> {
+        match &self.shared.durable {
+            Some(d) => d.checkpoint(),
+            None => Err(EpochError::NoLog),
+        }
+    }
+
+    /// The last epoch committed to the log (0 before the first, or without a log).
+    pub fn committed_epoch(&self) -> u64 {
+        self.shared.durable.as_ref().map_or(0, |d| d.committed())
     }
 
     /// At a normal exit: removes the store's private directory (its file is already

@@ -1,0 +1,648 @@
+//! Epochs of the durable heap: the flusher thread cuts the heap at one point in time and
+//! appends the pages that changed since the last epoch to the log, as one epoch that ends with
+//! a commit record.
+//!
+//! What is in an epoch: every page whose `LOGDIRTY` flag is set at the cut. The flag is set by
+//! whoever learns that a page changed: the cut's own `PAGEMAP_SCAN` (written bits), the
+//! evictor's scan (it consumes the written bits of its victims), and discards (the page now
+//! reads as zeros: a `ZERO` record). A dirty page may be resident (its content is taken at the
+//! cut), evicted since it changed (its copy is read back from the store), or absent (zeros).
+//!
+//! The cut (with the gate closed, so that no handler installs and the evictor is idle, and the
+//! `events` lock held, so that no discard runs):
+//! 1. scan the used part of the region for written pages (which also write-protects them
+//!    again) and move every resident dirty page out into the snapshot area with
+//!    `UFFDIO_MOVE`: from then on a thread that touches one waits (its fault is not served
+//!    until the cut is over);
+//! 2. scan again: pages written meanwhile (clean pages, which asynchronous write-protection
+//!    never stops) are moved out too, until a scan finds none. Every write that is in the
+//!    snapshot happened before the page was moved; every write after a move waits for the end
+//!    of the cut; so the snapshot is a consistent cut of the program's history;
+//! 3. copy every moved page back into the region write-protected (`UFFDIO_COPY` with
+//!    `MODE_WP`), open the gate, wake the waiters.
+//!
+//! The program is stopped only where it touches a dirty page during steps 1-3; the log is
+//! written afterwards from the snapshot area while the program runs. Evicted dirty pages are
+//! held (`LOGHOLD`: not evicted again, their store copy not discarded) until the epoch has read
+//! them. The design and its reasons are in `docs/DESIGN.md`, "Epochs".
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::{fault, Shared, STATS};
+use crate::cache::{PageState, LOGDIRTY, LOGHOLD};
+use crate::config::LogSettings;
+use crate::log::{EpochPage, LogError, LogWriter};
+use crate::logging::RateLimit;
+use crate::stats::Counter;
+use crate::store::PageRead;
+use crate::PAGE_SIZE;
+
+/// How often the flusher looks at the number of dirty pages, in milliseconds.
+const DIRTY_CHECK_MS: u64 = 50;
+/// How long the flusher waits after a failed epoch or compaction before it tries again.
+const FAILURE_RETRY_MS: u64 = 1000;
+/// Pages read back from the store and appended at once (evicted dirty pages).
+const STORE_READ_PAGES: usize = 64;
+/// Resident pages appended to the log at once.
+const APPEND_PAGES: usize = 1024;
+/// Rounds of scan-and-move after which the cut stops chasing writers (each round moves every
+/// page written during the previous one; a writer stops at its first moved page, so in
+/// practice two or three rounds suffice).
+const CUT_ROUNDS_MAX: usize = 64;
+/// Smallest log size that triggers a compaction when `LEGO_LOG_MAX` is unset, in bytes.
+const LOG_MAX_BYTES_FLOOR: u64 = 64 << 20;
+/// Multiple of the heap's live size the log may reach when `LEGO_LOG_MAX` is unset.
+const LOG_MAX_LIVE_MULTIPLE: u64 = 4;
+
+static EPOCH_ERRORS: RateLimit = RateLimit::new(3);
+
+/// Why `lego_checkpoint` could not give an epoch.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EpochError {
+    #[error("the heap has no log (set LEGO_LOG_DIR to make it durable)")]
+    NoLog,
+    #[error("writing the epoch to the log failed: {0}")]
+    Failed(String),
+}
+
+/// Requests of `lego_checkpoint` and what the flusher answered.
+#[derive(Default)]
+struct Requests {
+    /// Tickets handed out to callers so far.
+    asked: u64,
+    /// Every ticket up to this one was served by a cut that started after it was asked.
+    served: u64,
+    /// What the last served cut gave.
+    result: Option<Result<u64, EpochError>>,
+}
+
+/// The flusher's shared state: requests, and the last committed epoch.
+pub(crate) struct Durable {
+    requests: Mutex<Requests>,
+    /// Signalled when a request is added (for the flusher) and when one is served.
+    changed: Condvar,
+    committed: AtomicU64,
+    settings: LogSettings,
+}
+
+impl Durable {
+    pub(crate) fn new(settings: LogSettings) -> Durable {
+        Durable {
+            requests: Mutex::new(Requests::default()),
+            changed: Condvar::new(),
+            committed: AtomicU64::new(0),
+            settings,
+        }
+    }
+
+    /// Returns once every write made before the call is in a committed epoch (durable with
+    /// `LEGO_SYNC=fdatasync`): that epoch's number.
+    pub(crate) fn checkpoint(&self) -> Result<u64, EpochError> {
+        let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        r.asked += 1;
+        let ticket = r.asked;
+        self.changed.notify_all();
+        while r.served < ticket {
+            r = self.changed.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+        r.result.clone().unwrap_or(Err(EpochError::NoLog))
+    }
+
+    pub(crate) fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+}
+
+/// What one cut took: the pages of the epoch, by where their content is.
+#[derive(Default)]
+struct Cut {
+    /// Resident pages moved out: (page, snapshot slot).
+    moved: Vec<(usize, usize)>,
+    /// Resident pages that would not move, copied while the program ran (shared with a forked
+    /// child that would not unshare; rare).
+    copied: Vec<(usize, Box<[u8]>)>,
+    /// Evicted pages to read back from the store: (page, CRC32C of the store's copy).
+    evicted: Vec<(usize, u32)>,
+    /// Pages that read as zeros now.
+    zeros: Vec<usize>,
+}
+
+impl Cut {
+    fn pages(&self) -> usize {
+        self.moved.len() + self.copied.len() + self.evicted.len() + self.zeros.len()
+    }
+}
+
+/// The flusher thread: an epoch every `LEGO_FLUSH_MS`, when `LEGO_FLUSH_PAGES` pages are dirty,
+/// or when a program thread asks (`lego_checkpoint`); a compaction when the log outgrows
+/// `LEGO_LOG_MAX`.
+pub(crate) fn flusher_loop(sh: &Shared, mut writer: LogWriter) {
+    let durable = sh
+        .durable
+        .as_ref()
+        .expect("the flusher runs only with a log");
+    let settings = &durable.settings;
+    durable
+        .committed
+        .store(writer.last_committed(), Ordering::Release);
+    let interval = Duration::from_millis(settings.flush_ms);
+    let mut last = Instant::now();
+    let mut written_back_at_cut = STATS.get(Counter::PagesWrittenBack);
+    loop {
+        // Wait for a reason to cut.
+        let ticket = {
+            let mut r = durable.requests.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if r.asked > r.served || last.elapsed() >= interval {
+                    break;
+                }
+                let left = interval.saturating_sub(last.elapsed());
+                let nap = left.min(Duration::from_millis(DIRTY_CHECK_MS));
+                r = durable
+                    .changed
+                    .wait_timeout(r, nap)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                if r.asked == r.served
+                    && dirty_pages(sh, written_back_at_cut) >= settings.flush_pages
+                {
+                    break;
+                }
+            }
+            r.asked
+        };
+        last = Instant::now();
+        written_back_at_cut = STATS.get(Counter::PagesWrittenBack);
+        let result = run_epoch(sh, &mut writer);
+        if let Ok(epoch) = &result {
+            durable.committed.store(*epoch, Ordering::Release);
+        }
+        {
+            let mut r = durable.requests.lock().unwrap_or_else(|e| e.into_inner());
+            r.served = r.served.max(ticket);
+            r.result = Some(result.clone());
+            durable.changed.notify_all();
+        }
+        match result {
+            Ok(_) => maybe_compact(sh, &mut writer, settings),
+            Err(_) => super::sleep_ms(FAILURE_RETRY_MS),
+        }
+    }
+}
+
+/// About how many pages are dirty now (without write-protecting anything): written according
+/// to the page tables, or written back by the evictor since the last cut.
+fn dirty_pages(sh: &Shared, written_back_at_cut: u64) -> usize {
+    // Pages written back since the last cut stand for the dirty pages the evictor took out.
+    let flagged = STATS
+        .get(Counter::PagesWrittenBack)
+        .saturating_sub(written_back_at_cut);
+    let flagged = usize::try_from(flagged).unwrap_or(usize::MAX);
+    let high = sh.cache.lock().high();
+    let mut written = 0;
+    let _ = sh
+        .scanner
+        .find_written(sh.region.base, sh.addr_of(high), |a, b| {
+            written += (b - a) / PAGE_SIZE;
+        });
+    flagged + written
+}
+
+/// One epoch: recovers a broken log first (by compaction), cuts, appends, commits. Returns the
+/// committed epoch (the last one when nothing changed).
+fn run_epoch(sh: &Shared, writer: &mut LogWriter) -> Result<u64, EpochError> {
+    if writer.is_broken() {
+        writer
+            .compact()
+            .map_err(|e| report("compacting the log after a failure", &e))?;
+    }
+    let held = sh.quiesce.is_some_and(|q| (q.hold)());
+    let started = Instant::now();
+    let cut = take_cut(sh);
+    let cut_us = started.elapsed().as_micros() as u64;
+    if let Some(q) = sh.quiesce.filter(|_| held) {
+        (q.release)();
+    }
+    STATS.add(Counter::EpochCutMicros, cut_us);
+    if cut.pages() == 0 {
+        release_holds(sh, &cut);
+        return Ok(writer.last_committed());
+    }
+    let result = append_cut(sh, writer, &cut);
+    release_holds(sh, &cut);
+    crate::region::drop_pages(snapshot(sh).base, cut.moved.len().max(1) * PAGE_SIZE);
+    match result {
+        Ok(epoch) => {
+            STATS.add(Counter::EpochsCommitted, 1);
+            STATS.add(Counter::PagesLogged, cut.pages() as u64);
+            log::debug!(
+                "epoch {epoch}: {} pages ({} resident, {} evicted, {} zero); cut took {cut_us} us",
+                cut.pages(),
+                cut.moved.len() + cut.copied.len(),
+                cut.evicted.len(),
+                cut.zeros.len()
+            );
+            Ok(epoch)
+        }
+        Err(e) => {
+            // The pages of the lost epoch go into the next one (with whatever they hold then:
+            // newer content supersedes theirs).
+            let mut t = sh.cache.lock();
+            for &(p, _) in &cut.moved {
+                t.set_flag(p, LOGDIRTY, true);
+            }
+            for (p, _) in &cut.copied {
+                t.set_flag(*p, LOGDIRTY, true);
+            }
+            for &(p, _) in &cut.evicted {
+                t.set_flag(p, LOGDIRTY, true);
+            }
+            for &p in &cut.zeros {
+                t.set_flag(p, LOGDIRTY, true);
+            }
+            drop(t);
+            Err(report("writing an epoch", &e))
+        }
+    }
+}
+
+fn report(what: &str, e: &LogError) -> EpochError {
+    STATS.add(Counter::LogErrors, 1);
+    let text = crate::log::replay::error_chain(e);
+    if EPOCH_ERRORS.allow() {
+        log::error!(
+            "{what} failed; the heap stays as it is in memory and the log keeps its last committed epoch: {text}"
+        );
+    }
+    EpochError::Failed(text)
+}
+
+/// Clears the holds the cut put on evicted pages.
+fn release_holds(sh: &Shared, cut: &Cut) {
+    if cut.evicted.is_empty() {
+        return;
+    }
+    let mut t = sh.cache.lock();
+    for &(p, _) in &cut.evicted {
+        t.set_flag(p, LOGHOLD, false);
+    }
+}
+
+/// Steps 1-3 of the module doc.
+fn take_cut(sh: &Shared) -> Cut {
+    sh.gate.close();
+    let mut cut = Cut::default();
+    {
+        let _w = sh.events.write().unwrap_or_else(|e| e.into_inner());
+        let mut buf = userfaultfd::EventBuffer::new(super::EVENTS_PER_READ_MAX);
+        let mut faults = Vec::new();
+        // Discards the program made before the cut are applied first.
+        fault::pump_events_locked(sh, &mut buf, &mut faults);
+        let high = sh.cache.lock().high();
+        let mut moved = vec![false; high];
+        for round in 0.. {
+            // Written pages become dirty in the table (and are protected again).
+            let mut written: Vec<(usize, usize)> = Vec::new();
+            if let Err(e) = sh
+                .scanner
+                .take_written(sh.region.base, sh.addr_of(high), |a, b| {
+                    written.push((a, b))
+                })
+            {
+                log::warn!(
+                    "PAGEMAP_SCAN failed during an epoch cut, logging every resident page: {e}"
+                );
+                written.push((sh.region.base, sh.addr_of(high)));
+            }
+            let mut todo: Vec<usize> = Vec::new();
+            {
+                let mut t = sh.cache.lock();
+                for &(a, b) in &written {
+                    for p in sh.page_of(a)..sh.page_of(b).min(high) {
+                        t.set_flag(p, LOGDIRTY, true);
+                    }
+                }
+                for p in 0..high {
+                    if !moved[p] && t.state(p) == PageState::Resident && t.has_flag(p, LOGDIRTY) {
+                        todo.push(p);
+                    }
+                }
+            }
+            if todo.is_empty() {
+                break;
+            }
+            if round >= CUT_ROUNDS_MAX {
+                log::warn!(
+                    "an epoch cut gave up chasing writers after {CUT_ROUNDS_MAX} rounds; {} pages are copied while they may change",
+                    todo.len()
+                );
+                for p in todo {
+                    cut.copied.push((p, copy_page(sh, p)));
+                    moved[p] = true;
+                }
+                break;
+            }
+            for p in &todo {
+                moved[*p] = true;
+            }
+            move_pages(sh, &todo, &mut cut, &mut buf, &mut faults);
+        }
+        // Classify the rest of the dirty pages and clear their flags.
+        {
+            let mut t = sh.cache.lock();
+            for &(p, _) in &cut.moved {
+                t.set_flag(p, LOGDIRTY, false);
+            }
+            for (p, _) in &cut.copied {
+                t.set_flag(*p, LOGDIRTY, false);
+            }
+            for p in 0..high {
+                if !t.has_flag(p, LOGDIRTY) || moved[p] {
+                    continue;
+                }
+                match t.state(p) {
+                    PageState::Evicted => {
+                        t.set_flag(p, LOGHOLD, true);
+                        cut.evicted.push((p, t.crc(p)));
+                    }
+                    PageState::Absent => cut.zeros.push(p),
+                    // Lost content: the log keeps the last version it had.
+                    PageState::Poisoned => {}
+                    // Nothing is in transit while the gate is closed; a page that is, keeps
+                    // its flag for the next epoch.
+                    _ => continue,
+                }
+                t.set_flag(p, LOGDIRTY, false);
+            }
+        }
+        copy_back(sh, &mut cut, &mut buf, &mut faults);
+        if !faults.is_empty() {
+            sh.defer(faults);
+            sh.kick.signal();
+        }
+    }
+    sh.gate.open();
+    cut
+}
+
+/// Moves the resident pages `todo` (sorted) out into the next snapshot slots. Pages that
+/// would not move are copied instead; pages that turn out to be gone read as zeros.
+fn move_pages(
+    sh: &Shared,
+    todo: &[usize],
+    cut: &mut Cut,
+    buf: &mut userfaultfd::EventBuffer,
+    faults: &mut Vec<usize>,
+) {
+    let mut i = 0;
+    while i < todo.len() {
+        let mut n = 1;
+        while i + n < todo.len() && todo[i + n] == todo[i] + n {
+            n += 1;
+        }
+        let slot = cut.moved.len();
+        let dst = snapshot(sh).base + slot * PAGE_SIZE;
+        assert!(
+            dst + n * PAGE_SIZE <= snapshot(sh).end(),
+            "the snapshot area covers the heap"
+        );
+        let mut stuck = super::evict::Stuck::<0>::new();
+        super::evict::move_out(sh, dst, sh.addr_of(todo[i]), n, &mut stuck);
+        for k in 0..n {
+            let p = todo[i + k];
+            let d = dst + k * PAGE_SIZE;
+            if crate::region::page_present(d) {
+                cut.moved.push((p, slot + k));
+                continue;
+            }
+            // Keep slots aligned with pages: the slot stays empty.
+            cut.moved.push((p, usize::MAX));
+            if crate::region::page_present(sh.addr_of(p)) {
+                // An event may be waiting to be read (a discard in flight): read it, try again.
+                fault::pump_events_locked(sh, buf, faults);
+                let mut one = super::evict::Stuck::<0>::new();
+                super::evict::move_out(sh, d, sh.addr_of(p), 1, &mut one);
+                if crate::region::page_present(d) {
+                    cut.moved.last_mut().expect("just pushed").1 = slot + k;
+                } else if crate::region::page_present(sh.addr_of(p)) {
+                    cut.moved.pop();
+                    cut.copied.push((p, copy_page(sh, p)));
+                    STATS.add(Counter::EpochPagesCopied, 1);
+                } else {
+                    cut.moved.pop();
+                    cut.zeros.push(p);
+                }
+            } else {
+                // Gone from the region (the kernel reclaimed a MADV_FREE page): zeros.
+                cut.moved.pop();
+                cut.zeros.push(p);
+            }
+        }
+        i += n;
+    }
+    // Slots given up above are left unused: renumbering would break the page-slot runs.
+    cut.moved.retain(|&(_, slot)| slot != usize::MAX);
+}
+
+fn copy_page(sh: &Shared, page: usize) -> Box<[u8]> {
+    let mut b = vec![0u8; PAGE_SIZE].into_boxed_slice();
+    // SAFETY: the page is present in the region (a resident page of the heap), which stays
+    // mapped; reading it races only with the program's own writes, which is the documented
+    // weakness of this fallback.
+    unsafe {
+        std::ptr::copy_nonoverlapping(sh.addr_of(page) as *const u8, b.as_mut_ptr(), PAGE_SIZE)
+    };
+    b
+}
+
+/// Step 3: every moved page goes back into the region write-protected (clean), unless the
+/// program discarded it meanwhile (a `REMOVE` read while retrying), and its waiters wake.
+fn copy_back(
+    sh: &Shared,
+    cut: &mut Cut,
+    buf: &mut userfaultfd::EventBuffer,
+    faults: &mut Vec<usize>,
+) {
+    let mut i = 0;
+    while i < cut.moved.len() {
+        let (page, slot) = cut.moved[i];
+        let mut n = 1;
+        while i + n < cut.moved.len() && cut.moved[i + n] == (page + n, slot + n) {
+            n += 1;
+        }
+        let mut done = 0;
+        let mut tries = 0;
+        while done < n {
+            let p = page + done;
+            if sh.cache.lock().state(p) != PageState::Resident {
+                // Discarded during the cut: it reads as zeros now, and its old content stays
+                // in this epoch (the discard comes after the cut).
+                done += 1;
+                continue;
+            }
+            // SAFETY: the snapshot slots hold the pages moved there by this cut; the
+            // destination pages of the region are missing since the move, and nothing else
+            // installs them while the gate is closed.
+            let res = unsafe {
+                sh.uffd.copy(
+                    sh.addr_of(p),
+                    (snapshot(sh).base + (slot + done) * PAGE_SIZE) as *const u8,
+                    PAGE_SIZE,
+                    true,
+                    true,
+                )
+            };
+            match res {
+                Ok(()) => done += 1,
+                Err(partial) if partial.errno == nix::errno::Errno::EAGAIN && tries < 1000 => {
+                    tries += 1;
+                    fault::pump_events_locked(sh, buf, faults);
+                }
+                Err(partial) => {
+                    if partial.errno != nix::errno::Errno::EEXIST && EPOCH_ERRORS.allow() {
+                        log::error!(
+                            "putting the page at {:#x} back after an epoch cut failed ({})",
+                            sh.addr_of(p),
+                            partial.errno
+                        );
+                    }
+                    let _ = sh.uffd.wake(sh.addr_of(p), PAGE_SIZE);
+                    done += 1;
+                }
+            }
+        }
+        i += n;
+    }
+}
+
+/// Appends the cut as one epoch.
+fn append_cut(sh: &Shared, writer: &mut LogWriter, cut: &Cut) -> Result<u64, LogError> {
+    let mut epoch = writer.begin_epoch()?;
+    // Resident pages, from the snapshot area.
+    for chunk in cut.moved.chunks(APPEND_PAGES) {
+        let pages: Vec<EpochPage<'_>> = chunk
+            .iter()
+            .map(|&(p, slot)| EpochPage {
+                page: p as u64,
+                data: Some(snapshot_page(sh, slot)),
+            })
+            .collect();
+        epoch.add(&pages)?;
+    }
+    let copied: Vec<EpochPage<'_>> = cut
+        .copied
+        .iter()
+        .map(|(p, b)| EpochPage {
+            page: *p as u64,
+            data: Some(b),
+        })
+        .collect();
+    epoch.add(&copied)?;
+    let zeros: Vec<EpochPage<'_>> = cut
+        .zeros
+        .iter()
+        .map(|&p| EpochPage {
+            page: p as u64,
+            data: None,
+        })
+        .collect();
+    epoch.add(&zeros)?;
+    // Evicted pages, read back from the store and checked against their checksums.
+    let mut buf = super::fault::PageBuf::new(STORE_READ_PAGES);
+    for chunk in cut.evicted.chunks(STORE_READ_PAGES) {
+        let result = {
+            let mut slices = buf.pages_mut(chunk.len());
+            let mut batch: Vec<PageRead<'_>> = slices
+                .iter_mut()
+                .zip(chunk)
+                .map(|(b, &(p, _))| PageRead {
+                    page: p as u64,
+                    buf: b,
+                })
+                .collect();
+            sh.store.fetch(&mut batch)
+        };
+        if let Err(e) = &result {
+            if EPOCH_ERRORS.allow() {
+                log::error!(
+                    "reading {} evicted pages back from the store for the log failed; the log keeps their previous versions: {e}",
+                    chunk.len()
+                );
+            }
+        }
+        let mut pages = Vec::with_capacity(chunk.len());
+        for (i, &(p, crc)) in chunk.iter().enumerate() {
+            let data = buf.page(i);
+            if result.is_err() {
+                continue;
+            }
+            if crc32c::crc32c(data) != crc {
+                // The store lost this page: the log keeps its previous version, and the
+                // program gets SIGBUS when it touches it (the fault path checks the same CRC).
+                if EPOCH_ERRORS.allow() {
+                    log::error!(
+                        "the store's copy of the page at {:#x} failed its CRC32C check; the log keeps its previous version",
+                        sh.addr_of(p)
+                    );
+                }
+                continue;
+            }
+            pages.push(EpochPage {
+                page: p as u64,
+                data: Some(data),
+            });
+        }
+        epoch.add(&pages)?;
+    }
+    epoch.commit()
+}
+
+fn snapshot_page(sh: &Shared, slot: usize) -> &[u8] {
+    assert!((slot + 1) * PAGE_SIZE <= snapshot(sh).len);
+    // SAFETY: the slot lies inside the snapshot mapping and holds a page moved there by this
+    // cut (only moved slots are listed); only the flusher thread touches the snapshot area.
+    unsafe {
+        std::slice::from_raw_parts(
+            (snapshot(sh).base + slot * PAGE_SIZE) as *const u8,
+            PAGE_SIZE,
+        )
+    }
+}
+
+/// After an epoch: compacts the log once it is larger than `LEGO_LOG_MAX` (by default a
+/// multiple of the heap's live size).
+fn maybe_compact(sh: &Shared, writer: &mut LogWriter, settings: &LogSettings) {
+    let limit = settings.log_max_bytes.unwrap_or_else(|| {
+        let live = {
+            let t = sh.cache.lock();
+            (0..t.high())
+                .filter(|&p| t.state(p) != PageState::Absent)
+                .count() as u64
+        };
+        (live * PAGE_SIZE as u64 * LOG_MAX_LIVE_MULTIPLE).max(LOG_MAX_BYTES_FLOOR)
+    });
+    if writer.log_bytes() <= limit {
+        return;
+    }
+    match writer.compact() {
+        Ok(epoch) => {
+            STATS.add(Counter::LogCompactions, 1);
+            log::info!(
+                "the log outgrew {limit} bytes: compacted into a checkpoint at epoch {epoch}, now {} bytes",
+                writer.log_bytes()
+            );
+        }
+        Err(e) => {
+            report("compacting the log", &e);
+        }
+    }
+}
+
+fn snapshot(sh: &Shared) -> crate::region::Region {
+    sh.snapshot
+        .expect("the snapshot area exists when the heap has a log")
+}

@@ -1,0 +1,390 @@
+//! The durable heap end to end: a program logs epochs, is killed with SIGKILL at a random
+//! moment, `lego replay` rebuilds its heap, and `LEGO_RESTORE` brings it back, whole and at
+//! least as new as the last epoch the program saw committed; the restored program goes on
+//! allocating and freeing; the log stays bounded; one writer per log directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lego_tests::{heavy, lego_bin, program, python3, repo_root, shim_lib, Run, TempDir};
+
+/// Rounds of the crash loop (each: run, kill, replay, restore and check). `LEGO_CRASH_ROUNDS`
+/// overrides it.
+const CRASH_ROUNDS_DEFAULT: u32 = 200;
+/// The crash loop's cache: the list (about 20 MiB) and the counters (4 MiB) do not fit, so
+/// epochs log evicted pages too.
+const CACHE: &str = "16M";
+const HEAP: &str = "256M";
+
+/// A small deterministic generator for the kill times.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Runs `lego replay LOG -o IMAGE`; returns the epoch it reports, or `None` when the log held
+/// nothing usable (non-zero exit with a message).
+fn replay(log: &Path, image: &Path) -> Option<u64> {
+    let out = Command::new(lego_bin())
+        .arg("replay")
+        .arg(log)
+        .arg("-o")
+        .arg(image)
+        .output()
+        .expect("running lego replay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        assert!(!text.trim().is_empty(), "a failed replay must say why");
+        return None;
+    }
+    let epoch = text
+        .split_whitespace()
+        .skip_while(|w| *w != "epoch")
+        .nth(1)
+        .and_then(|w| w.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok());
+    Some(epoch.unwrap_or_else(|| panic!("replay did not report its epoch:\n{text}")))
+}
+
+/// Starts `durable_list run` under liblego.so, kills it with SIGKILL after `after`, and returns
+/// the last "checkpoint GEN EPOCH" it printed (if any) and all of its output.
+fn run_and_kill(
+    log: &Path,
+    store: &TempDir,
+    restore: Option<&Path>,
+    after: Duration,
+) -> (Option<(u64, u64)>, String) {
+    let mut cmd = Command::new(program("durable_list"));
+    cmd.args(["run", "1000000", "4"])
+        .env("LD_PRELOAD", shim_lib())
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", log)
+        .env("LEGO_FLUSH_MS", "20")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(img) = restore {
+        cmd.env("LEGO_RESTORE", img);
+    }
+    let mut child = cmd.spawn().expect("starting durable_list");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let started = Instant::now();
+    let mut lines = Vec::new();
+    // Wait for the program to start (a restore may take a while), then the chosen time.
+    let mut deadline = None;
+    loop {
+        let now = Instant::now();
+        if let Some(d) = deadline {
+            if now >= d {
+                break;
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(2)) {
+            Ok(line) => {
+                if line.starts_with("start") && deadline.is_none() {
+                    deadline = Some(Instant::now() + after);
+                }
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "durable_list never started:\n{}",
+            lines.join("\n")
+        );
+    }
+    // SIGKILL: the program gets no chance to flush anything.
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let status = child.wait().expect("waiting for durable_list");
+    reader.join().expect("reader thread");
+    lines.extend(rx.try_iter());
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let text = format!("{}\n--- stderr\n{stderr}", lines.join("\n"));
+    assert!(
+        !text.contains("WRONG DATA"),
+        "durable_list found bad data:\n{text}"
+    );
+    assert!(
+        status.code().is_none(),
+        "durable_list was to be killed, but it exited by itself ({status}):\n{text}"
+    );
+    let last = lines.iter().rev().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("checkpoint"))
+            .then(|| Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?)))
+            .flatten()
+    });
+    (last, text)
+}
+
+/// Restores `image` and checks the structure: returns the generation restored.
+fn restore_and_verify(image: &Path, store: &TempDir) -> u64 {
+    let out = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_RESTORE", image)
+        .run();
+    out.assert_success();
+    let restored = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("restored "))
+        .and_then(|g| g.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no 'restored' line:\n{out}"));
+    let verified = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("verified "))
+        .and_then(|g| g.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no 'verified' line:\n{out}"));
+    assert_eq!(
+        verified,
+        restored + 40,
+        "the restored program must go on allocating and freeing:\n{out}"
+    );
+    restored
+}
+
+/// The crash loop of the issue: hundreds of SIGKILLs at random moments; after each, replay +
+/// restore give a whole structure at least as new as the last epoch the program saw
+/// committed. Rounds alternate between a new log and continuing the previous one from its
+/// restored image (`LEGO_RESTORE` with `LEGO_LOG_DIR`).
+#[test]
+fn crash_loop_replay_restore() {
+    let _big = heavy();
+    let rounds: u32 = std::env::var("LEGO_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CRASH_ROUNDS_DEFAULT);
+    let dir = TempDir::new("crash");
+    let store = TempDir::new("crash-store");
+    let log = dir.path().join("log");
+    let image = dir.path().join("heap.img");
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut continuing = false;
+    let mut restored_rounds = 0;
+    for round in 0..rounds {
+        if !continuing {
+            let _ = std::fs::remove_dir_all(&log);
+        }
+        let after = Duration::from_millis(5 + rng.next() % 150);
+        let restore = continuing.then_some(image.as_path());
+        let (seen, text) = run_and_kill(&log, &store, restore, after);
+        let ctx = || format!("round {round} (killed after {after:?}):\n{text}");
+        let Some(epoch) = replay(&log, &image) else {
+            assert!(
+                seen.is_none(),
+                "the program saw epoch {seen:?} committed, but replay found nothing: {}",
+                ctx()
+            );
+            continuing = false;
+            continue;
+        };
+        if let Some((gen, seen_epoch)) = seen {
+            assert!(
+                epoch >= seen_epoch,
+                "replay gave epoch {epoch}, older than {seen_epoch} that the program saw committed: {}",
+                ctx()
+            );
+            let restored = restore_and_verify(&image, &store);
+            assert!(
+                restored >= gen,
+                "the restored structure is at generation {restored}, older than generation {gen} committed in epoch {seen_epoch}: {}",
+                ctx()
+            );
+        } else {
+            restore_and_verify(&image, &store);
+        }
+        restored_rounds += 1;
+        // Every third round starts a new log; the others continue this one.
+        continuing = round % 3 != 2;
+    }
+    assert!(
+        restored_rounds * 2 > rounds,
+        "only {restored_rounds} of {rounds} rounds had an epoch to restore"
+    );
+}
+
+/// The three commands of the README, with a real program (python3, through ctypes): it keeps
+/// a string hung off lego_root, checkpoints and is killed; scripts/replay.sh rebuilds the heap;
+/// python3 restarted with LEGO_RESTORE finds the string.
+#[test]
+fn three_command_recovery_of_python() {
+    let _big = heavy();
+    let dir = TempDir::new("python-durable");
+    let store = TempDir::new("python-store");
+    let log = dir.path().join("heap");
+    let image = dir.path().join("heap.img");
+    let script = r#"
+import ctypes, os, signal, sys
+lib = ctypes.CDLL(None)
+lib.lego_root.restype = ctypes.c_void_p
+lib.lego_checkpoint.restype = ctypes.c_long
+lib.malloc.restype = ctypes.c_void_p
+lib.lego_set_root.argtypes = [ctypes.c_void_p]
+root = lib.lego_root()
+if root:
+    print("found", ctypes.string_at(root).decode(), flush=True)
+    sys.exit(0)
+text = b"the answer is 42, kept in a durable heap"
+buf = lib.malloc(len(text) + 1)
+ctypes.memmove(buf, text + b"\0", len(text) + 1)
+lib.lego_set_root(ctypes.c_void_p(buf))
+print("epoch", lib.lego_checkpoint(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"#;
+    let first = Run::new(python3())
+        .args(["-c", script])
+        .shim()
+        .env("LEGO_CACHE_SIZE", "32M")
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", &log)
+        .run();
+    assert_eq!(first.signal, Some(libc::SIGKILL), "{first}");
+    assert!(first.stdout.starts_with("epoch "), "{first}");
+    let replayed = Command::new("bash")
+        .arg(repo_root().join("scripts/replay.sh"))
+        .arg(&log)
+        .arg(&image)
+        .output()
+        .expect("running scripts/replay.sh");
+    let text = String::from_utf8_lossy(&replayed.stdout).to_string()
+        + &String::from_utf8_lossy(&replayed.stderr);
+    assert!(replayed.status.success(), "replay.sh failed:\n{text}");
+    assert!(
+        text.contains("LEGO_RESTORE="),
+        "replay.sh must print the restart command:\n{text}"
+    );
+    let second = Run::new(python3())
+        .args(["-c", script])
+        .shim()
+        .env("LEGO_CACHE_SIZE", "32M")
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_RESTORE", &image)
+        .run();
+    second.assert_success();
+    assert_eq!(
+        second.stdout.trim(),
+        "found the answer is 42, kept in a durable heap",
+        "{second}"
+    );
+}
+
+/// One writer per log directory: a second process naming it is refused before main with the
+/// holder's PID; a program the logging process execs runs with an ordinary heap (the durable
+/// variables are removed from its environment).
+#[test]
+fn one_writer_per_log_directory() {
+    let dir = TempDir::new("lock");
+    let store = TempDir::new("lock-store");
+    let log = dir.path().join("heap");
+    let mut holder = Command::new(program("durable_list"))
+        .args(["run", "100000000", "0"])
+        .env("LD_PRELOAD", shim_lib())
+        .env("LEGO_CACHE_SIZE", "16M")
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", &log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the first writer");
+    let mut first_line = String::new();
+    BufReader::new(holder.stdout.as_mut().expect("stdout"))
+        .read_line(&mut first_line)
+        .expect("reading");
+    assert!(first_line.starts_with("start"), "{first_line}");
+    let second = Run::new(program("hello"))
+        .shim()
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", &log)
+        .run();
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
+    let _ = holder.wait();
+    assert_eq!(second.code, Some(3), "{second}");
+    assert!(!second.stdout.contains("main ran"), "{second}");
+    assert!(
+        second.stderr.contains("in use by another writer")
+            && second.stderr.contains(&format!("process {}", holder.id())),
+        "{second}"
+    );
+
+    // A logging shell execs a child: the child runs, without the log's variables.
+    let shell = Run::new("/bin/sh")
+        .args(["-c", "echo child sees \"[$LEGO_LOG_DIR]\""])
+        .shim()
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", dir.path().join("shell"))
+        .run();
+    shell.assert_success();
+    assert_eq!(shell.stdout.trim(), "child sees []", "{shell}");
+}
+
+/// A long run stays within its log budget: compactions remove old segments, and the log
+/// still replays to a whole structure.
+#[test]
+fn log_stays_bounded_in_a_long_run() {
+    let _big = heavy();
+    let dir = TempDir::new("bounded");
+    let store = TempDir::new("bounded-store");
+    let log = dir.path().join("log");
+    let stats = dir.path().join("stats.json");
+    let out = Run::new(program("durable_list"))
+        .args(["run", "3000", "2"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", &log)
+        .env("LEGO_LOG_MAX", "64M")
+        .env("LEGO_STATS", &stats)
+        .run();
+    out.assert_success();
+    let s = lego_tests::Stats::read(&stats);
+    let logged = s.number("pages_logged").expect("pages_logged") * 4096;
+    let compactions = s.number("log_compactions").expect("log_compactions");
+    let on_disk: u64 = std::fs::read_dir(&log)
+        .expect("log dir")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    assert!(
+        logged > 4 * 64 << 20,
+        "the run must log much more than the budget to test it: {logged} bytes"
+    );
+    assert!(compactions >= 2, "{compactions} compactions");
+    // The budget, plus one epoch over it and the live heap's checkpoint.
+    assert!(
+        on_disk < 160 << 20,
+        "the log holds {on_disk} bytes after logging {logged} with LEGO_LOG_MAX=64M"
+    );
+    let image = dir.path().join("heap.img");
+    assert!(replay(&log, &image).is_some());
+    restore_and_verify(&image, &store);
+}
