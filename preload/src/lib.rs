@@ -22,7 +22,7 @@ use std::sync::{Mutex, OnceLock};
 
 use lego_runtime::config::Config;
 use lego_runtime::heap::Heap;
-use lego_runtime::log::image::ImageFile;
+use lego_runtime::log::restore::ImageFile;
 use lego_runtime::pager::{Runtime, STATS};
 use lego_runtime::region::{self, Region};
 use lego_runtime::stats::Counter;

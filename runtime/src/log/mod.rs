@@ -4,7 +4,7 @@
 //! - [`format`]: the on-disk layout of segments, records and images (pure, no I/O);
 //! - [`segment`]: the synchronous segment writer, the log directory and its lock;
 //! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`;
-//! - [`image`]: reading an image back for `LEGO_RESTORE`.
+//! - [`restore`]: reading an image back for `LEGO_RESTORE`.
 //!
 //! Rules: the log is the only durable copy of the heap, so nothing here ever applies a record
 //! whose checksum does not match or an epoch whose commit record is missing; everything is
@@ -13,7 +13,7 @@
 //! pages and gives pages. The design and its reasons are in `docs/DESIGN.md`, "The log".
 
 pub mod format;
-pub mod image;
+pub mod restore;
 pub mod replay;
 pub mod segment;
 

@@ -32,7 +32,7 @@ use thiserror::Error;
 
 use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, STORED};
 use crate::config::{Config, LogSync};
-use crate::log::image::{ImageError, ImageFile};
+use crate::log::restore::{ImageError, ImageFile};
 use crate::log::{LogError, LogWriter, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region, RegionError};
 use crate::stats::Stats;
