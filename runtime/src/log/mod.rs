@@ -3,6 +3,8 @@
 //!
 //! - [`format`]: the on-disk layout of segments, records and images (pure, no I/O);
 //! - [`segment`]: the synchronous segment writer, the log directory and its lock;
+//! - [`uring`]: the log directory's io_uring engine (staging buffers, writes in flight,
+//!   linked fdatasync), with `pwritev` as the fallback;
 //! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`;
 //! - [`restore`]: reading an image back for `LEGO_RESTORE`.
 //!
@@ -16,10 +18,11 @@ pub mod format;
 pub mod restore;
 pub mod replay;
 pub mod segment;
+pub mod uring;
 
 pub use format::{EpochPage, FormatError, RegionInfo};
 pub use replay::{inspect_dir, replay_dir, Inspection, Progress, ReplayError, ReplayReport};
-pub use segment::{LogDir, LogError, LogWriter, SyncMode, WriterOptions};
+pub use segment::{LogDir, LogDirOptions, LogEngine, LogError, LogWriter, SyncMode, WriterOptions};
 
 #[cfg(test)]
 pub(crate) mod test_support {

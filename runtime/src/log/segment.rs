@@ -40,7 +40,8 @@ use super::format::{
     encode_epoch, segment_file_name, CommitKind, EpochPage, RegionInfo, SegmentHeader,
     BLOCK_BYTES_U64, SEGMENT_FLAG_CHECKPOINT,
 };
-use crate::io::{self, WriteOp};
+use super::uring::SegmentRing;
+use crate::io::{self, IoError, WriteOp};
 use crate::PAGE_SIZE;
 
 /// Name of the lock file inside the log directory.
@@ -155,6 +156,12 @@ pub trait LogStorage: Send {
     fn append(&mut self, offset: u64, pieces: &[&[u8]]) -> std::io::Result<()>;
     /// Makes the newest segment's data durable (`fdatasync`).
     fn sync_segment(&mut self) -> std::io::Result<()>;
+    /// Waits until everything appended so far has reached the file (the kernel's page cache
+    /// at least, without `fdatasync`), and reports the failure of any of it. `append` may
+    /// return before its bytes are written; `sync_segment` implies a flush.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Makes the directory's entries durable (created and removed segments).
     fn sync_dir(&mut self) -> std::io::Result<()>;
     /// Removes segment `seq`.
@@ -167,18 +174,61 @@ pub trait LogStorage: Send {
     fn location(&self) -> PathBuf;
 }
 
-/// A log directory, locked for one writer for as long as the value lives.
+/// A log directory, locked for one writer for as long as the value lives. Segments are written
+/// through io_uring ([`super::uring`]): `append` may return before its bytes are written, and
+/// `sync_segment`, `flush`, `create_segment`, `remove_segment` and drop wait for them. Where
+/// io_uring is refused, `pwritev` and `fdatasync` (one warning says so).
 pub struct LogDir {
     dir: PathBuf,
     // Holding the lock is all this field does; dropping it closes the file and unlocks.
     _lock: Flock<File>,
     current: Option<(u64, File)>,
+    // The io_uring engine; `None` when io_uring is refused (or turned off), and segments are
+    // written with `pwritev` and `fdatasync`.
+    ring: Option<Box<SegmentRing>>,
+    // Whether segments are opened with O_DIRECT (io_uring only; cleared when the file system
+    // refuses it).
+    direct: bool,
+}
+
+/// How a [`LogDir`] writes its segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogDirOptions {
+    /// Write through io_uring (falling back to `pwritev` with one warning when it is
+    /// refused); `false` uses `pwritev` from the start, with the same warning.
+    pub uring: bool,
+    /// Open segments with `O_DIRECT` when writing through io_uring, so the log does not fill
+    /// the page cache (buffered I/O where the file system refuses it).
+    pub direct: bool,
+}
+
+impl Default for LogDirOptions {
+    fn default() -> Self {
+        LogDirOptions {
+            uring: true,
+            direct: true,
+        }
+    }
+}
+
+/// What a [`LogDir`] writes with, for messages and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogEngine {
+    /// io_uring with staging buffers, registered or not, and whether files are `O_DIRECT`.
+    Uring { registered: bool, direct: bool },
+    /// `pwritev` and `fdatasync`.
+    Sync,
 }
 
 impl LogDir {
     /// Opens `dir` for writing, creating it (mode 0700) when it does not exist, and takes its
     /// lock. A directory that exists keeps its mode; a warning says so when others can read it.
     pub fn open(dir: &Path) -> Result<LogDir, LogError> {
+        Self::open_with(dir, LogDirOptions::default())
+    }
+
+    /// [`LogDir::open`] with a choice of I/O engine.
+    pub fn open_with(dir: &Path, options: LogDirOptions) -> Result<LogDir, LogError> {
         match std::fs::DirBuilder::new().mode(0o700).create(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -208,11 +258,64 @@ impl LogDir {
             }
         }
         let lock = lock_dir(dir)?;
-        Ok(LogDir {
+        let ring = if options.uring {
+            SegmentRing::new().map_err(|e| match &e {
+                IoError::Refused { source } | IoError::Setup { source, .. } => {
+                    format!("{e} ({source})")
+                }
+                other => other.to_string(),
+            })
+        } else {
+            Err("io_uring is turned off for this log directory".to_string())
+        };
+        let ring = match ring {
+            Ok(ring) => Some(Box::new(ring)),
+            Err(why) => {
+                log::warn!(
+                    "{why}; the log in {} is written with pwritev and fdatasync",
+                    dir.display()
+                );
+                None
+            }
+        };
+        let log_dir = LogDir {
             dir: dir.to_path_buf(),
             _lock: lock,
             current: None,
-        })
+            ring,
+            direct: options.direct,
+        };
+        log::info!("log directory {}: {:?}", dir.display(), log_dir.engine());
+        Ok(log_dir)
+    }
+
+    /// The I/O engine segments are written with.
+    pub fn engine(&self) -> LogEngine {
+        match &self.ring {
+            Some(ring) => LogEngine::Uring {
+                registered: ring.registered(),
+                direct: self.direct,
+            },
+            None => LogEngine::Sync,
+        }
+    }
+
+    /// Injects a failure into the io_uring engine's I/O (tests only; the engine must be
+    /// io_uring).
+    #[cfg(test)]
+    pub(crate) fn inject(&mut self, at: super::uring::FaultAt, fault: super::uring::Fault) {
+        self.ring
+            .as_mut()
+            .expect("faults are injected into the io_uring engine")
+            .inject(at, fault);
+    }
+
+    /// Waits for the newest segment's writes in flight and reports their first failure.
+    fn finish_current(&mut self) -> std::io::Result<()> {
+        if let (Some(ring), Some((_, file))) = (&mut self.ring, &self.current) {
+            ring.finish(file.as_fd())?;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -271,27 +374,63 @@ fn read_pid(file: &mut File) -> Option<u32> {
 
 impl LogStorage for LogDir {
     fn create_segment(&mut self, seq: u64) -> std::io::Result<()> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(self.segment_path(seq))?;
+        // The previous segment's writes complete (or report their failure) before the next
+        // segment exists.
+        self.finish_current()?;
+        self.current = None;
+        let path = self.segment_path(seq);
+        let open = |direct: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                .open(&path)
+        };
+        let direct = self.ring.is_some() && self.direct;
+        let (file, direct) = match open(direct) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                log::info!(
+                    "the file system of {} refuses O_DIRECT; the log is written buffered",
+                    self.dir.display()
+                );
+                self.direct = false;
+                (open(false)?, false)
+            }
+            other => (other?, direct),
+        };
+        if let Some(ring) = &mut self.ring {
+            ring.start(&path, direct);
+        }
         self.current = Some((seq, file));
         Ok(())
     }
 
     fn append(&mut self, offset: u64, pieces: &[&[u8]]) -> std::io::Result<()> {
-        let file = self.current()?;
-        let mut op = WriteOp::new(offset);
-        for p in pieces {
-            op.push(p);
-        }
-        io::sync::write_at(file.as_fd(), &mut [op]).map_err(std::io::Error::other)
+        let (Some(ring), Some((_, file))) = (&mut self.ring, &self.current) else {
+            let file = self.current()?;
+            let mut op = WriteOp::new(offset);
+            for p in pieces {
+                op.push(p);
+            }
+            return io::sync::write_at(file.as_fd(), &mut [op]).map_err(std::io::Error::other);
+        };
+        Ok(ring.write(file.as_fd(), offset, pieces)?)
     }
 
     fn sync_segment(&mut self) -> std::io::Result<()> {
-        self.current()?.sync_data()
+        match (&mut self.ring, &self.current) {
+            (Some(ring), Some((_, file))) => Ok(ring.sync(file.as_fd())?),
+            _ => self.current()?.sync_data(),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match (&mut self.ring, &self.current) {
+            (Some(ring), Some((_, file))) => Ok(ring.flush(file.as_fd())?),
+            _ => Ok(()),
+        }
     }
 
     fn sync_dir(&mut self) -> std::io::Result<()> {
@@ -300,7 +439,12 @@ impl LogStorage for LogDir {
 
     fn remove_segment(&mut self, seq: u64) -> std::io::Result<()> {
         if self.current.as_ref().is_some_and(|(s, _)| *s == seq) {
+            let finished = self.finish_current();
             self.current = None;
+            finished?;
+        } else if let (Some(ring), Some((_, file))) = (&mut self.ring, &self.current) {
+            // Writes in flight end here at the latest, so their failure is not lost.
+            ring.flush(file.as_fd())?;
         }
         std::fs::remove_file(self.segment_path(seq))
     }
@@ -327,6 +471,17 @@ impl LogStorage for LogDir {
 
     fn location(&self) -> PathBuf {
         self.dir.clone()
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish_current() {
+            log::error!(
+                "writing the end of the log in {} failed: {e}",
+                self.dir.display()
+            );
+        }
     }
 }
 
