@@ -3,7 +3,8 @@
 //!
 //! - [`format`]: the on-disk layout of segments, records and images (pure, no I/O);
 //! - [`segment`]: the synchronous segment writer, the log directory and its lock;
-//! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`.
+//! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`;
+//! - [`image`]: reading a heap image back in bounded chunks (checkpoints from an image).
 //!
 //! Rules: the log is the only durable copy of the heap, so nothing here ever applies a record
 //! whose checksum does not match or an epoch whose commit record is missing; everything is
@@ -12,12 +13,14 @@
 //! pages and gives pages. The design and its reasons are in `docs/DESIGN.md`, "The log".
 
 pub mod format;
+pub mod image;
 pub mod replay;
 pub mod segment;
 
 pub use format::{EpochPage, FormatError, RegionInfo};
+pub use image::{ImageError, ImageReader};
 pub use replay::{inspect_dir, replay_dir, Inspection, Progress, ReplayError, ReplayReport};
-pub use segment::{LogDir, LogError, LogWriter, SyncMode, WriterOptions};
+pub use segment::{EpochAppend, LogDir, LogError, LogWriter, SyncMode, WriterOptions};
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -13,10 +13,26 @@
 //! - An epoch never spans two segments. A new segment starts when the current one has reached
 //!   [`WriterOptions::segment_bytes_target`] (so a segment exceeds it by at most one epoch),
 //!   and before every checkpoint.
+//! - An epoch is streamed ([`LogWriter::begin_epoch`], [`EpochAppend::add`] in chunks,
+//!   [`EpochAppend::commit`]): page groups are cut every [`GROUP_ENTRIES_MAX`] pages however
+//!   the pages arrive and written as they fill, so memory is one open group (at most 126
+//!   copied pages) and the bytes are the same as for the whole epoch at once
+//!   ([`LogWriter::append_epoch`] and [`LogWriter::checkpoint`] are the one-call form).
 //! - After a failed write or sync the writer does not know what is durable, so it never
 //!   pretends: the epoch's number is skipped, and the only thing it accepts next is a
-//!   [`LogWriter::checkpoint`] (a full image in a new segment, which replay accepts after a
+//!   checkpoint ([`LogWriter::checkpoint`], [`LogWriter::checkpoint_from_image`] or
+//!   [`LogWriter::compact`]: a full image in a new segment, which replay accepts after a
 //!   gap). See `docs/DESIGN.md`, "The log".
+//! - An [`EpochAppend`] dropped without commit is abandoned. If nothing of it reached the
+//!   storage it leaves no trace and its number goes to the next epoch. If some of it did, its
+//!   blocks sit without a commit record at the end of the segment, where replay stops: the
+//!   writer treats this like a failed write (number used up, broken, checkpoint next), so no
+//!   committed epoch is ever written behind an uncommitted one.
+//! - Compaction ([`LogWriter::compact`]) and [`LogWriter::resume`] write their checkpoint in a
+//!   new segment numbered after every segment there, as an epoch numbered after every epoch
+//!   there, and remove older segments only once it is durable. A crash before that leaves the
+//!   old log, which replays as before; after, the checkpoint. The temporary image compaction
+//!   replays into is never named like a segment.
 //! - `LOG_DIR/lock` holds an exclusive `flock` for as long as the [`LogDir`] lives, and the
 //!   holder's PID: a second writer is refused with a message naming both.
 //!
@@ -37,8 +53,12 @@ use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
 use super::format::{
-    encode_epoch, segment_file_name, CommitKind, EpochPage, RegionInfo, SegmentHeader,
-    BLOCK_BYTES_U64, SEGMENT_FLAG_CHECKPOINT,
+    segment_file_name, BatchCrc, Block, Commit, CommitKind, EpochPage, PageEntry, PageGroup,
+    RegionInfo, SegmentHeader, BLOCK_BYTES_U64, GROUP_ENTRIES_MAX, SEGMENT_FLAG_CHECKPOINT,
+};
+use super::image::ImageReader;
+use super::replay::{
+    inspect_segment, plan, write_image, ReplayError, Segment, SegmentFile, SegmentSource,
 };
 use crate::io::{self, WriteOp};
 use crate::PAGE_SIZE;
@@ -51,6 +71,10 @@ pub const SEGMENT_BYTES_TARGET_DEFAULT: u64 = 64 << 20;
 
 /// Smallest accepted segment size target: the header and one epoch of one page.
 pub const SEGMENT_BYTES_TARGET_MIN: u64 = 4 * BLOCK_BYTES_U64;
+
+/// Name of the temporary image compaction writes in the log directory (then removes): not a
+/// segment's name, so replay and inspect never take it for one.
+pub const COMPACT_IMAGE_NAME: &str = ".lego-compact.img";
 
 /// Most bytes of the lock file read to find the holder's PID.
 const LOCK_FILE_BYTES_MAX: u64 = 64;
@@ -144,6 +168,72 @@ pub enum LogError {
          only a checkpoint (a full image in a new segment) can continue the log"
     )]
     NeedsCheckpoint { epoch: u64 },
+    #[error(transparent)]
+    Image(#[from] super::image::ImageError),
+    #[error(
+        "the heap image {image} is of the region at {:#x} of {} bytes, but the log is of the \
+         region at {:#x} of {} bytes",
+        found.base, found.len, expected.base, expected.len
+    )]
+    ImageRegion {
+        image: PathBuf,
+        found: RegionInfo,
+        expected: RegionInfo,
+    },
+    #[error(
+        "the segment {path} is of the region at {:#x} of {} bytes, but the log is resumed for \
+         the region at {:#x} of {} bytes",
+        found.base, found.len, expected.base, expected.len
+    )]
+    SegmentRegion {
+        path: PathBuf,
+        found: RegionInfo,
+        expected: RegionInfo,
+    },
+    #[error(
+        "the heap image {image} was replayed from the log {image_id:#018x}, but the log in \
+         {dir} is {log_id:#018x}; resume with an image replayed from {dir}, or give the \
+         restored program another LEGO_LOG_DIR"
+    )]
+    LogIdMismatch {
+        dir: PathBuf,
+        image: PathBuf,
+        image_id: u64,
+        log_id: u64,
+    },
+    #[error(
+        "the log directory {dir} holds segments of two logs ({first:#018x}, and \
+         {second:#018x} in {path}); move the segments that do not belong away"
+    )]
+    MixedLogs {
+        dir: PathBuf,
+        path: PathBuf,
+        first: u64,
+        second: u64,
+    },
+    #[error("compacting the log in {dir} failed: it does not replay")]
+    Replay {
+        dir: PathBuf,
+        #[source]
+        source: Box<super::replay::ReplayError>,
+    },
+    #[error(
+        "compacting the log in {dir} would lose epochs: replay recovers epoch {replayed}, but \
+         epoch {committed} was committed; the log is damaged and is left as it is (see \
+         `lego inspect`)"
+    )]
+    CompactionBehind {
+        dir: PathBuf,
+        replayed: u64,
+        committed: u64,
+    },
+    #[error("{what} the temporary image {path} failed")]
+    Scratch {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where segments live: a directory on disk ([`LogDir`]) or memory ([`MemoryStorage`]). The
@@ -165,6 +255,17 @@ pub trait LogStorage: Send {
     fn segment_path(&self, seq: u64) -> PathBuf;
     /// The directory (or its stand-in), for messages.
     fn location(&self) -> PathBuf;
+    /// Opens segment `seq` for reading (compaction and resume read the log back). The default
+    /// opens the file at [`LogStorage::segment_path`].
+    fn open_segment(&self, seq: u64) -> std::io::Result<Box<dyn SegmentSource>> {
+        Ok(Box::new(SegmentFile::open(&self.segment_path(seq))?))
+    }
+    /// Where compaction writes its temporary image. The default is
+    /// [`COMPACT_IMAGE_NAME`] in [`LogStorage::location`]: in the log's directory (same file
+    /// system, same permissions), under a name that is not a segment's.
+    fn scratch_image_path(&self) -> PathBuf {
+        self.location().join(COMPACT_IMAGE_NAME)
+    }
 }
 
 /// A log directory, locked for one writer for as long as the value lives.
@@ -405,6 +506,22 @@ impl LogStorage for MemoryStorage {
     fn location(&self) -> PathBuf {
         PathBuf::from("memory:")
     }
+
+    fn open_segment(&self, seq: u64) -> std::io::Result<Box<dyn SegmentSource>> {
+        let segs = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
+        let bytes = segs.get(&seq).ok_or(ErrorKind::NotFound)?.clone();
+        Ok(Box::new(bytes))
+    }
+
+    /// Memory has no directory: the temporary image goes to the system's temporary directory,
+    /// under a name of this storage's own (tests run side by side).
+    fn scratch_image_path(&self) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "lego-memory-compact-{}-{:p}.img",
+            std::process::id(),
+            Arc::as_ptr(&self.segments)
+        ))
+    }
 }
 
 /// Appends epochs to a log, one segment after the other.
@@ -417,13 +534,21 @@ pub struct LogWriter {
     seq: u64,
     offset: u64,
     next_epoch: u64,
-    // Set by a failed write or sync: the writer accepts only a checkpoint until one succeeds.
+    // The last epoch whose commit was reported durable (0: none yet).
+    last_committed: u64,
+    // Set by a failed write or sync, or an epoch abandoned after writing: the writer accepts
+    // only a checkpoint until one succeeds.
     broken: bool,
+    // Bytes of each segment the log holds, by sequence number (for `log_bytes`).
+    segment_bytes: BTreeMap<u64, u64>,
+    // Payload copies of a streaming epoch's open page group, kept between epochs so that its
+    // allocation (at most GROUP_ENTRIES_MAX pages) is made once.
+    group_buf: Vec<u8>,
 }
 
 impl LogWriter {
     /// Starts a new log in `dir` (created 0700 if missing) for `region`. The directory must
-    /// not hold segments already: continuing an existing log is the restore path's job.
+    /// not hold segments already: continuing an existing log is [`LogWriter::resume`]'s job.
     pub fn create(
         dir: &Path,
         region: RegionInfo,
@@ -439,18 +564,8 @@ impl LogWriter {
         region: RegionInfo,
         options: WriterOptions,
     ) -> Result<LogWriter, LogError> {
-        region
-            .check(super::format::Record::SegmentHeader)
-            .map_err(|source| LogError::Region { region, source })?;
-        if options.segment_bytes_target < SEGMENT_BYTES_TARGET_MIN {
-            return Err(LogError::SegmentTarget {
-                bytes: options.segment_bytes_target,
-            });
-        }
-        let existing = storage.segments().map_err(|source| LogError::List {
-            dir: storage.location(),
-            source,
-        })?;
+        check_settings(region, &options)?;
+        let existing = list_segments(storage.as_ref())?;
         if let Some(&seq) = existing.first() {
             return Err(LogError::NotEmpty {
                 dir: storage.location(),
@@ -465,8 +580,138 @@ impl LogWriter {
             seq: 0,
             offset: 0,
             next_epoch: 1,
+            last_committed: 0,
             broken: false,
+            segment_bytes: BTreeMap::new(),
+            group_buf: Vec::new(),
         })
+    }
+
+    /// Continues the log in `dir` after a restore from `image` (made by `lego replay` of this
+    /// directory, possibly with `--epoch N`): takes the directory's lock, checks that the
+    /// image's log id and region are the log's, and writes the image as a checkpoint numbered
+    /// after every epoch found in the directory (and after the image's), in a new segment
+    /// numbered after every segment there; once it is durable the older segments are removed.
+    /// So the history after the image's epoch is cut off, and a crash before the checkpoint is
+    /// durable leaves the log as it was.
+    ///
+    /// A directory without segments starts a new log whose first epoch is that checkpoint,
+    /// under the image's log id (the same log, continued elsewhere) and numbered after the
+    /// image's epoch. The log keeps its id: `options.log_id` is not used here.
+    pub fn resume(
+        dir: &Path,
+        region: RegionInfo,
+        options: WriterOptions,
+        image: &Path,
+    ) -> Result<LogWriter, LogError> {
+        // The image is checked before the directory is locked (or created).
+        let reader = ImageReader::open(image)?;
+        Self::resume_reader(Box::new(LogDir::open(dir)?), region, options, reader)
+    }
+
+    /// [`LogWriter::resume`] on any storage.
+    pub fn resume_with_storage(
+        storage: Box<dyn LogStorage>,
+        region: RegionInfo,
+        options: WriterOptions,
+        image: &Path,
+    ) -> Result<LogWriter, LogError> {
+        let reader = ImageReader::open(image)?;
+        Self::resume_reader(storage, region, options, reader)
+    }
+
+    fn resume_reader(
+        storage: Box<dyn LogStorage>,
+        region: RegionInfo,
+        options: WriterOptions,
+        mut image: ImageReader,
+    ) -> Result<LogWriter, LogError> {
+        check_settings(region, &options)?;
+        let ih = *image.header();
+        if ih.region != region {
+            return Err(LogError::ImageRegion {
+                image: image.path().to_path_buf(),
+                found: ih.region,
+                expected: region,
+            });
+        }
+        let dir = storage.location();
+        let mut log_id: Option<u64> = None;
+        let mut max_epoch = 0u64;
+        let mut max_seq = 0u64;
+        let mut segment_bytes = BTreeMap::new();
+        for (i, seq) in list_segments(storage.as_ref())?.into_iter().enumerate() {
+            let path = storage.segment_path(seq);
+            let source = storage.open_segment(seq).map_err(|source| LogError::Io {
+                path: path.clone(),
+                what: "opening (to resume the log)",
+                source,
+            })?;
+            segment_bytes.insert(seq, source.size());
+            max_seq = max_seq.max(seq);
+            // Every segment is read to its end: the new checkpoint must be numbered after
+            // every epoch committed anywhere in the directory, or replay could stop before it.
+            let info = inspect_segment(i, &Segment { seq, path, source });
+            // A segment whose header cannot be read holds nothing replay would apply; its
+            // number is still taken.
+            let Ok(h) = info.header else { continue };
+            if h.region != region {
+                return Err(LogError::SegmentRegion {
+                    path: info.path,
+                    found: h.region,
+                    expected: region,
+                });
+            }
+            match log_id {
+                None => log_id = Some(h.log_id),
+                Some(first) if first != h.log_id => {
+                    return Err(LogError::MixedLogs {
+                        dir,
+                        path: info.path,
+                        first,
+                        second: h.log_id,
+                    })
+                }
+                Some(_) => {}
+            }
+            max_epoch = max_epoch
+                .max(h.first_epoch)
+                .max(info.last_epoch.unwrap_or(0));
+        }
+        let log_id = match log_id {
+            Some(id) if id != ih.log_id => {
+                return Err(LogError::LogIdMismatch {
+                    dir,
+                    image: image.path().to_path_buf(),
+                    image_id: ih.log_id,
+                    log_id: id,
+                })
+            }
+            Some(id) => id,
+            None => ih.log_id,
+        };
+        let mut w = LogWriter {
+            storage,
+            region,
+            log_id,
+            options,
+            seq: max_seq,
+            offset: 0,
+            next_epoch: max_epoch.max(ih.epoch) + 1,
+            last_committed: 0,
+            broken: false,
+            segment_bytes,
+            group_buf: Vec::new(),
+        };
+        let epoch = w.checkpoint_from_reader(&mut image)?;
+        log::info!(
+            "the log in {} continues from the image {} (epoch {}) with the checkpoint of \
+             epoch {epoch}",
+            dir.display(),
+            image.path().display(),
+            ih.epoch
+        );
+        Ok(w)
     }
 
     pub fn log_id(&self) -> u64 {
@@ -483,26 +728,218 @@ impl LogWriter {
         self.seq
     }
 
+    /// Bytes of all segments of the log now (what `LEGO_LOG_MAX` bounds).
+    pub fn log_bytes(&self) -> u64 {
+        self.segment_bytes.values().sum()
+    }
+
+    /// Whether only a checkpoint (or [`LogWriter::compact`]) is accepted next.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Number of the last epoch that committed durably (0 if none).
+    pub fn last_committed(&self) -> u64 {
+        self.last_committed
+    }
+
     /// Appends one epoch of `pages` (each at most once) and returns its number once it is
     /// durable (with [`SyncMode::Data`]).
     pub fn append_epoch(&mut self, pages: &[EpochPage<'_>]) -> Result<u64, LogError> {
         if self.broken {
-            return Err(LogError::NeedsCheckpoint {
-                epoch: self.next_epoch - 1,
-            });
+            return Err(self.needs_checkpoint());
         }
-        self.check_pages(pages)?;
-        let rotate = self.seq == 0 || self.offset >= self.options.segment_bytes_target;
-        self.write_epoch(pages, CommitKind::Delta, rotate)
+        self.check_pages(pages, &[])?;
+        let mut epoch = self.begin(CommitKind::Delta);
+        epoch.push(pages, true)?;
+        epoch.commit()
+    }
+
+    /// Starts a streaming epoch: pages are added in chunks with [`EpochAppend::add`] and
+    /// written as they come; nothing is durable until [`EpochAppend::commit`].
+    pub fn begin_epoch(&mut self) -> Result<EpochAppend<'_>, LogError> {
+        if self.broken {
+            return Err(self.needs_checkpoint());
+        }
+        Ok(self.begin(CommitKind::Delta))
     }
 
     /// Appends a checkpoint: `pages` must be every non-zero page of the heap. It starts a new
     /// segment, and once it is durable the older segments are removed (oldest first, so a
     /// crash in between leaves a contiguous run that still replays). Returns its epoch.
     pub fn checkpoint(&mut self, pages: &[EpochPage<'_>]) -> Result<u64, LogError> {
-        self.check_pages(pages)?;
-        let epoch = self.write_epoch(pages, CommitKind::Checkpoint, true)?;
-        self.broken = false;
+        self.check_pages(pages, &[])?;
+        let mut append = self.begin(CommitKind::Checkpoint);
+        append.push(pages, true)?;
+        let epoch = append.commit()?;
+        self.remove_older(epoch);
+        Ok(epoch)
+    }
+
+    /// Streams a checkpoint from the heap image `image` (as `lego replay` writes it; its
+    /// region must be the log's) into a new segment, reading it in chunks of
+    /// [`IMAGE_CHUNK_PAGES`](super::image::IMAGE_CHUNK_PAGES) and skipping holes and all-zero pages, then removes the older
+    /// segments as [`LogWriter::checkpoint`] does. Returns the checkpoint's epoch (a new
+    /// number). Works on a broken writer, and clears that state. The image's log id is not
+    /// checked: its content becomes the heap's.
+    pub fn checkpoint_from_image(&mut self, image: &Path) -> Result<u64, LogError> {
+        let mut reader = ImageReader::open(image)?;
+        self.checkpoint_from_reader(&mut reader)
+    }
+
+    fn checkpoint_from_reader(&mut self, image: &mut ImageReader) -> Result<u64, LogError> {
+        let found = image.header().region;
+        if found != self.region {
+            return Err(LogError::ImageRegion {
+                image: image.path().to_path_buf(),
+                found,
+                expected: self.region,
+            });
+        }
+        let mut append = self.begin(CommitKind::Checkpoint);
+        // An error here drops `append` uncommitted: see `EpochAppend`'s drop.
+        while let Some(pages) = image.next_chunk()? {
+            append.add(&pages)?;
+        }
+        let epoch = append.commit()?;
+        self.remove_older(epoch);
+        Ok(epoch)
+    }
+
+    /// Bounds the log: replays its committed epochs into a temporary image in the log
+    /// directory ([`COMPACT_IMAGE_NAME`], mode 0600, never named like a segment, removed
+    /// afterwards) and writes that as a checkpoint ([`LogWriter::checkpoint_from_image`]).
+    /// Returns the checkpoint's epoch.
+    ///
+    /// Works on a broken writer (that is how it recovers after a failed write): the last
+    /// epoch replay finds committed becomes the checkpoint's content, which is the last one
+    /// reported durable or the failed one if its commit made it. A log that replays to an
+    /// epoch older than the last one reported durable is damaged: it is left as it is and
+    /// the error says so. The image need not be durable: until the checkpoint is, the old
+    /// segments are all there.
+    ///
+    /// Memory: replay's first pass keeps the place of every page of the heap (tens of bytes
+    /// per page); the pages themselves go through bounded buffers.
+    pub fn compact(&mut self) -> Result<u64, LogError> {
+        let dir = self.storage.location();
+        let mut segments = Vec::new();
+        for seq in list_segments(self.storage.as_ref())? {
+            let path = self.storage.segment_path(seq);
+            let source = self
+                .storage
+                .open_segment(seq)
+                .map_err(|source| LogError::Io {
+                    path: path.clone(),
+                    what: "opening (to compact the log)",
+                    source,
+                })?;
+            segments.push(Segment { seq, path, source });
+        }
+        let mut plan = match plan(&dir, &segments, None, &mut |_| {}) {
+            Ok(plan) => plan,
+            // Nothing was ever committed: the heap the log vouches for is empty.
+            Err(ReplayError::NoSegments { .. } | ReplayError::NothingCommitted { .. })
+                if self.last_committed == 0 =>
+            {
+                drop(segments);
+                return self.checkpoint(&[]);
+            }
+            Err(e) => {
+                return Err(LogError::Replay {
+                    dir,
+                    source: Box::new(e),
+                })
+            }
+        };
+        let replayed = plan.report.epoch;
+        if replayed < self.last_committed {
+            return Err(LogError::CompactionBehind {
+                dir,
+                replayed,
+                committed: self.last_committed,
+            });
+        }
+        // The checkpoint must be numbered after everything replay saw.
+        self.next_epoch = self.next_epoch.max(replayed + 1);
+        let scratch = self.storage.scratch_image_path();
+        let scratch_err = |what, source| LogError::Scratch {
+            path: scratch.clone(),
+            what,
+            source,
+        };
+        // We hold the directory's lock: a file left there by a compaction that crashed is
+        // nobody else's.
+        match std::fs::remove_file(&scratch) {
+            Ok(()) => log::debug!("removed a stale {}", scratch.display()),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(scratch_err("removing the stale", e)),
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&scratch)
+            .map_err(|e| scratch_err("creating (mode 0600)", e))?;
+        let result = write_image(&mut plan, &segments, &mut file, &scratch, &mut |_| {})
+            .map_err(|e| LogError::Replay {
+                dir: dir.clone(),
+                source: Box::new(e),
+            })
+            .and_then(|()| {
+                drop(segments);
+                drop(file);
+                let mut reader = ImageReader::open(&scratch)?;
+                self.checkpoint_from_reader(&mut reader)
+            });
+        if let Err(e) = std::fs::remove_file(&scratch) {
+            log::warn!(
+                "removing the temporary image {} after compacting failed: {e}",
+                scratch.display()
+            );
+        }
+        let epoch = result?;
+        log::debug!(
+            "compacted the log in {} to the checkpoint of epoch {epoch} (replayed epoch \
+             {replayed}); it holds {} bytes",
+            dir.display(),
+            self.log_bytes()
+        );
+        Ok(epoch)
+    }
+
+    fn needs_checkpoint(&self) -> LogError {
+        LogError::NeedsCheckpoint {
+            epoch: self.next_epoch - 1,
+        }
+    }
+
+    fn begin(&mut self, kind: CommitKind) -> EpochAppend<'_> {
+        let rotate = kind == CommitKind::Checkpoint
+            || self.seq == 0
+            || self.offset >= self.options.segment_bytes_target;
+        let buf = std::mem::take(&mut self.group_buf);
+        EpochAppend {
+            epoch: self.next_epoch,
+            writer: self,
+            kind,
+            rotate,
+            wrote: false,
+            finished: false,
+            sealed: false,
+            open: Vec::new(),
+            buf,
+            groups: 0,
+            pages: 0,
+            body_bytes: 0,
+            batch: BatchCrc::default(),
+        }
+    }
+
+    /// Removes the segments older than the newest (after the checkpoint `epoch` in it is
+    /// durable). A segment that cannot be removed costs space, not correctness (replay skips
+    /// to the checkpoint), so failures are warnings.
+    fn remove_older(&mut self, epoch: u64) {
         let older: Vec<u64> = match self.storage.segments() {
             Ok(all) => all.into_iter().filter(|&s| s < self.seq).collect(),
             Err(e) => {
@@ -510,19 +947,19 @@ impl LogWriter {
                     "listing {} after the checkpoint of epoch {epoch} failed: {e}",
                     self.storage.location().display()
                 );
-                return Ok(epoch);
+                return;
             }
         };
-        // The checkpoint is durable: what follows only bounds the log. A segment that cannot
-        // be removed costs space, not correctness (replay skips to the checkpoint).
+        // Oldest first: a crash in between leaves a contiguous run that still replays.
         for seq in older {
             if let Err(e) = self.storage.remove_segment(seq) {
                 log::warn!(
                     "removing {} (older than the checkpoint of epoch {epoch}) failed: {e}",
                     self.storage.segment_path(seq).display()
                 );
-                return Ok(epoch);
+                return;
             }
+            self.segment_bytes.remove(&seq);
         }
         if self.options.sync == SyncMode::Data {
             if let Err(e) = self.storage.sync_dir() {
@@ -532,12 +969,13 @@ impl LogWriter {
                 );
             }
         }
-        Ok(epoch)
     }
 
-    fn check_pages(&self, pages: &[EpochPage<'_>]) -> Result<(), LogError> {
+    /// Checks `pages` (in range, one page long, none twice, none already in `open`) before
+    /// anything of them is written.
+    fn check_pages(&self, pages: &[EpochPage<'_>], open: &[PageEntry]) -> Result<(), LogError> {
         let region_pages = self.region.pages();
-        let mut seen = Vec::with_capacity(pages.len());
+        let mut seen = Vec::with_capacity(pages.len() + open.len());
         for p in pages {
             if p.page >= region_pages {
                 return Err(LogError::PageOutOfRange {
@@ -553,6 +991,7 @@ impl LogWriter {
             }
             seen.push(p.page);
         }
+        seen.extend(open.iter().map(|e| e.page));
         seen.sort_unstable();
         match seen.windows(2).find(|w| w[0] == w[1]) {
             Some(w) => Err(LogError::DuplicatePage { page: w[0] }),
@@ -560,56 +999,38 @@ impl LogWriter {
         }
     }
 
-    fn write_epoch(
-        &mut self,
-        pages: &[EpochPage<'_>],
-        kind: CommitKind,
-        rotate: bool,
-    ) -> Result<u64, LogError> {
-        let epoch = self.next_epoch;
-        // From here on a failure leaves the epoch's fate unknown: its number is used up.
-        self.next_epoch += 1;
-        match self.try_write_epoch(epoch, pages, kind, rotate) {
-            Ok(()) => Ok(epoch),
-            Err(e) => {
-                self.broken = true;
-                log::error!("writing epoch {epoch} to the log failed: {e}");
-                Err(e)
-            }
-        }
-    }
-
-    fn try_write_epoch(
+    /// Appends `pieces` at the end of the newest segment, first starting a new segment for
+    /// `epoch` if `rotate` says so. Returns the bytes appended.
+    fn write_pieces(
         &mut self,
         epoch: u64,
-        pages: &[EpochPage<'_>],
         kind: CommitKind,
-        rotate: bool,
-    ) -> Result<(), LogError> {
-        if rotate {
+        rotate: &mut bool,
+        pieces: &[&[u8]],
+        what: &'static str,
+    ) -> Result<u64, LogError> {
+        if *rotate {
             self.start_segment(epoch, kind)?;
+            *rotate = false;
         }
-        let encoded = encode_epoch(epoch, self.log_id, kind, pages);
-        let body: Vec<&[u8]> = encoded.body.iter().map(|p| p.bytes()).collect();
-        let sync = self.options.sync == SyncMode::Data;
+        let bytes: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        if bytes == 0 {
+            return Ok(0);
+        }
         self.storage
-            .append(self.offset, &body)
-            .map_err(|source| self.io_error("writing an epoch's pages", source))?;
-        if sync {
+            .append(self.offset, pieces)
+            .map_err(|source| self.io_error(what, source))?;
+        self.offset += bytes;
+        self.segment_bytes.insert(self.seq, self.offset);
+        Ok(bytes)
+    }
+
+    fn sync(&mut self, what: &'static str) -> Result<(), LogError> {
+        if self.options.sync == SyncMode::Data {
             self.storage
                 .sync_segment()
-                .map_err(|source| self.io_error("fdatasync before a commit record", source))?;
+                .map_err(|source| self.io_error(what, source))?;
         }
-        debug_assert!(super::format::Commit::decode(&encoded.commit.0).is_ok());
-        self.storage
-            .append(self.offset + encoded.body_bytes, &[&encoded.commit.0])
-            .map_err(|source| self.io_error("writing a commit record", source))?;
-        if sync {
-            self.storage
-                .sync_segment()
-                .map_err(|source| self.io_error("fdatasync after a commit record", source))?;
-        }
-        self.offset += encoded.bytes();
         Ok(())
     }
 
@@ -640,9 +1061,12 @@ impl LogWriter {
         // writing this header fails.
         self.seq = seq;
         self.offset = 0;
+        self.segment_bytes.insert(seq, 0);
         self.storage
             .append(0, &[&block.0])
             .map_err(|e| io_err("writing the header", e))?;
+        self.offset = BLOCK_BYTES_U64;
+        self.segment_bytes.insert(seq, self.offset);
         if self.options.sync == SyncMode::Data {
             self.storage
                 .sync_segment()
@@ -651,7 +1075,6 @@ impl LogWriter {
                 .sync_dir()
                 .map_err(|e| io_err("syncing the directory after creating", e))?;
         }
-        self.offset = BLOCK_BYTES_U64;
         log::debug!(
             "log segment {} started at epoch {first_epoch}",
             path.display()
@@ -665,6 +1088,271 @@ impl LogWriter {
             what,
             source,
         }
+    }
+}
+
+/// Checks a writer's region and settings.
+fn check_settings(region: RegionInfo, options: &WriterOptions) -> Result<(), LogError> {
+    region
+        .check(super::format::Record::SegmentHeader)
+        .map_err(|source| LogError::Region { region, source })?;
+    if options.segment_bytes_target < SEGMENT_BYTES_TARGET_MIN {
+        return Err(LogError::SegmentTarget {
+            bytes: options.segment_bytes_target,
+        });
+    }
+    Ok(())
+}
+
+fn list_segments(storage: &dyn LogStorage) -> Result<Vec<u64>, LogError> {
+    storage.segments().map_err(|source| LogError::List {
+        dir: storage.location(),
+        source,
+    })
+}
+
+/// One epoch being written by [`LogWriter::begin_epoch`] (or a checkpoint), page group by
+/// page group. See the module documentation for what dropping it uncommitted does.
+pub struct EpochAppend<'w> {
+    writer: &'w mut LogWriter,
+    epoch: u64,
+    kind: CommitKind,
+    // The epoch's segment is still to be started (at its first write).
+    rotate: bool,
+    // Some byte of the epoch (its segment's header included) reached the storage.
+    wrote: bool,
+    // Committed, or failed (the writer is broken): nothing more may be written.
+    finished: bool,
+    // A page group of fewer than GROUP_ENTRIES_MAX entries was written (the last call of a
+    // whole epoch): no page may follow it.
+    sealed: bool,
+    // The open page group: its entries, and in `buf` the payloads of its PAGE entries in
+    // order. Held back until the group is full so that groups are cut every
+    // GROUP_ENTRIES_MAX pages however the pages arrive.
+    open: Vec<PageEntry>,
+    buf: Vec<u8>,
+    // What the commit record will say.
+    groups: u32,
+    pages: u64,
+    body_bytes: u64,
+    batch: BatchCrc,
+}
+
+/// Where the payloads of a page group to write are.
+enum Payloads<'p, 'd> {
+    /// In the open group's buffer.
+    Buffered,
+    /// In the caller's pages.
+    Pages(&'p [EpochPage<'d>]),
+}
+
+impl EpochAppend<'_> {
+    /// The epoch's number (what [`EpochAppend::commit`] returns).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Appends pages of this epoch: full page groups are written as they fill, the last
+    /// partial one is kept (at most [`GROUP_ENTRIES_MAX`] pages, copied) until more pages or
+    /// the commit come. `pages` are checked first (range, length, no page twice within the
+    /// call or the open group); a refused call writes nothing and the epoch goes on. Each
+    /// page must appear at most once in the whole epoch: the caller guarantees it across
+    /// calls (a page written twice would be applied in its last version).
+    pub fn add(&mut self, pages: &[EpochPage<'_>]) -> Result<(), LogError> {
+        self.check_writable()?;
+        // Only the internal one-call form writes a partial group, and adds nothing after it.
+        assert!(!self.sealed, "no page may follow a partial page group");
+        self.writer.check_pages(pages, &self.open)?;
+        self.push(pages, false)
+    }
+
+    /// Writes what is left of the epoch, `fdatasync`, the commit record, `fdatasync` (with
+    /// [`SyncMode::Data`]), and returns the epoch's number. An epoch without pages commits
+    /// too: it gets a new number and a commit record.
+    pub fn commit(mut self) -> Result<u64, LogError> {
+        self.check_writable()?;
+        self.push(&[], true)?;
+        let commit = Commit {
+            kind: self.kind,
+            epoch: self.epoch,
+            log_id: self.writer.log_id,
+            groups: self.groups,
+            pages: self.pages,
+            body_bytes: self.body_bytes,
+            batch_crc: self.batch.value(),
+        }
+        .encode();
+        debug_assert!(Commit::decode(&commit.0).is_ok());
+        let written = (|| {
+            // An empty epoch may not have its segment yet.
+            self.writer.write_pieces(
+                self.epoch,
+                self.kind,
+                &mut self.rotate,
+                &[],
+                "writing a segment header",
+            )?;
+            self.wrote = true;
+            self.writer.sync("fdatasync before a commit record")?;
+            self.writer.write_pieces(
+                self.epoch,
+                self.kind,
+                &mut self.rotate,
+                &[&commit.0],
+                "writing a commit record",
+            )?;
+            self.writer.sync("fdatasync after a commit record")
+        })();
+        if let Err(e) = written {
+            return Err(self.fail(e));
+        }
+        self.finished = true;
+        let w = &mut *self.writer;
+        w.next_epoch = self.epoch + 1;
+        w.last_committed = self.epoch;
+        if self.kind == CommitKind::Checkpoint {
+            w.broken = false;
+        }
+        Ok(self.epoch)
+    }
+
+    fn check_writable(&self) -> Result<(), LogError> {
+        if self.finished {
+            return Err(self.writer.needs_checkpoint());
+        }
+        Ok(())
+    }
+
+    /// Adds checked `pages`; with `last`, also writes the open group and any partial group
+    /// of `pages` (nothing may follow then but the commit).
+    fn push(&mut self, pages: &[EpochPage<'_>], last: bool) -> Result<(), LogError> {
+        let mut rest = pages;
+        let mut groups: Vec<(Box<Block>, Payloads<'_, '_>)> = Vec::new();
+        if !self.open.is_empty() {
+            let n = (GROUP_ENTRIES_MAX - self.open.len()).min(rest.len());
+            let (head, tail) = rest.split_at(n);
+            for p in head {
+                self.buffer(p);
+            }
+            rest = tail;
+            if self.open.len() == GROUP_ENTRIES_MAX || last {
+                self.sealed |= self.open.len() < GROUP_ENTRIES_MAX;
+                let entries = std::mem::take(&mut self.open);
+                groups.push((self.seal_group(entries), Payloads::Buffered));
+            }
+        }
+        // Whole groups (and with `last` the final partial one) go straight from the caller's
+        // pages, without a copy.
+        while rest.len() >= GROUP_ENTRIES_MAX || (last && !rest.is_empty()) {
+            let (chunk, tail) = rest.split_at(GROUP_ENTRIES_MAX.min(rest.len()));
+            self.sealed |= chunk.len() < GROUP_ENTRIES_MAX;
+            let entries = chunk.iter().map(|p| self.entry(p)).collect();
+            groups.push((self.seal_group(entries), Payloads::Pages(chunk)));
+            rest = tail;
+        }
+        if !groups.is_empty() {
+            let mut pieces: Vec<&[u8]> = Vec::new();
+            for (block, payloads) in &groups {
+                pieces.push(&block.0);
+                match payloads {
+                    Payloads::Buffered => pieces.extend(self.buf.chunks(PAGE_SIZE)),
+                    Payloads::Pages(chunk) => pieces.extend(chunk.iter().filter_map(|p| p.data)),
+                }
+            }
+            let written = self.writer.write_pieces(
+                self.epoch,
+                self.kind,
+                &mut self.rotate,
+                &pieces,
+                "writing an epoch's pages",
+            );
+            match written {
+                Ok(bytes) => {
+                    self.wrote = true;
+                    self.body_bytes += bytes;
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+            if groups.iter().any(|(_, p)| matches!(p, Payloads::Buffered)) {
+                self.buf.clear();
+            }
+        }
+        debug_assert!(rest.len() < GROUP_ENTRIES_MAX && (rest.is_empty() || !last));
+        for p in rest {
+            self.buffer(p);
+        }
+        Ok(())
+    }
+
+    fn entry(&self, p: &EpochPage<'_>) -> PageEntry {
+        match p.data {
+            Some(d) => PageEntry::data(self.epoch, p.page, d),
+            None => PageEntry::zero(self.epoch, p.page),
+        }
+    }
+
+    /// Copies `p` into the open group.
+    fn buffer(&mut self, p: &EpochPage<'_>) {
+        debug_assert!(self.open.len() < GROUP_ENTRIES_MAX);
+        let entry = self.entry(p);
+        if let Some(d) = p.data {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(GROUP_ENTRIES_MAX * PAGE_SIZE);
+            }
+            self.buf.extend_from_slice(d);
+        }
+        self.open.push(entry);
+    }
+
+    /// Encodes the next page group of the epoch and counts it for the commit record.
+    fn seal_group(&mut self, entries: Vec<PageEntry>) -> Box<Block> {
+        for e in &entries {
+            self.batch.push(e.crc);
+        }
+        self.pages += entries.len() as u64;
+        let group = PageGroup {
+            epoch: self.epoch,
+            log_id: self.writer.log_id,
+            index: self.groups,
+            entries,
+        };
+        self.groups += 1;
+        group.encode()
+    }
+
+    /// After a failed write or sync the epoch's fate is unknown: its number is used up and
+    /// the writer accepts only a checkpoint.
+    fn fail(&mut self, e: LogError) -> LogError {
+        self.finished = true;
+        let w = &mut *self.writer;
+        w.broken = true;
+        w.next_epoch = self.epoch + 1;
+        log::error!("writing epoch {} to the log failed: {e}", self.epoch);
+        e
+    }
+}
+
+impl Drop for EpochAppend<'_> {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        self.writer.group_buf = buf;
+        if self.finished || !self.wrote {
+            // Committed, failed (already handled), or abandoned without a trace: in the last
+            // case the number is free for the next epoch.
+            return;
+        }
+        // Abandoned after writing: the epoch's blocks lack a commit record, so a later epoch
+        // in the same segment would never be replayed. Its number is used up and only a
+        // checkpoint (or `compact`) may follow, as after a failed write.
+        let w = &mut *self.writer;
+        w.broken = true;
+        w.next_epoch = self.epoch + 1;
+        log::warn!(
+            "epoch {} was abandoned after part of it was written; the log continues only \
+             after a checkpoint",
+            self.epoch
+        );
     }
 }
 
