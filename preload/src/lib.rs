@@ -32,6 +32,11 @@ use lego_runtime::stats::Counter;
 /// it is committed until touched.
 const INTERNAL_HEAP_BYTES: usize = 8 << 30;
 
+/// Where the user heap's region goes when that range is free: 32 TiB, above where x86-64
+/// Linux puts the program's `brk` heap and below its top-down `mmap` area and PIE executables
+/// (about 93 TiB) for heaps up to 60 TiB; clear of AddressSanitizer's shadow (below 16 TiB).
+const HEAP_BASE_PREFERRED: usize = 0x2000_0000_0000;
+
 /// Exit status when a `LEGO_*` setting is wrong.
 const EXIT_BAD_SETTING: i32 = 2;
 /// Exit status when the runtime cannot start (permissions, kernel).
@@ -151,7 +156,12 @@ fn user_heap() -> Option<&'static Heap> {
                 return None;
             }
             let len = usize::try_from(config.heap_bytes).unwrap_or(usize::MAX);
-            let region = match Region::reserve(len, None) {
+            // The same address in every run, so that an image of this heap can be restored
+            // at it (ASLR would put an anonymous mapping elsewhere each time); anywhere if
+            // something already sits there.
+            let region = match Region::reserve(len, Some(HEAP_BASE_PREFERRED))
+                .or_else(|_| Region::reserve(len, None))
+            {
                 Ok(r) => r,
                 Err(e) => die(EXIT_CANNOT_START, &format!("lego: {e} (LEGO_HEAP_SIZE)")),
             };

@@ -6,7 +6,8 @@
 //! - [`uring`]: the log directory's io_uring engine (staging buffers, writes in flight,
 //!   linked fdatasync), with `pwritev` as the fallback;
 //! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`;
-//! - [`restore`]: reading an image back for `LEGO_RESTORE`.
+//! - [`image`]: reading a heap image back in bounded chunks (checkpoints from an image);
+//! - [`restore`]: reading single pages of an image on demand (`LEGO_RESTORE`).
 //!
 //! Rules: the log is the only durable copy of the heap, so nothing here ever applies a record
 //! whose checksum does not match or an epoch whose commit record is missing; everything is
@@ -15,14 +16,18 @@
 //! pages and gives pages. The design and its reasons are in `docs/DESIGN.md`, "The log".
 
 pub mod format;
-pub mod restore;
+pub mod image;
 pub mod replay;
+pub mod restore;
 pub mod segment;
 pub mod uring;
 
 pub use format::{EpochPage, FormatError, RegionInfo};
+pub use image::{ImageError, ImageReader};
 pub use replay::{inspect_dir, replay_dir, Inspection, Progress, ReplayError, ReplayReport};
-pub use segment::{LogDir, LogDirOptions, LogEngine, LogError, LogWriter, SyncMode, WriterOptions};
+pub use segment::{
+    EpochAppend, LogDir, LogDirOptions, LogEngine, LogError, LogWriter, SyncMode, WriterOptions,
+};
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -77,10 +77,29 @@ impl SegmentSource for Vec<u8> {
     }
 }
 
+impl<T: SegmentSource + ?Sized> SegmentSource for Box<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        (**self).read_at(offset, buf)
+    }
+}
+
 /// A segment file opened for reading; its length is taken once, at open.
 pub struct SegmentFile {
     file: File,
     len: u64,
+}
+
+impl SegmentFile {
+    /// Opens the segment at `path` read-only.
+    pub fn open(path: &Path) -> std::io::Result<SegmentFile> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(SegmentFile { file, len })
+    }
 }
 
 impl SegmentSource for SegmentFile {
@@ -1177,12 +1196,7 @@ pub fn open_segments(dir: &Path) -> Result<(Vec<Segment<SegmentFile>>, Vec<Strin
     let segments = found
         .into_iter()
         .map(|(seq, path)| {
-            let open = || {
-                let file = File::open(&path)?;
-                let len = file.metadata()?.len();
-                Ok(SegmentFile { file, len })
-            };
-            open()
+            SegmentFile::open(&path)
                 .map(|source| Segment {
                     seq,
                     path: path.clone(),
@@ -1440,7 +1454,8 @@ pub fn inspect<S: SegmentSource>(
     }
 }
 
-fn inspect_segment<S: SegmentSource>(index: usize, seg: &Segment<S>) -> SegmentInfo {
+/// Reads one segment on its own (header, committed epochs, damage), as `inspect` shows it.
+pub fn inspect_segment<S: SegmentSource>(index: usize, seg: &Segment<S>) -> SegmentInfo {
     let bytes = seg.source.size();
     let mut reader = Reader::new(&seg.source);
     let header = read_header(&mut reader);
