@@ -144,7 +144,7 @@ fn run_and_kill(
 }
 
 /// Restores `image` and checks the structure: returns the generation restored.
-fn restore_and_verify(image: &Path, store: &TempDir) -> u64 {
+fn restore_and_verify(image: &Path, store: &TempDir, context: &str) -> u64 {
     let out = Run::new(program("durable_list"))
         .args(["verify", "40"])
         .shim()
@@ -152,7 +152,10 @@ fn restore_and_verify(image: &Path, store: &TempDir) -> u64 {
         .env("LEGO_BACKEND", store.backend())
         .env("LEGO_RESTORE", image)
         .run();
-    out.assert_success();
+    assert!(
+        out.code == Some(0),
+        "the restored program failed:\n{out}\nafter: {context}"
+    );
     let restored = out
         .stdout
         .lines()
@@ -214,14 +217,14 @@ fn crash_loop_replay_restore() {
                 "replay gave epoch {epoch}, older than {seen_epoch} that the program saw committed: {}",
                 ctx()
             );
-            let restored = restore_and_verify(&image, &store);
+            let restored = restore_and_verify(&image, &store, &ctx());
             assert!(
                 restored >= gen,
                 "the restored structure is at generation {restored}, older than generation {gen} committed in epoch {seen_epoch}: {}",
                 ctx()
             );
         } else {
-            restore_and_verify(&image, &store);
+            restore_and_verify(&image, &store, &ctx());
         }
         restored_rounds += 1;
         // Every third round starts a new log; the others continue this one.
@@ -386,5 +389,5 @@ fn log_stays_bounded_in_a_long_run() {
     );
     let image = dir.path().join("heap.img");
     assert!(replay(&log, &image).is_some());
-    restore_and_verify(&image, &store);
+    restore_and_verify(&image, &store, "a long run");
 }
