@@ -391,3 +391,79 @@ fn log_stays_bounded_in_a_long_run() {
     assert!(replay(&log, &image).is_some());
     restore_and_verify(&image, &store, "a long run");
 }
+
+/// A log on a disk that fills up (a small tmpfs): the program keeps its heap and runs on,
+/// lego_checkpoint says EIO, the error is reported, and replay gives an epoch at least as new as
+/// the last one reported durable, never a torn one.
+#[test]
+fn a_full_disk_never_costs_the_heap_or_a_committed_epoch() {
+    let _big = heavy();
+    let dir = TempDir::new("enospc");
+    let store = TempDir::new("enospc-store");
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40M,mode=0700", "lego-test-full"])
+        .arg(&mnt)
+        .status()
+        .expect("running mount");
+    if !mounted.success() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        assert!(
+            unsafe { libc::geteuid() } != 0,
+            "root could not mount a tmpfs at {}",
+            mnt.display()
+        );
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&mnt);
+    let log = mnt.join("log");
+    let out = Run::new(program("durable_list"))
+        .args(["run", "400", "4"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", &log)
+        .env("LEGO_LOG_MAX", "1T")
+        .run();
+    assert!(
+        out.stdout.contains("checkpoint failed, errno 5"),
+        "the full disk must make lego_checkpoint fail with EIO:\n{out}"
+    );
+    // The program went on: its own check of the whole structure at the end passed.
+    assert!(out.stdout.contains("done 400"), "{out}");
+    assert!(!out.stdout.contains("WRONG DATA"), "{out}");
+    assert!(
+        out.stderr.contains("No space left on device"),
+        "the error must be reported:\n{out}"
+    );
+    let last_ok = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("checkpoint "))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((
+                w.next()?.parse::<u64>().ok()?,
+                w.next()?.parse::<u64>().ok()?,
+            ))
+        })
+        .last()
+        .unwrap_or_else(|| panic!("no epoch was committed before the disk filled:\n{out}"));
+    let image = dir.path().join("heap.img");
+    let epoch = replay(&log, &image).expect("the log keeps its committed epochs");
+    assert!(
+        epoch >= last_ok.1,
+        "replay gave {epoch}, older than {last_ok:?}"
+    );
+    let restored = restore_and_verify(&image, &store, "a full disk");
+    assert!(restored >= last_ok.0, "{restored} < {last_ok:?}");
+}

@@ -273,10 +273,11 @@ fn run_epoch(sh: &Shared, writer: &mut LogWriter) -> Result<u64, EpochError> {
 fn report(what: &str, e: &LogError) -> EpochError {
     STATS.add(Counter::LogErrors, 1);
     let text = crate::log::replay::error_chain(e);
+    // On stderr whatever the log level: the operator must learn that durability stopped.
     if EPOCH_ERRORS.allow() {
-        log::error!(
-            "{what} failed; the heap stays as it is in memory and the log keeps its last committed epoch: {text}"
-        );
+        crate::logging::write_stderr_line(&format!(
+            "lego: {what} failed; the heap in memory is intact and the log keeps its last committed epoch: {text}"
+        ));
     }
     EpochError::Failed(text)
 }
