@@ -122,6 +122,10 @@ impl Durable {
 struct Cut {
     /// Resident pages moved out: (page, snapshot slot).
     moved: Vec<(usize, usize)>,
+    /// The next free slot of the snapshot area. Slots are never reused within a cut: a page
+    /// that failed to move leaves its slot empty, and a later move into a taken slot would
+    /// fail and be mistaken for a success.
+    next_slot: usize,
     /// Resident pages that would not move, copied while the program ran (shared with a forked
     /// child that would not unshare; rare).
     copied: Vec<(usize, Box<[u8]>)>,
@@ -234,7 +238,7 @@ fn run_epoch(sh: &Shared, writer: &mut LogWriter) -> Result<u64, EpochError> {
     }
     let result = append_cut(sh, writer, &cut);
     release_holds(sh, &cut);
-    crate::region::drop_pages(snapshot(sh).base, cut.moved.len().max(1) * PAGE_SIZE);
+    crate::region::drop_pages(snapshot(sh).base, cut.next_slot.max(1) * PAGE_SIZE);
     match result {
         Ok(epoch) => {
             STATS.add(Counter::EpochsCommitted, 1);
@@ -327,8 +331,8 @@ fn take_cut(sh: &Shared) -> Cut {
                         t.set_flag(p, LOGDIRTY, true);
                     }
                 }
-                for p in 0..high {
-                    if !moved[p] && t.state(p) == PageState::Resident && t.has_flag(p, LOGDIRTY) {
+                for (p, &done) in moved.iter().enumerate() {
+                    if !done && t.state(p) == PageState::Resident && t.has_flag(p, LOGDIRTY) {
                         todo.push(p);
                     }
                 }
@@ -361,8 +365,8 @@ fn take_cut(sh: &Shared) -> Cut {
             for (p, _) in &cut.copied {
                 t.set_flag(*p, LOGDIRTY, false);
             }
-            for p in 0..high {
-                if !t.has_flag(p, LOGDIRTY) || moved[p] {
+            for (p, &done) in moved.iter().enumerate() {
+                if done || !t.has_flag(p, LOGDIRTY) {
                     continue;
                 }
                 match t.state(p) {
@@ -405,7 +409,8 @@ fn move_pages(
         while i + n < todo.len() && todo[i + n] == todo[i] + n {
             n += 1;
         }
-        let slot = cut.moved.len();
+        let slot = cut.next_slot;
+        cut.next_slot += n;
         let dst = snapshot(sh).base + slot * PAGE_SIZE;
         assert!(
             dst + n * PAGE_SIZE <= snapshot(sh).end(),
@@ -416,37 +421,26 @@ fn move_pages(
         for k in 0..n {
             let p = todo[i + k];
             let d = dst + k * PAGE_SIZE;
-            if crate::region::page_present(d) {
-                cut.moved.push((p, slot + k));
-                continue;
-            }
-            // Keep slots aligned with pages: the slot stays empty.
-            cut.moved.push((p, usize::MAX));
-            if crate::region::page_present(sh.addr_of(p)) {
+            let src = sh.addr_of(p);
+            if !crate::region::page_present(d) && crate::region::page_present(src) {
                 // An event may be waiting to be read (a discard in flight): read it, try again.
                 fault::pump_events_locked(sh, buf, faults);
                 let mut one = super::evict::Stuck::<0>::new();
-                super::evict::move_out(sh, d, sh.addr_of(p), 1, &mut one);
-                if crate::region::page_present(d) {
-                    cut.moved.last_mut().expect("just pushed").1 = slot + k;
-                } else if crate::region::page_present(sh.addr_of(p)) {
-                    cut.moved.pop();
-                    cut.copied.push((p, copy_page(sh, p)));
-                    STATS.add(Counter::EpochPagesCopied, 1);
-                } else {
-                    cut.moved.pop();
-                    cut.zeros.push(p);
-                }
+                super::evict::move_out(sh, d, src, 1, &mut one);
+            }
+            if crate::region::page_present(d) {
+                cut.moved.push((p, slot + k));
+            } else if crate::region::page_present(src) {
+                // It would not move (shared with a forked child that would not unshare).
+                cut.copied.push((p, copy_page(sh, p)));
+                STATS.add(Counter::EpochPagesCopied, 1);
             } else {
                 // Gone from the region (the kernel reclaimed a MADV_FREE page): zeros.
-                cut.moved.pop();
                 cut.zeros.push(p);
             }
         }
         i += n;
     }
-    // Slots given up above are left unused: renumbering would break the page-slot runs.
-    cut.moved.retain(|&(_, slot)| slot != usize::MAX);
 }
 
 fn copy_page(sh: &Shared, page: usize) -> Box<[u8]> {
