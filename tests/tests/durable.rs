@@ -378,7 +378,7 @@ fn log_stays_bounded_in_a_long_run() {
         .map(|e| e.expect("entry").metadata().expect("stat").len())
         .sum();
     assert!(
-        logged > 4 * 64 << 20,
+        logged > 4 * (64 << 20),
         "the run must log much more than the budget to test it: {logged} bytes"
     );
     assert!(compactions >= 2, "{compactions} compactions");
@@ -408,13 +408,11 @@ fn a_full_disk_never_costs_the_heap_or_a_committed_epoch() {
         .status()
         .expect("running mount");
     if !mounted.success() {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        assert!(
-            unsafe { libc::geteuid() } != 0,
-            "root could not mount a tmpfs at {}",
+        // Root on this project's machines; a container without CAP_SYS_ADMIN cannot.
+        eprintln!(
+            "skipped: mounting a small tmpfs at {} was refused (needs CAP_SYS_ADMIN)",
             mnt.display()
         );
-        eprintln!("skipped: mounting a small tmpfs needs root");
         return;
     }
     struct Unmount<'a>(&'a Path);
@@ -448,15 +446,15 @@ fn a_full_disk_never_costs_the_heap_or_a_committed_epoch() {
     let last_ok = out
         .stdout
         .lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("checkpoint "))
-        .filter_map(|l| {
+        .find_map(|l| {
             let mut w = l.split_whitespace();
             Some((
                 w.next()?.parse::<u64>().ok()?,
                 w.next()?.parse::<u64>().ok()?,
             ))
         })
-        .last()
         .unwrap_or_else(|| panic!("no epoch was committed before the disk filled:\n{out}"));
     let image = dir.path().join("heap.img");
     let epoch = replay(&log, &image).expect("the log keeps its committed epochs");
