@@ -2,8 +2,8 @@
 # The README's benchmark command: every benchmark against its baseline in one run, on one
 # machine, alternating A B A B over several rounds, compared by medians.
 #
-#   scripts/bench.sh           full run: 5 rounds, heap 256 MiB over a 64 MiB cache (~7 min here)
-#   scripts/bench.sh --quick   3 rounds, heap 128 MiB over 32 MiB (~1.5 min here)
+#   scripts/bench.sh           full run: 5 rounds, heap 256 MiB over a 64 MiB cache (~8 min here)
+#   scripts/bench.sh --quick   3 rounds, heap 128 MiB over 32 MiB (~2.5 min here)
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -17,12 +17,24 @@
 #                    (target/bench/cache_curve.png)
 #   allocator        bench/alloc_bench.c modes, lego with the heap all resident vs glibc:
 #                    time and peak RSS (/usr/bin/time -f %M), geometric means of the ratios
+#   log append       durable heap: bench/log_write.c checkpoint, epochs of every page of a
+#                    256 MiB block appended by lego_checkpoint() (MB/s of the median call) vs
+#                    dd oflag=direct conv=fdatasync of as many bytes to the log's file system
+#   logging cost     bench/log_write.c update (random word increments over a heap in the
+#                    cache, a few seconds) under lego with LEGO_LOG_DIR (default interval and
+#                    sync) vs lego without a log; epochs committed from LEGO_STATS
+#   replay           lego replay of the log the log-append run left vs dd iflag=direct of
+#                    its segments, the page cache dropped before each (needs root)
 #
 # Output: the table on stdout; target/bench/results.md and results.json (the table, the cache
 # curve and every run's raw numbers); per-run output in target/bench/runs/; every failed run
 # (exit status, wrong data, timeout, OOM kill) with its command line in
-# target/bench/failures.log. Goals come from issue 3; a missed goal is reported, never an
-# error. No timing is asserted anywhere.
+# target/bench/failures.log. Goals come from issue 3 (the log rows from the durable heap's
+# brief); a missed goal is reported, never an error. No timing is asserted anywhere.
+#
+# lego is built with cargo into $CARGO_TARGET_DIR (default target/); the run uses copies of
+# its liblego.so and lego binaries. Logs and images go to /var/tmp/lego-bench-PID-log/,
+# removed as each run is done and at exit.
 #
 # Kernel swap and the cgroups need root and the cgroup v1 memory controller at
 # /sys/fs/cgroup/memory; without them those rows say "skipped (reason)" and lego runs
@@ -58,6 +70,8 @@ if [ "$quick" = 1 ]; then
     curve_heap_mib=160    # heap of the cache curve (10% of it must be >= lego's 16 MiB minimum)
     curve_rounds=3        # rounds for the cache curve
     alloc_scale=0.25      # alloc_bench SCALE
+    update_heap_mib=128   # log_write update: heap, in the cache
+    update_mwrites=200    # log_write update: millions of increments (about 3 s here)
     run_timeout_s=120     # one run; a run past it is killed and reported as a timeout
 else
     mode=full
@@ -72,11 +86,15 @@ else
     curve_heap_mib=256
     curve_rounds=5
     alloc_scale=1
+    update_heap_mib=256
+    update_mwrites=300    # about 5 s here
     run_timeout_s=300
 fi
 first_touch_cache=2048    # lego's cache for first touch and the allocator: larger than any heap
 overhead_mib=16           # lego's stated overhead (README): its cgroup is capped at cache + this
 curve_percents="10 25 50 100"
+log_mib=256               # log_write checkpoint: the block every timed epoch appends whole
+log_epochs=3              # log_write checkpoint: timed epochs per run (the run reports the median)
 lego_min_cache_mib=16     # LEGO_CACHE_SIZE's minimum
 ncpu="$(nproc)"
 mt_threads=$(( ncpu >= 2 ? ncpu : 2 ))
@@ -86,10 +104,14 @@ bin_dir="$out_dir/bin"
 runs_dir="$out_dir/runs"
 raw="$out_dir/raw.tsv"          # one line per run: name variant round status exit key=value...
 failures="$out_dir/failures.log"
-built_lib=target/release/liblego.so
+built_dir="${CARGO_TARGET_DIR:-target}/release"
+built_lib="$built_dir/liblego.so"
+built_cli="$built_dir/lego"
 lib="$out_dir/liblego.so"       # the run's own copy: a rebuild during the run cannot change it
-store_dir=/var/tmp              # lego's page store and the swap file: the same disk
+cli="$out_dir/lego"             # the same for the lego binary (lego replay)
+store_dir=/var/tmp              # lego's page store, its logs and the swap file: the same disk
 swap_file="$store_dir/lego-bench-$$.swap"
+log_root="$store_dir/lego-bench-$$-log"   # one log directory (and image) per durable run
 cg_root=/sys/fs/cgroup/memory
 cg_lego="$cg_root/lego-bench-$$-lego"
 cg_swap="$cg_root/lego-bench-$$-swap"
@@ -111,6 +133,7 @@ cleanup() {
     fi
     if [ "$swap_on" = 1 ]; then swapoff "$swap_file" 2>/dev/null || note "swapoff $swap_file failed"; fi
     if [ "$swap_created" = 1 ]; then rm -f "$swap_file"; fi
+    rm -rf "$log_root"
     for cg in "$cg_lego" "$cg_swap"; do
         if [ -d "$cg" ]; then rmdir "$cg" 2>/dev/null || note "could not remove cgroup $cg"; fi
     done
@@ -140,8 +163,12 @@ build() {
     say "cargo build --release"
     cargo build --release
     [ -f "$built_lib" ] || die "$built_lib was not built"
+    [ -f "$built_cli" ] || die "$built_cli was not built"
+    mkdir -p "$out_dir"
     cp "$built_lib" "$lib.tmp"
     mv -f "$lib.tmp" "$lib"
+    cp "$built_cli" "$cli.tmp"
+    mv -f "$cli.tmp" "$cli"
     say "compiling bench/*.c into $bin_dir"
     mkdir -p "$bin_dir"
     local src
@@ -235,8 +262,13 @@ stores_left=0   # lego runs that exited normally but left their page store direc
 #   measure NAME VARIANT ROUND SETUP PROGRAM ARGS...
 # SETUP: plain | lego:CACHE_MIB | lego-cg:CACHE_MIB (lego capped at cache + overhead, no swap)
 #        | swap-cg:CACHE_MIB (no shim, capped at the cache, swap allowed)
+#        | lego-log:CACHE_MIB (lego with LEGO_LOG_DIR=$log_root/NAME.VARIANT.ROUND, the
+#          default interval and sync) | lego-ckpt:CACHE_MIB (the same, but only
+#          lego_checkpoint() and exit start epochs, and the log is never compacted)
 # Appends a line to $raw: NAME VARIANT ROUND STATUS EXIT then the program's key=value result
-# with rss_kib= (peak RSS) and cgroup_peak_bytes= added.
+# with rss_kib= (peak RSS) and cgroup_peak_bytes= added, and for the lego-log and lego-ckpt
+# runs epochs_committed= and pages_logged= (from LEGO_STATS). The log directory stays for
+# the caller (log_dir_of NAME VARIANT ROUND names it), which removes it.
 measure() {
     local name=$1 variant=$2 round=$3 setup=$4
     shift 4
@@ -257,10 +289,19 @@ measure() {
         cmd+=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg")
     fi
     case $kind in
-        lego | lego-cg)
+        lego | lego-cg | lego-log | lego-ckpt)
             cmd+=(env "LD_PRELOAD=$lib" "LEGO_CACHE_SIZE=${cache}M" "LEGO_BACKEND=file:$store_dir"
                 "LEGO_STATS=$runs_dir/$tag.stats.json") ;;
     esac
+    case $kind in
+        lego-log | lego-ckpt)
+            mkdir -p "$log_root"
+            rm -rf "${log_root:?}/$tag"
+            cmd+=("LEGO_LOG_DIR=$log_root/$tag") ;;
+    esac
+    # Epochs only where the program asks for them: LEGO_FLUSH_MS and LEGO_FLUSH_PAGES at their
+    # largest, and a LEGO_LOG_MAX no run reaches, so no compaction runs between them.
+    if [ "$kind" = lego-ckpt ]; then cmd+=(LEGO_FLUSH_MS=3600000 LEGO_FLUSH_PAGES=16777216 LEGO_LOG_MAX=1T); fi
     cmd+=("$@")
 
     local rc=0 started=$SECONDS
@@ -271,6 +312,13 @@ measure() {
 
     local result status=ok rss cg_peak=""
     result="$(grep -m1 '^bench=' "$out" || true)"
+    if [ -n "$result" ] && { [ "$kind" = lego-log ] || [ "$kind" = lego-ckpt ]; }; then
+        local key val
+        for key in epochs_committed pages_logged; do
+            val="$(grep -o "\"$key\":[0-9]*" "$runs_dir/$tag.stats.json" 2>/dev/null | cut -d: -f2 || true)"
+            result="$result $key=${val:-?}"
+        done
+    fi
     rss="$(tail -n 1 "$rss_file" 2>/dev/null | grep -E '^[0-9]+$' || true)"
     if [ -n "$cg" ]; then cg_peak="$(cat "$cg/memory.max_usage_in_bytes")"; fi
     if grep -q '^WRONG DATA' "$out"; then
@@ -296,7 +344,7 @@ measure() {
 
     local shown
     shown="$(printf '%s\n' "$result" | tr ' ' '\n' \
-        | grep -E '^(ns_per_page|seconds|us_per_access)=' | tr '\n' ' ' || true)"
+        | grep -E '^(ns_per_page|seconds|us_per_access|mb_per_s|epochs_committed)=' | tr '\n' ' ' || true)"
     printf '    %-18s round %s/%s  %-8s %s%s\n' "$name" "$round" "${rounds_now:-$rounds}" "$variant" \
         "${shown:-}" "$([ "$status" = ok ] || echo " FAILED: $status")" >&2
     if [ "$status" != ok ]; then
@@ -399,6 +447,82 @@ run_alloc() {
     done
 }
 
+# The durable heap. Its baselines and the timed replay are small commands that measure runs
+# like a bench program (each prints one bench= line); they are exported so that the
+# `bash -c` measure starts under timeout(1) finds them. MB = 10^6 bytes, as dd counts.
+drop_page_cache() { # so that the next read comes from the disk; prints dropped or kept (not root)
+    sync
+    if [ -w /proc/sys/vm/drop_caches ]; then echo 3 >/proc/sys/vm/drop_caches && echo dropped; else echo kept; fi
+}
+
+bench_dd_write() { # DIR MIB: MIB from /dev/zero to a new file in DIR, O_DIRECT, fdatasync at the end
+    local f="$1/dd-write.$$"
+    LC_ALL=C dd if=/dev/zero of="$f" bs=1M count="$2" oflag=direct conv=fdatasync 2>&1 >/dev/null \
+        | awk '/ copied, / { b = $1; for (i = 1; i <= NF; i++) if ($i == "copied,") s = $(i + 1) }
+            END { if (b > 0 && s > 0) printf "bench=dd_write bytes=%s seconds=%s mb_per_s=%.1f\n", b, s, b / s / 1e6 }'
+    rm -f "$f"
+}
+
+bench_dd_read() { # LOG_DIR: every segment of the log read with dd iflag=direct, cold
+    local seg bytes=0 cache t0 t1
+    for seg in "$1"/seg-*.lego; do bytes=$(( bytes + $(stat -c %s "$seg") )); done
+    cache="$(drop_page_cache)"
+    t0="$(date +%s%N)"
+    for seg in "$1"/seg-*.lego; do dd if="$seg" of=/dev/null bs=1M iflag=direct status=none || return 1; done
+    t1="$(date +%s%N)"
+    awk -v b="$bytes" -v ns="$(( t1 - t0 ))" -v c="$cache" \
+        'BEGIN { printf "bench=dd_read bytes=%d seconds=%.6f mb_per_s=%.1f page_cache=%s\n", b, ns / 1e9, b / ns * 1e3, c }'
+}
+
+bench_replay() { # LEGO LOG_DIR IMAGE: lego replay, cold; its report goes to stderr
+    local cache t0 t1 report bytes image_bytes
+    cache="$(drop_page_cache)"
+    t0="$(date +%s%N)"
+    report="$("$1" replay "$2" -o "$3")" || { printf '%s\n' "$report" >&2; return 1; }
+    t1="$(date +%s%N)"
+    printf '%s\n' "$report" >&2
+    rm -f "$3"
+    # A log written without a crash replays whole: anything dropped is a broken log.
+    if ! grep -qx 'nothing dropped' <<<"$report"; then
+        echo "WRONG DATA: lego replay dropped part of a log written without a crash (see the .err file)"
+        return 1
+    fi
+    bytes="$(sed -n 's/^read [0-9]* segments\{0,1\}, \([0-9]*\) bytes of log$/\1/p' <<<"$report")"
+    image_bytes="$(sed -n 's/.* non-zero pages (\([0-9]*\) bytes).*/\1/p' <<<"$report")"
+    awk -v b="${bytes:-0}" -v ib="${image_bytes:-0}" -v ns="$(( t1 - t0 ))" -v c="$cache" \
+        'BEGIN { if (b > 0) printf "bench=replay bytes=%d image_data_bytes=%d seconds=%.6f mb_per_s=%.1f page_cache=%s\n", b, ib, ns / 1e9, b / ns * 1e3, c }'
+}
+export -f drop_page_cache bench_dd_write bench_dd_read bench_replay
+
+log_dir_of() { echo "$log_root/$1.$2.$3"; } # NAME VARIANT ROUND: the log of a lego-log/-ckpt run
+
+run_log_append_and_replay() {
+    say "durable heap: epochs of $log_mib MiB by lego_checkpoint vs dd oflag=direct; lego replay of that log vs dd iflag=direct"
+    mkdir -p "$log_root"
+    local r log
+    for r in $(seq 1 "$rounds"); do
+        measure log_append lego "$r" "lego-ckpt:$first_touch_cache" "$bin_dir/log_write" checkpoint "$log_mib" "$log_epochs"
+        measure log_append dd "$r" plain bash -c 'set -o pipefail; bench_dd_write "$@"' bench_dd_write "$log_root" "$log_mib"
+        log="$(log_dir_of log_append lego "$r")"
+        # The replay needs the log of a successful append run; a failed one leaves the row short.
+        if awk -F'\t' -v r="$r" '$1 == "log_append" && $2 == "lego" && $3 == r && $4 == "ok" { f = 1 } END { exit !f }' "$raw"; then
+            measure log_replay lego "$r" plain bash -c 'bench_replay "$@"' bench_replay "$cli" "$log" "$log.img"
+            measure log_replay dd "$r" plain bash -c 'bench_dd_read "$@"' bench_dd_read "$log"
+        fi
+        rm -rf "$log" "$log.img"
+    done
+}
+
+run_log_cost() {
+    say "logging cost: $update_mwrites M random writes over $update_heap_mib MiB in the cache, lego with LEGO_LOG_DIR vs without"
+    local r
+    for r in $(seq 1 "$rounds"); do
+        measure log_cost unlogged "$r" "lego:$first_touch_cache" "$bin_dir/log_write" update "$update_heap_mib" "$update_mwrites"
+        measure log_cost logged "$r" "lego-log:$first_touch_cache" "$bin_dir/log_write" update "$update_heap_mib" "$update_mwrites"
+        rm -rf "$(log_dir_of log_cost logged "$r")"
+    done
+}
+
 # ---------------------------------------------------------------------------------------------
 # Statistics over $raw.
 median() { # NAME VARIANT KEY: the median of KEY over the successful runs, or nothing
@@ -451,6 +575,7 @@ fmt_value() { # VALUE UNIT: a table cell
         kib) awk -v x="$1" 'BEGIN { printf "%.1f MiB", x / 1024 }' ;;
         bytes) awk -v x="$1" 'BEGIN { printf "%.1f MiB", x / 1048576 }' ;;
         rate) awk -v x="$1" 'BEGIN { printf "%.1f k pages/s", x / 1000 }' ;;
+        mbps) awk -v x="$1" 'BEGIN { printf "%.0f MB/s", x }' ;;
         *) echo "$1" ;;
     esac
 }
@@ -461,7 +586,9 @@ fmt_value() { # VALUE UNIT: a table cell
 rows=()
 
 # add_row METRIC LEGO BASELINE UNIT GOAL_KIND GOAL NOTE
-#   GOAL_KIND: le (ratio <= GOAL is met), gt (ratio > GOAL is met), none (reference only)
+#   GOAL_KIND: le (ratio <= GOAL is met), gt (ratio > GOAL is met), ge (ratio >= GOAL is met),
+#   ge-or (GOAL is "RATIO VALUE": ratio >= RATIO or lego's value >= VALUE is met), none
+#   (reference only)
 #   NOTE: when set and a value is missing, it replaces the missing cells ("skipped (...)")
 add_row() {
     local metric=$1 a=$2 b=$3 unit=$4 kind=$5 goal=$6 why=$7
@@ -478,19 +605,26 @@ add_row() {
     [ -n "$b" ] || b_cell="${why:-—}"
     case $kind in
         none) goal_cell="— (reference)"; status=reference ;;
-        le | gt)
-            local sign="<="
-            [ "$kind" = le ] || sign=">"
+        le | gt | ge | ge-or)
+            local sign="<=" value_goal="" text
+            case $kind in gt) sign=">" ;; ge | ge-or) sign=">=" ;; esac
+            if [ "$kind" = ge-or ]; then value_goal=${goal#* }; goal=${goal%% *}; fi
+            text="$sign $goal"
+            [ -z "$value_goal" ] || text="$text or lego >= $(fmt_value "$value_goal" "$unit")"
             if [ -z "$ratio" ]; then
-                goal_cell="$sign $goal: not measured"; status=not-measured
+                goal_cell="$text: not measured"; status=not-measured
             elif [ "$kind" = le ] && [ "$(calc "$ratio <= $goal")" = 1 ]; then
-                goal_cell="$sign $goal: met"; status=met
+                goal_cell="$text: met"; status=met
             elif [ "$kind" = gt ] && [ "$(calc "$ratio > $goal")" = 1 ]; then
-                goal_cell="$sign $goal: met"; status=met
+                goal_cell="$text: met"; status=met
+            elif [ "$sign" = ">=" ] && [ "$(calc "$ratio >= $goal")" = 1 ]; then
+                goal_cell="$text: met"; status=met
+            elif [ -n "$value_goal" ] && [ "$(calc "$a >= $value_goal")" = 1 ]; then
+                goal_cell="$text: met"; status=met
             else
                 local by
                 if [ "$kind" = le ]; then by="$(calc "$ratio / $goal")"; else by="$(calc "$goal / $ratio")"; fi
-                goal_cell="$sign $goal: missed by $(awk -v x="$by" 'BEGIN { printf "%.2fx", x }')"
+                goal_cell="$text: missed by $(awk -v x="$by" 'BEGIN { printf "%.2fx", x }')"
                 status=missed
             fi ;;
     esac
@@ -597,6 +731,19 @@ build_rows() {
     done
     geomean_row "allocator time, lego / glibc" seconds ratio 1.10
     geomean_row "allocator peak RSS, lego / glibc" rss_kib ratio 1.2
+    local epochs replay_mib
+    compare "log append, epochs of every page of $log_mib MiB by lego_checkpoint() (median of $log_epochs per run), lego / dd oflag=direct conv=fdatasync, MB/s" \
+        log_append lego dd mb_per_s mbps ge 0.8 ""
+    epochs="$(median log_cost logged epochs_committed)"
+    compare "logging at the default interval (1 s, fdatasync), $update_mwrites M random writes over $update_heap_mib MiB in the cache (${epochs:-?} epochs committed), lego with log / without" \
+        log_cost logged unlogged seconds s le 1.10 ""
+    replay_mib="$(median log_replay lego bytes)"
+    [ -z "$replay_mib" ] || replay_mib="$(awk -v x="$replay_mib" 'BEGIN { printf "%.0f", x / 1048576 }')"
+    compare "replay of the log-append log (${replay_mib:-?} MiB), lego replay / dd iflag=direct of its segments, page cache dropped, MB/s" \
+        log_replay lego dd mb_per_s mbps ge-or "0.8 1000" ""
+    if grep -q 'page_cache=kept' "$raw"; then
+        notes+=("replay: the page cache could not be dropped (not root), so reads may not have come from the disk")
+    fi
 }
 
 curve_lines=() # percent, cache MiB, lego seconds, swap seconds
@@ -666,7 +813,7 @@ write_reports() {
         echo "# lego benchmarks ($mode run)"
         echo
         echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit (liblego.so sha256 $lib_sum), $machine (kernel $kernel), $rounds rounds A B A B, medians."
-        echo "Ratios are lego / baseline (lower is better) except thread scaling (higher is better)."
+        echo "Ratios are lego / baseline (lower is better) except thread scaling, log append and replay (higher is better)."
         echo
         echo "$table"
         echo
@@ -692,7 +839,8 @@ write_reports() {
         echo "- lego: \`LD_PRELOAD=$lib\` (a copy of $built_lib taken after the build), \`LEGO_BACKEND=file:$store_dir\`; oversubscribed runs in a memory cgroup (v1) capped at cache + $overhead_mib MiB with swap refused (memsw limit = limit, swappiness 0)."
         echo "- kernel swap: the same program without the shim in a memory cgroup capped at the cache size, swap file in $store_dir (same disk), swappiness $(cat /proc/sys/vm/swappiness 2>/dev/null || echo '?'), page-cluster $(cat /proc/sys/vm/page-cluster 2>/dev/null || echo '?'), zswap $(cat /sys/module/zswap/parameters/enabled 2>/dev/null || echo 'absent')."
         echo "- first touch and allocator: lego with LEGO_CACHE_SIZE=${first_touch_cache}M (heap all resident), no cgroup; peak RSS from \`/usr/bin/time -f %M\`."
-        echo "- programs: bench/*.c, gcc -O2; page_sweep fills every page before the timed part and checks every access and, at the end, every word."
+        echo "- durable heap: lego with LEGO_CACHE_SIZE=${first_touch_cache}M and LEGO_LOG_DIR in $log_root (the same disk). Log append: \`log_write checkpoint $log_mib $log_epochs\` with epochs started only by lego_checkpoint() (LEGO_FLUSH_MS=3600000, LEGO_FLUSH_PAGES=16777216, LEGO_LOG_MAX=1T), each timed epoch holding every page of the block, vs \`dd if=/dev/zero bs=1M count=$log_mib oflag=direct conv=fdatasync\` into $log_root. Logging cost: \`log_write update $update_heap_mib $update_mwrites\` under lego with the default LEGO_FLUSH_MS and LEGO_SYNC vs without LEGO_LOG_DIR. Replay: \`lego replay\` of the log-append run's log (image in the same directory) vs \`dd iflag=direct bs=1M\` of its segments, page cache dropped before each; MB = 10^6 bytes."
+        echo "- programs: bench/*.c, gcc -O2; page_sweep fills every page before the timed part and checks every access and, at the end, every word; log_write checks every word (checkpoint) or the sum of all words (update) at the end, and a replay that drops part of a log fails the run."
         echo
         echo "## Raw runs"
         echo
@@ -705,10 +853,10 @@ write_reports() {
         printf '{\n  "mode": %s,\n  "machine": %s,\n  "kernel": %s,\n  "commit": %s,\n  "liblego_sha256": %s,\n  "date": %s,\n' \
             "$(json_str "$mode")" "$(json_str "$machine")" "$(json_str "$kernel")" \
             "$(json_str "$commit")" "$(json_str "$lib_sum")" "$(json_str "$(date -u '+%Y-%m-%dT%H:%M:%SZ')")"
-        printf '  "config": {"rounds": %s, "first_touch_mib": %s, "first_touch_cache_mib": %s, "over_cache_mib": %s, "over_heap_mib": %s, "seq_sweeps": %s, "random_per_page": %s, "zipf_per_page": %s, "mt_per_page": %s, "mt_threads": %s, "curve_heap_mib": %s, "curve_rounds": %s, "alloc_scale": %s, "overhead_mib": %s, "cgroup": %s, "swap": %s},\n' \
+        printf '  "config": {"rounds": %s, "first_touch_mib": %s, "first_touch_cache_mib": %s, "over_cache_mib": %s, "over_heap_mib": %s, "seq_sweeps": %s, "random_per_page": %s, "zipf_per_page": %s, "mt_per_page": %s, "mt_threads": %s, "curve_heap_mib": %s, "curve_rounds": %s, "alloc_scale": %s, "overhead_mib": %s, "log_mib": %s, "log_epochs": %s, "update_heap_mib": %s, "update_mwrites": %s, "cgroup": %s, "swap": %s},\n' \
             "$rounds" "$first_touch_mib" "$first_touch_cache" "$over_cache_mib" "$over_heap_mib" "$seq_sweeps" \
             "$random_per_page" "$zipf_per_page" "$mt_per_page" "$mt_threads" "$curve_heap_mib" "$curve_rounds" \
-            "$alloc_scale" "$overhead_mib" \
+            "$alloc_scale" "$overhead_mib" "$log_mib" "$log_epochs" "$update_heap_mib" "$update_mwrites" \
             "$(json_str "$([ "$cgroup_ok" = 1 ] && echo "v1 $cg_root" || echo "skipped ($cgroup_reason)")")" \
             "$(json_str "$([ "$swap_ok" = 1 ] && echo "file $swap_file" || echo "skipped ($swap_reason)")")"
         printf '  "rows": [\n'
@@ -774,6 +922,8 @@ run_oversubscribed
 run_thread_scaling
 run_cache_curve
 run_alloc
+run_log_append_and_replay
+run_log_cost
 build_rows
 build_curve
 plot_curve
