@@ -418,11 +418,18 @@ fn move_pages(
         );
         let mut stuck = super::evict::Stuck::<0>::new();
         super::evict::move_out(sh, dst, sh.addr_of(todo[i]), n, &mut stuck);
+        // Where the pages went, read back for the whole run at once.
+        let mut in_slot = vec![false; n];
+        crate::region::for_each_present_page(dst, n * PAGE_SIZE, |k| in_slot[k] = true);
         for k in 0..n {
             let p = todo[i + k];
             let d = dst + k * PAGE_SIZE;
             let src = sh.addr_of(p);
-            if !crate::region::page_present(d) && crate::region::page_present(src) {
+            if in_slot[k] {
+                cut.moved.push((p, slot + k));
+                continue;
+            }
+            if crate::region::page_present(src) {
                 // An event may be waiting to be read (a discard in flight): read it, try again.
                 fault::pump_events_locked(sh, buf, faults);
                 let mut one = super::evict::Stuck::<0>::new();
@@ -472,13 +479,18 @@ fn copy_back(
         let mut done = 0;
         let mut tries = 0;
         while done < n {
-            let p = page + done;
-            if sh.cache.lock().state(p) != PageState::Resident {
+            // The longest run from here whose pages are still resident (one lock, one copy).
+            let len = {
+                let t = sh.cache.lock();
+                t.run_len(page + done, n - done, |st| st == PageState::Resident)
+            };
+            if len == 0 {
                 // Discarded during the cut: it reads as zeros now, and its old content stays
                 // in this epoch (the discard comes after the cut).
                 done += 1;
                 continue;
             }
+            let p = page + done;
             // SAFETY: the snapshot slots hold the pages moved there by this cut; the
             // destination pages of the region are missing since the move, and nothing else
             // installs them while the gate is closed.
@@ -486,26 +498,28 @@ fn copy_back(
                 sh.uffd.copy(
                     sh.addr_of(p),
                     (snapshot(sh).base + (slot + done) * PAGE_SIZE) as *const u8,
-                    PAGE_SIZE,
+                    len * PAGE_SIZE,
                     true,
                     true,
                 )
             };
             match res {
-                Ok(()) => done += 1,
-                Err(partial) if partial.errno == nix::errno::Errno::EAGAIN && tries < 1000 => {
-                    tries += 1;
-                    fault::pump_events_locked(sh, buf, faults);
-                }
+                Ok(()) => done += len,
                 Err(partial) => {
+                    done += partial.done / PAGE_SIZE;
+                    let at = sh.addr_of(page + done);
+                    if partial.errno == nix::errno::Errno::EAGAIN && tries < 1000 {
+                        tries += 1;
+                        fault::pump_events_locked(sh, buf, faults);
+                        continue;
+                    }
                     if partial.errno != nix::errno::Errno::EEXIST && EPOCH_ERRORS.allow() {
                         log::error!(
-                            "putting the page at {:#x} back after an epoch cut failed ({})",
-                            sh.addr_of(p),
+                            "putting the page at {at:#x} back after an epoch cut failed ({})",
                             partial.errno
                         );
                     }
-                    let _ = sh.uffd.wake(sh.addr_of(p), PAGE_SIZE);
+                    let _ = sh.uffd.wake(at, PAGE_SIZE);
                     done += 1;
                 }
             }
