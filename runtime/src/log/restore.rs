@@ -16,7 +16,7 @@ use crate::PAGE_SIZE;
 
 /// Errors of opening and reading an image. Each names the file.
 #[derive(Debug, Error)]
-pub enum ImageError {
+pub enum RestoreError {
     #[error("cannot open the heap image {}", path.display())]
     Open {
         path: PathBuf,
@@ -48,8 +48,8 @@ pub struct ImageFile {
 
 impl ImageFile {
     /// Opens `path` and checks its header.
-    pub fn open(path: &Path) -> Result<ImageFile, ImageError> {
-        let file = File::open(path).map_err(|source| ImageError::Open {
+    pub fn open(path: &Path) -> Result<ImageFile, RestoreError> {
+        let file = File::open(path).map_err(|source| RestoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;
@@ -58,11 +58,11 @@ impl ImageFile {
         op.push(&mut block);
         let read = io::sync::read_at(file.as_fd(), &mut [op]);
         if read.is_err() || !ImageHeader::has_magic(&block) {
-            return Err(ImageError::NotAnImage {
+            return Err(RestoreError::NotAnImage {
                 path: path.to_path_buf(),
             });
         }
-        let header = ImageHeader::decode(&block).map_err(|source| ImageError::BadHeader {
+        let header = ImageHeader::decode(&block).map_err(|source| RestoreError::BadHeader {
             path: path.to_path_buf(),
             source,
         })?;
@@ -84,8 +84,8 @@ impl ImageFile {
     /// Calls `found(first_page, pages)` for each run of pages the file holds data for (holes
     /// and the part past the end of the file are zero pages). The runs come from
     /// `SEEK_DATA`/`SEEK_HOLE`; a file system without them reports the whole file as data.
-    pub fn for_each_data_run(&self, mut found: impl FnMut(u64, u64)) -> Result<(), ImageError> {
-        let read_err = |source: std::io::Error| ImageError::Read {
+    pub fn for_each_data_run(&self, mut found: impl FnMut(u64, u64)) -> Result<(), RestoreError> {
+        let read_err = |source: std::io::Error| RestoreError::Read {
             path: self.path.clone(),
             source,
         };
@@ -115,12 +115,12 @@ impl ImageFile {
     }
 
     /// Reads pages `first..first + bufs.len()` into `bufs` (each `PAGE_SIZE` bytes).
-    pub fn read_pages(&self, first: u64, bufs: &mut [&mut [u8]]) -> Result<(), ImageError> {
+    pub fn read_pages(&self, first: u64, bufs: &mut [&mut [u8]]) -> Result<(), RestoreError> {
         let mut op = ReadOp::new(ImageHeader::page_offset(first));
         for b in bufs.iter_mut() {
             op.push(b);
         }
-        io::sync::read_at(self.file.as_fd(), &mut [op]).map_err(|e| ImageError::Read {
+        io::sync::read_at(self.file.as_fd(), &mut [op]).map_err(|e| RestoreError::Read {
             path: self.path.clone(),
             source: std::io::Error::other(e),
         })
@@ -174,7 +174,7 @@ mod tests {
         std::fs::write(&path, b"not an image at all").expect("write");
         assert!(matches!(
             ImageFile::open(&path),
-            Err(ImageError::NotAnImage { .. })
+            Err(RestoreError::NotAnImage { .. })
         ));
     }
 }

@@ -32,7 +32,7 @@ use thiserror::Error;
 
 use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, STORED};
 use crate::config::{Config, LogSync};
-use crate::log::restore::{ImageError, ImageFile};
+use crate::log::restore::{ImageFile, RestoreError};
 use crate::log::{LogError, LogWriter, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region, RegionError};
 use crate::stats::Stats;
@@ -95,7 +95,7 @@ pub enum PagerError {
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
-    Image(#[from] ImageError),
+    Image(#[from] RestoreError),
     #[error(
         "this kernel offers userfaultfd features {offered:#x} but lego needs asynchronous \
          write-protection, PAGEMAP_SCAN and UFFDIO_MOVE (Linux 6.8 or newer)"
