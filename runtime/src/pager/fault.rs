@@ -183,6 +183,9 @@ enum Plan {
     Poison {
         page: usize,
     },
+    /// The cache is full and the gate is closing (an epoch cut or a fork): the evictor cannot
+    /// make room until it opens, so the fault is handed back to be served after.
+    Later,
 }
 
 /// Resolves a missing-page fault at page-aligned `addr`.
@@ -203,6 +206,10 @@ pub(crate) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
             }
         }
         Plan::Poison { page } => poison(sh, page, "its content was lost earlier"),
+        Plan::Later => {
+            sh.defer(vec![addr]);
+            sh.kick.signal();
+        }
     }
 }
 
@@ -231,6 +238,11 @@ fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
         let failing = sh.store_failing.load(Ordering::Relaxed);
         let room = sh.cache.capacity_pages().saturating_sub(t.resident());
         if room == 0 && !failing && !ignore_room {
+            if sh.gate.is_closing() {
+                // Waiting here would keep the gate from closing and the evictor out: a
+                // deadlock. Leave; the fault is served once the gate opens.
+                return Plan::Later;
+            }
             sh.evict_wanted.notify_one();
             let (guard, _) = sh
                 .room

@@ -52,6 +52,12 @@ impl Gate {
         }
     }
 
+    /// True while the gate is closed or closing: someone inside who is about to wait for
+    /// another runtime thread (which cannot enter now) must leave instead.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
     pub(crate) fn open(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.closed = false;
