@@ -27,7 +27,7 @@
 //! them. The design and its reasons are in `docs/DESIGN.md`, "Epochs".
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -144,7 +144,8 @@ impl Cut {
 /// The flusher thread: an epoch every `LEGO_FLUSH_MS`, when `LEGO_FLUSH_PAGES` pages are dirty,
 /// or when a program thread asks (`lego_checkpoint`); a compaction when the log outgrows
 /// `LEGO_LOG_MAX`.
-pub(crate) fn flusher_loop(sh: &Shared, mut writer: LogWriter) {
+pub(crate) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
+    let sh = &*shared;
     let durable = sh
         .durable
         .as_ref()
@@ -153,6 +154,18 @@ pub(crate) fn flusher_loop(sh: &Shared, mut writer: LogWriter) {
     durable
         .committed
         .store(writer.last_committed(), Ordering::Release);
+    // The writer is shared with the log writer thread, which appends an epoch while this
+    // thread puts the cut's pages back; each takes the lock only while it uses the writer.
+    let writer = Arc::new(Mutex::new(writer));
+    let appender = match Appender::start(&shared, &writer) {
+        Ok(a) => a,
+        Err(e) => {
+            crate::logging::write_stderr_line(&format!(
+                "lego: cannot start the log writer thread, the heap is not logged: {e}"
+            ));
+            return;
+        }
+    };
     let interval = Duration::from_millis(settings.flush_ms);
     let mut last = Instant::now();
     let mut written_back_at_cut = STATS.get(Counter::PagesWrittenBack);
@@ -181,7 +194,7 @@ pub(crate) fn flusher_loop(sh: &Shared, mut writer: LogWriter) {
         };
         last = Instant::now();
         written_back_at_cut = STATS.get(Counter::PagesWrittenBack);
-        let result = run_epoch(sh, &mut writer);
+        let result = run_epoch(sh, &writer, &appender);
         if let Ok(epoch) = &result {
             durable.committed.store(*epoch, Ordering::Release);
         }
@@ -192,7 +205,7 @@ pub(crate) fn flusher_loop(sh: &Shared, mut writer: LogWriter) {
             durable.changed.notify_all();
         }
         match result {
-            Ok(_) => maybe_compact(sh, &mut writer, settings),
+            Ok(_) => maybe_compact(sh, &mut lock_writer(&writer), settings),
             Err(_) => super::sleep_ms(FAILURE_RETRY_MS),
         }
     }
@@ -216,27 +229,73 @@ fn dirty_pages(sh: &Shared, written_back_at_cut: u64) -> usize {
     flagged + written
 }
 
+fn lock_writer(writer: &Mutex<LogWriter>) -> MutexGuard<'_, LogWriter> {
+    writer.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The log writer thread's two ends: a cut to append, and what appending it gave.
+struct Appender {
+    jobs: mpsc::Sender<Arc<Cut>>,
+    done: mpsc::Receiver<Result<u64, LogError>>,
+}
+
+impl Appender {
+    fn start(shared: &Arc<Shared>, writer: &Arc<Mutex<LogWriter>>) -> std::io::Result<Appender> {
+        let (jobs, job_rx) = mpsc::channel::<Arc<Cut>>();
+        let (done_tx, done) = mpsc::channel();
+        let (sh, writer) = (Arc::clone(shared), Arc::clone(writer));
+        crate::threads::spawn("lego-logwrite", move || {
+            for cut in job_rx {
+                let result = append_cut(&sh, &mut lock_writer(&writer), &cut);
+                if done_tx.send(result).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Appender { jobs, done })
+    }
+}
+
 /// One epoch: recovers a broken log first (by compaction), cuts, appends, commits. Returns the
 /// committed epoch (the last one when nothing changed).
-fn run_epoch(sh: &Shared, writer: &mut LogWriter) -> Result<u64, EpochError> {
-    if writer.is_broken() {
-        writer
-            .compact()
-            .map_err(|e| report("compacting the log after a failure", &e))?;
-    }
+fn run_epoch(
+    sh: &Shared,
+    writer: &Mutex<LogWriter>,
+    appender: &Appender,
+) -> Result<u64, EpochError> {
+    let last_committed = {
+        let mut w = lock_writer(writer);
+        if w.is_broken() {
+            w.compact()
+                .map_err(|e| report("compacting the log after a failure", &e))?;
+        }
+        w.last_committed()
+    };
     let held = sh.quiesce.is_some_and(|q| (q.hold)());
     let started = Instant::now();
-    let cut = take_cut(sh);
+    let mut sent = false;
+    // The writer thread starts appending as soon as the pages are out, while this thread
+    // puts them back.
+    let cut = take_cut(sh, |cut| {
+        if cut.pages() > 0 {
+            sent = appender.jobs.send(cut).is_ok();
+        }
+    });
     let cut_us = started.elapsed().as_micros() as u64;
     if let Some(q) = sh.quiesce.filter(|_| held) {
         (q.release)();
     }
     STATS.add(Counter::EpochCutMicros, cut_us);
-    if cut.pages() == 0 {
+    if !sent {
         release_holds(sh, &cut);
-        return Ok(writer.last_committed());
+        return Ok(last_committed);
     }
-    let result = append_cut(sh, writer, &cut);
+    let result = appender
+        .done
+        .recv()
+        .unwrap_or(Err(LogError::NeedsCheckpoint {
+            epoch: last_committed,
+        }));
     release_holds(sh, &cut);
     crate::region::drop_pages(snapshot(sh).base, cut.next_slot.max(1) * PAGE_SIZE);
     match result {
@@ -298,9 +357,10 @@ fn release_holds(sh: &Shared, cut: &Cut) {
 }
 
 /// Steps 1-3 of the module doc.
-fn take_cut(sh: &Shared) -> Cut {
+fn take_cut(sh: &Shared, on_frozen: impl FnOnce(Arc<Cut>)) -> Arc<Cut> {
     sh.gate.close();
     let mut cut = Cut::default();
+    let frozen;
     {
         let _w = sh.events.write().unwrap_or_else(|e| e.into_inner());
         let mut buf = userfaultfd::EventBuffer::new(super::EVENTS_PER_READ_MAX);
@@ -384,14 +444,17 @@ fn take_cut(sh: &Shared) -> Cut {
                 t.set_flag(p, LOGDIRTY, false);
             }
         }
-        copy_back(sh, &mut cut, &mut buf, &mut faults);
+        // The snapshot is complete: it can be written while the pages go back.
+        frozen = Arc::new(std::mem::take(&mut cut));
+        on_frozen(Arc::clone(&frozen));
+        copy_back(sh, &frozen, &mut buf, &mut faults);
         if !faults.is_empty() {
             sh.defer(faults);
             sh.kick.signal();
         }
     }
     sh.gate.open();
-    cut
+    frozen
 }
 
 /// Moves the resident pages `todo` (sorted) out into the next snapshot slots. Pages that
@@ -463,12 +526,7 @@ fn copy_page(sh: &Shared, page: usize) -> Box<[u8]> {
 
 /// Step 3: every moved page goes back into the region write-protected (clean), unless the
 /// program discarded it meanwhile (a `REMOVE` read while retrying), and its waiters wake.
-fn copy_back(
-    sh: &Shared,
-    cut: &mut Cut,
-    buf: &mut userfaultfd::EventBuffer,
-    faults: &mut Vec<usize>,
-) {
+fn copy_back(sh: &Shared, cut: &Cut, buf: &mut userfaultfd::EventBuffer, faults: &mut Vec<usize>) {
     let mut i = 0;
     while i < cut.moved.len() {
         let (page, slot) = cut.moved[i];

@@ -450,7 +450,7 @@ impl Runtime {
         )?;
         if let Some(writer) = writer {
             let sh = Arc::clone(&shared);
-            crate::threads::spawn("lego-flush", move || epoch::flusher_loop(&sh, writer)).map_err(
+            crate::threads::spawn("lego-flush", move || epoch::flusher_loop(sh, writer)).map_err(
                 |source| PagerError::Thread {
                     name: "lego-flush".into(),
                     source,
