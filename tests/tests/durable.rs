@@ -465,3 +465,103 @@ fn a_full_disk_never_costs_the_heap_or_a_committed_epoch() {
     let restored = restore_and_verify(&image, &store, "a full disk");
     assert!(restored >= last_ok.0, "{restored} < {last_ok:?}");
 }
+
+/// `LEGO_FLUSH_PAGES` starts epochs when that many pages are dirty, however long
+/// `LEGO_FLUSH_MS` is; with `LEGO_SYNC=none` the log still replays, and a normal exit logs
+/// the final state.
+#[test]
+fn dirty_pages_start_epochs_and_an_exit_logs_the_final_state() {
+    let dir = TempDir::new("flushpages");
+    let store = TempDir::new("flushpages-store");
+    let log = dir.path().join("log");
+    let stats = dir.path().join("stats.json");
+    let out = Run::new(program("durable_list"))
+        .args(["run", "300", "0"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", &log)
+        .env("LEGO_FLUSH_MS", "3600000")
+        .env("LEGO_FLUSH_PAGES", "256")
+        .env("LEGO_SYNC", "none")
+        .env("LEGO_STATS", &stats)
+        .run();
+    out.assert_success();
+    let epochs = lego_tests::Stats::read(&stats)
+        .number("epochs_committed")
+        .expect("epochs_committed");
+    assert!(
+        epochs >= 3,
+        "about 38 MiB written with LEGO_FLUSH_PAGES=256 must start several epochs, not {epochs}"
+    );
+    let image = dir.path().join("heap.img");
+    assert!(replay(&log, &image).is_some());
+    // The exit's epoch holds the last generation the program made.
+    assert_eq!(restore_and_verify(&image, &store, "an exit"), 300);
+}
+
+/// `LEGO_RESTORE` of an image whose address range is taken in the new process stops the program
+/// before main with a message naming the variable and the range, and loses nothing (the image
+/// is untouched).
+#[test]
+fn restore_refuses_an_address_that_is_taken() {
+    use lego_runtime::log::format::ImageHeader;
+    let dir = TempDir::new("taken");
+    let store = TempDir::new("taken-store");
+    let log = dir.path().join("log");
+    let out = Run::new(program("durable_list"))
+        .args(["run", "8", "0"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_LOG_DIR", &log)
+        .run();
+    out.assert_success();
+    let image = dir.path().join("heap.img");
+    assert!(replay(&log, &image).is_some());
+    // Where libc sits in a process without address-space randomization.
+    let maps = Command::new("setarch")
+        .args(["x86_64", "-R", "cat", "/proc/self/maps"])
+        .output()
+        .expect("running setarch (util-linux)");
+    let maps = String::from_utf8_lossy(&maps.stdout);
+    let libc_start = maps
+        .lines()
+        .find(|l| l.contains("libc.so"))
+        .and_then(|l| l.split('-').next())
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .unwrap_or_else(|| panic!("no libc in\n{maps}"));
+    // Move the image's heap so that its last page lies on libc's first.
+    let mut bytes = std::fs::read(&image).expect("reading the image");
+    let mut header = ImageHeader::decode(&bytes[..4096]).expect("an image header");
+    header.region.base = libc_start + 4096 - header.region.len;
+    bytes[..4096].copy_from_slice(&header.encode().0);
+    std::fs::write(&image, &bytes).expect("writing the image");
+    // Randomization is turned off from the exec that follows setarch: liblego.so goes in
+    // there (with env), not into setarch.
+    let out = Run::new("setarch")
+        .args([
+            "x86_64".to_string(),
+            "-R".to_string(),
+            "env".to_string(),
+            format!("LD_PRELOAD={}", shim_lib().display()),
+            format!("LEGO_RESTORE={}", image.display()),
+            program("hello").display().to_string(),
+        ])
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_BACKEND", store.backend())
+        .run();
+    assert_eq!(out.code, Some(3), "{out}");
+    assert!(!out.stdout.contains("main ran"), "{out}");
+    assert!(
+        out.stderr.contains("LEGO_RESTORE") && out.stderr.contains("already in use"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(&image).expect("reading the image again"),
+        bytes,
+        "a refused restore must not touch the image"
+    );
+}
