@@ -395,6 +395,62 @@ enum Step {
     Failed(IoError),
 }
 
+/// Alignment that `O_DIRECT` asks of buffers, file offsets and lengths, in bytes (the logical
+/// block size of every disk lego runs on is at most this).
+pub const DIRECT_ALIGN_BYTES: usize = 4096;
+
+const _: () = assert!(DIRECT_ALIGN_BYTES.is_power_of_two());
+
+/// A zeroed byte buffer whose first byte is [`DIRECT_ALIGN_BYTES`]-aligned, for `O_DIRECT`
+/// reads. It over-allocates by one alignment unit and starts inside, so no `unsafe` is needed;
+/// moving the value does not move the bytes.
+pub struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A buffer of `len` zero bytes.
+    pub fn new(len: usize) -> AlignedBuf {
+        let storage = vec![0u8; len + DIRECT_ALIGN_BYTES];
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+        assert!(
+            start < DIRECT_ALIGN_BYTES,
+            "a u8 pointer can always be aligned within one alignment unit"
+        );
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// Whether a read of `buf` at `offset` meets the alignment `O_DIRECT` asks for.
+pub fn is_direct_aligned(offset: u64, buf: &[u8]) -> bool {
+    let mask = DIRECT_ALIGN_BYTES - 1;
+    buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) == 0
+        && buf.len() & mask == 0
+        && offset & (mask as u64) == 0
+}
+
 /// Converts a byte count to the `u32` an SQE or iovec count field holds, clamped (the loop
 /// moves the rest later as if the transfer were short).
 fn clamp_u32(n: usize) -> u32 {

@@ -37,7 +37,7 @@ pub(crate) mod test_support {
     use std::path::{Path, PathBuf};
 
     use super::format::{EpochPage, ImageHeader, RegionInfo, BLOCK_BYTES_U64};
-    use super::replay::{plan, write_image, ReplayError, ReplayReport, Segment};
+    use super::replay::{plan, plan_into, write_image, ReplayError, ReplayReport, Segment};
     use super::segment::MemoryStorage;
     use crate::PAGE_SIZE;
 
@@ -142,23 +142,51 @@ pub(crate) mod test_support {
             .collect()
     }
 
-    /// Both passes of replay in memory: the report and the image bytes.
+    /// Both passes of replay in memory: the report and the image bytes. Replays twice, with
+    /// and without the first pass writing early ([`plan_into`]), and checks that both give
+    /// the same image and report.
     pub fn replay_mem(
         segments: &[Segment<Vec<u8>>],
         target: Option<u64>,
     ) -> Result<(ReplayReport, Vec<u8>), ReplayError> {
         let dir = Path::new("memory:");
-        let mut plan = plan(dir, segments, target, &mut |_| {})?;
-        let mut image = Vec::new();
-        write_image(
-            &mut plan,
-            segments,
-            &mut image,
-            Path::new("memory:image"),
-            &mut |_| {},
-        )?;
-        assert_eq!(plan.report.image_bytes, image.len() as u64);
-        Ok((plan.report, image))
+        let name = Path::new("memory:image");
+        let two_pass = (|| {
+            let mut plan = plan(dir, segments, target, &mut |_| {})?;
+            let mut image = Vec::new();
+            write_image(&mut plan, segments, &mut image, name, &mut |_| {})?;
+            assert_eq!(plan.report.image_bytes, image.len() as u64);
+            Ok::<_, ReplayError>((plan.report, image))
+        })();
+        let early = (|| {
+            let mut image = Vec::new();
+            let mut plan = plan_into(dir, segments, target, &mut image, name, &mut |_| {})?;
+            write_image(&mut plan, segments, &mut image, name, &mut |_| {})?;
+            assert_eq!(plan.report.image_bytes, image.len() as u64);
+            Ok::<_, ReplayError>((plan.report, image))
+        })();
+        match (&two_pass, &early) {
+            (Ok((r1, i1)), Ok((r2, i2))) => {
+                assert!(i1 == i2, "early writes give another image");
+                assert_eq!(
+                    (r1.epoch, r1.pages, r1.image_bytes, r1.dropped.len()),
+                    (r2.epoch, r2.pages, r2.image_bytes, r2.dropped.len())
+                );
+            }
+            (Err(e1), Err(e2)) => assert_eq!(e1.to_string(), e2.to_string()),
+            _ => panic!(
+                "early writes change the outcome: {:?} vs {:?}",
+                two_pass
+                    .as_ref()
+                    .map(|r| r.0.epoch)
+                    .map_err(ToString::to_string),
+                early
+                    .as_ref()
+                    .map(|r| r.0.epoch)
+                    .map_err(ToString::to_string)
+            ),
+        }
+        two_pass
     }
 
     /// A directory of its own for each test, removed afterwards.

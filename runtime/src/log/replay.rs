@@ -17,14 +17,29 @@
 //! Two passes: the first reads the whole log sequentially, checks it and keeps, per page, the
 //! place of its newest committed version (a map, not the pages); the second reads those pages
 //! (in log order, runs of adjacent pages in one read), checks their CRC again and writes the
-//! non-zero ones to the image. Replay never holds more than [`RUN_PAGES_MAX`] pages.
+//! non-zero ones to the image. Replay never holds more than [`RUN_PAGES_MAX`] pages (twice,
+//! with [`plan_into`]) and [`READ_AHEAD_CHUNKS`] + 1 chunks of [`READ_CHUNK_BYTES`].
+//!
+//! Reading at the disk's speed: segment files are read with `O_DIRECT` into aligned buffers
+//! (buffered reads cost more kernel time than the disk takes; file systems that refuse
+//! `O_DIRECT`, like tmpfs, are read through the page cache), and in the first pass a reader
+//! thread per segment keeps the next chunks in flight while the current one is checked.
+//! [`replay_dir`] plans with [`plan_into`], whose first pass writes every checked page version
+//! into the (temporary) image as it reads it, so that the second pass reads again only the
+//! pages whose written version did not turn out final: usually none. The image is written
+//! through the page cache, its writeback started as the second pass goes so that the final
+//! `fdatasync` has less left to do.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::Scope;
 
 use thiserror::Error;
 
@@ -33,19 +48,30 @@ use super::format::{
     ImageHeader, PageEntry, PageGroup, Record, RegionInfo, SegmentHeader, BLOCK_BYTES,
     BLOCK_BYTES_U64, PAGE_BYTES,
 };
+use crate::io::{self, AlignedBuf, DIRECT_ALIGN_BYTES};
 use crate::PAGE_SIZE;
 
 /// Bytes read from a segment at once in the first pass.
 pub const READ_CHUNK_BYTES: usize = 2 << 20;
+
+/// Chunks the first pass's reader thread reads ahead of the one being checked.
+pub const READ_AHEAD_CHUNKS: usize = 2;
+
+/// Image bytes written between two starts of their writeback.
+pub const WRITEBACK_BYTES: usize = 16 << 20;
 
 /// Most pages read (and written) with one call in the second pass.
 pub const RUN_PAGES_MAX: usize = 256;
 
 const _: () =
     assert!(READ_CHUNK_BYTES.is_multiple_of(BLOCK_BYTES) && READ_CHUNK_BYTES >= BLOCK_BYTES);
+// Blocks and pages of the log are aligned as O_DIRECT asks, so every read replay makes is.
+const _: () = assert!(BLOCK_BYTES.is_multiple_of(DIRECT_ALIGN_BYTES) && PAGE_SIZE == BLOCK_BYTES);
+const _: () = assert!(READ_AHEAD_CHUNKS >= 1);
 
-/// Read access to one segment: a file, or bytes in memory (tests).
-pub trait SegmentSource {
+/// Read access to one segment: a file, or bytes in memory (tests). Shared with the reader
+/// thread of the first pass, hence `Sync`.
+pub trait SegmentSource: Sync {
     /// Bytes in the segment.
     fn size(&self) -> u64;
     /// Reads at `offset` into `buf`, like `pread`: fewer bytes only at the end, 0 past it.
@@ -87,9 +113,16 @@ impl<T: SegmentSource + ?Sized> SegmentSource for Box<T> {
     }
 }
 
-/// A segment file opened for reading; its length is taken once, at open.
+/// A segment file opened for reading; its length is taken once, at open. Reads whose buffer,
+/// offset and length are aligned go through a second descriptor opened with `O_DIRECT`, the
+/// others (and all of them where the file system refuses `O_DIRECT`) through the page cache.
 pub struct SegmentFile {
     file: File,
+    /// The same file opened with `O_DIRECT`, unless its file system refused that.
+    direct: Option<File>,
+    /// Set when a direct read failed with `EINVAL` (a file system that opens with `O_DIRECT`
+    /// but cannot read that way): later reads go through the page cache.
+    direct_refused: AtomicBool,
     len: u64,
 }
 
@@ -97,8 +130,43 @@ impl SegmentFile {
     /// Opens the segment at `path` read-only.
     pub fn open(path: &Path) -> std::io::Result<SegmentFile> {
         let file = File::open(path)?;
-        let len = file.metadata()?.len();
-        Ok(SegmentFile { file, len })
+        let meta = file.metadata()?;
+        let direct = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(d) => {
+                // The path could name another file by now (a segment replaced by compaction):
+                // then only the first descriptor is used.
+                let d_meta = d.metadata()?;
+                (d_meta.dev() == meta.dev() && d_meta.ino() == meta.ino()).then_some(d)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::debug!(
+                    "{} refuses O_DIRECT; replay reads it through the page cache",
+                    path.display()
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(SegmentFile {
+            file,
+            direct,
+            direct_refused: AtomicBool::new(false),
+            len: meta.len(),
+        })
+    }
+}
+
+/// `pread` that retries when interrupted.
+fn pread(file: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match file.read_at(buf, offset) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            other => return other,
+        }
     }
 }
 
@@ -108,12 +176,19 @@ impl SegmentSource for SegmentFile {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            match self.file.read_at(buf, offset) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                other => return other,
+        if let Some(direct) = &self.direct {
+            if io::is_direct_aligned(offset, buf) && !self.direct_refused.load(Ordering::Relaxed) {
+                // A short tail comes back short, which is what `read_at` promises; the caller's
+                // next read is then unaligned and goes through the page cache, finding the end.
+                match pread(direct, offset, buf) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.direct_refused.store(true, Ordering::Relaxed);
+                    }
+                    other => return other,
+                }
             }
         }
+        pread(&self.file, offset, buf)
     }
 }
 
@@ -405,18 +480,93 @@ impl fmt::Display for ReplayReport {
 }
 
 /// The place of one page's newest committed version.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Loc {
     seg: usize,
     offset: u64,
     epoch: u64,
     crc: u32,
+    /// The payload is all zeros (it is not written: the image reads zeros there already).
+    zero: bool,
 }
 
 /// The outcome of the first pass: what the image will hold.
 pub struct Plan {
     pub report: ReplayReport,
     index: HashMap<u64, Loc>,
+    /// What the first pass wrote to the image ([`plan_into`]): per page, the version whose
+    /// bytes the image holds, or `None` when the image may hold stale bytes there.
+    written: HashMap<u64, Option<Loc>>,
+}
+
+/// The first pass's early writes: every page version it reads (checked, committed or not) is
+/// written to the image at once, so that the versions that turn out final need no second
+/// read. Adjacent pages are written together from a staging buffer of [`RUN_PAGES_MAX`]
+/// pages. The image goes through the page cache, so a page rewritten by later epochs costs a
+/// copy, not a disk write; the second pass puts right every page whose written version is
+/// not the final one.
+struct EarlyWrites<'w> {
+    out: &'w mut dyn ImageSink,
+    staging: Vec<u8>,
+    first_page: u64,
+    staged: usize,
+    written: HashMap<u64, Option<Loc>>,
+    /// The first failed write; nothing is written after it.
+    error: Option<std::io::Error>,
+}
+
+impl<'w> EarlyWrites<'w> {
+    fn new(out: &'w mut dyn ImageSink) -> Self {
+        EarlyWrites {
+            out,
+            staging: vec![0; RUN_PAGES_MAX * PAGE_SIZE],
+            first_page: 0,
+            staged: 0,
+            written: HashMap::new(),
+            error: None,
+        }
+    }
+
+    /// Takes the checked `payload` of `page`, found at `loc`.
+    fn page(&mut self, page: u64, loc: &Loc, payload: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        if loc.zero {
+            // Not written: a page written before now holds bytes that are not this version.
+            if self.written.contains_key(&page) {
+                self.flush();
+                self.written.insert(page, None);
+            }
+            return;
+        }
+        let follows = self.staged > 0
+            && self.staged < RUN_PAGES_MAX
+            && page == self.first_page + self.staged as u64;
+        if !follows {
+            self.flush();
+            self.first_page = page;
+        }
+        let at = self.staged * PAGE_SIZE;
+        self.staging[at..at + PAGE_SIZE].copy_from_slice(payload);
+        self.staged += 1;
+        self.written.insert(page, Some(*loc));
+    }
+
+    /// Writes the staged pages.
+    fn flush(&mut self) {
+        if self.staged == 0 || self.error.is_some() {
+            return;
+        }
+        let bytes = &self.staging[..self.staged * PAGE_SIZE];
+        if let Err(e) = self
+            .out
+            .write_all_at(ImageHeader::page_offset(self.first_page), bytes)
+        {
+            self.error = Some(e);
+        }
+        self.staged = 0;
+    }
 }
 
 impl Plan {
@@ -426,61 +576,160 @@ impl Plan {
     }
 }
 
-/// Reads a segment through a buffer of [`READ_CHUNK_BYTES`].
+/// Reads a segment through a buffer of [`READ_CHUNK_BYTES`], either on demand or, made with
+/// [`Reader::with_read_ahead`], from a thread that reads the chunks in order ahead of use.
 struct Reader<'a, S: SegmentSource + ?Sized> {
     src: &'a S,
     len: u64,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     start: u64,
     filled: usize,
-    // Bytes read from the source so far (for progress).
+    // Bytes read from the source so far and handed to the scan (for progress).
     read: u64,
+    ahead: Option<ReadAhead>,
+}
+
+/// The scan's end of a reader thread: chunks come in order from offset 0 on `full`, and
+/// buffers go back on `free`. Dropping it ends the thread (its next send or receive fails).
+struct ReadAhead {
+    full: mpsc::Receiver<Chunk>,
+    free: mpsc::Sender<AlignedBuf>,
+}
+
+/// A chunk the reader thread read: `result` is the byte count or the read's error.
+struct Chunk {
+    start: u64,
+    buf: AlignedBuf,
+    result: std::io::Result<usize>,
+}
+
+/// Reads up to [`READ_CHUNK_BYTES`] at `start` into `buf` (whose length is a multiple of
+/// [`BLOCK_BYTES`]): the bytes read, fewer only at the end of the segment (as of `len`).
+fn read_chunk<S: SegmentSource + ?Sized>(
+    src: &S,
+    len: u64,
+    start: u64,
+    buf: &mut AlignedBuf,
+) -> std::io::Result<usize> {
+    let want = usize::try_from(len.saturating_sub(start))
+        .unwrap_or(usize::MAX)
+        .min(buf.len());
+    // The request is rounded up to whole blocks so that it stays aligned for O_DIRECT; a file
+    // that ends inside the last block simply gives fewer bytes.
+    let ask = want.next_multiple_of(BLOCK_BYTES).min(buf.len());
+    let bytes = buf.as_mut_slice();
+    let mut filled = 0;
+    while filled < want {
+        let n = src.read_at(start + filled as u64, &mut bytes[filled..ask])?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    // Bytes appended after the length was taken are not part of this replay.
+    Ok(filled.min(want))
 }
 
 impl<'a, S: SegmentSource + ?Sized> Reader<'a, S> {
     fn new(src: &'a S) -> Self {
         let len = src.size();
         // A small segment gets a small buffer: no need to zero 2 MiB for a few blocks.
-        let buf_len = usize::try_from(len).map_or(READ_CHUNK_BYTES, |l| l.min(READ_CHUNK_BYTES));
+        let buf_len = usize::try_from(len.next_multiple_of(BLOCK_BYTES_U64))
+            .map_or(READ_CHUNK_BYTES, |l| l.clamp(BLOCK_BYTES, READ_CHUNK_BYTES));
         Reader {
             src,
             len,
-            buf: vec![0; buf_len],
+            buf: AlignedBuf::new(buf_len),
             start: 0,
             filled: 0,
             read: 0,
+            ahead: None,
         }
+    }
+
+    /// A reader whose chunks are read by a thread of `scope`, [`READ_AHEAD_CHUNKS`] ahead of
+    /// the scan, when the segment holds more than one chunk.
+    fn with_read_ahead<'scope>(src: &'a S, scope: &'scope Scope<'scope, '_>) -> Self
+    where
+        'a: 'scope,
+    {
+        let mut reader = Reader::new(src);
+        if reader.len <= READ_CHUNK_BYTES as u64 {
+            return reader;
+        }
+        let (full_tx, full) = mpsc::channel::<Chunk>();
+        let (free, free_rx) = mpsc::channel::<AlignedBuf>();
+        for _ in 0..READ_AHEAD_CHUNKS {
+            free.send(AlignedBuf::new(READ_CHUNK_BYTES))
+                .expect("the receiver is alive");
+        }
+        let len = reader.len;
+        scope.spawn(move || {
+            let mut start = 0u64;
+            while start < len {
+                let Ok(mut buf) = free_rx.recv() else { return };
+                let result = read_chunk(src, len, start, &mut buf);
+                let last = !matches!(result, Ok(n) if n == READ_CHUNK_BYTES);
+                if full_tx.send(Chunk { start, buf, result }).is_err() || last {
+                    return;
+                }
+                start += READ_CHUNK_BYTES as u64;
+            }
+        });
+        reader.ahead = Some(ReadAhead { full, free });
+        reader
     }
 
     /// The block at `offset`: [`BLOCK_BYTES`] bytes, fewer at the end of the segment.
     fn block(&mut self, offset: u64) -> std::io::Result<&[u8]> {
         let in_buffer =
             offset >= self.start && offset + BLOCK_BYTES_U64 <= self.start + self.filled as u64;
-        if !in_buffer {
+        if !in_buffer && !self.next_chunk(offset)? {
             self.fill(offset)?;
         }
         let from = usize::try_from(offset - self.start).expect("inside the buffer");
         let to = (from + BLOCK_BYTES).min(self.filled);
-        Ok(&self.buf[from.min(to)..to])
+        Ok(&self.buf.as_slice()[from.min(to)..to])
+    }
+
+    /// Takes the reader thread's next chunk when it starts at `offset` (the scan goes on where
+    /// the current chunk ends): `Ok(false)` when there is no thread or the scan jumped (then
+    /// the thread is dropped and the reader reads on demand).
+    fn next_chunk(&mut self, offset: u64) -> std::io::Result<bool> {
+        let Some(ahead) = &self.ahead else {
+            return Ok(false);
+        };
+        if offset != self.start + self.filled as u64 {
+            self.ahead = None;
+            return Ok(false);
+        }
+        let Ok(chunk) = ahead.full.recv() else {
+            // The thread stopped after the last chunk: the segment ends here.
+            self.start = offset;
+            self.filled = 0;
+            return Ok(true);
+        };
+        if chunk.start != offset {
+            self.ahead = None;
+            return Ok(false);
+        }
+        let old = std::mem::replace(&mut self.buf, chunk.buf);
+        // A buffer of the first, on-demand read may be smaller; the thread needs full ones.
+        if old.len() == READ_CHUNK_BYTES {
+            let _ = ahead.free.send(old);
+        }
+        self.start = chunk.start;
+        self.filled = 0;
+        self.filled = chunk.result?;
+        self.read += self.filled as u64;
+        Ok(true)
     }
 
     fn fill(&mut self, offset: u64) -> std::io::Result<()> {
         self.start = offset;
         self.filled = 0;
-        let want = usize::try_from(self.len.saturating_sub(offset))
-            .unwrap_or(usize::MAX)
-            .min(READ_CHUNK_BYTES);
-        while self.filled < want {
-            let n = self.src.read_at(
-                offset + self.filled as u64,
-                &mut self.buf[self.filled..want],
-            )?;
-            if n == 0 {
-                break;
-            }
-            self.filled += n;
-            self.read += n as u64;
-        }
+        self.filled = read_chunk(self.src, self.len, offset, &mut self.buf)?;
+        self.read += self.filled as u64;
         Ok(())
     }
 }
@@ -523,8 +772,18 @@ fn read_header<S: SegmentSource + ?Sized>(
     Ok(SegmentHeader::decode(block)?)
 }
 
+/// What [`scan_body`] tells its caller as it goes.
+struct ScanHooks<'h> {
+    /// Each committed epoch.
+    on_commit: &'h mut dyn FnMut(&Committed<'_>),
+    /// Each page version whose payload passed its CRC check, committed or not yet.
+    on_page: &'h mut dyn FnMut(u64, &Loc, &[u8]),
+    /// Bytes of the segment read so far.
+    progress: &'h mut dyn FnMut(u64),
+}
+
 /// Reads the epochs of one segment after its header, handing each committed one to
-/// `on_commit`, until the end of the file, the first damage, or the first epoch after
+/// `hooks.on_commit`, until the end of the file, the first damage, or the first epoch after
 /// `stop_after`.
 fn scan_body<S: SegmentSource + ?Sized>(
     seg: usize,
@@ -532,9 +791,13 @@ fn scan_body<S: SegmentSource + ?Sized>(
     header: &SegmentHeader,
     stop_after: Option<u64>,
     pending: &mut Vec<(u64, Option<Loc>)>,
-    on_commit: &mut dyn FnMut(&Committed<'_>),
-    progress: &mut dyn FnMut(u64),
+    hooks: ScanHooks<'_>,
 ) -> BodyEnd {
+    let ScanHooks {
+        on_commit,
+        on_page,
+        progress,
+    } = hooks;
     let region_pages = header.region.pages();
     let mut offset = BLOCK_BYTES_U64;
     let mut epoch = header.first_epoch;
@@ -627,7 +890,9 @@ fn scan_body<S: SegmentSource + ?Sized>(
                                     offset,
                                     epoch,
                                     crc: entry.crc,
+                                    zero: payload.iter().all(|&b| b == 0),
                                 };
+                                on_page(entry.page, &loc, payload);
                                 offset += BLOCK_BYTES_U64;
                                 Some(loc)
                             }
@@ -771,12 +1036,47 @@ pub fn plan<S: SegmentSource>(
     target: Option<u64>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Plan, ReplayError> {
-    match plan_once(dir, segments, target, progress) {
+    plan_with(dir, segments, target, None, progress)
+}
+
+/// [`plan`] that also writes every page version it reads to `out` (an empty image, named
+/// `image` in messages), so that [`write_image`] then only writes what is not final there yet:
+/// with a log whose newest versions of pages are read last, nothing is read twice.
+pub fn plan_into<S: SegmentSource>(
+    dir: &Path,
+    segments: &[Segment<S>],
+    target: Option<u64>,
+    out: &mut dyn ImageSink,
+    image: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Plan, ReplayError> {
+    let mut early = EarlyWrites::new(out);
+    let mut plan = plan_with(dir, segments, target, Some(&mut early), progress)?;
+    early.flush();
+    if let Some(source) = early.error {
+        return Err(ReplayError::Image {
+            path: image.to_path_buf(),
+            what: "writing the image",
+            source,
+        });
+    }
+    plan.written = early.written;
+    Ok(plan)
+}
+
+fn plan_with<S: SegmentSource>(
+    dir: &Path,
+    segments: &[Segment<S>],
+    target: Option<u64>,
+    early: Option<&mut EarlyWrites<'_>>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Plan, ReplayError> {
+    match plan_once(dir, segments, target, early, progress) {
         // An epoch before everything the log can still give: say what it can give.
         Err(ReplayError::NothingCommitted { .. } | ReplayError::NoBase { .. })
             if target.is_some() =>
         {
-            let err = plan_once(dir, segments, None, &mut |_| {})
+            let err = plan_once(dir, segments, None, None, &mut |_| {})
                 .map(|p| ReplayError::EpochNotAvailable {
                     dir: dir.to_path_buf(),
                     asked: target.expect("checked by the guard"),
@@ -794,6 +1094,7 @@ fn plan_once<S: SegmentSource>(
     dir: &Path,
     segments: &[Segment<S>],
     target: Option<u64>,
+    mut early: Option<&mut EarlyWrites<'_>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Plan, ReplayError> {
     if segments.is_empty() {
@@ -808,105 +1109,116 @@ fn plan_once<S: SegmentSource>(
     let mut pending = Vec::new();
     let mut dropped = Vec::new();
     let mut segments_read = 0;
-    for (i, seg) in segments.iter().enumerate() {
-        let len = seg.source.size();
-        let whole = |reason| Dropped {
-            path: seg.path.clone(),
-            offset: 0,
-            bytes: len,
-            epoch: None,
-            reason,
-        };
-        if let (Some(c), Some(t)) = (&chain, target) {
-            if c.last >= t {
-                dropped.push(whole(DropReason::AfterTarget { target: t }));
-                continue;
-            }
-        }
-        let mut reader = Reader::new(&seg.source);
-        let header = match read_header(&mut reader) {
-            Ok(h) => h,
-            Err(damage) => {
-                done += reader.read;
-                dropped.push(whole(DropReason::Damaged { at: 0, damage }));
-                continue;
-            }
-        };
-        if let Err(reason) = accepts(chain.as_ref(), seg, &header) {
-            done += reader.read;
-            dropped.push(whole(reason));
-            continue;
-        }
-        let c = chain.get_or_insert_with(|| Chain {
-            log_id: header.log_id,
-            region: header.region,
-            oldest: (seg.path.clone(), header.first_epoch),
-            last: header.first_epoch - 1,
-            base: None,
-            applied: 0,
-        });
-        segments_read += 1;
-        let mut on_commit = |e: &Committed<'_>| {
-            if e.kind == CommitKind::Checkpoint {
-                index.clear();
-                c.base = Some(e.epoch);
-            } else if e.epoch == 1 {
-                c.base = Some(1);
-            }
-            for &(page, loc) in e.pages {
-                match loc {
-                    Some(loc) => {
-                        index.insert(page, loc);
-                    }
-                    None => {
-                        index.remove(&page);
-                    }
+    // One reader thread per segment, ended (and joined) when its reader is dropped.
+    std::thread::scope(|scope| {
+        for (i, seg) in segments.iter().enumerate() {
+            let len = seg.source.size();
+            let whole = |reason| Dropped {
+                path: seg.path.clone(),
+                offset: 0,
+                bytes: len,
+                epoch: None,
+                reason,
+            };
+            if let (Some(c), Some(t)) = (&chain, target) {
+                if c.last >= t {
+                    dropped.push(whole(DropReason::AfterTarget { target: t }));
+                    continue;
                 }
             }
-            c.last = e.epoch;
-            c.applied += 1;
-        };
-        let mut on_read = |read: u64| {
-            progress(Progress::ReadingLog {
-                done: done + read,
-                total,
-            })
-        };
-        let end = scan_body(
-            i,
-            &mut reader,
-            &header,
-            target,
-            &mut pending,
-            &mut on_commit,
-            &mut on_read,
-        );
-        done += reader.read;
-        match end {
-            BodyEnd::Stopped { offset } if offset < len => dropped.push(Dropped {
-                path: seg.path.clone(),
-                offset,
-                bytes: len - offset,
-                epoch: None,
-                reason: DropReason::AfterTarget {
-                    target: target.expect("only a target stops a segment early"),
+            let mut reader = Reader::with_read_ahead(&seg.source, scope);
+            let header = match read_header(&mut reader) {
+                Ok(h) => h,
+                Err(damage) => {
+                    done += reader.read;
+                    dropped.push(whole(DropReason::Damaged { at: 0, damage }));
+                    continue;
+                }
+            };
+            if let Err(reason) = accepts(chain.as_ref(), seg, &header) {
+                done += reader.read;
+                dropped.push(whole(reason));
+                continue;
+            }
+            let c = chain.get_or_insert_with(|| Chain {
+                log_id: header.log_id,
+                region: header.region,
+                oldest: (seg.path.clone(), header.first_epoch),
+                last: header.first_epoch - 1,
+                base: None,
+                applied: 0,
+            });
+            segments_read += 1;
+            let mut on_commit = |e: &Committed<'_>| {
+                if e.kind == CommitKind::Checkpoint {
+                    index.clear();
+                    c.base = Some(e.epoch);
+                } else if e.epoch == 1 {
+                    c.base = Some(1);
+                }
+                for &(page, loc) in e.pages {
+                    match loc {
+                        Some(loc) => {
+                            index.insert(page, loc);
+                        }
+                        None => {
+                            index.remove(&page);
+                        }
+                    }
+                }
+                c.last = e.epoch;
+                c.applied += 1;
+            };
+            let mut on_page = |page: u64, loc: &Loc, payload: &[u8]| {
+                if let Some(e) = early.as_deref_mut() {
+                    e.page(page, loc, payload);
+                }
+            };
+            let mut on_read = |read: u64| {
+                progress(Progress::ReadingLog {
+                    done: done + read,
+                    total,
+                })
+            };
+            let end = scan_body(
+                i,
+                &mut reader,
+                &header,
+                target,
+                &mut pending,
+                ScanHooks {
+                    on_commit: &mut on_commit,
+                    on_page: &mut on_page,
+                    progress: &mut on_read,
                 },
-            }),
-            BodyEnd::Clean | BodyEnd::Stopped { .. } => {}
-            BodyEnd::Damaged {
-                epoch,
-                epoch_start,
-                at,
-                damage,
-            } => dropped.push(Dropped {
-                path: seg.path.clone(),
-                offset: epoch_start,
-                bytes: len - epoch_start,
-                epoch: Some(epoch),
-                reason: DropReason::Damaged { at, damage },
-            }),
+            );
+            done += reader.read;
+            match end {
+                BodyEnd::Stopped { offset } if offset < len => dropped.push(Dropped {
+                    path: seg.path.clone(),
+                    offset,
+                    bytes: len - offset,
+                    epoch: None,
+                    reason: DropReason::AfterTarget {
+                        target: target.expect("only a target stops a segment early"),
+                    },
+                }),
+                BodyEnd::Clean | BodyEnd::Stopped { .. } => {}
+                BodyEnd::Damaged {
+                    epoch,
+                    epoch_start,
+                    at,
+                    damage,
+                } => dropped.push(Dropped {
+                    path: seg.path.clone(),
+                    offset: epoch_start,
+                    bytes: len - epoch_start,
+                    epoch: Some(epoch),
+                    reason: DropReason::Damaged { at, damage },
+                }),
+            }
         }
-    }
+    });
     progress(Progress::ReadingLog { done, total });
     let first_damage = || {
         dropped
@@ -949,6 +1261,7 @@ fn plan_once<S: SegmentSource>(
             dropped,
         },
         index,
+        written: HashMap::new(),
     })
 }
 
@@ -997,6 +1310,11 @@ pub trait ImageSink {
     fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()>;
     /// Sets the image's length (bytes past the last write read as zeros).
     fn set_len(&mut self, len: u64) -> std::io::Result<()>;
+    /// Starts making the bytes written so far durable without waiting (a hint: the caller
+    /// still syncs at the end). The default does nothing.
+    fn start_writeback(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ImageSink for File {
@@ -1006,6 +1324,10 @@ impl ImageSink for File {
 
     fn set_len(&mut self, len: u64) -> std::io::Result<()> {
         File::set_len(self, len)
+    }
+
+    fn start_writeback(&mut self) -> std::io::Result<()> {
+        io::sync::start_writeback(self.as_fd())
     }
 }
 
@@ -1029,8 +1351,9 @@ impl ImageSink for Vec<u8> {
     }
 }
 
-/// The second pass: writes the image that `plan` describes into `out` (which must be empty),
-/// and fills in the report's page count and image size. `segments` must be the ones the plan
+/// The second pass: writes the image that `plan` describes into `out` (which must be empty,
+/// or hold only what [`plan_into`] wrote for this plan), and fills in the report's page count
+/// and image size. `segments` must be the ones the plan
 /// was made from; `image` is only for messages.
 pub fn write_image<S: SegmentSource, W: ImageSink>(
     plan: &mut Plan,
@@ -1044,17 +1367,29 @@ pub fn write_image<S: SegmentSource, W: ImageSink>(
         what: "writing the image",
         source,
     };
-    let mut order: Vec<(u64, Loc)> = plan.index.iter().map(|(&p, &l)| (p, l)).collect();
-    order.sort_unstable_by_key(|&(_, l)| (l.seg, l.offset));
-    let total = order.len() as u64;
-    let mut buf = vec![0u8; RUN_PAGES_MAX * PAGE_SIZE];
+    let total = plan.index.len() as u64;
     let mut pages = 0u64;
     let mut end_page: Option<u64> = None;
-    let mut done = 0u64;
+    // Pages whose final version the first pass wrote already ([`plan_into`]) are done; a
+    // zero version is never among them.
+    let mut order = Vec::new();
+    for (&page, &loc) in &plan.index {
+        if plan.written.get(&page) == Some(&Some(loc)) {
+            pages += 1;
+            end_page = Some(end_page.map_or(page + 1, |e| e.max(page + 1)));
+        } else {
+            order.push((page, loc));
+        }
+    }
+    order.sort_unstable_by_key(|&(_, l)| (l.seg, l.offset));
+    let mut done = total - order.len() as u64;
+    // Aligned, so that the runs are read with O_DIRECT (their offsets are whole blocks).
+    let mut buf = AlignedBuf::new(RUN_PAGES_MAX * PAGE_SIZE);
+    let mut unsynced = 0usize;
     for run in runs(&order) {
         let (first_page, first) = run[0];
         let seg = &segments[first.seg];
-        let bytes = &mut buf[..run.len() * PAGE_SIZE];
+        let bytes = &mut buf.as_mut_slice()[..run.len() * PAGE_SIZE];
         read_exact_at(seg, first.offset, bytes)?;
         // Every page is checked again before any of the run is written: the log may have
         // been replaced since the first pass, and a wrong page must never reach the image.
@@ -1073,20 +1408,22 @@ pub fn write_image<S: SegmentSource, W: ImageSink>(
                     source,
                 })?;
         }
-        // Non-zero pages are written, adjacent ones together; zero pages stay holes.
+        // Non-zero pages are written, adjacent ones together; zero pages stay holes, unless
+        // the first pass wrote other bytes there.
         let is_zero = |k: usize| {
             bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]
                 .iter()
                 .all(|&b| b == 0)
         };
+        let needs_write = |k: usize| !is_zero(k) || plan.written.contains_key(&run[k].0);
         let mut i = 0;
         while i < run.len() {
-            if is_zero(i) {
+            if !needs_write(i) {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < run.len() && !is_zero(j) {
+            while j < run.len() && needs_write(j) {
                 j += 1;
             }
             let page = first_page + i as u64;
@@ -1095,13 +1432,46 @@ pub fn write_image<S: SegmentSource, W: ImageSink>(
                 &bytes[i * PAGE_SIZE..j * PAGE_SIZE],
             )
             .map_err(write_err)?;
-            pages += (j - i) as u64;
-            let end = first_page + j as u64;
-            end_page = Some(end_page.map_or(end, |e| e.max(end)));
+            unsynced += (j - i) * PAGE_SIZE;
+            for k in i..j {
+                if !is_zero(k) {
+                    pages += 1;
+                    let end = first_page + k as u64 + 1;
+                    end_page = Some(end_page.map_or(end, |e| e.max(end)));
+                }
+            }
             i = j;
+        }
+        // The disk writes the image while the next runs are read, not all at the end.
+        if unsynced >= WRITEBACK_BYTES {
+            out.start_writeback().map_err(write_err)?;
+            unsynced = 0;
         }
         done += run.len() as u64;
         progress(Progress::WritingImage { done, total });
+    }
+    // Pages the first pass wrote that the image does not hold (a version of an incomplete
+    // epoch, or one a checkpoint left out) become zeros again; past the end, `set_len` cuts
+    // them off.
+    let mut stale: Vec<u64> = plan
+        .written
+        .keys()
+        .copied()
+        .filter(|p| !plan.index.contains_key(p) && end_page.is_some_and(|e| *p < e))
+        .collect();
+    stale.sort_unstable();
+    let zeros = vec![0u8; RUN_PAGES_MAX * PAGE_SIZE];
+    let mut rest = &stale[..];
+    while let Some(&first) = rest.first() {
+        let n = rest
+            .iter()
+            .take(RUN_PAGES_MAX)
+            .enumerate()
+            .take_while(|&(k, &p)| p == first + k as u64)
+            .count();
+        out.write_all_at(ImageHeader::page_offset(first), &zeros[..n * PAGE_SIZE])
+            .map_err(write_err)?;
+        rest = &rest[n..];
     }
     let header = ImageHeader {
         region: plan.report.region,
@@ -1219,7 +1589,6 @@ pub fn replay_dir(
 ) -> Result<ReplayReport, ReplayError> {
     check_replaceable(image)?;
     let (segments, _) = open_segments(dir)?;
-    let mut plan = plan(dir, &segments, target, progress)?;
     let image_err = |what, source| ReplayError::Image {
         path: image.to_path_buf(),
         what,
@@ -1243,19 +1612,24 @@ pub fn replay_dir(
             what: "creating the temporary image",
             source,
         })?;
-    let result = write_image(&mut plan, &segments, &mut file, &partial, progress)
-        .and_then(|()| {
+    // The first pass already writes the pages it reads (under the temporary name), so the
+    // image is created before it; it is removed whatever fails.
+    let result =
+        plan_into(dir, &segments, target, &mut file, &partial, progress).and_then(|mut plan| {
+            write_image(&mut plan, &segments, &mut file, &partial, progress)?;
             file.sync_data()
-                .map_err(|source| image_err("fdatasync of the image", source))
-        })
-        .and_then(|()| {
+                .map_err(|source| image_err("fdatasync of the image", source))?;
             std::fs::rename(&partial, image)
-                .map_err(|source| image_err("renaming the finished image to", source))
+                .map_err(|source| image_err("renaming the finished image to", source))?;
+            Ok(plan.report)
         });
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e);
-    }
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
     let parent = image
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -1263,7 +1637,7 @@ pub fn replay_dir(
     File::open(parent)
         .and_then(|d| d.sync_all())
         .map_err(|source| image_err("syncing the directory of", source))?;
-    Ok(plan.report)
+    Ok(report)
 }
 
 /// Refuses to replace anything at `image` but a regular file that starts like a lego image.
@@ -1493,8 +1867,11 @@ pub fn inspect_segment<S: SegmentSource>(index: usize, seg: &Segment<S>) -> Segm
         &header,
         None,
         &mut Vec::new(),
-        &mut on_commit,
-        &mut |_| {},
+        ScanHooks {
+            on_commit: &mut on_commit,
+            on_page: &mut |_, _, _| {},
+            progress: &mut |_| {},
+        },
     );
     match end {
         BodyEnd::Clean | BodyEnd::Stopped { .. } => info.clean_bytes = bytes,
@@ -2118,5 +2495,93 @@ mod tests {
         assert_eq!(plan.pages_to_write(), 1);
         let (_, image) = replay_mem(&segs, None).expect("replays");
         assert!(image == model.image(20));
+    }
+
+    /// A segment of several read chunks (so the first pass reads it through its reader
+    /// thread, and from a directory with O_DIRECT where the file system allows it): replays
+    /// like the model whole, and cut or changed inside the last epoch (at chunk boundaries and
+    /// in a torn last block) gives exactly the epoch before.
+    #[test]
+    fn segments_of_several_read_chunks_replay_like_the_model() {
+        const PAGES: u64 = 2048;
+        let region = RegionInfo {
+            base: 0x7e00_0000_0000,
+            len: PAGES * PAGE_BYTES,
+        };
+        let storage = MemoryStorage::new();
+        let mut w = LogWriter::with_storage(Box::new(storage.clone()), region, options(1 << 40))
+            .expect("creating the writer");
+        let all: Vec<Vec<Change>> = vec![
+            (0..1000).map(|p| (p, Some(page(p)))).collect(),
+            (500..1500)
+                .map(|p| (p, (p % 7 != 0).then(|| page(p + 5000))))
+                .collect(),
+            (0..800)
+                .map(|p| {
+                    (
+                        p,
+                        Some(if p % 9 == 0 {
+                            vec![0; PAGE_SIZE]
+                        } else {
+                            page(p + 9000)
+                        }),
+                    )
+                })
+                .collect(),
+        ];
+        let mut model = Model::new(region, LOG_ID);
+        let mut images = vec![model.image(0)];
+        let mut before_last = 0;
+        for (i, changes) in all.iter().enumerate() {
+            before_last = storage.snapshot().values().map(Vec::len).sum::<usize>();
+            w.append_epoch(&epoch_pages(changes)).expect("appending");
+            model.apply(changes);
+            images.push(model.image(i as u64 + 1));
+        }
+        drop(w);
+        let snap = storage.snapshot();
+        assert_eq!(snap.len(), 1, "one segment");
+        let whole = snap.values().next().expect("a segment").clone();
+        assert!(whole.len() > 4 * READ_CHUNK_BYTES);
+
+        let dir = TestDir::new("replay-chunks");
+        let logs = dir.0.join("heap");
+        std::fs::create_dir(&logs).expect("creating the log directory");
+        let seg_path = logs.join(segment_file_name(1));
+        let image = dir.0.join("heap.img");
+        let check = |bytes: &[u8], epoch: u64| {
+            let (report, got) = replay_with_last(&storage, bytes.to_vec());
+            assert_eq!(report.epoch, epoch, "{} bytes", bytes.len());
+            assert!(got == images[epoch as usize], "{} bytes", bytes.len());
+            std::fs::write(&seg_path, bytes).expect("writing the segment");
+            let report = replay_dir(&logs, &image, None, &mut |_| {}).expect("replays");
+            assert_eq!(report.epoch, epoch, "{} bytes, from a file", bytes.len());
+            assert!(
+                std::fs::read(&image).expect("the image") == images[epoch as usize],
+                "{} bytes, from a file",
+                bytes.len()
+            );
+        };
+        check(&whole, 3);
+        // The first chunk boundary inside the last epoch.
+        let edge = before_last.next_multiple_of(READ_CHUNK_BYTES);
+        for cut in [
+            before_last + BLOCK_BYTES,
+            edge - BLOCK_BYTES,
+            edge,
+            edge + 100,
+            edge + BLOCK_BYTES,
+            whole.len() - BLOCK_BYTES,
+            whole.len() - 1,
+        ] {
+            assert!(cut > before_last && cut < whole.len());
+            check(&whole[..cut], 2);
+        }
+        for at in [edge - 1, edge, whole.len() - BLOCK_BYTES / 2] {
+            assert!(at > before_last);
+            let mut flipped = whole.clone();
+            flipped[at] ^= 0x20;
+            check(&flipped, 2);
+        }
     }
 }
