@@ -143,13 +143,19 @@ fn run_and_kill(
     (last, text)
 }
 
-/// Restores `image` and checks the structure: returns the generation restored.
-fn restore_and_verify(image: &Path, store: &TempDir, context: &str) -> u64 {
-    let out = Run::new(program("durable_list"))
-        .args(["verify", "40"])
+/// `durable_list ARGS` under liblego.so with the tests' cache, heap and page store.
+fn durable_list(args: &[&str], store: &TempDir) -> Run {
+    Run::new(program("durable_list"))
+        .args(args)
         .shim()
         .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
         .env("LEGO_BACKEND", store.backend())
+}
+
+/// Restores `image` and checks the structure: returns the generation restored.
+fn restore_and_verify(image: &Path, store: &TempDir, context: &str) -> u64 {
+    let out = durable_list(&["verify", "40"], store)
         .env("LEGO_RESTORE", image)
         .run();
     assert!(
@@ -359,12 +365,7 @@ fn log_stays_bounded_in_a_long_run() {
     let store = TempDir::new("bounded-store");
     let log = dir.path().join("log");
     let stats = dir.path().join("stats.json");
-    let out = Run::new(program("durable_list"))
-        .args(["run", "3000", "2"])
-        .shim()
-        .env("LEGO_CACHE_SIZE", CACHE)
-        .env("LEGO_HEAP_SIZE", HEAP)
-        .env("LEGO_BACKEND", store.backend())
+    let out = durable_list(&["run", "3000", "2"], &store)
         .env("LEGO_LOG_DIR", &log)
         .env("LEGO_LOG_MAX", "64M")
         .env("LEGO_STATS", &stats)
@@ -423,12 +424,7 @@ fn a_full_disk_never_costs_the_heap_or_a_committed_epoch() {
     }
     let _unmount = Unmount(&mnt);
     let log = mnt.join("log");
-    let out = Run::new(program("durable_list"))
-        .args(["run", "400", "4"])
-        .shim()
-        .env("LEGO_CACHE_SIZE", CACHE)
-        .env("LEGO_HEAP_SIZE", HEAP)
-        .env("LEGO_BACKEND", store.backend())
+    let out = durable_list(&["run", "400", "4"], &store)
         .env("LEGO_LOG_DIR", &log)
         .env("LEGO_LOG_MAX", "1T")
         .run();
@@ -475,12 +471,7 @@ fn dirty_pages_start_epochs_and_an_exit_logs_the_final_state() {
     let store = TempDir::new("flushpages-store");
     let log = dir.path().join("log");
     let stats = dir.path().join("stats.json");
-    let out = Run::new(program("durable_list"))
-        .args(["run", "300", "0"])
-        .shim()
-        .env("LEGO_CACHE_SIZE", CACHE)
-        .env("LEGO_HEAP_SIZE", HEAP)
-        .env("LEGO_BACKEND", store.backend())
+    let out = durable_list(&["run", "300", "0"], &store)
         .env("LEGO_LOG_DIR", &log)
         .env("LEGO_FLUSH_MS", "3600000")
         .env("LEGO_FLUSH_PAGES", "256")
@@ -510,12 +501,7 @@ fn restore_refuses_an_address_that_is_taken() {
     let dir = TempDir::new("taken");
     let store = TempDir::new("taken-store");
     let log = dir.path().join("log");
-    let out = Run::new(program("durable_list"))
-        .args(["run", "8", "0"])
-        .shim()
-        .env("LEGO_CACHE_SIZE", CACHE)
-        .env("LEGO_HEAP_SIZE", HEAP)
-        .env("LEGO_BACKEND", store.backend())
+    let out = durable_list(&["run", "8", "0"], &store)
         .env("LEGO_LOG_DIR", &log)
         .run();
     out.assert_success();
