@@ -48,6 +48,9 @@ pub const LOGDIRTY: u16 = 1 << 7;
 /// Flag: the epoch being written reads this evicted page's copy from the store: the evictor
 /// leaves the page alone and a discard keeps the store's copy until the epoch has it.
 pub const LOGHOLD: u16 = 1 << 8;
+/// Flag: a `Resident` page that an epoch cut moved into its snapshot slot and has not put back
+/// yet: it is not in the region, and a fault on it copies it back from the slot.
+pub const SNAP: u16 = 1 << 9;
 
 impl PageState {
     fn from_bits(bits: u16) -> PageState {
@@ -188,7 +191,7 @@ impl Table {
             let p = self.hand;
             self.hand += 1;
             visited += 1;
-            if self.state(p) != PageState::Resident || self.has_flag(p, LOGHOLD) {
+            if self.state(p) != PageState::Resident || self.has_flag(p, LOGHOLD | SNAP) {
                 continue;
             }
             if self.has_flag(p, REFERENCED) {

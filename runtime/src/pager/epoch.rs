@@ -18,13 +18,14 @@
 //!    never stops) are moved out too, until a scan finds none. Every write that is in the
 //!    snapshot happened before the page was moved; every write after a move waits for the end
 //!    of the cut; so the snapshot is a consistent cut of the program's history;
-//! 3. copy every moved page back into the region write-protected (`UFFDIO_COPY` with
-//!    `MODE_WP`), open the gate, wake the waiters.
+//! 3. mark the moved pages `SNAP`, open the gate: the cut is over. A thread that touches a
+//!    moved page faults, and its handler copies the page back from its slot (write-protected:
+//!    the log has it); the flusher copies back the rest, while the log writer thread streams
+//!    the snapshot to the log.
 //!
-//! The program is stopped only where it touches a dirty page during steps 1-3; the log is
-//! written afterwards from the snapshot area while the program runs. Evicted dirty pages are
-//! held (`LOGHOLD`: not evicted again, their store copy not discarded) until the epoch has read
-//! them. The design and its reasons are in `docs/DESIGN.md`, "Epochs".
+//! The program is stopped only where it touches a dirty page during steps 1-2. Evicted dirty
+//! pages are held (`LOGHOLD`: not evicted again, their store copy not discarded) until the
+//! epoch has read them. The design and its reasons are in `docs/DESIGN.md`, "Epochs".
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::{fault, Shared, STATS};
-use crate::cache::{PageState, LOGDIRTY, LOGHOLD};
+use crate::cache::{PageState, LOGDIRTY, LOGHOLD, SNAP};
 use crate::config::LogSettings;
 use crate::log::{EpochPage, LogError, LogWriter};
 use crate::logging::RateLimit;
@@ -47,6 +48,8 @@ const DIRTY_CHECK_MS: u64 = 50;
 const FAILURE_RETRY_MS: u64 = 1000;
 /// Pages read back from the store and appended at once (evicted dirty pages).
 const STORE_READ_PAGES: usize = 64;
+/// Snapshot pages the flusher copies back at once after a cut.
+const COPY_BACK_PAGES: usize = 256;
 /// Resident pages appended to the log at once.
 const APPEND_PAGES: usize = 1024;
 /// Rounds of scan-and-move after which the cut stops chasing writers (each round moves every
@@ -120,12 +123,8 @@ impl Durable {
 /// What one cut took: the pages of the epoch, by where their content is.
 #[derive(Default)]
 struct Cut {
-    /// Resident pages moved out: (page, snapshot slot).
-    moved: Vec<(usize, usize)>,
-    /// The next free slot of the snapshot area. Slots are never reused within a cut: a page
-    /// that failed to move leaves its slot empty, and a later move into a taken slot would
-    /// fail and be mistaken for a success.
-    next_slot: usize,
+    /// Resident pages moved out into their snapshot slots (page `p` goes to slot `p`).
+    moved: Vec<usize>,
     /// Resident pages that would not move, copied while the program ran (shared with a forked
     /// child that would not unshare; rare).
     copied: Vec<(usize, Box<[u8]>)>,
@@ -276,7 +275,7 @@ fn run_epoch(
     let mut sent = false;
     // The writer thread starts appending as soon as the pages are out, while this thread
     // puts them back.
-    let cut = take_cut(sh, |cut| {
+    let (cut, pass) = take_cut(sh, |cut| {
         if cut.pages() > 0 {
             sent = appender.jobs.send(cut).is_ok();
         }
@@ -286,6 +285,8 @@ fn run_epoch(
         (q.release)();
     }
     STATS.add(Counter::EpochCutMicros, cut_us);
+    copy_back(sh, &cut);
+    drop(pass);
     if !sent {
         release_holds(sh, &cut);
         return Ok(last_committed);
@@ -297,7 +298,9 @@ fn run_epoch(
             epoch: last_committed,
         }));
     release_holds(sh, &cut);
-    crate::region::drop_pages(snapshot(sh).base, cut.next_slot.max(1) * PAGE_SIZE);
+    for (first, n) in page_runs(&cut.moved) {
+        crate::region::drop_pages(snapshot(sh).base + first * PAGE_SIZE, n * PAGE_SIZE);
+    }
     match result {
         Ok(epoch) => {
             STATS.add(Counter::EpochsCommitted, 1);
@@ -315,7 +318,7 @@ fn run_epoch(
             // The pages of the lost epoch go into the next one (with whatever they hold then:
             // newer content supersedes theirs).
             let mut t = sh.cache.lock();
-            for &(p, _) in &cut.moved {
+            for &p in &cut.moved {
                 t.set_flag(p, LOGDIRTY, true);
             }
             for (p, _) in &cut.copied {
@@ -356,8 +359,12 @@ fn release_holds(sh: &Shared, cut: &Cut) {
     }
 }
 
-/// Steps 1-3 of the module doc.
-fn take_cut(sh: &Shared, on_frozen: impl FnOnce(Arc<Cut>)) -> Arc<Cut> {
+/// Steps 1-3 of the module doc. Returns the cut, and a pass through the gate that the caller
+/// holds until every moved page is back.
+fn take_cut<'a>(
+    sh: &'a Shared,
+    on_frozen: impl FnOnce(Arc<Cut>),
+) -> (Arc<Cut>, super::gate::Pass<'a>) {
     sh.gate.close();
     let mut cut = Cut::default();
     let frozen;
@@ -419,8 +426,11 @@ fn take_cut(sh: &Shared, on_frozen: impl FnOnce(Arc<Cut>)) -> Arc<Cut> {
         // Classify the rest of the dirty pages and clear their flags.
         {
             let mut t = sh.cache.lock();
-            for &(p, _) in &cut.moved {
+            // Moved pages are out of the region until put back (by a fault or by the
+            // flusher after the cut).
+            for &p in &cut.moved {
                 t.set_flag(p, LOGDIRTY, false);
+                t.set_flag(p, SNAP, true);
             }
             for (p, _) in &cut.copied {
                 t.set_flag(*p, LOGDIRTY, false);
@@ -447,14 +457,16 @@ fn take_cut(sh: &Shared, on_frozen: impl FnOnce(Arc<Cut>)) -> Arc<Cut> {
         // The snapshot is complete: it can be written while the pages go back.
         frozen = Arc::new(std::mem::take(&mut cut));
         on_frozen(Arc::clone(&frozen));
-        copy_back(sh, &frozen, &mut buf, &mut faults);
         if !faults.is_empty() {
             sh.defer(faults);
             sh.kick.signal();
         }
     }
-    sh.gate.open();
-    frozen
+    // Faults are served again (a thread that touches a moved page gets it back at once); the
+    // flusher stays inside the gate until every moved page is back, so that a fork never
+    // copies a heap with pages missing.
+    let pass = sh.gate.open_and_enter();
+    (frozen, pass)
 }
 
 /// Moves the resident pages `todo` (sorted) out into the next snapshot slots. Pages that
@@ -472,8 +484,7 @@ fn move_pages(
         while i + n < todo.len() && todo[i + n] == todo[i] + n {
             n += 1;
         }
-        let slot = cut.next_slot;
-        cut.next_slot += n;
+        let slot = todo[i];
         let dst = snapshot(sh).base + slot * PAGE_SIZE;
         assert!(
             dst + n * PAGE_SIZE <= snapshot(sh).end(),
@@ -489,7 +500,7 @@ fn move_pages(
             let d = dst + k * PAGE_SIZE;
             let src = sh.addr_of(p);
             if in_slot[k] {
-                cut.moved.push((p, slot + k));
+                cut.moved.push(p);
                 continue;
             }
             if crate::region::page_present(src) {
@@ -499,7 +510,7 @@ fn move_pages(
                 super::evict::move_out(sh, d, src, 1, &mut one);
             }
             if crate::region::page_present(d) {
-                cut.moved.push((p, slot + k));
+                cut.moved.push(p);
             } else if crate::region::page_present(src) {
                 // It would not move (shared with a forked child that would not unshare).
                 cut.copied.push((p, copy_page(sh, p)));
@@ -524,66 +535,45 @@ fn copy_page(sh: &Shared, page: usize) -> Box<[u8]> {
     b
 }
 
-/// Step 3: every moved page goes back into the region write-protected (clean), unless the
-/// program discarded it meanwhile (a `REMOVE` read while retrying), and its waiters wake.
-fn copy_back(sh: &Shared, cut: &Cut, buf: &mut userfaultfd::EventBuffer, faults: &mut Vec<usize>) {
-    let mut i = 0;
-    while i < cut.moved.len() {
-        let (page, slot) = cut.moved[i];
-        let mut n = 1;
-        while i + n < cut.moved.len() && cut.moved[i + n] == (page + n, slot + n) {
-            n += 1;
-        }
-        let mut done = 0;
-        let mut tries = 0;
-        while done < n {
-            // The longest run from here whose pages are still resident (one lock, one copy).
-            let len = {
-                let t = sh.cache.lock();
-                t.run_len(page + done, n - done, |st| st == PageState::Resident)
+/// Step 4: every moved page that no fault has put back yet goes back now, a run at a time
+/// (`fault::install_from_snapshot`: write-protected, skipping pages discarded meanwhile).
+fn copy_back(sh: &Shared, cut: &Cut) {
+    for (first, n) in page_runs(&cut.moved) {
+        let mut p = first;
+        while p < first + n {
+            let run = {
+                let mut t = sh.cache.lock();
+                let end = (p + COPY_BACK_PAGES).min(first + n);
+                let start = (p..end)
+                    .find(|&q| t.state(q) == PageState::Resident && t.has_flag(q, SNAP))
+                    .unwrap_or(end);
+                let len = (start..end)
+                    .take_while(|&q| t.state(q) == PageState::Resident && t.has_flag(q, SNAP))
+                    .count();
+                fault::claim_snapshot(&mut t, start, len);
+                p = start + len;
+                (start, len)
             };
-            if len == 0 {
-                // Discarded during the cut: it reads as zeros now, and its old content stays
-                // in this epoch (the discard comes after the cut).
-                done += 1;
-                continue;
-            }
-            let p = page + done;
-            // SAFETY: the snapshot slots hold the pages moved there by this cut; the
-            // destination pages of the region are missing since the move, and nothing else
-            // installs them while the gate is closed.
-            let res = unsafe {
-                sh.uffd.copy(
-                    sh.addr_of(p),
-                    (snapshot(sh).base + (slot + done) * PAGE_SIZE) as *const u8,
-                    len * PAGE_SIZE,
-                    true,
-                    true,
-                )
-            };
-            match res {
-                Ok(()) => done += len,
-                Err(partial) => {
-                    done += partial.done / PAGE_SIZE;
-                    let at = sh.addr_of(page + done);
-                    if partial.errno == nix::errno::Errno::EAGAIN && tries < 1000 {
-                        tries += 1;
-                        fault::pump_events_locked(sh, buf, faults);
-                        continue;
-                    }
-                    if partial.errno != nix::errno::Errno::EEXIST && EPOCH_ERRORS.allow() {
-                        log::error!(
-                            "putting the page at {at:#x} back after an epoch cut failed ({})",
-                            partial.errno
-                        );
-                    }
-                    let _ = sh.uffd.wake(at, PAGE_SIZE);
-                    done += 1;
-                }
+            if run.1 > 0 {
+                fault::install_from_snapshot(sh, run.0, run.1);
             }
         }
-        i += n;
     }
+}
+
+/// Runs of consecutive pages in a sorted list: `(first, count)`.
+fn page_runs(pages: &[usize]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *pages.get(i)?;
+        let n = pages[i..]
+            .iter()
+            .enumerate()
+            .take_while(|&(k, &p)| p == first + k)
+            .count();
+        i += n;
+        Some((first, n))
+    })
 }
 
 /// Appends the cut as one epoch.
@@ -593,9 +583,9 @@ fn append_cut(sh: &Shared, writer: &mut LogWriter, cut: &Cut) -> Result<u64, Log
     for chunk in cut.moved.chunks(APPEND_PAGES) {
         let pages: Vec<EpochPage<'_>> = chunk
             .iter()
-            .map(|&(p, slot)| EpochPage {
+            .map(|&p| EpochPage {
                 page: p as u64,
-                data: Some(snapshot_page(sh, slot)),
+                data: Some(snapshot_page(sh, p)),
             })
             .collect();
         epoch.add(&pages)?;

@@ -10,7 +10,7 @@ use super::{
     pin_to_cpu, Shared, EVENTS_PER_READ_MAX, FETCH_CHUNK_PAGES, FETCH_FIRST_CHUNK_PAGES,
     FETCH_RUN_PAGES_MAX, IDLE_POLL_MS, ROOM_WAIT_MS, STATS, ZERO_RUN_PAGES_MAX,
 };
-use crate::cache::{PageState, IMAGE, REFERENCED, REMOVED};
+use crate::cache::{PageState, IMAGE, REFERENCED, REMOVED, SNAP};
 use crate::logging::RateLimit;
 use crate::region::Region;
 use crate::stats::Counter;
@@ -26,6 +26,8 @@ static FAULT_ERRORS: RateLimit = RateLimit::new(8);
 const PREFETCH_MIN_PAGES: usize = 64;
 /// Attempts at poisoning a page while events keep the address space changing.
 const POISON_RETRIES_MAX: u32 = 1000;
+/// Most snapshot pages one fault copies back at once.
+const SNAP_RUN_PAGES_MAX: usize = 64;
 
 /// A page-aligned buffer for fetched pages (O_DIRECT needs the alignment).
 pub(crate) struct PageBuf {
@@ -183,6 +185,12 @@ enum Plan {
     Poison {
         page: usize,
     },
+    /// Pages an epoch cut moved into the snapshot and has not put back yet: copied back from
+    /// their slots.
+    Snap {
+        first: usize,
+        n: usize,
+    },
     /// The cache is full and the gate is closing (an epoch cut or a fork): the evictor cannot
     /// make room until it opens, so the fault is handed back to be served after.
     Later,
@@ -206,6 +214,7 @@ pub(crate) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
             }
         }
         Plan::Poison { page } => poison(sh, page, "its content was lost earlier"),
+        Plan::Snap { first, n } => install_from_snapshot(sh, first, n),
         Plan::Later => {
             sh.defer(vec![addr]);
             sh.kick.signal();
@@ -230,6 +239,15 @@ fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
                 return Plan::Nothing;
             }
             PageState::Poisoned => return Plan::Poison { page },
+            // Its content is in the epoch snapshot: it goes back without taking new room.
+            PageState::Resident if t.has_flag(page, SNAP) => {
+                let end = (page + SNAP_RUN_PAGES_MAX).min(t.pages());
+                let n = (page..end)
+                    .take_while(|&p| t.state(p) == PageState::Resident && t.has_flag(p, SNAP))
+                    .count();
+                claim_snapshot(&mut t, page, n);
+                return Plan::Snap { first: page, n };
+            }
             // A resident page that faults was dropped by the kernel behind lego's back (the
             // program's MADV_FREE): it reads as zeros, like the kernel would give.
             PageState::Absent | PageState::Resident => false,
@@ -486,6 +504,60 @@ fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_fai
         poison(sh, p, why_failed);
     }
     installed
+}
+
+/// Claims `[first, first+n)`, pages in the epoch snapshot, for copying back.
+pub(crate) fn claim_snapshot(t: &mut crate::cache::Table, first: usize, n: usize) {
+    for p in first..first + n {
+        debug_assert!(t.state(p) == PageState::Resident && t.has_flag(p, SNAP));
+        t.set_state(p, PageState::Filling);
+    }
+}
+
+/// Copies the claimed run `[first, first+n)` back from the epoch snapshot (page `p` is in slot
+/// `p`), write-protected: the log has its content, so it is clean. Wakes its waiters.
+pub(crate) fn install_from_snapshot(sh: &Shared, first: usize, n: usize) {
+    let snapshot = sh
+        .snapshot
+        .expect("pages are in a snapshot only when the heap has a log");
+    let mut out = vec![Outcome::Pending; n];
+    install_pages(
+        sh,
+        first,
+        (snapshot.base + first * PAGE_SIZE) as *const u8,
+        true,
+        &mut out,
+    );
+    let mut failed = Vec::new();
+    {
+        let mut t = sh.cache.lock();
+        for (i, o) in out.iter().enumerate() {
+            let p = first + i;
+            let removed = t.has_flag(p, REMOVED);
+            t.set_flag(p, REMOVED | SNAP, false);
+            match o {
+                _ if removed => t.set_state(p, PageState::Absent),
+                Outcome::Removed => t.set_state(p, PageState::Absent),
+                Outcome::Installed => {
+                    t.set_state(p, PageState::Resident);
+                    t.set_flag(p, REFERENCED, true);
+                }
+                Outcome::Failed => {
+                    t.set_state(p, PageState::Poisoned);
+                    failed.push(p);
+                }
+                // Not tried: it stays in the snapshot for a later fault or the flusher.
+                Outcome::Pending => {
+                    t.set_state(p, PageState::Resident);
+                    t.set_flag(p, SNAP, true);
+                }
+            }
+        }
+    }
+    let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
+    for p in failed {
+        poison(sh, p, "putting it back after an epoch cut failed");
+    }
 }
 
 /// Fills the claimed run `[first, first+n)` with zeros.

@@ -52,6 +52,15 @@ impl Gate {
         }
     }
 
+    /// Opens the gate and enters it at once: nobody can close it in between.
+    pub(crate) fn open_and_enter(&self) -> Pass<'_> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.closed = false;
+        s.inside += 1;
+        self.changed.notify_all();
+        Pass { gate: self }
+    }
+
     /// True while the gate is closed or closing: someone inside who is about to wait for
     /// another runtime thread (which cannot enter now) must leave instead.
     pub(crate) fn is_closing(&self) -> bool {

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, STORED};
+use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, SNAP, STORED};
 use crate::config::{Config, LogSync};
 use crate::log::restore::{ImageFile, RestoreError};
 use crate::log::{LogError, LogWriter, RegionInfo, SyncMode, WriterOptions};
@@ -229,7 +229,7 @@ impl Shared {
                                 runs.push(p as u64);
                             }
                             t.forget_stored(p);
-                            t.set_flag(p, IMAGE, false);
+                            t.set_flag(p, IMAGE | SNAP, false);
                             t.set_state(p, PageState::Absent);
                         }
                     }
