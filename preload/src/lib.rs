@@ -22,7 +22,7 @@ use std::sync::{Mutex, OnceLock};
 
 use lego_runtime::config::Config;
 use lego_runtime::heap::Heap;
-use lego_runtime::log::restore::ImageFile;
+use lego_runtime::log::image::ImageReader;
 use lego_runtime::pager::{Runtime, STATS};
 use lego_runtime::region::{self, Region};
 use lego_runtime::stats::Counter;
@@ -74,7 +74,7 @@ static USER_LEN: AtomicUsize = AtomicUsize::new(0);
 static CONFIG: OnceLock<Config> = OnceLock::new();
 /// The image being restored, between `user_heap` (which reserves its region) and the
 /// constructor (which starts the runtime on it).
-static RESTORE_IMAGE: Mutex<Option<ImageFile>> = Mutex::new(None);
+static RESTORE_IMAGE: Mutex<Option<ImageReader>> = Mutex::new(None);
 /// The restored heap's region, until the heap is published.
 static RESTORE_REGION: Mutex<Option<Region>> = Mutex::new(None);
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
@@ -209,7 +209,7 @@ fn publish_user_heap(heap: &'static Heap, region: Region) {
 /// the program with a message.
 fn reserve_for_restore(config: &Config, path: &std::path::Path) {
     let var = lego_runtime::config::vars::RESTORE;
-    let image = match ImageFile::open(path) {
+    let image = match ImageReader::open(path) {
         Ok(img) => img,
         Err(e) => die(
             EXIT_CANNOT_START,

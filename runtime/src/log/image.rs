@@ -1,6 +1,7 @@
 //! Reading a heap image back (the file `lego replay` writes, [`ImageHeader`] then page `i` at
 //! [`ImageHeader::page_offset`]): its header, then its non-zero pages in chunks of at most
-//! [`IMAGE_CHUNK_PAGES`], for the writer to stream a checkpoint from.
+//! [`IMAGE_CHUNK_PAGES`], for the writer to stream a checkpoint from; or, for `LEGO_RESTORE`,
+//! its data runs once and single pages on demand.
 //!
 //! Rules: the image is only read. Holes are skipped with `SEEK_DATA`/`SEEK_HOLE` (a file
 //! system without them reads as all data), and all-zero pages inside data are skipped too, so
@@ -196,37 +197,86 @@ impl ImageReader {
     }
 
     /// Moves `next` to the first page at or after it that holds data, and `data_end` to the
-    /// end of that data. Without `SEEK_DATA` support the rest of the file is one data range.
+    /// end of that data.
     fn find_data(&mut self) {
-        let fd = self.file.as_raw_fd();
-        let from = offset_t(ImageHeader::page_offset(self.next));
-        let data = match lseek(fd, from, Whence::SeekData) {
-            Ok(d) => u64::try_from(d).unwrap_or(u64::MAX),
-            Err(Errno::ENXIO) => {
-                // No data after `from`: the rest is a hole.
-                self.next = self.end;
-                return;
+        match data_range(&self.file, &self.path, self.next, self.end) {
+            Some((first, end)) => {
+                self.next = first.max(self.next);
+                self.data_end = end;
             }
-            Err(e) => {
-                log::debug!(
-                    "SEEK_DATA on {} failed ({e}); reading the whole image",
-                    self.path.display()
-                );
-                self.data_end = self.end;
-                return;
-            }
-        };
-        let hole = match lseek(fd, offset_t(data), Whence::SeekHole) {
-            Ok(h) => u64::try_from(h).unwrap_or(u64::MAX),
-            Err(_) => u64::MAX,
-        };
-        let page_of = |offset: u64| offset.saturating_sub(BLOCK_BYTES_U64) / PAGE_BYTES;
-        self.next = page_of(data).max(self.next).min(self.end);
-        // The page the hole starts in holds data before it (unless it starts at its edge).
-        self.data_end = page_of(hole.saturating_add(PAGE_BYTES - 1))
-            .max(self.next + 1)
-            .min(self.end);
+            None => self.next = self.end,
+        }
     }
+
+    /// Calls `found(first_page, pages)` for each run of pages the file holds data for (holes
+    /// and the part past the end of the file are zero pages): what `LEGO_RESTORE` serves from
+    /// the image.
+    pub fn for_each_data_run(&self, mut found: impl FnMut(u64, u64)) {
+        let mut next = 0;
+        while let Some((first, end)) = data_range(&self.file, &self.path, next, self.end) {
+            if end > first {
+                found(first, end - first);
+            }
+            next = end.max(first + 1);
+        }
+    }
+
+    /// Reads pages `first..first + bufs.len()` (each `PAGE_SIZE` bytes) into `bufs`, in any
+    /// order and from any thread: `LEGO_RESTORE`'s faults. Pages past the end of the file are
+    /// zeros.
+    pub fn read_pages(&self, first: u64, bufs: &mut [&mut [u8]]) -> Result<(), ImageError> {
+        for (page, buf) in (first..).zip(bufs.iter_mut()) {
+            let have = read_full_at(&self.file, buf, ImageHeader::page_offset(page)).map_err(
+                |source| ImageError::Io {
+                    path: self.path.clone(),
+                    what: "reading",
+                    source,
+                },
+            )?;
+            buf[have..].fill(0);
+        }
+        Ok(())
+    }
+}
+
+/// The first run of data pages at or after page `from` (before `end`): `(first, end)`, from
+/// `SEEK_DATA`/`SEEK_HOLE`; `None` when only holes follow. Without `SEEK_DATA` support the
+/// rest of the file is one data range.
+fn data_range(file: &File, path: &Path, from: u64, end: u64) -> Option<(u64, u64)> {
+    if from >= end {
+        return None;
+    }
+    let fd = file.as_raw_fd();
+    let data = match lseek(
+        fd,
+        offset_t(ImageHeader::page_offset(from)),
+        Whence::SeekData,
+    ) {
+        Ok(d) => u64::try_from(d).unwrap_or(u64::MAX),
+        // No data after `from`: the rest is a hole.
+        Err(Errno::ENXIO) => return None,
+        Err(e) => {
+            log::debug!(
+                "SEEK_DATA on {} failed ({e}); reading the whole image",
+                path.display()
+            );
+            return Some((from, end));
+        }
+    };
+    let hole = match lseek(fd, offset_t(data), Whence::SeekHole) {
+        Ok(h) => u64::try_from(h).unwrap_or(u64::MAX),
+        Err(_) => u64::MAX,
+    };
+    let page_of = |offset: u64| offset.saturating_sub(BLOCK_BYTES_U64) / PAGE_BYTES;
+    let first = page_of(data).max(from).min(end);
+    if first >= end {
+        return None;
+    }
+    // The page the hole starts in holds data before it (unless it starts at its edge).
+    let last = page_of(hole.saturating_add(PAGE_BYTES - 1))
+        .max(first + 1)
+        .min(end);
+    Some((first, last))
 }
 
 /// A file offset for `lseek` (image offsets come from a file's length, far below 2^63).
@@ -246,4 +296,57 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usi
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::format::RegionInfo;
+    use crate::log::test_support::{page, TestDir};
+
+    /// What `LEGO_RESTORE` asks of an image: its data runs (holes skipped) and single pages.
+    #[test]
+    fn data_runs_skip_holes_and_pages_read_back() {
+        let dir = TestDir::new("image-restore");
+        let path = dir.0.join("heap.img");
+        let header = ImageHeader {
+            region: RegionInfo {
+                base: 0x7e00_0000_0000,
+                len: 4096 * PAGE_BYTES,
+            },
+            epoch: 7,
+            log_id: 9,
+            pages: 3,
+        };
+        let f = File::create(&path).expect("create");
+        f.write_all_at(&header.encode().0, 0).expect("header");
+        for p in [2u64, 3, 1000] {
+            f.write_all_at(&page(p), ImageHeader::page_offset(p))
+                .expect("page");
+        }
+        drop(f);
+        let img = ImageReader::open(&path).expect("open");
+        assert_eq!(img.header().epoch, 7);
+        let mut pages = Vec::new();
+        img.for_each_data_run(|first, n| pages.extend(first..first + n));
+        for p in [2u64, 3, 1000] {
+            assert!(pages.contains(&p), "page {p} in {pages:?}");
+        }
+        assert!(!pages.contains(&500), "a hole is not data: {pages:?}");
+        let mut a = vec![1u8; PAGE_SIZE];
+        let mut b = vec![1u8; PAGE_SIZE];
+        img.read_pages(1000, &mut [&mut a, &mut b]).expect("read");
+        assert_eq!(a, page(1000));
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "past the end of the file reads as zeros"
+        );
+
+        std::fs::write(&path, vec![7u8; 8192]).expect("write");
+        let err = ImageReader::open(&path).err().expect("not an image");
+        assert!(
+            err.to_string().contains("is not a lego heap image"),
+            "{err}"
+        );
+    }
 }

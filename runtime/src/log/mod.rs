@@ -6,8 +6,8 @@
 //! - [`uring`]: the log directory's io_uring engine (staging buffers, writes in flight,
 //!   linked fdatasync), with `pwritev` as the fallback;
 //! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`;
-//! - [`image`]: reading a heap image back in bounded chunks (checkpoints from an image);
-//! - [`restore`]: reading single pages of an image on demand (`LEGO_RESTORE`).
+//! - [`image`]: reading a heap image back: in bounded chunks (checkpoints from an image), or
+//!   page by page on demand (`LEGO_RESTORE`).
 //!
 //! Rules: the log is the only durable copy of the heap, so nothing here ever applies a record
 //! whose checksum does not match or an epoch whose commit record is missing; everything is
@@ -18,7 +18,6 @@
 pub mod format;
 pub mod image;
 pub mod replay;
-pub mod restore;
 pub mod segment;
 pub mod uring;
 

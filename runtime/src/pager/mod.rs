@@ -32,7 +32,7 @@ use thiserror::Error;
 
 use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, SNAP, STORED};
 use crate::config::{Config, LogSync};
-use crate::log::restore::{ImageFile, RestoreError};
+use crate::log::image::{ImageError, ImageReader};
 use crate::log::{LogError, LogWriter, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region, RegionError};
 use crate::stats::Stats;
@@ -95,7 +95,7 @@ pub enum PagerError {
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
-    Image(#[from] RestoreError),
+    Image(#[from] ImageError),
     #[error(
         "this kernel offers userfaultfd features {offered:#x} but lego needs asynchronous \
          write-protection, PAGEMAP_SCAN and UFFDIO_MOVE (Linux 6.8 or newer)"
@@ -159,7 +159,7 @@ pub(crate) struct Shared {
     /// Wakes the handlers when `deferred` gets work.
     pub(crate) kick: Kick,
     /// The restore image pages marked `IMAGE` are read from (`LEGO_RESTORE`).
-    pub(crate) image: Option<ImageFile>,
+    pub(crate) image: Option<ImageReader>,
     /// The durable heap's requests and progress, when it has a log.
     pub(crate) durable: Option<epoch::Durable>,
     /// Where an epoch cut moves dirty pages (on `staging_uffd`, as large as the heap), when
@@ -301,7 +301,7 @@ impl Runtime {
     pub fn start(
         config: &Config,
         region: Region,
-        image: Option<ImageFile>,
+        image: Option<ImageReader>,
         quiesce: Option<Quiesce>,
     ) -> Result<Runtime, PagerError> {
         let offered = Userfault::probe()?;
@@ -384,7 +384,7 @@ impl Runtime {
                             count += 1;
                         }
                     }
-                })?;
+                });
                 log::info!(
                     "restoring {count} pages of epoch {} from {}",
                     img.header().epoch,
