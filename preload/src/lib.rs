@@ -72,11 +72,9 @@ static USER_BASE: AtomicUsize = AtomicUsize::new(0);
 static USER_LEN: AtomicUsize = AtomicUsize::new(0);
 
 static CONFIG: OnceLock<Config> = OnceLock::new();
-/// The image being restored, between `user_heap` (which reserves its region) and the
-/// constructor (which starts the runtime on it).
-static RESTORE_IMAGE: Mutex<Option<ImageReader>> = Mutex::new(None);
-/// The restored heap's region, until the heap is published.
-static RESTORE_REGION: Mutex<Option<Region>> = Mutex::new(None);
+/// The image being restored and the region reserved for it, between `user_heap` (which
+/// reserves the region) and the constructor (which starts the runtime on it).
+static RESTORING_FROM: Mutex<Option<(Region, ImageReader)>> = Mutex::new(None);
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 /// The process that started the runtime; a forked child is not it.
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);
@@ -137,10 +135,8 @@ fn internal_heap() -> &'static Heap {
 /// The user's heap, created on first use (which reads and checks the configuration: a bad
 /// setting ends the process here, before `main`).
 fn user_heap() -> Option<&'static Heap> {
-    let p = USER_HEAP.load(Ordering::Acquire);
-    if !p.is_null() {
-        // SAFETY: once published, the heap lives in a region that is never unmapped.
-        return Some(unsafe { &*p });
+    if let Some(h) = published_user_heap() {
+        return Some(h);
     }
     match USER_STATE.compare_exchange(UNINIT, BUSY, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {
@@ -173,8 +169,6 @@ fn user_heap() -> Option<&'static Heap> {
                     &format!("lego: cannot format the heap: {e}"),
                 ),
             };
-            // Freed memory kept for reuse counts against the cache like live memory: an
-            // eighth of the cache at most.
             let _ = CONFIG.set(config);
             publish_user_heap(heap, region);
             Some(heap)
@@ -240,8 +234,7 @@ fn reserve_for_restore(config: &Config, path: &std::path::Path) {
             ),
         ),
     };
-    *RESTORE_IMAGE.lock().unwrap_or_else(|e| e.into_inner()) = Some(image);
-    *RESTORE_REGION.lock().unwrap_or_else(|e| e.into_inner()) = Some(region);
+    *RESTORING_FROM.lock().unwrap_or_else(|e| e.into_inner()) = Some((region, image));
 }
 
 /// The heap that serves a call made on this thread now.
@@ -369,16 +362,12 @@ extern "C" fn lego_init() {
     };
     lego_runtime::logging::init(config.log_level);
     let (region, image) = if restoring {
-        let region = RESTORE_REGION
+        match RESTORING_FROM
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let image = RESTORE_IMAGE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match region {
-            Some(r) => (r, image),
+            .take()
+        {
+            Some((region, image)) => (region, Some(image)),
             None => return,
         }
     } else {

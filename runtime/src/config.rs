@@ -71,11 +71,11 @@ const _: () = assert!(EVICT_BATCH_PAGES_MIN <= EVICT_BATCH_PAGES_DEFAULT);
 const _: () = assert!(EVICT_BATCH_PAGES_DEFAULT <= EVICT_BATCH_PAGES_MAX);
 
 /// Bounds on the epoch interval (`LEGO_FLUSH_MS`), in milliseconds.
-pub const FLUSH_MS_MIN: u64 = 10;
+pub const FLUSH_MS_MIN: usize = 10;
 /// Upper bound on the epoch interval, in milliseconds (one hour).
-pub const FLUSH_MS_MAX: u64 = 3_600_000;
+pub const FLUSH_MS_MAX: usize = 3_600_000;
 /// Default epoch interval, in milliseconds.
-pub const FLUSH_MS_DEFAULT: u64 = 1000;
+pub const FLUSH_MS_DEFAULT: usize = 1000;
 /// Smallest `LEGO_FLUSH_PAGES`, in pages.
 pub const FLUSH_PAGES_MIN: usize = 16;
 /// Largest `LEGO_FLUSH_PAGES`, in pages (64 GiB of dirty pages).
@@ -606,7 +606,7 @@ struct RawSettings {
     evict_batch_pages: Option<Raw<usize>>,
     fault_injection: Option<FaultPlan>,
     log_dir: Option<String>,
-    flush_ms: Option<u64>,
+    flush_ms: Option<Raw<usize>>,
     flush_pages: Option<Raw<usize>>,
     sync: Option<LogSync>,
     log_max_bytes: Option<Raw<u64>>,
@@ -749,18 +749,7 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
             .map(|v| parse_fault_plan(&v))
             .transpose()?,
         log_dir: lookup(&get, vars::LOG_DIR),
-        flush_ms: lookup(&get, vars::FLUSH_MS)
-            .map(|text| match text.parse::<u64>() {
-                Ok(v) if (FLUSH_MS_MIN..=FLUSH_MS_MAX).contains(&v) => Ok(v),
-                _ => Err(ConfigError::Count {
-                    name: vars::FLUSH_MS,
-                    value: text,
-                    unit: "milliseconds",
-                    min: FLUSH_MS_MIN as usize,
-                    max: FLUSH_MS_MAX as usize,
-                }),
-            })
-            .transpose()?,
+        flush_ms: count(vars::FLUSH_MS, "milliseconds", FLUSH_MS_MIN, FLUSH_MS_MAX)?,
         flush_pages: count(vars::FLUSH_PAGES, "pages", FLUSH_PAGES_MIN, FLUSH_PAGES_MAX)?,
         sync: lookup(&get, vars::SYNC)
             .map(|v| match v.to_ascii_lowercase().as_str() {
@@ -884,9 +873,19 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
                 }
                 other => other.map(|max| max.value),
             };
+            let flush_ms = match raw.flush_ms {
+                Some(ms) => check_count(
+                    ms,
+                    vars::FLUSH_MS,
+                    "milliseconds",
+                    FLUSH_MS_MIN,
+                    FLUSH_MS_MAX,
+                )?,
+                None => FLUSH_MS_DEFAULT,
+            };
             Some(LogSettings {
                 dir: PathBuf::from(dir),
-                flush_ms: raw.flush_ms.unwrap_or(FLUSH_MS_DEFAULT),
+                flush_ms: flush_ms as u64,
                 flush_pages,
                 sync: raw.sync.unwrap_or(LogSync::Fdatasync),
                 log_max_bytes,
@@ -1720,7 +1719,7 @@ mod tests {
         .expect("valid");
         let log = c.log.expect("a log");
         assert_eq!(log.dir, PathBuf::from("/var/lib/app/heap"));
-        assert_eq!(log.flush_ms, FLUSH_MS_DEFAULT);
+        assert_eq!(log.flush_ms, FLUSH_MS_DEFAULT as u64);
         assert_eq!(log.flush_pages, 4096, "a quarter of a 64 MiB cache");
         assert_eq!(log.sync, LogSync::Fdatasync);
         assert_eq!(log.log_max_bytes, None);

@@ -27,7 +27,6 @@
 //! pages are held (`LOGHOLD`: not evicted again, their store copy not discarded) until the
 //! epoch has read them. The design and its reasons are in `docs/DESIGN.md`, "Epochs".
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -83,12 +82,11 @@ struct Requests {
     result: Option<Result<u64, EpochError>>,
 }
 
-/// The flusher's shared state: requests, and the last committed epoch.
+/// The flusher's shared state: `lego_checkpoint` requests and their answers.
 pub(crate) struct Durable {
     requests: Mutex<Requests>,
     /// Signalled when a request is added (for the flusher) and when one is served.
     changed: Condvar,
-    committed: AtomicU64,
     settings: LogSettings,
 }
 
@@ -97,7 +95,6 @@ impl Durable {
         Durable {
             requests: Mutex::new(Requests::default()),
             changed: Condvar::new(),
-            committed: AtomicU64::new(0),
             settings,
         }
     }
@@ -113,10 +110,6 @@ impl Durable {
             r = self.changed.wait(r).unwrap_or_else(|e| e.into_inner());
         }
         r.result.clone().unwrap_or(Err(EpochError::NoLog))
-    }
-
-    pub(crate) fn committed(&self) -> u64 {
-        self.committed.load(Ordering::Acquire)
     }
 }
 
@@ -138,6 +131,16 @@ impl Cut {
     fn pages(&self) -> usize {
         self.moved.len() + self.copied.len() + self.evicted.len() + self.zeros.len()
     }
+
+    /// Every page of the cut, whatever its source.
+    fn page_indexes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.moved
+            .iter()
+            .copied()
+            .chain(self.copied.iter().map(|(p, _)| *p))
+            .chain(self.evicted.iter().map(|(p, _)| *p))
+            .chain(self.zeros.iter().copied())
+    }
 }
 
 /// The flusher thread: an epoch every `LEGO_FLUSH_MS`, when `LEGO_FLUSH_PAGES` pages are dirty,
@@ -150,9 +153,6 @@ pub(crate) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
         .as_ref()
         .expect("the flusher runs only with a log");
     let settings = &durable.settings;
-    durable
-        .committed
-        .store(writer.last_committed(), Ordering::Release);
     // The writer is shared with the log writer thread, which appends an epoch while this
     // thread puts the cut's pages back; each takes the lock only while it uses the writer.
     let writer = Arc::new(Mutex::new(writer));
@@ -194,9 +194,6 @@ pub(crate) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
         last = Instant::now();
         written_back_at_cut = STATS.get(Counter::PagesWrittenBack);
         let result = run_epoch(sh, &writer, &appender);
-        if let Ok(epoch) = &result {
-            durable.committed.store(*epoch, Ordering::Release);
-        }
         {
             let mut r = durable.requests.lock().unwrap_or_else(|e| e.into_inner());
             r.served = r.served.max(ticket);
@@ -318,16 +315,7 @@ fn run_epoch(
             // The pages of the lost epoch go into the next one (with whatever they hold then:
             // newer content supersedes theirs).
             let mut t = sh.cache.lock();
-            for &p in &cut.moved {
-                t.set_flag(p, LOGDIRTY, true);
-            }
-            for (p, _) in &cut.copied {
-                t.set_flag(*p, LOGDIRTY, true);
-            }
-            for &(p, _) in &cut.evicted {
-                t.set_flag(p, LOGDIRTY, true);
-            }
-            for &p in &cut.zeros {
+            for p in cut.page_indexes() {
                 t.set_flag(p, LOGDIRTY, true);
             }
             drop(t);
@@ -469,8 +457,8 @@ fn take_cut<'a>(
     (frozen, pass)
 }
 
-/// Moves the resident pages `todo` (sorted) out into the next snapshot slots. Pages that
-/// would not move are copied instead; pages that turn out to be gone read as zeros.
+/// Moves the resident pages `todo` (sorted) out into their snapshot slots. Pages that would
+/// not move are copied instead; pages that turn out to be gone read as zeros.
 fn move_pages(
     sh: &Shared,
     todo: &[usize],
@@ -478,31 +466,24 @@ fn move_pages(
     buf: &mut userfaultfd::EventBuffer,
     faults: &mut Vec<usize>,
 ) {
-    let mut i = 0;
-    while i < todo.len() {
-        let mut n = 1;
-        while i + n < todo.len() && todo[i + n] == todo[i] + n {
-            n += 1;
-        }
-        let slot = todo[i];
-        let dst = snapshot(sh).base + slot * PAGE_SIZE;
+    for (first, n) in page_runs(todo) {
+        let dst = snapshot(sh).base + first * PAGE_SIZE;
         assert!(
             dst + n * PAGE_SIZE <= snapshot(sh).end(),
             "the snapshot area covers the heap"
         );
         let mut stuck = super::evict::Stuck::<0>::new();
-        super::evict::move_out(sh, dst, sh.addr_of(todo[i]), n, &mut stuck);
+        super::evict::move_out(sh, dst, sh.addr_of(first), n, &mut stuck);
         // Where the pages went, read back for the whole run at once.
         let mut in_slot = vec![false; n];
         crate::region::for_each_present_page(dst, n * PAGE_SIZE, |k| in_slot[k] = true);
-        for k in 0..n {
-            let p = todo[i + k];
-            let d = dst + k * PAGE_SIZE;
-            let src = sh.addr_of(p);
+        for (k, p) in (first..first + n).enumerate() {
             if in_slot[k] {
                 cut.moved.push(p);
                 continue;
             }
+            let d = dst + k * PAGE_SIZE;
+            let src = sh.addr_of(p);
             if crate::region::page_present(src) {
                 // An event may be waiting to be read (a discard in flight): read it, try again.
                 fault::pump_events_locked(sh, buf, faults);
@@ -520,7 +501,6 @@ fn move_pages(
                 cut.zeros.push(p);
             }
         }
-        i += n;
     }
 }
 
@@ -545,11 +525,9 @@ fn copy_back(sh: &Shared, cut: &Cut) {
                 let mut t = sh.cache.lock();
                 let end = (p + COPY_BACK_PAGES).min(first + n);
                 let start = (p..end)
-                    .find(|&q| t.state(q) == PageState::Resident && t.has_flag(q, SNAP))
+                    .find(|&q| fault::snapshot_run_len(&t, q, 1) == 1)
                     .unwrap_or(end);
-                let len = (start..end)
-                    .take_while(|&q| t.state(q) == PageState::Resident && t.has_flag(q, SNAP))
-                    .count();
+                let len = fault::snapshot_run_len(&t, start, end - start);
                 fault::claim_snapshot(&mut t, start, len);
                 p = start + len;
                 (start, len)

@@ -241,10 +241,7 @@ fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
             PageState::Poisoned => return Plan::Poison { page },
             // Its content is in the epoch snapshot: it goes back without taking new room.
             PageState::Resident if t.has_flag(page, SNAP) => {
-                let end = (page + SNAP_RUN_PAGES_MAX).min(t.pages());
-                let n = (page..end)
-                    .take_while(|&p| t.state(p) == PageState::Resident && t.has_flag(p, SNAP))
-                    .count();
+                let n = snapshot_run_len(&t, page, SNAP_RUN_PAGES_MAX);
                 claim_snapshot(&mut t, page, n);
                 return Plan::Snap { first: page, n };
             }
@@ -375,6 +372,17 @@ enum Outcome {
     Failed,
 }
 
+/// Where the content of a claimed run comes from, for [`finish_run`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Zeros: fresh or discarded pages (`Filling`).
+    Zeros,
+    /// The store or the restore image (`Fetching`).
+    Store,
+    /// An epoch's snapshot slots (`Filling`, from `Resident` + `SNAP`).
+    Snapshot,
+}
+
 /// Installs the claimed pages `[first, first+n)` whose `out` entry is `Pending`, page `i` copied
 /// from `src + i * PAGE_SIZE`, write-protected (clean) if `wp`, waking their waiters. Pages the
 /// program removed meanwhile are skipped. The `events` lock is held for reading around each
@@ -451,7 +459,7 @@ fn install_pages(sh: &Shared, first: usize, src: *const u8, wp: bool, out: &mut 
 
 /// Records the outcome of a claimed run in the page table and wakes every waiter of the run
 /// (those of skipped pages fault again and find the page's new state).
-fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_failed: &str) -> u64 {
+fn finish_run(sh: &Shared, first: usize, out: &[Outcome], from: Source, why_failed: &str) -> u64 {
     let mut installed = 0;
     let mut failed: Vec<usize> = Vec::new();
     {
@@ -459,7 +467,7 @@ fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_fai
         for (i, o) in out.iter().enumerate() {
             let p = first + i;
             let removed = t.has_flag(p, REMOVED);
-            t.set_flag(p, REMOVED, false);
+            t.set_flag(p, REMOVED | SNAP, false);
             if removed || matches!(o, Outcome::Removed | Outcome::Installed) {
                 // Installed: the region has the content now (and the store gets it when the
                 // page is evicted); removed: nobody needs the image's copy any more.
@@ -475,7 +483,7 @@ fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_fai
                     t.set_state(p, PageState::Absent);
                 }
                 Outcome::Installed => {
-                    if !fetched {
+                    if from == Source::Zeros {
                         t.forget_stored(p);
                     }
                     t.set_state(p, PageState::Resident);
@@ -486,14 +494,15 @@ fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_fai
                     t.set_state(p, PageState::Poisoned);
                     failed.push(p);
                 }
-                Outcome::Pending => t.set_state(
-                    p,
-                    if fetched {
-                        PageState::Evicted
-                    } else {
-                        PageState::Absent
-                    },
-                ),
+                // Not installed: back where it came from.
+                Outcome::Pending => match from {
+                    Source::Store => t.set_state(p, PageState::Evicted),
+                    Source::Zeros => t.set_state(p, PageState::Absent),
+                    Source::Snapshot => {
+                        t.set_state(p, PageState::Resident);
+                        t.set_flag(p, SNAP, true);
+                    }
+                },
             }
         }
         sh.publish_resident(t.resident());
@@ -509,7 +518,7 @@ fn finish_run(sh: &Shared, first: usize, out: &[Outcome], fetched: bool, why_fai
 /// Claims `[first, first+n)`, pages in the epoch snapshot, for copying back.
 pub(crate) fn claim_snapshot(t: &mut crate::cache::Table, first: usize, n: usize) {
     for p in first..first + n {
-        debug_assert!(t.state(p) == PageState::Resident && t.has_flag(p, SNAP));
+        debug_assert_eq!(snapshot_run_len(t, p, 1), 1);
         t.set_state(p, PageState::Filling);
     }
 }
@@ -528,43 +537,33 @@ pub(crate) fn install_from_snapshot(sh: &Shared, first: usize, n: usize) {
         true,
         &mut out,
     );
-    let mut failed = Vec::new();
-    {
-        let mut t = sh.cache.lock();
-        for (i, o) in out.iter().enumerate() {
-            let p = first + i;
-            let removed = t.has_flag(p, REMOVED);
-            t.set_flag(p, REMOVED | SNAP, false);
-            match o {
-                _ if removed => t.set_state(p, PageState::Absent),
-                Outcome::Removed => t.set_state(p, PageState::Absent),
-                Outcome::Installed => {
-                    t.set_state(p, PageState::Resident);
-                    t.set_flag(p, REFERENCED, true);
-                }
-                Outcome::Failed => {
-                    t.set_state(p, PageState::Poisoned);
-                    failed.push(p);
-                }
-                // Not tried: it stays in the snapshot for a later fault or the flusher.
-                Outcome::Pending => {
-                    t.set_state(p, PageState::Resident);
-                    t.set_flag(p, SNAP, true);
-                }
-            }
-        }
-    }
-    let _ = sh.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
-    for p in failed {
-        poison(sh, p, "putting it back after an epoch cut failed");
-    }
+    finish_run(
+        sh,
+        first,
+        &out,
+        Source::Snapshot,
+        "putting it back after an epoch cut failed",
+    );
+}
+
+/// Length of the run of pages from `first` (at most `max`) that are in the epoch snapshot.
+pub(crate) fn snapshot_run_len(t: &crate::cache::Table, first: usize, max: usize) -> usize {
+    (first..(first + max).min(t.pages()))
+        .take_while(|&p| t.state(p) == PageState::Resident && t.has_flag(p, SNAP))
+        .count()
 }
 
 /// Fills the claimed run `[first, first+n)` with zeros.
 fn install_zeros(sh: &Shared, first: usize, n: usize) {
     let mut out = vec![Outcome::Pending; n];
     install_pages(sh, first, sh.zeros.base as *const u8, false, &mut out);
-    let installed = finish_run(sh, first, &out, false, "the kernel refused to install it");
+    let installed = finish_run(
+        sh,
+        first,
+        &out,
+        Source::Zeros,
+        "the kernel refused to install it",
+    );
     STATS.add(Counter::PagesZeroFilled, installed);
 }
 
@@ -693,7 +692,7 @@ fn fetch_chunk(
         sh,
         first,
         &out,
-        true,
+        Source::Store,
         "its copy in the store failed its CRC32C check or could not be installed",
     );
     STATS.add(Counter::PagesFetched, installed);

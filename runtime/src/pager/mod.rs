@@ -1,8 +1,9 @@
 //! The pager: the threads that turn userfaultfd events into cache and store work, and the
 //! [`Runtime`] handle that the preload library starts and stops.
 //!
-//! Threads: one fault handler per CPU (pinned to it, all reading the one userfaultfd), and one
-//! evictor that keeps the resident set between the watermarks.
+//! Threads: one fault handler per CPU (pinned to it, all reading the one userfaultfd), one
+//! evictor that keeps the resident set between the watermarks, and, when the heap has a log,
+//! the flusher and the log writer that cut and append its epochs (`epoch.rs`).
 //!
 //! The rules that make it correct (see `docs/DESIGN.md`):
 //! - Installing a page (`UFFDIO_COPY`) happens with the `events` lock held for reading, and
@@ -524,11 +525,6 @@ impl Runtime {
             Some(d) => d.checkpoint(),
             None => Err(EpochError::NoLog),
         }
-    }
-
-    /// The last epoch committed to the log (0 before the first, or without a log).
-    pub fn committed_epoch(&self) -> u64 {
-        self.shared.durable.as_ref().map_or(0, |d| d.committed())
     }
 
     /// At a normal exit: removes the store's private directory (its file is already
