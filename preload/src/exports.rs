@@ -263,7 +263,9 @@ pub extern "C" fn lego_checkpoint() -> libc::c_long {
             set_errno(libc::ENOTSUP);
             -1
         }
-        Err(lego_runtime::pager::EpochError::Failed(_)) => {
+        Err(
+            lego_runtime::pager::EpochError::Failed(_) | lego_runtime::pager::EpochError::Stopped(_),
+        ) => {
             set_errno(libc::EIO);
             -1
         }

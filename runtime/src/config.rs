@@ -186,7 +186,9 @@ const SETTINGS: &[Setting] = &[
         default: "unset",
         example: "fetch:eio:after=100",
         meaning: "Testing hook: after N pages succeed, every fetch (fetch:ERRNO:after=N) or \
-                  store (store:ERRNO:after=N) fails with ERRNO (eio or enospc).",
+                  store (store:ERRNO:after=N) fails with ERRNO (eio or enospc), or every \
+                  fetched page comes back changed (fetch:corrupt:after=N); spawn:THREAD makes \
+                  starting the runtime thread THREAD (lego-logwrite) fail.",
     },
     Setting {
         name: vars::LOG_DIR,
@@ -200,7 +202,8 @@ const SETTINGS: &[Setting] = &[
         default: "1000",
         example: "200",
         meaning: "Longest time between two epochs of the log, in milliseconds, from 10 to \
-                  3600000; needs LEGO_LOG_DIR.",
+                  3600000, or manual: epochs only at lego_checkpoint() and at exit; needs \
+                  LEGO_LOG_DIR.",
     },
     Setting {
         name: vars::FLUSH_PAGES,
@@ -261,6 +264,9 @@ pub struct Config {
     pub evict_batch_pages: usize,
     /// Store failures to inject (`LEGO_FAULT_INJECT`); a testing hook, `None` in normal runs.
     pub fault_injection: Option<FaultPlan>,
+    /// A runtime thread whose start fails on purpose (`LEGO_FAULT_INJECT=spawn:THREAD`); a
+    /// testing hook, `None` in normal runs.
+    pub spawn_failure: Option<&'static str>,
     /// The durable heap's log (`LEGO_LOG_DIR` and its companions), `None` when unset.
     pub log: Option<LogSettings>,
     /// The heap image to start from (`LEGO_RESTORE`).
@@ -272,8 +278,9 @@ pub struct Config {
 pub struct LogSettings {
     /// The log directory (`LEGO_LOG_DIR`).
     pub dir: PathBuf,
-    /// Longest time between epochs, in milliseconds (`LEGO_FLUSH_MS`).
-    pub flush_ms: u64,
+    /// Longest time between epochs, in milliseconds (`LEGO_FLUSH_MS`); `None` for
+    /// `LEGO_FLUSH_MS=manual`: epochs only at `lego_checkpoint()` and at exit.
+    pub flush_ms: Option<u64>,
     /// Dirty pages that start an epoch early (`LEGO_FLUSH_PAGES`).
     pub flush_pages: usize,
     /// Whether epochs wait for the disk (`LEGO_SYNC`).
@@ -331,9 +338,22 @@ pub struct FaultPlan {
     pub op: FaultOp,
     /// How many pages of that operation succeed before every later call fails.
     pub after_pages: u64,
-    /// The errno the failing calls report (`libc::EIO` or `libc::ENOSPC`).
-    pub errno: i32,
+    /// What a failing call does.
+    pub effect: FaultEffect,
 }
+
+/// What an injected store fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultEffect {
+    /// The call fails with this errno (`libc::EIO` or `libc::ENOSPC`).
+    Errno(i32),
+    /// The call succeeds, but every page it reads comes back with one byte changed (a store
+    /// that hands back a damaged or foreign copy). Fetches only.
+    Corrupt,
+}
+
+/// The runtime threads whose start `LEGO_FAULT_INJECT=spawn:THREAD` can make fail.
+pub const SPAWN_FAULT_THREADS: &[&str] = &["lego-logwrite", "lego-flush", "lego-evict"];
 
 /// A page store operation that fault injection can make fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,6 +446,27 @@ pub enum ConfigError {
         /// The size in bytes.
         bytes: u64,
     },
+    /// `LEGO_FLUSH_MS` is neither a number of milliseconds in range nor `manual`.
+    #[error(
+        "{}={value:?} is not an epoch interval: expected a whole number of milliseconds from \
+         {FLUSH_MS_MIN} to {FLUSH_MS_MAX}, or manual (epochs only at lego_checkpoint() and at \
+         exit)",
+        vars::FLUSH_MS
+    )]
+    FlushMs {
+        /// The value as set.
+        value: String,
+    },
+    /// `LEGO_FLUSH_PAGES` would start automatic epochs that `LEGO_FLUSH_MS=manual` rules out.
+    #[error(
+        "{} is set but {}=manual takes epochs only at lego_checkpoint() and at exit: unset \
+         {} or give {} a number of milliseconds",
+        vars::FLUSH_PAGES,
+        vars::FLUSH_MS,
+        vars::FLUSH_PAGES,
+        vars::FLUSH_MS
+    )]
+    ManualWithFlushPages,
     /// The value is not valid UTF-8.
     #[error("{name}={value:?} is not valid UTF-8: expected a plain text value")]
     NotUnicode {
@@ -552,8 +593,10 @@ pub enum ConfigError {
     /// `LEGO_FAULT_INJECT` does not follow `OP:ERRNO:after=N`.
     #[error(
         "{}={value:?} is not a fault plan ({problem}): expected OP:ERRNO:after=N with OP \
-         fetch or store and ERRNO eio or enospc (fetch:eio:after=100)",
-        vars::FAULT_INJECT
+         fetch or store and ERRNO eio or enospc (fetch:eio:after=100), fetch:corrupt:after=N, \
+         or spawn:THREAD with THREAD one of {}",
+        vars::FAULT_INJECT,
+        SPAWN_FAULT_THREADS.join(", ")
     )]
     FaultPlan {
         /// The value as set.
@@ -592,6 +635,13 @@ impl<T> Raw<T> {
     }
 }
 
+/// `LEGO_FLUSH_MS` as parsed.
+#[derive(Debug, Clone)]
+enum FlushMs {
+    Every(Raw<usize>),
+    Manual,
+}
+
 /// The settings after parsing each variable on its own, before defaults and cross-checks.
 #[derive(Debug, Clone, Default)]
 struct RawSettings {
@@ -604,9 +654,9 @@ struct RawSettings {
     log_level: Option<LevelFilter>,
     handler_threads: Option<Raw<usize>>,
     evict_batch_pages: Option<Raw<usize>>,
-    fault_injection: Option<FaultPlan>,
+    fault_injection: Option<Injection>,
     log_dir: Option<String>,
-    flush_ms: Option<Raw<usize>>,
+    flush_ms: Option<FlushMs>,
     flush_pages: Option<Raw<usize>>,
     sync: Option<LogSync>,
     log_max_bytes: Option<Raw<u64>>,
@@ -675,9 +725,12 @@ impl fmt::Display for Config {
         if let Some(plan) = &self.fault_injection {
             write!(
                 f,
-                ", fault injection: {:?} fails with errno {} after {} pages",
-                plan.op, plan.errno, plan.after_pages
+                ", fault injection: {:?} {:?} after {} pages",
+                plan.op, plan.effect, plan.after_pages
             )?;
+        }
+        if let Some(thread) = self.spawn_failure {
+            write!(f, ", fault injection: the thread {thread} fails to start")?;
         }
         Ok(())
     }
@@ -749,7 +802,14 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
             .map(|v| parse_fault_plan(&v))
             .transpose()?,
         log_dir: lookup(&get, vars::LOG_DIR),
-        flush_ms: count(vars::FLUSH_MS, "milliseconds", FLUSH_MS_MIN, FLUSH_MS_MAX)?,
+        flush_ms: match lookup(&get, vars::FLUSH_MS) {
+            Some(text) if text.eq_ignore_ascii_case("manual") => Some(FlushMs::Manual),
+            Some(text) => match text.parse::<usize>() {
+                Ok(value) => Some(FlushMs::Every(Raw { text, value })),
+                Err(_) => return Err(ConfigError::FlushMs { value: text }),
+            },
+            None => None,
+        },
         flush_pages: count(vars::FLUSH_PAGES, "pages", FLUSH_PAGES_MIN, FLUSH_PAGES_MAX)?,
         sync: lookup(&get, vars::SYNC)
             .map(|v| match v.to_ascii_lowercase().as_str() {
@@ -852,6 +912,7 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
 
     let log = match raw.log_dir {
         Some(dir) => {
+            let flush_pages_set = raw.flush_pages.is_some();
             let flush_pages = match raw.flush_pages {
                 Some(pages) => check_count(
                     pages,
@@ -874,18 +935,21 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
                 other => other.map(|max| max.value),
             };
             let flush_ms = match raw.flush_ms {
-                Some(ms) => check_count(
-                    ms,
-                    vars::FLUSH_MS,
-                    "milliseconds",
-                    FLUSH_MS_MIN,
-                    FLUSH_MS_MAX,
-                )?,
-                None => FLUSH_MS_DEFAULT,
+                Some(FlushMs::Every(ms)) if (FLUSH_MS_MIN..=FLUSH_MS_MAX).contains(&ms.value) => {
+                    Some(ms.value as u64)
+                }
+                Some(FlushMs::Every(ms)) => return Err(ConfigError::FlushMs { value: ms.text }),
+                Some(FlushMs::Manual) => {
+                    if flush_pages_set {
+                        return Err(ConfigError::ManualWithFlushPages);
+                    }
+                    None
+                }
+                None => Some(FLUSH_MS_DEFAULT as u64),
             };
             Some(LogSettings {
                 dir: PathBuf::from(dir),
-                flush_ms: flush_ms as u64,
+                flush_ms,
                 flush_pages,
                 sync: raw.sync.unwrap_or(LogSync::Fdatasync),
                 log_max_bytes,
@@ -913,7 +977,14 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         log_level: raw.log_level.unwrap_or(LevelFilter::Off),
         handler_threads,
         evict_batch_pages,
-        fault_injection: raw.fault_injection,
+        fault_injection: match raw.fault_injection {
+            Some(Injection::Store(plan)) => Some(plan),
+            _ => None,
+        },
+        spawn_failure: match raw.fault_injection {
+            Some(Injection::Spawn(thread)) => Some(thread),
+            _ => None,
+        },
         log,
         restore: raw.restore.map(PathBuf::from),
     })
@@ -996,11 +1067,25 @@ fn parse_log_level(value: &str) -> Result<LevelFilter, ConfigError> {
         })
 }
 
-fn parse_fault_plan(value: &str) -> Result<FaultPlan, ConfigError> {
+/// What `LEGO_FAULT_INJECT` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Injection {
+    Store(FaultPlan),
+    Spawn(&'static str),
+}
+
+fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
     let fail = |problem: &'static str| ConfigError::FaultPlan {
         value: value.to_owned(),
         problem,
     };
+    if let Some(thread) = value.strip_prefix("spawn:") {
+        return SPAWN_FAULT_THREADS
+            .iter()
+            .find(|&&t| t == thread)
+            .map(|&t| Injection::Spawn(t))
+            .ok_or_else(|| fail("unknown thread"));
+    }
     let mut parts = value.split(':');
     let (Some(op), Some(errno), Some(after), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -1014,21 +1099,28 @@ fn parse_fault_plan(value: &str) -> Result<FaultPlan, ConfigError> {
     } else {
         return Err(fail("unknown operation"));
     };
-    let errno = FAULT_ERRNOS
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(errno))
-        .map(|&(_, errno)| errno)
-        .ok_or_else(|| fail("unknown errno"))?;
+    let effect = if errno.eq_ignore_ascii_case("corrupt") {
+        if op != FaultOp::Fetch {
+            return Err(fail("only fetched pages can come back corrupt"));
+        }
+        FaultEffect::Corrupt
+    } else {
+        FAULT_ERRNOS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(errno))
+            .map(|&(_, errno)| FaultEffect::Errno(errno))
+            .ok_or_else(|| fail("unknown errno"))?
+    };
     let after_pages = after
         .strip_prefix("after=")
         .ok_or_else(|| fail("the third part must be after=N"))?
         .parse::<u64>()
         .map_err(|_| fail("N must be a whole number of pages"))?;
-    Ok(FaultPlan {
+    Ok(Injection::Store(FaultPlan {
         op,
         after_pages,
-        errno,
-    })
+        effect,
+    }))
 }
 
 /// Parses a size in bytes: a whole number ("4096"), a number with a binary suffix ("512K",
@@ -1386,8 +1478,9 @@ mod tests {
                 fault_injection: Some(FaultPlan {
                     op: FaultOp::Store,
                     after_pages: 7,
-                    errno: libc::ENOSPC
+                    effect: FaultEffect::Errno(libc::ENOSPC)
                 }),
+                spawn_failure: None,
                 log: None,
                 restore: None,
             }
@@ -1439,9 +1532,23 @@ mod tests {
             Some(FaultPlan {
                 op: FaultOp::Fetch,
                 after_pages: 0,
-                errno: libc::EIO
+                effect: FaultEffect::Errno(libc::EIO)
             })
         );
+        let plan = config(&[("LEGO_FAULT_INJECT", "fetch:corrupt:after=5")])
+            .expect("valid")
+            .fault_injection;
+        assert_eq!(
+            plan,
+            Some(FaultPlan {
+                op: FaultOp::Fetch,
+                after_pages: 5,
+                effect: FaultEffect::Corrupt
+            })
+        );
+        let c = config(&[("LEGO_FAULT_INJECT", "spawn:lego-logwrite")]).expect("valid");
+        assert_eq!(c.spawn_failure, Some("lego-logwrite"));
+        assert_eq!(c.fault_injection, None);
         for threads in ["1", "256"] {
             config(&[("LEGO_HANDLER_THREADS", threads)]).expect(threads);
         }
@@ -1567,6 +1674,14 @@ mod tests {
             (
                 &[("LEGO_FAULT_INJECT", "fetch:eio:after=1:x")],
                 "(it needs exactly three parts",
+            ),
+            (
+                &[("LEGO_FAULT_INJECT", "store:corrupt:after=1")],
+                "(only fetched pages can come back corrupt)",
+            ),
+            (
+                &[("LEGO_FAULT_INJECT", "spawn:lego-nothing")],
+                "(unknown thread): expected",
             ),
         ];
         for &(pairs, want) in cases {
@@ -1719,7 +1834,7 @@ mod tests {
         .expect("valid");
         let log = c.log.expect("a log");
         assert_eq!(log.dir, PathBuf::from("/var/lib/app/heap"));
-        assert_eq!(log.flush_ms, FLUSH_MS_DEFAULT as u64);
+        assert_eq!(log.flush_ms, Some(FLUSH_MS_DEFAULT as u64));
         assert_eq!(log.flush_pages, 4096, "a quarter of a 64 MiB cache");
         assert_eq!(log.sync, LogSync::Fdatasync);
         assert_eq!(log.log_max_bytes, None);
@@ -1733,7 +1848,29 @@ mod tests {
         let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_FLUSH_MS", "5")])
             .expect_err("too short")
             .to_string();
-        assert!(msg.contains("from 10 to 3600000"), "{msg}");
+        assert!(msg.contains("from 10 to 3600000, or manual"), "{msg}");
+        let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_FLUSH_MS", "often")])
+            .expect_err("not a number")
+            .to_string();
+        assert!(
+            msg.starts_with("LEGO_FLUSH_MS=\"often\" is not an epoch interval"),
+            "{msg}"
+        );
+        for manual in ["manual", "MANUAL"] {
+            let c = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_FLUSH_MS", manual)]).expect(manual);
+            assert_eq!(c.log.expect("a log").flush_ms, None);
+        }
+        let msg = config(&[
+            ("LEGO_LOG_DIR", "/l"),
+            ("LEGO_FLUSH_MS", "manual"),
+            ("LEGO_FLUSH_PAGES", "100"),
+        ])
+        .expect_err("contradiction")
+        .to_string();
+        assert!(
+            msg.starts_with("LEGO_FLUSH_PAGES is set but LEGO_FLUSH_MS=manual"),
+            "{msg}"
+        );
         let msg = config(&[("LEGO_LOG_DIR", "/l"), ("LEGO_LOG_MAX", "1M")])
             .expect_err("too small")
             .to_string();

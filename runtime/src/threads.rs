@@ -12,6 +12,16 @@
 //! thread-local destructor and so allocate before our code could mark the thread).
 
 use std::cell::Cell;
+use std::sync::OnceLock;
+
+/// The thread whose start fails on purpose (`LEGO_FAULT_INJECT=spawn:THREAD`, a testing hook).
+static FAILING_SPAWN: OnceLock<&'static str> = OnceLock::new();
+
+/// Makes every later [`spawn`] of the thread named `name` fail with `EAGAIN`, as when the
+/// system is out of threads (testing hook; set once, at start).
+pub fn fail_spawns_of(name: &'static str) {
+    let _ = FAILING_SPAWN.set(name);
+}
 
 thread_local! {
     static RUNTIME_THREAD: Cell<bool> = const { Cell::new(false) };
@@ -39,6 +49,9 @@ extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// it, on this thread while spawning and on the new thread for all its life, come from the
 /// internal heap.
 pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    if FAILING_SPAWN.get() == Some(&name) {
+        return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+    }
     let was = RUNTIME_THREAD.with(|f| f.replace(true));
     let result = spawn_marked(name, Box::new(body));
     RUNTIME_THREAD.with(|f| f.set(was));

@@ -47,6 +47,11 @@ const DIRTY_CHECK_MS: u64 = 50;
 const FAILURE_RETRY_MS: u64 = 1000;
 /// Pages read back from the store and appended at once (evicted dirty pages).
 const STORE_READ_PAGES: usize = 64;
+/// Reads of one chunk of evicted pages tried before the epoch fails (a store that fails
+/// briefly does not cost an epoch).
+const STORE_READ_ATTEMPTS_MAX: u32 = 3;
+/// Pause between two reads of the same chunk, in milliseconds.
+const STORE_READ_RETRY_MS: u64 = 20;
 /// Snapshot pages the flusher copies back at once after a cut.
 const COPY_BACK_PAGES: usize = 256;
 /// Resident pages appended to the log at once.
@@ -69,6 +74,9 @@ pub enum EpochError {
     NoLog,
     #[error("writing the epoch to the log failed: {0}")]
     Failed(String),
+    /// The flusher is gone: no epoch will ever be cut in this process.
+    #[error("the heap is not being logged any more: {0}")]
+    Stopped(String),
 }
 
 /// Requests of `lego_checkpoint` and what the flusher answered.
@@ -80,6 +88,8 @@ struct Requests {
     served: u64,
     /// What the last served cut gave.
     result: Option<Result<u64, EpochError>>,
+    /// Set when the flusher stopped for good: every waiter, present and future, gets it.
+    stopped: Option<EpochError>,
 }
 
 /// The flusher's shared state: `lego_checkpoint` requests and their answers.
@@ -107,9 +117,19 @@ impl Durable {
         let ticket = r.asked;
         self.changed.notify_all();
         while r.served < ticket {
+            if let Some(e) = &r.stopped {
+                return Err(e.clone());
+            }
             r = self.changed.wait(r).unwrap_or_else(|e| e.into_inner());
         }
         r.result.clone().unwrap_or(Err(EpochError::NoLog))
+    }
+
+    /// The flusher cannot go on: answers every waiting and later `checkpoint` with `why`.
+    fn stop(&self, why: EpochError) {
+        let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        r.stopped = Some(why);
+        self.changed.notify_all();
     }
 }
 
@@ -125,6 +145,9 @@ struct Cut {
     evicted: Vec<(usize, u32)>,
     /// Pages that read as zeros now.
     zeros: Vec<usize>,
+    /// Pages changed since the last epoch whose content is lost (poisoned): an epoch without
+    /// them would not be a heap that existed, so none is committed while there are any.
+    lost: Vec<usize>,
 }
 
 impl Cut {
@@ -159,13 +182,16 @@ pub(crate) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
     let appender = match Appender::start(&shared, &writer) {
         Ok(a) => a,
         Err(e) => {
+            let why = format!("the log writer thread could not start: {e}");
             crate::logging::write_stderr_line(&format!(
-                "lego: cannot start the log writer thread, the heap is not logged: {e}"
+                "lego: {why}; the heap is not logged, and lego_checkpoint() fails with EIO"
             ));
+            durable.stop(EpochError::Stopped(why));
             return;
         }
     };
-    let interval = Duration::from_millis(settings.flush_ms);
+    // `None`: LEGO_FLUSH_MS=manual, epochs only when a program thread asks.
+    let interval = settings.flush_ms.map(Duration::from_millis);
     let mut last = Instant::now();
     let mut written_back_at_cut = STATS.get(Counter::PagesWrittenBack);
     loop {
@@ -173,7 +199,14 @@ pub(crate) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
         let ticket = {
             let mut r = durable.requests.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                if r.asked > r.served || last.elapsed() >= interval {
+                if r.asked > r.served {
+                    break;
+                }
+                let Some(interval) = interval else {
+                    r = durable.changed.wait(r).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                };
+                if last.elapsed() >= interval {
                     break;
                 }
                 let left = interval.saturating_sub(last.elapsed());
@@ -229,10 +262,21 @@ fn lock_writer(writer: &Mutex<LogWriter>) -> MutexGuard<'_, LogWriter> {
     writer.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Why appending a cut failed.
+enum AppendError {
+    /// Writing the log failed.
+    Log(LogError),
+    /// Reading evicted pages back from the store failed, again and again: the epoch is
+    /// retried later with everything it held.
+    StoreRead(String),
+    /// These evicted pages' store copies failed their CRC32C check: their content is lost.
+    Lost(Vec<usize>),
+}
+
 /// The log writer thread's two ends: a cut to append, and what appending it gave.
 struct Appender {
     jobs: mpsc::Sender<Arc<Cut>>,
-    done: mpsc::Receiver<Result<u64, LogError>>,
+    done: mpsc::Receiver<Result<u64, AppendError>>,
 }
 
 impl Appender {
@@ -240,9 +284,11 @@ impl Appender {
         let (jobs, job_rx) = mpsc::channel::<Arc<Cut>>();
         let (done_tx, done) = mpsc::channel();
         let (sh, writer) = (Arc::clone(shared), Arc::clone(writer));
+        // Allocated once here, so that no epoch can fail for want of a buffer.
+        let mut buf = fault::PageBuf::new(STORE_READ_PAGES)?;
         crate::threads::spawn("lego-logwrite", move || {
             for cut in job_rx {
-                let result = append_cut(&sh, &mut lock_writer(&writer), &cut);
+                let result = append_cut(&sh, &mut lock_writer(&writer), &cut, &mut buf);
                 if done_tx.send(result).is_err() {
                     return;
                 }
@@ -262,8 +308,12 @@ fn run_epoch(
     let last_committed = {
         let mut w = lock_writer(writer);
         if w.is_broken() {
-            w.compact()
-                .map_err(|e| report("compacting the log after a failure", &e))?;
+            w.compact().map_err(|e| {
+                report(
+                    "compacting the log after a failure",
+                    &crate::log::replay::error_chain(&e),
+                )
+            })?;
         }
         w.last_committed()
     };
@@ -273,7 +323,8 @@ fn run_epoch(
     // The writer thread starts appending as soon as the pages are out, while this thread
     // puts them back.
     let (cut, pass) = take_cut(sh, |cut| {
-        if cut.pages() > 0 {
+        // An epoch that would leave out a lost page is not written at all.
+        if cut.pages() > 0 && cut.lost.is_empty() {
             sent = appender.jobs.send(cut).is_ok();
         }
     });
@@ -284,24 +335,31 @@ fn run_epoch(
     STATS.add(Counter::EpochCutMicros, cut_us);
     copy_back(sh, &cut);
     drop(pass);
-    if !sent {
-        release_holds(sh, &cut);
-        return Ok(last_committed);
-    }
-    let result = appender
-        .done
-        .recv()
-        .unwrap_or(Err(LogError::NeedsCheckpoint {
+    let result = if sent {
+        appender.done.recv().unwrap_or_else(|_| {
+            Err(AppendError::Log(LogError::NeedsCheckpoint {
+                epoch: last_committed,
+            }))
+        })
+    } else if !cut.lost.is_empty() {
+        Err(AppendError::Lost(cut.lost.clone()))
+    } else if cut.pages() > 0 {
+        Err(AppendError::Log(LogError::NeedsCheckpoint {
             epoch: last_committed,
-        }));
+        }))
+    } else {
+        Ok(last_committed)
+    };
     release_holds(sh, &cut);
     for (first, n) in page_runs(&cut.moved) {
         crate::region::drop_pages(snapshot(sh).base + first * PAGE_SIZE, n * PAGE_SIZE);
     }
     match result {
         Ok(epoch) => {
-            STATS.add(Counter::EpochsCommitted, 1);
-            STATS.add(Counter::PagesLogged, cut.pages() as u64);
+            if cut.pages() > 0 {
+                STATS.add(Counter::EpochsCommitted, 1);
+                STATS.add(Counter::PagesLogged, cut.pages() as u64);
+            }
             log::debug!(
                 "epoch {epoch}: {} pages ({} resident, {} evicted, {} zero); cut took {cut_us} us",
                 cut.pages(),
@@ -312,28 +370,57 @@ fn run_epoch(
             Ok(epoch)
         }
         Err(e) => {
-            // The pages of the lost epoch go into the next one (with whatever they hold then:
-            // newer content supersedes theirs).
+            // The pages of the failed epoch go into the next one (with whatever they hold
+            // then: newer content supersedes theirs).
             let mut t = sh.cache.lock();
             for p in cut.page_indexes() {
                 t.set_flag(p, LOGDIRTY, true);
             }
+            let text = match e {
+                AppendError::Log(e) => {
+                    drop(t);
+                    return Err(report(
+                        "writing an epoch",
+                        &crate::log::replay::error_chain(&e),
+                    ));
+                }
+                AppendError::StoreRead(e) => format!(
+                    "reading evicted pages back from the page store failed; the epoch is \
+                     retried with its pages later: {e}"
+                ),
+                AppendError::Lost(pages) => {
+                    // Their content is gone: a fault on one gives SIGBUS, and until the
+                    // program frees them no epoch can be committed (it would hold a heap that
+                    // never existed).
+                    for &p in &pages {
+                        if t.state(p) == PageState::Evicted {
+                            t.set_state(p, PageState::Poisoned);
+                        }
+                    }
+                    format!(
+                        "{} changed heap pages lost their content (the first at {:#x}: its \
+                         copy in the page store failed its CRC32C check); no epoch is \
+                         committed until the program frees them",
+                        pages.len(),
+                        sh.addr_of(pages[0])
+                    )
+                }
+            };
             drop(t);
-            Err(report("writing an epoch", &e))
+            Err(report("an epoch", &text))
         }
     }
 }
 
-fn report(what: &str, e: &LogError) -> EpochError {
+fn report(what: &str, text: &str) -> EpochError {
     STATS.add(Counter::LogErrors, 1);
-    let text = crate::log::replay::error_chain(e);
     // On stderr whatever the log level: the operator must learn that durability stopped.
     if EPOCH_ERRORS.allow() {
         crate::logging::write_stderr_line(&format!(
             "lego: {what} failed; the heap in memory is intact and the log keeps its last committed epoch: {text}"
         ));
     }
-    EpochError::Failed(text)
+    EpochError::Failed(text.to_owned())
 }
 
 /// Clears the holds the cut put on evicted pages.
@@ -433,8 +520,12 @@ fn take_cut<'a>(
                         cut.evicted.push((p, t.crc(p)));
                     }
                     PageState::Absent => cut.zeros.push(p),
-                    // Lost content: the log keeps the last version it had.
-                    PageState::Poisoned => {}
+                    // Changed, then lost: no epoch can hold it; the flag stays until the
+                    // program frees the page (it then becomes a zero record).
+                    PageState::Poisoned => {
+                        cut.lost.push(p);
+                        continue;
+                    }
                     // Nothing is in transit while the gate is closed; a page that is, keeps
                     // its flag for the next epoch.
                     _ => continue,
@@ -554,9 +645,28 @@ fn page_runs(pages: &[usize]) -> impl Iterator<Item = (usize, usize)> + '_ {
     })
 }
 
-/// Appends the cut as one epoch.
-fn append_cut(sh: &Shared, writer: &mut LogWriter, cut: &Cut) -> Result<u64, LogError> {
-    let mut epoch = writer.begin_epoch()?;
+/// Appends the cut as one epoch. The evicted pages are read back from the store first, so that
+/// a store that fails leaves nothing of the epoch in the log when their first chunk fails.
+fn append_cut(
+    sh: &Shared,
+    writer: &mut LogWriter,
+    cut: &Cut,
+    buf: &mut fault::PageBuf,
+) -> Result<u64, AppendError> {
+    let mut epoch = writer.begin_epoch().map_err(AppendError::Log)?;
+    // Evicted pages, read back from the store and checked against their checksums.
+    for chunk in cut.evicted.chunks(STORE_READ_PAGES) {
+        read_back(sh, chunk, buf)?;
+        let pages: Vec<EpochPage<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, _))| EpochPage {
+                page: p as u64,
+                data: Some(buf.page(i)),
+            })
+            .collect();
+        epoch.add(&pages).map_err(AppendError::Log)?;
+    }
     // Resident pages, from the snapshot area.
     for chunk in cut.moved.chunks(APPEND_PAGES) {
         let pages: Vec<EpochPage<'_>> = chunk
@@ -566,7 +676,7 @@ fn append_cut(sh: &Shared, writer: &mut LogWriter, cut: &Cut) -> Result<u64, Log
                 data: Some(snapshot_page(sh, p)),
             })
             .collect();
-        epoch.add(&pages)?;
+        epoch.add(&pages).map_err(AppendError::Log)?;
     }
     let copied: Vec<EpochPage<'_>> = cut
         .copied
@@ -576,7 +686,7 @@ fn append_cut(sh: &Shared, writer: &mut LogWriter, cut: &Cut) -> Result<u64, Log
             data: Some(b),
         })
         .collect();
-    epoch.add(&copied)?;
+    epoch.add(&copied).map_err(AppendError::Log)?;
     let zeros: Vec<EpochPage<'_>> = cut
         .zeros
         .iter()
@@ -585,10 +695,20 @@ fn append_cut(sh: &Shared, writer: &mut LogWriter, cut: &Cut) -> Result<u64, Log
             data: None,
         })
         .collect();
-    epoch.add(&zeros)?;
-    // Evicted pages, read back from the store and checked against their checksums.
-    let mut buf = super::fault::PageBuf::new(STORE_READ_PAGES);
-    for chunk in cut.evicted.chunks(STORE_READ_PAGES) {
+    epoch.add(&zeros).map_err(AppendError::Log)?;
+    epoch.commit().map_err(AppendError::Log)
+}
+
+/// Reads the held evicted pages `chunk` (page, CRC32C of the store's copy) into `buf` and
+/// checks each. A read that fails is tried again a few times; a copy that fails its check is
+/// lost (reading it again would give the same bytes).
+fn read_back(
+    sh: &Shared,
+    chunk: &[(usize, u32)],
+    buf: &mut fault::PageBuf,
+) -> Result<(), AppendError> {
+    let mut attempt = 1;
+    loop {
         let result = {
             let mut slices = buf.pages_mut(chunk.len());
             let mut batch: Vec<PageRead<'_>> = slices
@@ -601,39 +721,38 @@ fn append_cut(sh: &Shared, writer: &mut LogWriter, cut: &Cut) -> Result<u64, Log
                 .collect();
             sh.store.fetch(&mut batch)
         };
-        if let Err(e) = &result {
-            if EPOCH_ERRORS.allow() {
-                log::error!(
-                    "reading {} evicted pages back from the store for the log failed; the log keeps their previous versions: {e}",
+        match result {
+            Ok(()) => break,
+            Err(e) if attempt >= STORE_READ_ATTEMPTS_MAX => {
+                STATS.add(Counter::FetchErrors, 1);
+                return Err(AppendError::StoreRead(format!(
+                    "{} pages from the page at {:#x}, {attempt} attempts: {e}",
+                    chunk.len(),
+                    sh.addr_of(chunk[0].0)
+                )));
+            }
+            Err(e) => {
+                STATS.add(Counter::FetchErrors, 1);
+                log::warn!(
+                    "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {e}",
                     chunk.len()
                 );
+                attempt += 1;
+                super::sleep_ms(STORE_READ_RETRY_MS);
             }
         }
-        let mut pages = Vec::with_capacity(chunk.len());
-        for (i, &(p, crc)) in chunk.iter().enumerate() {
-            let data = buf.page(i);
-            if result.is_err() {
-                continue;
-            }
-            if crc32c::crc32c(data) != crc {
-                // The store lost this page: the log keeps its previous version, and the
-                // program gets SIGBUS when it touches it (the fault path checks the same CRC).
-                if EPOCH_ERRORS.allow() {
-                    log::error!(
-                        "the store's copy of the page at {:#x} failed its CRC32C check; the log keeps its previous version",
-                        sh.addr_of(p)
-                    );
-                }
-                continue;
-            }
-            pages.push(EpochPage {
-                page: p as u64,
-                data: Some(data),
-            });
-        }
-        epoch.add(&pages)?;
     }
-    epoch.commit()
+    let lost: Vec<usize> = chunk
+        .iter()
+        .enumerate()
+        .filter(|&(i, &(_, crc))| crc32c::crc32c(buf.page(i)) != crc)
+        .map(|(_, &(p, _))| p)
+        .collect();
+    if lost.is_empty() {
+        Ok(())
+    } else {
+        Err(AppendError::Lost(lost))
+    }
 }
 
 fn snapshot_page(sh: &Shared, slot: usize) -> &[u8] {
@@ -672,7 +791,7 @@ fn maybe_compact(sh: &Shared, writer: &mut LogWriter, settings: &LogSettings) {
             );
         }
         Err(e) => {
-            report("compacting the log", &e);
+            report("compacting the log", &crate::log::replay::error_chain(&e));
         }
     }
 }

@@ -35,10 +35,13 @@ pub(crate) struct PageBuf {
 }
 
 impl PageBuf {
-    pub(crate) fn new(pages: usize) -> PageBuf {
+    /// Maps a buffer of `pages` pages. Buffers are made when the thread that uses them is
+    /// started (never on a fault, a fork or an epoch), so that running out of address space
+    /// stops the start, not the program.
+    pub(crate) fn new(pages: usize) -> std::io::Result<PageBuf> {
         let region = Region::reserve(pages * PAGE_SIZE, None)
-            .expect("a fault handler's fetch buffer (a few pages of address space) must map");
-        PageBuf { region }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(PageBuf { region })
     }
 
     pub(crate) fn addr(&self, i: usize) -> usize {
@@ -62,13 +65,13 @@ impl PageBuf {
     }
 }
 
-pub(crate) fn handler_loop(sh: &Shared, cpu: Option<usize>) {
+/// A fault handler thread; `fetch` is its buffer for fetched pages ([`FETCH_CHUNK_PAGES`]).
+pub(crate) fn handler_loop(sh: &Shared, cpu: Option<usize>, mut fetch: PageBuf) {
     if let Some(cpu) = cpu {
         pin_to_cpu(cpu);
     }
     let mut buf = EventBuffer::new(EVENTS_PER_READ_MAX);
     let mut faults: Vec<usize> = Vec::with_capacity(EVENTS_PER_READ_MAX);
-    let mut fetch = PageBuf::new(FETCH_CHUNK_PAGES);
     loop {
         if !sh.uffd.wait_readable(&sh.kick, IDLE_POLL_MS) {
             continue;
@@ -780,9 +783,9 @@ fn poison(sh: &Shared, page: usize, why: &str) {
 }
 
 /// Brings every evicted page back into memory (for `fork`), ignoring the cache size, and waits
-/// until no page is in transit. Called with the gate closed, so no handler or evictor runs.
-pub(crate) fn page_in_everything(sh: &Shared) {
-    let mut buf = PageBuf::new(FETCH_CHUNK_PAGES);
+/// until no page is in transit. Called with the gate closed, so no handler or evictor runs;
+/// `buf` ([`FETCH_CHUNK_PAGES`] pages) was mapped at start.
+pub(crate) fn page_in_everything(sh: &Shared, buf: &mut PageBuf) {
     let pages = sh.cache.lock().high();
     let mut page = 0;
     let mut brought = 0u64;
@@ -790,7 +793,7 @@ pub(crate) fn page_in_everything(sh: &Shared) {
         let state = sh.cache.lock().state(page);
         if state == PageState::Evicted {
             if let Plan::Fetch { first, n } = plan_fault(sh, page, true) {
-                fetch_in_chunks(sh, first, n, Some(first), &mut buf);
+                fetch_in_chunks(sh, first, n, Some(first), buf);
                 brought += n as u64;
                 page = first + n;
                 continue;

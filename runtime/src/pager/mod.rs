@@ -167,6 +167,8 @@ pub(crate) struct Shared {
     /// the heap has a log.
     pub(crate) snapshot: Option<Region>,
     pub(crate) quiesce: Option<Quiesce>,
+    /// The buffer `fork` pages evicted pages in through (mapped at start).
+    pub(crate) fork_buf: Mutex<fault::PageBuf>,
 }
 
 impl Shared {
@@ -305,6 +307,9 @@ impl Runtime {
         image: Option<ImageReader>,
         quiesce: Option<Quiesce>,
     ) -> Result<Runtime, PagerError> {
+        if let Some(thread) = config.spawn_failure {
+            crate::threads::fail_spawns_of(thread);
+        }
         let offered = Userfault::probe()?;
         let needed = uffd::sys::UFFD_FEATURE_WP_ASYNC
             | uffd::sys::UFFD_FEATURE_MOVE
@@ -423,19 +428,30 @@ impl Runtime {
             durable: config.log.clone().map(epoch::Durable::new),
             snapshot,
             quiesce,
+            fork_buf: Mutex::new(fault::PageBuf::new(FETCH_CHUNK_PAGES).map_err(|source| {
+                PagerError::Thread {
+                    name: "fork page-in buffer".into(),
+                    source,
+                }
+            })?),
         });
 
         let cpus = online_cpus();
         let handlers = config.handler_threads.max(1);
         for i in 0..handlers {
             let sh = Arc::clone(&shared);
+            let fetch =
+                fault::PageBuf::new(FETCH_CHUNK_PAGES).map_err(|source| PagerError::Thread {
+                    name: format!("lego-fault-{i}"),
+                    source,
+                })?;
             let cpu = if handlers <= cpus {
                 Some(i % cpus)
             } else {
                 None
             };
             crate::threads::spawn(&format!("lego-fault-{i}"), move || {
-                fault::handler_loop(&sh, cpu)
+                fault::handler_loop(&sh, cpu, fetch)
             })
             .map_err(|source| PagerError::Thread {
                 name: format!("lego-fault-{i}"),
@@ -552,7 +568,12 @@ impl Runtime {
     /// sees exactly the parent's heap. The cache may exceed its size until the fork is over.
     pub fn prepare_fork(&self) {
         self.shared.gate.close();
-        fault::page_in_everything(&self.shared);
+        let mut buf = self
+            .shared
+            .fork_buf
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        fault::page_in_everything(&self.shared, &mut buf);
     }
 
     /// In the parent after `fork`: resumes fault handling and eviction.

@@ -4,12 +4,17 @@
 //! `after_pages` pages through; the call that crosses that budget forwards the pages still
 //! within it (a realistic partial write or read) and then fails, and every later call of that
 //! operation fails without touching the inner store. The other operation and `discard` always
-//! pass through. The budget is shared by all threads.
+//! pass through. The budget is shared by all threads. With [`FaultEffect::Corrupt`] nothing
+//! fails: every fetched page past the budget comes back with one byte changed, as from a store
+//! that hands back a damaged or foreign copy (the pager must notice by the page's checksum).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{op_name, PageRead, PageStore, PageWrite, StoreError};
-use crate::config::{FaultOp, FaultPlan};
+use crate::config::{FaultEffect, FaultOp, FaultPlan};
+
+/// The byte of a page that a corrupting plan changes.
+const CORRUPT_BYTE_OFFSET: usize = 100;
 
 /// A store that fails on purpose after a number of pages.
 pub struct FaultyStore<S: PageStore> {
@@ -49,10 +54,15 @@ impl<S: PageStore> FaultyStore<S> {
     }
 
     fn injected(&self, page: u64) -> StoreError {
+        let errno = match self.plan.effect {
+            FaultEffect::Errno(errno) => errno,
+            // A corrupting plan never fails a call; EIO if one ever asks.
+            FaultEffect::Corrupt => libc::EIO,
+        };
         StoreError::Injected {
             op: self.plan.op,
             page,
-            source: std::io::Error::from_raw_os_error(self.plan.errno),
+            source: std::io::Error::from_raw_os_error(errno),
         }
     }
 }
@@ -63,6 +73,15 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
             return self.inner.fetch(batch);
         }
         let granted = self.grant(batch.len());
+        if self.plan.effect == FaultEffect::Corrupt {
+            self.inner.fetch(batch)?;
+            for read in &mut batch[granted..] {
+                if let Some(b) = read.buf.get_mut(CORRUPT_BYTE_OFFSET) {
+                    *b ^= 0x5a;
+                }
+            }
+            return Ok(());
+        }
         let (pass, fail) = batch.split_at_mut(granted);
         if !pass.is_empty() {
             self.inner.fetch(pass)?;
@@ -97,13 +116,19 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "{} (faulty: {} fails with errno {} after {} pages)",
-            self.inner.describe(),
-            op_name(self.plan.op),
-            self.plan.errno,
-            self.plan.after_pages
-        )
+        match self.plan.effect {
+            FaultEffect::Errno(errno) => format!(
+                "{} (faulty: {} fails with errno {errno} after {} pages)",
+                self.inner.describe(),
+                op_name(self.plan.op),
+                self.plan.after_pages
+            ),
+            FaultEffect::Corrupt => format!(
+                "{} (faulty: fetched pages come back changed after {} pages)",
+                self.inner.describe(),
+                self.plan.after_pages
+            ),
+        }
     }
 }
 
@@ -170,7 +195,7 @@ mod tests {
         let plan = FaultPlan {
             op: FaultOp::Store,
             after_pages: 10,
-            errno: libc::ENOSPC,
+            effect: FaultEffect::Errno(libc::ENOSPC),
         };
         let store = FaultyStore::new(Recorder::default(), plan);
         let buf = [0u8; 8];
@@ -211,7 +236,7 @@ mod tests {
         let plan = FaultPlan {
             op: FaultOp::Fetch,
             after_pages: 0,
-            errno: libc::EIO,
+            effect: FaultEffect::Errno(libc::EIO),
         };
         let store = FaultyStore::new(Recorder::default(), plan);
         let mut bufs = [[0u8; 8]; 2];
@@ -240,11 +265,38 @@ mod tests {
     }
 
     #[test]
+    fn corrupt_plan_changes_pages_past_the_budget_and_fails_nothing() {
+        let plan = FaultPlan {
+            op: FaultOp::Fetch,
+            after_pages: 1,
+            effect: FaultEffect::Corrupt,
+        };
+        let store = FaultyStore::new(Recorder::default(), plan);
+        let mut bufs = [[7u8; 4096]; 3];
+        let mut reads: Vec<PageRead<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| PageRead {
+                page: i as u64,
+                buf,
+            })
+            .collect();
+        store.fetch(&mut reads).expect("a corrupting plan fails no call");
+        drop(reads);
+        assert_eq!(bufs[0], [7u8; 4096], "within the budget: untouched");
+        for b in &bufs[1..] {
+            let changed = b.iter().filter(|&&x| x != 7).count();
+            assert_eq!(changed, 1, "past the budget: exactly one byte changed");
+        }
+        assert!(store.describe().contains("come back changed"));
+    }
+
+    #[test]
     fn budget_is_exact_across_threads() {
         let plan = FaultPlan {
             op: FaultOp::Store,
             after_pages: 1000,
-            errno: libc::EIO,
+            effect: FaultEffect::Errno(libc::EIO),
         };
         let store = FaultyStore::new(Recorder::default(), plan);
         let buf = [0u8; 8];
@@ -269,7 +321,7 @@ mod tests {
         let plan = FaultPlan {
             op: FaultOp::Fetch,
             after_pages: 1,
-            errno: libc::EIO,
+            effect: FaultEffect::Errno(libc::EIO),
         };
         let spec = crate::config::BackendSpec::File { dir: dir.clone() };
         let store = crate::store::open(&spec, 16 * crate::PAGE_SIZE as u64, Some(&plan))
