@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{sleep_ms, Shared, STATS};
+use super::{fault, sleep_ms, Shared, STATS};
 use crate::cache::{PageState, LOGDIRTY, REMOVED, STORED};
 use crate::logging::RateLimit;
 use crate::stats::Counter;
@@ -169,7 +169,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
                     "writing back {dirty} evicted pages failed, keeping them in memory (the cache will grow past its size until the store recovers): {e}"
                 );
             }
-            put_back(sh, victims, &fate, &present);
+            put_back(sh, victims, &runs, &fate, &present);
             sh.store_failing.store(true, Ordering::Relaxed);
             return false;
         }
@@ -337,39 +337,44 @@ pub(crate) fn move_out<const N: usize>(
 }
 
 /// After a failed write-back: copies every moved page back into the region (unprotected, so it
-/// counts as written) and marks all victims resident again.
-fn put_back(sh: &Shared, victims: &[usize], fate: &[Fate], present: &[bool]) {
-    let _r = sh.events.read().unwrap_or_else(|e| e.into_inner());
-    for i in 0..victims.len() {
-        if fate[i] == Fate::Stayed || !present[i] {
-            continue;
-        }
-        let slot = sh.staging.base + i * PAGE_SIZE;
-        // SAFETY: the slot holds a page moved there by this batch; the destination is a page of
-        // the registered region that is missing since the move (faults on it wait for us).
-        let _ = unsafe {
-            sh.uffd.copy(
-                sh.addr_of(victims[i]),
-                slot as *const u8,
-                PAGE_SIZE,
+/// counts as written) and marks the victims resident again, through the install path that
+/// every fault uses: a copy the kernel refuses with `EAGAIN` (a `REMOVE` or `UNMAP` waits to
+/// be read) is retried after the events are read, a page the program dropped meanwhile stays
+/// dropped, and a page that cannot be put back is poisoned, never left to read as zeros.
+fn put_back(sh: &Shared, victims: &[usize], runs: &[(usize, usize)], fate: &[Fate], present: &[bool]) {
+    for &(i, len) in runs {
+        let mut out: Vec<fault::Outcome> = (i..i + len)
+            .map(|k| {
+                if fate[k] == Fate::Stayed {
+                    // Never left the region.
+                    fault::Outcome::Installed
+                } else if !present[k] {
+                    // A hole: the program dropped it before the move.
+                    fault::Outcome::Removed
+                } else {
+                    fault::Outcome::Pending
+                }
+            })
+            .collect();
+        // SAFETY: staging slots `[i, i + len)` hold the pages of victims `[i, i + len)` (one
+        // run of consecutive pages), moved there by this batch and only read here; the
+        // destinations are missing pages of the region owned by this thread (`Evicting`).
+        unsafe {
+            fault::install_pages(
+                sh,
+                victims[i],
+                (sh.staging.base + i * PAGE_SIZE) as *const u8,
                 false,
-                true,
-            )
-        };
-    }
-    drop(_r);
-    {
-        let mut t = sh.cache.lock();
-        for i in 0..victims.len() {
-            let p = victims[i];
-            if t.has_flag(p, REMOVED) || (!present[i] && fate[i] != Fate::Stayed) {
-                t.set_flag(p, REMOVED, false);
-                t.set_state(p, PageState::Absent);
-            } else {
-                t.set_state(p, PageState::Resident);
-            }
+                &mut out,
+            );
         }
-        sh.publish_resident(t.resident());
+        fault::finish_run(
+            sh,
+            victims[i],
+            &out,
+            fault::Source::WriteBack,
+            "putting it back after its write-back to the store failed did not work",
+        );
     }
     crate::region::drop_pages(sh.staging.base, victims.len() * PAGE_SIZE);
 }

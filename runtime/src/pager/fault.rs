@@ -366,7 +366,7 @@ fn claim(sh: &Shared, t: &mut crate::cache::Table, first: usize, n: usize, trans
 
 /// What became of one page of a claimed run.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Pending,
     Installed,
     /// The program discarded it meanwhile: it reads as zeros from now on.
@@ -377,13 +377,15 @@ enum Outcome {
 
 /// Where the content of a claimed run comes from, for [`finish_run`].
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(crate) enum Source {
     /// Zeros: fresh or discarded pages (`Filling`).
     Zeros,
     /// The store or the restore image (`Fetching`).
     Store,
     /// An epoch's snapshot slots (`Filling`, from `Resident` + `SNAP`).
     Snapshot,
+    /// The evictor's staging slots, after a failed write-back (`Evicting`).
+    WriteBack,
 }
 
 /// Installs the claimed pages `[first, first+n)` whose `out` entry is `Pending`, page `i` copied
@@ -391,7 +393,18 @@ enum Source {
 /// program removed meanwhile are skipped. The `events` lock is held for reading around each
 /// `UFFDIO_COPY`; when the kernel answers `EAGAIN` (an event is waiting to be read) it is
 /// released, the events are read, and the copy is retried.
-fn install_pages(sh: &Shared, first: usize, src: *const u8, wp: bool, out: &mut [Outcome]) {
+///
+/// # Safety
+/// `src` must be readable for `out.len()` pages and page-aligned, and must not change while
+/// this runs; pages `[first, first + out.len())` must lie in the region and be owned by the
+/// caller (in a transit state it set, so that nothing else installs them).
+pub(crate) unsafe fn install_pages(
+    sh: &Shared,
+    first: usize,
+    src: *const u8,
+    wp: bool,
+    out: &mut [Outcome],
+) {
     let n = out.len();
     'retry: loop {
         let guard = sh.events.read().unwrap_or_else(|e| e.into_inner());
@@ -410,8 +423,8 @@ fn install_pages(sh: &Shared, first: usize, src: *const u8, wp: bool, out: &mut 
                 continue;
             }
             let end = (i..n).find(|&j| out[j] != Outcome::Pending).unwrap_or(n);
-            // SAFETY: `src` is readable for `n` pages (a zero region or a fetch buffer); the
-            // destination lies in the registered region; both are page-aligned.
+            // SAFETY: the caller guarantees `src` is readable for `n` pages and page-aligned,
+            // and that the destination pages lie in the registered region and are its own.
             let res = unsafe {
                 sh.uffd.copy(
                     sh.addr_of(first + i),
@@ -462,7 +475,13 @@ fn install_pages(sh: &Shared, first: usize, src: *const u8, wp: bool, out: &mut 
 
 /// Records the outcome of a claimed run in the page table and wakes every waiter of the run
 /// (those of skipped pages fault again and find the page's new state).
-fn finish_run(sh: &Shared, first: usize, out: &[Outcome], from: Source, why_failed: &str) -> u64 {
+pub(crate) fn finish_run(
+    sh: &Shared,
+    first: usize,
+    out: &[Outcome],
+    from: Source,
+    why_failed: &str,
+) -> u64 {
     let mut installed = 0;
     let mut failed: Vec<usize> = Vec::new();
     {
@@ -505,6 +524,12 @@ fn finish_run(sh: &Shared, first: usize, out: &[Outcome], from: Source, why_fail
                         t.set_state(p, PageState::Resident);
                         t.set_flag(p, SNAP, true);
                     }
+                    // The install path settles every page it is given; one it did not is not
+                    // in the region, and its content must not read as zeros.
+                    Source::WriteBack => {
+                        t.set_state(p, PageState::Poisoned);
+                        failed.push(p);
+                    }
                 },
             }
         }
@@ -533,13 +558,19 @@ pub(crate) fn install_from_snapshot(sh: &Shared, first: usize, n: usize) {
         .snapshot
         .expect("pages are in a snapshot only when the heap has a log");
     let mut out = vec![Outcome::Pending; n];
-    install_pages(
-        sh,
-        first,
-        (snapshot.base + first * PAGE_SIZE) as *const u8,
-        true,
-        &mut out,
-    );
+    assert!((first + n) * PAGE_SIZE <= snapshot.len);
+    // SAFETY: slots `[first, first + n)` of the snapshot area hold the pages the cut moved
+    // there (page `p` in slot `p`; the snapshot is only read until the epoch is over); the
+    // run was claimed for this thread by `claim_snapshot`.
+    unsafe {
+        install_pages(
+            sh,
+            first,
+            (snapshot.base + first * PAGE_SIZE) as *const u8,
+            true,
+            &mut out,
+        );
+    }
     finish_run(
         sh,
         first,
@@ -559,7 +590,10 @@ pub(crate) fn snapshot_run_len(t: &crate::cache::Table, first: usize, max: usize
 /// Fills the claimed run `[first, first+n)` with zeros.
 fn install_zeros(sh: &Shared, first: usize, n: usize) {
     let mut out = vec![Outcome::Pending; n];
-    install_pages(sh, first, sh.zeros.base as *const u8, false, &mut out);
+    assert!(n <= ZERO_RUN_PAGES_MAX);
+    // SAFETY: the zero region holds `ZERO_RUN_PAGES_MAX` pages of zeros that nothing writes;
+    // the run was claimed (`Filling`) by this thread.
+    unsafe { install_pages(sh, first, sh.zeros.base as *const u8, false, &mut out) };
     let installed = finish_run(
         sh,
         first,
@@ -690,7 +724,9 @@ fn fetch_chunk(
         .collect();
     let bad_faulting = faulting.filter(|&f| !good[f - first]);
     // Corrupt copies are not installed: they are poisoned (below, by `finish_run`).
-    install_pages(sh, first, buf.addr(0) as *const u8, true, &mut out);
+    // SAFETY: `buf` holds the `n` pages just read (at most its size, checked by `pages_mut`)
+    // and is not touched until this returns; the run was claimed (`Fetching`) by this thread.
+    unsafe { install_pages(sh, first, buf.addr(0) as *const u8, true, &mut out) };
     let installed = finish_run(
         sh,
         first,
