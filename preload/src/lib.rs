@@ -141,6 +141,7 @@ fn user_heap() -> Option<&'static Heap> {
     match USER_STATE.compare_exchange(UNINIT, BUSY, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {
             internal_heap();
+            lego_runtime::logging::install_panic_hook();
             let config = match Config::from_env() {
                 Ok(c) => c,
                 Err(e) => die(EXIT_BAD_SETTING, &format!("lego: {e}")),
@@ -291,7 +292,8 @@ fn discard_pages(addr: *mut u8, len: usize) {
             return;
         }
     }
-    region::drop_pages(addr as usize, len);
+    // SAFETY: the allocator gives back pages of a freed run, which no live block overlaps.
+    unsafe { region::drop_pages(addr as usize, len) };
 }
 
 fn count_foreign_free() {
@@ -386,6 +388,13 @@ extern "C" fn lego_init() {
         hold: hold_user_heap,
         release: release_user_heap,
     };
+    // Before the runtime's threads exist (`setenv` and `getenv` racing on other threads is
+    // undefined behaviour in glibc). If the start fails the process ends here anyway.
+    if config.log.is_some() || config.restore.is_some() {
+        for var in DURABLE_VARS {
+            std::env::remove_var(var);
+        }
+    }
     match Runtime::start(config, region, image, Some(quiesce)) {
         Ok(rt) => {
             let _ = RUNTIME.set(rt);
@@ -411,11 +420,6 @@ extern "C" fn lego_init() {
             ),
         };
         publish_user_heap(heap, region);
-    }
-    if config.log.is_some() || config.restore.is_some() {
-        for var in DURABLE_VARS {
-            std::env::remove_var(var);
-        }
     }
     // SAFETY: the handlers are plain `extern "C"` functions that live as long as the library.
     unsafe {

@@ -79,6 +79,20 @@ pub fn write_stderr_line(line: &str) {
     write_stderr_fmt(format_args!("{line}"));
 }
 
+/// Makes every panic in this process print one `lego: internal error` line with `write(2)`
+/// and abort. The default hook may allocate (a backtrace, the thread's name), which inside
+/// the internal heap's lock (a panic in the allocator, or on a thread holding it) would
+/// deadlock instead of ending the process. The hook itself is allocated here, once.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        write_stderr_fmt(format_args!(
+            "lego: internal error, aborting: {info} (please report it)"
+        ));
+        // SAFETY: `abort` has no preconditions; it ends the process at once.
+        unsafe { libc::abort() }
+    }));
+}
+
 /// Like [`write_stderr_line`], but formats `message` into a stack buffer first, so that not
 /// even the caller allocates: usable from a signal handler as long as the arguments' own
 /// `Display` implementations do not allocate.

@@ -109,7 +109,6 @@ pub fn for_each_present_page(base: usize, len: usize, mut present: impl FnMut(us
     }
 }
 
-/// Drops the pages of `[addr, addr+len)`: they read as zero afterwards.
 /// Whether the page at `addr` (page-aligned, inside a mapping of this process) is present in
 /// memory. Asking never faults the page in.
 pub fn page_present(addr: usize) -> bool {
@@ -119,8 +118,13 @@ pub fn page_present(addr: usize) -> bool {
     ret == 0 && v & 1 != 0
 }
 
-pub fn drop_pages(addr: usize, len: usize) {
-    // SAFETY: MADV_DONTNEED on private anonymous memory only discards content; callers pass
-    // ranges of memory whose content is no longer needed.
+/// Drops the pages of `[addr, addr+len)`: they read as zero afterwards.
+///
+/// # Safety
+/// The range must be private anonymous memory of this process whose content nobody needs
+/// any more: no live Rust reference points into it, and no thread relies on what it holds.
+pub unsafe fn drop_pages(addr: usize, len: usize) {
+    // SAFETY: MADV_DONTNEED on private anonymous memory only discards content; the caller
+    // guarantees that nothing needs the content of the range.
     unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
 }

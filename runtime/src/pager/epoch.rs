@@ -352,7 +352,9 @@ fn run_epoch(
     };
     release_holds(sh, &cut);
     for (first, n) in page_runs(&cut.moved) {
-        crate::region::drop_pages(snapshot(sh).base + first * PAGE_SIZE, n * PAGE_SIZE);
+        // SAFETY: the snapshot area is the flusher's; these slots' pages are back in the heap
+        // and written to the log (or the epoch failed), so nobody reads them any more.
+        unsafe { crate::region::drop_pages(snapshot(sh).base + first * PAGE_SIZE, n * PAGE_SIZE) };
     }
     match result {
         Ok(epoch) => {
@@ -564,7 +566,10 @@ fn move_pages(
             "the snapshot area covers the heap"
         );
         let mut stuck = super::evict::Stuck::<0>::new();
-        super::evict::move_out(sh, dst, sh.addr_of(first), n, &mut stuck);
+        // SAFETY: the gate is closed and `events` held for writing, so no handler installs and
+        // no discard runs; a thread that touches a moved page waits for the cut. Snapshot
+        // slots are never reused within a cut (slot = page) and were emptied after the last.
+        unsafe { super::evict::move_out(sh, dst, sh.addr_of(first), n, &mut stuck) };
         // Where the pages went, read back for the whole run at once.
         let mut in_slot = vec![false; n];
         crate::region::for_each_present_page(dst, n * PAGE_SIZE, |k| in_slot[k] = true);
@@ -579,7 +584,8 @@ fn move_pages(
                 // An event may be waiting to be read (a discard in flight): read it, try again.
                 fault::pump_events_locked(sh, buf, faults);
                 let mut one = super::evict::Stuck::<0>::new();
-                super::evict::move_out(sh, d, src, 1, &mut one);
+                // SAFETY: as for the run above; this page's slot is still empty.
+                unsafe { super::evict::move_out(sh, d, src, 1, &mut one) };
             }
             if crate::region::page_present(d) {
                 cut.moved.push(p);

@@ -219,7 +219,8 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
     for &(i, len) in &runs {
         let _ = sh.uffd.wake(sh.addr_of(victims[i]), len * PAGE_SIZE);
     }
-    crate::region::drop_pages(sh.staging.base, n * PAGE_SIZE);
+    // SAFETY: the staging area is the evictor's alone, and this batch is done with it.
+    unsafe { crate::region::drop_pages(sh.staging.base, n * PAGE_SIZE) };
     for &(first, count) in discard.as_slice() {
         let _ = sh.store.discard(first, count);
     }
@@ -239,13 +240,19 @@ const MOVE_ATTEMPTS_MAX: u32 = 3;
 /// cannot move stays resident (the caller finds it still in the region).
 fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize) {
     let mut stuck = Stuck::<0>::new();
-    move_out(
-        sh,
-        sh.staging.base + i * PAGE_SIZE,
-        sh.addr_of(victims[i]),
-        len,
-        &mut stuck,
-    );
+    assert!((i + len) * PAGE_SIZE <= sh.staging.len);
+    // SAFETY: the victims are `Evicting`, owned by the evictor (a fault on one waits for it);
+    // staging slots `[i, i + len)` are empty (dropped after every batch) and only the evictor
+    // uses the staging area.
+    unsafe {
+        move_out(
+            sh,
+            sh.staging.base + i * PAGE_SIZE,
+            sh.addr_of(victims[i]),
+            len,
+            &mut stuck,
+        );
+    }
 }
 
 /// Pages that would not move, remembered without allocating (up to `N`).
@@ -285,7 +292,12 @@ impl<const N: usize> Stuck<N> {
 /// for pages it had moved): after an error it goes on from the first page that is neither in
 /// its slot nor a hole. Pages that would not move are added to `stuck`. It neither allocates
 /// nor logs (it runs on program threads; see `Runtime::discard`).
-pub(crate) fn move_out<const N: usize>(
+///
+/// # Safety
+/// As for [`crate::uffd::Userfault::move_pages`]: the pages of `src` are the caller's to take
+/// (in transit, or given back by the program), and `[dst, dst + pages * PAGE_SIZE)` is an
+/// empty range on the staging userfaultfd that only the caller uses.
+pub(crate) unsafe fn move_out<const N: usize>(
     sh: &Shared,
     dst: usize,
     src: usize,
@@ -298,7 +310,9 @@ pub(crate) fn move_out<const N: usize>(
     let mut unshared_at = usize::MAX;
     while k < pages {
         let (d, s) = at(k);
-        let Err(partial) = sh.staging_uffd.move_pages(d, s, (pages - k) * PAGE_SIZE) else {
+        // SAFETY: the caller's contract covers the whole range, and this is a part of it.
+        let Err(partial) = (unsafe { sh.staging_uffd.move_pages(d, s, (pages - k) * PAGE_SIZE) })
+        else {
             return;
         };
         let errno = partial.errno;
@@ -376,7 +390,8 @@ fn put_back(sh: &Shared, victims: &[usize], runs: &[(usize, usize)], fate: &[Fat
             "putting it back after its write-back to the store failed did not work",
         );
     }
-    crate::region::drop_pages(sh.staging.base, victims.len() * PAGE_SIZE);
+    // SAFETY: every page is back in the region (or poisoned); staging is the evictor's alone.
+    unsafe { crate::region::drop_pages(sh.staging.base, victims.len() * PAGE_SIZE) };
 }
 
 fn staging_page(sh: &Shared, slot: usize) -> &[u8] {

@@ -518,18 +518,25 @@ impl Runtime {
             let mut at = start;
             while at < end {
                 let pages = ((end - at) / PAGE_SIZE).min(DISCARD_CHUNK_PAGES);
-                evict::move_out(sh, scratch.base, at, pages, &mut stuck);
-                region::drop_pages(scratch.base, pages * PAGE_SIZE);
+                // SAFETY: the program gave these pages back (the allocator freed them), the
+                // write lock keeps every install out, and the scratch area is behind its
+                // mutex, emptied after each chunk.
+                unsafe {
+                    evict::move_out(sh, scratch.base, at, pages, &mut stuck);
+                    region::drop_pages(scratch.base, pages * PAGE_SIZE);
+                }
                 at += pages * PAGE_SIZE;
             }
         }
         // Pages the kernel would not move (shared with a forked child): the classic way, now
         // that the write lock is released and a handler can read the `REMOVE` event.
         if stuck.overflowed {
-            region::drop_pages(start, end - start);
+            // SAFETY: the program gave the range back; it reads as zeros from now on.
+            unsafe { region::drop_pages(start, end - start) };
         } else {
             for &page in stuck.pages() {
-                region::drop_pages(page, PAGE_SIZE);
+                // SAFETY: as above, for one page of the range.
+                unsafe { region::drop_pages(page, PAGE_SIZE) };
             }
         }
     }

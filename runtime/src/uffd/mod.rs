@@ -245,7 +245,13 @@ impl Userfault {
     /// range registered with this userfaultfd. Holes in the source are skipped (they stay holes
     /// at `dst`). A page that is shared with another process (after `fork`) makes the kernel
     /// stop with `EBUSY`; `Partial::done` then says how far it got.
-    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<(), Partial> {
+    ///
+    /// # Safety
+    /// `src` must be memory of this process whose pages the caller may take away (no
+    /// reference to them is live, and whoever touches them next faults and is served by the
+    /// caller's protocol); `dst` must be an empty range registered with this userfaultfd
+    /// that nothing else uses.
+    pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<(), Partial> {
         let mut done = 0;
         let mut retries = 0;
         while done < len {
@@ -256,7 +262,8 @@ impl Userfault {
                 mode: sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
                 moved: 0,
             };
-            // SAFETY: `arg` is a live `uffdio_move`; MOVE only remaps pages of this process.
+            // SAFETY: `arg` is a live `uffdio_move`; MOVE only remaps pages of this process,
+            // which the caller may take from `src` and put at `dst`.
             match unsafe { sys::ioctl(self.raw_fd(), sys::UFFDIO_MOVE, &mut arg) } {
                 Ok(_) => return Ok(()),
                 Err(errno) => {
