@@ -471,6 +471,11 @@ extern "C" fn fork_prepare() {
         rt.prepare_fork();
     }
     internal_heap().prepare_fork();
+    if CONFIG.get().and_then(|c| c.panic_injection) == Some("fork") {
+        // Testing hook (LEGO_FAULT_INJECT=panic:fork): a panic with every lock of the internal
+        // heap held must end the process with one line, not hang in a hook that allocates.
+        panic!("injected panic inside fork() (LEGO_FAULT_INJECT=panic:fork)");
+    }
 }
 
 extern "C" fn fork_parent() {

@@ -188,7 +188,8 @@ const SETTINGS: &[Setting] = &[
         meaning: "Testing hook: after N pages succeed, every fetch (fetch:ERRNO:after=N) or \
                   store (store:ERRNO:after=N) fails with ERRNO (eio or enospc), or every \
                   fetched page comes back changed (fetch:corrupt:after=N); spawn:THREAD makes \
-                  starting the runtime thread THREAD (lego-logwrite) fail.",
+                  starting the runtime thread THREAD (lego-logwrite) fail; panic:fork panics \
+                  inside fork() with every lock of the internal heap held.",
     },
     Setting {
         name: vars::LOG_DIR,
@@ -267,6 +268,8 @@ pub struct Config {
     /// A runtime thread whose start fails on purpose (`LEGO_FAULT_INJECT=spawn:THREAD`); a
     /// testing hook, `None` in normal runs.
     pub spawn_failure: Option<&'static str>,
+    /// Where the shim panics on purpose (`LEGO_FAULT_INJECT=panic:fork`); a testing hook.
+    pub panic_injection: Option<&'static str>,
     /// The durable heap's log (`LEGO_LOG_DIR` and its companions), `None` when unset.
     pub log: Option<LogSettings>,
     /// The heap image to start from (`LEGO_RESTORE`).
@@ -354,6 +357,8 @@ pub enum FaultEffect {
 
 /// The runtime threads whose start `LEGO_FAULT_INJECT=spawn:THREAD` can make fail.
 pub const SPAWN_FAULT_THREADS: &[&str] = &["lego-logwrite", "lego-flush", "lego-evict"];
+/// Where `LEGO_FAULT_INJECT=panic:POINT` can make the shim panic.
+pub const PANIC_FAULT_POINTS: &[&str] = &["fork"];
 
 /// A page store operation that fault injection can make fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -594,7 +599,7 @@ pub enum ConfigError {
     #[error(
         "{}={value:?} is not a fault plan ({problem}): expected OP:ERRNO:after=N with OP \
          fetch or store and ERRNO eio or enospc (fetch:eio:after=100), fetch:corrupt:after=N, \
-         or spawn:THREAD with THREAD one of {}",
+         spawn:THREAD with THREAD one of {}, or panic:fork",
         vars::FAULT_INJECT,
         SPAWN_FAULT_THREADS.join(", ")
     )]
@@ -985,6 +990,10 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
             Some(Injection::Spawn(thread)) => Some(thread),
             _ => None,
         },
+        panic_injection: match raw.fault_injection {
+            Some(Injection::Panic(point)) => Some(point),
+            _ => None,
+        },
         log,
         restore: raw.restore.map(PathBuf::from),
     })
@@ -1072,6 +1081,7 @@ fn parse_log_level(value: &str) -> Result<LevelFilter, ConfigError> {
 enum Injection {
     Store(FaultPlan),
     Spawn(&'static str),
+    Panic(&'static str),
 }
 
 fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
@@ -1085,6 +1095,13 @@ fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
             .find(|&&t| t == thread)
             .map(|&t| Injection::Spawn(t))
             .ok_or_else(|| fail("unknown thread"));
+    }
+    if let Some(point) = value.strip_prefix("panic:") {
+        return PANIC_FAULT_POINTS
+            .iter()
+            .find(|&&p| p == point)
+            .map(|&p| Injection::Panic(p))
+            .ok_or_else(|| fail("unknown panic point"));
     }
     let mut parts = value.split(':');
     let (Some(op), Some(errno), Some(after), None) =
@@ -1481,6 +1498,7 @@ mod tests {
                     effect: FaultEffect::Errno(libc::ENOSPC)
                 }),
                 spawn_failure: None,
+                panic_injection: None,
                 log: None,
                 restore: None,
             }
@@ -1548,6 +1566,8 @@ mod tests {
         );
         let c = config(&[("LEGO_FAULT_INJECT", "spawn:lego-logwrite")]).expect("valid");
         assert_eq!(c.spawn_failure, Some("lego-logwrite"));
+        let c = config(&[("LEGO_FAULT_INJECT", "panic:fork")]).expect("valid");
+        assert_eq!(c.panic_injection, Some("fork"));
         assert_eq!(c.fault_injection, None);
         for threads in ["1", "256"] {
             config(&[("LEGO_HANDLER_THREADS", threads)]).expect(threads);
