@@ -801,6 +801,7 @@ fn poison(sh: &Shared, page: usize, why: &str) {
             "lego: SIGBUS: the heap page at {addr:#x} cannot be served because {why}"
         ));
     }
+    let mut unprotected = false;
     for _ in 0..POISON_RETRIES_MAX {
         match sh.uffd.poison(addr, PAGE_SIZE) {
             Ok(()) => return,
@@ -808,6 +809,19 @@ fn poison(sh: &Shared, page: usize, why: &str) {
                 errno: nix::errno::Errno::EAGAIN,
                 ..
             }) => pump_for_install(sh),
+            Err(UffdError::Ioctl {
+                errno: nix::errno::Errno::EEXIST,
+                ..
+            }) if !unprotected && !crate::region::page_present(addr) => {
+                // Not present, yet not empty either: an epoch's PAGEMAP_SCAN left a
+                // write-protect marker on the missing page, which POISON will not replace
+                // (it would answer EEXIST forever and the thread would fault again and
+                // again). Unprotecting the page removes the marker.
+                unprotected = true;
+                if let Err(e) = sh.uffd.write_protect(addr, PAGE_SIZE, false) {
+                    log::debug!("removing the write-protect marker at {addr:#x}: {e}");
+                }
+            }
             Err(e) => {
                 // EEXIST: already poisoned (or present); the waiters must still be woken.
                 log::debug!("poisoning {addr:#x}: {e}");
