@@ -352,6 +352,7 @@ pub struct Run {
     stdin: Option<Vec<u8>>,
     wrapper: Vec<OsString>,
     label: Option<String>,
+    hang_s: Option<u64>,
 }
 
 impl Run {
@@ -366,7 +367,15 @@ impl Run {
             stdin: None,
             wrapper: Vec::new(),
             label: None,
+            hang_s: None,
         }
+    }
+
+    /// Kills the run as hung after `secs` seconds instead of the default guard: for runs
+    /// that must end quickly or not at all (a test of a hang).
+    pub fn hang_after(mut self, secs: u64) -> Run {
+        self.hang_s = Some(secs);
+        self
     }
 
     /// Appends arguments.
@@ -502,10 +511,12 @@ impl Run {
                 let _ = pipe.write_all(&data);
             })
         });
-        let hang_s = std::env::var("LEGO_TEST_HANG_S")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(HANG_GUARD_S);
+        let hang_s = self.hang_s.unwrap_or_else(|| {
+            std::env::var("LEGO_TEST_HANG_S")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(HANG_GUARD_S)
+        });
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let pgid = i32::try_from(child.id()).expect("pids fit in i32");
         let guard = std::thread::spawn(move || {

@@ -560,3 +560,79 @@ fn restore_refuses_an_address_that_is_taken() {
         "a refused restore must not touch the image"
     );
 }
+
+/// When the log writer thread cannot start (`LEGO_FAULT_INJECT=spawn:lego-logwrite`),
+/// `lego_checkpoint` fails with EIO and the exit's epoch is refused: nothing waits forever for
+/// a flusher that is gone (before the fix both hung).
+#[test]
+fn checkpoint_fails_instead_of_hanging_without_a_log_writer() {
+    let dir = TempDir::new("nowriter");
+    let store = TempDir::new("nowriter-store");
+    let out = durable_list(&["run", "12", "4"], &store)
+        .env("LEGO_LOG_DIR", dir.path().join("log"))
+        .env("LEGO_FAULT_INJECT", "spawn:lego-logwrite")
+        .hang_after(120)
+        .run();
+    assert!(!out.hung, "lego_checkpoint or the exit hung:\n{out}");
+    out.assert_success();
+    assert!(
+        out.stdout.contains("checkpoint failed, errno 5"),
+        "lego_checkpoint must fail with EIO:\n{out}"
+    );
+    assert!(
+        out.stderr.contains("the log writer thread could not start")
+            && out.stderr.contains("the final epoch at exit was not logged"),
+        "{out}"
+    );
+}
+
+/// An epoch holds the pages evicted since the last one, read back from the page store. When
+/// that read fails (`fetch:eio`, after the retries) or gives a changed page (`fetch:corrupt`),
+/// the epoch is not committed: `lego_checkpoint` fails with EIO and replay gives the epoch
+/// before, never a heap that mixes the new root with old pages. (Before the fix the epoch was
+/// committed without those pages.) A changed copy is lost for good: the page is poisoned.
+#[test]
+fn an_epoch_is_never_committed_without_its_evicted_pages() {
+    let _big = heavy();
+    for plan in ["fetch:eio:after=256", "fetch:corrupt:after=256"] {
+        let dir = TempDir::new("readback");
+        let store = TempDir::new("readback-store");
+        let log = dir.path().join("log");
+        let out = Run::new(program("epoch_readback"))
+            .args(["run", "64"])
+            .shim()
+            .env("LEGO_CACHE_SIZE", CACHE)
+            .env("LEGO_HEAP_SIZE", HEAP)
+            .env("LEGO_BACKEND", store.backend())
+            .env("LEGO_LOG_DIR", &log)
+            .env("LEGO_FLUSH_MS", "manual")
+            .env("LEGO_FAULT_INJECT", plan)
+            .hang_after(120)
+            .run();
+        assert!(!out.hung, "{plan}: {out}");
+        out.assert_success();
+        let first: u64 = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("checkpoint 1 "))
+            .and_then(|e| e.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{plan}: the first checkpoint must succeed:\n{out}"));
+        assert!(
+            out.stdout.contains("checkpoint 2 failed errno 5"),
+            "{plan}: an epoch without its evicted pages must not be committed:\n{out}"
+        );
+        assert!(out.stderr.contains("lego: an epoch failed"), "{plan}: {out}");
+        let image = dir.path().join("heap.img");
+        let epoch = replay(&log, &image).expect("the first epoch is in the log");
+        assert_eq!(epoch, first, "{plan}: replay must give the first epoch");
+        let shown = Run::new(program("epoch_readback"))
+            .args(["show"])
+            .shim()
+            .env("LEGO_CACHE_SIZE", CACHE)
+            .env("LEGO_BACKEND", store.backend())
+            .env("LEGO_RESTORE", &image)
+            .run();
+        shown.assert_success();
+        assert_eq!(shown.stdout.trim(), "stage 1", "{plan}: {shown}");
+    }
+}

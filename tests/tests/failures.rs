@@ -197,3 +197,76 @@ fn hex_address_detection() {
     assert!(!has_hex_address("lego: 0x"));
     assert!(!has_hex_address("no address"));
 }
+
+/// A failed write-back while the program hands pages back (`REMOVE` events waiting to be read)
+/// must put every page back: the program completes with every byte it wrote. Before the fix
+/// the evictor's put-back ignored `EAGAIN` from `UFFDIO_COPY`, marked the page resident, and
+/// the next touch read zeros (the program crashed on its own zeroed pointers).
+#[test]
+fn failed_write_back_puts_pages_back_while_events_wait() {
+    let _serial = heavy();
+    let native = Run::new(program("writeback_race")).args(["96", "8"]).run();
+    native.assert_success();
+    let setup = ShimSetup::new("writeback-race", 16);
+    let out = setup
+        .apply(Run::new(program("writeback_race")).args(["96", "8"]))
+        .env("LEGO_FAULT_INJECT", "store:eio:after=0")
+        .run();
+    assert!(!out.stdout.contains("WRONG DATA"), "{out}");
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    let stats = setup.stats();
+    assert!(
+        stats.number("store_errors").is_some_and(|n| n > 0),
+        "the injected write-back failures never happened:\n{}",
+        stats.raw
+    );
+    assert!(
+        stats.number("events_remove").is_some_and(|n| n > 0),
+        "the program's madvise calls must reach lego as REMOVE events:\n{}",
+        stats.raw
+    );
+}
+
+/// A store that hands back a changed page (`fetch:corrupt`): the faulting thread gets SIGBUS
+/// with a message naming the page and the failed check, never the changed bytes.
+#[test]
+fn corrupt_store_copy_is_sigbus_not_wrong_data() {
+    let _serial = heavy();
+    for plan in ["fetch:corrupt:after=0", "fetch:corrupt:after=3000"] {
+        let (out, _) = run_with_fault(plan);
+        assert!(
+            !out.stdout.contains("WRONG DATA"),
+            "{plan}: the program read the corrupted bytes:\n{out}"
+        );
+        assert_eq!(out.signal, Some(libc::SIGBUS), "{plan}: {out}");
+        assert!(
+            out.stderr.contains("lego: SIGBUS") && out.stderr.contains("CRC32C"),
+            "{plan}: stderr must say the copy failed its check:\n{out}"
+        );
+        assert!(has_hex_address(&out.stderr), "{plan}: {out}");
+    }
+}
+
+/// A panic inside the shim with the internal heap's locks held (`LEGO_FAULT_INJECT=panic:fork`
+/// panics inside `fork()` after taking them) ends the process at once with one `lego:` line
+/// and SIGABRT. The default panic hook allocated, and so hung on those locks.
+#[test]
+fn a_panic_in_the_shim_aborts_with_one_line() {
+    let _serial = heavy();
+    let setup = ShimSetup::new("panic", 24);
+    let out = setup
+        .apply(Run::new(program("fork_evicted")))
+        .env("LEGO_FAULT_INJECT", "panic:fork")
+        .hang_after(60)
+        .run();
+    assert!(!out.hung, "the panic hung instead of aborting:\n{out}");
+    assert_eq!(out.signal, Some(libc::SIGABRT), "{out}");
+    let lines = out.lego_lines();
+    assert_eq!(lines.len(), 1, "exactly one lego line:\n{out}");
+    assert!(
+        lines[0].starts_with("lego: internal error, aborting: ")
+            && lines[0].contains("injected panic inside fork()"),
+        "{out}"
+    );
+}
