@@ -34,11 +34,17 @@ impl Rng {
 /// Runs `lego replay LOG -o IMAGE`; returns the epoch it reports, or `None` when the log held
 /// nothing usable (non-zero exit with a message).
 fn replay(log: &Path, image: &Path) -> Option<u64> {
+    replay_with(log, image, &[])
+}
+
+/// [`replay`] with more options (`--checkpoint`).
+fn replay_with(log: &Path, image: &Path, options: &[&str]) -> Option<u64> {
     let out = Command::new(lego_bin())
         .arg("replay")
         .arg(log)
         .arg("-o")
         .arg(image)
+        .args(options)
         .output()
         .expect("running lego replay");
     let text = format!(
@@ -68,18 +74,31 @@ fn run_and_kill(
 ) -> (Option<(u64, u64)>, String) {
     let mut cmd = Command::new(program("durable_list"));
     cmd.args(["run", "1000000", "4"])
-        .env("LD_PRELOAD", shim_lib())
+        .env("LEGO_FLUSH_MS", "20")
+        .env("LEGO_HEAP_SIZE", HEAP);
+    kill_after(cmd, log, store, restore, after)
+}
+
+/// Runs `cmd` under liblego.so with the tests' cache and store and `log` as its log, waits for
+/// its "start" line, kills it with SIGKILL `after` later, and returns the last
+/// "checkpoint A B" line it printed (if any) and all of its output.
+fn kill_after(
+    mut cmd: Command,
+    log: &Path,
+    store: &TempDir,
+    restore: Option<&Path>,
+    after: Duration,
+) -> (Option<(u64, u64)>, String) {
+    cmd.env("LD_PRELOAD", shim_lib())
         .env("LEGO_CACHE_SIZE", CACHE)
-        .env("LEGO_HEAP_SIZE", HEAP)
         .env("LEGO_BACKEND", store.backend())
         .env("LEGO_LOG_DIR", log)
-        .env("LEGO_FLUSH_MS", "20")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(img) = restore {
         cmd.env("LEGO_RESTORE", img);
     }
-    let mut child = cmd.spawn().expect("starting durable_list");
+    let mut child = cmd.spawn().expect("starting the program");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -110,14 +129,14 @@ fn run_and_kill(
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "durable_list never started:\n{}",
+            "the program never started:\n{}",
             lines.join("\n")
         );
     }
     // SIGKILL: the program gets no chance to flush anything.
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let status = child.wait().expect("waiting for durable_list");
+    let status = child.wait().expect("waiting for the program");
     reader.join().expect("reader thread");
     lines.extend(rx.try_iter());
     let mut stderr = String::new();
@@ -128,11 +147,11 @@ fn run_and_kill(
     let text = format!("{}\n--- stderr\n{stderr}", lines.join("\n"));
     assert!(
         !text.contains("WRONG DATA"),
-        "durable_list found bad data:\n{text}"
+        "the program found bad data:\n{text}"
     );
     assert!(
         status.code().is_none(),
-        "durable_list was to be killed, but it exited by itself ({status}):\n{text}"
+        "the program was to be killed, but it exited by itself ({status}):\n{text}"
     );
     let last = lines.iter().rev().find_map(|l| {
         let mut w = l.split_whitespace();
@@ -634,5 +653,87 @@ fn an_epoch_is_never_committed_without_its_evicted_pages() {
             .run();
         shown.assert_success();
         assert_eq!(shown.stdout.trim(), "stage 1", "{plan}: {shown}");
+    }
+}
+
+/// Rounds of each kind in `program_checkpoints_recover_in_both_modes`;
+/// `LEGO_CRASH_ROUNDS` / 10 overrides it.
+const CHECKPOINT_ROUNDS_DEFAULT: u32 = 15;
+
+/// A program that agrees with its root only where it calls `lego_checkpoint()`
+/// (`ckpt_records`), killed at random moments many times: with `LEGO_FLUSH_MS=manual` the
+/// newest epoch, and with automatic epochs `lego replay --checkpoint`, always give a heap where
+/// every record is at the root's version, at least as new as the last checkpoint the program
+/// saw return; with automatic epochs the newest epoch is a point-in-time cut of the update loop
+/// (a prefix of the words at the next version, the rest at the root's).
+#[test]
+fn program_checkpoints_recover_in_both_modes() {
+    let _big = heavy();
+    let rounds: u32 = std::env::var("LEGO_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(CHECKPOINT_ROUNDS_DEFAULT, |r| (r / 10).max(1));
+    // (LEGO_FLUSH_MS, replay options, what the restored records must satisfy)
+    let kinds: [(&str, &[&str], &str); 3] = [
+        ("manual", &[], "checkpoint"),
+        ("20", &["--checkpoint"], "checkpoint"),
+        ("20", &[], "cut"),
+    ];
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for (flush_ms, options, check) in kinds {
+        let mut recovered = 0;
+        for round in 0..rounds {
+            let dir = TempDir::new("ckpt");
+            let store = TempDir::new("ckpt-store");
+            let log = dir.path().join("log");
+            let image = dir.path().join("heap.img");
+            let after = Duration::from_millis(5 + rng.next() % 700);
+            let mut cmd = Command::new(program("ckpt_records"));
+            cmd.args(["run", "768"]).env("LEGO_FLUSH_MS", flush_ms);
+            let (seen, text) = kill_after(cmd, &log, &store, None, after);
+            let ctx = || {
+                format!(
+                    "LEGO_FLUSH_MS={flush_ms}, replay {options:?}, round {round} (killed after {after:?}):\n{text}"
+                )
+            };
+            let Some(_) = replay_with(&log, &image, options) else {
+                assert!(
+                    seen.is_none(),
+                    "the program saw a checkpoint return ({seen:?}), but replay found nothing: {}",
+                    ctx()
+                );
+                continue;
+            };
+            let out = Run::new(program("ckpt_records"))
+                .args(["check", check])
+                .shim()
+                .env("LEGO_CACHE_SIZE", CACHE)
+                .env("LEGO_BACKEND", store.backend())
+                .env("LEGO_RESTORE", &image)
+                .run();
+            assert!(
+                out.code == Some(0) && out.stdout.contains("records ok"),
+                "the restored records break the invariant ({check}):\n{out}\nafter: {}",
+                ctx()
+            );
+            let restored: u64 = out
+                .stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("restored "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no 'restored' line:\n{out}"));
+            if let Some((version, _)) = seen {
+                assert!(
+                    restored >= version,
+                    "restored version {restored} is older than checkpoint {version} that returned: {}",
+                    ctx()
+                );
+            }
+            recovered += 1;
+        }
+        assert!(
+            recovered * 2 > rounds,
+            "LEGO_FLUSH_MS={flush_ms} {options:?}: only {recovered} of {rounds} rounds recovered"
+        );
     }
 }
