@@ -263,7 +263,8 @@ fn crash_loop_replay_restore() {
 
 /// The three commands of the README, with a real program (python3, through ctypes): it keeps
 /// a string hung off lego_root, checkpoints and is killed; scripts/replay.sh rebuilds the heap;
-/// python3 restarted with LEGO_RESTORE finds the string.
+/// python3 restarted with LEGO_RESTORE finds the string. Both with automatic epochs and with
+/// `LEGO_FLUSH_MS=manual` recovered by `--checkpoint`.
 #[test]
 fn three_command_recovery_of_python() {
     let _big = heavy();
@@ -289,41 +290,53 @@ lib.lego_set_root(ctypes.c_void_p(buf))
 print("epoch", lib.lego_checkpoint(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 "#;
-    let first = Run::new(python3())
-        .args(["-c", script])
-        .shim()
-        .env("LEGO_CACHE_SIZE", "32M")
-        .env("LEGO_BACKEND", store.backend())
-        .env("LEGO_LOG_DIR", &log)
-        .run();
-    assert_eq!(first.signal, Some(libc::SIGKILL), "{first}");
-    assert!(first.stdout.starts_with("epoch "), "{first}");
-    let replayed = Command::new("bash")
-        .arg(repo_root().join("scripts/replay.sh"))
-        .arg(&log)
-        .arg(&image)
-        .output()
-        .expect("running scripts/replay.sh");
-    let text = String::from_utf8_lossy(&replayed.stdout).to_string()
-        + &String::from_utf8_lossy(&replayed.stderr);
-    assert!(replayed.status.success(), "replay.sh failed:\n{text}");
-    assert!(
-        text.contains("LEGO_RESTORE="),
-        "replay.sh must print the restart command:\n{text}"
-    );
-    let second = Run::new(python3())
-        .args(["-c", script])
-        .shim()
-        .env("LEGO_CACHE_SIZE", "32M")
-        .env("LEGO_BACKEND", store.backend())
-        .env("LEGO_RESTORE", &image)
-        .run();
-    second.assert_success();
-    assert_eq!(
-        second.stdout.trim(),
-        "found the answer is 42, kept in a durable heap",
-        "{second}"
-    );
+    // The default (automatic epochs, the newest one replayed), and epochs only at
+    // lego_checkpoint() with the newest program checkpoint replayed.
+    for (flush_ms, options) in [(None, &[][..]), (Some("manual"), &["--checkpoint"][..])] {
+        let _ = std::fs::remove_dir_all(&log);
+        let mut first = Run::new(python3())
+            .args(["-c", script])
+            .shim()
+            .env("LEGO_CACHE_SIZE", "32M")
+            .env("LEGO_BACKEND", store.backend())
+            .env("LEGO_LOG_DIR", &log);
+        if let Some(ms) = flush_ms {
+            first = first.env("LEGO_FLUSH_MS", ms);
+        }
+        let first = first.run();
+        assert_eq!(first.signal, Some(libc::SIGKILL), "{first}");
+        assert!(first.stdout.starts_with("epoch "), "{first}");
+        let replayed = Command::new("bash")
+            .arg(repo_root().join("scripts/replay.sh"))
+            .arg(&log)
+            .arg(&image)
+            .args(options)
+            .output()
+            .expect("running scripts/replay.sh");
+        let text = String::from_utf8_lossy(&replayed.stdout).to_string()
+            + &String::from_utf8_lossy(&replayed.stderr);
+        assert!(
+            replayed.status.success(),
+            "replay.sh {options:?} failed:\n{text}"
+        );
+        assert!(
+            text.contains("LEGO_RESTORE="),
+            "replay.sh must print the restart command:\n{text}"
+        );
+        let second = Run::new(python3())
+            .args(["-c", script])
+            .shim()
+            .env("LEGO_CACHE_SIZE", "32M")
+            .env("LEGO_BACKEND", store.backend())
+            .env("LEGO_RESTORE", &image)
+            .run();
+        second.assert_success();
+        assert_eq!(
+            second.stdout.trim(),
+            "found the answer is 42, kept in a durable heap",
+            "LEGO_FLUSH_MS={flush_ms:?}, replay {options:?}: {second}"
+        );
+    }
 }
 
 /// One writer per log directory: a second process naming it is refused before main with the
