@@ -1,12 +1,13 @@
 /* An epoch that holds evicted pages must read them back from the page store, and a failed or
  * corrupt read must never give a committed epoch without them.
  *
- *   epoch_readback run MiB   sets a small root (stage 1) and calls lego_checkpoint(); then
+ *   epoch_readback run MiB [touch]  sets a small root (stage 1) and calls lego_checkpoint(); then
  *                            writes MiB of pattern once (write only: with a small cache most
  *                            of it is evicted dirty and never read back by the program), sets
  *                            stage 2 and calls lego_checkpoint() again. Prints
  *                            "checkpoint STAGE EPOCH" or "checkpoint STAGE failed errno E",
- *                            then exits normally without touching the block again.
+ *                            then exits without touching the block again (with a third
+ *                            argument "touch": after reading the whole block back).
  *   epoch_readback show      after LEGO_RESTORE: prints "stage S" and, for stage 2, checks
  *                            every byte of the block ("block ok", or a WRONG DATA line). */
 #include <errno.h>
@@ -71,6 +72,12 @@ int main(int argc, char **argv) {
     fill_pattern(r->block, r->len, 7);
     r->stage = 2;
     checkpoint(2);
+    if (argc >= 4 && strcmp(argv[3], "touch") == 0) {
+        /* Read the block back: pages whose store copy cannot be had must give SIGBUS. */
+        uint64_t sum = 0;
+        if (!check_pattern(r->block, r->len, 7, "block", &sum)) _exit(1);
+        if (write(1, "block ok\n", 9) != 9) _exit(2);
+    }
     /* _exit: the exit's epoch and stdio's flush are not what this program tests (the test
      * runs a normal exit separately). */
     _exit(0);

@@ -107,11 +107,20 @@ fn no_userfaultfd_permission() {
 /// Runs `sigbus_fetch 128` with a 32 MiB cache and the given fault plan; returns the
 /// outcome and the stats, if the run lived to write them.
 fn run_with_fault(plan: &str) -> (Outcome, Option<Stats>) {
+    run_with_fault_env(plan, &[])
+}
+
+/// [`run_with_fault`] with more variables set.
+fn run_with_fault_env(plan: &str, env: &[(&str, &str)]) -> (Outcome, Option<Stats>) {
     let setup = ShimSetup::new("fault", 32);
-    let out = setup
+    let mut run = setup
         .apply(Run::new(program("sigbus_fetch")).args(["128"]))
         .env("LEGO_FAULT_INJECT", plan)
-        .run();
+        .hang_after(300);
+    for &(k, v) in env {
+        run = run.env(k, v);
+    }
+    let out = run.run();
     let stats = setup.stats_path().is_file().then(|| setup.stats());
     (out, stats)
 }
@@ -144,6 +153,31 @@ fn failed_fetch_is_sigbus_not_wrong_data() {
             has_hex_address(&out.stderr),
             "{plan}: stderr must name the page address in hex:\n{out}"
         );
+    }
+}
+
+/// The same after an epoch has run over the evicted pages (`epoch_readback ... touch`, with a
+/// durable heap): the epoch's `PAGEMAP_SCAN` leaves write-protect markers on missing pages,
+/// which `UFFDIO_POISON` refused with `EEXIST`, so the faulting thread faulted again forever
+/// instead of getting SIGBUS (found while writing the epoch read-back test).
+#[test]
+fn failed_fetch_after_an_epoch_is_sigbus_not_a_hang() {
+    let _serial = heavy();
+    for plan in ["fetch:eio:after=256", "fetch:corrupt:after=256"] {
+        let log = TempDir::new("fault-log");
+        let setup = ShimSetup::new("fault-epoch", 16);
+        let out = setup
+            .apply(Run::new(program("epoch_readback")).args(["run", "64", "touch"]))
+            .env("LEGO_LOG_DIR", log.path().join("log"))
+            .env("LEGO_FLUSH_MS", "manual")
+            .env("LEGO_FAULT_INJECT", plan)
+            .hang_after(120)
+            .run();
+        assert!(!out.hung, "{plan}: the faulting thread never got SIGBUS:\n{out}");
+        assert!(!out.stdout.contains("WRONG DATA"), "{plan}: {out}");
+        assert!(!out.stdout.contains("block ok"), "{plan}: {out}");
+        assert_eq!(out.signal, Some(libc::SIGBUS), "{plan}: {out}");
+        assert!(out.stderr.contains("lego: SIGBUS"), "{plan}: {out}");
     }
 }
 
