@@ -1183,6 +1183,9 @@ fn online_cpus() -> usize {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::cell::RefCell;
