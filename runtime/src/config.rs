@@ -1063,6 +1063,12 @@ pub fn parse_size(text: &str, total_ram_bytes: u64) -> Result<u64, SizeError> {
                 text: text.to_owned(),
             });
         }
+        // A share of a (reported) RAM below 100 bytes can round down to nothing.
+        if bytes == 0 {
+            return Err(SizeError::Zero {
+                text: text.to_owned(),
+            });
+        }
         return u64::try_from(bytes).map_err(|_| SizeError::TooLarge {
             text: text.to_owned(),
         });

@@ -152,7 +152,7 @@ proptest! {
         fraction in 0u64..1_000_000_000,
         digits in 1usize..=9,
         percent in 1u64..=100,
-        ram in 1u64..,
+        ram in prop_oneof![1u64..200, 1u64..],
         space in any::<bool>(),
     ) {
         let (suffix, unit) = suffix;
