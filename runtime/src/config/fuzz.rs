@@ -18,8 +18,8 @@ use crate::fuzz_support::{config as cases, Extreme};
 
 /// Characters sizes, counts and plans are made of, and a few that they are not.
 const ALPHABET: &[char] = &[
-    '0', '1', '2', '5', '9', '.', 'k', 'K', 'm', 'M', 'g', 'G', 't', 'T', 'i', 'I', 'b', 'B',
-    '%', ' ', '\t', ':', '=', '/', '-', '+', 'e', 'a', 'f', 'r', 'x', 'é', '\u{a0}', '\u{0}',
+    '0', '1', '2', '5', '9', '.', 'k', 'K', 'm', 'M', 'g', 'G', 't', 'T', 'i', 'I', 'b', 'B', '%',
+    ' ', '\t', ':', '=', '/', '-', '+', 'e', 'a', 'f', 'r', 'x', 'é', '\u{a0}', '\u{0}',
 ];
 
 /// A string of up to 24 characters of [`ALPHABET`].
@@ -31,7 +31,11 @@ fn alphabet_text() -> impl Strategy<Value = String> {
 /// `base` with a few characters replaced, inserted or removed.
 fn mutated(base: String) -> impl Strategy<Value = String> {
     proptest::collection::vec(
-        (0u8..3, any::<proptest::sample::Index>(), proptest::sample::select(ALPHABET)),
+        (
+            0u8..3,
+            any::<proptest::sample::Index>(),
+            proptest::sample::select(ALPHABET),
+        ),
         0..3,
     )
     .prop_map(move |edits| {
@@ -59,12 +63,46 @@ fn value() -> impl Strategy<Value = String> {
         .map(|s| s.example.to_owned())
         .chain(
             [
-                "0", "1", "15", "16", "256", "257", "1024", "1025", "9", "10", "3600000",
-                "3600001", "16777216", "16777217", "18446744073709551615",
-                "18446744073709551616", "64T", "64TiB", "65T", "16M", "15.99M", "100%", "101%",
-                "0.5%", "1%", "file:", "file:/", "file:rel", "s3://b", "fetch:eio:after=0",
-                "store:ENOSPC:after=18446744073709551615", "fetch:eio:after=-1", "OFF", "Trace",
-                "none", "FDATASYNC", "x.json", ".json", "  ", "",
+                "0",
+                "1",
+                "15",
+                "16",
+                "256",
+                "257",
+                "1024",
+                "1025",
+                "9",
+                "10",
+                "3600000",
+                "3600001",
+                "16777216",
+                "16777217",
+                "18446744073709551615",
+                "18446744073709551616",
+                "64T",
+                "64TiB",
+                "65T",
+                "16M",
+                "15.99M",
+                "100%",
+                "101%",
+                "0.5%",
+                "1%",
+                "file:",
+                "file:/",
+                "file:rel",
+                "s3://b",
+                "fetch:eio:after=0",
+                "store:ENOSPC:after=18446744073709551615",
+                "fetch:eio:after=-1",
+                "OFF",
+                "Trace",
+                "none",
+                "FDATASYNC",
+                "x.json",
+                ".json",
+                "  ",
+                "",
             ]
             .iter()
             .map(|s| (*s).to_owned()),
@@ -122,7 +160,7 @@ fn check_config(c: &Config) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(cases(4000))]
+    #![proptest_config(cases(40_000))]
 
     /// Any text as a size, on any machine: a positive size, or an error that quotes it.
     #[test]

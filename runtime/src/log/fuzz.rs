@@ -26,8 +26,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use super::format::{
-    BlockKind, Commit, CommitKind, EntryKind, FormatError, EPOCH_MAX, ImageHeader, PageEntry, PageGroup,
-    RegionInfo, SegmentHeader, BLOCK_BYTES, BLOCK_BYTES_U64, CRC_OFFSET, FORMAT_VERSION,
+    BlockKind, Commit, CommitKind, EntryKind, FormatError, ImageHeader, PageEntry, PageGroup,
+    RegionInfo, SegmentHeader, BLOCK_BYTES, BLOCK_BYTES_U64, CRC_OFFSET, EPOCH_MAX, FORMAT_VERSION,
     GROUP_ENTRIES_MAX, IMAGE_MAGIC, KIND_CHECKPOINT, KIND_COMMIT, KIND_PAGE_GROUP, PAGE_BYTES,
     REGION_END_MAX, SEGMENT_MAGIC,
 };
@@ -70,7 +70,11 @@ fn check_decoders(bytes: &[u8]) -> Result<(), TestCaseError> {
         }
         Ok(())
     }
-    outcome(SegmentHeader::decode(bytes), |h| h.encode().0.to_vec(), bytes)?;
+    outcome(
+        SegmentHeader::decode(bytes),
+        |h| h.encode().0.to_vec(),
+        bytes,
+    )?;
     outcome(PageGroup::decode(bytes), |g| g.encode().0.to_vec(), bytes)?;
     outcome(Commit::decode(bytes), |c| c.encode().0.to_vec(), bytes)?;
     outcome(ImageHeader::decode(bytes), |h| h.encode().0.to_vec(), bytes)?;
@@ -154,7 +158,10 @@ fn page_group() -> impl Strategy<Value = PageGroup> {
         any::<u64>(),
         any::<u64>(),
         any::<u32>(),
-        proptest::collection::vec((any::<bool>(), any::<u64>(), any::<u32>()), 1..=GROUP_ENTRIES_MAX),
+        proptest::collection::vec(
+            (any::<bool>(), any::<u64>(), any::<u32>()),
+            1..=GROUP_ENTRIES_MAX,
+        ),
     )
         .prop_map(|(epoch, log_id, index, entries)| PageGroup {
             epoch,
@@ -163,7 +170,11 @@ fn page_group() -> impl Strategy<Value = PageGroup> {
             entries: entries
                 .into_iter()
                 .map(|(data, page, crc)| PageEntry {
-                    kind: if data { EntryKind::Page } else { EntryKind::Zero },
+                    kind: if data {
+                        EntryKind::Page
+                    } else {
+                        EntryKind::Zero
+                    },
                     epoch,
                     page,
                     crc,
@@ -227,7 +238,7 @@ fn patch(block: &mut [u8], at: usize, wide: bool, value: Extreme) {
 }
 
 proptest! {
-    #![proptest_config(config(3000))]
+    #![proptest_config(config(30_000))]
 
     /// Random bytes of any length, and blocks that start like a record.
     #[test]
@@ -617,7 +628,13 @@ fn mutate(segs: &mut Vec<Segment<Vec<u8>>>, mutations: &[Mutation]) {
         }
         let n = segs.len();
         match m {
-            Mutation::Patch { seg, block, at, wide, value } => {
+            Mutation::Patch {
+                seg,
+                block,
+                at,
+                wide,
+                value,
+            } => {
                 let src = &mut segs[seg.index(n)].source;
                 let blocks = src.len() / BLOCK_BYTES;
                 if blocks > 0 {
@@ -627,9 +644,17 @@ fn mutate(segs: &mut Vec<Segment<Vec<u8>>>, mutations: &[Mutation]) {
                     seal(block);
                 }
             }
-            Mutation::CopyBlock { from_seg, from, to_seg, to } => {
+            Mutation::CopyBlock {
+                from_seg,
+                from,
+                to_seg,
+                to,
+            } => {
                 let (fs, ts) = (from_seg.index(n), to_seg.index(n));
-                let (fb, tb) = (segs[fs].source.len() / BLOCK_BYTES, segs[ts].source.len() / BLOCK_BYTES);
+                let (fb, tb) = (
+                    segs[fs].source.len() / BLOCK_BYTES,
+                    segs[ts].source.len() / BLOCK_BYTES,
+                );
                 if fb > 0 && tb > 0 {
                     let f = from.index(fb) * BLOCK_BYTES;
                     let t = to.index(tb) * BLOCK_BYTES;
@@ -678,7 +703,8 @@ impl ImageSink for SparseImage {
             "replay writes whole blocks"
         );
         for (k, b) in bytes.chunks(BLOCK_BYTES).enumerate() {
-            self.blocks.insert(offset / BLOCK_BYTES_U64 + k as u64, b.to_vec());
+            self.blocks
+                .insert(offset / BLOCK_BYTES_U64 + k as u64, b.to_vec());
         }
         self.len = self.len.max(offset + bytes.len() as u64);
         Ok(())
@@ -693,7 +719,12 @@ impl ImageSink for SparseImage {
 
 impl std::fmt::Debug for SparseImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SparseImage({} blocks, {} bytes)", self.blocks.len(), self.len)
+        write!(
+            f,
+            "SparseImage({} blocks, {} bytes)",
+            self.blocks.len(),
+            self.len
+        )
     }
 }
 
@@ -733,7 +764,10 @@ fn replay_sparse(
                 (r1.epoch, r1.base_epoch, r1.pages, r1.image_bytes),
                 (r2.epoch, r2.base_epoch, r2.pages, r2.image_bytes)
             );
-            prop_assert!(i1.nonzero() == i2.nonzero(), "early writes give another image");
+            prop_assert!(
+                i1.nonzero() == i2.nonzero(),
+                "early writes give another image"
+            );
         }
         (Err(e1), Err(e2)) => prop_assert_eq!(e1.to_string(), e2.to_string()),
         _ => prop_assert!(false, "early writes change the outcome"),
@@ -741,7 +775,10 @@ fn replay_sparse(
     if let Ok((report, image)) = &two_pass {
         prop_assert!(report.base_epoch <= report.epoch);
         prop_assert!(target.is_none_or(|t| t == report.epoch));
-        prop_assert!(report.region.check(super::format::Record::ImageHeader).is_ok());
+        prop_assert!(report
+            .region
+            .check(super::format::Record::ImageHeader)
+            .is_ok());
         prop_assert_eq!(image.len, report.image_bytes);
         let header = ImageHeader::decode(image.blocks.get(&0).map_or(&[][..], |b| b))
             .map_err(|e| TestCaseError::fail(format!("the image header: {e}")))?;
@@ -825,7 +862,7 @@ fn blocks_of(image: &[u8]) -> BTreeMap<u64, &[u8]> {
 }
 
 proptest! {
-    #![proptest_config(config(1500))]
+    #![proptest_config(config(12_000))]
 
     /// A log with records changed (past their CRCs), bytes flipped, blocks copied, segments
     /// cut, dropped and renumbered: replay and inspect end with a report or an error, the
@@ -976,11 +1013,20 @@ fn huge_fields_are_refused_or_cost_nothing() {
 /// One change to an image file.
 #[derive(Debug, Clone)]
 enum ImageMutation {
-    Flip { at: Index, xor: u8 },
+    Flip {
+        at: Index,
+        xor: u8,
+    },
     /// Cuts the file, or makes it longer with a hole, to `len` bytes.
-    SetLen { len: Extreme },
+    SetLen {
+        len: Extreme,
+    },
     /// Overwrites a word of the header and seals it again.
-    Patch { at: usize, wide: bool, value: Extreme },
+    Patch {
+        at: usize,
+        wide: bool,
+        value: Extreme,
+    },
 }
 
 fn image_mutation() -> impl Strategy<Value = ImageMutation> {
@@ -989,10 +1035,19 @@ fn image_mutation() -> impl Strategy<Value = ImageMutation> {
         any::<Extreme>().prop_map(|len| ImageMutation::SetLen { len }),
         prop_oneof![
             // A field of the header: version, page size, region, epoch, log id, pages.
-            proptest::sample::select(vec![(8, false), (12, false), (16, true), (24, true), (32, true), (40, true), (48, true)]),
+            proptest::sample::select(vec![
+                (8, false),
+                (12, false),
+                (16, true),
+                (24, true),
+                (32, true),
+                (40, true),
+                (48, true)
+            ]),
             (0usize..64, any::<bool>()),
         ]
-        .prop_flat_map(|(at, wide)| any::<Extreme>().prop_map(move |value| ImageMutation::Patch { at, wide, value })),
+        .prop_flat_map(|(at, wide)| any::<Extreme>()
+            .prop_map(move |value| ImageMutation::Patch { at, wide, value })),
     ]
 }
 
@@ -1032,7 +1087,7 @@ fn read_image(
 }
 
 proptest! {
-    #![proptest_config(config(600))]
+    #![proptest_config(config(4_000))]
 
     /// Images (valid ones, changed ones, random files): opening checks them, reading hands
     /// out exactly the file's non-zero pages and ends, data runs cover them, and a log
