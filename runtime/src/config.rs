@@ -1172,6 +1172,12 @@ pub fn parse_size(text: &str, total_ram_bytes: u64) -> Result<u64, SizeError> {
                 text: text.to_owned(),
             });
         }
+        // A share of a (reported) RAM below 100 bytes can round down to nothing.
+        if bytes == 0 {
+            return Err(SizeError::Zero {
+                text: text.to_owned(),
+            });
+        }
         return u64::try_from(bytes).map_err(|_| SizeError::TooLarge {
             text: text.to_owned(),
         });
@@ -1290,6 +1296,9 @@ fn online_cpus() -> usize {
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     usize::try_from(n).unwrap_or(1).max(1)
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -25,6 +25,9 @@ pub mod store;
 pub mod threads;
 pub mod uffd;
 
+#[cfg(test)]
+mod fuzz_support;
+
 /// Size of one page of the managed region, in bytes. Every page-granular quantity in lego
 /// (cache size, fetch and eviction batches, store offsets) is a multiple of it.
 pub const PAGE_SIZE: usize = 4096;

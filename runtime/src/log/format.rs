@@ -98,6 +98,10 @@ pub const KIND_CHECKPOINT: u32 = u32::from_le_bytes(*b"CKPT");
 /// address space with 5-level page tables).
 pub const REGION_END_MAX: u64 = 1 << 57;
 
+/// Largest epoch number a header may carry (an epoch a millisecond would take 146 million
+/// years to get there): replay and the writer count epochs on from it without overflowing.
+pub const EPOCH_MAX: u64 = 1 << 62;
+
 /// One 4 KiB block, aligned for `O_DIRECT`.
 #[repr(C, align(4096))]
 #[derive(Clone, PartialEq, Eq)]
@@ -313,8 +317,9 @@ impl SegmentHeader {
         if header.seq == 0 {
             return Err(bad_field(R, "sequence number", 0, "1 or more"));
         }
-        if header.first_epoch == 0 {
-            return Err(bad_field(R, "first epoch", 0, "1 or more"));
+        if !(1..=EPOCH_MAX).contains(&header.first_epoch) {
+            let value = header.first_epoch;
+            return Err(bad_field(R, "first epoch", value, "from 1 to 2^62"));
         }
         if header.flags & !SEGMENT_FLAGS_KNOWN != 0 {
             return Err(bad_field(
@@ -850,6 +855,9 @@ impl ImageHeader {
             pages: get_u64(b, 48),
         };
         header.region.check(R)?;
+        if header.epoch > EPOCH_MAX {
+            return Err(bad_field(R, "epoch", header.epoch, "at most 2^62"));
+        }
         if header.pages > header.region.pages() {
             return Err(bad_field(
                 R,

@@ -21,6 +21,9 @@ pub mod replay;
 pub mod segment;
 pub mod uring;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use format::{EpochPage, FormatError, RegionInfo};
 pub use image::{ImageError, ImageReader};
 pub use replay::{inspect_dir, replay_dir, Inspection, Progress, ReplayError, ReplayReport};
