@@ -151,7 +151,10 @@ fn check_config(c: &Config) -> Result<(), TestCaseError> {
     let BackendSpec::File { dir } = &c.backend;
     prop_assert!(dir.is_absolute());
     if let Some(log) = &c.log {
-        prop_assert!((FLUSH_MS_MIN as u64..=FLUSH_MS_MAX as u64).contains(&log.flush_ms));
+        // `None` is LEGO_FLUSH_MS=manual.
+        prop_assert!(log
+            .flush_ms
+            .is_none_or(|ms| (FLUSH_MS_MIN as u64..=FLUSH_MS_MAX as u64).contains(&ms)));
         prop_assert!((FLUSH_PAGES_MIN..=FLUSH_PAGES_MAX).contains(&log.flush_pages));
         prop_assert!(log.log_max_bytes.is_none_or(|m| m >= LOG_MAX_BYTES_MIN));
     }
@@ -269,11 +272,11 @@ proptest! {
         }
         prop_assert_eq!(
             parse_fault_plan(&plan),
-            Ok(FaultPlan {
+            Ok(Injection::Store(FaultPlan {
                 op: if store { FaultOp::Store } else { FaultOp::Fetch },
                 after_pages: n,
-                errno: if enospc { libc::ENOSPC } else { libc::EIO },
-            })
+                effect: FaultEffect::Errno(if enospc { libc::ENOSPC } else { libc::EIO }),
+            }))
         );
         let backend = format!("file:{dir}");
         let spec = parse_backend(&backend);
