@@ -269,9 +269,7 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
         Some(cmd) if cmd == "replay" => {
             let a = parse_replay(&args[1..])?;
             let mut line = ProgressLine::new();
-            let result = replay_dir_with(&a.log_dir, &a.image, &a.options, &mut |p| {
-                line.update(p)
-            });
+            let result = replay_dir_with(&a.log_dir, &a.image, &a.options, &mut |p| line.update(p));
             line.finish();
             let report = result?;
             print!("{report}");
@@ -318,8 +316,8 @@ mod tests {
         }
         let plain = parse_replay(&os(&["logs", "-o", "x"])).expect("parses");
         assert_eq!(plain.options, ReplayOptions::default());
-        let program = parse_replay(&os(&["--checkpoint", "logs", "-o", "x", "--strict"]))
-            .expect("parses");
+        let program =
+            parse_replay(&os(&["--checkpoint", "logs", "-o", "x", "--strict"])).expect("parses");
         assert_eq!(
             program.options,
             ReplayOptions {

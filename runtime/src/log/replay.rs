@@ -45,8 +45,8 @@ use thiserror::Error;
 
 use super::format::{
     parse_segment_file_name, BatchCrc, BlockKind, Commit, CommitKind, EntryKind, EpochOrigin,
-    FormatError, ImageHeader, PageEntry, PageGroup, Record, RegionInfo, SegmentHeader,
-    BLOCK_BYTES, BLOCK_BYTES_U64, PAGE_BYTES,
+    FormatError, ImageHeader, PageEntry, PageGroup, Record, RegionInfo, SegmentHeader, BLOCK_BYTES,
+    BLOCK_BYTES_U64, PAGE_BYTES,
 };
 use crate::io::{self, AlignedBuf, DIRECT_ALIGN_BYTES};
 use crate::PAGE_SIZE;
@@ -1252,7 +1252,11 @@ pub fn check_strict<S: SegmentSource>(
         let name = seg.path.file_name().unwrap_or(seg.path.as_os_str());
         let name = name.to_string_lossy();
         match (&info.header, &info.damage) {
-            (Err(e), _) => damage.push(format!("{name} (all {} bytes): at offset 0: {}", info.bytes, error_chain(e))),
+            (Err(e), _) => damage.push(format!(
+                "{name} (all {} bytes): at offset 0: {}",
+                info.bytes,
+                error_chain(e)
+            )),
             (Ok(_), Some((at, e))) => damage.push(format!(
                 "{name} from offset {} ({} bytes): at offset {at}: {}",
                 info.clean_bytes,
@@ -2099,7 +2103,9 @@ impl fmt::Display for Inspection {
                     r.pages
                 )?;
                 match r.newest_program {
-                    Some(p) => write!(f, "--checkpoint would recover program checkpoint epoch {p}")?,
+                    Some(p) => {
+                        write!(f, "--checkpoint would recover program checkpoint epoch {p}")?
+                    }
                     None => write!(f, "the log holds no program checkpoint")?,
                 }
                 if let Some(path) = &r.fell_back_from {

@@ -620,6 +620,15 @@ impl MemoryStorage {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+
+    /// Replaces the bytes of segment `seq` (tests damage a log the writer still holds).
+    #[cfg(test)]
+    pub(crate) fn replace_segment(&self, seq: u64, bytes: Vec<u8>) {
+        self.segments
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(seq, bytes);
+    }
 }
 
 impl LogStorage for MemoryStorage {
@@ -927,7 +936,10 @@ impl LogWriter {
     /// bounds; the previous generation, kept as the fallback should the newest checkpoint be
     /// damaged, is not counted (see [`LogWriter::total_bytes`]).
     pub fn log_bytes(&self) -> u64 {
-        self.segment_bytes.range(self.generation..).map(|(_, b)| b).sum()
+        self.segment_bytes
+            .range(self.generation..)
+            .map(|(_, b)| b)
+            .sum()
     }
 
     /// Bytes of every segment the log holds: both generations (at most about twice
@@ -1765,6 +1777,9 @@ fn random_log_id() -> u64 {
 }
 
 #[cfg(test)]
+mod generations;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::log::format::{ImageHeader, BLOCK_BYTES, PAGE_BYTES};
@@ -2103,7 +2118,11 @@ mod tests {
             assert_eq!(w.append_epoch(&epoch_pages(&next)).expect("appending"), 5);
             with_third.apply(&next);
             let segs = segments_of(&inner);
-            assert_eq!(segs.len(), 2, "the older segment stays as the previous generation");
+            assert_eq!(
+                segs.len(),
+                2,
+                "the older segment stays as the previous generation"
+            );
             let (report, image) = replay_mem(&segs, None).expect("replays");
             assert_eq!((report.epoch, report.base_epoch), (5, 4));
             assert!(image == with_third.image(5), "{op:?} {nth}");
@@ -2197,14 +2216,13 @@ mod tests {
         assert_eq!(w.append_epoch(&epoch_pages(&third)).expect("appending"), 3);
         let expected = whole.snapshot();
         // The format did not change: epoch 1 is what `encode_epoch` lays out.
-        let encoded =
-            super::super::format::encode_epoch(
-                1,
-                42,
-                CommitKind::Delta,
-                EpochOrigin::Automatic,
-                &epoch_pages(&first),
-            );
+        let encoded = super::super::format::encode_epoch(
+            1,
+            42,
+            CommitKind::Delta,
+            EpochOrigin::Automatic,
+            &epoch_pages(&first),
+        );
         let mut bytes: Vec<u8> = encoded
             .body
             .iter()
@@ -2536,7 +2554,11 @@ mod tests {
         let (report, image) = replay_mem(&segments_of(&storage), None).expect("replays");
         assert_eq!((report.epoch, report.base_epoch), (10, 9));
         assert!(image == model.image(10));
-        assert_eq!(storage.snapshot().len(), 10, "the previous generation stays");
+        assert_eq!(
+            storage.snapshot().len(),
+            10,
+            "the previous generation stays"
+        );
     }
 
     /// After a failed write or sync (the cases of the test above), `compact` makes the last
