@@ -134,11 +134,25 @@ fn replay_checkpoint_strict_and_inspect_of_program_checkpoints() {
 
     let (code, text) = lego(&["replay", log_s, "-o", image_s, "--checkpoint"]);
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("recovered program checkpoint epoch 2"), "{text}");
+    assert!(
+        text.contains("recovered program checkpoint epoch 2"),
+        "{text}"
+    );
     let bytes = std::fs::read(&image).expect("the image");
-    assert!(bytes[2 * 4096..3 * 4096].iter().all(|&b| b == 2), "epoch 2's page");
+    assert!(
+        bytes[2 * 4096..3 * 4096].iter().all(|&b| b == 2),
+        "epoch 2's page"
+    );
 
-    let (code, text) = lego(&["replay", log_s, "-o", image_s, "--checkpoint", "--epoch", "3"]);
+    let (code, text) = lego(&[
+        "replay",
+        log_s,
+        "-o",
+        image_s,
+        "--checkpoint",
+        "--epoch",
+        "3",
+    ]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("give one of them"), "{text}");
 
@@ -155,8 +169,8 @@ fn replay_checkpoint_strict_and_inspect_of_program_checkpoints() {
         .args([log_s, image_s, "--checkpoint", "--strict"])
         .output()
         .expect("running scripts/replay.sh");
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains("recovered program checkpoint epoch 2")
@@ -182,5 +196,8 @@ fn replay_checkpoint_strict_and_inspect_of_program_checkpoints() {
     assert!(!image.exists(), "--strict writes no image");
     let (code, text) = lego(&["replay", log_s, "-o", image_s]);
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("recovered program checkpoint epoch 2"), "{text}");
+    assert!(
+        text.contains("recovered program checkpoint epoch 2"),
+        "{text}"
+    );
 }
