@@ -12,6 +12,11 @@
 //!   (a full image) numbered after it. So the image is always exactly some committed epoch.
 //! - The image is complete only from epoch 1 or from a checkpoint: a log whose oldest segment
 //!   starts elsewhere, with no checkpoint after it, gives no image.
+//! - A damaged newest checkpoint applies nothing and the segments after it do not continue the
+//!   chain: the image is the previous generation's newest epoch, and the report says it fell
+//!   back ([`ReplayReport::fell_back_from`]).
+//! - [`Target::ProgramCheckpoint`] recovers the newest epoch `lego_checkpoint()` made;
+//!   [`check_strict`] (`--strict`) refuses a log with any damage.
 //! - Replay only reads the log (no lock): it can run while a writer appends.
 //!
 //! Two passes: the first reads the whole log sequentially, checks it and keeps, per page, the

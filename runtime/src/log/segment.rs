@@ -30,9 +30,16 @@
 //!   committed epoch is ever written behind an uncommitted one.
 //! - Compaction ([`LogWriter::compact`]) and [`LogWriter::resume`] write their checkpoint in a
 //!   new segment numbered after every segment there, as an epoch numbered after every epoch
-//!   there, and remove older segments only once it is durable. A crash before that leaves the
-//!   old log, which replays as before; after, the checkpoint. The temporary image compaction
-//!   replays into is never named like a segment.
+//!   there. A crash before it is durable leaves the old log, which replays as before; after,
+//!   the checkpoint. The temporary image compaction replays into is never named like a
+//!   segment.
+//! - Generations: a checkpoint starts one. The previous generation is kept whole (replay
+//!   falls back to it when the newest checkpoint is damaged); the one before it is removed at
+//!   the first commit of an epoch after the new checkpoint. [`LogWriter::log_bytes`] counts
+//!   the current generation only.
+//! - Epochs record their origin ([`EpochOrigin`]): compaction keeps the newest program
+//!   checkpoint, copying the automatic epochs after it behind a checkpoint of it, unless they
+//!   are too large for the log limit ([`LogWriter::compact_within`]).
 //! - `LOG_DIR/lock` holds an exclusive `flock` for as long as the [`LogDir`] lives, and the
 //!   holder's PID: a second writer is refused with a message naming both.
 //!
