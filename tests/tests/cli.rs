@@ -87,3 +87,117 @@ fn run_with_a_bad_cache_size_fails_clearly() {
         "the error must name the bad value:\n{out}"
     );
 }
+
+/// `lego replay --checkpoint` recovers the newest program checkpoint of a log (written here
+/// with the library's writer), `--strict` refuses a damaged log with exit status 2, `lego
+/// inspect` lists the program checkpoints, and `scripts/replay.sh` passes the options through.
+#[test]
+fn replay_checkpoint_strict_and_inspect_of_program_checkpoints() {
+    use lego_runtime::log::{EpochOrigin, EpochPage, LogWriter, RegionInfo, WriterOptions};
+    use std::process::Command;
+
+    let dir = TempDir::new("cli-program-checkpoint");
+    let log = dir.path().join("heap");
+    let image = dir.path().join("heap.img");
+    let region = RegionInfo {
+        base: 0x7c40_0000_0000,
+        len: 8 * 4096,
+    };
+    let mut w = LogWriter::create(&log, region, WriterOptions::default()).expect("creating");
+    for (n, origin) in [
+        (1u8, EpochOrigin::Automatic),
+        (2, EpochOrigin::Program),
+        (3, EpochOrigin::Automatic),
+    ] {
+        let data = vec![n; 4096];
+        w.append_epoch_as(
+            origin,
+            &[EpochPage {
+                page: 1,
+                data: Some(&data),
+            }],
+        )
+        .expect("appending");
+    }
+    drop(w);
+    let lego = |args: &[&str]| {
+        let out = Command::new(lego_bin())
+            .args(args)
+            .output()
+            .expect("running lego");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let log_s = log.to_str().expect("a UTF-8 path");
+    let image_s = image.to_str().expect("a UTF-8 path");
+
+    let (code, text) = lego(&["replay", log_s, "-o", image_s, "--checkpoint"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("recovered program checkpoint epoch 2"),
+        "{text}"
+    );
+    let bytes = std::fs::read(&image).expect("the image");
+    assert!(
+        bytes[2 * 4096..3 * 4096].iter().all(|&b| b == 2),
+        "epoch 2's page"
+    );
+
+    let (code, text) = lego(&[
+        "replay",
+        log_s,
+        "-o",
+        image_s,
+        "--checkpoint",
+        "--epoch",
+        "3",
+    ]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("give one of them"), "{text}");
+
+    let (code, text) = lego(&["inspect", log_s]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("program checkpoints (lego_checkpoint): 2")
+            && text.contains("--checkpoint would recover program checkpoint epoch 2"),
+        "{text}"
+    );
+
+    let out = Command::new("bash")
+        .arg(lego_tests::repo_root().join("scripts/replay.sh"))
+        .args([log_s, image_s, "--checkpoint", "--strict"])
+        .output()
+        .expect("running scripts/replay.sh");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("recovered program checkpoint epoch 2")
+            && text.contains("continues from epoch 2"),
+        "{text}"
+    );
+
+    // A torn tail: the default recovers epoch 2, --strict refuses and writes nothing.
+    let seg = log.join("seg-000001.lego");
+    let len = std::fs::metadata(&seg).expect("stat").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .and_then(|f| f.set_len(len - 1))
+        .expect("cutting the segment");
+    std::fs::remove_file(&image).expect("removing the image");
+    let (code, text) = lego(&["replay", log_s, "-o", image_s, "--strict"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("--strict") && text.contains("seg-000001.lego from offset"),
+        "{text}"
+    );
+    assert!(!image.exists(), "--strict writes no image");
+    let (code, text) = lego(&["replay", log_s, "-o", image_s]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("recovered program checkpoint epoch 2"),
+        "{text}"
+    );
+}

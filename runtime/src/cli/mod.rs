@@ -5,10 +5,13 @@
 //! sets `LD_PRELOAD` to the `liblego.so` next to the `lego` binary and the matching `LEGO_*`
 //! variables, then executes the program in place (its exit status is the command's).
 //!
-//! `lego replay LOG_DIR -o IMAGE [--epoch N]` rebuilds the heap image of the last complete
-//! epoch (or of epoch N) from a log directory, with a progress line on stderr when stderr is a
-//! terminal, and prints what it recovered and what it left out; it fails only when nothing
-//! usable is there. `lego inspect LOG_DIR` describes the segments, epochs and damage of a log.
+//! `lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]` rebuilds the heap
+//! image of the last complete epoch (of epoch N, or of the newest program checkpoint: an epoch
+//! `lego_checkpoint()` made) from a log directory, with a progress line on stderr when stderr
+//! is a terminal, and prints what it recovered and what it left out; it fails only when nothing
+//! usable is there, or with `--strict` when anything in the log is damaged. `lego inspect
+//! LOG_DIR` describes the segments, epochs (program checkpoints among them) and damage of a
+//! log.
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
@@ -19,10 +22,12 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::log::replay::{error_chain, inspect_dir, replay_dir, Progress, ReplayError};
+use crate::log::replay::{
+    error_chain, inspect_dir, replay_dir_with, Progress, ReplayError, ReplayOptions, Target,
+};
 
 pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
-       lego replay LOG_DIR -o IMAGE [--epoch N]
+       lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
        lego inspect LOG_DIR";
 
 /// How often the progress line on a terminal is redrawn, at most.
@@ -59,7 +64,8 @@ impl From<ReplayError> for CliError {
 pub struct ReplayArgs {
     pub log_dir: PathBuf,
     pub image: PathBuf,
-    pub epoch: Option<u64>,
+    /// The epoch to recover (`--epoch N`, `--checkpoint`), and `--strict`.
+    pub options: ReplayOptions,
 }
 
 /// Parses the arguments that follow `lego replay`.
@@ -67,6 +73,8 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
     let mut log_dir = None;
     let mut image = None;
     let mut epoch = None;
+    let mut checkpoint = false;
+    let mut strict = false;
     let mut i = 0;
     while i < args.len() {
         let a = args[i].to_string_lossy();
@@ -89,6 +97,14 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
                 epoch = Some(n);
                 i += 2;
             }
+            "--checkpoint" => {
+                checkpoint = true;
+                i += 1;
+            }
+            "--strict" => {
+                strict = true;
+                i += 1;
+            }
             s if s.starts_with('-') && s.len() > 1 => {
                 return Err(CliError::Usage(format!("unknown option {s}")));
             }
@@ -99,10 +115,20 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
             s => return Err(CliError::Usage(format!("unexpected argument {s}"))),
         }
     }
+    let target = match (epoch, checkpoint) {
+        (Some(n), false) => Target::Epoch(n),
+        (None, true) => Target::ProgramCheckpoint,
+        (None, false) => Target::Newest,
+        (Some(n), true) => {
+            return Err(CliError::Usage(format!(
+                "--epoch {n} and --checkpoint ask for two different epochs: give one of them"
+            )))
+        }
+    };
     Ok(ReplayArgs {
         log_dir: log_dir.ok_or_else(|| CliError::Usage("no LOG_DIR given".into()))?,
         image: image.ok_or_else(|| CliError::Usage("no -o IMAGE given".into()))?,
-        epoch,
+        options: ReplayOptions { target, strict },
     })
 }
 
@@ -243,7 +269,7 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
         Some(cmd) if cmd == "replay" => {
             let a = parse_replay(&args[1..])?;
             let mut line = ProgressLine::new();
-            let result = replay_dir(&a.log_dir, &a.image, a.epoch, &mut |p| line.update(p));
+            let result = replay_dir_with(&a.log_dir, &a.image, &a.options, &mut |p| line.update(p));
             line.finish();
             let report = result?;
             print!("{report}");
@@ -277,7 +303,10 @@ mod tests {
         let want = ReplayArgs {
             log_dir: PathBuf::from("logs"),
             image: PathBuf::from("heap.img"),
-            epoch: Some(7),
+            options: ReplayOptions {
+                target: Target::Epoch(7),
+                strict: false,
+            },
         };
         for v in [
             &["logs", "-o", "heap.img", "--epoch", "7"][..],
@@ -286,7 +315,16 @@ mod tests {
             assert_eq!(parse_replay(&os(v)).expect("parses"), want);
         }
         let plain = parse_replay(&os(&["logs", "-o", "x"])).expect("parses");
-        assert_eq!(plain.epoch, None);
+        assert_eq!(plain.options, ReplayOptions::default());
+        let program =
+            parse_replay(&os(&["--checkpoint", "logs", "-o", "x", "--strict"])).expect("parses");
+        assert_eq!(
+            program.options,
+            ReplayOptions {
+                target: Target::ProgramCheckpoint,
+                strict: true,
+            }
+        );
     }
 
     #[test]
@@ -300,6 +338,7 @@ mod tests {
             &["logs", "-o", "x", "--epoch", "seven"][..],
             &["logs", "more", "-o", "x"][..],
             &["logs", "-o", "x", "--bogus"][..],
+            &["logs", "-o", "x", "--epoch", "3", "--checkpoint"][..],
         ] {
             assert!(
                 matches!(parse_replay(&os(v)), Err(CliError::Usage(_))),
@@ -363,6 +402,84 @@ mod tests {
         let err = main(&[OsString::from("inspect"), arg(&dir.0.join("missing"))])
             .expect_err("no such directory");
         assert!(err.to_string().contains("No such file"), "{err}");
+    }
+
+    /// `--checkpoint` recovers the newest program checkpoint (or says there is none),
+    /// `--strict` refuses a damaged log and writes no image.
+    #[test]
+    fn replay_checkpoint_and_strict() {
+        use crate::log::format::{EpochPage, ImageHeader, RegionInfo, BLOCK_BYTES};
+        use crate::log::test_support::{page, TestDir};
+        use crate::log::{EpochOrigin, LogWriter, WriterOptions};
+        let dir = TestDir::new("cli-checkpoint");
+        let logs = dir.0.join("heap");
+        let region = RegionInfo {
+            base: 0x7c00_0000_0000,
+            len: 16 * 4096,
+        };
+        let arg = |p: &std::path::Path| p.as_os_str().to_os_string();
+        let image = dir.0.join("heap.img");
+        let replay = |extra: &[&str]| {
+            let mut args = vec![
+                OsString::from("replay"),
+                arg(&logs),
+                "-o".into(),
+                arg(&image),
+            ];
+            args.extend(extra.iter().map(OsString::from));
+            main(&args)
+        };
+        let mut w = LogWriter::create(&logs, region, WriterOptions::default()).expect("creating");
+        let pages: Vec<Vec<u8>> = (0..3).map(page).collect();
+        let epoch = |w: &mut LogWriter, i: usize, origin| {
+            w.append_epoch_as(
+                origin,
+                &[EpochPage {
+                    page: 2,
+                    data: Some(&pages[i]),
+                }],
+            )
+            .expect("appending")
+        };
+        epoch(&mut w, 0, EpochOrigin::Automatic);
+        let err = replay(&["--checkpoint"]).expect_err("no program checkpoint yet");
+        let text = err.to_string();
+        assert!(
+            text.contains("no program checkpoint") && text.contains("epochs 1 to 1"),
+            "{text}"
+        );
+        assert!(!image.exists(), "no image is written");
+        epoch(&mut w, 1, EpochOrigin::Program);
+        epoch(&mut w, 2, EpochOrigin::Automatic);
+        replay(&["--checkpoint"]).expect("recovers epoch 2");
+        let bytes = std::fs::read(&image).expect("the image");
+        let header = ImageHeader::decode(&bytes[..BLOCK_BYTES]).expect("an image");
+        assert_eq!((header.epoch, header.origin), (2, EpochOrigin::Program));
+        assert!(bytes[3 * 4096..4 * 4096] == pages[1][..]);
+        replay(&["--strict"]).expect("a clean log passes --strict");
+        drop(w);
+        // A torn tail: the default recovers epoch 2, --strict refuses.
+        let seg = logs.join(crate::log::format::segment_file_name(1));
+        let len = std::fs::metadata(&seg).expect("stat").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .and_then(|f| f.set_len(len - 10))
+            .expect("cutting the segment");
+        std::fs::remove_file(&image).expect("removing the image");
+        let err = replay(&["--strict"]).expect_err("damage is refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("--strict")
+                && text.contains("seg-000001.lego from offset")
+                && text.contains("torn write"),
+            "{text}"
+        );
+        assert!(!image.exists(), "--strict writes no image");
+        replay(&[]).expect("the default recovers the epoch before the damage");
+        let bytes = std::fs::read(&image).expect("the image");
+        let header = ImageHeader::decode(&bytes[..BLOCK_BYTES]).expect("an image");
+        assert_eq!(header.epoch, 2);
     }
 
     #[test]

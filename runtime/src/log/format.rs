@@ -51,8 +51,28 @@ const _: () = assert!(BLOCK_BYTES == PAGE_SIZE);
 /// Where every block keeps the CRC32C of the bytes before it.
 pub const CRC_OFFSET: usize = BLOCK_BYTES - 4;
 
-/// Format version written in segment and image headers. A reader refuses any other version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written in segment and image headers. Version 2 added the commit record's
+/// and the image header's flags ([`COMMIT_FLAG_PROGRAM`], [`IMAGE_FLAG_PROGRAM`]) in bytes
+/// that version 1 kept zero, so a version 1 log or image reads as all automatic epochs. The
+/// number changed because a version 1 reader takes a non-zero reserved byte for damage: it
+/// would silently recover less of a new log, where it now refuses it by its version.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Oldest format version a reader accepts.
+pub const FORMAT_VERSION_MIN: u32 = 1;
+
+/// Commit record flag: the program chose this epoch (`lego_checkpoint()`), so its heap holds
+/// the program's invariants; other epochs are cut by a timer.
+pub const COMMIT_FLAG_PROGRAM: u32 = 1;
+
+/// Every commit record flag this version knows.
+const COMMIT_FLAGS_KNOWN: u32 = COMMIT_FLAG_PROGRAM;
+
+/// Image header flag: the image's epoch is a program checkpoint (see [`COMMIT_FLAG_PROGRAM`]).
+pub const IMAGE_FLAG_PROGRAM: u32 = 1;
+
+/// Every image header flag this version knows.
+const IMAGE_FLAGS_KNOWN: u32 = IMAGE_FLAG_PROGRAM;
 
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"LEGO-LOG";
@@ -167,7 +187,10 @@ pub enum FormatError {
         expected: [u8; 8],
         found: [u8; 8],
     },
-    #[error("the {record} has format version {found}; this lego reads version {supported}")]
+    #[error(
+        "the {record} has format version {found}; this lego reads versions \
+         {FORMAT_VERSION_MIN} to {supported}"
+    )]
     UnsupportedVersion {
         record: Record,
         found: u32,
@@ -251,7 +274,7 @@ impl RegionInfo {
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 8 | magic `LEGO-LOG` |
-/// | 8 | 4 | format version (1) |
+/// | 8 | 4 | format version (2; 1 is read too) |
 /// | 12 | 4 | page size (4096) |
 /// | 16 | 8 | segment sequence number (1, 2, ...; the file name says the same) |
 /// | 24 | 8 | log id (random, the same in every block of the log) |
@@ -579,6 +602,37 @@ impl PageGroup {
     }
 }
 
+/// Who chose the moment of an epoch: a timer or the pager's own reasons ([`Automatic`]), or
+/// the program, by calling `lego_checkpoint()` ([`Program`]). `lego replay --checkpoint`
+/// recovers the newest program epoch, where the program's invariants hold.
+///
+/// [`Automatic`]: EpochOrigin::Automatic
+/// [`Program`]: EpochOrigin::Program
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EpochOrigin {
+    /// Cut by the flusher (every `LEGO_FLUSH_MS`, or when enough pages are dirty), or a
+    /// checkpoint of such an epoch.
+    #[default]
+    Automatic,
+    /// Cut for `lego_checkpoint()`, or a checkpoint of such an epoch.
+    Program,
+}
+
+impl EpochOrigin {
+    /// The origin a commit record's (or image header's) program flag says.
+    pub fn from_program_flag(program: bool) -> EpochOrigin {
+        if program {
+            EpochOrigin::Program
+        } else {
+            EpochOrigin::Automatic
+        }
+    }
+
+    pub fn is_program(self) -> bool {
+        self == EpochOrigin::Program
+    }
+}
+
 /// How a commit record ends its epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitKind {
@@ -609,7 +663,8 @@ impl CommitKind {
 /// | 24 | 8 | page entries in the epoch (`PAGE` and `ZERO`) |
 /// | 32 | 8 | bytes of the epoch before this block (groups and payloads) |
 /// | 40 | 4 | batch CRC: CRC32C over the entries' CRCs (4 bytes each, little-endian) in order |
-/// | 44..4092 | | zeros |
+/// | 44 | 4 | flags: [`COMMIT_FLAG_PROGRAM`] (zero in version 1) |
+/// | 48..4092 | | zeros |
 /// | 4092 | 4 | CRC32C of bytes 0..4092 |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Commit {
@@ -620,6 +675,7 @@ pub struct Commit {
     pub pages: u64,
     pub body_bytes: u64,
     pub batch_crc: u32,
+    pub origin: EpochOrigin,
 }
 
 impl Commit {
@@ -632,6 +688,9 @@ impl Commit {
         put_u64(&mut b.0, 24, self.pages);
         put_u64(&mut b.0, 32, self.body_bytes);
         put_u32(&mut b.0, 40, self.batch_crc);
+        if self.origin.is_program() {
+            put_u32(&mut b.0, 44, COMMIT_FLAG_PROGRAM);
+        }
         b.seal();
         b
     }
@@ -647,8 +706,13 @@ impl Commit {
             other => return Err(unknown_kind(b, other)),
         };
         check_crc(R, b)?;
-        check_zero(R, b, 44..CRC_OFFSET)?;
+        let flags = get_u32(b, 44);
+        if flags & !COMMIT_FLAGS_KNOWN != 0 {
+            return Err(bad_field(R, "flags", flags.into(), "0 or 1 (program)"));
+        }
+        check_zero(R, b, 48..CRC_OFFSET)?;
         Ok(Commit {
+            origin: EpochOrigin::from_program_flag(flags & COMMIT_FLAG_PROGRAM != 0),
             kind,
             groups: get_u32(b, 4),
             epoch: get_u64(b, 8),
@@ -745,6 +809,7 @@ pub fn encode_epoch<'a>(
     epoch: u64,
     log_id: u64,
     kind: CommitKind,
+    origin: EpochOrigin,
     pages: &[EpochPage<'a>],
 ) -> EncodedEpoch<'a> {
     let mut body = Vec::new();
@@ -780,6 +845,7 @@ pub fn encode_epoch<'a>(
         pages: pages.len() as u64,
         body_bytes,
         batch_crc: batch.value(),
+        origin,
     }
     .encode();
     EncodedEpoch {
@@ -794,14 +860,15 @@ pub fn encode_epoch<'a>(
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 8 | magic `LEGO-IMG` |
-/// | 8 | 4 | format version (1) |
+/// | 8 | 4 | format version (2; 1 is read too) |
 /// | 12 | 4 | page size (4096) |
 /// | 16 | 8 | region base address |
 /// | 24 | 8 | region length in bytes |
 /// | 32 | 8 | epoch the image holds |
 /// | 40 | 8 | log id of the log it was replayed from |
 /// | 48 | 8 | non-zero pages in the image |
-/// | 56..4092 | | zeros |
+/// | 56 | 4 | flags: [`IMAGE_FLAG_PROGRAM`] (zero in version 1) |
+/// | 60..4092 | | zeros |
 /// | 4092 | 4 | CRC32C of bytes 0..4092 |
 ///
 /// Page `i` of the region is at byte `4096 + i * 4096`; holes and bytes past the end of the
@@ -812,6 +879,8 @@ pub struct ImageHeader {
     pub epoch: u64,
     pub log_id: u64,
     pub pages: u64,
+    /// Whether `epoch` is a program checkpoint.
+    pub origin: EpochOrigin,
 }
 
 impl ImageHeader {
@@ -834,6 +903,9 @@ impl ImageHeader {
         put_u64(&mut b.0, 32, self.epoch);
         put_u64(&mut b.0, 40, self.log_id);
         put_u64(&mut b.0, 48, self.pages);
+        if self.origin.is_program() {
+            put_u32(&mut b.0, 56, IMAGE_FLAG_PROGRAM);
+        }
         b.seal();
         b
     }
@@ -853,6 +925,7 @@ impl ImageHeader {
             epoch: get_u64(b, 32),
             log_id: get_u64(b, 40),
             pages: get_u64(b, 48),
+            origin: EpochOrigin::from_program_flag(get_u32(b, 56) & IMAGE_FLAG_PROGRAM != 0),
         };
         header.region.check(R)?;
         if header.epoch > EPOCH_MAX {
@@ -866,7 +939,11 @@ impl ImageHeader {
                 "at most the region's pages",
             ));
         }
-        check_zero(R, b, 56..CRC_OFFSET)?;
+        let flags = get_u32(b, 56);
+        if flags & !IMAGE_FLAGS_KNOWN != 0 {
+            return Err(bad_field(R, "flags", flags.into(), "0 or 1 (program)"));
+        }
+        check_zero(R, b, 60..CRC_OFFSET)?;
         Ok(header)
     }
 
@@ -922,7 +999,7 @@ fn check_magic(record: Record, b: &[u8], expected: [u8; 8]) -> Result<(), Format
 
 fn check_version(record: Record, b: &[u8]) -> Result<(), FormatError> {
     match get_u32(b, 8) {
-        FORMAT_VERSION => Ok(()),
+        FORMAT_VERSION_MIN..=FORMAT_VERSION => Ok(()),
         found => Err(FormatError::UnsupportedVersion {
             record,
             found,
@@ -1067,6 +1144,7 @@ mod tests {
             pages: 300,
             body_bytes: 3 * BLOCK_BYTES_U64 + 250 * PAGE_BYTES,
             batch_crc: 0xdead_beef,
+            origin: EpochOrigin::Automatic,
         }
     }
 
@@ -1076,6 +1154,7 @@ mod tests {
             epoch: 12,
             log_id: 77,
             pages: 40,
+            origin: EpochOrigin::Automatic,
         }
     }
 
@@ -1192,16 +1271,18 @@ mod tests {
         assert!(e.to_string().contains("LEGO-LOG"), "{e}");
 
         let mut b = header().encode();
-        put_u32(&mut b.0, 8, 2);
+        put_u32(&mut b.0, 8, 3);
         b.seal();
+        let e = SegmentHeader::decode(&b.0).expect_err("version 3");
         assert_eq!(
-            SegmentHeader::decode(&b.0),
-            Err(FormatError::UnsupportedVersion {
+            e,
+            FormatError::UnsupportedVersion {
                 record: Record::SegmentHeader,
-                found: 2,
-                supported: 1
-            })
+                found: 3,
+                supported: 2
+            }
         );
+        assert!(e.to_string().contains("versions 1 to 2"), "{e}");
 
         let mut b = group().encode();
         b.0[..4].copy_from_slice(b"WHAT");
@@ -1280,7 +1361,7 @@ mod tests {
                     data: (i % 3 != 0).then(|| data[i].as_slice()),
                 })
                 .collect();
-            let e = encode_epoch(5, 99, CommitKind::Delta, &pages);
+            let e = encode_epoch(5, 99, CommitKind::Delta, EpochOrigin::Automatic, &pages);
             let groups = n.div_ceil(GROUP_ENTRIES_MAX);
             let payloads = (0..n).filter(|i| i % 3 != 0).count();
             assert_eq!(e.body.len(), groups + payloads);

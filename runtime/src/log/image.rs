@@ -317,6 +317,7 @@ mod tests {
             epoch: 7,
             log_id: 9,
             pages: 3,
+            origin: crate::log::EpochOrigin::Automatic,
         };
         let f = File::create(&path).expect("create");
         f.write_all_at(&header.encode().0, 0).expect("header");

@@ -24,9 +24,12 @@ pub mod uring;
 #[cfg(test)]
 mod fuzz;
 
-pub use format::{EpochPage, FormatError, RegionInfo};
+pub use format::{EpochOrigin, EpochPage, FormatError, RegionInfo};
 pub use image::{ImageError, ImageReader};
-pub use replay::{inspect_dir, replay_dir, Inspection, Progress, ReplayError, ReplayReport};
+pub use replay::{
+    inspect_dir, replay_dir, replay_dir_with, Inspection, Progress, ReplayError, ReplayOptions,
+    ReplayReport, Target,
+};
 pub use segment::{
     EpochAppend, LogDir, LogDirOptions, LogEngine, LogError, LogWriter, SyncMode, WriterOptions,
 };
@@ -121,6 +124,7 @@ pub(crate) mod test_support {
                 epoch,
                 log_id: self.log_id,
                 pages: nonzero.len() as u64,
+                origin: super::format::EpochOrigin::Automatic,
             };
             img[..PAGE_SIZE].copy_from_slice(&header.encode().0);
             for (&p, d) in nonzero {

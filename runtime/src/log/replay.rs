@@ -12,6 +12,11 @@
 //!   (a full image) numbered after it. So the image is always exactly some committed epoch.
 //! - The image is complete only from epoch 1 or from a checkpoint: a log whose oldest segment
 //!   starts elsewhere, with no checkpoint after it, gives no image.
+//! - A damaged newest checkpoint applies nothing and the segments after it do not continue the
+//!   chain: the image is the previous generation's newest epoch, and the report says it fell
+//!   back ([`ReplayReport::fell_back_from`]).
+//! - [`Target::ProgramCheckpoint`] recovers the newest epoch `lego_checkpoint()` made;
+//!   [`check_strict`] (`--strict`) refuses a log with any damage.
 //! - Replay only reads the log (no lock): it can run while a writer appends.
 //!
 //! Two passes: the first reads the whole log sequentially, checks it and keeps, per page, the
@@ -44,8 +49,8 @@ use std::thread::Scope;
 use thiserror::Error;
 
 use super::format::{
-    parse_segment_file_name, BatchCrc, BlockKind, Commit, CommitKind, EntryKind, FormatError,
-    ImageHeader, PageEntry, PageGroup, Record, RegionInfo, SegmentHeader, BLOCK_BYTES,
+    parse_segment_file_name, BatchCrc, BlockKind, Commit, CommitKind, EntryKind, EpochOrigin,
+    FormatError, ImageHeader, PageEntry, PageGroup, Record, RegionInfo, SegmentHeader, BLOCK_BYTES,
     BLOCK_BYTES_U64, PAGE_BYTES,
 };
 use crate::io::{self, AlignedBuf, DIRECT_ALIGN_BYTES};
@@ -68,6 +73,32 @@ const _: () =
 // Blocks and pages of the log are aligned as O_DIRECT asks, so every read replay makes is.
 const _: () = assert!(BLOCK_BYTES.is_multiple_of(DIRECT_ALIGN_BYTES) && PAGE_SIZE == BLOCK_BYTES);
 const _: () = assert!(READ_AHEAD_CHUNKS >= 1);
+
+/// Program checkpoints `lego inspect` lists by number per segment (the newest ones; the rest
+/// are counted).
+pub const INSPECT_PROGRAM_EPOCHS_SHOWN: usize = 16;
+
+/// Which epoch a replay recovers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Target {
+    /// The newest complete epoch (point-in-time recovery).
+    #[default]
+    Newest,
+    /// Epoch N (`--epoch N`).
+    Epoch(u64),
+    /// The newest program checkpoint, an epoch `lego_checkpoint()` made (`--checkpoint`):
+    /// automatic epochs after it are left out.
+    ProgramCheckpoint,
+}
+
+/// How `lego replay` recovers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayOptions {
+    pub target: Target,
+    /// Refuse (write no image) when anything in the log is damaged or left out, instead of
+    /// recovering the last epoch before the damage (`--strict`).
+    pub strict: bool,
+}
 
 /// Read access to one segment: a file, or bytes in memory (tests). Shared with the reader
 /// thread of the first pass, hence `Sync`.
@@ -238,6 +269,26 @@ pub enum ReplayError {
         first_epoch: u64,
     },
     #[error(
+        "the log in {dir} holds no program checkpoint (an epoch made by lego_checkpoint()) that \
+         replay can reach: it holds epochs {first} to {last}, all cut automatically; replay \
+         without --checkpoint recovers epoch {last}"
+    )]
+    NoProgramCheckpoint { dir: PathBuf, first: u64, last: u64 },
+    #[error(
+        "the log in {dir} is damaged, and --strict recovers nothing from a damaged log: \
+         {first}{}; replay without --strict recovers the last complete epoch before the damage",
+        match more {
+            0 => String::new(),
+            n => format!(" (and {n} more parts of the log)"),
+        }
+    )]
+    Strict {
+        dir: PathBuf,
+        /// The first damaged or left-out part: segment, offset and reason.
+        first: String,
+        more: usize,
+    },
+    #[error(
         "epoch {asked} cannot be recovered from {dir}: replay can give epochs {first} to {last}{}",
         if *asked > *last {
             " (the usable log ends before it)"
@@ -352,7 +403,7 @@ pub enum DropReason {
          and is not a checkpoint"
     )]
     DoesNotContinue { first: u64, last: u64 },
-    #[error("the replay stopped after epoch {target}, as asked (--epoch)")]
+    #[error("the replay stopped after epoch {target}, as asked (--epoch or --checkpoint)")]
     AfterTarget { target: u64 },
 }
 
@@ -409,6 +460,17 @@ pub struct ReplayReport {
     pub epoch: u64,
     /// The epoch the image was built from: 1, or the newest checkpoint applied.
     pub base_epoch: u64,
+    /// Whether `epoch` is a program checkpoint (the image header says so too).
+    pub origin: EpochOrigin,
+    /// The oldest epoch this log can give (`--epoch`): 1, or the oldest checkpoint applied.
+    pub first_epoch: u64,
+    /// The newest program checkpoint replay went through (what `--checkpoint` recovers), and
+    /// how many it went through.
+    pub newest_program: Option<u64>,
+    pub program_epochs: u64,
+    /// A newer generation replay could not use: its checkpoint segment (or one whose header is
+    /// unreadable) is damaged, so the image is the older generation's newest complete epoch.
+    pub fell_back_from: Option<PathBuf>,
     pub region: RegionInfo,
     pub log_id: u64,
     /// Segments whose epochs were read (wholly or in part).
@@ -426,7 +488,12 @@ impl fmt::Display for ReplayReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "recovered epoch {} (built from epoch {}{})",
+            "recovered {}epoch {} (built from epoch {}{})",
+            if self.origin.is_program() {
+                "program checkpoint "
+            } else {
+                ""
+            },
             self.epoch,
             self.base_epoch,
             if self.base_epoch == 1 {
@@ -435,6 +502,23 @@ impl fmt::Display for ReplayReport {
                 ", a checkpoint"
             }
         )?;
+        if let Some(path) = &self.fell_back_from {
+            let name = path.file_name().unwrap_or(path.as_os_str());
+            writeln!(
+                f,
+                "the newest generation (from {}) is damaged at its checkpoint: fell back to \
+                 the previous generation's last complete epoch",
+                name.to_string_lossy()
+            )?;
+        }
+        match self.newest_program {
+            Some(p) if p != self.epoch => writeln!(
+                f,
+                "newest program checkpoint: epoch {p} (lego replay --checkpoint recovers it)"
+            )?,
+            Some(_) => {}
+            None => writeln!(f, "no program checkpoint (lego_checkpoint) in the log")?,
+        }
         writeln!(
             f,
             "region {:#x}, {} bytes; {} non-zero pages ({} bytes) in an image file of {} bytes",
@@ -481,11 +565,12 @@ impl fmt::Display for ReplayReport {
 
 /// The place of one page's newest committed version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Loc {
-    seg: usize,
-    offset: u64,
-    epoch: u64,
-    crc: u32,
+pub(crate) struct Loc {
+    /// Index of the segment in the list replayed.
+    pub(crate) seg: usize,
+    pub(crate) offset: u64,
+    pub(crate) epoch: u64,
+    pub(crate) crc: u32,
     /// The payload is all zeros (it is not written: the image reads zeros there already).
     zero: bool,
 }
@@ -738,7 +823,70 @@ impl<'a, S: SegmentSource + ?Sized> Reader<'a, S> {
 struct Committed<'p> {
     epoch: u64,
     kind: CommitKind,
+    origin: EpochOrigin,
+    /// Bytes of the epoch in the segment, commit record included.
+    bytes: u64,
     pages: &'p [(u64, Option<Loc>)],
+}
+
+/// One committed delta epoch after the newest program checkpoint, as compaction copies it:
+/// each page record's page and the place of its payload (`None`: a `ZERO` record).
+pub(crate) struct LaterEpoch {
+    pub(crate) origin: EpochOrigin,
+    pub(crate) pages: Vec<(u64, Option<Loc>)>,
+}
+
+/// The epochs after the newest program checkpoint of the chain (compaction keeps them after
+/// a checkpoint of that program checkpoint), collected while they are at most `bytes_max`.
+pub(crate) struct LaterEpochs {
+    pub(crate) epochs: Vec<LaterEpoch>,
+    /// Bytes of those epochs in the log.
+    pub(crate) bytes: u64,
+    bytes_max: u64,
+    /// A program checkpoint was seen and no automatic checkpoint came after it.
+    pub(crate) active: bool,
+    /// The epochs came to more than `bytes_max`: they are not kept.
+    pub(crate) over: bool,
+}
+
+impl LaterEpochs {
+    pub(crate) fn new(bytes_max: u64) -> LaterEpochs {
+        LaterEpochs {
+            epochs: Vec::new(),
+            bytes: 0,
+            bytes_max,
+            active: false,
+            over: false,
+        }
+    }
+
+    fn restart(&mut self, active: bool) {
+        self.epochs.clear();
+        self.bytes = 0;
+        self.active = active;
+        self.over = false;
+    }
+
+    fn take(&mut self, e: &Committed<'_>) {
+        if e.origin.is_program() {
+            self.restart(true);
+        } else if e.kind == CommitKind::Checkpoint {
+            // An automatic checkpoint after the program checkpoint: the epochs after that
+            // cannot be applied as changes over it.
+            self.restart(false);
+        } else if self.active && !self.over {
+            self.bytes += e.bytes;
+            if self.bytes > self.bytes_max {
+                self.over = true;
+                self.epochs = Vec::new();
+            } else {
+                self.epochs.push(LaterEpoch {
+                    origin: e.origin,
+                    pages: e.pages.to_vec(),
+                });
+            }
+        }
+    }
 }
 
 /// How the body of a segment ended.
@@ -935,6 +1083,8 @@ fn scan_body<S: SegmentSource + ?Sized>(
                     on_commit(&Committed {
                         epoch,
                         kind: commit.kind,
+                        origin: commit.origin,
+                        bytes: offset - start,
                         pages: pending,
                     });
                     epoch += 1;
@@ -1025,7 +1175,16 @@ struct Chain {
     last: u64,
     /// The epoch the image starts from, once it is complete (from epoch 1 or a checkpoint).
     base: Option<u64>,
+    /// The first base (the oldest epoch the chain can give).
+    first_base: Option<u64>,
     applied: u64,
+    /// Whether the last epoch applied is a program checkpoint.
+    last_origin: EpochOrigin,
+    /// The newest program checkpoint applied, and how many were.
+    newest_program: Option<u64>,
+    program_epochs: u64,
+    /// Index of the newest segment an epoch was applied from.
+    last_segment: usize,
 }
 
 /// The first pass: reads `segments` (ascending sequence numbers) and works out the image of
@@ -1036,7 +1195,90 @@ pub fn plan<S: SegmentSource>(
     target: Option<u64>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Plan, ReplayError> {
-    plan_with(dir, segments, target, None, progress)
+    plan_with(dir, segments, target, None, None, progress)
+}
+
+/// [`plan`] of the newest epoch that also collects the epochs after the newest program
+/// checkpoint (up to `later_bytes_max` bytes of them), for compaction.
+pub(crate) fn plan_collecting<S: SegmentSource>(
+    dir: &Path,
+    segments: &[Segment<S>],
+    later_bytes_max: u64,
+) -> Result<(Plan, LaterEpochs), ReplayError> {
+    let mut later = LaterEpochs::new(later_bytes_max);
+    let plan = plan_once(dir, segments, None, None, Some(&mut later), &mut |_| {})?;
+    Ok((plan, later))
+}
+
+/// The epoch number `target` asks for: the newest program checkpoint is found by a first
+/// replay without a target (the log is read twice for `--checkpoint`: a program checkpoint is
+/// only known to be the newest once the log has been read to its end).
+pub fn resolve_target<S: SegmentSource>(
+    dir: &Path,
+    segments: &[Segment<S>],
+    target: Target,
+) -> Result<Option<u64>, ReplayError> {
+    match target {
+        Target::Newest => Ok(None),
+        Target::Epoch(n) => Ok(Some(n)),
+        Target::ProgramCheckpoint => {
+            let p = plan_once(dir, segments, None, None, None, &mut |_| {})?;
+            match p.report.newest_program {
+                Some(epoch) => Ok(Some(epoch)),
+                None => Err(ReplayError::NoProgramCheckpoint {
+                    dir: dir.to_path_buf(),
+                    first: p.report.first_epoch,
+                    last: p.report.epoch,
+                }),
+            }
+        }
+    }
+}
+
+/// `--strict`: refuses when anything in the log is damaged or left out. The parts a replay
+/// with a target did not read (after the target) are read on their own here, so damage there
+/// counts too.
+pub fn check_strict<S: SegmentSource>(
+    dir: &Path,
+    segments: &[Segment<S>],
+    report: &ReplayReport,
+) -> Result<(), ReplayError> {
+    let mut damage: Vec<String> = report
+        .dropped
+        .iter()
+        .filter(|d| d.is_damage())
+        .map(ToString::to_string)
+        .collect();
+    for d in report.dropped.iter().filter(|d| !d.is_damage()) {
+        let Some((i, seg)) = segments.iter().enumerate().find(|(_, s)| s.path == d.path) else {
+            continue;
+        };
+        let info = inspect_segment(i, seg);
+        let name = seg.path.file_name().unwrap_or(seg.path.as_os_str());
+        let name = name.to_string_lossy();
+        match (&info.header, &info.damage) {
+            (Err(e), _) => damage.push(format!(
+                "{name} (all {} bytes): at offset 0: {}",
+                info.bytes,
+                error_chain(e)
+            )),
+            (Ok(_), Some((at, e))) => damage.push(format!(
+                "{name} from offset {} ({} bytes): at offset {at}: {}",
+                info.clean_bytes,
+                info.bytes - info.clean_bytes,
+                error_chain(e)
+            )),
+            (Ok(_), None) => {}
+        }
+    }
+    match damage.first() {
+        None => Ok(()),
+        Some(first) => Err(ReplayError::Strict {
+            dir: dir.to_path_buf(),
+            first: first.clone(),
+            more: damage.len() - 1,
+        }),
+    }
 }
 
 /// [`plan`] that also writes every page version it reads to `out` (an empty image, named
@@ -1051,7 +1293,7 @@ pub fn plan_into<S: SegmentSource>(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Plan, ReplayError> {
     let mut early = EarlyWrites::new(out);
-    let mut plan = plan_with(dir, segments, target, Some(&mut early), progress)?;
+    let mut plan = plan_with(dir, segments, target, Some(&mut early), None, progress)?;
     early.flush();
     if let Some(source) = early.error {
         return Err(ReplayError::Image {
@@ -1069,18 +1311,19 @@ fn plan_with<S: SegmentSource>(
     segments: &[Segment<S>],
     target: Option<u64>,
     early: Option<&mut EarlyWrites<'_>>,
+    later: Option<&mut LaterEpochs>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Plan, ReplayError> {
-    match plan_once(dir, segments, target, early, progress) {
+    match plan_once(dir, segments, target, early, later, progress) {
         // An epoch before everything the log can still give: say what it can give.
         Err(ReplayError::NothingCommitted { .. } | ReplayError::NoBase { .. })
             if target.is_some() =>
         {
-            let err = plan_once(dir, segments, None, None, &mut |_| {})
+            let err = plan_once(dir, segments, None, None, None, &mut |_| {})
                 .map(|p| ReplayError::EpochNotAvailable {
                     dir: dir.to_path_buf(),
                     asked: target.expect("checked by the guard"),
-                    first: p.report.base_epoch,
+                    first: p.report.first_epoch,
                     last: p.report.epoch,
                 })
                 .unwrap_or_else(|e| e);
@@ -1095,6 +1338,7 @@ fn plan_once<S: SegmentSource>(
     segments: &[Segment<S>],
     target: Option<u64>,
     mut early: Option<&mut EarlyWrites<'_>>,
+    mut later: Option<&mut LaterEpochs>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Plan, ReplayError> {
     if segments.is_empty() {
@@ -1109,6 +1353,10 @@ fn plan_once<S: SegmentSource>(
     let mut pending = Vec::new();
     let mut dropped = Vec::new();
     let mut segments_read = 0;
+    // The newest segment that may have started a generation (its header says it starts with
+    // a checkpoint, or cannot be read) and from which nothing was applied: if it comes after
+    // every segment applied, replay fell back to the previous generation.
+    let mut unusable_start: Option<(usize, PathBuf)> = None;
     // One reader thread per segment, ended (and joined) when its reader is dropped.
     std::thread::scope(|scope| {
         for (i, seg) in segments.iter().enumerate() {
@@ -1132,6 +1380,7 @@ fn plan_once<S: SegmentSource>(
                 Err(damage) => {
                     done += reader.read;
                     dropped.push(whole(DropReason::Damaged { at: 0, damage }));
+                    unusable_start = Some((i, seg.path.clone()));
                     continue;
                 }
             };
@@ -1146,15 +1395,31 @@ fn plan_once<S: SegmentSource>(
                 oldest: (seg.path.clone(), header.first_epoch),
                 last: header.first_epoch - 1,
                 base: None,
+                first_base: None,
                 applied: 0,
+                last_origin: EpochOrigin::Automatic,
+                newest_program: None,
+                program_epochs: 0,
+                last_segment: i,
             });
             segments_read += 1;
+            let applied_before = c.applied;
             let mut on_commit = |e: &Committed<'_>| {
                 if e.kind == CommitKind::Checkpoint {
                     index.clear();
                     c.base = Some(e.epoch);
                 } else if e.epoch == 1 {
                     c.base = Some(1);
+                }
+                c.first_base = c.first_base.or(c.base);
+                c.last_origin = e.origin;
+                if e.origin.is_program() {
+                    c.newest_program = Some(e.epoch);
+                    c.program_epochs += 1;
+                }
+                c.last_segment = i;
+                if let Some(l) = later.as_deref_mut() {
+                    l.take(e);
                 }
                 for &(page, loc) in e.pages {
                     match loc {
@@ -1193,6 +1458,13 @@ fn plan_once<S: SegmentSource>(
                 },
             );
             done += reader.read;
+            let applied_none = c.applied == applied_before;
+            if applied_none
+                && header.starts_with_checkpoint()
+                && matches!(end, BodyEnd::Damaged { .. })
+            {
+                unusable_start = Some((i, seg.path.clone()));
+            }
             match end {
                 BodyEnd::Stopped { offset } if offset < len => dropped.push(Dropped {
                     path: seg.path.clone(),
@@ -1244,14 +1516,22 @@ fn plan_once<S: SegmentSource>(
         return Err(ReplayError::EpochNotAvailable {
             dir: dir.to_path_buf(),
             asked: t,
-            first: base,
+            first: chain.first_base.unwrap_or(base),
             last: chain.last,
         });
     }
+    let fell_back_from = unusable_start
+        .filter(|(i, _)| *i > chain.last_segment)
+        .map(|(_, path)| path);
     Ok(Plan {
         report: ReplayReport {
             epoch: chain.last,
             base_epoch: base,
+            origin: chain.last_origin,
+            first_epoch: chain.first_base.unwrap_or(base),
+            newest_program: chain.newest_program,
+            program_epochs: chain.program_epochs,
+            fell_back_from,
             region: chain.region,
             log_id: chain.log_id,
             segments_read,
@@ -1478,6 +1758,7 @@ pub fn write_image<S: SegmentSource, W: ImageSink>(
         epoch: plan.report.epoch,
         log_id: plan.report.log_id,
         pages,
+        origin: plan.report.origin,
     };
     let len = end_page.map_or(BLOCK_BYTES_U64, ImageHeader::page_offset);
     out.set_len(len).map_err(write_err)?;
@@ -1511,8 +1792,8 @@ fn runs(order: &[(u64, Loc)]) -> impl Iterator<Item = &[(u64, Loc)]> {
     })
 }
 
-/// Reads all of `buf` at `offset` of `seg` for the second pass.
-fn read_exact_at<S: SegmentSource>(
+/// Reads all of `buf` at `offset` of `seg` for the second pass (and compaction's copies).
+pub(crate) fn read_exact_at<S: SegmentSource>(
     seg: &Segment<S>,
     offset: u64,
     buf: &mut [u8],
@@ -1587,8 +1868,24 @@ pub fn replay_dir(
     target: Option<u64>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ReplayReport, ReplayError> {
+    let options = ReplayOptions {
+        target: target.map_or(Target::Newest, Target::Epoch),
+        strict: false,
+    };
+    replay_dir_with(dir, image, &options, progress)
+}
+
+/// [`replay_dir`] with a choice of target (`--checkpoint`) and recovery mode (`--strict`:
+/// any damage anywhere in the log is an error, and no image is written).
+pub fn replay_dir_with(
+    dir: &Path,
+    image: &Path,
+    options: &ReplayOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ReplayReport, ReplayError> {
     check_replaceable(image)?;
     let (segments, _) = open_segments(dir)?;
+    let target = resolve_target(dir, &segments, options.target)?;
     let image_err = |what, source| ReplayError::Image {
         path: image.to_path_buf(),
         what,
@@ -1616,6 +1913,9 @@ pub fn replay_dir(
     // image is created before it; it is removed whatever fails.
     let result =
         plan_into(dir, &segments, target, &mut file, &partial, progress).and_then(|mut plan| {
+            if options.strict {
+                check_strict(dir, &segments, &plan.report)?;
+            }
             write_image(&mut plan, &segments, &mut file, &partial, progress)?;
             file.sync_data()
                 .map_err(|source| image_err("fdatasync of the image", source))?;
@@ -1681,6 +1981,10 @@ pub struct SegmentInfo {
     pub first_epoch: Option<u64>,
     pub last_epoch: Option<u64>,
     pub checkpoints: u64,
+    /// Program checkpoints among the committed epochs: how many, and the newest
+    /// [`INSPECT_PROGRAM_EPOCHS_SHOWN`] of them, ascending.
+    pub program_count: u64,
+    pub program_epochs: Vec<u64>,
     /// Page records in committed epochs: with a payload, and `ZERO` ones.
     pub page_records: u64,
     pub zero_records: u64,
@@ -1724,6 +2028,20 @@ impl fmt::Display for SegmentInfo {
                 self.zero_records
             )?,
             _ => write!(f, "\n    no complete epoch")?,
+        }
+        if self.program_count > 0 {
+            let list: Vec<String> = self.program_epochs.iter().map(u64::to_string).collect();
+            let hidden = self.program_count - self.program_epochs.len() as u64;
+            write!(
+                f,
+                "\n    program checkpoints (lego_checkpoint): {}{}",
+                if hidden > 0 {
+                    format!("{hidden} older ones, then ")
+                } else {
+                    String::new()
+                },
+                list.join(", ")
+            )?;
         }
         match &self.damage {
             None => Ok(()),
@@ -1779,9 +2097,31 @@ impl fmt::Display for Inspection {
             Ok(r) => {
                 write!(
                     f,
-                    "replay would recover epoch {} (built from epoch {}), {} pages logged",
-                    r.epoch, r.base_epoch, r.pages
+                    "replay would recover {}epoch {} (built from epoch {}), {} pages logged; ",
+                    if r.origin.is_program() {
+                        "program checkpoint "
+                    } else {
+                        ""
+                    },
+                    r.epoch,
+                    r.base_epoch,
+                    r.pages
                 )?;
+                match r.newest_program {
+                    Some(p) => {
+                        write!(f, "--checkpoint would recover program checkpoint epoch {p}")?
+                    }
+                    None => write!(f, "the log holds no program checkpoint")?,
+                }
+                if let Some(path) = &r.fell_back_from {
+                    let name = path.file_name().unwrap_or(path.as_os_str());
+                    write!(
+                        f,
+                        "; the newest generation (from {}) is damaged at its checkpoint, so it \
+                         would fall back to the previous generation",
+                        name.to_string_lossy()
+                    )?;
+                }
                 let damage: Vec<&Dropped> = r.dropped.iter().filter(|d| d.is_damage()).collect();
                 if damage.is_empty() {
                     writeln!(f)
@@ -1842,6 +2182,8 @@ pub fn inspect_segment<S: SegmentSource>(index: usize, seg: &Segment<S>) -> Segm
         first_epoch: None,
         last_epoch: None,
         checkpoints: 0,
+        program_count: 0,
+        program_epochs: Vec::new(),
         page_records: 0,
         zero_records: 0,
         clean_bytes: 0,
@@ -1856,6 +2198,13 @@ pub fn inspect_segment<S: SegmentSource>(index: usize, seg: &Segment<S>) -> Segm
         info.last_epoch = Some(e.epoch);
         if e.kind == CommitKind::Checkpoint {
             info.checkpoints += 1;
+        }
+        if e.origin.is_program() {
+            info.program_count += 1;
+            if info.program_epochs.len() == INSPECT_PROGRAM_EPOCHS_SHOWN {
+                info.program_epochs.remove(0);
+            }
+            info.program_epochs.push(e.epoch);
         }
         let zero = e.pages.iter().filter(|(_, loc)| loc.is_none()).count() as u64;
         info.page_records += e.pages.len() as u64 - zero;
@@ -2096,7 +2445,8 @@ mod tests {
         let full = model.checkpoint_changes();
         assert_eq!(w.checkpoint(&epoch_pages(&full)).expect("checkpoint"), 4);
         let after = storage.snapshot();
-        assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![4]);
+        // The first generation (segments 1 to 3) stays as the fallback until the next one.
+        assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         let image4 = model.image(4);
         let (report, image) = replay_mem(&segments_of(&storage), None).expect("replays");
         assert_eq!((report.epoch, report.base_epoch), (4, 4));
@@ -2441,15 +2791,18 @@ mod tests {
             prop_assert_eq!(report.base_epoch, base);
             prop_assert!(report.dropped.is_empty());
             prop_assert!(image == images[last as usize]);
+            // The previous generation is kept too: epochs from its base on replay.
+            let first = report.first_epoch;
+            prop_assert!(first <= base);
             for epoch in 1..=last {
                 match replay_mem(&segs, Some(epoch)) {
                     Ok((report, image)) => {
-                        prop_assert!(epoch >= base);
+                        prop_assert!(epoch >= first);
                         prop_assert_eq!(report.epoch, epoch);
                         prop_assert!(image == images[epoch as usize], "epoch {}", epoch);
                     }
                     Err(e) => {
-                        prop_assert!(epoch < base, "epoch {}: {}", epoch, e);
+                        prop_assert!(epoch < first, "epoch {}: {}", epoch, e);
                     }
                 }
             }

@@ -30,9 +30,16 @@
 //!   committed epoch is ever written behind an uncommitted one.
 //! - Compaction ([`LogWriter::compact`]) and [`LogWriter::resume`] write their checkpoint in a
 //!   new segment numbered after every segment there, as an epoch numbered after every epoch
-//!   there, and remove older segments only once it is durable. A crash before that leaves the
-//!   old log, which replays as before; after, the checkpoint. The temporary image compaction
-//!   replays into is never named like a segment.
+//!   there. A crash before it is durable leaves the old log, which replays as before; after,
+//!   the checkpoint. The temporary image compaction replays into is never named like a
+//!   segment.
+//! - Generations: a checkpoint starts one. The previous generation is kept whole (replay
+//!   falls back to it when the newest checkpoint is damaged); the one before it is removed at
+//!   the first commit of an epoch after the new checkpoint. [`LogWriter::log_bytes`] counts
+//!   the current generation only.
+//! - Epochs record their origin ([`EpochOrigin`]): compaction keeps the newest program
+//!   checkpoint, copying the automatic epochs after it behind a checkpoint of it, unless they
+//!   are too large for the log limit ([`LogWriter::compact_within`]).
 //! - `LOG_DIR/lock` holds an exclusive `flock` for as long as the [`LogDir`] lives, and the
 //!   holder's PID: a second writer is refused with a message naming both.
 //!
@@ -53,12 +60,14 @@ use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
 use super::format::{
-    segment_file_name, BatchCrc, Block, Commit, CommitKind, EpochPage, PageEntry, PageGroup,
-    RegionInfo, SegmentHeader, BLOCK_BYTES_U64, GROUP_ENTRIES_MAX, SEGMENT_FLAG_CHECKPOINT,
+    segment_file_name, BatchCrc, Block, Commit, CommitKind, EntryKind, EpochOrigin, EpochPage,
+    PageEntry, PageGroup, RegionInfo, SegmentHeader, BLOCK_BYTES_U64, GROUP_ENTRIES_MAX,
+    SEGMENT_FLAG_CHECKPOINT,
 };
 use super::image::ImageReader;
 use super::replay::{
-    inspect_segment, plan, write_image, ReplayError, Segment, SegmentFile, SegmentSource,
+    inspect_segment, plan, plan_collecting, read_exact_at, write_image, LaterEpoch, Plan,
+    ReplayError, Segment, SegmentFile, SegmentSource,
 };
 use super::uring::SegmentRing;
 use crate::io::{self, IoError, WriteOp};
@@ -76,6 +85,19 @@ pub const SEGMENT_BYTES_TARGET_MIN: u64 = 4 * BLOCK_BYTES_U64;
 /// Name of the temporary image compaction writes in the log directory (then removes): not a
 /// segment's name, so replay and inspect never take it for one.
 pub const COMPACT_IMAGE_NAME: &str = ".lego-compact.img";
+
+/// The log size compaction assumes until it is told one ([`LogWriter::compact_within`]), in
+/// bytes: the pager's smallest default `LEGO_LOG_MAX`.
+pub const LOG_MAX_BYTES_DEFAULT: u64 = 64 << 20;
+
+/// Compaction keeps the epochs after the newest program checkpoint (copied after a
+/// checkpoint of it) only while they are at most the log limit divided by this: beyond that
+/// the new generation would soon outgrow the limit again and compaction would run after
+/// almost every epoch.
+pub const COMPACT_LATER_DIVISOR: u64 = 2;
+
+/// Pages compaction reads and re-writes at once when it copies an epoch.
+pub const COPY_CHUNK_PAGES: usize = GROUP_ENTRIES_MAX;
 
 /// Most bytes of the lock file read to find the holder's PID.
 const LOCK_FILE_BYTES_MAX: u64 = 64;
@@ -605,6 +627,15 @@ impl MemoryStorage {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+
+    /// Replaces the bytes of segment `seq` (tests damage a log the writer still holds).
+    #[cfg(test)]
+    pub(crate) fn replace_segment(&self, seq: u64, bytes: Vec<u8>) {
+        self.segments
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(seq, bytes);
+    }
 }
 
 impl LogStorage for MemoryStorage {
@@ -696,6 +727,14 @@ pub struct LogWriter {
     broken: bool,
     // Bytes of each segment the log holds, by sequence number (for `log_bytes`).
     segment_bytes: BTreeMap<u64, u64>,
+    // First segment of the current generation: the segment of the newest durable checkpoint,
+    // or 0 (the log's first segment) before any.
+    generation: u64,
+    // Segments numbered below this are removed once an epoch after the current generation's
+    // checkpoint is durable (the generation before the previous one).
+    remove_below: Option<u64>,
+    // The log size compaction decides with (see `compact_within`).
+    log_max_bytes: u64,
     // Payload copies of a streaming epoch's open page group, kept between epochs so that its
     // allocation (at most GROUP_ENTRIES_MAX pages) is made once.
     group_buf: Vec<u8>,
@@ -738,6 +777,9 @@ impl LogWriter {
             last_committed: 0,
             broken: false,
             segment_bytes: BTreeMap::new(),
+            generation: 0,
+            remove_below: None,
+            log_max_bytes: LOG_MAX_BYTES_DEFAULT,
             group_buf: Vec::new(),
         })
     }
@@ -795,6 +837,8 @@ impl LogWriter {
         let mut max_epoch = 0u64;
         let mut max_seq = 0u64;
         let mut segment_bytes = BTreeMap::new();
+        // Where the newest generation there starts: its checkpoint segment, or the first.
+        let mut generation = 0u64;
         for (i, seq) in list_segments(storage.as_ref())?.into_iter().enumerate() {
             let path = storage.segment_path(seq);
             let source = storage.open_segment(seq).map_err(|source| LogError::Io {
@@ -832,6 +876,9 @@ impl LogWriter {
             max_epoch = max_epoch
                 .max(h.first_epoch)
                 .max(info.last_epoch.unwrap_or(0));
+            if h.starts_with_checkpoint() && info.checkpoints > 0 {
+                generation = seq;
+            }
         }
         let log_id = match log_id {
             Some(id) if id != ih.log_id => {
@@ -856,9 +903,17 @@ impl LogWriter {
             last_committed: 0,
             broken: false,
             segment_bytes,
+            generation,
+            remove_below: None,
+            log_max_bytes: LOG_MAX_BYTES_DEFAULT,
             group_buf: Vec::new(),
         };
-        let epoch = w.checkpoint_from_reader(&mut image)?;
+        let epoch = w.checkpoint_from_reader(&mut image, ih.origin)?;
+        if ih.epoch < max_epoch {
+            // Restored from an older epoch (`--epoch N`): the history after it is another
+            // branch, which must not come back as a fallback. Only the new checkpoint stays.
+            w.remove_older_now(epoch);
+        }
         log::info!(
             "the log in {} continues from the image {} (epoch {}) with the checkpoint of \
              epoch {epoch}",
@@ -883,9 +938,28 @@ impl LogWriter {
         self.seq
     }
 
-    /// Bytes of all segments of the log now (what `LEGO_LOG_MAX` bounds).
+    /// Bytes of the log's current generation: the segments from the newest durable
+    /// checkpoint on (all of them before the first checkpoint). This is what `LEGO_LOG_MAX`
+    /// bounds; the previous generation, kept as the fallback should the newest checkpoint be
+    /// damaged, is not counted (see [`LogWriter::total_bytes`]).
     pub fn log_bytes(&self) -> u64 {
+        self.segment_bytes
+            .range(self.generation..)
+            .map(|(_, b)| b)
+            .sum()
+    }
+
+    /// Bytes of every segment the log holds: both generations (at most about twice
+    /// `LEGO_LOG_MAX`, and between a compaction and the next commit a third generation's
+    /// checkpoint).
+    pub fn total_bytes(&self) -> u64 {
         self.segment_bytes.values().sum()
+    }
+
+    /// The first segment of the current generation (0 before the first checkpoint: the log's
+    /// first segment).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Whether only a checkpoint (or [`LogWriter::compact`]) is accepted next.
@@ -901,34 +975,60 @@ impl LogWriter {
     /// Appends one epoch of `pages` (each at most once) and returns its number once it is
     /// durable (with [`SyncMode::Data`]).
     pub fn append_epoch(&mut self, pages: &[EpochPage<'_>]) -> Result<u64, LogError> {
+        self.append_epoch_as(EpochOrigin::Automatic, pages)
+    }
+
+    /// [`LogWriter::append_epoch`] of an epoch whose origin the commit record tells
+    /// ([`EpochOrigin::Program`]: made by `lego_checkpoint()`).
+    pub fn append_epoch_as(
+        &mut self,
+        origin: EpochOrigin,
+        pages: &[EpochPage<'_>],
+    ) -> Result<u64, LogError> {
         if self.broken {
             return Err(self.needs_checkpoint());
         }
         self.check_pages(pages, &[])?;
-        let mut epoch = self.begin(CommitKind::Delta);
+        let mut epoch = self.begin(CommitKind::Delta, origin);
         epoch.push(pages, true)?;
         epoch.commit()
     }
 
-    /// Starts a streaming epoch: pages are added in chunks with [`EpochAppend::add`] and
-    /// written as they come; nothing is durable until [`EpochAppend::commit`].
+    /// Starts a streaming epoch cut automatically (a timer, dirty pages): pages are added in
+    /// chunks with [`EpochAppend::add`] and written as they come; nothing is durable until
+    /// [`EpochAppend::commit`].
     pub fn begin_epoch(&mut self) -> Result<EpochAppend<'_>, LogError> {
+        self.begin_epoch_as(EpochOrigin::Automatic)
+    }
+
+    /// [`LogWriter::begin_epoch`] for an epoch of the given origin: [`EpochOrigin::Program`]
+    /// for the epoch a `lego_checkpoint()` call made, which `lego replay --checkpoint`
+    /// recovers and compaction keeps.
+    pub fn begin_epoch_as(&mut self, origin: EpochOrigin) -> Result<EpochAppend<'_>, LogError> {
         if self.broken {
             return Err(self.needs_checkpoint());
         }
-        Ok(self.begin(CommitKind::Delta))
+        Ok(self.begin(CommitKind::Delta, origin))
     }
 
-    /// Appends a checkpoint: `pages` must be every non-zero page of the heap. It starts a new
-    /// segment, and once it is durable the older segments are removed (oldest first, so a
-    /// crash in between leaves a contiguous run that still replays). Returns its epoch.
+    /// Appends an automatic checkpoint: `pages` must be every non-zero page of the heap. It
+    /// starts a new segment and a new generation; the generation before the previous one is
+    /// removed once an epoch after this checkpoint is durable (oldest first, so a crash in
+    /// between leaves a contiguous run that still replays). Returns its epoch.
     pub fn checkpoint(&mut self, pages: &[EpochPage<'_>]) -> Result<u64, LogError> {
+        self.checkpoint_as(EpochOrigin::Automatic, pages)
+    }
+
+    /// [`LogWriter::checkpoint`] of a heap that is a program checkpoint.
+    pub fn checkpoint_as(
+        &mut self,
+        origin: EpochOrigin,
+        pages: &[EpochPage<'_>],
+    ) -> Result<u64, LogError> {
         self.check_pages(pages, &[])?;
-        let mut append = self.begin(CommitKind::Checkpoint);
+        let mut append = self.begin(CommitKind::Checkpoint, origin);
         append.push(pages, true)?;
-        let epoch = append.commit()?;
-        self.remove_older(epoch);
-        Ok(epoch)
+        append.commit()
     }
 
     /// Streams a checkpoint from the heap image `image` (as `lego replay` writes it; its
@@ -937,12 +1037,18 @@ impl LogWriter {
     /// segments as [`LogWriter::checkpoint`] does. Returns the checkpoint's epoch (a new
     /// number). Works on a broken writer, and clears that state. The image's log id is not
     /// checked: its content becomes the heap's.
+    /// The checkpoint is a program checkpoint when the image's header says its epoch was one.
     pub fn checkpoint_from_image(&mut self, image: &Path) -> Result<u64, LogError> {
         let mut reader = ImageReader::open(image)?;
-        self.checkpoint_from_reader(&mut reader)
+        let origin = reader.header().origin;
+        self.checkpoint_from_reader(&mut reader, origin)
     }
 
-    fn checkpoint_from_reader(&mut self, image: &mut ImageReader) -> Result<u64, LogError> {
+    fn checkpoint_from_reader(
+        &mut self,
+        image: &mut ImageReader,
+        origin: EpochOrigin,
+    ) -> Result<u64, LogError> {
         let found = image.header().region;
         if found != self.region {
             return Err(LogError::ImageRegion {
@@ -951,31 +1057,52 @@ impl LogWriter {
                 expected: self.region,
             });
         }
-        let mut append = self.begin(CommitKind::Checkpoint);
+        let mut append = self.begin(CommitKind::Checkpoint, origin);
         // An error here drops `append` uncommitted: see `EpochAppend`'s drop.
         while let Some(pages) = image.next_chunk()? {
             append.add(&pages)?;
         }
-        let epoch = append.commit()?;
-        self.remove_older(epoch);
-        Ok(epoch)
+        append.commit()
     }
 
-    /// Bounds the log: replays its committed epochs into a temporary image in the log
-    /// directory ([`COMPACT_IMAGE_NAME`], mode 0600, never named like a segment, removed
-    /// afterwards) and writes that as a checkpoint ([`LogWriter::checkpoint_from_image`]).
-    /// Returns the checkpoint's epoch.
+    /// Bounds the log: [`LogWriter::compact_within`] with the log limit given last (or
+    /// [`LOG_MAX_BYTES_DEFAULT`]).
+    pub fn compact(&mut self) -> Result<u64, LogError> {
+        self.compact_within(self.log_max_bytes)
+    }
+
+    /// Bounds the log, whose limit is `log_max_bytes` (`LEGO_LOG_MAX`, compared with
+    /// [`LogWriter::log_bytes`]): replays its committed epochs into a temporary image in the
+    /// log directory ([`COMPACT_IMAGE_NAME`], mode 0600, never named like a segment, removed
+    /// afterwards) and writes that as a checkpoint in a new generation. Returns the epoch of
+    /// the new generation's last epoch (what the default replay gives).
+    ///
+    /// Program checkpoints survive it: when automatic epochs follow the newest program
+    /// checkpoint P (and no automatic checkpoint came between), the checkpoint is of P, marked
+    /// as a program checkpoint, and the epochs after P are copied after it (their records
+    /// re-written under new numbers), so the default replay still gives the newest epoch and
+    /// `--checkpoint` gives P. When those epochs hold more than `log_max_bytes` /
+    /// [`COMPACT_LATER_DIVISOR`] bytes the new generation would outgrow the limit at once:
+    /// the checkpoint is then of the newest epoch, with a warning, and P stays recoverable only
+    /// while the previous generation is kept. A checkpoint of an epoch that was a program
+    /// checkpoint keeps the mark.
+    ///
+    /// The previous generation stays (the fallback should the new checkpoint be damaged); the
+    /// one before it is removed once an epoch after the new checkpoint is durable.
     ///
     /// Works on a broken writer (that is how it recovers after a failed write): the last
     /// epoch replay finds committed becomes the checkpoint's content, which is the last one
     /// reported durable or the failed one if its commit made it. A log that replays to an
-    /// epoch older than the last one reported durable is damaged: it is left as it is and
-    /// the error says so. The image need not be durable: until the checkpoint is, the old
+    /// epoch older than the last one reported durable is damaged (the newest checkpoint, say,
+    /// so that replay fell back to the previous generation): it is left as it is and the
+    /// error says so. The image need not be durable: until the checkpoint is, the old
     /// segments are all there.
     ///
     /// Memory: replay's first pass keeps the place of every page of the heap (tens of bytes
-    /// per page); the pages themselves go through bounded buffers.
-    pub fn compact(&mut self) -> Result<u64, LogError> {
+    /// per page; twice when P is kept) and of every page record after P; the pages themselves
+    /// go through bounded buffers.
+    pub fn compact_within(&mut self, log_max_bytes: u64) -> Result<u64, LogError> {
+        self.log_max_bytes = log_max_bytes;
         let dir = self.storage.location();
         let mut segments = Vec::new();
         for seq in list_segments(self.storage.as_ref())? {
@@ -990,8 +1117,13 @@ impl LogWriter {
                 })?;
             segments.push(Segment { seq, path, source });
         }
-        let mut plan = match plan(&dir, &segments, None, &mut |_| {}) {
-            Ok(plan) => plan,
+        let later_bytes_max = log_max_bytes / COMPACT_LATER_DIVISOR;
+        let replay_err = |e| LogError::Replay {
+            dir: dir.clone(),
+            source: Box::new(e),
+        };
+        let (mut newest, later) = match plan_collecting(&dir, &segments, later_bytes_max) {
+            Ok(found) => found,
             // Nothing was ever committed: the heap the log vouches for is empty.
             Err(ReplayError::NoSegments { .. } | ReplayError::NothingCommitted { .. })
                 if self.last_committed == 0 =>
@@ -999,14 +1131,9 @@ impl LogWriter {
                 drop(segments);
                 return self.checkpoint(&[]);
             }
-            Err(e) => {
-                return Err(LogError::Replay {
-                    dir,
-                    source: Box::new(e),
-                })
-            }
+            Err(e) => return Err(replay_err(e)),
         };
-        let replayed = plan.report.epoch;
+        let replayed = newest.report.epoch;
         if replayed < self.last_committed {
             return Err(LogError::CompactionBehind {
                 dir,
@@ -1016,6 +1143,78 @@ impl LogWriter {
         }
         // The checkpoint must be numbered after everything replay saw.
         self.next_epoch = self.next_epoch.max(replayed + 1);
+        let program = newest.report.newest_program.filter(|&p| p < replayed);
+        let keep = match program {
+            Some(p) if later.active && later.over => {
+                log::warn!(
+                    "compacting the log in {}: the epochs after the program checkpoint of epoch \
+                     {p} hold more than {later_bytes_max} bytes (half the log limit of \
+                     {log_max_bytes}), so the checkpoint is of epoch {replayed}; `lego replay \
+                     --checkpoint` finds epoch {p} only until the previous generation is removed",
+                    dir.display()
+                );
+                None
+            }
+            Some(p) if later.active => Some(p),
+            _ => None,
+        };
+        let result = match keep {
+            None => {
+                let origin = newest.report.origin;
+                self.checkpoint_from_plan(&mut newest, &segments, origin)
+            }
+            Some(p) => {
+                let kept = plan(&dir, &segments, Some(p), &mut |_| {})
+                    .map_err(replay_err)
+                    .and_then(|mut at_p| {
+                        self.checkpoint_from_plan(&mut at_p, &segments, EpochOrigin::Program)
+                    })
+                    .and_then(|mut last| {
+                        for e in &later.epochs {
+                            last = self.copy_epoch(&segments, e)?;
+                        }
+                        Ok(last)
+                    });
+                match kept {
+                    Ok(last) => Ok(last),
+                    Err(e) => {
+                        // The checkpoint of P may be durable with only some of the epochs
+                        // after it: replay would give less than was committed. The checkpoint
+                        // of the newest epoch puts that right.
+                        log::error!(
+                            "compacting the log in {} around the program checkpoint of epoch \
+                             {p} failed ({e}); compacting to epoch {replayed} instead",
+                            dir.display()
+                        );
+                        let origin = newest.report.origin;
+                        self.checkpoint_from_plan(&mut newest, &segments, origin)
+                    }
+                }
+            }
+        };
+        let epoch = result?;
+        log::debug!(
+            "compacted the log in {} to a new generation ending at epoch {epoch} (replayed \
+             epoch {replayed}{}); its generation holds {} bytes, the log {}",
+            dir.display(),
+            match keep {
+                Some(p) => format!(", kept the program checkpoint of epoch {p}"),
+                None => String::new(),
+            },
+            self.log_bytes(),
+            self.total_bytes()
+        );
+        Ok(epoch)
+    }
+
+    /// Writes the image `plan` describes to the temporary image and checkpoints from it.
+    fn checkpoint_from_plan<S: SegmentSource>(
+        &mut self,
+        plan: &mut Plan,
+        segments: &[Segment<S>],
+        origin: EpochOrigin,
+    ) -> Result<u64, LogError> {
+        let dir = self.storage.location();
         let scratch = self.storage.scratch_image_path();
         let scratch_err = |what, source| LogError::Scratch {
             path: scratch.clone(),
@@ -1036,16 +1235,15 @@ impl LogWriter {
             .mode(0o600)
             .open(&scratch)
             .map_err(|e| scratch_err("creating (mode 0600)", e))?;
-        let result = write_image(&mut plan, &segments, &mut file, &scratch, &mut |_| {})
+        let result = write_image(plan, segments, &mut file, &scratch, &mut |_| {})
             .map_err(|e| LogError::Replay {
                 dir: dir.clone(),
                 source: Box::new(e),
             })
             .and_then(|()| {
-                drop(segments);
                 drop(file);
                 let mut reader = ImageReader::open(&scratch)?;
-                self.checkpoint_from_reader(&mut reader)
+                self.checkpoint_from_reader(&mut reader, origin)
             });
         if let Err(e) = std::fs::remove_file(&scratch) {
             log::warn!(
@@ -1053,14 +1251,54 @@ impl LogWriter {
                 scratch.display()
             );
         }
-        let epoch = result?;
-        log::debug!(
-            "compacted the log in {} to the checkpoint of epoch {epoch} (replayed epoch \
-             {replayed}); it holds {} bytes",
-            dir.display(),
-            self.log_bytes()
-        );
-        Ok(epoch)
+        result
+    }
+
+    /// Re-writes one committed epoch of the old generation (read from `segments`, every page
+    /// checked against its CRC again) as the next epoch of this one.
+    fn copy_epoch<S: SegmentSource>(
+        &mut self,
+        segments: &[Segment<S>],
+        e: &LaterEpoch,
+    ) -> Result<u64, LogError> {
+        let dir = self.storage.location();
+        let mut buf = vec![0u8; COPY_CHUNK_PAGES * PAGE_SIZE];
+        let mut append = self.begin_epoch_as(e.origin)?;
+        for chunk in e.pages.chunks(COPY_CHUNK_PAGES) {
+            for (k, (page, loc)) in chunk.iter().enumerate() {
+                let Some(loc) = loc else { continue };
+                let seg = &segments[loc.seg];
+                let bytes = &mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+                let checked = read_exact_at(seg, loc.offset, bytes).and_then(|()| {
+                    PageEntry {
+                        kind: EntryKind::Page,
+                        epoch: loc.epoch,
+                        page: *page,
+                        crc: loc.crc,
+                    }
+                    .check_payload(bytes)
+                    .map_err(|source| ReplayError::LogChanged {
+                        path: seg.path.clone(),
+                        offset: loc.offset,
+                        source,
+                    })
+                });
+                checked.map_err(|e| LogError::Replay {
+                    dir: dir.clone(),
+                    source: Box::new(e),
+                })?;
+            }
+            let pages: Vec<EpochPage<'_>> = chunk
+                .iter()
+                .enumerate()
+                .map(|(k, (page, loc))| EpochPage {
+                    page: *page,
+                    data: loc.map(|_| &buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]),
+                })
+                .collect();
+            append.add(&pages)?;
+        }
+        append.commit()
     }
 
     fn needs_checkpoint(&self) -> LogError {
@@ -1069,7 +1307,7 @@ impl LogWriter {
         }
     }
 
-    fn begin(&mut self, kind: CommitKind) -> EpochAppend<'_> {
+    fn begin(&mut self, kind: CommitKind, origin: EpochOrigin) -> EpochAppend<'_> {
         let rotate = kind == CommitKind::Checkpoint
             || self.seq == 0
             || self.offset >= self.options.segment_bytes_target;
@@ -1078,6 +1316,7 @@ impl LogWriter {
             epoch: self.next_epoch,
             writer: self,
             kind,
+            origin,
             rotate,
             wrote: false,
             finished: false,
@@ -1091,12 +1330,20 @@ impl LogWriter {
         }
     }
 
-    /// Removes the segments older than the newest (after the checkpoint `epoch` in it is
-    /// durable). A segment that cannot be removed costs space, not correctness (replay skips
-    /// to the checkpoint), so failures are warnings.
-    fn remove_older(&mut self, epoch: u64) {
+    /// Removes every segment older than the newest, after the checkpoint `epoch` in it is
+    /// durable (a resume from an older epoch: no previous generation is kept).
+    fn remove_older_now(&mut self, epoch: u64) {
+        self.remove_below = None;
+        self.remove_segments_below(self.seq, epoch);
+    }
+
+    /// Removes the segments numbered below `below`, oldest first (`epoch` is the checkpoint
+    /// or epoch that makes them unneeded, for messages). A segment that cannot be removed
+    /// costs space, not correctness (replay skips to the checkpoint), so failures are
+    /// warnings.
+    fn remove_segments_below(&mut self, below: u64, epoch: u64) {
         let older: Vec<u64> = match self.storage.segments() {
-            Ok(all) => all.into_iter().filter(|&s| s < self.seq).collect(),
+            Ok(all) => all.into_iter().filter(|&s| s < below).collect(),
             Err(e) => {
                 log::warn!(
                     "listing {} after the checkpoint of epoch {epoch} failed: {e}",
@@ -1105,11 +1352,14 @@ impl LogWriter {
                 return;
             }
         };
+        if older.is_empty() {
+            return;
+        }
         // Oldest first: a crash in between leaves a contiguous run that still replays.
         for seq in older {
             if let Err(e) = self.storage.remove_segment(seq) {
                 log::warn!(
-                    "removing {} (older than the checkpoint of epoch {epoch}) failed: {e}",
+                    "removing {} (no longer needed after epoch {epoch}) failed: {e}",
                     self.storage.segment_path(seq).display()
                 );
                 return;
@@ -1274,6 +1524,7 @@ pub struct EpochAppend<'w> {
     writer: &'w mut LogWriter,
     epoch: u64,
     kind: CommitKind,
+    origin: EpochOrigin,
     // The epoch's segment is still to be started (at its first write).
     rotate: bool,
     // Some byte of the epoch (its segment's header included) reached the storage.
@@ -1337,6 +1588,7 @@ impl EpochAppend<'_> {
             pages: self.pages,
             body_bytes: self.body_bytes,
             batch_crc: self.batch.value(),
+            origin: self.origin,
         }
         .encode();
         debug_assert!(Commit::decode(&commit.0).is_ok());
@@ -1369,6 +1621,12 @@ impl EpochAppend<'_> {
         w.last_committed = self.epoch;
         if self.kind == CommitKind::Checkpoint {
             w.broken = false;
+            // A new generation: the current one becomes the previous (kept as the fallback),
+            // and the one before it goes once an epoch after this checkpoint is durable.
+            w.remove_below = Some(w.generation);
+            w.generation = w.seq;
+        } else if let Some(below) = w.remove_below.take() {
+            w.remove_segments_below(below, self.epoch);
         }
         Ok(self.epoch)
     }
@@ -1524,6 +1782,9 @@ fn random_log_id() -> u64 {
     }
     h.finish()
 }
+
+#[cfg(test)]
+mod generations;
 
 #[cfg(test)]
 mod tests {
@@ -1864,7 +2125,11 @@ mod tests {
             assert_eq!(w.append_epoch(&epoch_pages(&next)).expect("appending"), 5);
             with_third.apply(&next);
             let segs = segments_of(&inner);
-            assert_eq!(segs.len(), 1, "the checkpoint removed the older segment");
+            assert_eq!(
+                segs.len(),
+                2,
+                "the older segment stays as the previous generation"
+            );
             let (report, image) = replay_mem(&segs, None).expect("replays");
             assert_eq!((report.epoch, report.base_epoch), (5, 4));
             assert!(image == with_third.image(5), "{op:?} {nth}");
@@ -1893,7 +2158,8 @@ mod tests {
         assert!(matches!(w.append_epoch(&one), Err(LogError::Io { .. })));
         assert_eq!(w.checkpoint(&one).expect("checkpoint"), 3);
         let names: Vec<u64> = inner.snapshot().keys().copied().collect();
-        assert_eq!(names, vec![2]);
+        // Segment 1 stays as the previous generation.
+        assert_eq!(names, vec![1, 2]);
         let (report, _) = replay_mem(&segments_of(&inner), None).expect("replays");
         assert_eq!(report.epoch, 3);
     }
@@ -1957,8 +2223,13 @@ mod tests {
         assert_eq!(w.append_epoch(&epoch_pages(&third)).expect("appending"), 3);
         let expected = whole.snapshot();
         // The format did not change: epoch 1 is what `encode_epoch` lays out.
-        let encoded =
-            super::super::format::encode_epoch(1, 42, CommitKind::Delta, &epoch_pages(&first));
+        let encoded = super::super::format::encode_epoch(
+            1,
+            42,
+            CommitKind::Delta,
+            EpochOrigin::Automatic,
+            &epoch_pages(&first),
+        );
         let mut bytes: Vec<u8> = encoded
             .body
             .iter()
@@ -2072,7 +2343,8 @@ mod tests {
         model.apply(&third);
         let (report, image) = replay_mem(&segments_of(&storage), None).expect("replays");
         assert_eq!((report.epoch, report.base_epoch), (5, 4));
-        assert!(report.dropped.is_empty(), "{report}");
+        // The previous generation, kept as the fallback, still ends in the abandoned blocks.
+        assert_eq!(report.dropped.len(), 1, "{report}");
         assert!(image == model.image(5));
     }
 
@@ -2117,7 +2389,11 @@ mod tests {
         assert_eq!(w.last_committed(), 2);
         assert_eq!(
             file_names(&other),
-            vec!["lock".to_string(), segment_file_name(2)]
+            vec![
+                "lock".to_string(),
+                segment_file_name(1),
+                segment_file_name(2)
+            ]
         );
         drop(w);
         let again = dir.0.join("again.img");
@@ -2213,9 +2489,10 @@ mod tests {
         assert!(small.snapshot().is_empty());
     }
 
-    /// Compaction: the log shrinks to one checkpoint segment that replays like the log did;
-    /// a crash while it is written leaves the old log (replays to its last epoch), a crash
-    /// while the old segments are removed leaves the checkpoint.
+    /// Compaction: the log's current generation shrinks to one checkpoint segment that
+    /// replays like the log did (the previous generation stays); a crash while it is written
+    /// leaves the old log (replays to its last epoch), a crash while the old segments are
+    /// removed leaves the checkpoint.
     #[test]
     fn compaction_bounds_the_log_and_a_crash_in_it_replays_the_last_committed_epoch() {
         let storage = MemoryStorage::new();
@@ -2239,9 +2516,15 @@ mod tests {
 
         assert_eq!(w.compact().expect("compacting"), 9);
         let after = storage.snapshot();
-        assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(
+            after.keys().copied().collect::<Vec<_>>(),
+            (1..=9).collect::<Vec<u64>>(),
+            "the first generation stays as the fallback"
+        );
         assert!(w.log_bytes() < bytes_before);
         assert_eq!(w.log_bytes(), after[&9].len() as u64);
+        assert_eq!(w.total_bytes(), bytes_before + w.log_bytes());
+        assert_eq!(w.generation(), 9);
         let (report, image) = replay_mem(&as_segments(&after), None).expect("replays");
         assert_eq!((report.epoch, report.base_epoch), (9, 9));
         assert!(same_but_epoch(&image, &image8));
@@ -2278,6 +2561,11 @@ mod tests {
         let (report, image) = replay_mem(&segments_of(&storage), None).expect("replays");
         assert_eq!((report.epoch, report.base_epoch), (10, 9));
         assert!(image == model.image(10));
+        assert_eq!(
+            storage.snapshot().len(),
+            10,
+            "the previous generation stays"
+        );
     }
 
     /// After a failed write or sync (the cases of the test above), `compact` makes the last
@@ -2331,7 +2619,8 @@ mod tests {
             );
             expected.apply(&next);
             let segs = segments_of(&inner);
-            assert_eq!(segs.len(), 1, "{op:?} {nth}");
+            // The first generation stays as the fallback (the next compaction removes it).
+            assert_eq!(segs.len(), 2, "{op:?} {nth}");
             let (report, image) = replay_mem(&segs, None).expect("replays");
             assert_eq!((report.epoch, report.base_epoch), (epoch + 1, epoch));
             assert!(image == expected.image(epoch + 1), "{op:?} {nth}");
@@ -2385,10 +2674,10 @@ mod tests {
             model.apply(&c);
         }
         assert_eq!(w.compact().expect("compacting"), 9);
-        assert_eq!(
-            file_names(&logs),
-            vec!["lock".to_string(), segment_file_name(9)]
-        );
+        // The resumed generation (segments 6 to 8) stays as the previous one.
+        let mut names = vec!["lock".to_string()];
+        names.extend((6..=9).map(segment_file_name));
+        assert_eq!(file_names(&logs), names);
         assert_eq!(mode(&logs.join(segment_file_name(9))), 0o600);
         drop(w);
         let out = dir.0.join("after.img");
@@ -2449,10 +2738,7 @@ mod tests {
             text.contains("0x0000000000000077") && text.contains("0x000000000000002a"),
             "{text}"
         );
-        assert_eq!(
-            file_names(&logs),
-            vec!["lock".to_string(), segment_file_name(9)]
-        );
+        assert_eq!(file_names(&logs), names, "the log is left as it was");
         // Another region is refused too.
         let region = RegionInfo {
             len: 64 * PAGE_BYTES,

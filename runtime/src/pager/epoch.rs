@@ -35,7 +35,7 @@ use thiserror::Error;
 use super::{fault, Shared, STATS};
 use crate::cache::{PageState, LOGDIRTY, LOGHOLD, SNAP};
 use crate::config::LogSettings;
-use crate::log::{EpochPage, LogError, LogWriter};
+use crate::log::{EpochOrigin, EpochPage, LogError, LogWriter};
 use crate::logging::RateLimit;
 use crate::stats::Counter;
 use crate::store::PageRead;
@@ -222,11 +222,19 @@ pub(crate) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
                     break;
                 }
             }
-            r.asked
+            (r.asked, r.asked > r.served)
         };
+        let (ticket, requested) = ticket;
         last = Instant::now();
         written_back_at_cut = STATS.get(Counter::PagesWrittenBack);
-        let result = run_epoch(sh, &writer, &appender);
+        // A cut that serves a lego_checkpoint() request is the program's checkpoint: `lego
+        // replay --checkpoint` recovers the newest of those.
+        let origin = if requested {
+            EpochOrigin::Program
+        } else {
+            EpochOrigin::Automatic
+        };
+        let result = run_epoch(sh, &writer, &appender, origin);
         {
             let mut r = durable.requests.lock().unwrap_or_else(|e| e.into_inner());
             r.served = r.served.max(ticket);
@@ -275,20 +283,20 @@ enum AppendError {
 
 /// The log writer thread's two ends: a cut to append, and what appending it gave.
 struct Appender {
-    jobs: mpsc::Sender<Arc<Cut>>,
+    jobs: mpsc::Sender<(Arc<Cut>, EpochOrigin)>,
     done: mpsc::Receiver<Result<u64, AppendError>>,
 }
 
 impl Appender {
     fn start(shared: &Arc<Shared>, writer: &Arc<Mutex<LogWriter>>) -> std::io::Result<Appender> {
-        let (jobs, job_rx) = mpsc::channel::<Arc<Cut>>();
+        let (jobs, job_rx) = mpsc::channel::<(Arc<Cut>, EpochOrigin)>();
         let (done_tx, done) = mpsc::channel();
         let (sh, writer) = (Arc::clone(shared), Arc::clone(writer));
         // Allocated once here, so that no epoch can fail for want of a buffer.
         let mut buf = fault::PageBuf::new(STORE_READ_PAGES)?;
         crate::threads::spawn("lego-logwrite", move || {
-            for cut in job_rx {
-                let result = append_cut(&sh, &mut lock_writer(&writer), &cut, &mut buf);
+            for (cut, origin) in job_rx {
+                let result = append_cut(&sh, &mut lock_writer(&writer), &cut, origin, &mut buf);
                 if done_tx.send(result).is_err() {
                     return;
                 }
@@ -304,11 +312,17 @@ fn run_epoch(
     sh: &Shared,
     writer: &Mutex<LogWriter>,
     appender: &Appender,
+    origin: EpochOrigin,
 ) -> Result<u64, EpochError> {
     let last_committed = {
+        let broken = lock_writer(writer).is_broken();
+        let limit = match (broken, &sh.durable) {
+            (true, Some(d)) => log_limit(sh, &d.settings),
+            _ => LOG_MAX_BYTES_FLOOR,
+        };
         let mut w = lock_writer(writer);
         if w.is_broken() {
-            w.compact().map_err(|e| {
+            w.compact_within(limit).map_err(|e| {
                 report(
                     "compacting the log after a failure",
                     &crate::log::replay::error_chain(&e),
@@ -324,8 +338,8 @@ fn run_epoch(
     // puts them back.
     let (cut, pass) = take_cut(sh, |cut| {
         // An epoch that would leave out a lost page is not written at all.
-        if cut.pages() > 0 && cut.lost.is_empty() {
-            sent = appender.jobs.send(cut).is_ok();
+        if (cut.pages() > 0 || origin == EpochOrigin::Program) && cut.lost.is_empty() {
+            sent = appender.jobs.send((cut, origin)).is_ok();
         }
     });
     let cut_us = started.elapsed().as_micros() as u64;
@@ -343,7 +357,7 @@ fn run_epoch(
         })
     } else if !cut.lost.is_empty() {
         Err(AppendError::Lost(cut.lost.clone()))
-    } else if cut.pages() > 0 {
+    } else if cut.pages() > 0 || origin == EpochOrigin::Program {
         Err(AppendError::Log(LogError::NeedsCheckpoint {
             epoch: last_committed,
         }))
@@ -657,9 +671,10 @@ fn append_cut(
     sh: &Shared,
     writer: &mut LogWriter,
     cut: &Cut,
+    origin: EpochOrigin,
     buf: &mut fault::PageBuf,
 ) -> Result<u64, AppendError> {
-    let mut epoch = writer.begin_epoch().map_err(AppendError::Log)?;
+    let mut epoch = writer.begin_epoch_as(origin).map_err(AppendError::Log)?;
     // Evicted pages, read back from the store and checked against their checksums.
     for chunk in cut.evicted.chunks(STORE_READ_PAGES) {
         read_back(sh, chunk, buf)?;
@@ -776,19 +791,11 @@ fn snapshot_page(sh: &Shared, slot: usize) -> &[u8] {
 /// After an epoch: compacts the log once it is larger than `LEGO_LOG_MAX` (by default a
 /// multiple of the heap's live size).
 fn maybe_compact(sh: &Shared, writer: &mut LogWriter, settings: &LogSettings) {
-    let limit = settings.log_max_bytes.unwrap_or_else(|| {
-        let live = {
-            let t = sh.cache.lock();
-            (0..t.high())
-                .filter(|&p| t.state(p) != PageState::Absent)
-                .count() as u64
-        };
-        (live * PAGE_SIZE as u64 * LOG_MAX_LIVE_MULTIPLE).max(LOG_MAX_BYTES_FLOOR)
-    });
+    let limit = log_limit(sh, settings);
     if writer.log_bytes() <= limit {
         return;
     }
-    match writer.compact() {
+    match writer.compact_within(limit) {
         Ok(epoch) => {
             STATS.add(Counter::LogCompactions, 1);
             log::info!(
@@ -800,6 +807,21 @@ fn maybe_compact(sh: &Shared, writer: &mut LogWriter, settings: &LogSettings) {
             report("compacting the log", &crate::log::replay::error_chain(&e));
         }
     }
+}
+
+/// The size of the log's current generation above which it is compacted: `LEGO_LOG_MAX`, or a
+/// multiple of the heap's live size (the previous generation, kept for recovery, is not
+/// counted: the directory holds up to about twice this).
+fn log_limit(sh: &Shared, settings: &LogSettings) -> u64 {
+    settings.log_max_bytes.unwrap_or_else(|| {
+        let live = {
+            let t = sh.cache.lock();
+            (0..t.high())
+                .filter(|&p| t.state(p) != PageState::Absent)
+                .count() as u64
+        };
+        (live * PAGE_SIZE as u64 * LOG_MAX_LIVE_MULTIPLE).max(LOG_MAX_BYTES_FLOOR)
+    })
 }
 
 fn snapshot(sh: &Shared) -> crate::region::Region {

@@ -349,8 +349,8 @@ fn injected_failures_are_reported_and_never_replay_torn() {
             let segs = segments_on_disk(&logs);
             assert_eq!(
                 segs.len(),
-                1,
-                "{name}: the checkpoint removed the older segment"
+                2,
+                "{name}: the older segment stays as the previous generation"
             );
             let (report, image) = replay_mem(&segs, None).expect("replays");
             assert_eq!((report.epoch, report.base_epoch), (5, 4), "{name}");
