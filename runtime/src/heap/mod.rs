@@ -453,25 +453,37 @@ impl Heap {
         u64::from(self.top_page.load(Ordering::Acquire)) * PAGE_SIZE as u64
     }
 
-    /// [`Heap::top_bytes`] of the heap formatted at `base`, read from its header without
-    /// attaching to it: how much of its region the allocator may have written so far. `None`
-    /// if `base` holds no heap of this format version.
+    /// The parts of its region, as byte ranges from `base`, that the heap formatted at `base`
+    /// may have written so far, read from its header without attaching to it: the header and
+    /// the page map's slots of the pages below top, then the span directory and the data area
+    /// up to top. For a 4 TiB heap that is a few MiB of address space until it is used, where
+    /// everything below top would be 4 GiB (the page map). `None` if `base` holds no heap of
+    /// this format version.
     ///
     /// # Safety
     /// `base` is page-aligned and its first page is mapped and readable (reading it must not
     /// fault into a handler that is not running yet).
-    pub unsafe fn written_bytes(base: *const u8) -> Option<u64> {
+    pub unsafe fn written_ranges(base: *const u8) -> Option<[std::ops::Range<usize>; 2]> {
         let h = base.cast::<Heap>();
         // SAFETY: the fields read lie in the first page (the header starts with them), which
-        // the caller says is readable; any bytes are a valid value of these integer fields.
-        let (magic, version, top) = unsafe {
+        // the caller says is readable; they are written once by `create` but for top, an
+        // atomic, and any bytes are a valid value of these integer fields.
+        let (magic, version, pagemap_offset, span_dir_offset, top) = unsafe {
             (
                 ptr::addr_of!((*h).magic).read(),
                 ptr::addr_of!((*h).version).read(),
+                ptr::addr_of!((*h).pagemap_offset).read(),
+                ptr::addr_of!((*h).span_dir_offset).read(),
                 (*ptr::addr_of!((*h).top_page)).load(Ordering::Acquire),
             )
         };
-        (magic == HEAP_MAGIC && version == HEAP_VERSION).then(|| u64::from(top) * PAGE_SIZE as u64)
+        if magic != HEAP_MAGIC || version != HEAP_VERSION {
+            return None;
+        }
+        let top = top as usize * PAGE_SIZE;
+        // Page-map slots exist only for pages below top (top only grows).
+        let pagemap_end = pagemap_offset + (top / PAGE_SIZE * 4).next_multiple_of(PAGE_SIZE);
+        Some([0..pagemap_end.min(span_dir_offset), span_dir_offset..top])
     }
 
     /// Frees (and reallocs) of pointers in the region that were not live allocations.

@@ -849,6 +849,14 @@ fn region_size_limit() {
         assert!(heap.is_small(q));
         heap.free(q, discard);
         heap.free(p, discard);
-        assert_eq!(Heap::written_bytes(r.base), Some(heap.top_bytes()));
+        let [meta, data] = Heap::written_ranges(r.base).expect("a heap");
+        assert_eq!(meta.start, 0);
+        assert!(meta.end < 1 << 20, "the page map's used slots: {meta:?}");
+        assert_eq!(data.end as u64, heap.top_bytes());
+        assert!(
+            data.start > 16 << 30,
+            "the directory follows the 16 GiB page map"
+        );
+        assert_eq!(Heap::written_ranges(r.base.add(PAGE_SIZE)), None);
     }
 }

@@ -370,9 +370,11 @@ impl Runtime {
         let cache = Cache::new(region.pages(), capacity)?;
         {
             let mut t = cache.lock();
-            region::for_each_present_page(region.base, written_len(&region), |p| {
-                t.set_state(p, PageState::Resident);
-            });
+            for part in written_parts(&region) {
+                region::for_each_present_page(region.base + part.start, part.len(), |p| {
+                    t.set_state(part.start / PAGE_SIZE + p, PageState::Resident);
+                });
+            }
             // A restored heap: the image's pages are evicted, and read from the image when
             // touched. The log already has them (a resumed log starts with the image).
             if let Some(img) = &image {
@@ -565,19 +567,24 @@ impl Runtime {
     }
 }
 
-/// How much of `region`, from its start, may hold pages already: the allocator's top when the
-/// region holds a heap, nothing when even its first page was never touched (a region reserved
-/// for a restore), the whole region otherwise. Scanning only that keeps the start of a 4 TiB
-/// heap as quick as a small one's. Call after the region is registered: pages touched from
-/// then on fault, so none can appear above the top read here unseen.
-fn written_len(region: &Region) -> usize {
+/// The parts of `region` (byte ranges from its start) that may hold pages already: those the
+/// allocator may have written when the region holds a heap, none when even its first page was
+/// never touched (a region reserved for a restore), the whole region otherwise. Scanning only
+/// those keeps the start of a 4 TiB heap as quick as a small one's. Call after the region is
+/// registered: pages touched from then on fault, so none can appear unseen above the top read
+/// here.
+fn written_parts(region: &Region) -> Vec<std::ops::Range<usize>> {
     if !region::page_present(region.base) {
-        return 0;
+        return Vec::new();
     }
     // SAFETY: the region's first page is mapped and present, so reading it cannot fault.
-    match unsafe { crate::heap::Heap::written_bytes(region.base as *const u8) } {
-        Some(top) => usize::try_from(top).map_or(region.len, |top| top.min(region.len)),
-        None => region.len,
+    match unsafe { crate::heap::Heap::written_ranges(region.base as *const u8) } {
+        Some(parts) => parts
+            .into_iter()
+            .map(|r| r.start.min(region.len)..r.end.min(region.len))
+            .filter(|r| !r.is_empty())
+            .collect(),
+        None => vec![0..region.len],
     }
 }
 
