@@ -573,18 +573,14 @@ impl Runtime {
 /// those keeps the start of a 4 TiB heap as quick as a small one's. Call after the region is
 /// registered: pages touched from then on fault, so none can appear unseen above the top read
 /// here.
-fn written_parts(region: &Region) -> Vec<std::ops::Range<usize>> {
+fn written_parts(region: &Region) -> [std::ops::Range<usize>; 2] {
     if !region::page_present(region.base) {
-        return Vec::new();
+        return [0..0, 0..0];
     }
     // SAFETY: the region's first page is mapped and present, so reading it cannot fault.
     match unsafe { crate::heap::Heap::written_ranges(region.base as *const u8) } {
-        Some(parts) => parts
-            .into_iter()
-            .map(|r| r.start.min(region.len)..r.end.min(region.len))
-            .filter(|r| !r.is_empty())
-            .collect(),
-        None => vec![0..region.len],
+        Some(parts) => parts.map(|r| r.start.min(region.len)..r.end.min(region.len)),
+        None => [0..region.len, 0..0],
     }
 }
 
