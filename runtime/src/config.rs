@@ -36,10 +36,28 @@ const TIB: u64 = 1 << 40;
 /// take most of the cache and every fault would wait for an eviction.
 pub const CACHE_BYTES_MIN: u64 = 16 * MIB;
 
-/// Largest accepted heap, in bytes. The heap is one reserved (not committed) virtual region;
-/// 64 TiB is half of the 128 TiB user address space of x86-64 and arm64 with 4-level tables,
-/// which leaves room for the program's own mappings.
-pub const HEAP_BYTES_MAX: u64 = 64 * TIB;
+/// Largest accepted heap, in bytes (8 TiB). The heap is one reserved (not committed) virtual
+/// region, and what lego keeps per heap page (the allocator's page map and span directory in
+/// the region, the page table's state and checksum in a `MAP_NORESERVE` array) is touched only
+/// where the heap is used, so a large heap costs address space, not memory. What bounds it:
+/// - the allocator names pages with 32 bits (`heap::REGION_BYTES_MAX`, 16 TiB less a page;
+///   asserted in `heap`);
+/// - the file store keeps page `i` at byte `i * 4096` of one sparse file and a heap image
+///   adds a header page, and ext4 (4 KiB blocks) holds files of at most
+///   [`STORE_FILE_BYTES_MAX`];
+/// - with a durable heap the epoch snapshot area is as large as the heap, so the two take
+///   [`HEAP_ADDRESS_SPACE_BYTES_MAX`] at most, a quarter of the 128 TiB user address space of
+///   x86-64 and arm64 with 4-level tables, which leaves room for the program's own mappings.
+///
+/// 8 TiB is the largest power of two under all three.
+pub const HEAP_BYTES_MAX: u64 = 8 * TIB;
+
+/// Largest file the page store and a heap image can need, in bytes: ext4's limit with 4 KiB
+/// blocks (tmpfs and XFS allow more).
+pub const STORE_FILE_BYTES_MAX: u64 = 16 * TIB;
+
+/// Address space the heap and its epoch snapshot area may take together, in bytes.
+pub const HEAP_ADDRESS_SPACE_BYTES_MAX: u64 = 32 * TIB;
 
 /// Default heap reservation, in bytes: large enough for most programs, and free because the
 /// region is reserved with `MAP_NORESERVE` and only touched pages cost anything.
@@ -67,6 +85,12 @@ const _: () = assert!(CACHE_BYTES_MIN >= 4 * EVICT_BATCH_PAGES_MAX as u64 * PAGE
 const _: () = assert!(CACHE_BYTES_MIN / PAGE_BYTES * PAGE_BYTES == CACHE_BYTES_MIN);
 const _: () = assert!(HEAP_BYTES_MAX / PAGE_BYTES * PAGE_BYTES == HEAP_BYTES_MAX);
 const _: () = assert!(HEAP_BYTES_DEFAULT <= HEAP_BYTES_MAX);
+// The store's file and an image (a header page, then every page of the heap) fit in one file.
+const _: () = assert!(HEAP_BYTES_MAX + PAGE_BYTES <= STORE_FILE_BYTES_MAX);
+// The heap and the snapshot area of a durable heap fit in the address space set aside.
+const _: () = assert!(2 * HEAP_BYTES_MAX <= HEAP_ADDRESS_SPACE_BYTES_MAX);
+// The message of `ConfigError::HeapTooLarge` names the limit as "8 TiB".
+const _: () = assert!(HEAP_BYTES_MAX == 8 * TIB);
 const _: () = assert!(EVICT_BATCH_PAGES_MIN <= EVICT_BATCH_PAGES_DEFAULT);
 const _: () = assert!(EVICT_BATCH_PAGES_DEFAULT <= EVICT_BATCH_PAGES_MAX);
 
@@ -147,7 +171,7 @@ const SETTINGS: &[Setting] = &[
         default: "64G",
         example: "256G",
         meaning: "Virtual size reserved for the program's heap; at least the cache size, at \
-                  most 64T; rounded up to pages.",
+                  most 8T; rounded up to pages.",
     },
     Setting {
         name: vars::BACKEND,
@@ -504,8 +528,8 @@ pub enum ConfigError {
     },
     /// The heap is above [`HEAP_BYTES_MAX`].
     #[error(
-        "{}={shown} ({bytes} bytes) is too large: the heap can reserve at most 64 TiB \
-         ({HEAP_BYTES_MAX} bytes) of address space",
+        "{}={shown} ({bytes} bytes) is too large: the largest heap accepted is 8T \
+         ({HEAP_BYTES_MAX} bytes)",
         vars::HEAP_SIZE
     )]
     HeapTooLarge {
@@ -1526,7 +1550,7 @@ mod tests {
         .expect("valid");
         assert_eq!(c.cache_bytes, 16 * MIB);
         assert_eq!(c.heap_bytes, GIB + PAGE_BYTES);
-        let c = config(&[("LEGO_HEAP_SIZE", "64T")]).expect("the maximum is accepted");
+        let c = config(&[("LEGO_HEAP_SIZE", "8T")]).expect("the maximum is accepted");
         assert_eq!(c.heap_bytes, HEAP_BYTES_MAX);
     }
 
@@ -1623,8 +1647,13 @@ mod tests {
                  LEGO_HEAP_SIZE=64G (the default)",
             ),
             (
-                &[("LEGO_HEAP_SIZE", "65T")],
-                "LEGO_HEAP_SIZE=\"65T\" (71468255805440 bytes) is too large",
+                &[("LEGO_HEAP_SIZE", "8796093026304")],
+                "LEGO_HEAP_SIZE=\"8796093026304\" (8796093026304 bytes) is too large: the \
+                 largest heap accepted is 8T (8796093022208 bytes)",
+            ),
+            (
+                &[("LEGO_HEAP_SIZE", "64T")],
+                "LEGO_HEAP_SIZE=\"64T\" (70368744177664 bytes) is too large",
             ),
             (
                 &[("LEGO_HEAP_SIZE", "x")],

@@ -1,11 +1,21 @@
 //! Configuration through `LEGO_*` variables: a bad setting stops the program before `main`
 //! with exit status 2 and one `lego: ` line naming the variable and the bad value; an empty
-//! value means unset; `LEGO_STATS=1` prints a summary on stderr.
+//! value means unset; `LEGO_STATS=1` prints a summary on stderr. Heaps of terabytes run and
+//! cost what they use.
 
-use lego_tests::{program, Outcome, Run, TempDir};
+use lego_tests::{assert_same_output, heavy, program, Outcome, Run, ShimSetup, TempDir, MIB};
 
 /// Exit status of a program stopped by a bad setting.
 const EXIT_BAD_SETTING: i32 = 2;
+
+/// The largest `LEGO_HEAP_SIZE` (the runtime's `config::HEAP_BYTES_MAX`), as the refusal
+/// names it.
+const HEAP_SIZE_MAX: &str = "8T (8796093022208 bytes)";
+
+/// How much more peak RSS (KiB) a terabyte heap may cost than the default 64 GiB one running
+/// the same program: the page table, page map and span directory grow with the pages used,
+/// not with the heap, so what is left is run-to-run noise (about 0.5 MiB here).
+const LARGE_HEAP_EXTRA_RSS_KIB: u64 = 4 * 1024;
 
 fn hello_with(env: &[(&str, &str)]) -> Outcome {
     let mut run = Run::new(program("hello")).shim();
@@ -170,4 +180,59 @@ fn exit_status_passes_through() {
     let out = Run::new(program("hello")).args(["7"]).shim().run();
     assert_eq!(out.code, Some(7), "{out}");
     assert_eq!(out.stdout, "main ran\nheap works\n", "{out}");
+}
+
+/// A heap above the largest accepted is refused before main, naming the variable, the value
+/// and the largest value accepted; the largest itself runs.
+#[test]
+fn heap_size_above_the_largest_is_refused() {
+    for value in ["9T", "8796093026304", "64T"] {
+        let out = hello_with(&[("LEGO_HEAP_SIZE", value)]);
+        assert_refused(&out, &["LEGO_HEAP_SIZE", value, HEAP_SIZE_MAX]);
+    }
+    let out = hello_with(&[("LEGO_HEAP_SIZE", "8T")]);
+    out.assert_success();
+    assert_eq!(out.stdout, "main ran\nheap works\n", "{out}");
+}
+
+/// `heap_mixed` (64 MiB of heap in a 16 MiB cache, so it evicts and fetches) with heaps of
+/// 64 GiB, 1 TiB and 4 TiB: the same output, and the terabyte heaps' peak RSS within a few MiB
+/// of the 64 GiB one's (nothing per heap page is allocated up front).
+#[test]
+fn terabyte_heaps_run_and_cost_only_what_they_use() {
+    const CACHE_MIB: u64 = 16;
+    let _serial = heavy();
+    let bin = program("heap_mixed");
+    let args = ["64", "3"];
+    let native = Run::new(&bin).args(args).run();
+    native.assert_success();
+    let mut rss = Vec::new();
+    for (heap, bytes) in [("64G", 64u64 << 30), ("1T", 1 << 40), ("4T", 4 << 40)] {
+        let setup = ShimSetup::new(&format!("heap-{heap}"), CACHE_MIB);
+        let out = setup
+            .apply(Run::new(&bin).args(args))
+            .env("LEGO_HEAP_SIZE", heap)
+            .label(format!("[shim] heap_mixed 64 3 with LEGO_HEAP_SIZE={heap}"))
+            .run();
+        assert_same_output(&native, &out);
+        let stats = setup.stats();
+        stats.assert_oversubscribed(CACHE_MIB);
+        assert_eq!(stats.region_len, bytes, "{}", stats.raw);
+        eprintln!(
+            "LEGO_HEAP_SIZE={heap}: peak RSS {} KiB, evicted {} fetched {} pages, heap top {} MiB",
+            out.rss_kib(),
+            stats.pages_evicted,
+            stats.pages_fetched,
+            stats.heap_top_bytes / MIB
+        );
+        rss.push((heap, out.rss_kib()));
+    }
+    let (_, base) = rss[0];
+    for &(heap, kib) in &rss[1..] {
+        assert!(
+            kib <= base + LARGE_HEAP_EXTRA_RSS_KIB,
+            "LEGO_HEAP_SIZE={heap} peaked at {kib} KiB, more than {LARGE_HEAP_EXTRA_RSS_KIB} KiB \
+             over the {base} KiB of LEGO_HEAP_SIZE=64G"
+        );
+    }
 }

@@ -6,9 +6,45 @@
 //! changed in the same critical section as the states it counts, so it can never drift. A page
 //! in a transit state (`Filling`, `Fetching`, `Evicting`) belongs to the one thread that put it
 //! there; nobody else changes it but to set the `REMOVED` flag, which the owner honours when it
-//! finishes. This module does no I/O and makes no system calls.
+//! finishes. This module does no I/O; its only system call reserves the table's memory at
+//! start (see `array`): the table has an entry for every page of the heap, but its memory is
+//! committed only as the used part of the heap grows.
+
+mod array;
 
 use std::sync::{Mutex, MutexGuard};
+
+use thiserror::Error;
+
+use self::array::ZeroArray;
+use crate::region::RegionError;
+use crate::PAGE_SIZE;
+
+/// Bytes of address space the table reserves per page of the heap: a state word and a CRC.
+pub const TABLE_BYTES_PER_PAGE: usize = std::mem::size_of::<u16>() + std::mem::size_of::<u32>();
+/// Most address space the table may reserve, in bytes (touched only where the heap is used).
+pub const TABLE_BYTES_MAX: usize = 64 << 30;
+/// Largest table, in pages.
+pub const TABLE_PAGES_MAX: usize = TABLE_BYTES_MAX / TABLE_BYTES_PER_PAGE;
+
+/// Why a page table could not be made.
+#[derive(Debug, Error)]
+pub enum CacheError {
+    #[error(
+        "a page table for {pages} pages is too large: at most {TABLE_PAGES_MAX} pages \
+         ({TABLE_BYTES_MAX} bytes of table) are supported"
+    )]
+    TooLarge { pages: usize },
+    #[error("cannot reserve the page table for {pages} pages")]
+    Reserve {
+        pages: usize,
+        #[source]
+        source: RegionError,
+    },
+}
+
+// The largest accepted heap (8 TiB: 12 GiB of table) has a table.
+const _: () = assert!(crate::config::HEAP_BYTES_MAX / PAGE_SIZE as u64 <= TABLE_PAGES_MAX as u64);
 
 /// Where a page's content is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,8 +112,8 @@ impl PageState {
 
 /// The page table and the counters, guarded by the cache lock.
 pub struct Table {
-    entries: Vec<u16>,
-    crcs: Vec<u32>,
+    entries: ZeroArray<u16>,
+    crcs: ZeroArray<u32>,
     resident: usize,
     /// Clock hand: the page index where the next victim search starts.
     hand: usize,
@@ -212,22 +248,27 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// A cache of `capacity_pages` over a region of `pages` pages, all `Absent`.
-    pub fn new(pages: usize, capacity_pages: usize) -> Cache {
+    /// A cache of `capacity_pages` over a region of `pages` pages (at most
+    /// [`TABLE_PAGES_MAX`]), all `Absent`.
+    pub fn new(pages: usize, capacity_pages: usize) -> Result<Cache, CacheError> {
         assert!(
             capacity_pages > 0,
             "a cache needs room for at least one page"
         );
-        Cache {
+        if pages > TABLE_PAGES_MAX {
+            return Err(CacheError::TooLarge { pages });
+        }
+        let reserve_err = |source| CacheError::Reserve { pages, source };
+        Ok(Cache {
             table: Mutex::new(Table {
-                entries: vec![0; pages],
-                crcs: vec![0; pages],
+                entries: ZeroArray::new(pages).map_err(reserve_err)?,
+                crcs: ZeroArray::new(pages).map_err(reserve_err)?,
                 resident: 0,
                 hand: 0,
                 high: 0,
             }),
             capacity_pages,
-        }
+        })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Table> {
@@ -247,7 +288,7 @@ mod tests {
 
     #[test]
     fn resident_count_follows_states() {
-        let cache = Cache::new(16, 8);
+        let cache = Cache::new(16, 8).expect("reserve");
         let mut t = cache.lock();
         t.set_state(3, PageState::Filling);
         t.set_state(3, PageState::Resident);
@@ -262,7 +303,7 @@ mod tests {
 
     #[test]
     fn flags_survive_state_changes() {
-        let cache = Cache::new(4, 4);
+        let cache = Cache::new(4, 4).expect("reserve");
         let mut t = cache.lock();
         t.set_stored(1, 0xdead_beef);
         t.set_state(1, PageState::Resident);
@@ -275,7 +316,7 @@ mod tests {
 
     #[test]
     fn clock_gives_referenced_pages_a_second_chance() {
-        let cache = Cache::new(8, 8);
+        let cache = Cache::new(8, 8).expect("reserve");
         let mut t = cache.lock();
         for p in 0..4 {
             t.set_state(p, PageState::Resident);
@@ -298,7 +339,7 @@ mod tests {
 
     #[test]
     fn clock_skips_non_resident_pages_and_stops() {
-        let cache = Cache::new(8, 8);
+        let cache = Cache::new(8, 8).expect("reserve");
         let mut t = cache.lock();
         t.set_state(5, PageState::Fetching);
         let mut v = Vec::new();
@@ -308,7 +349,7 @@ mod tests {
 
     #[test]
     fn run_len_stops_at_other_states_and_table_end() {
-        let cache = Cache::new(8, 8);
+        let cache = Cache::new(8, 8).expect("reserve");
         let mut t = cache.lock();
         t.set_state(3, PageState::Resident);
         assert_eq!(t.run_len(0, 16, |s| s == PageState::Absent), 3);
@@ -318,5 +359,27 @@ mod tests {
         assert_eq!(t.run_len_before(8, 16, |s| s == PageState::Absent), 4);
         assert_eq!(t.run_len_before(8, 2, |s| s == PageState::Absent), 2);
         assert_eq!(t.run_len_before(0, 16, |s| s == PageState::Absent), 0);
+    }
+
+    /// The table of a 4 TiB heap: pages far apart keep their state and checksum, the clock
+    /// finds them, and the table's memory follows the pages used, not the heap's size.
+    #[test]
+    fn table_of_a_4_tib_heap_is_lazy() {
+        let pages = (4usize << 40) / PAGE_SIZE;
+        let cache = Cache::new(pages, 1024).expect("12 GiB of address space");
+        let mut t = cache.lock();
+        assert_eq!(t.pages(), pages);
+        let used = [0, 1 << 20, 1 << 26, pages - 1];
+        for (i, &p) in used.iter().enumerate() {
+            t.set_state(p, PageState::Resident);
+            t.set_stored(p, i as u32 + 1);
+        }
+        assert_eq!(t.high(), pages);
+        assert_eq!(t.resident(), used.len());
+        for (i, &p) in used.iter().enumerate() {
+            assert_eq!(t.crc(p), i as u32 + 1);
+            assert!(t.has_flag(p, STORED));
+        }
+        assert_eq!(t.state(pages / 2), PageState::Absent);
     }
 }

@@ -15,12 +15,18 @@
 //!   Freed large runs are given back through a discard callback, and the heap remembers which
 //!   free pages read as zero so `calloc` skips the memset on them.
 //!
-//! Layout of the region (pages): `[header][page map: u32 per page][data...]`; the data area is
-//! handed out by a bump pointer (`top`), so everything the heap ever wrote lies below
-//! [`Heap::top_bytes`]. The page map names, for the pages that need it, the descriptor of the
-//! span holding the page (all pages of a slab; the first and last page of a large allocation
-//! or free run). Entries may be stale: a lookup is trusted only if the named descriptor is
-//! live and covers the page, which is then necessarily the span holding it.
+//! Layout of the region (pages): `[header][page map: u32 per page][span directory: u32 per
+//! descriptor page][data...]`; the data area is handed out by a bump pointer (`top`), so
+//! everything the heap ever wrote lies below [`Heap::top_bytes`]. The page map names, for the
+//! pages that need it, the descriptor of the span holding the page (all pages of a slab; the
+//! first and last page of a large allocation or free run). Entries may be stale: a lookup is
+//! trusted only if the named descriptor is live and covers the page, which is then necessarily
+//! the span holding it. Descriptor pages are taken from `top` like data and listed in the span
+//! directory, so a descriptor is named by a `u32` (directory slot × 64 + slot in its page)
+//! wherever its page lies: pages are `u32` too, and the region can be as large as
+//! [`REGION_BYTES_MAX`] (16 TiB). The page map and the directory are reserved for the whole
+//! region but touched only where the heap has used it (4 GiB and 64 MiB of address space for a
+//! 4 TiB region, a few pages of it for a small program).
 //!
 //! Threads: each thread claims one of [`ARENAS_MAX`] arena indices for itself (shared round
 //! robin once all are held by live threads), remembered in a `thread_local` that both heaps
@@ -57,11 +63,16 @@ pub type DiscardFn = fn(addr: *mut u8, len: usize);
 /// "LEGOHEAP", little-endian.
 pub const HEAP_MAGIC: u64 = u64::from_le_bytes(*b"LEGOHEAP");
 /// Version of the heap image format; bump on any change to the layout or the class table.
-pub const HEAP_VERSION: u32 = 2;
+pub const HEAP_VERSION: u32 = 3;
 /// Arenas for small objects; threads beyond this many share them round robin.
 pub const ARENAS_MAX: usize = 64;
-/// Largest region a heap can manage: descriptor indices are `u32` units of 64 bytes.
-pub const REGION_BYTES_MAX: usize = (u32::MAX as usize + 1) * SPAN_BYTES;
+/// Largest region a heap can manage, in pages: page indices (the header, descriptors, the
+/// page map's slots) are `u32`.
+pub const REGION_PAGES_MAX: usize = u32::MAX as usize;
+/// Largest region a heap can manage, in bytes (16 TiB less one page).
+pub const REGION_BYTES_MAX: usize = REGION_PAGES_MAX * PAGE_SIZE;
+/// Descriptors in one descriptor page.
+const SPANS_PER_PAGE: usize = PAGE_SIZE / SPAN_BYTES;
 /// Smallest data area a heap is worth formatting, in pages.
 pub const DATA_PAGES_MIN: usize = 64;
 /// Free runs at least this long are given back (discarded) when they hold dirty pages.
@@ -73,6 +84,20 @@ pub const LARGE_MIN_BYTES: usize = SMALL_MAX_BYTES + 1;
 
 const _: () = assert!(DISCARD_MIN_BYTES.is_multiple_of(PAGE_SIZE));
 const _: () = assert!(ARENAS_MAX < OWNER_LARGE as usize);
+// Every descriptor index the largest region's directory can hold fits in a `u32`.
+const _: () = assert!(span_dir_slots(REGION_PAGES_MAX) * SPANS_PER_PAGE <= u32::MAX as usize + 1);
+// The largest heap the configuration accepts is one this allocator can format.
+const _: () = assert!(crate::config::HEAP_BYTES_MAX <= REGION_BYTES_MAX as u64);
+
+/// Slots of the span directory of a region of `region_pages` pages: enough for every
+/// descriptor page it can ever need. Descriptors are never freed and one is taken from a new
+/// page only when fewer than two are spare, while every live descriptor but the spare ones
+/// holds at least one page of its own (and descriptor pages hold none), so fewer than
+/// `region_pages / SPANS_PER_PAGE + 1` pages of descriptors can exist. A heap that would need
+/// more (it cannot) fails the allocation rather than overrun the directory.
+const fn span_dir_slots(region_pages: usize) -> usize {
+    region_pages / SPANS_PER_PAGE + 1
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum HeapError {
@@ -111,6 +136,11 @@ pub struct Heap {
     /// Address of the region when it was formatted; `open` refuses any other.
     base_addr: usize,
     pagemap_offset: usize,
+    /// Where the span directory starts: slot `d` holds the page of descriptors `d * 64` to
+    /// `d * 64 + 63` (descriptor 0, in slot 0's page, is never used: 0 means none).
+    span_dir_offset: usize,
+    /// Slots of the span directory.
+    span_dir_slots: u32,
     /// First page of the data area.
     data_start_page: u32,
     /// Bump pointer, in pages: every page at or above it has never been handed out. Written
@@ -182,6 +212,8 @@ impl Heap {
             (*heap).region_len = len as u64;
             (*heap).base_addr = base.expose_provenance();
             (*heap).pagemap_offset = layout.pagemap_offset;
+            (*heap).span_dir_offset = layout.span_dir_offset;
+            (*heap).span_dir_slots = layout.span_dir_slots;
             (*heap).data_start_page = layout.data_start_page;
             (*heap).tcache_key = tcache_key(base.addr());
             (*heap).retain_pages.store(
@@ -421,6 +453,39 @@ impl Heap {
         u64::from(self.top_page.load(Ordering::Acquire)) * PAGE_SIZE as u64
     }
 
+    /// The parts of its region, as byte ranges from `base`, that the heap formatted at `base`
+    /// may have written so far, read from its header without attaching to it: the header and
+    /// the page map's slots of the pages below top, then the span directory and the data area
+    /// up to top. For a 4 TiB heap that is a few MiB of address space until it is used, where
+    /// everything below top would be 4 GiB (the page map). `None` if `base` holds no heap of
+    /// this format version.
+    ///
+    /// # Safety
+    /// `base` is page-aligned and its first page is mapped and readable (reading it must not
+    /// fault into a handler that is not running yet).
+    pub unsafe fn written_ranges(base: *const u8) -> Option<[std::ops::Range<usize>; 2]> {
+        let h = base.cast::<Heap>();
+        // SAFETY: the fields read lie in the first page (the header starts with them), which
+        // the caller says is readable; they are written once by `create` but for top, an
+        // atomic, and any bytes are a valid value of these integer fields.
+        let (magic, version, pagemap_offset, span_dir_offset, top) = unsafe {
+            (
+                ptr::addr_of!((*h).magic).read(),
+                ptr::addr_of!((*h).version).read(),
+                ptr::addr_of!((*h).pagemap_offset).read(),
+                ptr::addr_of!((*h).span_dir_offset).read(),
+                (*ptr::addr_of!((*h).top_page)).load(Ordering::Acquire),
+            )
+        };
+        if magic != HEAP_MAGIC || version != HEAP_VERSION {
+            return None;
+        }
+        let top = top as usize * PAGE_SIZE;
+        // Page-map slots exist only for pages below top (top only grows).
+        let pagemap_end = pagemap_offset + (top / PAGE_SIZE * 4).next_multiple_of(PAGE_SIZE);
+        Some([0..pagemap_end.min(span_dir_offset), span_dir_offset..top])
+    }
+
     /// Frees (and reallocs) of pointers in the region that were not live allocations.
     pub fn invalid_frees(&self) -> u64 {
         self.invalid_frees.load(Ordering::Relaxed)
@@ -470,10 +535,28 @@ impl Heap {
         self.base().wrapping_add(page as usize * PAGE_SIZE)
     }
 
-    /// Descriptor `si` (its byte offset in the region / 64).
+    /// Descriptor `si`: slot `si % 64` of the descriptor page in directory slot `si / 64`.
+    /// `si` is a descriptor index handed out by the page heap (the page map only holds those),
+    /// so its directory slot was filled before `si` was published.
     #[inline]
     fn span(&self, si: u32) -> *mut Span {
-        self.base().wrapping_add(si as usize * SPAN_BYTES).cast()
+        let slot = si as usize / SPANS_PER_PAGE;
+        let page = self.span_dir(slot).load(Ordering::Relaxed);
+        self.base()
+            .wrapping_add(page as usize * PAGE_SIZE + si as usize % SPANS_PER_PAGE * SPAN_BYTES)
+            .cast()
+    }
+
+    /// Span directory slot `slot` (< `span_dir_slots`): the page holding its descriptors.
+    #[inline]
+    fn span_dir(&self, slot: usize) -> &AtomicU32 {
+        debug_assert!(slot < self.span_dir_slots as usize);
+        let at = self.base().wrapping_add(self.span_dir_offset + slot * 4);
+        // SAFETY: the directory lies inside the mapped region (see `Layout`), slots are 4-byte
+        // aligned and only ever accessed atomically. A slot is written under the page lock
+        // before any descriptor of its page is stored in the page map (with release), and
+        // readers reach `si` through the page map (with acquire) or under the page lock.
+        unsafe { &*at.cast::<AtomicU32>() }
     }
 
     /// Page-map entry of `page` (< region pages).
@@ -554,6 +637,8 @@ fn tcache_key(base: usize) -> u64 {
 struct Layout {
     region_pages: u32,
     pagemap_offset: usize,
+    span_dir_offset: usize,
+    span_dir_slots: u32,
     data_start_page: u32,
 }
 
@@ -571,7 +656,9 @@ impl Layout {
         let region_pages = len / PAGE_SIZE;
         let pagemap_offset = std::mem::size_of::<Heap>().next_multiple_of(PAGE_SIZE);
         let pagemap_bytes = (region_pages * 4).next_multiple_of(PAGE_SIZE);
-        let data_start = pagemap_offset + pagemap_bytes;
+        let span_dir_offset = pagemap_offset + pagemap_bytes;
+        let span_dir_slots = span_dir_slots(region_pages);
+        let data_start = span_dir_offset + (span_dir_slots * 4).next_multiple_of(PAGE_SIZE);
         let min = data_start + DATA_PAGES_MIN * PAGE_SIZE;
         if len < min {
             return Err(HeapError::RegionTooSmall { len, min });
@@ -580,6 +667,9 @@ impl Layout {
             region_pages: u32::try_from(region_pages)
                 .expect("REGION_BYTES_MAX bounds the page count"),
             pagemap_offset,
+            span_dir_offset,
+            span_dir_slots: u32::try_from(span_dir_slots)
+                .expect("REGION_BYTES_MAX bounds the directory"),
             data_start_page: u32::try_from(data_start / PAGE_SIZE)
                 .expect("REGION_BYTES_MAX bounds the page count"),
         })

@@ -10,8 +10,9 @@
 //! — outside the lock, while they sit in no bucket ("limbo") so no one can be handed pages that
 //! are about to be zeroed under them — and become fresh.
 //!
-//! Descriptors come from a spare pool refilled a page at a time from `top`; descriptor pages
-//! are never freed (at most one descriptor per page of the region can ever be live).
+//! Descriptors come from a spare pool refilled a page at a time from `top`, each new page
+//! listed in the span directory; descriptor pages are never freed (at most one descriptor per
+//! page of the region can ever be live).
 
 use std::sync::atomic::Ordering;
 
@@ -19,22 +20,25 @@ use super::span::{Span, KIND_FREE, KIND_LARGE, KIND_LIMBO, KIND_UNUSED, OWNER_LA
 use super::{DiscardFn, Heap, DISCARD_MIN_BYTES};
 use crate::PAGE_SIZE;
 
-/// Free buckets: 32 exact ones, then 4 per power of two up to 2^26 pages (`REGION_BYTES_MAX`).
+/// Free buckets: 16 exact ones, then 4 per power of two up to 2^32 pages (any `u32` run, so
+/// every run of the largest region has one), as many as the `u128` bitmap has bits.
 pub(crate) const FREE_BUCKETS: usize = 128;
-/// Free runs up to this many pages have a bucket of their own size.
-const FREE_EXACT_PAGES_MAX: u32 = 32;
+/// Free runs up to this many pages have a bucket of their own size (a power of two).
+const FREE_EXACT_PAGES_MAX: u32 = 16;
 /// Runs examined in the one bucket whose runs may be too short, before moving up a bucket.
 const FREE_SCAN_MAX: usize = 16;
 const DISCARD_MIN_PAGES: u32 = (DISCARD_MIN_BYTES / PAGE_SIZE) as u32;
-const SPANS_PER_PAGE: u32 = (PAGE_SIZE / super::span::SPAN_BYTES) as u32;
+const SPANS_PER_PAGE: u32 = super::SPANS_PER_PAGE as u32;
 /// New descriptors one run allocation may need: the split-off prefix and suffix of a free run,
 /// or the run taken from top and the alignment gap before it.
 const SPANS_PER_ALLOC_MAX: u32 = 2;
 /// Most dirty runs one purge gives back (each is one call of the discard callback).
 const PURGE_RUNS_MAX: usize = 8;
 
-const _: () = assert!(bucket_of(1 << 26) < FREE_BUCKETS);
-const _: () = assert!(super::REGION_BYTES_MAX / PAGE_SIZE <= 1 << 26);
+const _: () = assert!(FREE_EXACT_PAGES_MAX.is_power_of_two());
+const _: () = assert!(bucket_of(u32::MAX) < FREE_BUCKETS);
+const _: () = assert!(FREE_BUCKETS <= u128::BITS as usize);
+const _: () = assert!(super::REGION_PAGES_MAX <= u32::MAX as usize);
 
 /// The page heap's state, in the header; guarded by `Heap::pages_lock`. All-zero is empty.
 #[repr(C)]
@@ -45,6 +49,8 @@ pub(crate) struct PageState {
     /// Spare descriptors, linked through `next`.
     spare: u32,
     spare_count: u32,
+    /// Slots of the span directory in use: descriptor pages taken so far.
+    span_pages: u32,
     /// Pages of the free runs in the buckets that are not fresh (may hold old data).
     pub(super) dirty_free_pages: u64,
 }
@@ -62,7 +68,7 @@ const fn bucket_of(npages: u32) -> usize {
     } else {
         let lg = 31 - npages.leading_zeros();
         let sub = (npages >> (lg - 2)) & 3;
-        (FREE_EXACT_PAGES_MAX + (lg - 5) * 4 + sub) as usize
+        (FREE_EXACT_PAGES_MAX + (lg - FREE_EXACT_PAGES_MAX.trailing_zeros()) * 4 + sub) as usize
     }
 }
 
@@ -515,13 +521,20 @@ impl Heap {
     unsafe fn ensure_spares(&self, st: &mut PageState, count: u32) -> bool {
         while st.spare_count < count {
             let top = self.top_page.load(Ordering::Relaxed);
-            if top >= self.region_pages {
+            let slot = st.span_pages;
+            if top >= self.region_pages || slot >= self.span_dir_slots {
                 return false;
             }
             self.top_page.store(top + 1, Ordering::Release);
-            // Filled high to low so the pool hands them out in address order.
-            for i in (0..SPANS_PER_PAGE).rev() {
-                self.put_spare(st, top * SPANS_PER_PAGE + i);
+            // The slot is filled before any descriptor of its page is handed out (see
+            // `Heap::span_dir`).
+            self.span_dir(slot as usize).store(top, Ordering::Relaxed);
+            st.span_pages = slot + 1;
+            // Filled high to low so the pool hands them out in address order; descriptor 0
+            // (the first of the first page) stays unused, as 0 means none.
+            let first = u32::from(slot == 0);
+            for i in (first..SPANS_PER_PAGE).rev() {
+                self.put_spare(st, slot * SPANS_PER_PAGE + i);
             }
         }
         true

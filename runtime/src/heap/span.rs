@@ -1,7 +1,8 @@
 //! Span descriptors: one 64-byte record per run of pages (a free run, a slab of small objects
 //! of one class, or one large allocation), kept in descriptor pages carved from the heap's
-//! bump area and named by a `u32` index (the descriptor's byte offset in the region / 64), so
-//! the heap image holds no absolute pointers of its own.
+//! bump area and named by a `u32` index (the page's slot in the span directory × 64 + the
+//! descriptor's slot in its page), so the heap image holds no absolute pointers of its own
+//! and descriptors can lie anywhere in a region of up to 2^32 pages.
 //!
 //! Which lock guards which field:
 //! - `owner` is atomic: it is read without any lock to route a `free` to the right lock, then

@@ -776,3 +776,93 @@ fn more_threads_than_arenas() {
     assert_eq!(heap.bytes_in_use(), 0);
     assert_eq!(heap.invalid_frees(), 0);
 }
+
+/// A heap of 4 TiB: descriptors of runs far above 256 GiB (where a descriptor's byte offset /
+/// 64 no longer fits a `u32`) route frees and lookups right, a free run of terabytes is reused,
+/// and the metadata touched stays a few pages however large the region is.
+#[test]
+fn four_tib_region_works_and_touches_little() {
+    const TIB: usize = 1 << 40;
+    let r = TestRegion::new(4 * TIB);
+    let heap = r.create();
+    // Fresh runs are not touched by calloc: only the heap's metadata is written.
+    let a = heap.calloc(1, TIB);
+    let b = heap.calloc(2, TIB);
+    assert!(!a.is_null() && !b.is_null(), "3 TiB fit in a 4 TiB heap");
+    assert_eq!(heap.usable_size(b), 2 * TIB);
+    // Slabs and their descriptor pages now come from above 3 TiB.
+    let mut small = Vec::new();
+    for i in 0..10_000usize {
+        let p = heap.malloc(16 + i % 2000);
+        assert!(!p.is_null());
+        assert!(p.addr() - r.base.addr() > 3 * TIB);
+        fill(p, 16, i as u8);
+        small.push(p);
+    }
+    let large: Vec<*mut u8> = (0..64).map(|_| heap.malloc(1 << 20)).collect();
+    for &p in &large {
+        assert!(!p.is_null());
+        fill(p, 1 << 20, 0x5a);
+        assert_eq!(heap.usable_size(p), 1 << 20);
+    }
+    for (i, &p) in small.iter().enumerate() {
+        assert!(heap.is_small(p));
+        assert!(check(p, 16, i as u8), "object {i} changed");
+    }
+    for p in small.drain(..).chain(large) {
+        heap.free(p, discard);
+    }
+    heap.free(a, discard);
+    heap.free(b, discard);
+    assert_eq!(heap.invalid_frees(), 0);
+    assert_eq!(heap.bytes_in_use(), 0);
+    // The two freed runs merged: 3 TiB fit again without moving top.
+    let top = heap.top_bytes();
+    let c = heap.malloc(3 * TIB);
+    assert!(!c.is_null(), "the freed 3 TiB are reused");
+    assert_eq!(heap.top_bytes(), top);
+    heap.free(c, discard);
+    // Header, page map (4 GiB reserved) and span directory (64 MiB reserved): a few pages.
+    let meta = heap.data_start_page as usize * PAGE_SIZE;
+    assert!(meta > 4 << 30, "the page map of 4 TiB is 4 GiB");
+    let touched = resident_pages(r.base, meta);
+    assert!(touched <= 64, "{touched} metadata pages touched");
+    assert!(heap.locks_free());
+}
+
+/// The largest region the allocator names with 32-bit pages is accepted, one page more is not.
+#[test]
+fn region_size_limit() {
+    let r = TestRegion::new(REGION_BYTES_MAX + PAGE_SIZE);
+    // SAFETY: the region is mapped, fresh and owned by this test.
+    unsafe {
+        assert_eq!(
+            Heap::create(r.base, REGION_BYTES_MAX + PAGE_SIZE).err(),
+            Some(HeapError::RegionTooLarge {
+                len: REGION_BYTES_MAX + PAGE_SIZE
+            })
+        );
+        let heap = Heap::create(r.base, REGION_BYTES_MAX).expect("the largest region");
+        // A new heap has written its header and nothing else; the range also covers the
+        // page map's slots of the pages below top (the metadata's own: 16 MiB of 16 GiB).
+        let [meta, data] = Heap::written_ranges(r.base).expect("a heap");
+        assert_eq!(meta.start, 0);
+        assert!(meta.end <= 17 << 20, "a fresh heap's page map: {meta:?}");
+        assert!(
+            data.start > 16 << 30,
+            "the directory follows the 16 GiB page map"
+        );
+        assert_eq!(data.end as u64, heap.top_bytes());
+        let p = heap.malloc(REGION_BYTES_MAX / 2);
+        assert!(!p.is_null());
+        let q = heap.malloc(100);
+        assert!(heap.is_small(q));
+        // The page map's slots of every page below top may have been written.
+        let [meta, data] = Heap::written_ranges(r.base).expect("a heap");
+        assert!(meta.end as u64 >= heap.top_bytes() / PAGE_SIZE as u64 * 4);
+        assert_eq!(data.end as u64, heap.top_bytes());
+        heap.free(q, discard);
+        heap.free(p, discard);
+        assert_eq!(Heap::written_ranges(r.base.add(PAGE_SIZE)), None);
+    }
+}

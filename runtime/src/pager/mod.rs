@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cache::{Cache, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, SNAP, STORED};
+use crate::cache::{Cache, CacheError, PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, SNAP, STORED};
 use crate::config::{Config, LogSync};
 use crate::log::image::{ImageError, ImageReader};
 use crate::log::{LogError, LogWriter, RegionInfo, SyncMode, WriterOptions};
@@ -87,6 +87,8 @@ pub enum PagerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Region(#[from] RegionError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("cannot start the runtime thread {name}: {source}")]
     Thread {
         name: String,
@@ -370,12 +372,14 @@ impl Runtime {
         let low = high.saturating_sub((2 * batch).min(capacity / 4));
 
         uffd.register(region.base, region.len, true)?;
-        let cache = Cache::new(region.pages(), capacity);
+        let cache = Cache::new(region.pages(), capacity)?;
         {
             let mut t = cache.lock();
-            region::for_each_present_page(region.base, region.len, |p| {
-                t.set_state(p, PageState::Resident);
-            });
+            for part in written_parts(&region) {
+                region::for_each_present_page(region.base + part.start, part.len(), |p| {
+                    t.set_state(part.start / PAGE_SIZE + p, PageState::Resident);
+                });
+            }
             // A restored heap: the image's pages are evicted, and read from the image when
             // touched. The log already has them (a resumed log starts with the image).
             if let Some(img) = &image {
@@ -588,6 +592,23 @@ impl Runtime {
         self.shared.gate.open();
         let _t = self.shared.cache.lock();
         self.shared.evict_wanted.notify_all();
+    }
+}
+
+/// The parts of `region` (byte ranges from its start) that may hold pages already: those the
+/// allocator may have written when the region holds a heap, none when even its first page was
+/// never touched (a region reserved for a restore), the whole region otherwise. Scanning only
+/// those keeps the start of a 4 TiB heap as quick as a small one's. Call after the region is
+/// registered: pages touched from then on fault, so none can appear unseen above the top read
+/// here.
+fn written_parts(region: &Region) -> [std::ops::Range<usize>; 2] {
+    if !region::page_present(region.base) {
+        return [0..0, 0..0];
+    }
+    // SAFETY: the region's first page is mapped and present, so reading it cannot fault.
+    match unsafe { crate::heap::Heap::written_ranges(region.base as *const u8) } {
+        Some(parts) => parts.map(|r| r.start.min(region.len)..r.end.min(region.len)),
+        None => [0..region.len, 0..0],
     }
 }
 
