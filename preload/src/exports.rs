@@ -264,7 +264,8 @@ pub extern "C" fn lego_checkpoint() -> libc::c_long {
             -1
         }
         Err(
-            lego_runtime::pager::EpochError::Failed(_) | lego_runtime::pager::EpochError::Stopped(_),
+            lego_runtime::pager::EpochError::Failed(_)
+            | lego_runtime::pager::EpochError::Stopped(_),
         ) => {
             set_errno(libc::EIO);
             -1

@@ -613,7 +613,9 @@ fn checkpoint_fails_instead_of_hanging_without_a_log_writer() {
     );
     assert!(
         out.stderr.contains("the log writer thread could not start")
-            && out.stderr.contains("the final epoch at exit was not logged"),
+            && out
+                .stderr
+                .contains("the final epoch at exit was not logged"),
         "{out}"
     );
 }
@@ -653,7 +655,10 @@ fn an_epoch_is_never_committed_without_its_evicted_pages() {
             out.stdout.contains("checkpoint 2 failed errno 5"),
             "{plan}: an epoch without its evicted pages must not be committed:\n{out}"
         );
-        assert!(out.stderr.contains("lego: an epoch failed"), "{plan}: {out}");
+        assert!(
+            out.stderr.contains("lego: an epoch failed"),
+            "{plan}: {out}"
+        );
         let image = dir.path().join("heap.img");
         let epoch = replay(&log, &image).expect("the first epoch is in the log");
         assert_eq!(epoch, first, "{plan}: replay must give the first epoch");

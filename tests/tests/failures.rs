@@ -173,7 +173,10 @@ fn failed_fetch_after_an_epoch_is_sigbus_not_a_hang() {
             .env("LEGO_FAULT_INJECT", plan)
             .hang_after(120)
             .run();
-        assert!(!out.hung, "{plan}: the faulting thread never got SIGBUS:\n{out}");
+        assert!(
+            !out.hung,
+            "{plan}: the faulting thread never got SIGBUS:\n{out}"
+        );
         assert!(!out.stdout.contains("WRONG DATA"), "{plan}: {out}");
         assert!(!out.stdout.contains("block ok"), "{plan}: {out}");
         assert_eq!(out.signal, Some(libc::SIGBUS), "{plan}: {out}");

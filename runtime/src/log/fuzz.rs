@@ -26,10 +26,10 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use super::format::{
-    BlockKind, Commit, CommitKind, EntryKind, FormatError, ImageHeader, PageEntry, PageGroup,
-    RegionInfo, SegmentHeader, BLOCK_BYTES, BLOCK_BYTES_U64, CRC_OFFSET, EPOCH_MAX, FORMAT_VERSION,
-    GROUP_ENTRIES_MAX, IMAGE_MAGIC, KIND_CHECKPOINT, KIND_COMMIT, KIND_PAGE_GROUP, PAGE_BYTES,
-    REGION_END_MAX, SEGMENT_MAGIC,
+    BlockKind, Commit, CommitKind, EntryKind, EpochOrigin, FormatError, ImageHeader, PageEntry,
+    PageGroup, RegionInfo, SegmentHeader, BLOCK_BYTES, BLOCK_BYTES_U64, CRC_OFFSET, EPOCH_MAX,
+    FORMAT_VERSION, GROUP_ENTRIES_MAX, IMAGE_MAGIC, KIND_CHECKPOINT, KIND_COMMIT, KIND_PAGE_GROUP,
+    PAGE_BYTES, REGION_END_MAX, SEGMENT_MAGIC,
 };
 use super::image::{ImageReader, IMAGE_CHUNK_PAGES};
 use super::replay::{
@@ -192,9 +192,10 @@ fn commit() -> impl Strategy<Value = Commit> {
         any::<u64>(),
         any::<u64>(),
         any::<u32>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(ckpt, epoch, log_id, groups, pages, body_bytes, batch_crc)| Commit {
+            |(ckpt, epoch, log_id, groups, pages, body_bytes, batch_crc, program)| Commit {
                 kind: if ckpt {
                     CommitKind::Checkpoint
                 } else {
@@ -206,19 +207,26 @@ fn commit() -> impl Strategy<Value = Commit> {
                 pages,
                 body_bytes,
                 batch_crc,
+                origin: EpochOrigin::from_program_flag(program),
             },
         )
 }
 
 fn image_header() -> impl Strategy<Value = ImageHeader> {
-    (region(), 0..=EPOCH_MAX, any::<u64>(), any::<u64>()).prop_map(
-        |(region, epoch, log_id, pages)| ImageHeader {
+    (
+        region(),
+        0..=EPOCH_MAX,
+        any::<u64>(),
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(|(region, epoch, log_id, pages, program)| ImageHeader {
             region,
             epoch,
             log_id,
             pages: pages % (region.pages() + 1),
-        },
-    )
+            origin: EpochOrigin::from_program_flag(program),
+        })
 }
 
 /// Overwrites the 4 or 8 bytes at `at` (rounded down to a multiple of 4) with a value.
@@ -789,6 +797,7 @@ fn replay_sparse(
                 epoch: report.epoch,
                 log_id: report.log_id,
                 pages: report.pages,
+                origin: report.origin,
             }
         );
         prop_assert_eq!(image.nonzero().len() as u64, report.pages + 1);
@@ -1000,6 +1009,7 @@ fn huge_fields_are_refused_or_cost_nothing() {
         epoch: EPOCH_MAX + 1,
         log_id: LOG_ID,
         pages: 0,
+        origin: EpochOrigin::Automatic,
     };
     assert!(matches!(
         ImageHeader::decode(&image.encode().0),
@@ -1103,7 +1113,7 @@ proptest! {
         let dir = TestDir::new("fuzz-image");
         let path = dir.0.join("heap.img");
         let region = RegionInfo { base: 0x7b00_0000_0000, len: region_pages * PAGE_BYTES };
-        let header = ImageHeader { region, epoch, log_id: LOG_ID, pages: pages.len() as u64 };
+        let header = ImageHeader { region, epoch, log_id: LOG_ID, pages: pages.len() as u64, origin: EpochOrigin::Automatic };
         let mut bytes = match &random {
             Some(r) => r.clone(),
             None => {

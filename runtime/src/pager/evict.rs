@@ -355,7 +355,13 @@ pub(crate) unsafe fn move_out<const N: usize>(
 /// every fault uses: a copy the kernel refuses with `EAGAIN` (a `REMOVE` or `UNMAP` waits to
 /// be read) is retried after the events are read, a page the program dropped meanwhile stays
 /// dropped, and a page that cannot be put back is poisoned, never left to read as zeros.
-fn put_back(sh: &Shared, victims: &[usize], runs: &[(usize, usize)], fate: &[Fate], present: &[bool]) {
+fn put_back(
+    sh: &Shared,
+    victims: &[usize],
+    runs: &[(usize, usize)],
+    fate: &[Fate],
+    present: &[bool],
+) {
     for &(i, len) in runs {
         let mut out: Vec<fault::Outcome> = (i..i + len)
             .map(|k| {

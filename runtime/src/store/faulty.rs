@@ -281,7 +281,9 @@ mod tests {
                 buf,
             })
             .collect();
-        store.fetch(&mut reads).expect("a corrupting plan fails no call");
+        store
+            .fetch(&mut reads)
+            .expect("a corrupting plan fails no call");
         drop(reads);
         assert_eq!(bufs[0], [7u8; 4096], "within the budget: untouched");
         for b in &bufs[1..] {
