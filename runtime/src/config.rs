@@ -211,7 +211,8 @@ const SETTINGS: &[Setting] = &[
         example: "fetch:eio:after=100",
         meaning: "Testing hook: after N pages succeed, every fetch (fetch:ERRNO:after=N) or \
                   store (store:ERRNO:after=N) fails with ERRNO (eio or enospc), or every \
-                  fetched page comes back changed (fetch:corrupt:after=N); spawn:THREAD makes \
+                  fetched page comes back changed (fetch:corrupt:after=N); readback:... does \
+                  the same to an epoch's reads of evicted pages only; spawn:THREAD makes \
                   starting the runtime thread THREAD (lego-logwrite) fail; panic:fork panics \
                   inside fork() with every lock of the internal heap held.",
     },
@@ -391,6 +392,9 @@ pub enum FaultOp {
     Fetch,
     /// Writing evicted pages to the store.
     Store,
+    /// Reading evicted pages back from the store for an epoch of the log (the program's own
+    /// fetches are not touched): the epoch's read-back seam on its own.
+    ReadBack,
 }
 
 /// The errno names `LEGO_FAULT_INJECT` accepts.
@@ -622,7 +626,8 @@ pub enum ConfigError {
     /// `LEGO_FAULT_INJECT` does not follow `OP:ERRNO:after=N`.
     #[error(
         "{}={value:?} is not a fault plan ({problem}): expected OP:ERRNO:after=N with OP \
-         fetch or store and ERRNO eio or enospc (fetch:eio:after=100), fetch:corrupt:after=N, \
+         fetch, store or readback and ERRNO eio or enospc (fetch:eio:after=100), \
+         fetch:corrupt:after=N, readback:corrupt:after=N, \
          spawn:THREAD with THREAD one of {}, or panic:fork",
         vars::FAULT_INJECT,
         SPAWN_FAULT_THREADS.join(", ")
@@ -1137,11 +1142,13 @@ fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
         FaultOp::Fetch
     } else if op.eq_ignore_ascii_case("store") {
         FaultOp::Store
+    } else if op.eq_ignore_ascii_case("readback") {
+        FaultOp::ReadBack
     } else {
         return Err(fail("unknown operation"));
     };
     let effect = if errno.eq_ignore_ascii_case("corrupt") {
-        if op != FaultOp::Fetch {
+        if op == FaultOp::Store {
             return Err(fail("only fetched pages can come back corrupt"));
         }
         FaultEffect::Corrupt
@@ -1596,6 +1603,13 @@ mod tests {
                 after_pages: 5,
                 effect: FaultEffect::Corrupt
             })
+        );
+        let plan = config(&[("LEGO_FAULT_INJECT", "readback:corrupt:after=0")])
+            .expect("valid")
+            .fault_injection;
+        assert_eq!(
+            plan.map(|p| (p.op, p.effect)),
+            Some((FaultOp::ReadBack, FaultEffect::Corrupt))
         );
         let c = config(&[("LEGO_FAULT_INJECT", "spawn:lego-logwrite")]).expect("valid");
         assert_eq!(c.spawn_failure, Some("lego-logwrite"));

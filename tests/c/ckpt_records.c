@@ -11,7 +11,8 @@
  *                          "cut": the words, in the order they were written, are a prefix at
  *                          V+1 followed by the rest at V (a point-in-time cut of the update
  *                          loop: some records updated, at most one partly, the rest not).
- *                          Prints "records ok" or a WRONG DATA line (exit 1). */
+ *                          Prints "records ok" or a WRONG DATA line (exit 1), or "no root"
+ *                          (exit 3) for a heap cut before the root was set. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -80,8 +81,13 @@ int main(int argc, char **argv) {
     }
     struct root *r = lego_root();
     if (strcmp(argv[1], "check") == 0) {
-        if (!r || r->magic != ROOT_MAGIC) {
-            say("WRONG DATA: no root in the restored heap\n");
+        if (!r) {
+            /* A cut taken before lego_set_root: the records are not published yet. */
+            say("no root\n");
+            return 3;
+        }
+        if (r->magic != ROOT_MAGIC) {
+            say("WRONG DATA: the root is not a ckpt_records root\n");
             return 1;
         }
         return check(r, argv[2]);

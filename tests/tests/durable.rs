@@ -621,14 +621,16 @@ fn checkpoint_fails_instead_of_hanging_without_a_log_writer() {
 }
 
 /// An epoch holds the pages evicted since the last one, read back from the page store. When
-/// that read fails (`fetch:eio`, after the retries) or gives a changed page (`fetch:corrupt`),
+/// that read fails (`readback:eio`, after the retries) or gives a changed page
+/// (`readback:corrupt`; the `readback` plans touch the epoch's reads only, so the program's own
+/// faults are served and the outcome does not depend on which pages it touches),
 /// the epoch is not committed: `lego_checkpoint` fails with EIO and replay gives the epoch
 /// before, never a heap that mixes the new root with old pages. (Before the fix the epoch was
 /// committed without those pages.) A changed copy is lost for good: the page is poisoned.
 #[test]
 fn an_epoch_is_never_committed_without_its_evicted_pages() {
     let _big = heavy();
-    for plan in ["fetch:eio:after=256", "fetch:corrupt:after=256"] {
+    for plan in ["readback:eio:after=0", "readback:corrupt:after=300"] {
         let dir = TempDir::new("readback");
         let store = TempDir::new("readback-store");
         let log = dir.path().join("log");
@@ -729,6 +731,16 @@ fn program_checkpoints_recover_in_both_modes() {
                 .env("LEGO_BACKEND", store.backend())
                 .env("LEGO_RESTORE", &image)
                 .run();
+            if out.code == Some(3) && out.stdout.trim() == "no root" {
+                // The newest epoch was cut before the program set its root: allowed only for
+                // a point-in-time cut, and only if no checkpoint (made after the root) returned.
+                assert!(
+                    check == "cut" && seen.is_none(),
+                    "a recovered heap without the root: {}",
+                    ctx()
+                );
+                continue;
+            }
             assert!(
                 out.code == Some(0) && out.stdout.contains("records ok"),
                 "the restored records break the invariant ({check}):\n{out}\nafter: {}",

@@ -740,7 +740,12 @@ fn read_back(
                     buf: b,
                 })
                 .collect();
-            sh.store.fetch(&mut batch)
+            sh.store
+                .fetch(&mut batch)
+                .and_then(|()| match &sh.readback_faults {
+                    Some(faults) => faults.after_read(&mut batch),
+                    None => Ok(()),
+                })
         };
         match result {
             Ok(()) => break,

@@ -169,6 +169,9 @@ pub(crate) struct Shared {
     /// the heap has a log.
     pub(crate) snapshot: Option<Region>,
     pub(crate) quiesce: Option<Quiesce>,
+    /// Failures injected into the epoch's read-back of evicted pages
+    /// (`LEGO_FAULT_INJECT=readback:...`, a testing hook).
+    pub(crate) readback_faults: Option<store::FaultBudget>,
     /// The buffer `fork` pages evicted pages in through (mapped at start).
     pub(crate) fork_buf: Mutex<fault::PageBuf>,
 }
@@ -432,6 +435,10 @@ impl Runtime {
             durable: config.log.clone().map(epoch::Durable::new),
             snapshot,
             quiesce,
+            readback_faults: config
+                .fault_injection
+                .filter(|p| p.op == crate::config::FaultOp::ReadBack)
+                .map(store::FaultBudget::new),
             fork_buf: Mutex::new(fault::PageBuf::new(FETCH_CHUNK_PAGES).map_err(|source| {
                 PagerError::Thread {
                     name: "fork page-in buffer".into(),

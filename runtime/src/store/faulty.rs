@@ -7,6 +7,8 @@
 //! pass through. The budget is shared by all threads. With [`FaultEffect::Corrupt`] nothing
 //! fails: every fetched page past the budget comes back with one byte changed, as from a store
 //! that hands back a damaged or foreign copy (the pager must notice by the page's checksum).
+//! A [`FaultOp::ReadBack`] plan leaves the store alone: the epoch's read-back applies its
+//! [`FaultBudget`] to what it read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,27 +18,24 @@ use crate::config::{FaultEffect, FaultOp, FaultPlan};
 /// The byte of a page that a corrupting plan changes.
 const CORRUPT_BYTE_OFFSET: usize = 100;
 
-/// A store that fails on purpose after a number of pages.
-pub struct FaultyStore<S: PageStore> {
-    inner: S,
+/// A plan's budget of pages that pass, shared by every thread that uses it (the store's
+/// calls, or the epoch's read-back for [`FaultOp::ReadBack`]).
+pub struct FaultBudget {
     plan: FaultPlan,
     // Pages of the planned operation let through so far (never above `plan.after_pages`).
     passed: AtomicU64,
 }
 
-impl<S: PageStore> FaultyStore<S> {
-    /// Wraps `inner` with the fault plan.
-    pub fn new(inner: S, plan: FaultPlan) -> FaultyStore<S> {
-        FaultyStore {
-            inner,
+impl FaultBudget {
+    pub fn new(plan: FaultPlan) -> FaultBudget {
+        FaultBudget {
             plan,
             passed: AtomicU64::new(0),
         }
     }
 
-    /// The wrapped store.
-    pub fn inner(&self) -> &S {
-        &self.inner
+    pub fn plan(&self) -> FaultPlan {
+        self.plan
     }
 
     /// Takes up to `want` pages from the budget; returns how many were granted.
@@ -65,44 +64,80 @@ impl<S: PageStore> FaultyStore<S> {
             source: std::io::Error::from_raw_os_error(errno),
         }
     }
+
+    /// Applies the plan to a batch that was just read: the pages past the budget make the
+    /// call fail, or come back with one byte changed.
+    pub fn after_read(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        let granted = self.grant(batch.len());
+        match self.plan.effect {
+            FaultEffect::Corrupt => {
+                for read in &mut batch[granted..] {
+                    if let Some(b) = read.buf.get_mut(CORRUPT_BYTE_OFFSET) {
+                        *b ^= 0x5a;
+                    }
+                }
+                Ok(())
+            }
+            FaultEffect::Errno(_) => match batch.get(granted) {
+                Some(r) => Err(self.injected(r.page)),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+/// A store that fails on purpose after a number of pages.
+pub struct FaultyStore<S: PageStore> {
+    inner: S,
+    budget: FaultBudget,
+}
+
+impl<S: PageStore> FaultyStore<S> {
+    /// Wraps `inner` with the fault plan.
+    pub fn new(inner: S, plan: FaultPlan) -> FaultyStore<S> {
+        FaultyStore {
+            inner,
+            budget: FaultBudget::new(plan),
+        }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: PageStore> PageStore for FaultyStore<S> {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
-        if self.plan.op != FaultOp::Fetch {
+        if self.budget.plan.op != FaultOp::Fetch {
             return self.inner.fetch(batch);
         }
-        let granted = self.grant(batch.len());
-        if self.plan.effect == FaultEffect::Corrupt {
+        if self.budget.plan.effect == FaultEffect::Corrupt {
             self.inner.fetch(batch)?;
-            for read in &mut batch[granted..] {
-                if let Some(b) = read.buf.get_mut(CORRUPT_BYTE_OFFSET) {
-                    *b ^= 0x5a;
-                }
-            }
-            return Ok(());
+            return self.budget.after_read(batch);
         }
+        let granted = self.budget.grant(batch.len());
         let (pass, fail) = batch.split_at_mut(granted);
         if !pass.is_empty() {
             self.inner.fetch(pass)?;
         }
         match fail.first() {
-            Some(r) => Err(self.injected(r.page)),
+            Some(r) => Err(self.budget.injected(r.page)),
             None => Ok(()),
         }
     }
 
     fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
-        if self.plan.op != FaultOp::Store {
+        if self.budget.plan.op != FaultOp::Store {
             return self.inner.store(batch);
         }
-        let granted = self.grant(batch.len());
+        let granted = self.budget.grant(batch.len());
         let (pass, fail) = batch.split_at(granted);
         if !pass.is_empty() {
             self.inner.store(pass)?;
         }
         match fail.first() {
-            Some(w) => Err(self.injected(w.page)),
+            Some(w) => Err(self.budget.injected(w.page)),
             None => Ok(()),
         }
     }
@@ -116,17 +151,19 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
     }
 
     fn describe(&self) -> String {
-        match self.plan.effect {
+        let plan = self.budget.plan;
+        match plan.effect {
             FaultEffect::Errno(errno) => format!(
                 "{} (faulty: {} fails with errno {errno} after {} pages)",
                 self.inner.describe(),
-                op_name(self.plan.op),
-                self.plan.after_pages
+                op_name(plan.op),
+                plan.after_pages
             ),
             FaultEffect::Corrupt => format!(
-                "{} (faulty: fetched pages come back changed after {} pages)",
+                "{} (faulty: {} pages come back changed after {} pages)",
                 self.inner.describe(),
-                self.plan.after_pages
+                op_name(plan.op),
+                plan.after_pages
             ),
         }
     }

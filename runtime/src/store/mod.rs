@@ -23,7 +23,7 @@ use crate::config::{BackendSpec, FaultOp, FaultPlan};
 use crate::io::IoError;
 use crate::PAGE_SIZE;
 
-pub use faulty::FaultyStore;
+pub use faulty::{FaultBudget, FaultyStore};
 pub use file::{FileOptions, FileStore};
 
 /// [`PAGE_SIZE`] as a `u64`, for offset arithmetic.
@@ -174,6 +174,7 @@ pub(crate) fn op_name(op: FaultOp) -> &'static str {
     match op {
         FaultOp::Fetch => "fetch",
         FaultOp::Store => "store",
+        FaultOp::ReadBack => "readback",
     }
 }
 
