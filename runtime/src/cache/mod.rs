@@ -66,6 +66,28 @@ pub enum PageState {
     Poisoned = 6,
 }
 
+impl PageState {
+    /// Whether a page in this state may move to `to`. Staying is always allowed. Absent,
+    /// resident, evicted and poisoned pages may become absent (the program discarded them);
+    /// the transit states (`Filling`, `Fetching`, `Evicting`) belong to one thread, which
+    /// settles them.
+    pub fn may_become(self, to: PageState) -> bool {
+        use PageState::*;
+        self == to
+            || matches!(
+                (self, to),
+                (Absent, Filling | Resident | Evicted)
+                    | (Resident | Evicted | Poisoned, Absent)
+                    | (Filling, Resident | Absent | Poisoned)
+                    // Evicting or an epoch's snapshot put back (`Filling` from `Resident`).
+                    | (Resident, Evicting | Filling)
+                    | (Evicting, Resident | Evicted | Absent | Poisoned)
+                    | (Evicted, Fetching | Poisoned)
+                    | (Fetching, Resident | Evicted | Absent | Poisoned)
+            )
+    }
+}
+
 const STATE_MASK: u16 = 0b111;
 /// Flag: the program discarded the page (`madvise`, `free` of a large run) while it was in a
 /// transit state; the owner turns it `Absent` when it finishes.
@@ -142,9 +164,15 @@ impl Table {
         }
     }
 
-    /// Moves `page` to `state`, keeping its flags, and keeps the resident count exact.
+    /// Moves `page` to `state`, keeping its flags, and keeps the resident count exact. Only the
+    /// transitions of the page's life cycle are accepted ([`PageState::may_become`]); any other
+    /// is a bug in the pager, and stops the process before it can serve a wrong page.
     pub fn set_state(&mut self, page: usize, state: PageState) {
         let old = self.state(page);
+        assert!(
+            old.may_become(state),
+            "page {page}: a {old:?} page cannot become {state:?}"
+        );
         match (old.counts_resident(), state.counts_resident()) {
             (false, true) => {
                 self.resident += 1;
@@ -287,11 +315,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_life_cycle_transitions_are_allowed() {
+        use PageState::*;
+        let all = [
+            Absent, Resident, Evicted, Filling, Fetching, Evicting, Poisoned,
+        ];
+        let allowed: Vec<(PageState, PageState)> = all
+            .iter()
+            .flat_map(|&a| all.iter().map(move |&b| (a, b)))
+            .filter(|&(a, b)| a != b && a.may_become(b))
+            .collect();
+        assert_eq!(allowed.len(), 21, "{allowed:?}");
+        // A few that would lose data or skip an owner.
+        assert!(
+            !Evicted.may_become(Resident),
+            "an evicted page is fetched first"
+        );
+        assert!(
+            !Poisoned.may_become(Resident),
+            "a lost page never comes back"
+        );
+        assert!(!Absent.may_become(Fetching), "nothing to fetch");
+        assert!(!Evicting.may_become(Fetching));
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot become")]
+    fn a_wrong_transition_stops_the_process() {
+        let cache = Cache::new(8, 8).expect("reserve");
+        let mut t = cache.lock();
+        t.set_state(3, PageState::Evicted);
+        t.set_state(3, PageState::Resident);
+    }
+
+    #[test]
     fn resident_count_follows_states() {
         let cache = Cache::new(16, 8).expect("reserve");
         let mut t = cache.lock();
         t.set_state(3, PageState::Filling);
         t.set_state(3, PageState::Resident);
+        t.set_state(4, PageState::Evicted);
         t.set_state(4, PageState::Fetching);
         assert_eq!(t.resident(), 2);
         t.set_state(3, PageState::Evicting);
@@ -341,6 +404,7 @@ mod tests {
     fn clock_skips_non_resident_pages_and_stops() {
         let cache = Cache::new(8, 8).expect("reserve");
         let mut t = cache.lock();
+        t.set_state(5, PageState::Evicted);
         t.set_state(5, PageState::Fetching);
         let mut v = Vec::new();
         t.pick_victims(4, &mut v);
