@@ -34,7 +34,7 @@ const INTERNAL_HEAP_BYTES: usize = 8 << 30;
 
 /// Where the user heap's region goes when that range is free: 32 TiB, above where x86-64
 /// Linux puts the program's `brk` heap and below its top-down `mmap` area and PIE executables
-/// (about 93 TiB) for heaps up to 60 TiB; clear of AddressSanitizer's shadow (below 16 TiB).
+/// (about 93 TiB) for every heap lego accepts (up to 8 TiB); clear of AddressSanitizer's shadow (below 16 TiB).
 const HEAP_BASE_PREFERRED: usize = 0x2000_0000_0000;
 
 /// Exit status when a `LEGO_*` setting is wrong.

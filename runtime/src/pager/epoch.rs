@@ -350,11 +350,12 @@ fn run_epoch(
     copy_back(sh, &cut);
     drop(pass);
     let result = if sent {
-        appender.done.recv().unwrap_or_else(|_| {
-            Err(AppendError::Log(LogError::NeedsCheckpoint {
+        appender
+            .done
+            .recv()
+            .unwrap_or(Err(AppendError::Log(LogError::NeedsCheckpoint {
                 epoch: last_committed,
-            }))
-        })
+            })))
     } else if !cut.lost.is_empty() {
         Err(AppendError::Lost(cut.lost.clone()))
     } else if cut.pages() > 0 || origin == EpochOrigin::Program {
