@@ -1118,18 +1118,16 @@ fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
         value: value.to_owned(),
         problem,
     };
+    // `spawn:THREAD` and `panic:POINT` name one of a fixed list.
+    let named = |list: &[&'static str], name: &str| list.iter().copied().find(|&n| n == name);
     if let Some(thread) = value.strip_prefix("spawn:") {
-        return SPAWN_FAULT_THREADS
-            .iter()
-            .find(|&&t| t == thread)
-            .map(|&t| Injection::Spawn(t))
+        return named(SPAWN_FAULT_THREADS, thread)
+            .map(Injection::Spawn)
             .ok_or_else(|| fail("unknown thread"));
     }
     if let Some(point) = value.strip_prefix("panic:") {
-        return PANIC_FAULT_POINTS
-            .iter()
-            .find(|&&p| p == point)
-            .map(|&p| Injection::Panic(p))
+        return named(PANIC_FAULT_POINTS, point)
+            .map(Injection::Panic)
             .ok_or_else(|| fail("unknown panic point"));
     }
     let mut parts = value.split(':');

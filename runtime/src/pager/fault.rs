@@ -853,3 +853,22 @@ pub(crate) fn page_in_everything(sh: &Shared, buf: &mut PageBuf) {
     }
     STATS.add(Counter::ForkPageIns, brought);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PageBuf;
+
+    /// A buffer that cannot be mapped is an error for the thread being started, not a panic
+    /// (which used to happen on the program's own thread inside `fork()` and at every epoch).
+    #[test]
+    fn a_buffer_that_cannot_be_mapped_is_an_error() {
+        let pages = usize::MAX / crate::PAGE_SIZE;
+        let err = PageBuf::new(pages)
+            .err()
+            .expect("no address space is that large");
+        assert!(!err.to_string().is_empty());
+        let mut buf = PageBuf::new(4).expect("four pages map");
+        assert_eq!(buf.pages_mut(4).len(), 4);
+        assert!(buf.page(3).iter().all(|&b| b == 0));
+    }
+}
