@@ -37,7 +37,9 @@ use super::replay::{
     Segment,
 };
 use super::segment::{LogWriter, MemoryStorage, SyncMode, WriterOptions, SEGMENT_BYTES_TARGET_MIN};
-use super::test_support::{epoch_pages, page, segments_of, Change, Model, TestDir};
+use super::test_support::{
+    epoch_pages, memory_options, page, seeded_changes, segments_of, Model, TestDir,
+};
 use crate::fuzz_support::{config, Extreme};
 use crate::PAGE_SIZE;
 
@@ -832,24 +834,13 @@ fn written_log(
     target: u64,
 ) -> (Vec<Segment<Vec<u8>>>, Vec<Vec<u8>>) {
     let storage = MemoryStorage::new();
-    let options = WriterOptions {
-        segment_bytes_target: target,
-        sync: SyncMode::None,
-        log_id: Some(LOG_ID),
-    };
+    let options = memory_options(target, LOG_ID);
     let mut w = LogWriter::with_storage(Box::new(storage.clone()), REGION, options)
         .expect("creating the writer");
     let mut model = Model::new(REGION, LOG_ID);
     let mut images = vec![model.image(0)];
     for (changes, checkpoint) in epochs {
-        let changes: Vec<Change> = changes
-            .iter()
-            .map(|(&p, &seed)| match seed {
-                0 => (p, None),
-                1 => (p, Some(vec![0; PAGE_SIZE])),
-                s => (p, Some(page(s))),
-            })
-            .collect();
+        let changes = seeded_changes(changes);
         model.apply(&changes);
         let epoch = if *checkpoint {
             w.checkpoint(&epoch_pages(&model.checkpoint_changes()))

@@ -62,6 +62,28 @@ pub(crate) mod test_support {
     /// One change of an epoch: the page's new content, or `None` for a `ZERO` record.
     pub type Change = (u64, Option<Vec<u8>>);
 
+    /// Changes from `page -> seed`, as the property tests draw them: seed 0 is a `ZERO` record,
+    /// 1 a page of zeros written as data, any other the page [`page`] makes from it.
+    pub fn seeded_changes(seeds: &BTreeMap<u64, u64>) -> Vec<Change> {
+        seeds
+            .iter()
+            .map(|(&p, &seed)| match seed {
+                0 => (p, None),
+                1 => (p, Some(vec![0; PAGE_SIZE])),
+                s => (p, Some(page(s))),
+            })
+            .collect()
+    }
+
+    /// Writer options for a log in memory: segments of `target` bytes, no syncs, `log_id`.
+    pub fn memory_options(target: u64, log_id: u64) -> super::segment::WriterOptions {
+        super::segment::WriterOptions {
+            segment_bytes_target: target,
+            sync: super::segment::SyncMode::None,
+            log_id: Some(log_id),
+        }
+    }
+
     /// Borrows changes as the writer takes them.
     pub fn epoch_pages(changes: &[Change]) -> Vec<EpochPage<'_>> {
         changes

@@ -2260,7 +2260,8 @@ mod tests {
         LogWriter, MemoryStorage, SyncMode, WriterOptions, SEGMENT_BYTES_TARGET_MIN,
     };
     use crate::log::test_support::{
-        epoch_pages, page, replay_mem, segments_of, Change, Model, TestDir,
+        epoch_pages, memory_options, page, replay_mem, seeded_changes, segments_of, Change, Model,
+        TestDir,
     };
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -2273,11 +2274,7 @@ mod tests {
     const LOG_ID: u64 = 0xfeed_f00d;
 
     fn options(target: u64) -> WriterOptions {
-        WriterOptions {
-            segment_bytes_target: target,
-            sync: SyncMode::None,
-            log_id: Some(LOG_ID),
-        }
+        memory_options(target, LOG_ID)
     }
 
     fn writer(storage: &MemoryStorage, target: u64) -> LogWriter {
@@ -2764,15 +2761,7 @@ mod tests {
             let mut images = vec![model.image(0)];
             let mut base = 1;
             for (i, e) in epochs.iter().enumerate() {
-                let changes: Vec<Change> = e
-                    .changes
-                    .iter()
-                    .map(|(&p, &seed)| match seed {
-                        0 => (p, None),
-                        1 => (p, Some(vec![0; PAGE_SIZE])),
-                        s => (p, Some(page(s))),
-                    })
-                    .collect();
+                let changes = seeded_changes(&e.changes);
                 model.apply(&changes);
                 let epoch = if e.checkpoint {
                     base = i as u64 + 1;

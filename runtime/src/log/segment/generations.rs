@@ -30,11 +30,7 @@ const LARGE: RegionInfo = RegionInfo {
 const SAMPLED_BLOCKS: usize = 24;
 
 fn options(target: u64) -> WriterOptions {
-    WriterOptions {
-        segment_bytes_target: target,
-        sync: SyncMode::None,
-        log_id: Some(LOG_ID),
-    }
+    crate::log::test_support::memory_options(target, LOG_ID)
 }
 
 fn writer(storage: &MemoryStorage, region: RegionInfo, target: u64) -> LogWriter {
