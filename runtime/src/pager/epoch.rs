@@ -155,6 +155,12 @@ impl Cut {
         self.moved.len() + self.copied.len() + self.evicted.len() + self.zeros.len()
     }
 
+    /// Whether the cut makes an epoch: it holds pages, or the program asked for a checkpoint
+    /// (committed even when empty, so that `--checkpoint` never picks an older state).
+    fn wants_epoch(&self, origin: EpochOrigin) -> bool {
+        self.pages() > 0 || origin.is_program()
+    }
+
     /// Every page of the cut, whatever its source.
     fn page_indexes(&self) -> impl Iterator<Item = usize> + '_ {
         self.moved
@@ -234,7 +240,7 @@ pub(crate) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
         } else {
             EpochOrigin::Automatic
         };
-        let result = run_epoch(sh, &writer, &appender, origin);
+        let result = run_epoch(sh, &writer, &appender, settings, origin);
         {
             let mut r = durable.requests.lock().unwrap_or_else(|e| e.into_inner());
             r.served = r.served.max(ticket);
@@ -312,17 +318,13 @@ fn run_epoch(
     sh: &Shared,
     writer: &Mutex<LogWriter>,
     appender: &Appender,
+    settings: &LogSettings,
     origin: EpochOrigin,
 ) -> Result<u64, EpochError> {
     let last_committed = {
-        let broken = lock_writer(writer).is_broken();
-        let limit = match (broken, &sh.durable) {
-            (true, Some(d)) => log_limit(sh, &d.settings),
-            _ => LOG_MAX_BYTES_FLOOR,
-        };
         let mut w = lock_writer(writer);
         if w.is_broken() {
-            w.compact_within(limit).map_err(|e| {
+            w.compact_within(log_limit(sh, settings)).map_err(|e| {
                 report(
                     "compacting the log after a failure",
                     &crate::log::replay::error_chain(&e),
@@ -338,7 +340,7 @@ fn run_epoch(
     // puts them back.
     let (cut, pass) = take_cut(sh, |cut| {
         // An epoch that would leave out a lost page is not written at all.
-        if (cut.pages() > 0 || origin == EpochOrigin::Program) && cut.lost.is_empty() {
+        if cut.wants_epoch(origin) && cut.lost.is_empty() {
             sent = appender.jobs.send((cut, origin)).is_ok();
         }
     });
@@ -358,7 +360,7 @@ fn run_epoch(
             })))
     } else if !cut.lost.is_empty() {
         Err(AppendError::Lost(cut.lost.clone()))
-    } else if cut.pages() > 0 || origin == EpochOrigin::Program {
+    } else if cut.wants_epoch(origin) {
         Err(AppendError::Log(LogError::NeedsCheckpoint {
             epoch: last_committed,
         }))
@@ -393,17 +395,14 @@ fn run_epoch(
             for p in cut.page_indexes() {
                 t.set_flag(p, LOGDIRTY, true);
             }
-            let text = match e {
-                AppendError::Log(e) => {
-                    drop(t);
-                    return Err(report(
-                        "writing an epoch",
-                        &crate::log::replay::error_chain(&e),
-                    ));
-                }
-                AppendError::StoreRead(e) => format!(
-                    "reading evicted pages back from the page store failed; the epoch is \
-                     retried with its pages later: {e}"
+            let (what, text) = match e {
+                AppendError::Log(e) => ("writing an epoch", crate::log::replay::error_chain(&e)),
+                AppendError::StoreRead(e) => (
+                    "an epoch",
+                    format!(
+                        "reading evicted pages back from the page store failed; the epoch is \
+                         retried with its pages later: {e}"
+                    ),
                 ),
                 AppendError::Lost(pages) => {
                     // Their content is gone: a fault on one gives SIGBUS, and until the
@@ -414,17 +413,18 @@ fn run_epoch(
                             t.set_state(p, PageState::Poisoned);
                         }
                     }
-                    format!(
+                    let text = format!(
                         "{} changed heap pages lost their content (the first at {:#x}: its \
                          copy in the page store failed its CRC32C check); no epoch is \
                          committed until the program frees them",
                         pages.len(),
                         sh.addr_of(pages[0])
-                    )
+                    );
+                    ("an epoch", text)
                 }
             };
             drop(t);
-            Err(report("an epoch", &text))
+            Err(report(what, &text))
         }
     }
 }

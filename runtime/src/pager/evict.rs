@@ -169,7 +169,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
                     "writing back {dirty} evicted pages failed, keeping them in memory (the cache will grow past its size until the store recovers): {e}"
                 );
             }
-            put_back(sh, victims, &runs, &fate, &present);
+            put_back(sh, victims, &runs, &fate);
             sh.store_failing.store(true, Ordering::Relaxed);
             return false;
         }
@@ -355,25 +355,17 @@ pub(crate) unsafe fn move_out<const N: usize>(
 /// every fault uses: a copy the kernel refuses with `EAGAIN` (a `REMOVE` or `UNMAP` waits to
 /// be read) is retried after the events are read, a page the program dropped meanwhile stays
 /// dropped, and a page that cannot be put back is poisoned, never left to read as zeros.
-fn put_back(
-    sh: &Shared,
-    victims: &[usize],
-    runs: &[(usize, usize)],
-    fate: &[Fate],
-    present: &[bool],
-) {
+fn put_back(sh: &Shared, victims: &[usize], runs: &[(usize, usize)], fate: &[Fate]) {
     for &(i, len) in runs {
-        let mut out: Vec<fault::Outcome> = (i..i + len)
-            .map(|k| {
-                if fate[k] == Fate::Stayed {
-                    // Never left the region.
-                    fault::Outcome::Installed
-                } else if !present[k] {
-                    // A hole: the program dropped it before the move.
-                    fault::Outcome::Removed
-                } else {
-                    fault::Outcome::Pending
-                }
+        let mut out: Vec<fault::Outcome> = fate[i..i + len]
+            .iter()
+            .map(|f| match f {
+                // Never left the region.
+                Fate::Stayed => fault::Outcome::Installed,
+                // The program dropped it before the move.
+                Fate::Hole => fault::Outcome::Removed,
+                // In its staging slot.
+                _ => fault::Outcome::Pending,
             })
             .collect();
         // SAFETY: staging slots `[i, i + len)` hold the pages of victims `[i, i + len)` (one

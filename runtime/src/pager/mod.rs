@@ -95,6 +95,12 @@ pub enum PagerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot map the {what} (a few pages of address space)")]
+    Buffer {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -440,8 +446,8 @@ impl Runtime {
                 .filter(|p| p.op == crate::config::FaultOp::ReadBack)
                 .map(store::FaultBudget::new),
             fork_buf: Mutex::new(fault::PageBuf::new(FETCH_CHUNK_PAGES).map_err(|source| {
-                PagerError::Thread {
-                    name: "fork page-in buffer".into(),
+                PagerError::Buffer {
+                    what: "buffer fork pages evicted pages in through".into(),
                     source,
                 }
             })?),
@@ -452,8 +458,8 @@ impl Runtime {
         for i in 0..handlers {
             let sh = Arc::clone(&shared);
             let fetch =
-                fault::PageBuf::new(FETCH_CHUNK_PAGES).map_err(|source| PagerError::Thread {
-                    name: format!("lego-fault-{i}"),
+                fault::PageBuf::new(FETCH_CHUNK_PAGES).map_err(|source| PagerError::Buffer {
+                    what: format!("fetch buffer of the fault handler lego-fault-{i}"),
                     source,
                 })?;
             let cpu = if handlers <= cpus {
