@@ -7,15 +7,27 @@
 //! one batch; mark them `Evicted` (or `Absent` for all-zero pages) and wake any thread that
 //! faulted on them meanwhile. If the write-back fails, the pages are copied back into the
 //! region: the cache overflows, the program never loses data.
+//!
+//! Rules: the evictor works inside the gate, one batch at a time; the staging area is its
+//! alone. Its scan consumes the victims' written bits, so it turns them into log-dirty pages
+//! in the table before it leaves the gate (the epoch cut would miss them otherwise). It
+//! never picks a page an epoch holds (`LOGHOLD`) or has in its snapshot (`SNAP`). This is
+//! where the pager writes to the store (`PageStore::store`, in [`write_back`]) and drops
+//! copies of pages that became absent (`PageStore::discard`, in [`record`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::{fault, sleep_ms, Shared, STATS};
+use super::discard::Runs;
+use super::install::{finish_run, install_pages, Outcome, Source};
+use super::moving::{move_out, Stuck};
+use super::{publish_resident, sleep_ms, Shared, EVICT_BATCH_PAGES_MAX, STATS};
 use crate::cache::{PageState, LOGDIRTY, REMOVED, STORED};
 use crate::logging::RateLimit;
+use crate::region::Region;
 use crate::stats::Counter;
 use crate::store::PageWrite;
+use crate::uffd::Userfault;
 use crate::PAGE_SIZE;
 
 static EVICT_ERRORS: RateLimit = RateLimit::new(2);
@@ -23,18 +35,73 @@ static EVICT_ERRORS: RateLimit = RateLimit::new(2);
 const STORE_RETRY_MS: u64 = 100;
 /// How long the evictor sleeps when it wants to evict but finds nothing it can.
 const NOTHING_TO_EVICT_MS: u64 = 5;
+/// How long the idle evictor sleeps before it looks at the resident count again.
+const IDLE_WAIT_MS: u64 = 200;
 
-pub(crate) fn evictor_loop(sh: &Shared) {
-    let mut victims: Vec<usize> = Vec::with_capacity(super::EVICT_BATCH_PAGES_MAX);
+/// The evictor's settings and the state it shares with the handlers.
+pub(super) struct Eviction {
+    /// Where a batch's victims are moved (on the staging userfaultfd), the evictor's alone.
+    staging: Region,
+    /// Resident pages above which the evictor runs.
+    high_pages: usize,
+    /// Resident pages it evicts down to.
+    low_pages: usize,
+    batch_pages: usize,
+    /// Set while write-backs fail: handlers then stop waiting for room (the cache overflows
+    /// rather than the program stalling forever).
+    store_failing: AtomicBool,
+}
+
+impl Eviction {
+    /// Reserves the staging area for [`EVICT_BATCH_PAGES_MAX`] pages and registers it on
+    /// `staging_uffd`.
+    pub(super) fn new(
+        staging_uffd: &Userfault,
+        batch_pages: usize,
+    ) -> Result<Eviction, super::PagerError> {
+        let staging = Region::reserve(EVICT_BATCH_PAGES_MAX * PAGE_SIZE, None)?;
+        staging_uffd.register(staging.base, staging.len, false)?;
+        Ok(Eviction {
+            staging,
+            high_pages: 0,
+            low_pages: 0,
+            batch_pages,
+            store_failing: AtomicBool::new(false),
+        })
+    }
+
+    /// Sets the watermarks for a cache of `capacity` pages: evicting starts a few batches
+    /// before the cache is full, so that a fault rarely waits for room, and stops a few
+    /// batches lower, so that the evictor works in large batches. Returns `(high, low)`.
+    pub(super) fn set_watermarks(&mut self, capacity: usize) -> (usize, usize) {
+        let batch = self.batch_pages;
+        let headroom = (2 * batch).min(capacity / 4);
+        self.high_pages = capacity - headroom;
+        self.low_pages = self
+            .high_pages
+            .saturating_sub((2 * batch).min(capacity / 4));
+        (self.high_pages, self.low_pages)
+    }
+
+    pub(super) fn high_pages(&self) -> usize {
+        self.high_pages
+    }
+
+    /// True while write-backs fail (handlers then claim runs without waiting for room).
+    pub(super) fn store_failing(&self) -> bool {
+        self.store_failing.load(Ordering::Relaxed)
+    }
+}
+
+pub(super) fn evictor_loop(sh: &Shared) {
+    let mut victims: Vec<usize> = Vec::with_capacity(EVICT_BATCH_PAGES_MAX);
     loop {
         {
             let mut t = sh.cache.lock();
-            while t.resident() <= sh.high_pages {
-                let (guard, _) = sh
-                    .evict_wanted
-                    .wait_timeout(t, Duration::from_millis(200))
-                    .unwrap_or_else(|e| e.into_inner());
-                t = guard;
+            while t.resident() <= sh.evict.high_pages {
+                t = sh
+                    .cache
+                    .wait_eviction_wanted(t, Duration::from_millis(IDLE_WAIT_MS));
             }
         }
         // Evict down to the low watermark, one batch at a time, each inside the gate.
@@ -43,10 +110,10 @@ pub(crate) fn evictor_loop(sh: &Shared) {
             victims.clear();
             {
                 let mut t = sh.cache.lock();
-                if t.resident() <= sh.low_pages {
+                if t.resident() <= sh.evict.low_pages {
                     break;
                 }
-                t.pick_victims(sh.evict_batch_pages, &mut victims);
+                t.pick_victims(sh.evict.batch_pages, &mut victims);
             }
             if victims.is_empty() {
                 drop(_pass);
@@ -54,7 +121,7 @@ pub(crate) fn evictor_loop(sh: &Shared) {
                 break;
             }
             let ok = evict_batch(sh, &victims);
-            sh.room.notify_all();
+            sh.cache.room_freed();
             if !ok {
                 drop(_pass);
                 sleep_ms(STORE_RETRY_MS);
@@ -82,15 +149,31 @@ enum Fate {
 /// Evicts the sorted `victims` (all `Evicting`). Returns false if the write-back failed.
 fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
     let n = victims.len();
-    assert!(n <= super::EVICT_BATCH_PAGES_MAX);
+    assert!(n <= EVICT_BATCH_PAGES_MAX);
     let runs = runs_of(victims);
-
-    // 1. Which victims were written since last protected (and protect them again).
-    let mut written = vec![false; n];
+    let written = scan_written(sh, victims, &runs);
+    // Move them out, victim i to staging slot i.
     for &(i, len) in &runs {
+        move_run(sh, victims, i, len);
+    }
+    let (present, mut fate) = locate(sh, victims);
+    let crcs = classify(sh, victims, &written, &present, &mut fate);
+    let Some(dirty) = write_back(sh, victims, &runs, &fate) else {
+        return false;
+    };
+    record(sh, victims, &runs, &written, &fate, &crcs);
+    STATS.add(Counter::PagesWrittenBack, dirty);
+    STATS.add(Counter::BytesWrittenBack, dirty * PAGE_SIZE as u64);
+    true
+}
+
+/// Step 1: which victims were written since last protected (and protects them again).
+fn scan_written(sh: &Shared, victims: &[usize], runs: &[(usize, usize)]) -> Vec<bool> {
+    let mut written = vec![false; victims.len()];
+    for &(i, len) in runs {
         let start = sh.addr_of(victims[i]);
         let end = start + len * PAGE_SIZE;
-        let res = sh.scanner.take_written(start, end, |a, b| {
+        let res = sh.kernel.scanner.take_written(start, end, |a, b| {
             let (a, b) = (a.max(start), b.min(end));
             for addr in (a..b).step_by(PAGE_SIZE) {
                 written[i + (addr - start) / PAGE_SIZE] = true;
@@ -103,18 +186,18 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
             written[i..i + len].iter_mut().for_each(|w| *w = true);
         }
     }
+    written
+}
 
-    // 2. Move them out, victim i to staging slot i.
-    for &(i, len) in &runs {
-        move_run(sh, victims, i, len);
-    }
-
-    // 3. Where each page is now, read back from the page tables rather than taken from the
-    //    kernel's account of the moves (Linux 6.18 was seen answering EEXIST, with nothing
-    //    moved, for pages it had moved). In its staging slot: moved. Still in the region:
-    //    stays resident. In neither: a hole (the program dropped the page).
+/// Step 3, after the moves: where each page is now, read back from the page tables rather
+/// than taken from the kernel's account of the moves (Linux 6.18 was seen answering EEXIST,
+/// with nothing moved, for pages it had moved). In its staging slot: moved (`present`, fate
+/// still to decide). Still in the region: stays resident. In neither: a hole (the program
+/// dropped the page).
+fn locate(sh: &Shared, victims: &[usize]) -> (Vec<bool>, Vec<Fate>) {
+    let n = victims.len();
     let mut present = vec![false; n];
-    crate::region::for_each_present_page(sh.staging.base, n * PAGE_SIZE, |slot| {
+    crate::region::for_each_present_page(sh.evict.staging.base, n * PAGE_SIZE, |slot| {
         present[slot] = true;
     });
     let mut fate = vec![Fate::Dirty; n];
@@ -127,32 +210,49 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
             };
         }
     }
+    (present, fate)
+}
 
-    // 4. Classify by content.
+/// Step 4: classifies the moved pages by content; returns each one's CRC32C.
+fn classify(
+    sh: &Shared,
+    victims: &[usize],
+    written: &[bool],
+    present: &[bool],
+    fate: &mut [Fate],
+) -> Vec<u32> {
+    let n = victims.len();
     let mut crcs = vec![0u32; n];
-    {
-        let t = sh.cache.lock();
-        for i in 0..n {
-            if !present[i] {
-                continue;
-            }
-            let page = staging_page(sh, i);
-            if page.iter().all(|&b| b == 0) {
-                fate[i] = Fate::Zero;
-                continue;
-            }
-            crcs[i] = crc32c::crc32c(page);
-            let p = victims[i];
-            fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crcs[i] {
-                Fate::Clean
-            } else {
-                Fate::Dirty
-            };
+    let t = sh.cache.lock();
+    for i in 0..n {
+        if !present[i] {
+            continue;
         }
+        let page = staging_page(sh, i);
+        if page.iter().all(|&b| b == 0) {
+            fate[i] = Fate::Zero;
+            continue;
+        }
+        crcs[i] = crc32c::crc32c(page);
+        let p = victims[i];
+        fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crcs[i] {
+            Fate::Clean
+        } else {
+            Fate::Dirty
+        };
     }
+    crcs
+}
 
-    // 5. Write back the dirty ones in one batch.
-    let writes: Vec<PageWrite<'_>> = (0..n)
+/// Step 5: writes back the dirty pages in one store batch. Returns how many, or `None` if
+/// the write failed (the pages are then back in the region, see [`put_back`]).
+fn write_back(
+    sh: &Shared,
+    victims: &[usize],
+    runs: &[(usize, usize)],
+    fate: &[Fate],
+) -> Option<u64> {
+    let writes: Vec<PageWrite<'_>> = (0..victims.len())
         .filter(|&i| fate[i] == Fate::Dirty)
         .map(|i| PageWrite {
             page: victims[i] as u64,
@@ -160,26 +260,37 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
         })
         .collect();
     let dirty = writes.len() as u64;
-    if !writes.is_empty() {
-        if let Err(e) = sh.store.store(&writes) {
-            drop(writes);
-            STATS.add(Counter::StoreErrors, 1);
-            if EVICT_ERRORS.allow() {
-                log::error!(
-                    "writing back {dirty} evicted pages failed, keeping them in memory (the cache will grow past its size until the store recovers): {e}"
-                );
-            }
-            put_back(sh, victims, &runs, &fate);
-            sh.store_failing.store(true, Ordering::Relaxed);
-            return false;
-        }
-        sh.store_failing.store(false, Ordering::Relaxed);
-    } else {
-        drop(writes);
+    if writes.is_empty() {
+        return Some(0);
     }
+    if let Err(e) = sh.store.store(&writes) {
+        drop(writes);
+        STATS.add(Counter::StoreErrors, 1);
+        if EVICT_ERRORS.allow() {
+            log::error!(
+                "writing back {dirty} evicted pages failed, keeping them in memory (the cache will grow past its size until the store recovers): {e}"
+            );
+        }
+        put_back(sh, victims, runs, fate);
+        sh.evict.store_failing.store(true, Ordering::Relaxed);
+        return None;
+    }
+    sh.evict.store_failing.store(false, Ordering::Relaxed);
+    Some(dirty)
+}
 
-    // 6. Record the outcome, wake whoever faulted meanwhile, empty the staging area.
-    let mut discard = super::Runs::<{ super::EVICT_BATCH_PAGES_MAX }>::new();
+/// Step 6: records the outcome, wakes whoever faulted meanwhile, empties the staging area and
+/// drops the store's copies of pages that became absent.
+fn record(
+    sh: &Shared,
+    victims: &[usize],
+    runs: &[(usize, usize)],
+    written: &[bool],
+    fate: &[Fate],
+    crcs: &[u32],
+) {
+    let n = victims.len();
+    let mut discard = Runs::<{ EVICT_BATCH_PAGES_MAX }>::new();
     let (mut evicted, mut clean) = (0u64, 0u64);
     {
         let mut t = sh.cache.lock();
@@ -214,139 +325,36 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
                 }
             }
         }
-        sh.publish_resident(t.resident());
+        publish_resident(t.resident());
     }
-    for &(i, len) in &runs {
-        let _ = sh.uffd.wake(sh.addr_of(victims[i]), len * PAGE_SIZE);
+    for &(i, len) in runs {
+        let _ = sh.kernel.uffd.wake(sh.addr_of(victims[i]), len * PAGE_SIZE);
     }
     // SAFETY: the staging area is the evictor's alone, and this batch is done with it.
-    unsafe { crate::region::drop_pages(sh.staging.base, n * PAGE_SIZE) };
+    unsafe { crate::region::drop_pages(sh.evict.staging.base, n * PAGE_SIZE) };
     for &(first, count) in discard.as_slice() {
         let _ = sh.store.discard(first, count);
     }
     STATS.add(Counter::PagesEvicted, evicted);
     STATS.add(Counter::PagesDroppedClean, clean);
-    STATS.add(Counter::PagesWrittenBack, dirty);
-    STATS.add(Counter::BytesWrittenBack, dirty * PAGE_SIZE as u64);
-    true
 }
-
-/// Times a shared page needed its copy-on-write broken before it could be moved.
-static SHARED_PAGES_UNSHARED: AtomicU64 = AtomicU64::new(0);
-/// Moves tried for one page before it is left resident.
-const MOVE_ATTEMPTS_MAX: u32 = 3;
 
 /// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. A page that
 /// cannot move stays resident (the caller finds it still in the region).
 fn move_run(sh: &Shared, victims: &[usize], i: usize, len: usize) {
     let mut stuck = Stuck::<0>::new();
-    assert!((i + len) * PAGE_SIZE <= sh.staging.len);
+    assert!((i + len) * PAGE_SIZE <= sh.evict.staging.len);
     // SAFETY: the victims are `Evicting`, owned by the evictor (a fault on one waits for it);
     // staging slots `[i, i + len)` are empty (dropped after every batch) and only the evictor
     // uses the staging area.
     unsafe {
         move_out(
-            sh,
-            sh.staging.base + i * PAGE_SIZE,
+            &sh.kernel,
+            sh.evict.staging.base + i * PAGE_SIZE,
             sh.addr_of(victims[i]),
             len,
             &mut stuck,
         );
-    }
-}
-
-/// Pages that would not move, remembered without allocating (up to `N`).
-pub(crate) struct Stuck<const N: usize> {
-    pages: [usize; N],
-    count: usize,
-    /// More than `N` pages were stuck.
-    pub(crate) overflowed: bool,
-}
-
-impl<const N: usize> Stuck<N> {
-    pub(crate) fn new() -> Self {
-        Stuck {
-            pages: [0; N],
-            count: 0,
-            overflowed: false,
-        }
-    }
-
-    fn push(&mut self, page: usize) {
-        if self.count < N {
-            self.pages[self.count] = page;
-            self.count += 1;
-        } else {
-            self.overflowed = true;
-        }
-    }
-
-    pub(crate) fn pages(&self) -> &[usize] {
-        &self.pages[..self.count]
-    }
-}
-
-/// Moves the present pages of `[src, src + pages * PAGE_SIZE)` to `[dst, ...)` (an empty area
-/// on the staging userfaultfd), checking where each page went with `mincore` rather than
-/// trusting the kernel's account (Linux 6.18 was seen answering `EEXIST`, with nothing moved,
-/// for pages it had moved): after an error it goes on from the first page that is neither in
-/// its slot nor a hole. Pages that would not move are added to `stuck`. It neither allocates
-/// nor logs (it runs on program threads; see `Runtime::discard`).
-///
-/// # Safety
-/// As for [`crate::uffd::Userfault::move_pages`]: the pages of `src` are the caller's to take
-/// (in transit, or given back by the program), and `[dst, dst + pages * PAGE_SIZE)` is an
-/// empty range on the staging userfaultfd that only the caller uses.
-pub(crate) unsafe fn move_out<const N: usize>(
-    sh: &Shared,
-    dst: usize,
-    src: usize,
-    pages: usize,
-    stuck: &mut Stuck<N>,
-) {
-    let at = |k: usize| (dst + k * PAGE_SIZE, src + k * PAGE_SIZE);
-    let mut k = 0;
-    let mut attempts = 0;
-    let mut unshared_at = usize::MAX;
-    while k < pages {
-        let (d, s) = at(k);
-        // SAFETY: the caller's contract covers the whole range, and this is a part of it.
-        let Err(partial) = (unsafe { sh.staging_uffd.move_pages(d, s, (pages - k) * PAGE_SIZE) })
-        else {
-            return;
-        };
-        let errno = partial.errno;
-        let from = k;
-        while k < pages && {
-            let (d, s) = at(k);
-            crate::region::page_present(d) || !crate::region::page_present(s)
-        } {
-            k += 1;
-        }
-        if k >= pages {
-            return;
-        }
-        attempts = if k == from { attempts + 1 } else { 1 };
-        if errno == nix::errno::Errno::EBUSY && unshared_at != k {
-            // Shared with a forked child: make it private first. A compare-exchange of a word
-            // with itself changes no byte the program could observe, but it is a locked write
-            // cycle, so it takes the kernel's copy-on-write path. (An atomic add of zero would
-            // not do: LLVM turns an idempotent read-modify-write into a fenced load.)
-            unshared_at = k;
-            SHARED_PAGES_UNSHARED.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: the page is present in the region (just checked) and 8-byte aligned; it
-            // is in transit (being evicted or discarded) and owned by this thread, and the
-            // exchange leaves its content as it is.
-            let word = unsafe { &*(at(k).1 as *const AtomicU64) };
-            let v = word.load(Ordering::Relaxed);
-            let _ = word.compare_exchange(v, v, Ordering::SeqCst, Ordering::Relaxed);
-            continue;
-        }
-        if attempts >= MOVE_ATTEMPTS_MAX {
-            stuck.push(at(k).1);
-            k += 1;
-            attempts = 0;
-        }
     }
 }
 
@@ -357,47 +365,50 @@ pub(crate) unsafe fn move_out<const N: usize>(
 /// dropped, and a page that cannot be put back is poisoned, never left to read as zeros.
 fn put_back(sh: &Shared, victims: &[usize], runs: &[(usize, usize)], fate: &[Fate]) {
     for &(i, len) in runs {
-        let mut out: Vec<fault::Outcome> = fate[i..i + len]
+        let mut out: Vec<Outcome> = fate[i..i + len]
             .iter()
             .map(|f| match f {
                 // Never left the region.
-                Fate::Stayed => fault::Outcome::Installed,
+                Fate::Stayed => Outcome::Installed,
                 // The program dropped it before the move.
-                Fate::Hole => fault::Outcome::Removed,
+                Fate::Hole => Outcome::Removed,
                 // In its staging slot.
-                _ => fault::Outcome::Pending,
+                _ => Outcome::Pending,
             })
             .collect();
         // SAFETY: staging slots `[i, i + len)` hold the pages of victims `[i, i + len)` (one
         // run of consecutive pages), moved there by this batch and only read here; the
         // destinations are missing pages of the region owned by this thread (`Evicting`).
         unsafe {
-            fault::install_pages(
+            install_pages(
                 sh,
                 victims[i],
-                (sh.staging.base + i * PAGE_SIZE) as *const u8,
+                (sh.evict.staging.base + i * PAGE_SIZE) as *const u8,
                 false,
                 &mut out,
             );
         }
-        fault::finish_run(
+        finish_run(
             sh,
             victims[i],
             &out,
-            fault::Source::WriteBack,
+            Source::WriteBack,
             "putting it back after its write-back to the store failed did not work",
         );
     }
     // SAFETY: every page is back in the region (or poisoned); staging is the evictor's alone.
-    unsafe { crate::region::drop_pages(sh.staging.base, victims.len() * PAGE_SIZE) };
+    unsafe { crate::region::drop_pages(sh.evict.staging.base, victims.len() * PAGE_SIZE) };
 }
 
 fn staging_page(sh: &Shared, slot: usize) -> &[u8] {
-    assert!((slot + 1) * PAGE_SIZE <= sh.staging.len);
+    assert!((slot + 1) * PAGE_SIZE <= sh.evict.staging.len);
     // SAFETY: the slot lies inside the staging mapping and holds a page moved there by this
     // batch (callers check `present`); only the evictor thread touches the staging area.
     unsafe {
-        std::slice::from_raw_parts((sh.staging.base + slot * PAGE_SIZE) as *const u8, PAGE_SIZE)
+        std::slice::from_raw_parts(
+            (sh.evict.staging.base + slot * PAGE_SIZE) as *const u8,
+            PAGE_SIZE,
+        )
     }
 }
 

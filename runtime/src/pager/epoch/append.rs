@@ -1,0 +1,183 @@
+//! Appending a cut to the log, on the log writer thread (`lego-logwrite`), while the flusher
+//! puts the cut's pages back: first the held evicted pages, read back from the store and
+//! checked against their CRC (so that a store failing on the first chunk leaves nothing of
+//! the epoch in the log), then the snapshot pages, the copied pages and the zero records;
+//! then the commit.
+//!
+//! Rules: the writer is shared with the flusher behind a mutex, each holding it only while it
+//! uses it; the snapshot slots are only read. A read-back that fails is tried
+//! [`STORE_READ_ATTEMPTS_MAX`] times; a copy that fails its CRC is lost (never appended).
+//! This is where an epoch reads the store (`PageStore::fetch`, in [`read_back`]).
+
+use std::sync::{mpsc, Arc, Mutex};
+
+use super::super::buf::PageBuf;
+use super::super::{Shared, STATS};
+use super::cut::Cut;
+use super::lock_writer;
+use crate::log::{EpochOrigin, EpochPage, LogError, LogWriter};
+use crate::stats::Counter;
+use crate::store::PageRead;
+
+/// Pages read back from the store and appended at once (evicted dirty pages).
+const STORE_READ_PAGES: usize = 64;
+/// Reads of one chunk of evicted pages tried before the epoch fails (a store that fails
+/// briefly does not cost an epoch).
+const STORE_READ_ATTEMPTS_MAX: u32 = 3;
+/// Pause between two reads of the same chunk, in milliseconds.
+const STORE_READ_RETRY_MS: u64 = 20;
+/// Resident pages appended to the log at once.
+const APPEND_PAGES: usize = 1024;
+
+/// Why appending a cut failed.
+pub(super) enum AppendError {
+    /// Writing the log failed.
+    Log(LogError),
+    /// Reading evicted pages back from the store failed, again and again: the epoch is
+    /// retried later with everything it held.
+    StoreRead(String),
+    /// These evicted pages' store copies failed their CRC32C check: their content is lost.
+    Lost(Vec<usize>),
+}
+
+/// The log writer thread's two ends: a cut to append, and what appending it gave.
+pub(super) struct Appender {
+    pub(super) jobs: mpsc::Sender<(Arc<Cut>, EpochOrigin)>,
+    pub(super) done: mpsc::Receiver<Result<u64, AppendError>>,
+}
+
+impl Appender {
+    pub(super) fn start(
+        shared: &Arc<Shared>,
+        writer: &Arc<Mutex<LogWriter>>,
+    ) -> std::io::Result<Appender> {
+        let (jobs, job_rx) = mpsc::channel::<(Arc<Cut>, EpochOrigin)>();
+        let (done_tx, done) = mpsc::channel();
+        let (sh, writer) = (Arc::clone(shared), Arc::clone(writer));
+        // Allocated once here, so that no epoch can fail for want of a buffer.
+        let mut buf = PageBuf::new(STORE_READ_PAGES)?;
+        crate::threads::spawn("lego-logwrite", move || {
+            for (cut, origin) in job_rx {
+                let result = append_cut(&sh, &mut lock_writer(&writer), &cut, origin, &mut buf);
+                if done_tx.send(result).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Appender { jobs, done })
+    }
+}
+
+/// Appends the cut as one epoch. The evicted pages are read back from the store first, so that
+/// a store that fails leaves nothing of the epoch in the log when their first chunk fails.
+fn append_cut(
+    sh: &Shared,
+    writer: &mut LogWriter,
+    cut: &Cut,
+    origin: EpochOrigin,
+    buf: &mut PageBuf,
+) -> Result<u64, AppendError> {
+    let durable = sh.durable.as_ref().expect("epochs run only with a log");
+    let mut epoch = writer.begin_epoch_as(origin).map_err(AppendError::Log)?;
+    // Evicted pages, read back from the store and checked against their checksums.
+    for chunk in cut.evicted.chunks(STORE_READ_PAGES) {
+        read_back(sh, chunk, buf)?;
+        let pages: Vec<EpochPage<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, _))| EpochPage {
+                page: p as u64,
+                data: Some(buf.page(i)),
+            })
+            .collect();
+        epoch.add(&pages).map_err(AppendError::Log)?;
+    }
+    // Resident pages, from the snapshot area.
+    for chunk in cut.moved.chunks(APPEND_PAGES) {
+        let pages: Vec<EpochPage<'_>> = chunk
+            .iter()
+            .map(|&p| EpochPage {
+                page: p as u64,
+                data: Some(durable.snapshot.page(p)),
+            })
+            .collect();
+        epoch.add(&pages).map_err(AppendError::Log)?;
+    }
+    let copied: Vec<EpochPage<'_>> = cut
+        .copied
+        .iter()
+        .map(|(p, b)| EpochPage {
+            page: *p as u64,
+            data: Some(b),
+        })
+        .collect();
+    epoch.add(&copied).map_err(AppendError::Log)?;
+    let zeros: Vec<EpochPage<'_>> = cut
+        .zeros
+        .iter()
+        .map(|&p| EpochPage {
+            page: p as u64,
+            data: None,
+        })
+        .collect();
+    epoch.add(&zeros).map_err(AppendError::Log)?;
+    epoch.commit().map_err(AppendError::Log)
+}
+
+/// Reads the held evicted pages `chunk` (page, CRC32C of the store's copy) into `buf` and
+/// checks each. A read that fails is tried again a few times; a copy that fails its check is
+/// lost (reading it again would give the same bytes).
+fn read_back(sh: &Shared, chunk: &[(usize, u32)], buf: &mut PageBuf) -> Result<(), AppendError> {
+    let durable = sh.durable.as_ref().expect("epochs run only with a log");
+    let mut attempt = 1;
+    loop {
+        let result = {
+            let mut slices = buf.pages_mut(chunk.len());
+            let mut batch: Vec<PageRead<'_>> = slices
+                .iter_mut()
+                .zip(chunk)
+                .map(|(b, &(p, _))| PageRead {
+                    page: p as u64,
+                    buf: b,
+                })
+                .collect();
+            sh.store
+                .fetch(&mut batch)
+                .and_then(|()| match &durable.readback_faults {
+                    Some(faults) => faults.after_read(&mut batch),
+                    None => Ok(()),
+                })
+        };
+        match result {
+            Ok(()) => break,
+            Err(e) if attempt >= STORE_READ_ATTEMPTS_MAX => {
+                STATS.add(Counter::FetchErrors, 1);
+                return Err(AppendError::StoreRead(format!(
+                    "{} pages from the page at {:#x}, {attempt} attempts: {e}",
+                    chunk.len(),
+                    sh.addr_of(chunk[0].0)
+                )));
+            }
+            Err(e) => {
+                STATS.add(Counter::FetchErrors, 1);
+                log::warn!(
+                    "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {e}",
+                    chunk.len()
+                );
+                attempt += 1;
+                super::super::sleep_ms(STORE_READ_RETRY_MS);
+            }
+        }
+    }
+    let lost: Vec<usize> = chunk
+        .iter()
+        .enumerate()
+        .filter(|&(i, &(_, crc))| crc32c::crc32c(buf.page(i)) != crc)
+        .map(|(_, &(p, _))| p)
+        .collect();
+    if lost.is_empty() {
+        Ok(())
+    } else {
+        Err(AppendError::Lost(lost))
+    }
+}

@@ -1,0 +1,255 @@
+//! Starting the runtime: probing the kernel, opening the userfaultfds, the store, the log and
+//! the areas pages move through, building the page table (pages the allocator already wrote
+//! are resident, a restored image's are evicted), then [`Shared`], then the threads.
+//!
+//! Rules: everything the threads will need is mapped or opened here, before any thread runs,
+//! so that running out of memory or address space stops the start, never a fault, a fork or
+//! an epoch. The region is registered before the present pages are looked at: pages touched
+//! from then on fault, so none can appear unseen.
+
+use std::sync::Arc;
+
+use super::buf::PageBuf;
+use super::epoch::{self, snapshot::Snapshot, Durable};
+use super::events::Kernel;
+use super::{
+    discard, evict, fault, fork, restore, PagerError, Quiesce, Residency, Runtime, Shared,
+    EVICT_BATCH_PAGES_MAX, FETCH_CHUNK_PAGES, STATS,
+};
+use crate::cache::{Cache, PageState, Table};
+use crate::config::{Config, LogSync};
+use crate::log::image::ImageReader;
+use crate::log::{LogWriter, RegionInfo, SyncMode, WriterOptions};
+use crate::region::{self, Region};
+use crate::store;
+use crate::uffd::{self, Kick, PagemapScanner, Userfault};
+use crate::PAGE_SIZE;
+
+/// Features lego asks for on the heap's userfaultfd.
+const HEAP_FEATURES: u64 = uffd::sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    | uffd::sys::UFFD_FEATURE_WP_ASYNC
+    | uffd::sys::UFFD_FEATURE_WP_UNPOPULATED
+    | uffd::sys::UFFD_FEATURE_EVENT_REMOVE
+    | uffd::sys::UFFD_FEATURE_EVENT_UNMAP
+    | uffd::sys::UFFD_FEATURE_EVENT_REMAP
+    | uffd::sys::UFFD_FEATURE_THREAD_ID
+    | uffd::sys::UFFD_FEATURE_POISON
+    | uffd::sys::UFFD_FEATURE_MOVE;
+
+impl Runtime {
+    /// Registers `region` with a new userfaultfd, marks the pages already present as resident
+    /// (the allocator may have run before the runtime started), opens the store and starts the
+    /// threads.
+    pub fn start(
+        config: &Config,
+        region: Region,
+        image: Option<ImageReader>,
+        quiesce: Option<Quiesce>,
+    ) -> Result<Runtime, PagerError> {
+        if let Some(thread) = config.spawn_failure {
+            crate::threads::fail_spawns_of(thread);
+        }
+        let uffd = open_heap_uffd()?;
+        let staging_uffd = Userfault::open(0)?;
+        let batch = config.evict_batch_pages.clamp(1, EVICT_BATCH_PAGES_MAX);
+        let mut eviction = evict::Eviction::new(&staging_uffd, batch)?;
+        let scratch = discard::Scratch::new(&staging_uffd)?;
+        let fill = fault::Fill::new()?;
+        let store = store::open(
+            &config.backend,
+            config.heap_bytes,
+            config.fault_injection.as_ref(),
+        )?;
+        let scanner = PagemapScanner::open()?;
+        let writer = open_log(config, &region, image.as_ref())?;
+        let snapshot = match &writer {
+            Some(_) => Some(Snapshot::new(region.len, &staging_uffd)?),
+            None => None,
+        };
+
+        let capacity = usize::try_from(config.cache_pages())
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let (high, low) = eviction.set_watermarks(capacity);
+
+        uffd.register(region.base, region.len, true)?;
+        let cache = Cache::new(region.pages(), capacity)?;
+        let restore = image.map(restore::Restore::new);
+        {
+            let mut t = cache.lock();
+            mark_present_pages(&mut t, &region);
+            // A restored heap: the image's pages are evicted, and read from the image when
+            // touched.
+            if let Some(r) = &restore {
+                r.mark_image_pages(&mut t);
+            }
+            STATS.set_resident_pages(t.resident() as u64);
+        }
+
+        let kick = Kick::new().map_err(|source| PagerError::Thread {
+            name: "eventfd".into(),
+            source,
+        })?;
+        let durable = match (config.log.clone(), snapshot) {
+            (Some(settings), Some(snapshot)) => Some(Durable::new(
+                settings,
+                snapshot,
+                quiesce,
+                config
+                    .fault_injection
+                    .filter(|p| p.op == crate::config::FaultOp::ReadBack)
+                    .map(store::FaultBudget::new),
+            )),
+            _ => None,
+        };
+        let shared = Arc::new(Shared {
+            kernel: Kernel::new(region, uffd, staging_uffd, scanner, kick),
+            cache: Residency::new(cache),
+            gate: super::gate::Gate::new(),
+            store,
+            fill,
+            evict: eviction,
+            discard: scratch,
+            fork: fork::ForkBuf::new()?,
+            durable,
+            restore,
+        });
+
+        let handlers = config.handler_threads.max(1);
+        spawn_threads(&shared, handlers, writer)?;
+        let features = shared.kernel.uffd.features();
+        log::info!(
+            "userfaultfd features {:#x}; dirty tracking: asynchronous write-protect + PAGEMAP_SCAN; eviction: UFFDIO_MOVE; {} handler threads; cache {} pages (evict above {}, down to {}); store {}",
+            features.0,
+            handlers,
+            capacity,
+            high,
+            low,
+            shared.store.describe()
+        );
+        Ok(Runtime {
+            shared,
+            features,
+            handlers,
+        })
+    }
+}
+
+/// Opens the heap's userfaultfd with the features lego uses, refusing a kernel that lacks the
+/// ones it cannot do without.
+fn open_heap_uffd() -> Result<Userfault, PagerError> {
+    let offered = Userfault::probe()?;
+    let needed = uffd::sys::UFFD_FEATURE_WP_ASYNC
+        | uffd::sys::UFFD_FEATURE_MOVE
+        | uffd::sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+    if !offered.has(needed) {
+        return Err(PagerError::KernelTooOld { offered: offered.0 });
+    }
+    Ok(Userfault::open(HEAP_FEATURES & offered.0)?)
+}
+
+/// Opens the log when the heap has one (`LEGO_LOG_DIR`): a new log, or, when restoring, the
+/// log resumed from the image (which it writes as a checkpoint first).
+fn open_log(
+    config: &Config,
+    region: &Region,
+    image: Option<&ImageReader>,
+) -> Result<Option<LogWriter>, PagerError> {
+    let Some(log) = &config.log else {
+        return Ok(None);
+    };
+    let region_info = RegionInfo {
+        base: region.base as u64,
+        len: region.len as u64,
+    };
+    let options = WriterOptions {
+        sync: match log.sync {
+            LogSync::Fdatasync => SyncMode::Data,
+            LogSync::None => SyncMode::None,
+        },
+        ..WriterOptions::default()
+    };
+    Ok(Some(match image {
+        Some(img) => LogWriter::resume(&log.dir, region_info, options, img.path())?,
+        None => LogWriter::create(&log.dir, region_info, options)?,
+    }))
+}
+
+/// Marks the pages of `region` that are present already (the allocator ran before the
+/// runtime) as resident. The cache lock is held (`t`); the region is registered.
+fn mark_present_pages(t: &mut Table, region: &Region) {
+    for part in written_parts(region) {
+        region::for_each_present_page(region.base + part.start, part.len(), |p| {
+            t.set_state(part.start / PAGE_SIZE + p, PageState::Resident);
+        });
+    }
+}
+
+/// Starts the fault handlers (one per CPU, pinned, when there are no more than CPUs), the
+/// evictor and, with a log, the flusher.
+fn spawn_threads(
+    shared: &Arc<Shared>,
+    handlers: usize,
+    writer: Option<LogWriter>,
+) -> Result<(), PagerError> {
+    let cpus = online_cpus();
+    for i in 0..handlers {
+        let sh = Arc::clone(shared);
+        let fetch = PageBuf::new(FETCH_CHUNK_PAGES).map_err(|source| PagerError::Buffer {
+            what: format!("fetch buffer of the fault handler lego-fault-{i}"),
+            source,
+        })?;
+        let cpu = if handlers <= cpus {
+            Some(i % cpus)
+        } else {
+            None
+        };
+        crate::threads::spawn(&format!("lego-fault-{i}"), move || {
+            fault::handler_loop(&sh, cpu, fetch)
+        })
+        .map_err(|source| PagerError::Thread {
+            name: format!("lego-fault-{i}"),
+            source,
+        })?;
+    }
+    let sh = Arc::clone(shared);
+    crate::threads::spawn("lego-evict", move || evict::evictor_loop(&sh)).map_err(|source| {
+        PagerError::Thread {
+            name: "lego-evict".into(),
+            source,
+        }
+    })?;
+    if let Some(writer) = writer {
+        let sh = Arc::clone(shared);
+        crate::threads::spawn("lego-flush", move || epoch::flusher_loop(sh, writer)).map_err(
+            |source| PagerError::Thread {
+                name: "lego-flush".into(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The parts of `region` (byte ranges from its start) that may hold pages already: those the
+/// allocator may have written when the region holds a heap, none when even its first page was
+/// never touched (a region reserved for a restore), the whole region otherwise. Scanning only
+/// those keeps the start of a 4 TiB heap as quick as a small one's. Call after the region is
+/// registered: pages touched from then on fault, so none can appear unseen above the top read
+/// here.
+fn written_parts(region: &Region) -> [std::ops::Range<usize>; 2] {
+    if !region::page_present(region.base) {
+        return [0..0, 0..0];
+    }
+    // SAFETY: the region's first page is mapped and present, so reading it cannot fault.
+    match unsafe { crate::heap::Heap::written_ranges(region.base as *const u8) } {
+        Some(parts) => parts.map(|r| r.start.min(region.len)..r.end.min(region.len)),
+        None => [0..region.len, 0..0],
+    }
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
