@@ -16,6 +16,7 @@ use crate::region::{Region, RegionError};
 pub trait Zeroed: Copy {}
 impl Zeroed for u16 {}
 impl Zeroed for u32 {}
+impl Zeroed for u64 {}
 
 /// `len` elements of `T`, all zero at first, that cost memory only where written.
 pub struct ZeroArray<T: Zeroed> {

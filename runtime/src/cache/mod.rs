@@ -8,15 +8,18 @@
 //! there; nobody else changes it but to set the `REMOVED` flag, which the owner honours when it
 //! finishes. This module does no I/O; its only system call reserves the table's memory at
 //! start (see `array`): the table has an entry for every page of the heap, but its memory is
-//! committed only as the used part of the heap grows.
+//! committed only as the used part of the heap grows. With a log, the table also keeps the
+//! durable heap's dirty set (`dirty`).
 
 mod array;
+mod dirty;
 
 use std::sync::{Mutex, MutexGuard};
 
 use thiserror::Error;
 
 use self::array::ZeroArray;
+pub use self::dirty::PageSet;
 use crate::region::RegionError;
 use crate::PAGE_SIZE;
 
@@ -100,9 +103,8 @@ pub const REFERENCED: u16 = 1 << 5;
 /// Flag: the page's content is in the restore image (`LEGO_RESTORE`) and nowhere else yet; its
 /// checksum is not in the table (replay checked the log's checksums when it built the image).
 pub const IMAGE: u16 = 1 << 6;
-/// Flag: the page changed since the log last recorded it (durable heap only): the next epoch
-/// logs its content (or a `ZERO` record when it is `Absent`).
-pub const LOGDIRTY: u16 = 1 << 7;
+// Bit 7 was `LOGDIRTY`: whether a page is log-dirty is now the table's dirty set
+// ([`Table::set_log_dirty`], `dirty.rs`).
 /// Flag: the epoch being written reads this evicted page's copy from the store: the evictor
 /// leaves the page alone and a discard keeps the store's copy until the epoch has it.
 pub const LOGHOLD: u16 = 1 << 8;
@@ -141,6 +143,8 @@ pub struct Table {
     hand: usize,
     /// One past the highest page index ever made resident: the clock never looks beyond it.
     high: usize,
+    /// The pages changed since the log last recorded them, when the heap has a log.
+    log_dirty: Option<PageSet>,
 }
 
 impl Table {
@@ -277,8 +281,13 @@ pub struct Cache {
 
 impl Cache {
     /// A cache of `capacity_pages` over a region of `pages` pages (at most
-    /// [`TABLE_PAGES_MAX`]), all `Absent`.
-    pub fn new(pages: usize, capacity_pages: usize) -> Result<Cache, CacheError> {
+    /// [`TABLE_PAGES_MAX`]), all `Absent`; with `track_log_dirty` (the heap has a log) its
+    /// table keeps the dirty set, empty at first.
+    pub fn new(
+        pages: usize,
+        capacity_pages: usize,
+        track_log_dirty: bool,
+    ) -> Result<Cache, CacheError> {
         assert!(
             capacity_pages > 0,
             "a cache needs room for at least one page"
@@ -294,6 +303,11 @@ impl Cache {
                 resident: 0,
                 hand: 0,
                 high: 0,
+                log_dirty: if track_log_dirty {
+                    Some(PageSet::new(pages).map_err(reserve_err)?)
+                } else {
+                    None
+                },
             }),
             capacity_pages,
         })
@@ -342,7 +356,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "cannot become")]
     fn a_wrong_transition_stops_the_process() {
-        let cache = Cache::new(8, 8).expect("reserve");
+        let cache = Cache::new(8, 8, false).expect("reserve");
         let mut t = cache.lock();
         t.set_state(3, PageState::Evicted);
         t.set_state(3, PageState::Resident);
@@ -350,7 +364,7 @@ mod tests {
 
     #[test]
     fn resident_count_follows_states() {
-        let cache = Cache::new(16, 8).expect("reserve");
+        let cache = Cache::new(16, 8, false).expect("reserve");
         let mut t = cache.lock();
         t.set_state(3, PageState::Filling);
         t.set_state(3, PageState::Resident);
@@ -366,7 +380,7 @@ mod tests {
 
     #[test]
     fn flags_survive_state_changes() {
-        let cache = Cache::new(4, 4).expect("reserve");
+        let cache = Cache::new(4, 4, false).expect("reserve");
         let mut t = cache.lock();
         t.set_stored(1, 0xdead_beef);
         t.set_state(1, PageState::Resident);
@@ -379,7 +393,7 @@ mod tests {
 
     #[test]
     fn clock_gives_referenced_pages_a_second_chance() {
-        let cache = Cache::new(8, 8).expect("reserve");
+        let cache = Cache::new(8, 8, false).expect("reserve");
         let mut t = cache.lock();
         for p in 0..4 {
             t.set_state(p, PageState::Resident);
@@ -402,7 +416,7 @@ mod tests {
 
     #[test]
     fn clock_skips_non_resident_pages_and_stops() {
-        let cache = Cache::new(8, 8).expect("reserve");
+        let cache = Cache::new(8, 8, false).expect("reserve");
         let mut t = cache.lock();
         t.set_state(5, PageState::Evicted);
         t.set_state(5, PageState::Fetching);
@@ -413,7 +427,7 @@ mod tests {
 
     #[test]
     fn run_len_stops_at_other_states_and_table_end() {
-        let cache = Cache::new(8, 8).expect("reserve");
+        let cache = Cache::new(8, 8, false).expect("reserve");
         let mut t = cache.lock();
         t.set_state(3, PageState::Resident);
         assert_eq!(t.run_len(0, 16, |s| s == PageState::Absent), 3);
@@ -430,14 +444,16 @@ mod tests {
     #[test]
     fn table_of_a_4_tib_heap_is_lazy() {
         let pages = (4usize << 40) / PAGE_SIZE;
-        let cache = Cache::new(pages, 1024).expect("12 GiB of address space");
+        let cache = Cache::new(pages, 1024, true).expect("12 GiB of address space");
         let mut t = cache.lock();
         assert_eq!(t.pages(), pages);
         let used = [0, 1 << 20, 1 << 26, pages - 1];
         for (i, &p) in used.iter().enumerate() {
             t.set_state(p, PageState::Resident);
             t.set_stored(p, i as u32 + 1);
+            t.set_log_dirty(p);
         }
+        assert_eq!(t.log_dirty_pages().collect::<Vec<_>>(), used);
         assert_eq!(t.high(), pages);
         assert_eq!(t.resident(), used.len());
         for (i, &p) in used.iter().enumerate() {

@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::moving::{self, Stuck};
 use super::{publish_resident, Runtime, Shared, STATS};
-use crate::cache::{PageState, IMAGE, LOGDIRTY, LOGHOLD, REMOVED, SNAP, STORED};
+use crate::cache::{PageState, IMAGE, LOGHOLD, REMOVED, SNAP, STORED};
 use crate::region::{self, Region};
 use crate::uffd::Userfault;
 use crate::PAGE_SIZE;
@@ -125,7 +125,7 @@ pub(super) fn forget_range(sh: &Shared, start: usize, end: usize) {
                 let state = t.state(p);
                 if state != PageState::Absent {
                     // The log records the page as zeros in the next epoch.
-                    t.set_flag(p, LOGDIRTY, true);
+                    t.set_log_dirty(p);
                 }
                 match state {
                     PageState::Filling | PageState::Fetching | PageState::Evicting => {

@@ -22,7 +22,7 @@ use super::discard::Runs;
 use super::install::{finish_run, install_pages, Outcome, Source};
 use super::moving::{move_out, Stuck};
 use super::{publish_resident, sleep_ms, Shared, EVICT_BATCH_PAGES_MAX, STATS};
-use crate::cache::{PageState, LOGDIRTY, REMOVED, STORED};
+use crate::cache::{PageState, REMOVED, STORED};
 use crate::logging::RateLimit;
 use crate::region::Region;
 use crate::stats::Counter;
@@ -301,7 +301,7 @@ fn record(
             // The scan above consumed the page's written bit: the log learns of the change
             // from the table (and a page that turns `Absent` gets a `ZERO` record).
             if written[i] || matches!(fate[i], Fate::Dirty | Fate::Zero | Fate::Hole) {
-                t.set_flag(p, LOGDIRTY, true);
+                t.set_log_dirty(p);
             }
             match fate[i] {
                 Fate::Stayed => t.set_state(p, PageState::Resident),

@@ -16,7 +16,7 @@ use super::{
     discard, evict, fault, fork, restore, PagerError, Quiesce, Residency, Runtime, Shared,
     EVICT_BATCH_PAGES_MAX, FETCH_CHUNK_PAGES, STATS,
 };
-use crate::cache::{Cache, PageState, Table};
+use crate::cache::{Cache, CacheError, PageSet, PageState, Table};
 use crate::config::{Config, LogSync};
 use crate::log::image::ImageReader;
 use crate::log::{LogWriter, RegionInfo, SyncMode, WriterOptions};
@@ -73,7 +73,7 @@ impl Runtime {
         let (high, low) = eviction.set_watermarks(capacity);
 
         uffd.register(region.base, region.len, true)?;
-        let cache = Cache::new(region.pages(), capacity)?;
+        let cache = Cache::new(region.pages(), capacity, writer.is_some())?;
         let restore = image.map(restore::Restore::new);
         {
             let mut t = cache.lock();
@@ -99,6 +99,10 @@ impl Runtime {
                     .fault_injection
                     .filter(|p| p.op == crate::config::FaultOp::ReadBack)
                     .map(store::FaultBudget::new),
+                PageSet::new(region.pages()).map_err(|source| CacheError::Reserve {
+                    pages: region.pages(),
+                    source,
+                })?,
             )),
             _ => None,
         };

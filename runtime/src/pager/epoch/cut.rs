@@ -19,7 +19,7 @@ use super::super::gate::Pass;
 use super::super::moving::{move_out, Stuck};
 use super::super::{Shared, EVENTS_PER_READ_MAX, STATS};
 use super::snapshot::page_runs;
-use crate::cache::{PageState, LOGDIRTY, LOGHOLD, SNAP};
+use crate::cache::{PageSet, PageState, LOGHOLD, SNAP};
 use crate::log::EpochOrigin;
 use crate::stats::Counter;
 use crate::PAGE_SIZE;
@@ -75,6 +75,7 @@ pub(super) fn take_cut<'a>(
     sh: &'a Shared,
     on_frozen: impl FnOnce(Arc<Cut>),
 ) -> (Arc<Cut>, Pass<'a>) {
+    let durable = sh.durable.as_ref().expect("a cut runs only with a log");
     sh.gate.close();
     let mut cut = Cut::default();
     let frozen;
@@ -85,9 +86,10 @@ pub(super) fn take_cut<'a>(
         // Discards the program made before the cut are applied first.
         pump_events_locked(sh, &mut buf, &mut faults);
         let high = sh.cache.lock().high();
-        let mut moved = vec![false; high];
-        chase_writers(sh, high, &mut cut, &mut moved, &mut buf, &mut faults);
-        take_the_rest(sh, &mut cut, &moved);
+        let mut taken = durable.taken.lock().unwrap_or_else(|e| e.into_inner());
+        chase_writers(sh, high, &mut cut, &mut taken, &mut buf, &mut faults);
+        take_the_rest(sh, high, &mut cut, &taken);
+        taken.clear();
         // The snapshot is complete: it can be written while the pages go back.
         frozen = Arc::new(std::mem::take(&mut cut));
         on_frozen(Arc::clone(&frozen));
@@ -105,12 +107,12 @@ pub(super) fn take_cut<'a>(
 /// Steps 1-2: round after round, scans the used part of the region (`high` pages) for written
 /// pages, marks them dirty, and moves every resident dirty page not taken yet into its
 /// snapshot slot, until a round finds none (or [`CUT_ROUNDS_MAX`] rounds: the rest is
-/// copied). `moved` says which pages this cut took.
+/// copied). `taken` holds the pages this cut took (so far).
 fn chase_writers(
     sh: &Shared,
     high: usize,
     cut: &mut Cut,
-    moved: &mut [bool],
+    taken: &mut PageSet,
     buf: &mut EventBuffer,
     faults: &mut Vec<usize>,
 ) {
@@ -130,14 +132,15 @@ fn chase_writers(
             let mut t = sh.cache.lock();
             for &(a, b) in &written {
                 for p in sh.page_of(a)..sh.page_of(b).min(high) {
-                    t.set_flag(p, LOGDIRTY, true);
+                    t.set_log_dirty(p);
                 }
             }
-            for (p, &done) in moved.iter().enumerate() {
-                if !done && t.state(p) == PageState::Resident && t.has_flag(p, LOGDIRTY) {
-                    todo.push(p);
-                }
-            }
+            // The dirty set, not the whole used table: the cut costs what changed.
+            todo.extend(
+                t.log_dirty_pages()
+                    .take_while(|&p| p < high)
+                    .filter(|&p| !taken.contains(p) && t.state(p) == PageState::Resident),
+            );
         }
         if todo.is_empty() {
             return;
@@ -149,35 +152,39 @@ fn chase_writers(
             );
             for p in todo {
                 cut.copied.push((p, copy_page(sh, p)));
-                moved[p] = true;
+                taken.insert(p);
             }
             return;
         }
-        for p in &todo {
-            moved[*p] = true;
+        for &p in &todo {
+            taken.insert(p);
         }
         move_pages(sh, &todo, cut, buf, faults);
     }
 }
 
-/// Step 3's bookkeeping: marks the moved pages `SNAP`, clears the flags of the pages taken,
-/// and classifies the other dirty pages: evicted ones are held and listed with their CRC,
-/// absent ones become zero records, poisoned ones are lost.
-fn take_the_rest(sh: &Shared, cut: &mut Cut, moved: &[bool]) {
+/// Step 3's bookkeeping: marks the moved pages `SNAP`, takes the moved and copied pages out
+/// of the dirty set, and classifies the other dirty pages (below `high`, not `taken`):
+/// evicted ones are held and listed with their CRC, absent ones become zero records,
+/// poisoned ones are lost. (A page taken that turned out to be gone from the region is a zero
+/// record of this epoch and stays dirty, as it always did.)
+fn take_the_rest(sh: &Shared, high: usize, cut: &mut Cut, taken: &PageSet) {
     let mut t = sh.cache.lock();
     // Moved pages are out of the region until put back (by a fault or by the flusher after
     // the cut).
     for &p in &cut.moved {
-        t.set_flag(p, LOGDIRTY, false);
+        t.clear_log_dirty(p);
         t.set_flag(p, SNAP, true);
     }
     for (p, _) in &cut.copied {
-        t.set_flag(*p, LOGDIRTY, false);
+        t.clear_log_dirty(*p);
     }
-    for (p, &done) in moved.iter().enumerate() {
-        if done || !t.has_flag(p, LOGDIRTY) {
-            continue;
-        }
+    let rest: Vec<usize> = t
+        .log_dirty_pages()
+        .take_while(|&p| p < high)
+        .filter(|&p| !taken.contains(p))
+        .collect();
+    for p in rest {
         match t.state(p) {
             PageState::Evicted => {
                 t.set_flag(p, LOGHOLD, true);
@@ -194,7 +201,7 @@ fn take_the_rest(sh: &Shared, cut: &mut Cut, moved: &[bool]) {
             // for the next epoch.
             _ => continue,
         }
-        t.set_flag(p, LOGDIRTY, false);
+        t.clear_log_dirty(p);
     }
 }
 

@@ -4,10 +4,11 @@
 //! a failure leaves) and [`Durable`], the durable heap's state; the cut is `cut.rs`, the
 //! snapshot and its copy-back `snapshot.rs`, appending `append.rs`, compaction `compact.rs`.
 //!
-//! What is in an epoch: every page whose `LOGDIRTY` flag is set at the cut. The flag is set by
-//! whoever learns that a page changed: the cut's own `PAGEMAP_SCAN` (written bits), the
-//! evictor's scan (it consumes the written bits of its victims), and discards (the page now
-//! reads as zeros: a `ZERO` record). A dirty page may be resident (its content is taken at the
+//! What is in an epoch: every page that is log-dirty at the cut, that is, in the page table's
+//! dirty set (`cache/dirty.rs`). A page is put there by whoever learns that it changed: the
+//! cut's own `PAGEMAP_SCAN` (written bits), the evictor's scan (it consumes the written bits
+//! of its victims), and discards (the page now reads as zeros: a `ZERO` record); the cut
+//! takes it out when it takes the page, a failed epoch puts its pages back. A dirty page may be resident (its content is taken at the
 //! cut), evicted since it changed (its copy is read back from the store), or absent (zeros).
 //!
 //! The cut (with the gate closed, so that no handler installs and the evictor is idle, and the
@@ -48,7 +49,7 @@ use self::compact::{log_limit, maybe_compact};
 use self::cut::{take_cut, Cut};
 use self::snapshot::{copy_back, Snapshot};
 use super::{Quiesce, Shared, STATS};
-use crate::cache::{PageState, LOGDIRTY, LOGHOLD};
+use crate::cache::{PageSet, PageState, LOGHOLD};
 use crate::config::LogSettings;
 use crate::log::{EpochOrigin, LogError, LogWriter};
 use crate::logging::RateLimit;
@@ -102,6 +103,9 @@ pub(crate) struct Durable {
     /// Failures injected into the epoch's read-back of evicted pages
     /// (`LEGO_FAULT_INJECT=readback:...`, a testing hook).
     readback_faults: Option<FaultBudget>,
+    /// The pages the current cut took (the flusher's, reserved at start, empty between
+    /// cuts).
+    taken: Mutex<PageSet>,
 }
 
 impl Durable {
@@ -110,6 +114,7 @@ impl Durable {
         snapshot: Snapshot,
         quiesce: Option<Quiesce>,
         readback_faults: Option<FaultBudget>,
+        taken: PageSet,
     ) -> Durable {
         Durable {
             requests: Mutex::new(Requests::default()),
@@ -118,6 +123,7 @@ impl Durable {
             snapshot,
             quiesce,
             readback_faults,
+            taken: Mutex::new(taken),
         }
     }
 
@@ -333,7 +339,7 @@ fn run_epoch(
 fn epoch_failed(sh: &Shared, cut: &Cut, e: AppendError) -> EpochError {
     let mut t = sh.cache.lock();
     for p in cut.page_indexes() {
-        t.set_flag(p, LOGDIRTY, true);
+        t.set_log_dirty(p);
     }
     let (what, text) = match e {
         AppendError::Log(e) => ("writing an epoch", crate::log::replay::error_chain(&e)),
