@@ -139,6 +139,8 @@ pub struct Table {
     entries: ZeroArray<u16>,
     crcs: ZeroArray<u32>,
     resident: usize,
+    /// Pages not `Absent` (the heap's live size, for the log's default limit).
+    live: usize,
     /// Clock hand: the page index where the next victim search starts.
     hand: usize,
     /// One past the highest page index ever made resident: the clock never looks beyond it.
@@ -185,6 +187,11 @@ impl Table {
             (true, false) => self.resident -= 1,
             _ => {}
         }
+        match (old == PageState::Absent, state == PageState::Absent) {
+            (true, false) => self.live += 1,
+            (false, true) => self.live -= 1,
+            _ => {}
+        }
         self.entries[page] = (self.entries[page] & !STATE_MASK) | state as u16;
     }
 
@@ -203,6 +210,11 @@ impl Table {
 
     pub fn resident(&self) -> usize {
         self.resident
+    }
+
+    /// Pages that are not `Absent`: resident, evicted, in transit or poisoned.
+    pub fn live(&self) -> usize {
+        self.live
     }
 
     pub fn pages(&self) -> usize {
@@ -301,6 +313,7 @@ impl Cache {
                 entries: ZeroArray::new(pages).map_err(reserve_err)?,
                 crcs: ZeroArray::new(pages).map_err(reserve_err)?,
                 resident: 0,
+                live: 0,
                 hand: 0,
                 high: 0,
                 log_dirty: if track_log_dirty {
@@ -376,6 +389,11 @@ mod tests {
         assert_eq!(t.resident(), 1);
         t.set_state(4, PageState::Absent);
         assert_eq!(t.resident(), 0);
+        assert_eq!(t.live(), 1, "the evicted page 3 is live");
+        t.set_state(3, PageState::Poisoned);
+        assert_eq!(t.live(), 1);
+        t.set_state(3, PageState::Absent);
+        assert_eq!(t.live(), 0);
     }
 
     #[test]

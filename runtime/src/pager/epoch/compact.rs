@@ -7,7 +7,6 @@
 
 use super::super::{Shared, STATS};
 use super::report;
-use crate::cache::PageState;
 use crate::config::LogSettings;
 use crate::log::LogWriter;
 use crate::stats::Counter;
@@ -44,12 +43,8 @@ pub(super) fn maybe_compact(sh: &Shared, writer: &mut LogWriter, settings: &LogS
 /// counted: the directory holds up to about twice this).
 pub(super) fn log_limit(sh: &Shared, settings: &LogSettings) -> u64 {
     settings.log_max_bytes.unwrap_or_else(|| {
-        let live = {
-            let t = sh.cache.lock();
-            (0..t.high())
-                .filter(|&p| t.state(p) != PageState::Absent)
-                .count() as u64
-        };
+        // Counted by the table as states change, not by walking it under the lock.
+        let live = sh.cache.lock().live() as u64;
         (live * PAGE_SIZE as u64 * LOG_MAX_LIVE_MULTIPLE).max(LOG_MAX_BYTES_FLOOR)
     })
 }
