@@ -368,6 +368,8 @@ pub struct FaultPlan {
     pub after_pages: u64,
     /// What a failing call does.
     pub effect: FaultEffect,
+    /// Only the first page past `after_pages` is affected; then the store works again.
+    pub once: bool,
 }
 
 /// What an injected store fault does.
@@ -378,6 +380,8 @@ pub enum FaultEffect {
     /// The call succeeds, but every page it reads comes back with one byte changed (a store
     /// that hands back a damaged or foreign copy). Fetches only.
     Corrupt,
+    /// The call succeeds after a delay of this many milliseconds.
+    Delay { ms: u64 },
 }
 
 /// The runtime threads whose start `LEGO_FAULT_INJECT=spawn:THREAD` can make fail.
@@ -1166,6 +1170,7 @@ fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
         op,
         after_pages,
         effect,
+        once: false,
     }))
 }
 
@@ -1533,7 +1538,8 @@ mod tests {
                 fault_injection: Some(FaultPlan {
                     op: FaultOp::Store,
                     after_pages: 7,
-                    effect: FaultEffect::Errno(libc::ENOSPC)
+                    effect: FaultEffect::Errno(libc::ENOSPC),
+                    once: false
                 }),
                 spawn_failure: None,
                 panic_injection: None,
@@ -1588,7 +1594,8 @@ mod tests {
             Some(FaultPlan {
                 op: FaultOp::Fetch,
                 after_pages: 0,
-                effect: FaultEffect::Errno(libc::EIO)
+                effect: FaultEffect::Errno(libc::EIO),
+                once: false
             })
         );
         let plan = config(&[("LEGO_FAULT_INJECT", "fetch:corrupt:after=5")])
@@ -1599,7 +1606,8 @@ mod tests {
             Some(FaultPlan {
                 op: FaultOp::Fetch,
                 after_pages: 5,
-                effect: FaultEffect::Corrupt
+                effect: FaultEffect::Corrupt,
+                once: false
             })
         );
         let plan = config(&[("LEGO_FAULT_INJECT", "readback:corrupt:after=0")])

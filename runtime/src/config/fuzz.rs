@@ -275,6 +275,7 @@ proptest! {
             Ok(Injection::Store(FaultPlan {
                 op: if store { FaultOp::Store } else { FaultOp::Fetch },
                 after_pages: n,
+                once: false,
                 effect: FaultEffect::Errno(if enospc { libc::ENOSPC } else { libc::EIO }),
             }))
         );

@@ -38,7 +38,7 @@ use crate::config::LogSettings;
 use crate::log::{EpochOrigin, EpochPage, LogError, LogWriter};
 use crate::logging::RateLimit;
 use crate::stats::Counter;
-use crate::store::PageRead;
+use crate::store::{FailureKind, Outcome, PageRead};
 use crate::PAGE_SIZE;
 
 /// How often the flusher looks at the number of dirty pages, in milliseconds.
@@ -142,7 +142,7 @@ struct Cut {
     /// child that would not unshare; rare).
     copied: Vec<(usize, Box<[u8]>)>,
     /// Evicted pages to read back from the store: (page, CRC32C of the store's copy).
-    evicted: Vec<(usize, u32)>,
+    evicted: Vec<(usize, u32, u32)>,
     /// Pages that read as zeros now.
     zeros: Vec<usize>,
     /// Pages changed since the last epoch whose content is lost (poisoned): an epoch without
@@ -167,7 +167,7 @@ impl Cut {
             .iter()
             .copied()
             .chain(self.copied.iter().map(|(p, _)| *p))
-            .chain(self.evicted.iter().map(|(p, _)| *p))
+            .chain(self.evicted.iter().map(|(p, _, _)| *p))
             .chain(self.zeros.iter().copied())
     }
 }
@@ -446,7 +446,7 @@ fn release_holds(sh: &Shared, cut: &Cut) {
         return;
     }
     let mut t = sh.cache.lock();
-    for &(p, _) in &cut.evicted {
+    for &(p, _, _) in &cut.evicted {
         t.set_flag(p, LOGHOLD, false);
     }
 }
@@ -534,7 +534,7 @@ fn take_cut<'a>(
                 match t.state(p) {
                     PageState::Evicted => {
                         t.set_flag(p, LOGHOLD, true);
-                        cut.evicted.push((p, t.crc(p)));
+                        cut.evicted.push((p, t.crc(p), t.version(p)));
                     }
                     PageState::Absent => cut.zeros.push(p),
                     // Changed, then lost: no epoch can hold it; the flag stays until the
@@ -682,7 +682,7 @@ fn append_cut(
         let pages: Vec<EpochPage<'_>> = chunk
             .iter()
             .enumerate()
-            .map(|(i, &(p, _))| EpochPage {
+            .map(|(i, &(p, _, _))| EpochPage {
                 page: p as u64,
                 data: Some(buf.page(i)),
             })
@@ -721,63 +721,76 @@ fn append_cut(
     epoch.commit().map_err(AppendError::Log)
 }
 
-/// Reads the held evicted pages `chunk` (page, CRC32C of the store's copy) into `buf` and
-/// checks each. A read that fails is tried again a few times; a copy that fails its check is
-/// lost (reading it again would give the same bytes).
+/// Reads the held evicted pages `chunk` (page, CRC32C and version of the store's copy) into
+/// `buf` and checks each. A read that fails is tried again a few times; a copy that fails its
+/// check, or that the store reports lost, is lost (reading it again would give the same bytes).
 fn read_back(
     sh: &Shared,
-    chunk: &[(usize, u32)],
+    chunk: &[(usize, u32, u32)],
     buf: &mut fault::PageBuf,
 ) -> Result<(), AppendError> {
     let mut attempt = 1;
+    let mut lost: Vec<usize> = Vec::new();
     loop {
-        let result = {
+        lost.clear();
+        let failure: Option<String> = {
             let mut slices = buf.pages_mut(chunk.len());
             let mut batch: Vec<PageRead<'_>> = slices
                 .iter_mut()
                 .zip(chunk)
-                .map(|(b, &(p, _))| PageRead {
-                    page: p as u64,
-                    buf: b,
-                })
+                .map(|(b, &(p, crc, version))| PageRead::new(p as u64, b, crc, version))
                 .collect();
-            sh.store
-                .fetch(&mut batch)
-                .and_then(|()| match &sh.readback_faults {
-                    Some(faults) => faults.after_read(&mut batch),
-                    None => Ok(()),
-                })
+            let fetched = sh.store.fetch(&mut batch);
+            let injected = match &sh.readback_faults {
+                Some(faults) => faults.after_read(&mut batch),
+                None => Ok(()),
+            };
+            let mut unread = false;
+            for r in &batch {
+                match r.outcome {
+                    Outcome::Done => {}
+                    Outcome::Failed(FailureKind::Lost) => lost.push(r.page as usize),
+                    Outcome::Failed(_) | Outcome::Pending => unread = true,
+                }
+            }
+            unread.then(|| match injected.and(fetched) {
+                Err(e) => e.to_string(),
+                Ok(()) => "the store left a page unread".to_string(),
+            })
         };
-        match result {
-            Ok(()) => break,
-            Err(e) if attempt >= STORE_READ_ATTEMPTS_MAX => {
-                STATS.add(Counter::FetchErrors, 1);
-                return Err(AppendError::StoreRead(format!(
-                    "{} pages from the page at {:#x}, {attempt} attempts: {e}",
-                    chunk.len(),
-                    sh.addr_of(chunk[0].0)
-                )));
-            }
-            Err(e) => {
-                STATS.add(Counter::FetchErrors, 1);
-                log::warn!(
-                    "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {e}",
-                    chunk.len()
-                );
-                attempt += 1;
-                super::sleep_ms(STORE_READ_RETRY_MS);
-            }
+        let Some(e) = failure else {
+            // Every page was read, or is lost.
+            break;
+        };
+        STATS.add(Counter::FetchErrors, 1);
+        if attempt >= STORE_READ_ATTEMPTS_MAX {
+            return Err(AppendError::StoreRead(format!(
+                "{} pages from the page at {:#x}, {attempt} attempts: {e}",
+                chunk.len(),
+                sh.addr_of(chunk[0].0)
+            )));
         }
+        log::warn!(
+            "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {e}",
+            chunk.len()
+        );
+        attempt += 1;
+        super::sleep_ms(STORE_READ_RETRY_MS);
     }
-    let lost: Vec<usize> = chunk
-        .iter()
-        .enumerate()
-        .filter(|&(i, &(_, crc))| crc32c::crc32c(buf.page(i)) != crc)
-        .map(|(_, &(p, _))| p)
-        .collect();
+    lost.extend(
+        chunk
+            .iter()
+            .enumerate()
+            .filter(|&(i, &(p, crc, _))| {
+                !lost.contains(&p) && crc32c::crc32c(buf.page(i)) != crc
+            })
+            .map(|(_, &(p, _, _))| p)
+            .collect::<Vec<usize>>(),
+    );
     if lost.is_empty() {
         Ok(())
     } else {
+        lost.sort_unstable();
         Err(AppendError::Lost(lost))
     }
 }

@@ -128,8 +128,9 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
         }
     }
 
-    // 4. Classify by content.
+    // 4. Classify by content, and give each dirty page its next version.
     let mut crcs = vec![0u32; n];
+    let mut versions = vec![0u32; n];
     {
         let t = sh.cache.lock();
         for i in 0..n {
@@ -146,22 +147,29 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
             fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crcs[i] {
                 Fate::Clean
             } else {
+                versions[i] = t.next_version(p);
                 Fate::Dirty
             };
         }
     }
 
-    // 5. Write back the dirty ones in one batch.
-    let writes: Vec<PageWrite<'_>> = (0..n)
+    // 5. Write back the dirty ones in one batch, after the discards queued before it (a page
+    //    freed and written again must keep its new copy).
+    let mut writes: Vec<PageWrite<'_>> = (0..n)
         .filter(|&i| fate[i] == Fate::Dirty)
-        .map(|i| PageWrite {
-            page: victims[i] as u64,
-            buf: staging_page(sh, i),
-        })
+        .map(|i| PageWrite::with_crc(victims[i] as u64, staging_page(sh, i), crcs[i], versions[i]))
         .collect();
     let dirty = writes.len() as u64;
     if !writes.is_empty() {
-        if let Err(e) = sh.store.store(&writes) {
+        sh.discards.drain(&*sh.store);
+        let result = sh.store.store(&mut writes);
+        assert!(
+            result.is_err() || writes.iter().all(|w| w.outcome.is_done()),
+            "a store call that succeeds has written every page"
+        );
+        // All or nothing here: a batch with any failed page is put back whole (the pages
+        // written meanwhile are written again later; a read names version and checksum).
+        if let Err(e) = result {
             drop(writes);
             STATS.add(Counter::StoreErrors, 1);
             if EVICT_ERRORS.allow() {
@@ -208,7 +216,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
                     evicted += 1;
                 }
                 _ => {
-                    t.set_stored(p, crcs[i]);
+                    t.set_stored(p, crcs[i], versions[i]);
                     t.set_state(p, PageState::Evicted);
                     evicted += 1;
                 }
@@ -222,7 +230,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
     // SAFETY: the staging area is the evictor's alone, and this batch is done with it.
     unsafe { crate::region::drop_pages(sh.staging.base, n * PAGE_SIZE) };
     for &(first, count) in discard.as_slice() {
-        let _ = sh.store.discard(first, count);
+        sh.discards.push(first, count);
     }
     STATS.add(Counter::PagesEvicted, evicted);
     STATS.add(Counter::PagesDroppedClean, clean);

@@ -37,7 +37,7 @@ use crate::log::image::{ImageError, ImageReader};
 use crate::log::{LogError, LogWriter, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region, RegionError};
 use crate::stats::Stats;
-use crate::store::{self, PageStore, StoreError};
+use crate::store::{self, DiscardQueue, PageStore, StoreError};
 use crate::uffd::{self, Features, Kick, PagemapScanner, UffdError, Userfault};
 use crate::PAGE_SIZE;
 
@@ -154,6 +154,8 @@ pub(crate) struct Shared {
     /// Handlers and the evictor pass it to do work; `fork` closes it meanwhile.
     pub(crate) gate: Gate,
     pub(crate) store: Box<dyn PageStore>,
+    /// Discards on their way to the store, sent by the `lego-discard` thread.
+    pub(crate) discards: DiscardQueue,
     pub(crate) zeros: Region,
     pub(crate) high_pages: usize,
     pub(crate) low_pages: usize,
@@ -253,8 +255,7 @@ impl Shared {
             }
             for &(first, pages) in runs.as_slice() {
                 count += pages;
-                // A failed hole punch leaves a stale copy that nothing reads any more.
-                let _ = self.store.discard(first, pages);
+                self.discards.push(first, pages);
             }
         }
         STATS.add(crate::stats::Counter::PagesDiscarded, count);
@@ -426,6 +427,7 @@ impl Runtime {
             evict_wanted: Condvar::new(),
             gate: Gate::new(),
             store,
+            discards: DiscardQueue::new(),
             zeros,
             high_pages: high,
             low_pages: low,
@@ -475,6 +477,15 @@ impl Runtime {
                 source,
             })?;
         }
+        let sh = Arc::clone(&shared);
+        crate::threads::spawn("lego-discard", move || {
+            sh.discards.run(&*sh.store);
+        }).map_err(
+            |source| PagerError::Thread {
+                name: "lego-discard".into(),
+                source,
+            },
+        )?;
         let sh = Arc::clone(&shared);
         crate::threads::spawn("lego-evict", move || evict::evictor_loop(&sh)).map_err(
             |source| PagerError::Thread {
@@ -584,6 +595,10 @@ impl Runtime {
                 self.shared.cache.capacity_pages().to_string(),
             ),
             ("backend".into(), self.shared.store.describe()),
+            (
+                "discard_ranges_dropped".into(),
+                self.shared.discards.dropped().to_string(),
+            ),
         ]
     }
 
