@@ -781,9 +781,7 @@ fn read_back(
         chunk
             .iter()
             .enumerate()
-            .filter(|&(i, &(p, crc, _))| {
-                !lost.contains(&p) && crc32c::crc32c(buf.page(i)) != crc
-            })
+            .filter(|&(i, &(p, crc, _))| !lost.contains(&p) && crc32c::crc32c(buf.page(i)) != crc)
             .map(|(_, &(p, _, _))| p)
             .collect::<Vec<usize>>(),
     );

@@ -715,7 +715,11 @@ fn fetch_chunk(
                     Expect::Store { crc, .. } => crc32c::crc32c(buf.page(i)) == crc,
                     Expect::Image => true,
                 };
-                *st = if good { PageFetch::Good } else { PageFetch::Corrupt };
+                *st = if good {
+                    PageFetch::Good
+                } else {
+                    PageFetch::Corrupt
+                };
             }
         }
         let retry = status

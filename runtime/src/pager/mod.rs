@@ -480,12 +480,11 @@ impl Runtime {
         let sh = Arc::clone(&shared);
         crate::threads::spawn("lego-discard", move || {
             sh.discards.run(&*sh.store);
-        }).map_err(
-            |source| PagerError::Thread {
-                name: "lego-discard".into(),
-                source,
-            },
-        )?;
+        })
+        .map_err(|source| PagerError::Thread {
+            name: "lego-discard".into(),
+            source,
+        })?;
         let sh = Arc::clone(&shared);
         crate::threads::spawn("lego-evict", move || evict::evictor_loop(&sh)).map_err(
             |source| PagerError::Thread {

@@ -247,7 +247,10 @@ mod tests {
             if n == 300 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "only {n} of 300 pages");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {n} of 300 pages"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let discards = store.discards.lock().expect("test lock");

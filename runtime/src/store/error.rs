@@ -208,10 +208,22 @@ mod tests {
 
     #[test]
     fn kinds_follow_the_errno() {
-        assert_eq!(FailureKind::of_errno(Some(libc::EIO)), FailureKind::Transient);
-        assert_eq!(FailureKind::of_errno(Some(libc::ENOSPC)), FailureKind::Transient);
-        assert_eq!(FailureKind::of_errno(Some(libc::ETIMEDOUT)), FailureKind::Transient);
-        assert_eq!(FailureKind::of_errno(Some(libc::EINVAL)), FailureKind::Refused);
+        assert_eq!(
+            FailureKind::of_errno(Some(libc::EIO)),
+            FailureKind::Transient
+        );
+        assert_eq!(
+            FailureKind::of_errno(Some(libc::ENOSPC)),
+            FailureKind::Transient
+        );
+        assert_eq!(
+            FailureKind::of_errno(Some(libc::ETIMEDOUT)),
+            FailureKind::Transient
+        );
+        assert_eq!(
+            FailureKind::of_errno(Some(libc::EINVAL)),
+            FailureKind::Refused
+        );
         assert_eq!(FailureKind::of_errno(None), FailureKind::Transient);
     }
 

@@ -327,10 +327,14 @@ impl PageStore for FileStore {
                 if let Err(source) = self.read_pending(&mut [std::slice::from_mut(r)]) {
                     let kind = FailureKind::of_errno(source.errno());
                     r.outcome = Outcome::Failed(kind);
-                    first_error.get_or_insert_with(|| self.io_error(StoreOp::Fetch, r.page, kind, source));
+                    first_error
+                        .get_or_insert_with(|| self.io_error(StoreOp::Fetch, r.page, kind, source));
                 }
             }
-            log::debug!("{}: a batched read failed ({fallback}); read page by page", self.name);
+            log::debug!(
+                "{}: a batched read failed ({fallback}); read page by page",
+                self.name
+            );
         }
         for batch in batches.iter_mut() {
             if let Err(e) = super::verify_reads(&self.name, batch) {
