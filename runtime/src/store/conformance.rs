@@ -24,6 +24,7 @@ pub(crate) fn check_all(make: Factory<'_>) {
     pages_outside_the_heap_are_refused(&*make());
     empty_batches_do_nothing(&*make());
     several_batches_in_flight_at_once(&*make());
+    pages_already_decided_are_left_alone(&*make());
     concurrent_callers(&*make());
 }
 
@@ -293,6 +294,42 @@ fn several_batches_in_flight_at_once(store: &dyn PageStore) {
     );
     drop((ra, rb));
     assert!(da.iter().zip(&sa).all(|(d, s)| d.0 == s.0));
+}
+
+/// A page whose outcome a layer above already set is neither read nor written.
+fn pages_already_decided_are_left_alone(store: &dyn PageStore) {
+    let indices = [60u64, 61, 62];
+    let src = contents(&indices, 21);
+    store_all(store, &indices, &src, 1);
+    let newer = contents(&indices, 22);
+    let mut writes: Vec<PageWrite<'_>> = newer
+        .iter()
+        .zip(&indices)
+        .map(|(p, &page)| PageWrite::new(page, &p.0, 2))
+        .collect();
+    writes[1].outcome = Outcome::Failed(FailureKind::Transient);
+    let _ = store.store(&mut writes);
+    assert_eq!(writes[1].outcome, Outcome::Failed(FailureKind::Transient));
+    assert!(writes[0].outcome.is_done() && writes[2].outcome.is_done());
+    // Page 61 still holds version 1.
+    fetch_expecting(store, &[61], &src[1..2], 1);
+    let mut dst = pages(3);
+    for p in dst.iter_mut() {
+        p.0.fill(0x55);
+    }
+    let mut reads: Vec<PageRead<'_>> = dst
+        .iter_mut()
+        .zip(indices.iter().zip(&newer))
+        .map(|(p, (&page, s))| PageRead::new(page, &mut p.0, crc32c::crc32c(&s.0), 2))
+        .collect();
+    reads[0].outcome = Outcome::Failed(FailureKind::Refused);
+    let _ = store.fetch(&mut reads[..1]);
+    assert_eq!(reads[0].outcome, Outcome::Failed(FailureKind::Refused));
+    assert!(
+        reads[0].buf.iter().all(|&b| b == 0x55),
+        "an undecided page only is read"
+    );
+    store.fetch(&mut reads[2..]).expect("page 62 is version 2");
 }
 
 /// Six threads round-trip their own pages at once.

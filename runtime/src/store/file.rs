@@ -309,8 +309,11 @@ impl PageStore for FileStore {
 
     fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), StoreError> {
         let mut first_error = None;
-        for r in batches.iter_mut().flat_map(|b| b.iter_mut()) {
-            r.outcome = Outcome::Pending;
+        let pending = batches
+            .iter_mut()
+            .flat_map(|b| b.iter_mut())
+            .filter(|r| r.outcome == Outcome::Pending);
+        for r in pending {
             if let Err(e) = self.check_page(r.page, r.buf) {
                 r.outcome = Outcome::Failed(FailureKind::Refused);
                 first_error.get_or_insert(e);
@@ -346,8 +349,7 @@ impl PageStore for FileStore {
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
         let mut first_error = None;
-        for w in batch.iter_mut() {
-            w.outcome = Outcome::Pending;
+        for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
             if let Err(e) = self.check_page(w.page, w.buf) {
                 w.outcome = Outcome::Failed(FailureKind::Refused);
                 first_error.get_or_insert(e);

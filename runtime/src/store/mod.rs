@@ -15,7 +15,10 @@
 //!   ([`FailureKind`]): `Transient` (try again, or another copy), `Lost` (no copy has it:
 //!   report it, never guess), `Refused` (the request or the configuration is wrong). A call
 //!   returns `Ok` exactly when every page is [`Outcome::Done`]; otherwise its `Err` describes
-//!   the first failed page and the outcomes say which pages failed.
+//!   the first failed page and the outcomes say which pages failed. A store decides only the
+//!   pages whose outcome is still [`Outcome::Pending`] and leaves the others as they are, so a
+//!   layer above it (a fault injector, a set of replicas) can settle some pages itself and
+//!   hand the rest down, or hand down again only the pages that failed.
 //! - Checksums and versions: a write carries the page's CRC32C and version (a per-page
 //!   counter kept by the pager, never 0 for a stored page); a read carries the ones the pager
 //!   expects. A read is `Done` only if the bytes match that checksum; a copy that does not is
