@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use super::backend::parse_backend;
+use super::parse::parse_meminfo_total;
 use super::*;
 use crate::fuzz_support::{config as cases, Extreme};
 
