@@ -1,5 +1,6 @@
 //! `LEGO_FAULT_INJECT`, a testing hook: a [`FaultPlan`] for the page store (which operation
-//! fails or misbehaves, after how many pages, and how), a runtime thread whose start fails
+//! fails or misbehaves, after how many pages, how, and whether only once:
+//! `OP:EFFECT:after=N[:once]` with EFFECT an errno, `corrupt` or `delay=MS`), a runtime thread whose start fails
 //! (`spawn:THREAD`), or a point where the shim panics (`panic:fork`).
 //!
 //! This module only parses; the store seam (`store::faulty`), the epoch's read-back and the
@@ -9,15 +10,27 @@
 
 use super::error::ConfigError;
 
-/// Fault injection for tests: which store operation fails, after how many successful pages.
+/// Longest delay a `delay=MS` plan adds to a call, in milliseconds (one minute): a test that
+/// wants a slow store wants it slow, not hung.
+pub const FAULT_DELAY_MS_MAX: u64 = 60_000;
+
+// The refusal of an out-of-range delay names the bound as "60000".
+const _: () = assert!(FAULT_DELAY_MS_MAX == 60_000);
+
+/// Fault injection for tests: which store operation misbehaves, after how many good pages,
+/// how, and whether only once. `OP:EFFECT:after=N[:once]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultPlan {
     /// The operation that fails.
     pub op: FaultOp,
-    /// How many pages of that operation succeed before every later call fails.
+    /// How many pages of that operation succeed before the effect starts.
     pub after_pages: u64,
     /// What a failing call does.
     pub effect: FaultEffect,
+    /// `:once`: only the call that reaches page `after_pages + 1` gets the effect (that page
+    /// fails, comes back changed or is delayed, once); every later call works again. `false`
+    /// (the default): every later call gets it too.
+    pub once: bool,
 }
 
 /// What an injected store fault does.
@@ -28,6 +41,12 @@ pub enum FaultEffect {
     /// The call succeeds, but every page it reads comes back with one byte changed (a store
     /// that hands back a damaged or foreign copy). Fetches only.
     Corrupt,
+    /// The call succeeds, but only after waiting `ms` milliseconds (a slow or stalled store),
+    /// from 1 to [`FAULT_DELAY_MS_MAX`]. Fetch and store only.
+    Delay {
+        /// The wait, in milliseconds.
+        ms: u64,
+    },
 }
 
 /// The runtime threads whose start `LEGO_FAULT_INJECT=spawn:THREAD` can make fail.
@@ -75,11 +94,15 @@ pub(super) fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
             .map(Injection::Panic)
             .ok_or_else(|| fail("unknown panic point"));
     }
-    let mut parts = value.split(':');
-    let (Some(op), Some(errno), Some(after), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(fail("it needs exactly three parts separated by ':'"));
+    let parts: Vec<&str> = value.split(':').collect();
+    let (op, effect, after, once) = match parts[..] {
+        [op, effect, after] => (op, effect, after, false),
+        [op, effect, after, once] if once.eq_ignore_ascii_case("once") => (op, effect, after, true),
+        _ => {
+            return Err(fail(
+                "it needs exactly three parts separated by ':', or four ending in once",
+            ))
+        }
     };
     let op = if op.eq_ignore_ascii_case("fetch") {
         FaultOp::Fetch
@@ -90,15 +113,25 @@ pub(super) fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
     } else {
         return Err(fail("unknown operation"));
     };
-    let effect = if errno.eq_ignore_ascii_case("corrupt") {
+    let effect = if effect.eq_ignore_ascii_case("corrupt") {
         if op == FaultOp::Store {
             return Err(fail("only fetched pages can come back corrupt"));
         }
         FaultEffect::Corrupt
+    } else if let Some(ms) = strip_prefix_ignore_case(effect, "delay=") {
+        if op == FaultOp::ReadBack {
+            return Err(fail("only fetch and store can be delayed"));
+        }
+        let ms = ms
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| (1..=FAULT_DELAY_MS_MAX).contains(ms))
+            .ok_or_else(|| fail("MS must be a whole number of milliseconds from 1 to 60000"))?;
+        FaultEffect::Delay { ms }
     } else {
         FAULT_ERRNOS
             .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(errno))
+            .find(|(name, _)| name.eq_ignore_ascii_case(effect))
             .map(|&(_, errno)| FaultEffect::Errno(errno))
             .ok_or_else(|| fail("unknown errno"))?
     };
@@ -111,5 +144,14 @@ pub(super) fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
         op,
         after_pages,
         effect,
+        once,
     }))
+}
+
+/// `text` without `prefix`, compared ASCII-case-insensitively, or `None` when it does not
+/// start with it.
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
 }

@@ -37,7 +37,9 @@ mod settings;
 pub use backend::BackendSpec;
 pub use durable::{LogSettings, LogSync};
 pub use error::ConfigError;
-pub use faults::{FaultEffect, FaultOp, FaultPlan, PANIC_FAULT_POINTS, SPAWN_FAULT_THREADS};
+pub use faults::{
+    FaultEffect, FaultOp, FaultPlan, FAULT_DELAY_MS_MAX, PANIC_FAULT_POINTS, SPAWN_FAULT_THREADS,
+};
 pub use parse::{parse_size, total_ram_bytes, SizeError};
 pub use settings::{documented_settings, vars, Setting};
 
@@ -287,6 +289,9 @@ impl fmt::Display for Config {
                 ", fault injection: {:?} {:?} after {} pages",
                 plan.op, plan.effect, plan.after_pages
             )?;
+            if plan.once {
+                f.write_str(", once")?;
+            }
         }
         if let Some(thread) = self.spawn_failure {
             write!(f, ", fault injection: the thread {thread} fails to start")?;

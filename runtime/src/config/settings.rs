@@ -1,6 +1,6 @@
 //! The names of the variables lego reads ([`vars`]) and their documentation ([`Setting`],
 //! [`documented_settings`]): each setting documented once, with its default and an example,
-//! for `lego --help` and the README table (a test checks the two agree).
+//! for `lego --help` and the README table (which follows it).
 //!
 //! Rules: a name lives in [`vars`] and nowhere else; every variable read is listed here once.
 
@@ -104,7 +104,10 @@ pub(super) const SETTINGS: &[Setting] = &[
         example: "fetch:eio:after=100",
         meaning: "Testing hook: after N pages succeed, every fetch (fetch:ERRNO:after=N) or \
                   store (store:ERRNO:after=N) fails with ERRNO (eio or enospc), or every \
-                  fetched page comes back changed (fetch:corrupt:after=N); readback:... does \
+                  fetched page comes back changed (fetch:corrupt:after=N), or every fetch or \
+                  store waits MS milliseconds first (fetch:delay=MS:after=N, MS up to 60000); \
+                  :once at the end (fetch:eio:after=N:once) hits only the next call, then the \
+                  store works again; readback:... does \
                   the same to an epoch's reads of evicted pages only; spawn:THREAD makes \
                   starting the runtime thread THREAD (lego-logwrite) fail; panic:fork panics \
                   inside fork() with every lock of the internal heap held.",

@@ -203,7 +203,8 @@ fn every_setting_parsed() {
             fault_injection: Some(FaultPlan {
                 op: FaultOp::Store,
                 after_pages: 7,
-                effect: FaultEffect::Errno(libc::ENOSPC)
+                effect: FaultEffect::Errno(libc::ENOSPC),
+                once: false,
             }),
             spawn_failure: None,
             panic_injection: None,
@@ -258,7 +259,8 @@ fn other_accepted_forms() {
         Some(FaultPlan {
             op: FaultOp::Fetch,
             after_pages: 0,
-            effect: FaultEffect::Errno(libc::EIO)
+            effect: FaultEffect::Errno(libc::EIO),
+            once: false,
         })
     );
     let plan = config(&[("LEGO_FAULT_INJECT", "fetch:corrupt:after=5")])
@@ -269,7 +271,8 @@ fn other_accepted_forms() {
         Some(FaultPlan {
             op: FaultOp::Fetch,
             after_pages: 5,
-            effect: FaultEffect::Corrupt
+            effect: FaultEffect::Corrupt,
+            once: false,
         })
     );
     let plan = config(&[("LEGO_FAULT_INJECT", "readback:corrupt:after=0")])
@@ -427,6 +430,112 @@ fn rejections_name_variable_value_and_expectation() {
     for &(pairs, want) in cases {
         let got = error(pairs);
         assert!(got.contains(want), "{pairs:?}:\n got  {got}\n want {want}");
+    }
+}
+
+#[test]
+fn fault_plans_once_and_delay() {
+    let plan = |value: &str| {
+        config(&[("LEGO_FAULT_INJECT", value)])
+            .expect(value)
+            .fault_injection
+            .expect("a store plan")
+    };
+    assert_eq!(
+        plan("fetch:eio:after=3:once"),
+        FaultPlan {
+            op: FaultOp::Fetch,
+            after_pages: 3,
+            effect: FaultEffect::Errno(libc::EIO),
+            once: true,
+        }
+    );
+    assert_eq!(
+        plan("STORE:ENOSPC:after=0:ONCE"),
+        FaultPlan {
+            op: FaultOp::Store,
+            after_pages: 0,
+            effect: FaultEffect::Errno(libc::ENOSPC),
+            once: true,
+        }
+    );
+    assert_eq!(
+        plan("fetch:corrupt:after=1:once").effect,
+        FaultEffect::Corrupt
+    );
+    assert!(plan("readback:corrupt:after=1:once").once);
+    assert_eq!(
+        plan("fetch:delay=50:after=10"),
+        FaultPlan {
+            op: FaultOp::Fetch,
+            after_pages: 10,
+            effect: FaultEffect::Delay { ms: 50 },
+            once: false,
+        }
+    );
+    assert_eq!(
+        plan("store:Delay=60000:after=0:once"),
+        FaultPlan {
+            op: FaultOp::Store,
+            after_pages: 0,
+            effect: FaultEffect::Delay {
+                ms: FAULT_DELAY_MS_MAX
+            },
+            once: true,
+        }
+    );
+    assert_eq!(
+        plan("fetch:delay=1:after=0").effect,
+        FaultEffect::Delay { ms: 1 }
+    );
+    let text = config(&[("LEGO_FAULT_INJECT", "fetch:delay=5:after=2:once")])
+        .expect("valid")
+        .to_string();
+    assert!(
+        text.contains("Delay { ms: 5 } after 2 pages, once"),
+        "{text}"
+    );
+
+    // Every refusal names the variable, quotes the value, says what is wrong and gives the
+    // expected forms, the new ones included.
+    let refused: &[(&str, &str)] = &[
+        (
+            "fetch:delay=0:after=1",
+            "MS must be a whole number of milliseconds from 1 to 60000",
+        ),
+        ("fetch:delay=60001:after=1", "from 1 to 60000"),
+        ("store:delay=-5:after=1", "from 1 to 60000"),
+        ("fetch:delay=:after=1", "from 1 to 60000"),
+        ("fetch:delay=1.5:after=1", "from 1 to 60000"),
+        (
+            "readback:delay=5:after=1",
+            "only fetch and store can be delayed",
+        ),
+        (
+            "fetch:delay=5",
+            "it needs exactly three parts separated by ':', or four ending in once",
+        ),
+        ("fetch:eio:after=1:twice", "or four ending in once"),
+        ("fetch:eio:once", "the third part must be after=N"),
+        ("fetch:eio:after=1:once:once", "or four ending in once"),
+        (
+            "store:corrupt:after=1:once",
+            "only fetched pages can come back corrupt",
+        ),
+        ("fetch:slow:after=1", "unknown errno"),
+    ];
+    for &(value, problem) in refused {
+        let got = error(&[("LEGO_FAULT_INJECT", value)]);
+        let head = format!("LEGO_FAULT_INJECT={value:?} is not a fault plan (");
+        assert!(got.starts_with(&head), "{value}: {got}");
+        assert!(got.contains(problem), "{value}: {got}");
+        for form in [
+            "fetch:delay=MS:after=N or store:delay=MS:after=N with MS from 1 to 60000",
+            "ending in :once",
+            "OP:ERRNO:after=N",
+        ] {
+            assert!(got.contains(form), "{value}: {got}");
+        }
     }
 }
 
