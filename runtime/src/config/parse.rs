@@ -20,7 +20,7 @@ const SIZE_EXPECTED: &str = "expected a number with an optional K, M, G or T suf
                              or a percentage of RAM (25%)";
 
 /// Why a size could not be parsed. Each message starts with the quoted text, so that
-/// [`ConfigError`] can prefix it with the variable's name.
+/// [`ConfigError`](super::ConfigError) can prefix it with the variable's name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SizeError {
     /// Not a number with a known suffix.
