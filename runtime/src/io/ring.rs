@@ -172,6 +172,9 @@ impl Ring {
         self.run(fd, Direction::Write, ops)
     }
 
+    /// Runs the batch to completion. It is one function of about a hundred lines on purpose:
+    /// its safety argument (never return while an SQE of this call may still execute) is
+    /// checked by reading every exit of the one loop, which splitting would scatter.
     fn run<T: AsTransfer>(
         &mut self,
         fd: BorrowedFd<'_>,
