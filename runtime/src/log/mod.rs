@@ -3,8 +3,8 @@
 //!
 //! - [`format`]: the on-disk layout of segments, records and images (pure, no I/O);
 //! - [`segment`]: the synchronous segment writer, the log directory and its lock;
-//! - [`uring`]: the log directory's io_uring engine (staging buffers, writes in flight,
-//!   linked fdatasync), with `pwritev` as the fallback;
+//!   Its io_uring engine (staging buffers, writes in flight, linked fdatasync) is
+//!   [`crate::io::staged`], with `pwritev` as the fallback;
 //! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`;
 //! - [`image`]: reading a heap image back: in bounded chunks (checkpoints from an image), or
 //!   page by page on demand (`LEGO_RESTORE`).
@@ -19,7 +19,6 @@ pub mod format;
 pub mod image;
 pub mod replay;
 pub mod segment;
-pub mod uring;
 
 #[cfg(test)]
 mod fuzz;

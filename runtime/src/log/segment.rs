@@ -69,8 +69,7 @@ use super::replay::{
     inspect_segment, plan, plan_collecting, read_exact_at, write_image, LaterEpoch, Plan,
     ReplayError, Segment, SegmentFile, SegmentSource,
 };
-use super::uring::SegmentRing;
-use crate::io::{self, IoError, WriteOp};
+use crate::io::{self, IoError, SegmentRing, WriteOp};
 use crate::PAGE_SIZE;
 
 /// Name of the lock file inside the log directory.
@@ -298,7 +297,7 @@ pub trait LogStorage: Send {
 }
 
 /// A log directory, locked for one writer for as long as the value lives. Segments are written
-/// through io_uring ([`super::uring`]): `append` may return before its bytes are written, and
+/// through io_uring ([`io::staged`]): `append` may return before its bytes are written, and
 /// `sync_segment`, `flush`, `create_segment`, `remove_segment` and drop wait for them. Where
 /// io_uring is refused, `pwritev` and `fdatasync` (one warning says so).
 pub struct LogDir {
@@ -426,7 +425,7 @@ impl LogDir {
     /// Injects a failure into the io_uring engine's I/O (tests only; the engine must be
     /// io_uring).
     #[cfg(test)]
-    pub(crate) fn inject(&mut self, at: super::uring::FaultAt, fault: super::uring::Fault) {
+    pub(crate) fn inject(&mut self, at: io::staged::FaultAt, fault: io::staged::Fault) {
         self.ring
             .as_mut()
             .expect("faults are injected into the io_uring engine")
