@@ -210,7 +210,7 @@ fn reserve_for_restore(config: &Config, path: &std::path::Path) {
             EXIT_CANNOT_START,
             &format!(
                 "lego: {var}: {}",
-                lego_runtime::log::replay::error_chain(&e)
+                lego_runtime::logging::error_chain(&e)
             ),
         ),
     };
@@ -401,7 +401,7 @@ extern "C" fn lego_init() {
         }
         Err(e) => die(
             EXIT_CANNOT_START,
-            &format!("lego: {}", lego_runtime::log::replay::error_chain(&e)),
+            &format!("lego: {}", lego_runtime::logging::error_chain(&e)),
         ),
     }
     if restoring {

@@ -10,6 +10,9 @@
 //! Fault-path messages go through a [`RateLimit`] (or the [`error_limited!`](crate::error_limited)
 //! and [`warn_limited!`](crate::warn_limited) macros), so a storm of failing pages cannot
 //! flood stderr or slow the handlers down.
+//!
+//! [`error_chain`] is the one-line form of an error and its sources that every message of the
+//! crate uses; it allocates, so it is called where a message is built, not by the logger.
 
 use core::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -328,6 +331,24 @@ macro_rules! warn_limited {
             $($arg)+
         )
     };
+}
+
+/// An error and its sources, joined with ": ", for one-line messages (the crate's one
+/// formatter of error chains: the CLI, the preload library, the pager's reports and replay's
+/// descriptions all use it). Unlike the rest of this module it allocates: it builds messages
+/// before they are logged or printed, never inside the logger.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::log::replay::{
-    error_chain, inspect_dir, replay_dir_with, Progress, ReplayError, ReplayOptions, Target,
+    inspect_dir, replay_dir_with, Progress, ReplayError, ReplayOptions, Target,
 };
+use crate::logging::error_chain;
 
 pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
        lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]

@@ -33,14 +33,14 @@ use super::format::{
 };
 use super::image::{ImageReader, IMAGE_CHUNK_PAGES};
 use super::replay::{
-    error_chain, inspect, plan, plan_into, write_image, ImageSink, ReplayError, ReplayReport,
-    Segment,
+    inspect, plan, plan_into, write_image, ImageSink, ReplayError, ReplayReport, Segment,
 };
 use super::segment::{LogWriter, MemoryStorage, SyncMode, WriterOptions, SEGMENT_BYTES_TARGET_MIN};
 use super::test_support::{
     epoch_pages, memory_options, page, seeded_changes, segments_of, Model, TestDir,
 };
 use crate::fuzz_support::{config, Extreme};
+use crate::logging::error_chain;
 use crate::PAGE_SIZE;
 
 const REGION: RegionInfo = RegionInfo {

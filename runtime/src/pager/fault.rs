@@ -775,7 +775,7 @@ fn read_pages(
             };
             let mut bufs: Vec<&mut [u8]> = run.iter_mut().map(|b| &mut **b).collect();
             img.read_pages((first + i) as u64, &mut bufs)
-                .map_err(|e| crate::log::replay::error_chain(&e))?;
+                .map_err(|e| crate::logging::error_chain(&e))?;
         } else {
             for (k, b) in run.iter_mut().enumerate() {
                 from_store.push(PageRead {
