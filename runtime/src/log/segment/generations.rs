@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::*;
-use crate::log::format::{ImageHeader, BLOCK_BYTES, CRC_OFFSET, PAGE_BYTES};
+use crate::log::format::{
+    EpochOrigin, ImageHeader, RegionInfo, BLOCK_BYTES, CRC_OFFSET, PAGE_BYTES,
+};
+use crate::log::image::ImageReader;
 use crate::log::replay::{
     check_strict, inspect, replay_dir_with, resolve_target, ReplayOptions, ReplayReport, Target,
 };
