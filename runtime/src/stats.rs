@@ -772,8 +772,8 @@ mod tests {
     #[test]
     fn report_writes_private_json_file() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("lego-stats-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create test dir");
+        let test_dir = crate::test_support::TestDir::new("stats");
+        let dir = test_dir.path();
         let path = dir.join("stats.json");
         let snap = sample();
         report(&snap, &StatsSink::Json(path.clone())).expect("report");
@@ -787,6 +787,5 @@ mod tests {
         report(&snap, &StatsSink::Off).expect("off is a no-op");
         let err = report(&snap, &StatsSink::Json(dir.join("missing/stats.json")));
         assert!(err.is_err());
-        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

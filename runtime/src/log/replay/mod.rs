@@ -67,7 +67,7 @@ mod tests;
 
 pub use inspect::{inspect, inspect_dir, inspect_segment, Inspection, SegmentInfo};
 pub use plan::{plan, plan_into, resolve_target, Plan};
-pub(crate) use plan::{plan_collecting, LaterEpoch};
+pub(crate) use plan::{plan_collecting, LaterEpoch, LaterEpochs};
 pub use report::{Damage, DropReason, Dropped, ReplayReport};
 pub(crate) use scan::Loc;
 pub(crate) use source::read_exact_at;

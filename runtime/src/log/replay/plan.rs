@@ -189,6 +189,55 @@ struct Chain {
     last_segment: usize,
 }
 
+impl Chain {
+    /// The chain that starts with `seg` (index `i`), whose header is `header`.
+    fn new<S>(seg: &Segment<S>, header: &SegmentHeader, i: usize) -> Chain {
+        Chain {
+            log_id: header.log_id,
+            region: header.region,
+            oldest: (seg.path.clone(), header.first_epoch),
+            last: header.first_epoch - 1,
+            base: None,
+            first_base: None,
+            applied: 0,
+            last_origin: EpochOrigin::Automatic,
+            newest_program: None,
+            program_epochs: 0,
+            last_segment: i,
+        }
+    }
+
+    /// Applies the committed epoch `e` of segment `i`: its pages' places go into `index` (a
+    /// checkpoint starts it afresh; a `ZERO` record removes the page).
+    fn apply(&mut self, e: &Committed<'_>, i: usize, index: &mut HashMap<u64, Loc>) {
+        if e.kind == CommitKind::Checkpoint {
+            index.clear();
+            self.base = Some(e.epoch);
+        } else if e.epoch == 1 {
+            self.base = Some(1);
+        }
+        self.first_base = self.first_base.or(self.base);
+        self.last_origin = e.origin;
+        if e.origin.is_program() {
+            self.newest_program = Some(e.epoch);
+            self.program_epochs += 1;
+        }
+        self.last_segment = i;
+        for &(page, loc) in e.pages {
+            match loc {
+                Some(loc) => {
+                    index.insert(page, loc);
+                }
+                None => {
+                    index.remove(&page);
+                }
+            }
+        }
+        self.last = e.epoch;
+        self.applied += 1;
+    }
+}
+
 /// The first pass: reads `segments` (ascending sequence numbers) and works out the image of
 /// the last complete epoch, or of epoch `target` when given. `dir` is only for messages.
 pub fn plan<S: SegmentSource>(
@@ -289,6 +338,10 @@ fn plan_with<S: SegmentSource>(
     }
 }
 
+// Long (about 110 lines) for a reason: it is the one loop over the segments inside the thread
+// scope their reader threads live in, and the scan's hooks borrow the pass's state (the chain,
+// the index, the early writes, the progress); the chain's bookkeeping (`Chain`), the verdict
+// (`FirstPass::conclude`) and the parts left out (`left_out`) are already out of it.
 fn plan_once<S: SegmentSource>(
     dir: &Path,
     segments: &[Segment<S>],
@@ -345,50 +398,14 @@ fn plan_once<S: SegmentSource>(
                 dropped.push(whole(reason));
                 continue;
             }
-            let c = chain.get_or_insert_with(|| Chain {
-                log_id: header.log_id,
-                region: header.region,
-                oldest: (seg.path.clone(), header.first_epoch),
-                last: header.first_epoch - 1,
-                base: None,
-                first_base: None,
-                applied: 0,
-                last_origin: EpochOrigin::Automatic,
-                newest_program: None,
-                program_epochs: 0,
-                last_segment: i,
-            });
+            let c = chain.get_or_insert_with(|| Chain::new(seg, &header, i));
             segments_read += 1;
             let applied_before = c.applied;
             let mut on_commit = |e: &Committed<'_>| {
-                if e.kind == CommitKind::Checkpoint {
-                    index.clear();
-                    c.base = Some(e.epoch);
-                } else if e.epoch == 1 {
-                    c.base = Some(1);
-                }
-                c.first_base = c.first_base.or(c.base);
-                c.last_origin = e.origin;
-                if e.origin.is_program() {
-                    c.newest_program = Some(e.epoch);
-                    c.program_epochs += 1;
-                }
-                c.last_segment = i;
+                c.apply(e, i, &mut index);
                 if let Some(l) = later.as_deref_mut() {
                     l.take(e);
                 }
-                for &(page, loc) in e.pages {
-                    match loc {
-                        Some(loc) => {
-                            index.insert(page, loc);
-                        }
-                        None => {
-                            index.remove(&page);
-                        }
-                    }
-                }
-                c.last = e.epoch;
-                c.applied += 1;
             };
             let mut on_page = |page: u64, loc: &Loc, payload: &[u8]| {
                 if let Some(e) = early.as_deref_mut() {
@@ -421,84 +438,131 @@ fn plan_once<S: SegmentSource>(
             {
                 unusable_start = Some((i, seg.path.clone()));
             }
-            match end {
-                BodyEnd::Stopped { offset } if offset < len => dropped.push(Dropped {
-                    path: seg.path.clone(),
-                    offset,
-                    bytes: len - offset,
-                    epoch: None,
-                    reason: DropReason::AfterTarget {
-                        target: target.expect("only a target stops a segment early"),
-                    },
-                }),
-                BodyEnd::Clean | BodyEnd::Stopped { .. } => {}
-                BodyEnd::Damaged {
-                    epoch,
-                    epoch_start,
-                    at,
-                    damage,
-                } => dropped.push(Dropped {
-                    path: seg.path.clone(),
-                    offset: epoch_start,
-                    bytes: len - epoch_start,
-                    epoch: Some(epoch),
-                    reason: DropReason::Damaged { at, damage },
-                }),
-            }
+            dropped.extend(left_out(seg, end, target));
         }
     });
     progress(Progress::ReadingLog { done, total });
-    let first_damage = || {
-        dropped
-            .iter()
-            .find(|d| d.is_damage())
-            .map(ToString::to_string)
-            .unwrap_or_else(|| "no segment holds a commit record".into())
-    };
-    let Some(chain) = chain.filter(|c| c.applied > 0) else {
-        return Err(ReplayError::NothingCommitted {
-            dir: dir.to_path_buf(),
-            reason: first_damage(),
-        });
-    };
-    let Some(base) = chain.base else {
-        return Err(ReplayError::NoBase {
-            dir: dir.to_path_buf(),
-            path: chain.oldest.0,
-            first_epoch: chain.oldest.1,
-        });
-    };
-    if let Some(t) = target.filter(|&t| t != chain.last) {
-        return Err(ReplayError::EpochNotAvailable {
-            dir: dir.to_path_buf(),
-            asked: t,
-            first: chain.first_base.unwrap_or(base),
-            last: chain.last,
-        });
-    }
-    let fell_back_from = unusable_start
-        .filter(|(i, _)| *i > chain.last_segment)
-        .map(|(_, path)| path);
-    Ok(Plan {
-        report: ReplayReport {
-            epoch: chain.last,
-            base_epoch: base,
-            origin: chain.last_origin,
-            first_epoch: chain.first_base.unwrap_or(base),
-            newest_program: chain.newest_program,
-            program_epochs: chain.program_epochs,
-            fell_back_from,
-            region: chain.region,
-            log_id: chain.log_id,
-            segments_read,
-            log_bytes_read: done,
-            pages: 0,
-            image_bytes: 0,
-            dropped,
-        },
+    FirstPass {
+        chain,
         index,
-        written: HashMap::new(),
-    })
+        dropped,
+        segments_read,
+        done,
+        unusable_start,
+    }
+    .conclude(dir, target)
+}
+
+/// What the first pass found, before it is judged: the chain applied, the places of its
+/// pages, what was left out, and how much was read.
+struct FirstPass {
+    chain: Option<Chain>,
+    index: HashMap<u64, Loc>,
+    dropped: Vec<Dropped>,
+    segments_read: usize,
+    /// Bytes of the log read.
+    done: u64,
+    /// The newest segment that may have started a generation and from which nothing was
+    /// applied (see `plan_once`).
+    unusable_start: Option<(usize, PathBuf)>,
+}
+
+impl FirstPass {
+    /// The plan, or why the log gives none (for `target`, when given).
+    fn conclude(self, dir: &Path, target: Option<u64>) -> Result<Plan, ReplayError> {
+        let FirstPass {
+            chain,
+            index,
+            dropped,
+            segments_read,
+            done,
+            unusable_start,
+        } = self;
+        let first_damage = || {
+            dropped
+                .iter()
+                .find(|d| d.is_damage())
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "no segment holds a commit record".into())
+        };
+        let Some(chain) = chain.filter(|c| c.applied > 0) else {
+            return Err(ReplayError::NothingCommitted {
+                dir: dir.to_path_buf(),
+                reason: first_damage(),
+            });
+        };
+        let Some(base) = chain.base else {
+            return Err(ReplayError::NoBase {
+                dir: dir.to_path_buf(),
+                path: chain.oldest.0,
+                first_epoch: chain.oldest.1,
+            });
+        };
+        if let Some(t) = target.filter(|&t| t != chain.last) {
+            return Err(ReplayError::EpochNotAvailable {
+                dir: dir.to_path_buf(),
+                asked: t,
+                first: chain.first_base.unwrap_or(base),
+                last: chain.last,
+            });
+        }
+        let fell_back_from = unusable_start
+            .filter(|(i, _)| *i > chain.last_segment)
+            .map(|(_, path)| path);
+        Ok(Plan {
+            report: ReplayReport {
+                epoch: chain.last,
+                base_epoch: base,
+                origin: chain.last_origin,
+                first_epoch: chain.first_base.unwrap_or(base),
+                newest_program: chain.newest_program,
+                program_epochs: chain.program_epochs,
+                fell_back_from,
+                region: chain.region,
+                log_id: chain.log_id,
+                segments_read,
+                log_bytes_read: done,
+                pages: 0,
+                image_bytes: 0,
+                dropped,
+            },
+            index,
+            written: HashMap::new(),
+        })
+    }
+}
+
+/// The part of `seg` after the end of its scan that was not applied, if any.
+fn left_out<S: SegmentSource>(
+    seg: &Segment<S>,
+    end: BodyEnd,
+    target: Option<u64>,
+) -> Option<Dropped> {
+    let len = seg.source.size();
+    match end {
+        BodyEnd::Stopped { offset } if offset < len => Some(Dropped {
+            path: seg.path.clone(),
+            offset,
+            bytes: len - offset,
+            epoch: None,
+            reason: DropReason::AfterTarget {
+                target: target.expect("only a target stops a segment early"),
+            },
+        }),
+        BodyEnd::Clean | BodyEnd::Stopped { .. } => None,
+        BodyEnd::Damaged {
+            epoch,
+            epoch_start,
+            at,
+            damage,
+        } => Some(Dropped {
+            path: seg.path.clone(),
+            offset: epoch_start,
+            bytes: len - epoch_start,
+            epoch: Some(epoch),
+            reason: DropReason::Damaged { at, damage },
+        }),
+    }
 }
 
 /// Whether the segment with `header` continues the chain applied so far.

@@ -10,8 +10,8 @@
 use super::reader::Reader;
 use super::{Damage, SegmentSource};
 use crate::log::format::{
-    BatchCrc, BlockKind, Commit, CommitKind, EntryKind, EpochOrigin, FormatError, PageGroup,
-    Record, SegmentHeader, BLOCK_BYTES, BLOCK_BYTES_U64,
+    BatchCrc, BlockKind, Commit, CommitKind, EntryKind, EpochOrigin, FormatError, PageEntry,
+    PageGroup, Record, SegmentHeader, BLOCK_BYTES, BLOCK_BYTES_U64,
 };
 
 /// The place of one page's newest committed version.
@@ -80,6 +80,11 @@ pub(super) struct ScanHooks<'h> {
 /// Reads the epochs of one segment after its header, handing each committed one to
 /// `hooks.on_commit`, until the end of the file, the first damage, or the first epoch after
 /// `stop_after`.
+///
+/// Long (about 105 lines) for a reason: it is the state machine of a segment's blocks (a
+/// group or a commit, per epoch), and every way a block can be bad ends the scan with that
+/// epoch's start; the entries (`Entries::scan`), payloads (`scan_payload`) and the commit's
+/// checks (`check_commit`) are already out of it.
 pub(super) fn scan_body<S: SegmentSource + ?Sized>(
     seg: usize,
     reader: &mut Reader<'_, S>,
@@ -143,57 +148,17 @@ pub(super) fn scan_body<S: SegmentSource + ?Sized>(
                     let group_at = offset;
                     groups += 1;
                     offset += BLOCK_BYTES_U64;
-                    for entry in &group.entries {
-                        if entry.page >= region_pages {
-                            let d = Damage::PageOutOfRange {
-                                page: entry.page,
-                                pages: region_pages,
-                            };
-                            return damaged(group_at, d);
-                        }
-                        if pending.len() as u64 >= region_pages {
-                            let d = Damage::EpochTooLarge {
-                                epoch,
-                                pages: region_pages,
-                            };
-                            return damaged(group_at, d);
-                        }
-                        let loc = match entry.kind {
-                            EntryKind::Zero => {
-                                if let Err(e) = entry.check_payload(&[]) {
-                                    return damaged(group_at, e.into());
-                                }
-                                None
-                            }
-                            EntryKind::Page => {
-                                let payload = match reader.block(offset) {
-                                    Ok(b) => b,
-                                    Err(e) => return damaged(offset, Damage::Read(e)),
-                                };
-                                if payload.is_empty() {
-                                    return damaged(offset, Damage::EndsMidEpoch { epoch });
-                                }
-                                if payload.len() < BLOCK_BYTES {
-                                    let have = payload.len() as u64;
-                                    return damaged(offset, Damage::PartialBlock { have });
-                                }
-                                if let Err(e) = entry.check_payload(payload) {
-                                    return damaged(offset, e.into());
-                                }
-                                let loc = Loc {
-                                    seg,
-                                    offset,
-                                    epoch,
-                                    crc: entry.crc,
-                                    zero: payload.iter().all(|&b| b == 0),
-                                };
-                                on_page(entry.page, &loc, payload);
-                                offset += BLOCK_BYTES_U64;
-                                Some(loc)
-                            }
-                        };
-                        batch.push(entry.crc);
-                        pending.push((entry.page, loc));
+                    let mut entries = Entries {
+                        seg,
+                        epoch,
+                        region_pages,
+                        batch: &mut batch,
+                        pending,
+                    };
+                    if let Err((at, d)) =
+                        entries.scan(reader, &group, group_at, &mut offset, on_page)
+                    {
+                        return damaged(at, d);
                     }
                 }
                 BlockKind::Commit => {
@@ -201,29 +166,15 @@ pub(super) fn scan_body<S: SegmentSource + ?Sized>(
                         Ok(c) => c,
                         Err(e) => return damaged(offset, e.into()),
                     };
-                    let first_of_checkpoint_segment =
-                        start == BLOCK_BYTES_U64 && header.starts_with_checkpoint();
-                    let checked = check_commit(&commit, header, epoch, groups, pending.len())
-                        .and_then(|()| {
-                            expect_field(epoch, "body bytes", commit.body_bytes, offset - start)
-                        })
-                        .and_then(|()| {
-                            expect_field(
-                                epoch,
-                                "batch CRC",
-                                commit.batch_crc.into(),
-                                batch.value().into(),
-                            )
-                        })
-                        .and_then(|()| {
-                            if first_of_checkpoint_segment && commit.kind != CommitKind::Checkpoint
-                            {
-                                Err(Damage::NotACheckpoint { epoch })
-                            } else {
-                                Ok(())
-                            }
-                        });
-                    if let Err(d) = checked {
+                    let read = EpochRead {
+                        epoch,
+                        start,
+                        end: offset,
+                        groups,
+                        pages: pending.len(),
+                        batch: &batch,
+                    };
+                    if let Err(d) = check_commit(&commit, header, &read) {
                         return damaged(offset, d);
                     }
                     offset += BLOCK_BYTES_U64;
@@ -239,6 +190,69 @@ pub(super) fn scan_body<S: SegmentSource + ?Sized>(
                 }
             }
         }
+    }
+}
+
+/// Where [`scan_body`] puts the entries of an epoch's page groups as it reads them.
+struct Entries<'e> {
+    seg: usize,
+    epoch: u64,
+    region_pages: u64,
+    /// The CRC over the entries' CRCs, which the commit record carries.
+    batch: &'e mut BatchCrc,
+    /// Each entry's page and the place of its payload (`None`: a `ZERO` record).
+    pending: &'e mut Vec<(u64, Option<Loc>)>,
+}
+
+impl Entries<'_> {
+    /// Reads the entries of `group` (its block at `group_at`) and their payloads, which follow
+    /// it from `*offset` on. Damage comes back with the offset it is at.
+    fn scan<S: SegmentSource + ?Sized>(
+        &mut self,
+        reader: &mut Reader<'_, S>,
+        group: &PageGroup,
+        group_at: u64,
+        offset: &mut u64,
+        on_page: &mut dyn FnMut(u64, &Loc, &[u8]),
+    ) -> Result<(), (u64, Damage)> {
+        let (epoch, region_pages) = (self.epoch, self.region_pages);
+        for entry in &group.entries {
+            if entry.page >= region_pages {
+                let d = Damage::PageOutOfRange {
+                    page: entry.page,
+                    pages: region_pages,
+                };
+                return Err((group_at, d));
+            }
+            if self.pending.len() as u64 >= region_pages {
+                let d = Damage::EpochTooLarge {
+                    epoch,
+                    pages: region_pages,
+                };
+                return Err((group_at, d));
+            }
+            let loc = match entry.kind {
+                EntryKind::Zero => {
+                    entry.check_payload(&[]).map_err(|e| (group_at, e.into()))?;
+                    None
+                }
+                EntryKind::Page => {
+                    let at = Loc {
+                        seg: self.seg,
+                        offset: *offset,
+                        epoch,
+                        crc: entry.crc,
+                        zero: false,
+                    };
+                    let loc = scan_payload(reader, entry, at, on_page).map_err(|d| (*offset, d))?;
+                    *offset += BLOCK_BYTES_U64;
+                    Some(loc)
+                }
+            };
+            self.batch.push(entry.crc);
+            self.pending.push((entry.page, loc));
+        }
+        Ok(())
     }
 }
 
@@ -273,14 +287,27 @@ fn check_group(
     Ok(())
 }
 
+/// The epoch [`scan_body`] read up to its commit record: what that record must match.
+struct EpochRead<'b> {
+    epoch: u64,
+    /// Offsets of its first block and of its commit record.
+    start: u64,
+    end: u64,
+    groups: u32,
+    pages: usize,
+    batch: &'b BatchCrc,
+}
+
+/// Checks a commit record against the epoch read before it: its log and epoch, the counts of
+/// groups and pages, the body's bytes, the CRC over the entries' CRCs, and that the first
+/// epoch of a checkpoint segment is a checkpoint.
 fn check_commit(
     commit: &Commit,
     header: &SegmentHeader,
-    epoch: u64,
-    groups: u32,
-    pages: usize,
+    read: &EpochRead<'_>,
 ) -> Result<(), Damage> {
     const R: Record = Record::Commit;
+    let epoch = read.epoch;
     if commit.log_id != header.log_id {
         return Err(Damage::WrongLog {
             record: R,
@@ -295,8 +322,53 @@ fn check_commit(
             expected: epoch,
         });
     }
-    expect_field(epoch, "page groups", commit.groups.into(), groups.into())?;
-    expect_field(epoch, "page count", commit.pages, pages as u64)
+    expect_field(
+        epoch,
+        "page groups",
+        commit.groups.into(),
+        read.groups.into(),
+    )?;
+    expect_field(epoch, "page count", commit.pages, read.pages as u64)?;
+    expect_field(
+        epoch,
+        "body bytes",
+        commit.body_bytes,
+        read.end - read.start,
+    )?;
+    expect_field(
+        epoch,
+        "batch CRC",
+        commit.batch_crc.into(),
+        read.batch.value().into(),
+    )?;
+    let first_of_checkpoint_segment =
+        read.start == BLOCK_BYTES_U64 && header.starts_with_checkpoint();
+    if first_of_checkpoint_segment && commit.kind != CommitKind::Checkpoint {
+        return Err(Damage::NotACheckpoint { epoch });
+    }
+    Ok(())
+}
+
+/// Reads and checks the payload of the `PAGE` entry `entry`, which is at `at` (`at.zero` is
+/// filled in here), and hands it to `on_page`. Damage is at `at.offset`.
+fn scan_payload<S: SegmentSource + ?Sized>(
+    reader: &mut Reader<'_, S>,
+    entry: &PageEntry,
+    mut at: Loc,
+    on_page: &mut dyn FnMut(u64, &Loc, &[u8]),
+) -> Result<Loc, Damage> {
+    let payload = reader.block(at.offset).map_err(Damage::Read)?;
+    if payload.is_empty() {
+        return Err(Damage::EndsMidEpoch { epoch: at.epoch });
+    }
+    if payload.len() < BLOCK_BYTES {
+        let have = payload.len() as u64;
+        return Err(Damage::PartialBlock { have });
+    }
+    entry.check_payload(payload)?;
+    at.zero = payload.iter().all(|&b| b == 0);
+    on_page(entry.page, &at, payload);
+    Ok(at)
 }
 
 fn expect_field(epoch: u64, field: &'static str, committed: u64, found: u64) -> Result<(), Damage> {

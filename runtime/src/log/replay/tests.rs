@@ -11,8 +11,8 @@ use crate::log::segment::{
 };
 use crate::log::test_support::{
     epoch_pages, memory_options, page, replay_mem, seeded_changes, segments_of, Change, Model,
-    TestDir,
 };
+use crate::test_support::TestDir;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;

@@ -109,21 +109,7 @@ pub fn write_image<S: SegmentSource, W: ImageSink>(
         read_exact_at(seg, first.offset, bytes)?;
         // Every page is checked again before any of the run is written: the log may have
         // been replaced since the first pass, and a wrong page must never reach the image.
-        for (k, &(page, loc)) in run.iter().enumerate() {
-            let entry = PageEntry {
-                kind: EntryKind::Page,
-                epoch: loc.epoch,
-                page,
-                crc: loc.crc,
-            };
-            entry
-                .check_payload(&bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
-                .map_err(|source| ReplayError::LogChanged {
-                    path: seg.path.clone(),
-                    offset: loc.offset,
-                    source,
-                })?;
-        }
+        check_run(seg, run, bytes)?;
         // Non-zero pages are written, adjacent ones together; zero pages stay holes, unless
         // the first pass wrote other bytes there.
         let is_zero = |k: usize| {
@@ -166,9 +152,55 @@ pub fn write_image<S: SegmentSource, W: ImageSink>(
         done += run.len() as u64;
         progress(Progress::WritingImage { done, total });
     }
-    // Pages the first pass wrote that the image does not hold (a version of an incomplete
-    // epoch, or one a checkpoint left out) become zeros again; past the end, `set_len` cuts
-    // them off.
+    zero_stale_pages(plan, end_page, out).map_err(write_err)?;
+    let header = ImageHeader {
+        region: plan.report.region,
+        epoch: plan.report.epoch,
+        log_id: plan.report.log_id,
+        pages,
+        origin: plan.report.origin,
+    };
+    let len = end_page.map_or(BLOCK_BYTES_U64, ImageHeader::page_offset);
+    out.set_len(len).map_err(write_err)?;
+    out.write_all_at(0, &header.encode().0).map_err(write_err)?;
+    plan.report.pages = pages;
+    plan.report.image_bytes = len;
+    Ok(())
+}
+
+/// Checks every page of `run`, read into `bytes`, against the CRC its entry had in the first
+/// pass.
+fn check_run<S: SegmentSource>(
+    seg: &Segment<S>,
+    run: &[(u64, Loc)],
+    bytes: &[u8],
+) -> Result<(), ReplayError> {
+    for (k, &(page, loc)) in run.iter().enumerate() {
+        let entry = PageEntry {
+            kind: EntryKind::Page,
+            epoch: loc.epoch,
+            page,
+            crc: loc.crc,
+        };
+        entry
+            .check_payload(&bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+            .map_err(|source| ReplayError::LogChanged {
+                path: seg.path.clone(),
+                offset: loc.offset,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Pages the first pass wrote that the image does not hold (a version of an incomplete
+/// epoch, or one a checkpoint left out) become zeros again, in runs of up to
+/// [`RUN_PAGES_MAX`]; past `end_page`, the image's `set_len` cuts them off.
+fn zero_stale_pages<W: ImageSink>(
+    plan: &Plan,
+    end_page: Option<u64>,
+    out: &mut W,
+) -> std::io::Result<()> {
     let mut stale: Vec<u64> = plan
         .written
         .keys()
@@ -185,22 +217,9 @@ pub fn write_image<S: SegmentSource, W: ImageSink>(
             .enumerate()
             .take_while(|&(k, &p)| p == first + k as u64)
             .count();
-        out.write_all_at(ImageHeader::page_offset(first), &zeros[..n * PAGE_SIZE])
-            .map_err(write_err)?;
+        out.write_all_at(ImageHeader::page_offset(first), &zeros[..n * PAGE_SIZE])?;
         rest = &rest[n..];
     }
-    let header = ImageHeader {
-        region: plan.report.region,
-        epoch: plan.report.epoch,
-        log_id: plan.report.log_id,
-        pages,
-        origin: plan.report.origin,
-    };
-    let len = end_page.map_or(BLOCK_BYTES_U64, ImageHeader::page_offset);
-    out.set_len(len).map_err(write_err)?;
-    out.write_all_at(0, &header.encode().0).map_err(write_err)?;
-    plan.report.pages = pages;
-    plan.report.image_bytes = len;
     Ok(())
 }
 

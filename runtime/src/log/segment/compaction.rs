@@ -16,8 +16,8 @@ use super::{LogError, LogWriter, COMPACT_LATER_DIVISOR, COPY_CHUNK_PAGES};
 use crate::log::format::{EntryKind, EpochOrigin, EpochPage, PageEntry};
 use crate::log::image::ImageReader;
 use crate::log::replay::{
-    plan, plan_collecting, read_exact_at, write_image, LaterEpoch, Plan, ReplayError, Segment,
-    SegmentSource,
+    plan, plan_collecting, read_exact_at, write_image, LaterEpoch, LaterEpochs, Plan, ReplayError,
+    Segment, SegmentSource,
 };
 use crate::PAGE_SIZE;
 
@@ -120,34 +120,7 @@ impl LogWriter {
                 let origin = newest.report.origin;
                 self.checkpoint_from_plan(&mut newest, &segments, origin)
             }
-            Some(p) => {
-                let kept = plan(&dir, &segments, Some(p), &mut |_| {})
-                    .map_err(replay_err)
-                    .and_then(|mut at_p| {
-                        self.checkpoint_from_plan(&mut at_p, &segments, EpochOrigin::Program)
-                    })
-                    .and_then(|mut last| {
-                        for e in &later.epochs {
-                            last = self.copy_epoch(&segments, e)?;
-                        }
-                        Ok(last)
-                    });
-                match kept {
-                    Ok(last) => Ok(last),
-                    Err(e) => {
-                        // The checkpoint of P may be durable with only some of the epochs
-                        // after it: replay would give less than was committed. The checkpoint
-                        // of the newest epoch puts that right.
-                        log::error!(
-                            "compacting the log in {} around the program checkpoint of epoch \
-                             {p} failed ({e}); compacting to epoch {replayed} instead",
-                            dir.display()
-                        );
-                        let origin = newest.report.origin;
-                        self.checkpoint_from_plan(&mut newest, &segments, origin)
-                    }
-                }
-            }
+            Some(p) => self.compact_keeping(p, &segments, &later, &mut newest),
         };
         let epoch = result?;
         log::debug!(
@@ -162,6 +135,49 @@ impl LogWriter {
             self.total_bytes()
         );
         Ok(epoch)
+    }
+
+    /// Compaction that keeps the program checkpoint `p`: a checkpoint of `p`, then `later`
+    /// (the epochs after it) copied behind it. Should that fail part way, the checkpoint of
+    /// `newest` (the newest epoch) is written instead.
+    fn compact_keeping<S: SegmentSource>(
+        &mut self,
+        p: u64,
+        segments: &[Segment<S>],
+        later: &LaterEpochs,
+        newest: &mut Plan,
+    ) -> Result<u64, LogError> {
+        let dir = self.storage.location();
+        let kept = plan(&dir, segments, Some(p), &mut |_| {})
+            .map_err(|e| LogError::Replay {
+                dir: dir.clone(),
+                source: Box::new(e),
+            })
+            .and_then(|mut at_p| {
+                self.checkpoint_from_plan(&mut at_p, segments, EpochOrigin::Program)
+            })
+            .and_then(|mut last| {
+                for e in &later.epochs {
+                    last = self.copy_epoch(segments, e)?;
+                }
+                Ok(last)
+            });
+        match kept {
+            Ok(last) => Ok(last),
+            Err(e) => {
+                // The checkpoint of P may be durable with only some of the epochs after it:
+                // replay would give less than was committed. The checkpoint of the newest
+                // epoch puts that right.
+                log::error!(
+                    "compacting the log in {} around the program checkpoint of epoch {p} failed \
+                     ({e}); compacting to epoch {} instead",
+                    dir.display(),
+                    newest.report.epoch
+                );
+                let origin = newest.report.origin;
+                self.checkpoint_from_plan(newest, segments, origin)
+            }
+        }
     }
 
     /// Writes the image `plan` describes to the temporary image and checkpoints from it.

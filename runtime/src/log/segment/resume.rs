@@ -65,53 +65,13 @@ impl LogWriter {
             });
         }
         let dir = storage.location();
-        let mut log_id: Option<u64> = None;
-        let mut max_epoch = 0u64;
-        let mut max_seq = 0u64;
-        let mut segment_bytes = BTreeMap::new();
-        // Where the newest generation there starts: its checkpoint segment, or the first.
-        let mut generation = 0u64;
-        for (i, seq) in list_segments(storage.as_ref())?.into_iter().enumerate() {
-            let path = storage.segment_path(seq);
-            let source = storage.open_segment(seq).map_err(|source| LogError::Io {
-                path: path.clone(),
-                what: "opening (to resume the log)",
-                source,
-            })?;
-            segment_bytes.insert(seq, source.size());
-            max_seq = max_seq.max(seq);
-            // Every segment is read to its end: the new checkpoint must be numbered after
-            // every epoch committed anywhere in the directory, or replay could stop before it.
-            let info = inspect_segment(i, &Segment { seq, path, source });
-            // A segment whose header cannot be read holds nothing replay would apply; its
-            // number is still taken.
-            let Ok(h) = info.header else { continue };
-            if h.region != region {
-                return Err(LogError::SegmentRegion {
-                    path: info.path,
-                    found: h.region,
-                    expected: region,
-                });
-            }
-            match log_id {
-                None => log_id = Some(h.log_id),
-                Some(first) if first != h.log_id => {
-                    return Err(LogError::MixedLogs {
-                        dir,
-                        path: info.path,
-                        first,
-                        second: h.log_id,
-                    })
-                }
-                Some(_) => {}
-            }
-            max_epoch = max_epoch
-                .max(h.first_epoch)
-                .max(info.last_epoch.unwrap_or(0));
-            if h.starts_with_checkpoint() && info.checkpoints > 0 {
-                generation = seq;
-            }
-        }
+        let Survey {
+            log_id,
+            max_epoch,
+            max_seq,
+            segment_bytes,
+            generation,
+        } = survey(storage.as_ref(), region)?;
         let log_id = match log_id {
             Some(id) if id != ih.log_id => {
                 return Err(LogError::LogIdMismatch {
@@ -155,4 +115,76 @@ impl LogWriter {
         );
         Ok(w)
     }
+}
+
+/// What a resume finds in the log directory, every segment read to its end.
+struct Survey {
+    /// The log id of the segments there (`None`: no segment with a readable header).
+    log_id: Option<u64>,
+    /// The newest epoch any segment holds or starts at (0: none).
+    max_epoch: u64,
+    /// The highest segment number there, readable or not (0: none).
+    max_seq: u64,
+    segment_bytes: BTreeMap<u64, u64>,
+    /// Where the newest generation there starts: its checkpoint segment, or the first.
+    generation: u64,
+}
+
+/// Reads every segment of `storage` on its own: the new checkpoint must be numbered after
+/// every epoch committed anywhere there, or replay could stop before it. Segments of another
+/// region or of two different logs are refused.
+fn survey(storage: &dyn LogStorage, region: RegionInfo) -> Result<Survey, LogError> {
+    let mut log_id: Option<u64> = None;
+    let mut max_epoch = 0u64;
+    let mut max_seq = 0u64;
+    let mut segment_bytes = BTreeMap::new();
+    let mut generation = 0u64;
+    for (i, seq) in list_segments(storage)?.into_iter().enumerate() {
+        let path = storage.segment_path(seq);
+        let source = storage.open_segment(seq).map_err(|source| LogError::Io {
+            path: path.clone(),
+            what: "opening (to resume the log)",
+            source,
+        })?;
+        segment_bytes.insert(seq, source.size());
+        max_seq = max_seq.max(seq);
+        // Every segment is read to its end: the new checkpoint must be numbered after
+        // every epoch committed anywhere in the directory, or replay could stop before it.
+        let info = inspect_segment(i, &Segment { seq, path, source });
+        // A segment whose header cannot be read holds nothing replay would apply; its
+        // number is still taken.
+        let Ok(h) = info.header else { continue };
+        if h.region != region {
+            return Err(LogError::SegmentRegion {
+                path: info.path,
+                found: h.region,
+                expected: region,
+            });
+        }
+        match log_id {
+            None => log_id = Some(h.log_id),
+            Some(first) if first != h.log_id => {
+                return Err(LogError::MixedLogs {
+                    dir: storage.location(),
+                    path: info.path,
+                    first,
+                    second: h.log_id,
+                })
+            }
+            Some(_) => {}
+        }
+        max_epoch = max_epoch
+            .max(h.first_epoch)
+            .max(info.last_epoch.unwrap_or(0));
+        if h.starts_with_checkpoint() && info.checkpoints > 0 {
+            generation = seq;
+        }
+    }
+    Ok(Survey {
+        log_id,
+        max_epoch,
+        max_seq,
+        segment_bytes,
+        generation,
+    })
 }

@@ -13,9 +13,8 @@ use crate::log::format::{
 };
 use crate::log::image::ImageError;
 use crate::log::replay::replay_dir;
-use crate::log::test_support::{
-    epoch_pages, page, replay_mem, segments_of, Change, Model, TestDir,
-};
+use crate::log::test_support::{epoch_pages, page, replay_mem, segments_of, Change, Model};
+use crate::test_support::TestDir;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 
 const REGION: RegionInfo = RegionInfo {
@@ -850,6 +849,9 @@ fn a_broken_writer_recovers_by_compacting() {
 /// Resume after a restore from an older epoch: the checkpoint is numbered after the whole
 /// log (a crash while it is written replays the old log's last epoch, never an older one),
 /// epochs after it replay on top; another log's image is refused.
+// Long (about 125 lines) for a reason: one scenario, step by step (replay, restore, resume,
+// crash in the checkpoint, epochs after it, another log's image), each step checked against
+// the one before; cut into functions, the state the steps hand on would be passed around.
 #[test]
 fn resume_continues_a_log_from_a_replayed_image() {
     let dir = TestDir::new("resume");
