@@ -782,7 +782,7 @@ mod tests {
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // Only the final file remains: no temporary left behind.
-        let entries = std::fs::read_dir(&dir).expect("list").count();
+        let entries = std::fs::read_dir(dir).expect("list").count();
         assert_eq!(entries, 1);
         report(&snap, &StatsSink::Off).expect("off is a no-op");
         let err = report(&snap, &StatsSink::Json(dir.join("missing/stats.json")));
