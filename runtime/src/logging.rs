@@ -512,4 +512,24 @@ mod tests {
         assert_eq!(allowed, 100);
         assert_eq!(limit.suppressed(), (THREADS * CALLS - 100) as u64);
     }
+
+    /// Sources are joined with ": ", and a source whose text the message already ends with
+    /// (a `#[error(transparent)]` or "{source}" message) is not repeated.
+    #[test]
+    fn error_chain_joins_sources_once() {
+        #[derive(Debug, thiserror::Error)]
+        enum Outer {
+            #[error("reading heap.img failed")]
+            Read(#[source] std::io::Error),
+            #[error("{0}")]
+            Same(#[source] std::io::Error),
+        }
+        let io = || std::io::Error::other("disk on fire");
+        assert_eq!(
+            error_chain(&Outer::Read(io())),
+            "reading heap.img failed: disk on fire"
+        );
+        assert_eq!(error_chain(&Outer::Same(io())), "disk on fire");
+        assert_eq!(error_chain(&io()), "disk on fire");
+    }
 }
