@@ -358,8 +358,9 @@ mod tests {
     #[test]
     fn replay_and_inspect_commands() {
         use crate::log::format::{EpochPage, RegionInfo};
-        use crate::log::test_support::{page, TestDir};
+        use crate::log::test_support::page;
         use crate::log::{LogWriter, WriterOptions};
+        use crate::test_support::TestDir;
 
         let dir = TestDir::new("cli");
         let logs = dir.0.join("heap");
@@ -410,8 +411,9 @@ mod tests {
     #[test]
     fn replay_checkpoint_and_strict() {
         use crate::log::format::{EpochPage, ImageHeader, RegionInfo, BLOCK_BYTES};
-        use crate::log::test_support::{page, TestDir};
+        use crate::log::test_support::page;
         use crate::log::{EpochOrigin, LogWriter, WriterOptions};
+        use crate::test_support::TestDir;
         let dir = TestDir::new("cli-checkpoint");
         let logs = dir.0.join("heap");
         let region = RegionInfo {

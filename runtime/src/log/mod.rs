@@ -8,8 +8,8 @@
 //!   lock; `writer.rs` the [`LogWriter`] (segments, syncs, checkpoints, generations);
 //!   `append.rs` one streamed epoch ([`EpochAppend`]); `resume.rs` continuing a log from an
 //!   image; `compaction.rs` bounding it; `memory.rs` the storage in memory the tests use.
-//! - [`uring`]: the log directory's io_uring engine (staging buffers, writes in flight,
-//!   linked fdatasync), with `pwritev` as the fallback.
+//!   Its io_uring engine (staging buffers, writes in flight, linked fdatasync) is
+//!   [`crate::io::staged`], with `pwritev` as the fallback.
 //! - [`replay`]: reading the log back. `replay/mod.rs` holds the limits, the options,
 //!   [`ReplayError`] and the entry points for a directory ([`replay_dir`]); `source.rs` read
 //!   access to a segment ([`replay::SegmentSource`], `O_DIRECT` files); `reader.rs` the
@@ -33,7 +33,6 @@ pub mod format;
 pub mod image;
 pub mod replay;
 pub mod segment;
-pub mod uring;
 
 #[cfg(test)]
 mod fuzz;
@@ -228,8 +227,4 @@ pub(crate) mod test_support {
         }
         two_pass
     }
-
-    /// The log's tests use [`crate::test_support::TestDir`]; this name stays for the io_uring
-    /// engine's tests (`uring/tests.rs`), whose import moves to that path with their owner.
-    pub use crate::test_support::TestDir;
 }

@@ -55,8 +55,8 @@ impl FaultBudget {
     fn injected(&self, page: u64) -> StoreError {
         let errno = match self.plan.effect {
             FaultEffect::Errno(errno) => errno,
-            // A corrupting plan never fails a call; EIO if one ever asks.
-            FaultEffect::Corrupt => libc::EIO,
+            // A corrupting or delaying plan never fails a call; EIO if one ever asks.
+            FaultEffect::Corrupt | FaultEffect::Delay { .. } => libc::EIO,
         };
         StoreError::Injected {
             op: self.plan.op,
@@ -78,6 +78,8 @@ impl FaultBudget {
                 }
                 Ok(())
             }
+            // Not implemented yet: a delaying plan passes every page through.
+            FaultEffect::Delay { .. } => Ok(()),
             FaultEffect::Errno(_) => match batch.get(granted) {
                 Some(r) => Err(self.injected(r.page)),
                 None => Ok(()),
@@ -109,7 +111,10 @@ impl<S: PageStore> FaultyStore<S> {
 
 impl<S: PageStore> PageStore for FaultyStore<S> {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
-        if self.budget.plan.op != FaultOp::Fetch {
+        // Not implemented yet: a delaying plan passes every call through.
+        if self.budget.plan.op != FaultOp::Fetch
+            || matches!(self.budget.plan.effect, FaultEffect::Delay { .. })
+        {
             return self.inner.fetch(batch);
         }
         if self.budget.plan.effect == FaultEffect::Corrupt {
@@ -128,7 +133,9 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
     }
 
     fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
-        if self.budget.plan.op != FaultOp::Store {
+        if self.budget.plan.op != FaultOp::Store
+            || matches!(self.budget.plan.effect, FaultEffect::Delay { .. })
+        {
             return self.inner.store(batch);
         }
         let granted = self.budget.grant(batch.len());
@@ -161,6 +168,12 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
             ),
             FaultEffect::Corrupt => format!(
                 "{} (faulty: {} pages come back changed after {} pages)",
+                self.inner.describe(),
+                op_name(plan.op),
+                plan.after_pages
+            ),
+            FaultEffect::Delay { ms } => format!(
+                "{} (faulty: {} waits {ms} ms after {} pages)",
                 self.inner.describe(),
                 op_name(plan.op),
                 plan.after_pages
@@ -233,6 +246,7 @@ mod tests {
             op: FaultOp::Store,
             after_pages: 10,
             effect: FaultEffect::Errno(libc::ENOSPC),
+            once: false,
         };
         let store = FaultyStore::new(Recorder::default(), plan);
         let buf = [0u8; 8];
@@ -274,6 +288,7 @@ mod tests {
             op: FaultOp::Fetch,
             after_pages: 0,
             effect: FaultEffect::Errno(libc::EIO),
+            once: false,
         };
         let store = FaultyStore::new(Recorder::default(), plan);
         let mut bufs = [[0u8; 8]; 2];
@@ -307,6 +322,7 @@ mod tests {
             op: FaultOp::Fetch,
             after_pages: 1,
             effect: FaultEffect::Corrupt,
+            once: false,
         };
         let store = FaultyStore::new(Recorder::default(), plan);
         let mut bufs = [[7u8; 4096]; 3];
@@ -336,6 +352,7 @@ mod tests {
             op: FaultOp::Store,
             after_pages: 1000,
             effect: FaultEffect::Errno(libc::EIO),
+            once: false,
         };
         let store = FaultyStore::new(Recorder::default(), plan);
         let buf = [0u8; 8];
@@ -361,6 +378,7 @@ mod tests {
             op: FaultOp::Fetch,
             after_pages: 1,
             effect: FaultEffect::Errno(libc::EIO),
+            once: false,
         };
         let spec = crate::config::BackendSpec::File { dir: dir.clone() };
         let store = crate::store::open(&spec, 16 * crate::PAGE_SIZE as u64, Some(&plan))

@@ -1,6 +1,6 @@
 //! The log directory on disk: [`LogDir`] creates it `0700`, holds its `flock` (with the
 //! holder's PID in `LOG_DIR/lock`) for as long as it lives, and writes segments `0600` with
-//! `O_CREAT|O_EXCL`, through io_uring ([`crate::log::uring`]) or, where that is refused,
+//! `O_CREAT|O_EXCL`, through io_uring ([`crate::io::staged`]) or, where that is refused,
 //! `pwritev` and `fdatasync`.
 //!
 //! Rules: one writer per directory (a second one is refused with a message naming the
@@ -17,12 +17,12 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 use super::{LogError, LogStorage, LOCK_FILE_BYTES_MAX, LOCK_FILE_NAME};
+use crate::io::SegmentRing;
 use crate::io::{self, IoError, WriteOp};
 use crate::log::format::segment_file_name;
-use crate::log::uring::SegmentRing;
 
 /// A log directory, locked for one writer for as long as the value lives. Segments are written
-/// through io_uring ([`crate::log::uring`]): `append` may return before its bytes are written, and
+/// through io_uring ([`crate::io::staged`]): `append` may return before its bytes are written, and
 /// `sync_segment`, `flush`, `create_segment`, `remove_segment` and drop wait for them. Where
 /// io_uring is refused, `pwritev` and `fdatasync` (one warning says so).
 pub struct LogDir {
@@ -152,8 +152,8 @@ impl LogDir {
     #[cfg(test)]
     pub(crate) fn inject(
         &mut self,
-        at: crate::log::uring::FaultAt,
-        fault: crate::log::uring::Fault,
+        at: crate::io::staged::FaultAt,
+        fault: crate::io::staged::Fault,
     ) {
         self.ring
             .as_mut()
