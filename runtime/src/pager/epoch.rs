@@ -327,7 +327,7 @@ fn run_epoch(
             w.compact_within(log_limit(sh, settings)).map_err(|e| {
                 report(
                     "compacting the log after a failure",
-                    &crate::log::replay::error_chain(&e),
+                    &crate::logging::error_chain(&e),
                 )
             })?;
         }
@@ -396,7 +396,7 @@ fn run_epoch(
                 t.set_flag(p, LOGDIRTY, true);
             }
             let (what, text) = match e {
-                AppendError::Log(e) => ("writing an epoch", crate::log::replay::error_chain(&e)),
+                AppendError::Log(e) => ("writing an epoch", crate::logging::error_chain(&e)),
                 AppendError::StoreRead(e) => (
                     "an epoch",
                     format!(
@@ -821,7 +821,7 @@ fn maybe_compact(sh: &Shared, writer: &mut LogWriter, settings: &LogSettings) {
             );
         }
         Err(e) => {
-            report("compacting the log", &crate::log::replay::error_chain(&e));
+            report("compacting the log", &crate::logging::error_chain(&e));
         }
     }
 }

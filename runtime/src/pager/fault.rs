@@ -834,7 +834,7 @@ fn read_pages(
                 Some(img) => {
                     let mut bufs: Vec<&mut [u8]> = run.iter_mut().map(|b| &mut **b).collect();
                     img.read_pages((first + i) as u64, &mut bufs)
-                        .map_err(|e| crate::log::replay::error_chain(&e))
+                        .map_err(|e| crate::logging::error_chain(&e))
                 }
                 None => Err("the page is marked as in the restore image, but none is open".into()),
             };
