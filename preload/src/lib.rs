@@ -208,10 +208,7 @@ fn reserve_for_restore(config: &Config, path: &std::path::Path) {
         Ok(img) => img,
         Err(e) => die(
             EXIT_CANNOT_START,
-            &format!(
-                "lego: {var}: {}",
-                lego_runtime::log::replay::error_chain(&e)
-            ),
+            &format!("lego: {var}: {}", lego_runtime::logging::error_chain(&e)),
         ),
     };
     let info = image.header().region;
@@ -401,7 +398,7 @@ extern "C" fn lego_init() {
         }
         Err(e) => die(
             EXIT_CANNOT_START,
-            &format!("lego: {}", lego_runtime::log::replay::error_chain(&e)),
+            &format!("lego: {}", lego_runtime::logging::error_chain(&e)),
         ),
     }
     if restoring {

@@ -27,6 +27,8 @@ pub mod uffd;
 
 #[cfg(test)]
 mod fuzz_support;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 /// Size of one page of the managed region, in bytes. Every page-granular quantity in lego
 /// (cache size, fetch and eviction batches, store offsets) is a multiple of it.

@@ -10,6 +10,9 @@
 //! Fault-path messages go through a [`RateLimit`] (or the [`error_limited!`](crate::error_limited)
 //! and [`warn_limited!`](crate::warn_limited) macros), so a storm of failing pages cannot
 //! flood stderr or slow the handlers down.
+//!
+//! [`error_chain`] is the one-line form of an error and its sources that every message of the
+//! crate uses; it allocates, so it is called where a message is built, not by the logger.
 
 use core::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -330,6 +333,24 @@ macro_rules! warn_limited {
     };
 }
 
+/// An error and its sources, joined with ": ", for one-line messages (the crate's one
+/// formatter of error chains: the CLI, the preload library, the pager's reports and replay's
+/// descriptions all use it). Unlike the rest of this module it allocates: it builds messages
+/// before they are logged or printed, never inside the logger.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,5 +511,25 @@ mod tests {
             .sum();
         assert_eq!(allowed, 100);
         assert_eq!(limit.suppressed(), (THREADS * CALLS - 100) as u64);
+    }
+
+    /// Sources are joined with ": ", and a source whose text the message already ends with
+    /// (a `#[error(transparent)]` or "{source}" message) is not repeated.
+    #[test]
+    fn error_chain_joins_sources_once() {
+        #[derive(Debug, thiserror::Error)]
+        enum Outer {
+            #[error("reading heap.img failed")]
+            Read(#[source] std::io::Error),
+            #[error("{0}")]
+            Same(#[source] std::io::Error),
+        }
+        let io = || std::io::Error::other("disk on fire");
+        assert_eq!(
+            error_chain(&Outer::Read(io())),
+            "reading heap.img failed: disk on fire"
+        );
+        assert_eq!(error_chain(&Outer::Same(io())), "disk on fire");
+        assert_eq!(error_chain(&io()), "disk on fire");
     }
 }

@@ -772,8 +772,8 @@ mod tests {
     #[test]
     fn report_writes_private_json_file() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("lego-stats-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create test dir");
+        let test_dir = crate::test_support::TestDir::new("stats");
+        let dir = test_dir.path();
         let path = dir.join("stats.json");
         let snap = sample();
         report(&snap, &StatsSink::Json(path.clone())).expect("report");
@@ -782,11 +782,10 @@ mod tests {
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // Only the final file remains: no temporary left behind.
-        let entries = std::fs::read_dir(&dir).expect("list").count();
+        let entries = std::fs::read_dir(dir).expect("list").count();
         assert_eq!(entries, 1);
         report(&snap, &StatsSink::Off).expect("off is a no-op");
         let err = report(&snap, &StatsSink::Json(dir.join("missing/stats.json")));
         assert!(err.is_err());
-        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

@@ -156,6 +156,38 @@ fn failed_fetch_is_sigbus_not_wrong_data() {
     }
 }
 
+/// A fetch that fails once (a dropped packet, a store that hiccups: `...:once`) is tried
+/// again and served: the program completes with every byte right, no page is poisoned, and
+/// the stats count the failed read. Corrupt copies handed back once are read again too.
+#[test]
+fn a_transient_fetch_failure_is_retried_and_served() {
+    let _serial = heavy();
+    let native = Run::new(program("sigbus_fetch")).args(["128"]).run();
+    native.assert_success();
+    for plan in [
+        "fetch:eio:after=0:once",
+        "fetch:eio:after=3000:once",
+        "fetch:corrupt:after=100:once",
+    ] {
+        let (out, stats) = run_with_fault(plan);
+        assert!(!out.stdout.contains("WRONG DATA"), "{plan}: {out}");
+        out.assert_success();
+        assert_eq!(out.stdout, native.stdout, "{plan}: {out}");
+        let stats = stats.unwrap_or_else(|| panic!("{plan}: no stats were written:\n{out}"));
+        assert_eq!(
+            stats.number("pages_poisoned"),
+            Some(0),
+            "{plan}: {}",
+            stats.raw
+        );
+        assert!(
+            stats.number("fetch_errors").is_some_and(|n| n >= 1),
+            "{plan}: the injected failure never happened:\n{}",
+            stats.raw
+        );
+    }
+}
+
 /// The same after an epoch has run over the evicted pages (`epoch_readback ... touch`, with a
 /// durable heap): the epoch's `PAGEMAP_SCAN` leaves write-protect markers on missing pages,
 /// which `UFFDIO_POISON` refused with `EEXIST`, so the faulting thread faulted again forever

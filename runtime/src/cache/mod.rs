@@ -138,6 +138,8 @@ impl PageState {
 pub struct Table {
     entries: ZeroArray<u16>,
     crcs: ZeroArray<u32>,
+    /// The version of each page's store copy: a per-page counter, 0 until first stored.
+    versions: ZeroArray<u32>,
     resident: usize,
     /// Pages not `Absent` (the heap's live size, for the log's default limit).
     live: usize,
@@ -199,8 +201,22 @@ impl Table {
         self.crcs[page]
     }
 
-    pub fn set_stored(&mut self, page: usize, crc: u32) {
+    /// The version of the page's store copy (0: never stored).
+    pub fn version(&self, page: usize) -> u32 {
+        self.versions[page]
+    }
+
+    /// The version the page's next store copy gets: one more than the last, never 0 (after
+    /// 2^32 - 1 writes of one page it wraps; a store copy that old is long overwritten).
+    pub fn next_version(&self, page: usize) -> u32 {
+        self.versions[page].wrapping_add(1).max(1)
+    }
+
+    /// Records that the store holds `version` of the page, with checksum `crc`.
+    pub fn set_stored(&mut self, page: usize, crc: u32, version: u32) {
+        debug_assert_ne!(version, 0, "a stored page has a version");
         self.crcs[page] = crc;
+        self.versions[page] = version;
         self.set_flag(page, STORED, true);
     }
 
@@ -312,6 +328,7 @@ impl Cache {
             table: Mutex::new(Table {
                 entries: ZeroArray::new(pages).map_err(reserve_err)?,
                 crcs: ZeroArray::new(pages).map_err(reserve_err)?,
+                versions: ZeroArray::new(pages).map_err(reserve_err)?,
                 resident: 0,
                 live: 0,
                 hand: 0,
@@ -400,7 +417,7 @@ mod tests {
     fn flags_survive_state_changes() {
         let cache = Cache::new(4, 4, false).expect("reserve");
         let mut t = cache.lock();
-        t.set_stored(1, 0xdead_beef);
+        t.set_stored(1, 0xdead_beef, 1);
         t.set_state(1, PageState::Resident);
         assert!(t.has_flag(1, STORED));
         assert_eq!(t.crc(1), 0xdead_beef);
@@ -468,7 +485,7 @@ mod tests {
         let used = [0, 1 << 20, 1 << 26, pages - 1];
         for (i, &p) in used.iter().enumerate() {
             t.set_state(p, PageState::Resident);
-            t.set_stored(p, i as u32 + 1);
+            t.set_stored(p, i as u32 + 1, 1);
             t.set_log_dirty(p);
         }
         assert_eq!(t.log_dirty_pages().collect::<Vec<_>>(), used);

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::log::replay::{
-    error_chain, inspect_dir, replay_dir_with, Progress, ReplayError, ReplayOptions, Target,
+    inspect_dir, replay_dir_with, Progress, ReplayError, ReplayOptions, Target,
 };
+use crate::logging::error_chain;
 
 pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
        lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
@@ -357,8 +358,9 @@ mod tests {
     #[test]
     fn replay_and_inspect_commands() {
         use crate::log::format::{EpochPage, RegionInfo};
-        use crate::log::test_support::{page, TestDir};
+        use crate::log::test_support::page;
         use crate::log::{LogWriter, WriterOptions};
+        use crate::test_support::TestDir;
 
         let dir = TestDir::new("cli");
         let logs = dir.0.join("heap");
@@ -409,8 +411,9 @@ mod tests {
     #[test]
     fn replay_checkpoint_and_strict() {
         use crate::log::format::{EpochPage, ImageHeader, RegionInfo, BLOCK_BYTES};
-        use crate::log::test_support::{page, TestDir};
+        use crate::log::test_support::page;
         use crate::log::{EpochOrigin, LogWriter, WriterOptions};
+        use crate::test_support::TestDir;
         let dir = TestDir::new("cli-checkpoint");
         let logs = dir.0.join("heap");
         let region = RegionInfo {

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use super::backend::parse_backend;
+use super::parse::parse_meminfo_total;
 use super::*;
 use crate::fuzz_support::{config as cases, Extreme};
 
@@ -251,7 +253,7 @@ proptest! {
         prop_assert_eq!(config_of(&plain, host), result);
     }
 
-    /// Fault plans, backends and /proc/meminfo written out parse back to themselves; any
+    /// Fault plans (errno or delay, once or not), backends and /proc/meminfo written out parse back to themselves; any
     /// other text is refused with the value quoted.
     #[test]
     fn fuzz_plans_backends_and_meminfo(
@@ -262,11 +264,15 @@ proptest! {
         dir in "(/[a-zA-Z0-9._ -]{0,8}){1,3}",
         text in value(),
         kib in any::<u64>(),
+        once in any::<bool>(),
+        delay in proptest::option::of(1u64..=FAULT_DELAY_MS_MAX),
     ) {
         let op = if store { "store" } else { "fetch" };
         let errno = if enospc { "enospc" } else { "eio" };
         let n = after.apply(100);
-        let mut plan = format!("{op}:{errno}:after={n}");
+        let effect = delay.map_or(errno.to_owned(), |ms| format!("delay={ms}"));
+        let tail = if once { ":once" } else { "" };
+        let mut plan = format!("{op}:{effect}:after={n}{tail}");
         if upper {
             plan = plan.to_uppercase().replace("AFTER", "after");
         }
@@ -275,7 +281,11 @@ proptest! {
             Ok(Injection::Store(FaultPlan {
                 op: if store { FaultOp::Store } else { FaultOp::Fetch },
                 after_pages: n,
-                effect: FaultEffect::Errno(if enospc { libc::ENOSPC } else { libc::EIO }),
+                effect: match delay {
+                    Some(ms) => FaultEffect::Delay { ms },
+                    None => FaultEffect::Errno(if enospc { libc::ENOSPC } else { libc::EIO }),
+                },
+                once,
             }))
         );
         let backend = format!("file:{dir}");

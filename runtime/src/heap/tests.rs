@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::size_class::SMALL_MAX_BYTES;
 use super::*;
+use crate::test_support::Rng;
 
 const REGION_BYTES: usize = 1 << 30;
 
@@ -111,25 +112,13 @@ fn resident_pages(p: *mut u8, len: usize) -> usize {
     vec.iter().filter(|&&b| b & 1 != 0).count()
 }
 
-/// Tiny xorshift, so the stress tests are reproducible from their seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Mostly small sizes, some medium, a few large.
-    fn size(&mut self) -> usize {
-        match self.below(100) {
-            0..=69 => self.below(257) as usize,
-            70..=94 => self.below(SMALL_MAX_BYTES as u64 + 1) as usize,
-            _ => self.below(600_000) as usize,
-        }
+/// A size for the stress tests, drawn from `rng` (seeded, so a test is reproducible): mostly
+/// small, some medium, a few large.
+fn draw_size(rng: &mut Rng) -> usize {
+    match rng.below(100) {
+        0..=69 => rng.below(257) as usize,
+        70..=94 => rng.below(SMALL_MAX_BYTES as u64 + 1) as usize,
+        _ => rng.below(600_000) as usize,
     }
 }
 
@@ -195,7 +184,7 @@ fn all_sizes_do_not_overlap() {
     for &(p, size, b) in &blocks {
         assert!(check(p, size, b), "block of {size} bytes was overwritten");
     }
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     while !blocks.is_empty() {
         let (p, size, b) = blocks.swap_remove(rng.below(blocks.len() as u64) as usize);
         assert!(check(p, size, b), "block of {size} bytes was overwritten");
@@ -519,10 +508,10 @@ fn root_and_stats() {
 fn reopen_continues_the_same_heap() {
     let r = TestRegion::new(REGION_BYTES);
     let heap = r.create();
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let mut live: Vec<(*mut u8, usize, u8)> = Vec::new();
     for i in 0..2000 {
-        let size = rng.size();
+        let size = draw_size(&mut rng);
         let p = heap.malloc(size);
         fill(p, size, i as u8);
         live.push((p, size, i as u8));
@@ -543,7 +532,7 @@ fn reopen_continues_the_same_heap() {
     );
     assert_eq!(again.root(), live[0].0);
     for i in 0..2000 {
-        let size = rng.size();
+        let size = draw_size(&mut rng);
         let p = again.malloc(size);
         fill(p, size, i as u8);
         live.push((p, size, i as u8));
@@ -626,7 +615,7 @@ fn threads_stress() {
             let queues = queues.clone();
             let _region = r.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x1234_5678 + t as u64 * 7919);
+                let mut rng = Rng::new(0x1234_5678 + t as u64 * 7919);
                 let mut live: Vec<Block> = Vec::new();
                 let verify = |(p, size, b): Block| {
                     assert!(
@@ -638,14 +627,14 @@ fn threads_stress() {
                     let tag = (i % 251) as u8 + 1;
                     match rng.below(10) {
                         0..=3 => {
-                            let size = rng.size();
+                            let size = draw_size(&mut rng);
                             let p = heap.malloc(size);
                             assert!(!p.is_null());
                             fill(p, size, tag);
                             live.push((p.addr(), size, tag));
                         }
                         4 => {
-                            let size = rng.size();
+                            let size = draw_size(&mut rng);
                             let p = heap.calloc(1, size);
                             assert!(check(p, size, 0), "thread {t}: calloc({size}) dirty");
                             fill(p, size, tag);
@@ -660,7 +649,7 @@ fn threads_stress() {
                             let k = rng.below(live.len() as u64) as usize;
                             let (p, size, b) = live[k];
                             verify(live[k]);
-                            let new_size = rng.size().max(1);
+                            let new_size = draw_size(&mut rng).max(1);
                             let q = heap.realloc(p as *mut u8, new_size, discard);
                             assert!(!q.is_null());
                             assert!(
@@ -744,7 +733,7 @@ fn more_threads_than_arenas() {
                 let barrier = barrier.clone();
                 let _region = r.clone();
                 std::thread::spawn(move || {
-                    let mut rng = Rng(77 + t as u64 + round * 1000);
+                    let mut rng = Rng::new(77 + t as u64 + round * 1000);
                     let mut live = Vec::new();
                     // Everyone holds an arena (claimed or shared) before anyone frees.
                     let first = heap.malloc(24);

@@ -1,26 +1,40 @@
-//! Positioned, batched file I/O for the page stores: an io_uring ring wrapper ([`Ring`]) and a
-//! plain `preadv`/`pwritev` path ([`sync`]) with the same interface for kernels or sandboxes
-//! that refuse io_uring.
+//! File I/O for the page stores and the log writer: one io_uring core and the engines on it,
+//! plus a plain `preadv`/`pwritev` path ([`sync`]) for kernels or sandboxes that refuse
+//! io_uring or lack an operation an engine needs.
 //!
-//! A caller describes a batch as [`ReadOp`]s or [`WriteOp`]s: each is one file range, filled
-//! from or into one or more memory segments (adjacent segments are merged, so a run of
-//! contiguous page buffers becomes a single plain read or write, anything else a vectored one).
-//! Both paths complete the whole batch before returning: short transfers are resubmitted from
-//! where they stopped, `EINTR`/`EAGAIN` are retried a bounded number of times, and the first
-//! hard failure is returned after every I/O already handed to the kernel has completed.
+//! - [`Ring`] (the page stores): a caller describes a batch as [`ReadOp`]s or [`WriteOp`]s:
+//!   each is one file range, filled from or into one or more memory segments (adjacent
+//!   segments are merged, so a run of contiguous page buffers becomes a single plain read or
+//!   write, anything else a vectored one). Both it and [`sync`] complete the whole batch
+//!   before returning: short transfers are resubmitted from where they stopped,
+//!   `EINTR`/`EAGAIN` are retried a bounded number of times ([`RETRIES_MAX`]), and the first
+//!   hard failure is returned after every I/O already handed to the kernel has completed.
+//! - [`SegmentRing`] (the log writer, [`staged`]): writes one file at a time from registered
+//!   staging buffers, with writes in flight between calls and linked fdatasyncs.
 //!
-//! Rules: this module knows nothing of pages or stores; it never keeps a buffer past the call
-//! that was given it (the borrows in the ops are the whole safety story of the ring, see
-//! [`Ring`]); it never allocates through C (runtime code runs inside the process whose malloc
-//! is replaced). The `unsafe` of the stores' data path lives here.
+//! Both engines are built on the same core in `ring.rs`: ring setup, the start-up probe of the
+//! operations each engine submits, and `io_uring_enter` with one bound on transient failures
+//! ([`ENTER_RETRIES_MAX`]). A ring that cannot be had ([`IoError::Refused`],
+//! [`IoError::Unsupported`], [`IoError::Probe`], [`IoError::Setup`]) is reported to the caller,
+//! which falls back to [`sync`] with one message saying why. One error type, [`IoError`],
+//! covers every engine.
+//!
+//! Rules: this module knows nothing of pages, stores or the log format; [`Ring`] never keeps
+//! a buffer past the call that was given it (the borrows in the ops are the whole safety
+//! story of the ring, see [`Ring`]), and [`SegmentRing`] copies what it is given into buffers
+//! it owns; nothing here allocates through C (runtime code runs inside the process whose
+//! malloc is replaced). The `unsafe` of the stores' and the log's data path lives here.
 
 mod ring;
+pub mod staged;
 pub mod sync;
 
 pub use ring::Ring;
+pub use staged::SegmentRing;
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::path::PathBuf;
 
 use thiserror::Error;
 
@@ -44,7 +58,11 @@ pub const TRANSFER_BYTES_MAX: usize = 0x7fff_f000;
 /// Consecutive `EINTR`/`EAGAIN` results tolerated for one I/O before it is reported as failed.
 pub const RETRIES_MAX: u32 = 64;
 
-/// Errors of the I/O layer. Offsets are byte offsets in the file.
+/// Consecutive failures of `io_uring_enter` with a transient errno (`EINTR`, `EAGAIN`,
+/// `EBUSY`, `ENOMEM`) tolerated before a ring is given up, for every engine.
+pub const ENTER_RETRIES_MAX: u32 = 10_000;
+
+/// Errors of the I/O layer, for every engine. Offsets are byte offsets in the file.
 #[derive(Debug, Error)]
 pub enum IoError {
     /// io_uring is not available to this process (`ENOSYS`, `EPERM`, `EACCES` from
@@ -64,8 +82,25 @@ pub enum IoError {
         #[source]
         source: std::io::Error,
     },
-    /// `io_uring_enter` failed in a way that is not a transient condition.
-    #[error("submitting I/O to the io_uring failed")]
+    /// The kernel's io_uring cannot say which operations it offers (`IORING_REGISTER_PROBE`
+    /// arrived in Linux 5.6, with the plain reads and writes the engines use); use [`sync`].
+    #[error(
+        "io_uring cannot list its operations (IORING_REGISTER_PROBE failed), so this kernel \
+         is older than Linux 5.6 or restricts io_uring"
+    )]
+    Probe {
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel's io_uring lacks an operation the engine submits; use [`sync`].
+    #[error("this kernel's io_uring lacks the operation {opcode} (added in Linux {since})")]
+    Unsupported {
+        opcode: &'static str,
+        since: &'static str,
+    },
+    /// `io_uring_enter` failed in a way that is not a transient condition, or kept failing
+    /// transiently more than [`ENTER_RETRIES_MAX`] times in a row.
+    #[error("submitting I/O to or waiting on the io_uring failed")]
     Submit {
         #[source]
         source: std::io::Error,
@@ -99,6 +134,57 @@ pub enum IoError {
         offset: u64,
         len: usize,
     },
+    /// A staged write of the file failed with an errno ([`SegmentRing`]).
+    #[error("write of {len} bytes at offset {offset} of {} failed after {done} bytes", path.display())]
+    FileWrite {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        done: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A staged write of the file transferred nothing ([`SegmentRing`]).
+    #[error(
+        "write of {len} bytes at offset {offset} of {} stopped after {done} bytes (no progress)",
+        path.display()
+    )]
+    FileNoProgress {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        done: usize,
+    },
+    /// The fdatasync of the file failed ([`SegmentRing`]).
+    #[error("fdatasync of {} failed", path.display())]
+    FileSync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An earlier write or fdatasync of the file failed; only a new file can be written
+    /// ([`SegmentRing`]).
+    #[error(
+        "an earlier write or fdatasync of {} failed, so what it holds is unknown; \
+         only a new segment can be written",
+        path.display()
+    )]
+    FileFailed { path: PathBuf },
+    /// A write to an `O_DIRECT` file that does not start and end on a block boundary
+    /// ([`SegmentRing`]).
+    #[error(
+        "O_DIRECT needs offsets and lengths that are multiples of {DIRECT_ALIGN_BYTES} bytes; \
+         got {len} bytes at offset {offset} of {}",
+        path.display()
+    )]
+    Unaligned {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+    },
+    /// A write or sync without a file started on the ring ([`SegmentRing::start`]).
+    #[error("no segment file is open on the log's io_uring")]
+    NoFile,
 }
 
 impl IoError {
@@ -106,11 +192,22 @@ impl IoError {
     pub fn offset(&self) -> Option<u64> {
         match self {
             IoError::Transfer { at, .. } => Some(*at),
-            IoError::Short { offset, done, .. } => {
+            IoError::Short { offset, done, .. }
+            | IoError::FileWrite { offset, done, .. }
+            | IoError::FileNoProgress { offset, done, .. } => {
                 Some(offset.saturating_add(u64::try_from(*done).unwrap_or(u64::MAX)))
             }
-            IoError::OffsetRange { offset, .. } => Some(*offset),
-            IoError::Refused { .. } | IoError::Setup { .. } | IoError::Submit { .. } => None,
+            IoError::OffsetRange { offset, .. } | IoError::Unaligned { offset, .. } => {
+                Some(*offset)
+            }
+            IoError::Refused { .. }
+            | IoError::Setup { .. }
+            | IoError::Probe { .. }
+            | IoError::Unsupported { .. }
+            | IoError::Submit { .. }
+            | IoError::FileSync { .. }
+            | IoError::FileFailed { .. }
+            | IoError::NoFile => None,
         }
     }
 
@@ -119,10 +216,45 @@ impl IoError {
         match self {
             IoError::Refused { source }
             | IoError::Setup { source, .. }
+            | IoError::Probe { source }
             | IoError::Submit { source }
-            | IoError::Transfer { source, .. } => source.raw_os_error(),
-            IoError::Short { .. } | IoError::OffsetRange { .. } => None,
+            | IoError::Transfer { source, .. }
+            | IoError::FileWrite { source, .. }
+            | IoError::FileSync { source, .. } => source.raw_os_error(),
+            IoError::Unsupported { .. }
+            | IoError::Short { .. }
+            | IoError::OffsetRange { .. }
+            | IoError::FileNoProgress { .. }
+            | IoError::FileFailed { .. }
+            | IoError::Unaligned { .. }
+            | IoError::NoFile => None,
         }
+    }
+}
+
+/// For callers that speak `std::io::Result` (the log's storage seam): the kind follows the
+/// errno where there is one, and the `IoError` stays the message and source.
+impl From<IoError> for std::io::Error {
+    fn from(e: IoError) -> std::io::Error {
+        use std::io::ErrorKind;
+        let kind = match &e {
+            IoError::Refused { source }
+            | IoError::Setup { source, .. }
+            | IoError::Probe { source }
+            | IoError::Submit { source }
+            | IoError::Transfer { source, .. }
+            | IoError::FileWrite { source, .. }
+            | IoError::FileSync { source, .. } => source.kind(),
+            IoError::Short {
+                dir: Direction::Read,
+                ..
+            } => ErrorKind::UnexpectedEof,
+            IoError::Short { .. } | IoError::FileNoProgress { .. } => ErrorKind::WriteZero,
+            IoError::OffsetRange { .. } | IoError::Unaligned { .. } => ErrorKind::InvalidInput,
+            IoError::Unsupported { .. } => ErrorKind::Unsupported,
+            IoError::FileFailed { .. } | IoError::NoFile => ErrorKind::Other,
+        };
+        std::io::Error::new(kind, e)
     }
 }
 
@@ -396,7 +528,8 @@ enum Step {
 }
 
 /// Alignment that `O_DIRECT` asks of buffers, file offsets and lengths, in bytes (the logical
-/// block size of every disk lego runs on is at most this).
+/// block size of every disk lego runs on is at most this), for every engine: the page stores'
+/// buffers and the log's staging buffers alike.
 pub const DIRECT_ALIGN_BYTES: usize = 4096;
 
 const _: () = assert!(DIRECT_ALIGN_BYTES.is_power_of_two());

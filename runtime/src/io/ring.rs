@@ -1,22 +1,135 @@
-//! [`Ring`]: one io_uring instance used synchronously. A call queues SQEs for its ops, submits
-//! them and waits for every CQE before it returns, so the buffers borrowed by the ops outlive
-//! every I/O the kernel performs on them. That is the whole safety argument, and it leads to
-//! the one rule here: never return while an SQE of this call may still be executing.
+//! The io_uring core shared by both engines of this module, and [`Ring`], the batched
+//! engine of the page stores.
+//!
+//! The core ([`create`], [`require`], [`submit_and_wait`], [`is_transient`]) sets a ring up
+//! (refusal told apart from other failures), checks at start that the kernel offers every
+//! operation an engine submits (a missing one is [`IoError::Unsupported`], so the caller takes
+//! the same synchronous fallback as for a refused io_uring), and enters the kernel with one
+//! bound on transient failures ([`ENTER_RETRIES_MAX`]). [`super::staged`] builds on it too.
+//!
+//! [`Ring`] is one io_uring instance used synchronously. A call queues SQEs for its ops,
+//! submits them and waits for every CQE before it returns, so the buffers borrowed by the ops
+//! outlive every I/O the kernel performs on them. That is the whole safety argument, and it
+//! leads to the one rule here: never return while an SQE of this call may still be executing.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
+use io_uring::{opcode, squeue, types, EnterFlags, IoUring, Probe};
 
 use super::{
     clamp_u32, AsTransfer, Direction, IoError, ReadOp, Step, Transfer, WriteOp, BATCH_IOS_MAX,
-    TRANSFER_BYTES_MAX,
+    ENTER_RETRIES_MAX, TRANSFER_BYTES_MAX,
 };
 
-/// Consecutive failures of `io_uring_enter` with a transient errno (`EINTR`, `EAGAIN`,
-/// `EBUSY`, `ENOMEM`) tolerated before the ring is given up.
-pub const ENTER_RETRIES_MAX: u32 = 10_000;
 /// How long a caller watches the completion queue before it sleeps for its I/O.
 const SPIN_WAIT: std::time::Duration = std::time::Duration::from_micros(150);
+
+/// One io_uring operation an engine submits: its opcode, its name in the kernel's uapi and the
+/// first Linux release that has it (for the message when it is missing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Op {
+    pub code: u8,
+    pub name: &'static str,
+    pub since: &'static str,
+}
+
+pub(super) const OP_READ: Op = Op {
+    code: opcode::Read::CODE,
+    name: "IORING_OP_READ",
+    since: "5.6",
+};
+pub(super) const OP_WRITE: Op = Op {
+    code: opcode::Write::CODE,
+    name: "IORING_OP_WRITE",
+    since: "5.6",
+};
+pub(super) const OP_READV: Op = Op {
+    code: opcode::Readv::CODE,
+    name: "IORING_OP_READV",
+    since: "5.1",
+};
+pub(super) const OP_WRITEV: Op = Op {
+    code: opcode::Writev::CODE,
+    name: "IORING_OP_WRITEV",
+    since: "5.1",
+};
+pub(super) const OP_WRITE_FIXED: Op = Op {
+    code: opcode::WriteFixed::CODE,
+    name: "IORING_OP_WRITE_FIXED",
+    since: "5.1",
+};
+pub(super) const OP_FSYNC: Op = Op {
+    code: opcode::Fsync::CODE,
+    name: "IORING_OP_FSYNC",
+    since: "5.1",
+};
+
+/// What [`Ring`] submits: plain reads and writes for one segment, vectored ones otherwise.
+const RING_OPS: [Op; 4] = [OP_READ, OP_WRITE, OP_READV, OP_WRITEV];
+
+/// Creates an io_uring with `entries` submission-queue entries. `ENOSYS`, `EPERM` and
+/// `EACCES` mean io_uring is not allowed here ([`IoError::Refused`]); anything else is
+/// [`IoError::Setup`].
+pub(super) fn create(entries: u32) -> Result<IoUring, IoError> {
+    // MADV_DONTFORK on the ring's memory: a child forked by the program must not share (and
+    // corrupt) the parent's queues; touching them in the child faults instead.
+    IoUring::builder()
+        .dontfork()
+        .build(entries)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOSYS | libc::EPERM | libc::EACCES) => IoError::Refused { source },
+            _ => IoError::Setup { entries, source },
+        })
+}
+
+/// Checks that `uring` offers every operation in `needed` (`IORING_REGISTER_PROBE`); the first
+/// one missing is [`IoError::Unsupported`]. A kernel too old to be probed (before 5.6) also
+/// lacks `IORING_OP_READ`/`WRITE`, so that is [`IoError::Probe`], which callers treat alike.
+pub(super) fn require(uring: &IoUring, needed: &[Op]) -> Result<(), IoError> {
+    let mut probe = Probe::new();
+    uring
+        .submitter()
+        .register_probe(&mut probe)
+        .map_err(|source| IoError::Probe { source })?;
+    match needed.iter().find(|op| !probe.is_supported(op.code)) {
+        Some(op) => Err(IoError::Unsupported {
+            opcode: op.name,
+            since: op.since,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Whether an `io_uring_enter` failure is worth retrying: a signal, or a momentary lack of
+/// kernel resources or completion-queue room (the caller reaps completions before retrying).
+pub(super) fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ENOMEM)
+    )
+}
+
+/// Submits what is queued and waits for `want` completions (0: do not wait), retrying a
+/// transient failure up to [`ENTER_RETRIES_MAX`] times in a row. A retry that finds
+/// completions already posted returns, so the caller can reap them and make room.
+pub(super) fn submit_and_wait(uring: &mut IoUring, want: usize) -> std::io::Result<()> {
+    let mut failures = 0;
+    loop {
+        match uring.submit_and_wait(want) {
+            Ok(_) => return Ok(()),
+            Err(e) if is_transient(&e) && failures < ENTER_RETRIES_MAX => {
+                failures += 1;
+                if want > 0 && !uring.completion().is_empty() {
+                    return Ok(());
+                }
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    std::thread::yield_now();
+                }
+            }
+            Err(source) => return Err(source),
+        }
+    }
+}
 
 /// One io_uring, driven by one thread at a time (`&mut self`).
 pub struct Ring {
@@ -29,27 +142,19 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Creates a ring with `entries` submission-queue entries. A kernel or sandbox that does
-    /// not allow io_uring gives [`IoError::Refused`], so the caller can fall back to
+    /// Creates a ring with `entries` submission-queue entries and checks that the kernel
+    /// offers the reads and writes it submits. A kernel or sandbox that does not allow
+    /// io_uring gives [`IoError::Refused`], a kernel without one of the operations
+    /// [`IoError::Unsupported`] or [`IoError::Probe`]: in every case the caller falls back to
     /// [`super::sync`].
     pub fn new(entries: u32) -> Result<Ring, IoError> {
+        let uring = create(entries)?;
+        require(&uring, &RING_OPS)?;
         Ok(Ring {
-            uring: Self::create(entries)?,
+            uring,
             entries,
             retired: false,
         })
-    }
-
-    fn create(entries: u32) -> Result<IoUring, IoError> {
-        // MADV_DONTFORK on the ring's memory: a child forked by the program must not share
-        // (and corrupt) the parent's queues; touching them in the child faults instead.
-        IoUring::builder()
-            .dontfork()
-            .build(entries)
-            .map_err(|source| match source.raw_os_error() {
-                Some(libc::ENOSYS | libc::EPERM | libc::EACCES) => IoError::Refused { source },
-                _ => IoError::Setup { entries, source },
-            })
     }
 
     /// Submission-queue entries of this ring.
@@ -67,6 +172,9 @@ impl Ring {
         self.run(fd, Direction::Write, ops)
     }
 
+    /// Runs the batch to completion. It is one function of about a hundred lines on purpose:
+    /// its safety argument (never return while an SQE of this call may still execute) is
+    /// checked by reading every exit of the one loop, which splitting would scatter.
     fn run<T: AsTransfer>(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -74,7 +182,7 @@ impl Ring {
         ops: &mut [T],
     ) -> Result<(), IoError> {
         if self.retired {
-            self.uring = Self::create(self.entries)?;
+            self.uring = create(self.entries)?;
             self.retired = false;
         }
         for op in ops.iter_mut() {
@@ -215,15 +323,6 @@ impl Ring {
     }
 }
 
-/// Whether an `io_uring_enter` failure is worth retrying: a signal, or a momentary lack of
-/// kernel resources or completion-queue room (the loop reaps completions before retrying).
-fn is_transient(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ENOMEM)
-    )
-}
-
 /// The SQE for the op's remaining bytes: a plain read/write when they are one segment, a
 /// vectored one otherwise.
 fn sqe(fd: BorrowedFd<'_>, dir: Direction, t: &Transfer, index: usize) -> squeue::Entry {
@@ -345,6 +444,34 @@ mod tests {
         // The ring stays usable after a failed batch.
         ring.write_at(file.as_fd(), &mut writes)
             .expect("writes after a failure");
+    }
+
+    #[test]
+    fn a_missing_operation_is_unsupported_and_named() {
+        let uring = create(RING_ENTRIES).expect("io_uring must be available on the test machine");
+        require(&uring, &RING_OPS).expect("the test kernel offers the page store's operations");
+        // No kernel has an opcode this high (the table ends in the sixties in Linux 6.x).
+        let missing = Op {
+            code: u8::MAX,
+            name: "IORING_OP_FROM_THE_FUTURE",
+            since: "99.0",
+        };
+        let err = require(&uring, &[OP_READ, missing, OP_WRITE]).expect_err("a missing opcode");
+        assert!(
+            matches!(
+                err,
+                IoError::Unsupported {
+                    opcode: "IORING_OP_FROM_THE_FUTURE",
+                    since: "99.0"
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("IORING_OP_FROM_THE_FUTURE") && text.contains("99.0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -33,14 +33,13 @@ use super::format::{
 };
 use super::image::{ImageReader, IMAGE_CHUNK_PAGES};
 use super::replay::{
-    error_chain, inspect, plan, plan_into, write_image, ImageSink, ReplayError, ReplayReport,
-    Segment,
+    inspect, plan, plan_into, write_image, ImageSink, ReplayError, ReplayReport, Segment,
 };
 use super::segment::{LogWriter, MemoryStorage, SyncMode, WriterOptions, SEGMENT_BYTES_TARGET_MIN};
-use super::test_support::{
-    epoch_pages, memory_options, page, seeded_changes, segments_of, Model, TestDir,
-};
+use super::test_support::{epoch_pages, memory_options, page, seeded_changes, segments_of, Model};
 use crate::fuzz_support::{config, Extreme};
+use crate::logging::error_chain;
+use crate::test_support::TestDir;
 use crate::PAGE_SIZE;
 
 const REGION: RegionInfo = RegionInfo {
@@ -605,6 +604,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 
 /// Applies `mutations` to `segs`: record changes first (on decoded segments), then byte
 /// changes, then whole segments.
+// Long (about 105 lines) for a reason: one short arm per kind of mutation, in the three
+// phases the order of which matters; the arms share the decoded segments.
 fn mutate(segs: &mut Vec<Segment<Vec<u8>>>, mutations: &[Mutation]) {
     let fields: Vec<_> = mutations
         .iter()
@@ -1105,6 +1106,9 @@ proptest! {
     /// Images (valid ones, changed ones, random files): opening checks them, reading hands
     /// out exactly the file's non-zero pages and ends, data runs cover them, and a log
     /// resumed from an image replays to the same pages.
+    // Long (about 135 lines) for a reason: one property over one generated file, checked by
+    // every reader of images in turn (open, chunks, data runs, resume and replay), which must
+    // agree with each other on the same bytes.
     #[test]
     fn fuzz_image_reader_takes_any_file(
         pages in proptest::collection::btree_map(0u64..64, 2u64..1000, 0..10),

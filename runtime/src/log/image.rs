@@ -302,7 +302,8 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usi
 mod tests {
     use super::*;
     use crate::log::format::RegionInfo;
-    use crate::log::test_support::{page, TestDir};
+    use crate::log::test_support::page;
+    use crate::test_support::TestDir;
 
     /// What `LEGO_RESTORE` asks of an image: its data runs (holes skipped) and single pages.
     #[test]

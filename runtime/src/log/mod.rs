@@ -1,13 +1,27 @@
 //! The durable heap's log: epochs of changed pages appended to segment files, and the replay
 //! that turns them back into a heap image.
 //!
-//! - [`format`]: the on-disk layout of segments, records and images (pure, no I/O);
-//! - [`segment`]: the synchronous segment writer, the log directory and its lock;
-//! - [`uring`]: the log directory's io_uring engine (staging buffers, writes in flight,
-//!   linked fdatasync), with `pwritev` as the fallback;
-//! - [`replay`]: reading segments back, checking every CRC, the image, `inspect`;
+//! - [`format`]: the on-disk layout of segments, records and images (pure, no I/O); its field
+//!   codec and shared checks in `format/fields.rs`.
+//! - [`segment`]: writing the log. `segment/mod.rs` holds the limits, the options,
+//!   [`LogError`] and the [`segment::LogStorage`] seam; `dir.rs` the log directory and its
+//!   lock; `writer.rs` the [`LogWriter`] (segments, syncs, checkpoints, generations);
+//!   `append.rs` one streamed epoch ([`EpochAppend`]); `resume.rs` continuing a log from an
+//!   image; `compaction.rs` bounding it; `memory.rs` the storage in memory the tests use.
+//!   Its io_uring engine (staging buffers, writes in flight, linked fdatasync) is
+//!   [`crate::io::staged`], with `pwritev` as the fallback.
+//! - [`replay`]: reading the log back. `replay/mod.rs` holds the limits, the options,
+//!   [`ReplayError`] and the entry points for a directory ([`replay_dir`]); `source.rs` read
+//!   access to a segment ([`replay::SegmentSource`], `O_DIRECT` files); `reader.rs` the
+//!   buffered reader and its read-ahead thread; `scan.rs` the checks of one segment's
+//!   records; `plan.rs` the first pass over the whole log; `write.rs` the second pass, which
+//!   writes the image; `report.rs` what was recovered and left out; `inspect.rs` `lego
+//!   inspect`.
 //! - [`image`]: reading a heap image back: in bounded chunks (checkpoints from an image), or
 //!   page by page on demand (`LEGO_RESTORE`).
+//! - Tests only: `fuzz` (the log's fuzz properties) and `test_support` (a model of the heap
+//!   the log describes, page contents, replay in memory); what the whole crate's tests share
+//!   is in `crate::test_support`.
 //!
 //! Rules: the log is the only durable copy of the heap, so nothing here ever applies a record
 //! whose checksum does not match or an epoch whose commit record is missing; everything is
@@ -19,7 +33,6 @@ pub mod format;
 pub mod image;
 pub mod replay;
 pub mod segment;
-pub mod uring;
 
 #[cfg(test)]
 mod fuzz;
@@ -44,17 +57,15 @@ pub(crate) mod test_support {
     use super::format::{EpochPage, ImageHeader, RegionInfo, BLOCK_BYTES_U64};
     use super::replay::{plan, plan_into, write_image, ReplayError, ReplayReport, Segment};
     use super::segment::MemoryStorage;
+    use crate::test_support::Rng;
     use crate::PAGE_SIZE;
 
     /// A page whose bytes follow from `seed` (never all zeros).
     pub fn page(seed: u64) -> Vec<u8> {
         let mut p = vec![0u8; PAGE_SIZE];
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         for chunk in p.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
+            chunk.copy_from_slice(&rng.next().to_le_bytes());
         }
         p
     }
@@ -215,24 +226,5 @@ pub(crate) mod test_support {
             ),
         }
         two_pass
-    }
-
-    /// A directory of its own for each test, removed afterwards.
-    pub struct TestDir(pub PathBuf);
-
-    impl TestDir {
-        pub fn new(name: &str) -> TestDir {
-            let path =
-                std::env::temp_dir().join(format!("lego-log-test-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir(&path).expect("creating the test directory");
-            TestDir(path)
-        }
-    }
-
-    impl Drop for TestDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }

@@ -147,8 +147,9 @@ pub(super) fn forget_range(sh: &Shared, start: usize, end: usize) {
         }
         for &(first, pages) in runs.as_slice() {
             count += pages;
-            // A failed hole punch leaves a stale copy that nothing reads any more.
-            let _ = sh.store.discard(first, pages);
+            // To the store from the `lego-discard` thread (never from here: this may be the
+            // program's thread, under the `events` write lock).
+            sh.discards.push(first, pages);
         }
     }
     STATS.add(crate::stats::Counter::PagesDiscarded, count);

@@ -157,11 +157,11 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
         move_run(sh, victims, i, len);
     }
     let (present, mut fate) = locate(sh, victims);
-    let crcs = classify(sh, victims, &written, &present, &mut fate);
-    let Some(dirty) = write_back(sh, victims, &runs, &fate) else {
+    let copies = classify(sh, victims, &written, &present, &mut fate);
+    let Some(dirty) = write_back(sh, victims, &runs, &fate, &copies) else {
         return false;
     };
-    record(sh, victims, &runs, &written, &fate, &crcs);
+    record(sh, victims, &runs, &written, &fate, &copies);
     STATS.add(Counter::PagesWrittenBack, dirty);
     STATS.add(Counter::BytesWrittenBack, dirty * PAGE_SIZE as u64);
     true
@@ -213,16 +213,23 @@ fn locate(sh: &Shared, victims: &[usize]) -> (Vec<bool>, Vec<Fate>) {
     (present, fate)
 }
 
-/// Step 4: classifies the moved pages by content; returns each one's CRC32C.
+/// A moved page's CRC32C and, if it is dirty, the version its store copy gets.
+#[derive(Clone, Copy, Default)]
+struct Copy {
+    crc: u32,
+    version: u32,
+}
+
+/// Step 4: classifies the moved pages by content; returns each one's checksum and version.
 fn classify(
     sh: &Shared,
     victims: &[usize],
     written: &[bool],
     present: &[bool],
     fate: &mut [Fate],
-) -> Vec<u32> {
+) -> Vec<Copy> {
     let n = victims.len();
-    let mut crcs = vec![0u32; n];
+    let mut copies = vec![Copy::default(); n];
     let t = sh.cache.lock();
     for i in 0..n {
         if !present[i] {
@@ -233,37 +240,49 @@ fn classify(
             fate[i] = Fate::Zero;
             continue;
         }
-        crcs[i] = crc32c::crc32c(page);
+        let crc = crc32c::crc32c(page);
+        copies[i].crc = crc;
         let p = victims[i];
-        fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crcs[i] {
+        fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crc {
             Fate::Clean
         } else {
+            copies[i].version = t.next_version(p);
             Fate::Dirty
         };
     }
-    crcs
+    copies
 }
 
-/// Step 5: writes back the dirty pages in one store batch. Returns how many, or `None` if
-/// the write failed (the pages are then back in the region, see [`put_back`]).
+/// Step 5: writes back the dirty pages in one store batch, after the discards queued before
+/// it (a page freed and written again must keep its new copy). Returns how many, or `None` if
+/// the write failed (the pages are then back in the region, see [`put_back`]). All or nothing:
+/// a batch with any failed page is put back whole (the pages written meanwhile are written
+/// again later; a read names the version and checksum it expects).
 fn write_back(
     sh: &Shared,
     victims: &[usize],
     runs: &[(usize, usize)],
     fate: &[Fate],
+    copies: &[Copy],
 ) -> Option<u64> {
-    let writes: Vec<PageWrite<'_>> = (0..victims.len())
+    let mut writes: Vec<PageWrite<'_>> = (0..victims.len())
         .filter(|&i| fate[i] == Fate::Dirty)
-        .map(|i| PageWrite {
-            page: victims[i] as u64,
-            buf: staging_page(sh, i),
+        .map(|i| {
+            let c = copies[i];
+            PageWrite::with_crc(victims[i] as u64, staging_page(sh, i), c.crc, c.version)
         })
         .collect();
     let dirty = writes.len() as u64;
     if writes.is_empty() {
         return Some(0);
     }
-    if let Err(e) = sh.store.store(&writes) {
+    sh.discards.drain(&*sh.store);
+    let result = sh.store.store(&mut writes);
+    assert!(
+        result.is_err() || writes.iter().all(|w| w.outcome.is_done()),
+        "a store call that succeeds has written every page"
+    );
+    if let Err(e) = result {
         drop(writes);
         STATS.add(Counter::StoreErrors, 1);
         if EVICT_ERRORS.allow() {
@@ -287,7 +306,7 @@ fn record(
     runs: &[(usize, usize)],
     written: &[bool],
     fate: &[Fate],
-    crcs: &[u32],
+    copies: &[Copy],
 ) {
     let n = victims.len();
     let mut discard = Runs::<{ EVICT_BATCH_PAGES_MAX }>::new();
@@ -319,7 +338,7 @@ fn record(
                     evicted += 1;
                 }
                 _ => {
-                    t.set_stored(p, crcs[i]);
+                    t.set_stored(p, copies[i].crc, copies[i].version);
                     t.set_state(p, PageState::Evicted);
                     evicted += 1;
                 }
@@ -333,7 +352,7 @@ fn record(
     // SAFETY: the staging area is the evictor's alone, and this batch is done with it.
     unsafe { crate::region::drop_pages(sh.evict.staging.base, n * PAGE_SIZE) };
     for &(first, count) in discard.as_slice() {
-        let _ = sh.store.discard(first, count);
+        sh.discards.push(first, count);
     }
     STATS.add(Counter::PagesEvicted, evicted);
     STATS.add(Counter::PagesDroppedClean, clean);

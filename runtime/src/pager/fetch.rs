@@ -2,19 +2,28 @@
 //! (or, for `IMAGE` pages, from the restore image), checking every page against its checksum
 //! and installing the good ones write-protected (they are clean: the store has them).
 //!
-//! Rules: a corrupt copy is never installed (the page is poisoned); a page that cannot be
-//! read is poisoned only when a thread faulted on it, read-ahead pages go back to `Evicted`;
+//! Rules: a corrupt copy is never installed; a page whose read fails in a way that may pass
+//! (a transient store error, a copy that fails its checksum) is read again, up to
+//! [`FETCH_ATTEMPTS_MAX`] times, while its neighbours are installed. Then it is poisoned when a
+//! thread faulted on it or its copy is lost or corrupt; other read-ahead pages go back to
+//! `Evicted`;
 //! a run is given back whole when a chunk fails ([`release_claim`]). The cache lock is never
 //! held across a read. This is where a fault reads the store (`PageStore::fetch`, in
 //! [`read_pages`]).
 
 use super::buf::PageBuf;
-use super::install::{finish_run, install_pages, poison, Outcome, Source};
+use super::install::{finish_run, install_pages, Outcome, Source};
 use super::restore::read_image_pages;
 use super::{publish_resident, Shared, FETCH_CHUNK_PAGES, FETCH_FIRST_CHUNK_PAGES, STATS};
 use crate::cache::{PageState, IMAGE, REMOVED};
+
+/// Times a page of a fetch is read before a failure that may pass (a transient store error, a
+/// copy that fails its checksum) counts as final.
+pub(super) const FETCH_ATTEMPTS_MAX: u32 = 3;
+/// The wait before the next read of a failed page grows by this much each attempt, in ms.
+const FETCH_RETRY_MS: u64 = 2;
 use crate::stats::Counter;
-use crate::store::PageRead;
+use crate::store::{FailureKind, Outcome as StoreOutcome, PageRead};
 use crate::PAGE_SIZE;
 
 /// Fetches the claimed run `[first, first+n)` from the store in chunks. When a thread faulted
@@ -76,9 +85,12 @@ fn release_claim(sh: &Shared, first: usize, n: usize) {
 }
 
 /// Fetches the claimed pages `[first, first+n)` (at most [`FETCH_CHUNK_PAGES`]), checks every
-/// page against its checksum, and installs the good ones write-protected (clean). If `faulting`
-/// is among them and cannot be fetched it is poisoned; the read-ahead pages that fail are put
-/// back as evicted (or poisoned when their copy is corrupt). False if the read failed.
+/// page against its checksum, and installs the good ones write-protected (clean). A page that
+/// fails for a reason that may pass (a transient store error, a copy that failed its check) is
+/// read again, up to [`FETCH_ATTEMPTS_MAX`] times in all; its neighbours are installed
+/// meanwhile. What still fails then: the faulting page is poisoned, and so is a read-ahead page
+/// whose copy is lost or corrupt; a read-ahead page that only hit transient errors is put back
+/// as evicted. False if any page failed.
 fn fetch_chunk(
     sh: &Shared,
     first: usize,
@@ -89,114 +101,197 @@ fn fetch_chunk(
     let faulting = faulting.filter(|f| (first..first + n).contains(f));
     // Pages still in the restore image have no checksum in the table (replay checked the
     // log's when it wrote the image).
-    let crcs: Vec<Option<u32>> = {
+    let expect: Vec<Expect> = {
         let t = sh.cache.lock();
         (first..first + n)
-            .map(|p| (!t.has_flag(p, IMAGE)).then(|| t.crc(p)))
+            .map(|p| {
+                if t.has_flag(p, IMAGE) {
+                    Expect::Image
+                } else {
+                    Expect::Store {
+                        crc: t.crc(p),
+                        version: t.version(p),
+                    }
+                }
+            })
             .collect()
     };
-    let result = read_pages(sh, first, &crcs, buf);
-    if let Err(e) = result {
-        STATS.add(Counter::FetchErrors, 1);
-        let mut t = sh.cache.lock();
-        for p in first..first + n {
-            let removed = t.has_flag(p, REMOVED);
-            t.set_flag(p, REMOVED, false);
-            t.set_state(
-                p,
-                if removed {
-                    PageState::Absent
-                } else if Some(p) == faulting {
-                    PageState::Poisoned
-                } else {
-                    PageState::Evicted
-                },
-            );
-        }
-        publish_resident(t.resident());
-        drop(t);
-        sh.cache.room_freed();
-        let _ = sh.kernel.uffd.wake(sh.addr_of(first), n * PAGE_SIZE);
-        if let Some(page) = faulting {
-            poison(sh, page, &format!("fetching it from the store failed: {e}"));
-        }
-        return false;
-    }
-    // Verify every page before anything is installed: a corrupt copy is never served.
-    let mut good = vec![true; n];
-    for i in 0..n {
-        if let Some(want) = crcs[i] {
-            if crc32c::crc32c(buf.page(i)) != want {
-                good[i] = false;
-            }
-        }
-    }
-    let mut out: Vec<Outcome> = good
+    let (status, last_error) = read_with_retries(sh, first, &expect, buf);
+    let mut out: Vec<Outcome> = status
         .iter()
-        .map(|&g| if g { Outcome::Pending } else { Outcome::Failed })
+        .enumerate()
+        .map(|(i, st)| match st {
+            PageFetch::Good => Outcome::Pending,
+            // Only failed the ways that pass: a read-ahead page stays evicted.
+            PageFetch::Transient if Some(first + i) != faulting => Outcome::Skipped,
+            _ => Outcome::Failed,
+        })
         .collect();
-    let bad_faulting = faulting.filter(|&f| !good[f - first]);
-    // Corrupt copies are not installed: they are poisoned (below, by `finish_run`).
+    let all_good = status.iter().all(|st| *st == PageFetch::Good);
+    let corrupt_faulting = faulting.filter(|&f| status[f - first] == PageFetch::Corrupt);
     // SAFETY: `buf` holds the `n` pages just read (at most its size, checked by `pages_mut`)
     // and is not touched until this returns; the run was claimed (`Fetching`) by this thread.
     unsafe { install_pages(sh, first, buf.addr(0) as *const u8, true, &mut out) };
-    let installed = finish_run(
-        sh,
-        first,
-        &out,
-        Source::Store,
-        "its copy in the store failed its CRC32C check or could not be installed",
-    );
+    let why = if corrupt_faulting.is_some() || last_error.is_empty() {
+        "its copy in the store failed its CRC32C check or could not be installed".to_string()
+    } else {
+        format!("fetching it from the store failed: {last_error}")
+    };
+    let installed = finish_run(sh, first, &out, Source::Store, &why);
     STATS.add(Counter::PagesFetched, installed);
     STATS.add(Counter::BytesFetched, installed * PAGE_SIZE as u64);
     if installed > 1 {
         STATS.add(Counter::PagesReadAhead, installed - 1);
     }
-    if let Some(page) = bad_faulting {
+    if let Some(page) = corrupt_faulting {
         log::error!(
             "the copy of the page at {:#x} in the store failed its CRC32C check",
             sh.addr_of(page)
         );
     }
-    true
+    all_good
 }
 
-/// Reads pages `first..first + crcs.len()` into `buf`: from the restore image the pages that
-/// are still there (no checksum in `crcs`), from the store the others.
+/// Reads the pages `expect` describes into `buf` and checks each against its checksum,
+/// reading again those that failed in a way that may pass, up to [`FETCH_ATTEMPTS_MAX`] times
+/// in all. Returns each page's state and the last failure's description.
+fn read_with_retries(
+    sh: &Shared,
+    first: usize,
+    expect: &[Expect],
+    buf: &mut PageBuf,
+) -> (Vec<PageFetch>, String) {
+    let mut status = vec![PageFetch::Unread; expect.len()];
+    let mut last_error = String::new();
+    for attempt in 1..=FETCH_ATTEMPTS_MAX {
+        if let Err(e) = read_pages(sh, first, expect, buf, &mut status) {
+            last_error = e;
+        }
+        // Verify every page before anything is installed: a corrupt copy is never served.
+        for (i, st) in status.iter_mut().enumerate() {
+            if *st == PageFetch::Read {
+                let good = match expect[i] {
+                    Expect::Store { crc, .. } => crc32c::crc32c(buf.page(i)) == crc,
+                    Expect::Image => true,
+                };
+                *st = if good {
+                    PageFetch::Good
+                } else {
+                    PageFetch::Corrupt
+                };
+            }
+        }
+        let retry = status
+            .iter()
+            .any(|st| matches!(st, PageFetch::Transient | PageFetch::Corrupt));
+        if !retry {
+            break;
+        }
+        STATS.add(Counter::FetchErrors, 1);
+        if attempt < FETCH_ATTEMPTS_MAX {
+            for st in status.iter_mut() {
+                if matches!(st, PageFetch::Transient | PageFetch::Corrupt) {
+                    *st = PageFetch::Unread;
+                }
+            }
+            super::sleep_ms(FETCH_RETRY_MS * u64::from(attempt));
+        }
+    }
+    (status, last_error)
+}
+
+/// Where a fetched page's content comes from, and what it must match.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// The restore image (checked by replay when it wrote the image).
+    Image,
+    /// The store, which holds this version with this checksum.
+    Store { crc: u32, version: u32 },
+}
+
+/// How far one page of a fetched chunk has got.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageFetch {
+    /// Not read yet (or to be read again).
+    Unread,
+    /// Read, not yet checked.
+    Read,
+    /// Read and matching its checksum.
+    Good,
+    /// Read, but its bytes do not match the checksum.
+    Corrupt,
+    /// The read failed in a way that may pass.
+    Transient,
+    /// The read failed for good (the copy is gone, or the store refuses).
+    Lost,
+}
+
+/// Reads the `Unread` pages of `first..first + expect.len()` into `buf`: from the restore
+/// image the pages that are still there, from the store the others, and marks each one
+/// `Read` or failed. Returns a description of the first failure.
 fn read_pages(
     sh: &Shared,
     first: usize,
-    crcs: &[Option<u32>],
+    expect: &[Expect],
     buf: &mut PageBuf,
+    status: &mut [PageFetch],
 ) -> Result<(), String> {
-    let mut slices = buf.pages_mut(crcs.len());
-    let mut from_store: Vec<PageRead<'_>> = Vec::with_capacity(crcs.len());
+    let mut slices = buf.pages_mut(expect.len());
+    let mut from_store: Vec<PageRead<'_>> = Vec::with_capacity(expect.len());
+    let mut store_slot: Vec<usize> = Vec::with_capacity(expect.len());
+    let mut first_error: Option<String> = None;
     let mut i = 0;
     let mut rest = slices.as_mut_slice();
-    while i < crcs.len() {
-        // A run of pages from the same source.
-        let image = crcs[i].is_none();
-        let n = crcs[i..]
-            .iter()
-            .take_while(|c| c.is_none() == image)
+    while i < expect.len() {
+        // A run of pages from the same source, all to be read or all not.
+        let image = matches!(expect[i], Expect::Image);
+        let unread = status[i] == PageFetch::Unread;
+        let n = (i..expect.len())
+            .take_while(|&j| {
+                matches!(expect[j], Expect::Image) == image
+                    && (status[j] == PageFetch::Unread) == unread
+            })
             .count();
         let (run, tail) = std::mem::take(&mut rest).split_at_mut(n);
         rest = tail;
-        if image {
+        if !unread {
+            // Read already (or failed for good): left as it is.
+        } else if image {
             let mut bufs: Vec<&mut [u8]> = run.iter_mut().map(|b| &mut **b).collect();
-            read_image_pages(sh.restore.as_ref(), first + i, &mut bufs)?;
+            let result = read_image_pages(sh.restore.as_ref(), first + i, &mut bufs);
+            let st = if result.is_ok() {
+                PageFetch::Read
+            } else {
+                PageFetch::Transient
+            };
+            status[i..i + n].iter_mut().for_each(|s| *s = st);
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
         } else {
             for (k, b) in run.iter_mut().enumerate() {
-                from_store.push(PageRead {
-                    page: (first + i + k) as u64,
-                    buf: b,
-                });
+                let Expect::Store { crc, version } = expect[i + k] else {
+                    unreachable!("the run holds store pages only");
+                };
+                from_store.push(PageRead::new((first + i + k) as u64, b, crc, version));
+                store_slot.push(i + k);
             }
         }
         i += n;
     }
-    if from_store.is_empty() {
-        return Ok(());
+    if !from_store.is_empty() {
+        if let Err(e) = sh.store.fetch(&mut from_store) {
+            first_error.get_or_insert(e.to_string());
+        }
+        for (r, &slot) in from_store.iter().zip(&store_slot) {
+            status[slot] = match r.outcome {
+                StoreOutcome::Done => PageFetch::Read,
+                StoreOutcome::Failed(FailureKind::Transient) | StoreOutcome::Pending => {
+                    PageFetch::Transient
+                }
+                StoreOutcome::Failed(FailureKind::Lost | FailureKind::Refused) => PageFetch::Lost,
+            };
+        }
     }
-    sh.store.fetch(&mut from_store).map_err(|e| e.to_string())
+    first_error.map_or(Ok(()), Err)
 }

@@ -30,8 +30,11 @@ pub(super) enum Outcome {
     Installed,
     /// The program discarded it meanwhile: it reads as zeros from now on.
     Removed,
-    /// The kernel refused it for good: it is poisoned.
+    /// The kernel refused it for good, or its content could not be had: it is poisoned.
     Failed,
+    /// Not to be installed (a read-ahead page whose fetch failed in a way that may pass): it
+    /// goes back where it came from.
+    Skipped,
 }
 
 /// Where the content of a claimed run comes from, for [`finish_run`].
@@ -176,7 +179,7 @@ pub(super) fn finish_run(
                     failed.push(p);
                 }
                 // Not installed: back where it came from.
-                Outcome::Pending => match from {
+                Outcome::Pending | Outcome::Skipped => match from {
                     Source::Store => t.set_state(p, PageState::Evicted),
                     Source::Zeros => t.set_state(p, PageState::Absent),
                     Source::Snapshot => {

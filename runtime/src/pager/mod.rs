@@ -68,7 +68,7 @@ use crate::log::image::ImageError;
 use crate::log::LogError;
 use crate::region::RegionError;
 use crate::stats::Stats;
-use crate::store::{PageStore, StoreError};
+use crate::store::{DiscardQueue, PageStore, StoreError};
 use crate::uffd::{Features, UffdError};
 
 use gate::Gate;
@@ -150,6 +150,9 @@ pub(crate) struct Shared {
     /// Handlers and the evictor pass it to do work; `fork` and the epoch cut close it.
     gate: Gate,
     store: Box<dyn PageStore>,
+    /// Discards on their way to the store, sent by the `lego-discard` thread (and drained by
+    /// the evictor before each write-back).
+    discards: DiscardQueue,
     /// What the handlers fill runs from: zeros and the read-ahead streams (`fault.rs`).
     fill: fault::Fill,
     /// The watermarks, the staging area and whether write-backs fail (`evict.rs`).
@@ -281,6 +284,10 @@ impl Runtime {
                 self.shared.cache.capacity_pages().to_string(),
             ),
             ("backend".into(), self.shared.store.describe()),
+            (
+                "discard_ranges_dropped".into(),
+                self.shared.discards.dropped().to_string(),
+            ),
         ]
     }
 }

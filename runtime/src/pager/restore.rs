@@ -63,5 +63,5 @@ pub(super) fn read_image_pages(
     };
     r.image
         .read_pages(first as u64, bufs)
-        .map_err(|e| crate::log::replay::error_chain(&e))
+        .map_err(|e| crate::logging::error_chain(&e))
 }

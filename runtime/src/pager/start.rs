@@ -21,7 +21,7 @@ use crate::config::{Config, LogSync};
 use crate::log::image::ImageReader;
 use crate::log::{LogWriter, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region};
-use crate::store;
+use crate::store::{self, DiscardQueue};
 use crate::uffd::{self, Kick, PagemapScanner, Userfault};
 use crate::PAGE_SIZE;
 
@@ -111,6 +111,7 @@ impl Runtime {
             cache: Residency::new(cache),
             gate: super::gate::Gate::new(),
             store,
+            discards: DiscardQueue::new(),
             fill,
             evict: eviction,
             discard: scratch,
@@ -216,6 +217,14 @@ fn spawn_threads(
             source,
         })?;
     }
+    let sh = Arc::clone(shared);
+    crate::threads::spawn("lego-discard", move || {
+        sh.discards.run(&*sh.store);
+    })
+    .map_err(|source| PagerError::Thread {
+        name: "lego-discard".into(),
+        source,
+    })?;
     let sh = Arc::clone(shared);
     crate::threads::spawn("lego-evict", move || evict::evictor_loop(&sh)).map_err(|source| {
         PagerError::Thread {

@@ -1,18 +1,24 @@
 //! [`FaultyStore`]: fault injection at the store seam, for tests (`LEGO_FAULT_INJECT`).
 //!
 //! It wraps a real store and, for the operation a [`FaultPlan`] names, lets exactly
-//! `after_pages` pages through; the call that crosses that budget forwards the pages still
-//! within it (a realistic partial write or read) and then fails, and every later call of that
-//! operation fails without touching the inner store. The other operation and `discard` always
-//! pass through. The budget is shared by all threads. With [`FaultEffect::Corrupt`] nothing
-//! fails: every fetched page past the budget comes back with one byte changed, as from a store
-//! that hands back a damaged or foreign copy (the pager must notice by the page's checksum).
-//! A [`FaultOp::ReadBack`] plan leaves the store alone: the epoch's read-back applies its
-//! [`FaultBudget`] to what it read.
+//! `after_pages` pages through untouched; the pages past that budget are affected, each on its
+//! own (its neighbours in the batch still reach the inner store):
+//! - [`FaultEffect::Errno`]: the page fails with that errno, without reaching the inner store;
+//! - [`FaultEffect::Corrupt`]: nothing fails, but the page comes back with one byte changed, as
+//!   from a store that hands back a damaged or foreign copy (the pager must notice by the
+//!   page's checksum);
+//! - [`FaultEffect::Delay`]: the call waits that long before it goes on, as a slow server.
+//!
+//! With `once`, only the first page past the budget is affected, and the store works again
+//! afterwards (a dropped packet, a server that restarted). The budget is shared by all threads.
+//! The other operations and `discard` always pass through. A [`FaultOp::ReadBack`] plan leaves
+//! the store alone: the epoch's read-back applies its [`FaultBudget`] to what it read.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use super::{op_name, PageRead, PageStore, PageWrite, StoreError};
+use super::error::op_name;
+use super::{FailureKind, Outcome, PageRead, PageStore, PageWrite, StoreError};
 use crate::config::{FaultEffect, FaultOp, FaultPlan};
 
 /// The byte of a page that a corrupting plan changes.
@@ -24,6 +30,8 @@ pub struct FaultBudget {
     plan: FaultPlan,
     // Pages of the planned operation let through so far (never above `plan.after_pages`).
     passed: AtomicU64,
+    // Set once a `once` plan has affected its page.
+    fired: AtomicBool,
 }
 
 impl FaultBudget {
@@ -31,6 +39,7 @@ impl FaultBudget {
         FaultBudget {
             plan,
             passed: AtomicU64::new(0),
+            fired: AtomicBool::new(false),
         }
     }
 
@@ -52,37 +61,81 @@ impl FaultBudget {
         usize::try_from(granted).expect("granted pages are at most the batch length")
     }
 
-    fn injected(&self, page: u64) -> StoreError {
-        let errno = match self.plan.effect {
+    /// The positions of a batch of `len` pages that the plan affects: none, one, or all past
+    /// the budget.
+    fn affected(&self, len: usize) -> std::ops::Range<usize> {
+        if self.plan.once && self.fired.load(Ordering::Relaxed) {
+            return len..len;
+        }
+        let granted = self.grant(len);
+        if granted == len {
+            return len..len;
+        }
+        if self.plan.once {
+            if self.fired.swap(true, Ordering::Relaxed) {
+                return len..len;
+            }
+            return granted..granted + 1;
+        }
+        granted..len
+    }
+
+    fn errno(&self) -> i32 {
+        match self.plan.effect {
             FaultEffect::Errno(errno) => errno,
-            // A corrupting plan never fails a call; EIO if one ever asks.
-            FaultEffect::Corrupt => libc::EIO,
-        };
-        StoreError::Injected {
-            op: self.plan.op,
-            page,
-            source: std::io::Error::from_raw_os_error(errno),
+            // Only an errno plan fails pages; EIO if one ever asks.
+            FaultEffect::Corrupt | FaultEffect::Delay { .. } => libc::EIO,
         }
     }
 
-    /// Applies the plan to a batch that was just read: the pages past the budget make the
-    /// call fail, or come back with one byte changed.
+    fn injected(&self, page: u64) -> StoreError {
+        StoreError::Injected {
+            op: self.plan.op,
+            page,
+            source: std::io::Error::from_raw_os_error(self.errno()),
+        }
+    }
+
+    /// Before the pages of a batch of `len` go to the inner store: waits for a delaying plan,
+    /// and returns the positions an errno plan fails and a corrupting plan changes.
+    fn before(&self, len: usize) -> std::ops::Range<usize> {
+        let hit = self.affected(len);
+        if let FaultEffect::Delay { ms } = self.plan.effect {
+            if !hit.is_empty() {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        hit
+    }
+
+    /// Applies the plan to a batch that was just read (the epoch's read-back): the pages past
+    /// the budget fail, or come back with one byte changed.
     pub fn after_read(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
-        let granted = self.grant(batch.len());
-        match self.plan.effect {
-            FaultEffect::Corrupt => {
-                for read in &mut batch[granted..] {
+        let hit = self.before(batch.len());
+        self.apply_to_reads(batch, hit)
+    }
+
+    fn apply_to_reads(
+        &self,
+        batch: &mut [PageRead<'_>],
+        hit: std::ops::Range<usize>,
+    ) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for read in &mut batch[hit] {
+            match self.plan.effect {
+                FaultEffect::Corrupt => {
                     if let Some(b) = read.buf.get_mut(CORRUPT_BYTE_OFFSET) {
                         *b ^= 0x5a;
                     }
                 }
-                Ok(())
+                FaultEffect::Errno(_) => {
+                    read.outcome = Outcome::Failed(FailureKind::of_errno(Some(self.errno())));
+                    first_error.get_or_insert_with(|| self.injected(read.page));
+                }
+                FaultEffect::Delay { .. } => {}
             }
-            FaultEffect::Errno(_) => match batch.get(granted) {
-                Some(r) => Err(self.injected(r.page)),
-                None => Ok(()),
-            },
         }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -112,34 +165,37 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         if self.budget.plan.op != FaultOp::Fetch {
             return self.inner.fetch(batch);
         }
-        if self.budget.plan.effect == FaultEffect::Corrupt {
-            self.inner.fetch(batch)?;
-            return self.budget.after_read(batch);
-        }
-        let granted = self.budget.grant(batch.len());
-        let (pass, fail) = batch.split_at_mut(granted);
-        if !pass.is_empty() {
-            self.inner.fetch(pass)?;
-        }
-        match fail.first() {
-            Some(r) => Err(self.budget.injected(r.page)),
-            None => Ok(()),
+        let hit = self.budget.before(batch.len());
+        match self.budget.plan.effect {
+            FaultEffect::Errno(_) => {
+                // The failed pages are decided here; the inner store reads only the others.
+                let injected = self.budget.apply_to_reads(batch, hit);
+                let inner = self.inner.fetch(batch);
+                injected.and(inner)
+            }
+            FaultEffect::Corrupt => {
+                let inner = self.inner.fetch(batch);
+                let _ = self.budget.apply_to_reads(batch, hit);
+                inner
+            }
+            FaultEffect::Delay { .. } => self.inner.fetch(batch),
         }
     }
 
-    fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
+    fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
         if self.budget.plan.op != FaultOp::Store {
             return self.inner.store(batch);
         }
-        let granted = self.budget.grant(batch.len());
-        let (pass, fail) = batch.split_at(granted);
-        if !pass.is_empty() {
-            self.inner.store(pass)?;
+        let hit = self.budget.before(batch.len());
+        let mut first_error = None;
+        if let FaultEffect::Errno(errno) = self.budget.plan.effect {
+            for write in &mut batch[hit] {
+                write.outcome = Outcome::Failed(FailureKind::of_errno(Some(errno)));
+                first_error.get_or_insert_with(|| self.budget.injected(write.page));
+            }
         }
-        match fail.first() {
-            Some(w) => Err(self.budget.injected(w.page)),
-            None => Ok(()),
-        }
+        let inner = self.inner.store(batch);
+        first_error.map_or(inner, Err)
     }
 
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
@@ -152,43 +208,18 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
 
     fn describe(&self) -> String {
         let plan = self.budget.plan;
-        match plan.effect {
-            FaultEffect::Errno(errno) => format!(
-                "{} (faulty: {} fails with errno {errno} after {} pages)",
-                self.inner.describe(),
-                op_name(plan.op),
-                plan.after_pages
-            ),
-            FaultEffect::Corrupt => format!(
-                "{} (faulty: {} pages come back changed after {} pages)",
-                self.inner.describe(),
-                op_name(plan.op),
-                plan.after_pages
-            ),
-        }
-    }
-}
-
-// Boxed stores (what `store::open` returns) can be wrapped too.
-impl PageStore for Box<dyn PageStore> {
-    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
-        (**self).fetch(batch)
-    }
-
-    fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
-        (**self).store(batch)
-    }
-
-    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
-        (**self).discard(first, count)
-    }
-
-    fn at_exit(&self) {
-        (**self).at_exit();
-    }
-
-    fn describe(&self) -> String {
-        (**self).describe()
+        let once = if plan.once { " once" } else { "" };
+        let what = match plan.effect {
+            FaultEffect::Errno(errno) => format!("fails with errno {errno}"),
+            FaultEffect::Corrupt => "pages come back changed".to_string(),
+            FaultEffect::Delay { ms } => format!("waits {ms} ms"),
+        };
+        format!(
+            "{} (faulty: {} {what}{once} after {} pages)",
+            self.inner.describe(),
+            op_name(plan.op),
+            plan.after_pages
+        )
     }
 }
 
@@ -197,7 +228,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// Records which pages reached it.
+    /// Records which pages reached it; every page it sees succeeds.
     #[derive(Default)]
     struct Recorder {
         fetched: Mutex<Vec<u64>>,
@@ -207,12 +238,18 @@ mod tests {
     impl PageStore for Recorder {
         fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
             let mut fetched = self.fetched.lock().expect("test lock");
-            fetched.extend(batch.iter().map(|r| r.page));
+            for r in batch.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
+                fetched.push(r.page);
+                r.outcome = Outcome::Done;
+            }
             Ok(())
         }
-        fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError> {
+        fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
             let mut stored = self.stored.lock().expect("test lock");
-            stored.extend(batch.iter().map(|w| w.page));
+            for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
+                stored.push(w.page);
+                w.outcome = Outcome::Done;
+            }
             Ok(())
         }
         fn discard(&self, _first: u64, _count: u64) -> Result<(), StoreError> {
@@ -224,23 +261,29 @@ mod tests {
     }
 
     fn writes(pages: std::ops::Range<u64>, buf: &[u8]) -> Vec<PageWrite<'_>> {
-        pages.map(|page| PageWrite { page, buf }).collect()
+        pages.map(|page| PageWrite::new(page, buf, 1)).collect()
+    }
+
+    fn plan(op: FaultOp, after_pages: u64, effect: FaultEffect) -> FaultPlan {
+        FaultPlan {
+            op,
+            after_pages,
+            effect,
+            once: false,
+        }
     }
 
     #[test]
     fn store_fails_exactly_after_n_pages() {
-        let plan = FaultPlan {
-            op: FaultOp::Store,
-            after_pages: 10,
-            effect: FaultEffect::Errno(libc::ENOSPC),
-        };
-        let store = FaultyStore::new(Recorder::default(), plan);
+        let store = FaultyStore::new(
+            Recorder::default(),
+            plan(FaultOp::Store, 10, FaultEffect::Errno(libc::ENOSPC)),
+        );
         let buf = [0u8; 8];
-        store.store(&writes(0..4, &buf)).expect("4 of 10");
-        store.store(&writes(4..8, &buf)).expect("8 of 10");
-        let err = store
-            .store(&writes(8..12, &buf))
-            .expect_err("crosses the budget");
+        store.store(&mut writes(0..4, &buf)).expect("4 of 10");
+        store.store(&mut writes(4..8, &buf)).expect("8 of 10");
+        let mut crossing = writes(8..12, &buf);
+        let err = store.store(&mut crossing).expect_err("crosses the budget");
         assert!(matches!(
             err,
             StoreError::Injected {
@@ -250,8 +293,11 @@ mod tests {
             }
         ));
         assert_eq!(err.errno(), Some(libc::ENOSPC));
+        let outcomes: Vec<Outcome> = crossing.iter().map(|w| w.outcome).collect();
+        let failed = Outcome::Failed(FailureKind::Transient);
+        assert_eq!(outcomes, [Outcome::Done, Outcome::Done, failed, failed]);
         let err = store
-            .store(&writes(20..21, &buf))
+            .store(&mut writes(20..21, &buf))
             .expect_err("after budget");
         assert!(matches!(err, StoreError::Injected { page: 20, .. }));
         // Exactly ten pages reached the inner store.
@@ -259,10 +305,7 @@ mod tests {
         assert_eq!(stored, (0..10).collect::<Vec<_>>());
         // Fetches and discards are untouched.
         let mut buf2 = [0u8; 8];
-        let mut reads = [PageRead {
-            page: 3,
-            buf: &mut buf2,
-        }];
+        let mut reads = [PageRead::new(3, &mut buf2, 0, 1)];
         store.fetch(&mut reads).expect("fetch passes");
         store.discard(0, 100).expect("discard passes");
         assert!(store.describe().contains("store fails with errno"));
@@ -270,20 +313,15 @@ mod tests {
 
     #[test]
     fn fetch_fails_from_the_first_call_when_budget_is_zero() {
-        let plan = FaultPlan {
-            op: FaultOp::Fetch,
-            after_pages: 0,
-            effect: FaultEffect::Errno(libc::EIO),
-        };
-        let store = FaultyStore::new(Recorder::default(), plan);
+        let store = FaultyStore::new(
+            Recorder::default(),
+            plan(FaultOp::Fetch, 0, FaultEffect::Errno(libc::EIO)),
+        );
         let mut bufs = [[0u8; 8]; 2];
         let mut reads: Vec<PageRead<'_>> = bufs
             .iter_mut()
             .enumerate()
-            .map(|(i, buf)| PageRead {
-                page: 7 + i as u64,
-                buf,
-            })
+            .map(|(i, buf)| PageRead::new(7 + i as u64, buf, 0, 1))
             .collect();
         let err = store.fetch(&mut reads).expect_err("no budget");
         assert!(matches!(
@@ -295,28 +333,24 @@ mod tests {
             }
         ));
         assert_eq!(err.errno(), Some(libc::EIO));
+        assert_eq!(err.kind(), FailureKind::Transient);
         assert!(store.inner().fetched.lock().expect("test lock").is_empty());
         store
-            .store(&writes(0..3, &[0u8; 8]))
+            .store(&mut writes(0..3, &[0u8; 8]))
             .expect("stores pass when fetch is the planned op");
     }
 
     #[test]
     fn corrupt_plan_changes_pages_past_the_budget_and_fails_nothing() {
-        let plan = FaultPlan {
-            op: FaultOp::Fetch,
-            after_pages: 1,
-            effect: FaultEffect::Corrupt,
-        };
-        let store = FaultyStore::new(Recorder::default(), plan);
+        let store = FaultyStore::new(
+            Recorder::default(),
+            plan(FaultOp::Fetch, 1, FaultEffect::Corrupt),
+        );
         let mut bufs = [[7u8; 4096]; 3];
         let mut reads: Vec<PageRead<'_>> = bufs
             .iter_mut()
             .enumerate()
-            .map(|(i, buf)| PageRead {
-                page: i as u64,
-                buf,
-            })
+            .map(|(i, buf)| PageRead::new(i as u64, buf, 0, 1))
             .collect();
         store
             .fetch(&mut reads)
@@ -330,14 +364,74 @@ mod tests {
         assert!(store.describe().contains("come back changed"));
     }
 
+    /// `once`: the first page past the budget is affected, then the store works again.
+    #[test]
+    fn once_plans_affect_one_page() {
+        let store = FaultyStore::new(
+            Recorder::default(),
+            FaultPlan {
+                once: true,
+                ..plan(FaultOp::Fetch, 2, FaultEffect::Corrupt)
+            },
+        );
+        let mut bufs = [[7u8; 4096]; 5];
+        let mut reads: Vec<PageRead<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| PageRead::new(i as u64, buf, 0, 1))
+            .collect();
+        store.fetch(&mut reads).expect("corrupting fails nothing");
+        drop(reads);
+        let changed: Vec<bool> = bufs.iter().map(|b| b != &[7u8; 4096]).collect();
+        assert_eq!(changed, [false, false, true, false, false]);
+        assert!(store.describe().contains("once"));
+
+        let store = FaultyStore::new(
+            Recorder::default(),
+            FaultPlan {
+                once: true,
+                ..plan(FaultOp::Store, 0, FaultEffect::Errno(libc::EIO))
+            },
+        );
+        let buf = [0u8; 8];
+        let mut first = writes(0..3, &buf);
+        let err = store.store(&mut first).expect_err("the first page fails");
+        assert_eq!(err.page(), Some(0));
+        assert_eq!(first[0].outcome, Outcome::Failed(FailureKind::Transient));
+        assert!(first[1..].iter().all(|w| w.outcome.is_done()));
+        store
+            .store(&mut writes(0..3, &buf))
+            .expect("then it works again");
+    }
+
+    #[test]
+    fn delay_plans_wait_and_then_pass() {
+        let store = FaultyStore::new(
+            Recorder::default(),
+            plan(FaultOp::Fetch, 1, FaultEffect::Delay { ms: 30 }),
+        );
+        let mut bufs = [[0u8; 8]; 2];
+        let mut reads: Vec<PageRead<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| PageRead::new(i as u64, buf, 0, 1))
+            .collect();
+        let start = std::time::Instant::now();
+        store.fetch(&mut reads).expect("a delay fails nothing");
+        assert!(
+            start.elapsed() >= Duration::from_millis(30),
+            "the call waited its delay"
+        );
+        assert!(reads.iter().all(|r| r.outcome.is_done()));
+        assert!(store.describe().contains("waits 30 ms"));
+    }
+
     #[test]
     fn budget_is_exact_across_threads() {
-        let plan = FaultPlan {
-            op: FaultOp::Store,
-            after_pages: 1000,
-            effect: FaultEffect::Errno(libc::EIO),
-        };
-        let store = FaultyStore::new(Recorder::default(), plan);
+        let store = FaultyStore::new(
+            Recorder::default(),
+            plan(FaultOp::Store, 1000, FaultEffect::Errno(libc::EIO)),
+        );
         let buf = [0u8; 8];
         std::thread::scope(|s| {
             for t in 0..4u64 {
@@ -346,7 +440,7 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..100u64 {
                         let first = (t * 100 + i) * 7;
-                        let _ = store.store(&writes(first..first + 7, buf));
+                        let _ = store.store(&mut writes(first..first + 7, buf));
                     }
                 });
             }
@@ -357,11 +451,7 @@ mod tests {
     #[test]
     fn open_wraps_the_file_store_when_a_plan_is_given() {
         let dir = std::env::temp_dir();
-        let plan = FaultPlan {
-            op: FaultOp::Fetch,
-            after_pages: 1,
-            effect: FaultEffect::Errno(libc::EIO),
-        };
+        let plan = plan(FaultOp::Fetch, 1, FaultEffect::Errno(libc::EIO));
         let spec = crate::config::BackendSpec::File { dir: dir.clone() };
         let store = crate::store::open(&spec, 16 * crate::PAGE_SIZE as u64, Some(&plan))
             .expect("opening a faulty file store");

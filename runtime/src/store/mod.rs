@@ -3,63 +3,200 @@
 //!
 //! Backends: [`file::FileStore`] (the embedded default: a private O_DIRECT file written through
 //! io_uring) and [`faulty::FaultyStore`] (wraps another store and fails on purpose, for tests).
-//! A memcached pool will implement the same trait later, which is why the trait is small and
-//! batch-oriented: one call moves up to a whole fault or eviction batch, and a backend is
-//! expected to turn runs of consecutive pages into as few I/Os as it can.
+//! Stores that are remote, replicated or coded implement the same trait, stacked over others.
 //!
-//! Rules: a store addresses pages by their index in the heap region, never by address; it
-//! keeps no page content in memory of its own (that is the cache's job); it never calls C
-//! allocation (it runs inside the process whose malloc is replaced); it is used from several
-//! handler threads at once.
+//! # The seam
+//! - Batches: one call moves up to a whole fault or eviction batch, sorted by page index, and a
+//!   backend turns runs of consecutive pages into as few I/Os (or requests) as it can.
+//!   [`PageStore::fetch_all`] hands several batches at once, so a backend keeps them all in
+//!   flight instead of one synchronous round per batch.
+//! - Per-page outcomes: every page of a batch ends with its own [`Outcome`]. One bad page does
+//!   not fail its neighbours, and each failure says what the caller can do
+//!   ([`FailureKind`]): `Transient` (try again, or another copy), `Lost` (no copy has it:
+//!   report it, never guess), `Refused` (the request or the configuration is wrong). A call
+//!   returns `Ok` exactly when every page is [`Outcome::Done`]; otherwise its `Err` describes
+//!   the first failed page and the outcomes say which pages failed. A store decides only the
+//!   pages whose outcome is still [`Outcome::Pending`] and leaves the others as they are, so a
+//!   layer above it (a fault injector, a set of replicas) can settle some pages itself and
+//!   hand the rest down, or hand down again only the pages that failed.
+//! - Checksums and versions: a write carries the page's CRC32C and version (a per-page
+//!   counter kept by the pager, never 0 for a stored page); a read carries the ones the pager
+//!   expects. A read is `Done` only if the bytes match that checksum; a copy that does not is
+//!   not served (`Lost` when the store has no other). A store that can hold older copies (a
+//!   replica that lagged) uses the version to choose; one that overwrites in place may ignore
+//!   it. The pager checks the checksum again at the boundary.
+//!
+//! # Where a backend runs, and what it may do there
+//! - `fetch` runs on the fault handler threads (the faulting program thread waits for it),
+//!   `store` on the evictor, `fetch_all` on either, `discard` on the `lego-discard` thread
+//!   only ([`discard::DiscardQueue`]): never on a program thread, never under the pager's
+//!   `events` lock. Every method may be called from several threads at once.
+//! - A backend may block (I/O, a network round trip) but must bound every wait (a timeout
+//!   turns into `Transient`). It may allocate only through Rust's allocator, which the preload
+//!   library points at its internal heap, never at the managed one; it never calls C
+//!   allocation. It may log (rate-limited on the fault path).
+//! - It addresses pages by their index in the heap region, never by address, and keeps no page
+//!   content in memory of its own beyond what is in flight (that is the cache's job).
 
+pub mod discard;
+mod error;
 pub mod faulty;
 pub mod file;
 
-use std::path::PathBuf;
+#[cfg(test)]
+mod conformance;
+#[cfg(test)]
+pub(crate) mod memory;
 
-use thiserror::Error;
-
-use crate::config::{BackendSpec, FaultOp, FaultPlan};
-use crate::io::IoError;
+use crate::config::{BackendSpec, FaultPlan};
 use crate::PAGE_SIZE;
 
+pub use discard::DiscardQueue;
+pub use error::{FailureKind, StoreError, StoreOp};
 pub use faulty::{FaultBudget, FaultyStore};
 pub use file::{FileOptions, FileStore};
 
 /// [`PAGE_SIZE`] as a `u64`, for offset arithmetic.
 pub(crate) const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
+/// What became of one page of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not handled yet (what a batch starts with; a call never leaves a page so).
+    Pending,
+    /// Read (and matching its checksum) or written.
+    Done,
+    /// Failed, and what the caller can do about it.
+    Failed(FailureKind),
+}
+
+impl Outcome {
+    pub fn is_done(self) -> bool {
+        self == Outcome::Done
+    }
+}
+
 /// One page to read from the store. `page` is the page index within the heap region
-/// (address = base + page * PAGE_SIZE); `buf` is `PAGE_SIZE` bytes, `PAGE_SIZE`-aligned.
+/// (address = base + page * PAGE_SIZE); `buf` is `PAGE_SIZE` bytes, `PAGE_SIZE`-aligned;
+/// `crc` and `version` are what the page was last stored with.
 pub struct PageRead<'a> {
     pub page: u64,
     pub buf: &'a mut [u8],
+    pub crc: u32,
+    pub version: u32,
+    /// Set by the store.
+    pub outcome: Outcome,
 }
 
-/// One page to write to the store; same rules as [`PageRead`].
+impl<'a> PageRead<'a> {
+    pub fn new(page: u64, buf: &'a mut [u8], crc: u32, version: u32) -> PageRead<'a> {
+        PageRead {
+            page,
+            buf,
+            crc,
+            version,
+            outcome: Outcome::Pending,
+        }
+    }
+}
+
+/// One page to write to the store; same rules as [`PageRead`], with the CRC32C of `buf` and
+/// the version this write gives the page.
 pub struct PageWrite<'a> {
     pub page: u64,
     pub buf: &'a [u8],
+    pub crc: u32,
+    pub version: u32,
+    /// Set by the store.
+    pub outcome: Outcome,
 }
 
-/// A backend that holds evicted pages. Batches of any length are accepted (the pager sends up
-/// to a fault batch or `config::EVICT_BATCH_PAGES_MAX` pages); they should be sorted by page
-/// index, since runs of consecutive pages are what a backend merges into single I/Os.
+impl<'a> PageWrite<'a> {
+    /// A write of `buf` as `version` of `page` (the checksum is computed here).
+    pub fn new(page: u64, buf: &'a [u8], version: u32) -> PageWrite<'a> {
+        PageWrite {
+            page,
+            buf,
+            crc: crc32c::crc32c(buf),
+            version,
+            outcome: Outcome::Pending,
+        }
+    }
+
+    /// A write whose checksum the caller computed already (asserted in debug builds).
+    pub fn with_crc(page: u64, buf: &'a [u8], crc: u32, version: u32) -> PageWrite<'a> {
+        debug_assert_eq!(crc, crc32c::crc32c(buf), "the checksum of page {page}");
+        PageWrite {
+            page,
+            buf,
+            crc,
+            version,
+            outcome: Outcome::Pending,
+        }
+    }
+}
+
+/// A backend that holds evicted pages (see the module documentation for the rules).
 pub trait PageStore: Send + Sync {
-    /// Reads every page of the batch. All-or-error: on Err no buffer content may be trusted.
+    /// Reads every page of the batch and sets each one's outcome.
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError>;
+
+    /// Reads several batches, all in flight together where the backend can; the result is
+    /// the first failure of any. The default reads them one after another.
+    fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for batch in batches.iter_mut() {
+            if let Err(e) = self.fetch(batch) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Writes every page of the batch durably enough to be fetched back by this process (no
-    /// fsync needed). On Err, any page of the batch may or may not have been written.
-    fn store(&self, batch: &[PageWrite<'_>]) -> Result<(), StoreError>;
+    /// fsync needed) and sets each one's outcome. A page that failed may or may not hold the
+    /// new content; its previous version may be gone.
+    fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError>;
+
     /// Forgets pages [first, first+count): their content is no longer needed (freed memory).
-    /// Cheap, best effort, but must not corrupt other pages.
+    /// Best effort, but must not touch other pages. Called from the `lego-discard` thread
+    /// only, and never concurrently with a `store` of the same pages.
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError>;
+
     /// One line for logs and stats, e.g. "file:/tmp/lego-1234-abcd (O_DIRECT, io_uring)".
     fn describe(&self) -> String;
+
     /// Called once when the process exits normally: removes what only this process uses on
     /// disk (the store stays usable: late faults from other libraries' destructors may still
     /// fetch pages).
     fn at_exit(&self) {}
+}
+
+// Boxed stores (what `store::open` returns) can be wrapped too.
+impl PageStore for Box<dyn PageStore> {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        (**self).fetch(batch)
+    }
+
+    fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), StoreError> {
+        (**self).fetch_all(batches)
+    }
+
+    fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+        (**self).store(batch)
+    }
+
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        (**self).discard(first, count)
+    }
+
+    fn at_exit(&self) {
+        (**self).at_exit();
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
 }
 
 /// Opens the store the configuration names, sized for a heap of `heap_bytes`, wrapped in a
@@ -78,113 +215,43 @@ pub fn open(
     })
 }
 
-/// Errors of the page stores. Each names the file and the page involved.
-#[derive(Debug, Error)]
-pub enum StoreError {
-    /// The private directory could not be created.
-    #[error("creating a private store directory in {dir} failed (LEGO_BACKEND=file:DIR must name a writable directory)")]
-    CreateDir {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The page file could not be created, opened or sized.
-    #[error("preparing the page file {path} ({what}) failed")]
-    CreateFile {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The heap size is not a whole number of pages, or too large for a file.
-    #[error("a heap of {heap_bytes} bytes cannot be backed by a page file: it it must be positive and below 2^63 bytes")]
-    HeapSize { heap_bytes: u64 },
-    /// io_uring exists but could not be set up (a refusal falls back to pread/pwrite instead).
-    #[error("setting up io_uring for the page file {path} failed")]
-    Ring {
-        path: PathBuf,
-        #[source]
-        source: IoError,
-    },
-    /// A page index beyond the heap.
-    #[error("page {page} is outside the page file {path}, which holds {pages} pages")]
-    PageOutOfRange {
-        path: PathBuf,
-        page: u64,
-        pages: u64,
-    },
-    /// A buffer of the wrong size or alignment.
-    #[error("the buffer for page {page} is {len} bytes at address {addr:#x}; it must be exactly {PAGE_SIZE} bytes and {PAGE_SIZE}-aligned")]
-    BadBuffer { page: u64, len: usize, addr: usize },
-    /// Reading pages failed.
-    #[error("fetching page {page} from {path} failed")]
-    Fetch {
-        path: PathBuf,
-        page: u64,
-        #[source]
-        source: IoError,
-    },
-    /// Writing pages failed.
-    #[error("storing page {page} to {path} failed")]
-    Store {
-        path: PathBuf,
-        page: u64,
-        #[source]
-        source: IoError,
-    },
-    /// Punching the hole for discarded pages failed.
-    #[error("discarding pages {first}..{end} of {path} failed", end = first.saturating_add(*count))]
-    Discard {
-        path: PathBuf,
-        first: u64,
-        count: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A failure injected by [`FaultyStore`].
-    #[error("injected fault: {op} of page {page} failed (LEGO_FAULT_INJECT)", op = op_name(*op))]
-    Injected {
-        op: FaultOp,
-        page: u64,
-        #[source]
-        source: std::io::Error,
-    },
+/// Marks every page of a write batch that is not yet decided with `outcome`.
+pub(crate) fn settle_writes(batch: &mut [PageWrite<'_>], outcome: Outcome) {
+    for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
+        w.outcome = outcome;
+    }
 }
 
-impl StoreError {
-    /// The errno behind the error, if there is one (what an injected fault carries, too).
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            StoreError::CreateDir { source, .. }
-            | StoreError::CreateFile { source, .. }
-            | StoreError::Discard { source, .. }
-            | StoreError::Injected { source, .. } => source.raw_os_error(),
-            StoreError::Ring { source, .. }
-            | StoreError::Fetch { source, .. }
-            | StoreError::Store { source, .. } => source.errno(),
-            StoreError::HeapSize { .. }
-            | StoreError::PageOutOfRange { .. }
-            | StoreError::BadBuffer { .. } => None,
+/// Checks every read that came back against its checksum: a matching one is `Done`, the others
+/// `Lost` (this store has no other copy). Returns the first mismatch, if any.
+pub(crate) fn verify_reads(backend: &str, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+    let mut first_error = None;
+    for r in batch.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
+        let found = crc32c::crc32c(r.buf);
+        if found == r.crc {
+            r.outcome = Outcome::Done;
+        } else {
+            r.outcome = Outcome::Failed(FailureKind::Lost);
+            first_error.get_or_insert_with(|| StoreError::Mismatch {
+                backend: backend.to_string(),
+                page: r.page,
+                found,
+                expected: r.crc,
+                version: r.version,
+            });
         }
     }
-}
-
-/// The store operation's name as the error messages and `describe` show it.
-pub(crate) fn op_name(op: FaultOp) -> &'static str {
-    match op {
-        FaultOp::Fetch => "fetch",
-        FaultOp::Store => "store",
-        FaultOp::ReadBack => "readback",
-    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Checks that a page buffer is one whole, page-aligned page (what O_DIRECT needs).
-pub(crate) fn check_buffer(page: u64, buf: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn check_buffer(backend: &str, page: u64, buf: &[u8]) -> Result<(), StoreError> {
     let addr = buf.as_ptr() as usize;
     if buf.len() == PAGE_SIZE && addr.is_multiple_of(PAGE_SIZE) {
         Ok(())
     } else {
         Err(StoreError::BadBuffer {
+            backend: backend.to_string(),
             page,
             len: buf.len(),
             addr,

@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::*;
-use crate::log::format::{ImageHeader, BLOCK_BYTES, CRC_OFFSET, PAGE_BYTES};
+use crate::log::format::{
+    EpochOrigin, ImageHeader, RegionInfo, BLOCK_BYTES, CRC_OFFSET, PAGE_BYTES,
+};
+use crate::log::image::ImageReader;
 use crate::log::replay::{
     check_strict, inspect, replay_dir_with, resolve_target, ReplayOptions, ReplayReport, Target,
 };
-use crate::log::test_support::{
-    epoch_pages, page, replay_mem, segments_of, Change, Model, TestDir,
-};
+use crate::log::test_support::{epoch_pages, page, replay_mem, segments_of, Change, Model};
+use crate::test_support::TestDir;
 
 const LOG_ID: u64 = 42;
 
@@ -358,6 +360,8 @@ fn starts_epoch(storage: &MemoryStorage, seq: u64) -> u64 {
 /// compaction did; again after a second compaction; and after one whose later epochs are
 /// too large, P is found only while the previous generation lasts, then `--checkpoint` is
 /// an error (never an automatic epoch).
+// Long (about 115 lines) for a reason: one life of a log through three compactions, each
+// replayed both ways and compared with the replays before it; the steps hand their images on.
 #[test]
 fn program_checkpoints_survive_compaction() {
     let storage = MemoryStorage::new();

@@ -17,7 +17,7 @@ use super::cut::Cut;
 use super::lock_writer;
 use crate::log::{EpochOrigin, EpochPage, LogError, LogWriter};
 use crate::stats::Counter;
-use crate::store::PageRead;
+use crate::store::{FailureKind, Outcome, PageRead};
 
 /// Pages read back from the store and appended at once (evicted dirty pages).
 const STORE_READ_PAGES: usize = 64;
@@ -85,7 +85,7 @@ fn append_cut(
         let pages: Vec<EpochPage<'_>> = chunk
             .iter()
             .enumerate()
-            .map(|(i, &(p, _))| EpochPage {
+            .map(|(i, &(p, _, _))| EpochPage {
                 page: p as u64,
                 data: Some(buf.page(i)),
             })
@@ -124,60 +124,75 @@ fn append_cut(
     epoch.commit().map_err(AppendError::Log)
 }
 
-/// Reads the held evicted pages `chunk` (page, CRC32C of the store's copy) into `buf` and
-/// checks each. A read that fails is tried again a few times; a copy that fails its check is
-/// lost (reading it again would give the same bytes).
-fn read_back(sh: &Shared, chunk: &[(usize, u32)], buf: &mut PageBuf) -> Result<(), AppendError> {
+/// Reads the held evicted pages `chunk` (page, CRC32C and version of the store's copy) into
+/// `buf` and checks each. A read that fails is tried again a few times; a copy that fails its
+/// check, or that the store reports lost, is lost (reading it again would give the same bytes).
+fn read_back(
+    sh: &Shared,
+    chunk: &[(usize, u32, u32)],
+    buf: &mut PageBuf,
+) -> Result<(), AppendError> {
     let durable = sh.durable.as_ref().expect("epochs run only with a log");
     let mut attempt = 1;
+    let mut lost: Vec<usize> = Vec::new();
     loop {
-        let result = {
+        lost.clear();
+        let failure: Option<String> = {
             let mut slices = buf.pages_mut(chunk.len());
             let mut batch: Vec<PageRead<'_>> = slices
                 .iter_mut()
                 .zip(chunk)
-                .map(|(b, &(p, _))| PageRead {
-                    page: p as u64,
-                    buf: b,
-                })
+                .map(|(b, &(p, crc, version))| PageRead::new(p as u64, b, crc, version))
                 .collect();
-            sh.store
-                .fetch(&mut batch)
-                .and_then(|()| match &durable.readback_faults {
-                    Some(faults) => faults.after_read(&mut batch),
-                    None => Ok(()),
-                })
+            let fetched = sh.store.fetch(&mut batch);
+            let injected = match &durable.readback_faults {
+                Some(faults) => faults.after_read(&mut batch),
+                None => Ok(()),
+            };
+            let mut unread = false;
+            for r in &batch {
+                match r.outcome {
+                    Outcome::Done => {}
+                    Outcome::Failed(FailureKind::Lost) => lost.push(r.page as usize),
+                    Outcome::Failed(_) | Outcome::Pending => unread = true,
+                }
+            }
+            unread.then(|| match injected.and(fetched) {
+                Err(e) => e.to_string(),
+                Ok(()) => "the store left a page unread".to_string(),
+            })
         };
-        match result {
-            Ok(()) => break,
-            Err(e) if attempt >= STORE_READ_ATTEMPTS_MAX => {
-                STATS.add(Counter::FetchErrors, 1);
-                return Err(AppendError::StoreRead(format!(
-                    "{} pages from the page at {:#x}, {attempt} attempts: {e}",
-                    chunk.len(),
-                    sh.addr_of(chunk[0].0)
-                )));
-            }
-            Err(e) => {
-                STATS.add(Counter::FetchErrors, 1);
-                log::warn!(
-                    "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {e}",
-                    chunk.len()
-                );
-                attempt += 1;
-                super::super::sleep_ms(STORE_READ_RETRY_MS);
-            }
+        let Some(e) = failure else {
+            // Every page was read, or is lost.
+            break;
+        };
+        STATS.add(Counter::FetchErrors, 1);
+        if attempt >= STORE_READ_ATTEMPTS_MAX {
+            return Err(AppendError::StoreRead(format!(
+                "{} pages from the page at {:#x}, {attempt} attempts: {e}",
+                chunk.len(),
+                sh.addr_of(chunk[0].0)
+            )));
         }
+        log::warn!(
+            "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {e}",
+            chunk.len()
+        );
+        attempt += 1;
+        super::super::sleep_ms(STORE_READ_RETRY_MS);
     }
-    let lost: Vec<usize> = chunk
-        .iter()
-        .enumerate()
-        .filter(|&(i, &(_, crc))| crc32c::crc32c(buf.page(i)) != crc)
-        .map(|(_, &(p, _))| p)
-        .collect();
+    lost.extend(
+        chunk
+            .iter()
+            .enumerate()
+            .filter(|&(i, &(p, crc, _))| !lost.contains(&p) && crc32c::crc32c(buf.page(i)) != crc)
+            .map(|(_, &(p, _, _))| p)
+            .collect::<Vec<usize>>(),
+    );
     if lost.is_empty() {
         Ok(())
     } else {
+        lost.sort_unstable();
         Err(AppendError::Lost(lost))
     }
 }

@@ -33,7 +33,7 @@ pub(super) fn maybe_compact(sh: &Shared, writer: &mut LogWriter, settings: &LogS
             );
         }
         Err(e) => {
-            report("compacting the log", &crate::log::replay::error_chain(&e));
+            report("compacting the log", &crate::logging::error_chain(&e));
         }
     }
 }

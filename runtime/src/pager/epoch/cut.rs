@@ -38,7 +38,7 @@ pub(super) struct Cut {
     /// child that would not unshare; rare).
     pub(super) copied: Vec<(usize, Box<[u8]>)>,
     /// Evicted pages to read back from the store: (page, CRC32C of the store's copy).
-    pub(super) evicted: Vec<(usize, u32)>,
+    pub(super) evicted: Vec<(usize, u32, u32)>,
     /// Pages that read as zeros now.
     pub(super) zeros: Vec<usize>,
     /// Pages changed since the last epoch whose content is lost (poisoned): an epoch without
@@ -63,7 +63,7 @@ impl Cut {
             .iter()
             .copied()
             .chain(self.copied.iter().map(|(p, _)| *p))
-            .chain(self.evicted.iter().map(|(p, _)| *p))
+            .chain(self.evicted.iter().map(|(p, _, _)| *p))
             .chain(self.zeros.iter().copied())
     }
 }
@@ -188,7 +188,7 @@ fn take_the_rest(sh: &Shared, high: usize, cut: &mut Cut, taken: &PageSet) {
         match t.state(p) {
             PageState::Evicted => {
                 t.set_flag(p, LOGHOLD, true);
-                cut.evicted.push((p, t.crc(p)));
+                cut.evicted.push((p, t.crc(p), t.version(p)));
             }
             PageState::Absent => cut.zeros.push(p),
             // Changed, then lost: no epoch can hold it; the flag stays until the program

@@ -272,7 +272,7 @@ fn run_epoch(
             w.compact_within(log_limit(sh, settings)).map_err(|e| {
                 report(
                     "compacting the log after a failure",
-                    &crate::log::replay::error_chain(&e),
+                    &crate::logging::error_chain(&e),
                 )
             })?;
         }
@@ -342,7 +342,7 @@ fn epoch_failed(sh: &Shared, cut: &Cut, e: AppendError) -> EpochError {
         t.set_log_dirty(p);
     }
     let (what, text) = match e {
-        AppendError::Log(e) => ("writing an epoch", crate::log::replay::error_chain(&e)),
+        AppendError::Log(e) => ("writing an epoch", crate::logging::error_chain(&e)),
         AppendError::StoreRead(e) => (
             "an epoch",
             format!(
@@ -378,7 +378,7 @@ fn release_holds(sh: &Shared, cut: &Cut) {
         return;
     }
     let mut t = sh.cache.lock();
-    for &(p, _) in &cut.evicted {
+    for &(p, _, _) in &cut.evicted {
         t.set_flag(p, LOGHOLD, false);
     }
 }

@@ -11,7 +11,8 @@ use crate::log::replay::Segment;
 use crate::log::segment::{
     LogDir, LogDirOptions, LogEngine, LogError, LogStorage, LogWriter, SyncMode, WriterOptions,
 };
-use crate::log::test_support::{epoch_pages, page, replay_mem, Change, Model, TestDir};
+use crate::log::test_support::{epoch_pages, page, replay_mem, Change, Model};
+use crate::test_support::TestDir;
 use crate::PAGE_SIZE;
 
 const REGION: RegionInfo = RegionInfo {

@@ -1,5 +1,5 @@
-//! [`SegmentRing`]: the io_uring engine behind [`super::segment::LogDir`]. It copies what the
-//! writer appends into a few large, 4 KiB-aligned staging buffers registered with the ring,
+//! [`SegmentRing`]: the staged-write io_uring engine, behind the log directory
+//! (`log::segment::LogDir`), built on the core in `ring.rs`. It copies what the writer appends into a few large, 4 KiB-aligned staging buffers registered with the ring,
 //! writes each buffer with `IORING_OP_WRITE_FIXED` as soon as it is full (so several writes
 //! are in flight while the writer encodes the next pages), and makes a segment durable with
 //! `IORING_OP_FSYNC` (`DATASYNC`).
@@ -19,6 +19,10 @@
 //! - With `O_DIRECT` every write must start and end on a [`DIRECT_ALIGN_BYTES`] boundary (the
 //!   log format guarantees it); anything else is refused, never written torn.
 //! - Nothing here allocates through C: the staging buffers come from Rust's allocator.
+//! - At start the ring must offer `IORING_OP_WRITE`, `IORING_OP_WRITE_FIXED` and
+//!   `IORING_OP_FSYNC`; otherwise [`SegmentRing::new`] fails ([`IoError::Unsupported`] or
+//!   [`IoError::Probe`]) and the log directory writes with `pwritev` and `fdatasync`
+//!   instead, with one warning saying why, exactly as when io_uring is refused.
 //!
 //! The `unsafe` of the log's data path (raw buffers handed to the kernel) lives here.
 
@@ -28,18 +32,15 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 use io_uring::{opcode, squeue, types, IoUring};
-use thiserror::Error;
 
-use crate::io::{IoError, RETRIES_MAX};
+use super::ring::{self, Op, OP_FSYNC, OP_WRITE, OP_WRITE_FIXED};
+use super::{IoError, DIRECT_ALIGN_BYTES, RETRIES_MAX};
 
 /// Staging buffers of one ring: up to this many writes are in flight at once.
 pub const STAGING_BUFFERS: usize = 4;
 
 /// Bytes of one staging buffer, and so of the largest single write.
 pub const STAGING_BUFFER_BYTES: usize = 1 << 20;
-
-/// Alignment of staging buffers, and of file offsets and lengths under `O_DIRECT`, in bytes.
-pub const DIRECT_ALIGN_BYTES: usize = 4096;
 
 /// Submission-queue entries of the ring: every staging buffer's write and one fsync fit.
 pub const SEGMENT_RING_ENTRIES: u32 = 8;
@@ -48,11 +49,7 @@ pub const SEGMENT_RING_ENTRIES: u32 = 8;
 /// `EINTR`, makes it try again).
 pub const SYNC_ATTEMPTS_MAX: u32 = 8;
 
-/// Consecutive transient `io_uring_enter` failures tolerated before the ring is given up.
-pub const ENTER_RETRIES_MAX: u32 = 1000;
-
 const _: () = assert!(STAGING_BUFFERS < SEGMENT_RING_ENTRIES as usize);
-const _: () = assert!(DIRECT_ALIGN_BYTES.is_power_of_two());
 const _: () = assert!(STAGING_BUFFER_BYTES & (DIRECT_ALIGN_BYTES - 1) == 0);
 const _: () = assert!(STAGING_BUFFER_BYTES <= u32::MAX as usize);
 const _: () = assert!(STAGING_BUFFERS <= u16::MAX as usize);
@@ -60,69 +57,9 @@ const _: () = assert!(STAGING_BUFFERS <= u16::MAX as usize);
 /// `user_data` of the fsync; a write's `user_data` is its buffer's index.
 const FSYNC_SLOT: usize = STAGING_BUFFERS;
 
-/// Errors of the ring. Each names the segment file; io errors keep the errno as the source.
-#[derive(Debug, Error)]
-pub enum UringError {
-    #[error("write of {len} bytes at offset {offset} of {} failed after {done} bytes", path.display())]
-    Write {
-        path: PathBuf,
-        offset: u64,
-        len: usize,
-        done: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("write of {len} bytes at offset {offset} of {} stopped after {done} bytes (no progress)", path.display())]
-    NoProgress {
-        path: PathBuf,
-        offset: u64,
-        len: usize,
-        done: usize,
-    },
-    #[error("fdatasync of {} failed", path.display())]
-    Sync {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "an earlier write or fdatasync of {} failed, so what it holds is unknown; \
-         only a new segment can be written",
-        path.display()
-    )]
-    Failed { path: PathBuf },
-    #[error(
-        "O_DIRECT needs offsets and lengths that are multiples of {DIRECT_ALIGN_BYTES} bytes; \
-         got {len} bytes at offset {offset} of {}",
-        path.display()
-    )]
-    Unaligned {
-        path: PathBuf,
-        offset: u64,
-        len: usize,
-    },
-    #[error("no segment file is open on the log's io_uring")]
-    NoSegment,
-    #[error("submitting to or waiting on the log's io_uring failed")]
-    Enter {
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl From<UringError> for std::io::Error {
-    fn from(e: UringError) -> std::io::Error {
-        let kind = match &e {
-            UringError::Write { source, .. }
-            | UringError::Sync { source, .. }
-            | UringError::Enter { source } => source.kind(),
-            UringError::NoProgress { .. } => std::io::ErrorKind::WriteZero,
-            UringError::Unaligned { .. } => std::io::ErrorKind::InvalidInput,
-            UringError::Failed { .. } | UringError::NoSegment => std::io::ErrorKind::Other,
-        };
-        std::io::Error::new(kind, e)
-    }
-}
+/// What the ring submits. `IORING_OP_NOP` (tests only) is as old as io_uring itself; linked
+/// SQEs (`IOSQE_IO_LINK`, Linux 5.3) come with `IORING_OP_WRITE` (5.6).
+const STAGED_OPS: [Op; 3] = [OP_WRITE, OP_WRITE_FIXED, OP_FSYNC];
 
 /// What a staging buffer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +169,7 @@ pub struct SegmentRing {
     /// Times the rest of a short or interrupted write was submitted again.
     resubmits: u64,
     /// The first failure not yet reported to a caller.
-    failure: Option<UringError>,
+    failure: Option<IoError>,
     /// Whether the current segment had a failure (reported or not).
     broken: bool,
     #[cfg(test)]
@@ -246,21 +183,14 @@ pub struct SegmentRing {
 }
 
 impl SegmentRing {
-    /// Creates the ring and registers its staging buffers. [`IoError::Refused`] means the
-    /// kernel or a sandbox does not allow io_uring; the caller falls back to `pwritev`. A
-    /// ring whose buffers cannot be registered (`RLIMIT_MEMLOCK`) uses plain writes from the
-    /// same buffers.
+    /// Creates the ring, checks that the kernel offers the operations it submits and registers
+    /// its staging buffers. [`IoError::Refused`] means the kernel or a sandbox does not allow
+    /// io_uring, [`IoError::Unsupported`] or [`IoError::Probe`] that it lacks an operation;
+    /// the caller falls back to `pwritev`. A ring whose buffers cannot be registered
+    /// (`RLIMIT_MEMLOCK`) uses plain writes from the same buffers.
     pub fn new() -> Result<SegmentRing, IoError> {
-        let uring = IoUring::builder()
-            .dontfork()
-            .build(SEGMENT_RING_ENTRIES)
-            .map_err(|source| match source.raw_os_error() {
-                Some(libc::ENOSYS | libc::EPERM | libc::EACCES) => IoError::Refused { source },
-                _ => IoError::Setup {
-                    entries: SEGMENT_RING_ENTRIES,
-                    source,
-                },
-            })?;
+        let uring = ring::create(SEGMENT_RING_ENTRIES)?;
+        ring::require(&uring, &STAGED_OPS)?;
         let staging = Staging::new();
         let iovecs: [libc::iovec; STAGING_BUFFERS] = std::array::from_fn(|i| libc::iovec {
             iov_base: staging.buffer(i).cast(),
@@ -330,13 +260,13 @@ impl SegmentRing {
         fd: BorrowedFd<'_>,
         offset: u64,
         pieces: &[&[u8]],
-    ) -> Result<(), UringError> {
+    ) -> Result<(), IoError> {
         self.usable()?;
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         // A power of two (checked at compile time), so a mask tests the alignment.
         let mask = DIRECT_ALIGN_BYTES - 1;
         if self.direct && (offset & mask as u64 != 0 || len & mask != 0) {
-            return Err(UringError::Unaligned {
+            return Err(IoError::Unaligned {
                 path: self.path.clone(),
                 offset,
                 len,
@@ -387,7 +317,7 @@ impl SegmentRing {
     }
 
     /// Writes everything queued and waits until the kernel has all of it (no fdatasync).
-    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> Result<(), UringError> {
+    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> Result<(), IoError> {
         self.usable()?;
         if self.filling.is_some() {
             self.submit_filling(fd, false)?;
@@ -397,7 +327,7 @@ impl SegmentRing {
 
     /// Writes everything queued and makes it durable: waits for every write in flight, then
     /// submits the last buffer linked to an fdatasync and waits for both.
-    pub fn sync(&mut self, fd: BorrowedFd<'_>) -> Result<(), UringError> {
+    pub fn sync(&mut self, fd: BorrowedFd<'_>) -> Result<(), IoError> {
         self.usable()?;
         self.wait_all(Some(fd))?;
         for _ in 0..SYNC_ATTEMPTS_MAX {
@@ -428,7 +358,7 @@ impl SegmentRing {
     /// Waits for every write of the current file, reports the first failure not reported
     /// yet, and leaves the ring ready for [`SegmentRing::start`]. What was queued but not
     /// submitted is written first.
-    pub fn finish(&mut self, fd: BorrowedFd<'_>) -> Result<(), UringError> {
+    pub fn finish(&mut self, fd: BorrowedFd<'_>) -> Result<(), IoError> {
         let mut result = Ok(());
         if self.filling.is_some() {
             if self.broken {
@@ -444,15 +374,15 @@ impl SegmentRing {
     }
 
     /// The error a write or sync of a segment with a failure gets.
-    fn usable(&mut self) -> Result<(), UringError> {
+    fn usable(&mut self) -> Result<(), IoError> {
         if !self.open {
-            return Err(UringError::NoSegment);
+            return Err(IoError::NoFile);
         }
         if let Some(e) = self.failure.take() {
             return Err(e);
         }
         if self.broken {
-            return Err(UringError::Failed {
+            return Err(IoError::FileFailed {
                 path: self.path.clone(),
             });
         }
@@ -466,7 +396,7 @@ impl SegmentRing {
     }
 
     /// Takes the next buffer for the range starting at `offset`, waiting for its write.
-    fn take_buffer(&mut self, fd: BorrowedFd<'_>, offset: u64) -> Result<usize, UringError> {
+    fn take_buffer(&mut self, fd: BorrowedFd<'_>, offset: u64) -> Result<usize, IoError> {
         let i = self.next;
         while matches!(self.slots[i], Slot::InFlight { .. }) {
             self.wait_one(Some(fd))?;
@@ -481,7 +411,7 @@ impl SegmentRing {
     }
 
     /// Hands the filling buffer to the kernel (linked to the next SQE when `link`).
-    fn submit_filling(&mut self, fd: BorrowedFd<'_>, link: bool) -> Result<(), UringError> {
+    fn submit_filling(&mut self, fd: BorrowedFd<'_>, link: bool) -> Result<(), IoError> {
         let i = self.filling.take().expect("a buffer is being filled");
         let Slot::Filling { offset, len } = self.slots[i] else {
             unreachable!("the filling buffer is in the Filling state");
@@ -506,7 +436,7 @@ impl SegmentRing {
         i: usize,
         link: bool,
         first: bool,
-    ) -> Result<(), UringError> {
+    ) -> Result<(), IoError> {
         let Slot::InFlight {
             offset, len, done, ..
         } = self.slots[i]
@@ -564,7 +494,7 @@ impl SegmentRing {
         self.push(entry.flags(flags).user_data(i as u64))
     }
 
-    fn push_fsync(&mut self, fd: BorrowedFd<'_>) -> Result<(), UringError> {
+    fn push_fsync(&mut self, fd: BorrowedFd<'_>) -> Result<(), IoError> {
         #[allow(unused_mut)]
         let mut entry = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
             .flags(types::FsyncFlags::DATASYNC)
@@ -582,7 +512,7 @@ impl SegmentRing {
         self.enter(0)
     }
 
-    fn push(&mut self, entry: squeue::Entry) -> Result<(), UringError> {
+    fn push(&mut self, entry: squeue::Entry) -> Result<(), IoError> {
         // SAFETY: a write SQE points into a staging buffer that stays `InFlight` (untouched by
         // us, and alive: see the field order and `Drop`) until its CQE is reaped; an fsync or
         // no-op SQE points at no memory. The queue has room: at most `STAGING_BUFFERS` writes
@@ -593,31 +523,14 @@ impl SegmentRing {
         Ok(())
     }
 
-    /// Submits what is queued and waits for `want` completions (0: do not wait).
-    fn enter(&mut self, want: usize) -> Result<(), UringError> {
-        let mut failures = 0;
-        loop {
-            match self.uring.submit_and_wait(want) {
-                Ok(_) => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ENOMEM)
-                    ) && failures < ENTER_RETRIES_MAX =>
-                {
-                    failures += 1;
-                    if want > 0 && !self.uring.completion().is_empty() {
-                        return Ok(());
-                    }
-                    std::thread::yield_now();
-                }
-                Err(source) => return Err(UringError::Enter { source }),
-            }
-        }
+    /// Submits what is queued and waits for `want` completions (0: do not wait), with the
+    /// shared bound on transient failures.
+    fn enter(&mut self, want: usize) -> Result<(), IoError> {
+        ring::submit_and_wait(&mut self.uring, want).map_err(|source| IoError::Submit { source })
     }
 
     /// Waits until nothing is in flight; returns the first failure not yet reported.
-    fn wait_all(&mut self, fd: Option<BorrowedFd<'_>>) -> Result<(), UringError> {
+    fn wait_all(&mut self, fd: Option<BorrowedFd<'_>>) -> Result<(), IoError> {
         while self.in_flight > 0 {
             if let Err(e) = self.wait_one(fd) {
                 // Waiting itself failed: nothing more can be learnt from this ring.
@@ -634,7 +547,7 @@ impl SegmentRing {
     /// Waits for at least one completion and folds every completion there is into the state.
     /// A write that failed is recorded in `failure`; one that came back short is resubmitted
     /// (when `fd` is given and the segment has no failure).
-    fn wait_one(&mut self, fd: Option<BorrowedFd<'_>>) -> Result<(), UringError> {
+    fn wait_one(&mut self, fd: Option<BorrowedFd<'_>>) -> Result<(), IoError> {
         debug_assert!(self.in_flight > 0);
         self.enter(1)?;
         let mut done = [(0u64, 0i32); SEGMENT_RING_ENTRIES as usize * 2];
@@ -665,7 +578,7 @@ impl SegmentRing {
         fd: Option<BorrowedFd<'_>>,
         i: usize,
         res: i32,
-    ) -> Result<(), UringError> {
+    ) -> Result<(), IoError> {
         let Slot::InFlight {
             offset,
             len,
@@ -677,7 +590,7 @@ impl SegmentRing {
         };
         self.slots[i] = Slot::Free;
         let failure = match usize::try_from(res) {
-            Ok(0) => Some(UringError::NoProgress {
+            Ok(0) => Some(IoError::FileNoProgress {
                 path: self.path.clone(),
                 offset,
                 len,
@@ -705,7 +618,7 @@ impl SegmentRing {
                 };
                 None
             }
-            Err(_) => Some(UringError::Write {
+            Err(_) => Some(IoError::FileWrite {
                 path: self.path.clone(),
                 offset,
                 len,
@@ -734,9 +647,9 @@ impl SegmentRing {
         }
     }
 
-    fn fail_sync(&mut self, errno: i32) -> UringError {
+    fn fail_sync(&mut self, errno: i32) -> IoError {
         self.broken = true;
-        UringError::Sync {
+        IoError::FileSync {
             path: self.path.clone(),
             source: std::io::Error::from_raw_os_error(errno),
         }

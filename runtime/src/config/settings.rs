@@ -1,0 +1,164 @@
+//! The names of the variables lego reads ([`vars`]) and their documentation ([`Setting`],
+//! [`documented_settings`]): each setting documented once, with its default and an example,
+//! for `lego --help` and the README table (which follows it).
+//!
+//! Rules: a name lives in [`vars`] and nowhere else; every variable read is listed here once.
+
+/// The names of the variables lego reads. Keep every name here and nowhere else.
+pub mod vars {
+    /// DRAM cache size.
+    pub const CACHE_SIZE: &str = "LEGO_CACHE_SIZE";
+    /// Reserved heap (region) size.
+    pub const HEAP_SIZE: &str = "LEGO_HEAP_SIZE";
+    /// Page store backend.
+    pub const BACKEND: &str = "LEGO_BACKEND";
+    /// Where statistics go at exit.
+    pub const STATS: &str = "LEGO_STATS";
+    /// Log level of the runtime's own messages.
+    pub const LOG_LEVEL: &str = "LEGO_LOG_LEVEL";
+    /// Number of fault-handler threads.
+    pub const HANDLER_THREADS: &str = "LEGO_HANDLER_THREADS";
+    /// Pages per eviction batch.
+    pub const EVICT_BATCH: &str = "LEGO_EVICT_BATCH";
+    /// Fault injection (testing hook).
+    pub const FAULT_INJECT: &str = "LEGO_FAULT_INJECT";
+    /// Directory of the durable heap's log.
+    pub const LOG_DIR: &str = "LEGO_LOG_DIR";
+    /// Longest time between two epochs.
+    pub const FLUSH_MS: &str = "LEGO_FLUSH_MS";
+    /// Dirty pages that start an epoch early.
+    pub const FLUSH_PAGES: &str = "LEGO_FLUSH_PAGES";
+    /// Whether the log waits for the disk.
+    pub const SYNC: &str = "LEGO_SYNC";
+    /// Log size that triggers a compaction.
+    pub const LOG_MAX: &str = "LEGO_LOG_MAX";
+    /// Heap image to restore at start.
+    pub const RESTORE: &str = "LEGO_RESTORE";
+    /// Not lego's own: the default backend directory comes from it.
+    pub const TMPDIR: &str = "TMPDIR";
+}
+
+/// One documented setting, for `lego --help` and the README table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    /// The variable's name, e.g. `LEGO_CACHE_SIZE`.
+    pub name: &'static str,
+    /// The default, as a user would read it.
+    pub default: &'static str,
+    /// An example value.
+    pub example: &'static str,
+    /// What the setting means, in one sentence.
+    pub meaning: &'static str,
+}
+
+pub(super) const SETTINGS: &[Setting] = &[
+    Setting {
+        name: vars::CACHE_SIZE,
+        default: "25% of RAM (at most the heap size)",
+        example: "512M",
+        meaning: "DRAM cache: how much of the heap stays resident; a size (4096, 512K, 512M, 4G, \
+                  1.5G, 1T) or a percentage of RAM (25%); at least 16M; rounded down to pages.",
+    },
+    Setting {
+        name: vars::HEAP_SIZE,
+        default: "64G",
+        example: "256G",
+        meaning: "Virtual size reserved for the program's heap; at least the cache size, at \
+                  most 8T; rounded up to pages.",
+    },
+    Setting {
+        name: vars::BACKEND,
+        default: "file:$TMPDIR (file:/tmp if TMPDIR is unset)",
+        example: "file:/var/tmp",
+        meaning: "Page store for evicted pages: file:DIR keeps them in a private O_DIRECT file \
+                  under the absolute directory DIR.",
+    },
+    Setting {
+        name: vars::STATS,
+        default: "0",
+        example: "/tmp/lego-stats.json",
+        meaning: "Statistics at exit: 0 for none, 1 for a summary on stderr, or a path ending \
+                  in .json to write them as one JSON object.",
+    },
+    Setting {
+        name: vars::LOG_LEVEL,
+        default: "off",
+        example: "info",
+        meaning: "Runtime log level on stderr: off, error, warn, info, debug or trace.",
+    },
+    Setting {
+        name: vars::HANDLER_THREADS,
+        default: "number of online CPUs (at most 256)",
+        example: "4",
+        meaning: "Number of threads that serve page faults, from 1 to 256.",
+    },
+    Setting {
+        name: vars::EVICT_BATCH,
+        default: "256",
+        example: "512",
+        meaning: "Pages evicted and written back together, from 16 to 1024.",
+    },
+    Setting {
+        name: vars::FAULT_INJECT,
+        default: "unset",
+        example: "fetch:eio:after=100",
+        meaning: "Testing hook: after N pages succeed, every fetch (fetch:ERRNO:after=N) or \
+                  store (store:ERRNO:after=N) fails with ERRNO (eio or enospc), or every \
+                  fetched page comes back changed (fetch:corrupt:after=N), or every fetch or \
+                  store waits MS milliseconds first (fetch:delay=MS:after=N, MS up to 60000); \
+                  :once at the end (fetch:eio:after=N:once) hits only the next call, then the \
+                  store works again; readback:... does \
+                  the same to an epoch's reads of evicted pages only; spawn:THREAD makes \
+                  starting the runtime thread THREAD (lego-logwrite) fail; panic:fork panics \
+                  inside fork() with every lock of the internal heap held.",
+    },
+    Setting {
+        name: vars::LOG_DIR,
+        default: "unset (no log: the heap is not durable)",
+        example: "/var/lib/app/heap",
+        meaning: "Durable heap: append epochs of changed pages to a log in this directory \
+                  (created 0700, one writer at a time); `lego replay` rebuilds the heap from it.",
+    },
+    Setting {
+        name: vars::FLUSH_MS,
+        default: "1000",
+        example: "200",
+        meaning: "Longest time between two epochs of the log, in milliseconds, from 10 to \
+                  3600000, or manual: epochs only at lego_checkpoint() and at exit; needs \
+                  LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::FLUSH_PAGES,
+        default: "a quarter of the cache, in pages",
+        example: "8192",
+        meaning: "Dirty pages that start an epoch before LEGO_FLUSH_MS is up, from 16 to \
+                  16777216; needs LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::SYNC,
+        default: "fdatasync",
+        example: "none",
+        meaning: "fdatasync: an epoch counts once the disk has it (survives a machine crash); \
+                  none: never wait for the disk (survives a crash of the program only); needs \
+                  LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::LOG_MAX,
+        default: "4 times the heap's live size, at least 64M",
+        example: "2G",
+        meaning: "Log size (a size, at least 16M) above which the log is compacted into a \
+                  checkpoint of the live heap and older segments are removed; needs LEGO_LOG_DIR.",
+    },
+    Setting {
+        name: vars::RESTORE,
+        default: "unset",
+        example: "/tmp/heap.img",
+        meaning: "Start from this heap image (made by `lego replay`): the heap is mapped at its \
+                  old address and pages are read from the image as they are touched.",
+    },
+];
+
+/// Every `LEGO_*` variable lego reads, each listed once with its default.
+pub fn documented_settings() -> &'static [Setting] {
+    SETTINGS
+}
