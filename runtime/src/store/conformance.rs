@@ -368,20 +368,6 @@ mod tests {
         }
     }
 
-    fn file_modes() -> [FileOptions; 3] {
-        [
-            FileOptions::default(),
-            FileOptions {
-                force_sync_io: true,
-                force_buffered: false,
-            },
-            FileOptions {
-                force_sync_io: true,
-                force_buffered: true,
-            },
-        ]
-    }
-
     #[test]
     fn the_memory_store_conforms() {
         check_all(&|| Box::new(MemoryStore::new(heap_bytes())));
@@ -390,7 +376,7 @@ mod tests {
     #[test]
     fn the_file_store_conforms_in_every_mode() {
         let dir = std::env::temp_dir();
-        for options in file_modes() {
+        for options in FileOptions::ALL_MODES {
             check_all(&|| {
                 Box::new(
                     FileStore::open_with(&dir, heap_bytes(), options).expect("opening the store"),

@@ -84,6 +84,25 @@ pub struct FileStore {
     punch_unsupported: AtomicBool,
 }
 
+impl FileOptions {
+    /// Every I/O mode the store can run in (tests run each).
+    #[cfg(test)]
+    pub(crate) const ALL_MODES: [FileOptions; 3] = [
+        FileOptions {
+            force_sync_io: false,
+            force_buffered: false,
+        },
+        FileOptions {
+            force_sync_io: true,
+            force_buffered: false,
+        },
+        FileOptions {
+            force_sync_io: true,
+            force_buffered: true,
+        },
+    ];
+}
+
 /// How the bytes move.
 enum Engine {
     // Boxed: the pool is a kilobyte of mutexes and rings, the other variant nothing.
@@ -745,26 +764,12 @@ mod tests {
         FileStore::open_with(&dir.0, HEAP_PAGES * PAGE_BYTES, options).expect("opening the store")
     }
 
-    fn all_modes() -> [FileOptions; 3] {
-        [
-            FileOptions::default(),
-            FileOptions {
-                force_sync_io: true,
-                force_buffered: false,
-            },
-            FileOptions {
-                force_sync_io: true,
-                force_buffered: true,
-            },
-        ]
-    }
-
     /// The round trips, discards and refusals of every mode are in the conformance suite
     /// (`store/conformance.rs`); here, that each mode is the one asked for.
     #[test]
     fn modes_are_the_ones_asked_for() {
         let dir = TestDir::new("round-trip");
-        for options in all_modes() {
+        for options in FileOptions::ALL_MODES {
             let store = open(&dir, options);
             assert_eq!(store.uses_io_uring(), !options.force_sync_io);
             assert_eq!(store.is_direct(), !options.force_buffered);
@@ -774,7 +779,7 @@ mod tests {
     #[test]
     fn consecutive_pages_with_scattered_buffers_use_vectored_io() {
         let dir = TestDir::new("vectored");
-        for options in all_modes() {
+        for options in FileOptions::ALL_MODES {
             let store = open(&dir, options);
             let mut src = pages(8);
             for (i, p) in src.iter_mut().enumerate() {
