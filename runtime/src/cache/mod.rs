@@ -212,6 +212,12 @@ impl Table {
         self.versions[page].wrapping_add(1).max(1)
     }
 
+    /// Records that `version` of the page was handed out, for a write that may or may not have
+    /// reached the store: the next one gets a later version.
+    pub fn use_version(&mut self, page: usize, version: u32) {
+        self.versions[page] = version;
+    }
+
     /// Records that the store holds `version` of the page, with checksum `crc`.
     pub fn set_stored(&mut self, page: usize, crc: u32, version: u32) {
         debug_assert_ne!(version, 0, "a stored page has a version");

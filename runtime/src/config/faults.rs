@@ -38,8 +38,9 @@ pub struct FaultPlan {
 pub enum FaultEffect {
     /// The call fails with this errno (`libc::EIO` or `libc::ENOSPC`).
     Errno(i32),
-    /// The call succeeds, but every page it reads comes back with one byte changed (a store
-    /// that hands back a damaged or foreign copy). Fetches only.
+    /// The call succeeds, but every page it reads past the budget (only the first one with
+    /// `once`) comes back with one byte changed (a store that hands back a damaged or foreign
+    /// copy). Fetches only.
     Corrupt,
     /// The call succeeds, but only after waiting `ms` milliseconds (a slow or stalled store),
     /// from 1 to [`FAULT_DELAY_MS_MAX`]. Fetch and store only.
@@ -50,7 +51,8 @@ pub enum FaultEffect {
 }
 
 /// The runtime threads whose start `LEGO_FAULT_INJECT=spawn:THREAD` can make fail.
-pub const SPAWN_FAULT_THREADS: &[&str] = &["lego-logwrite", "lego-flush", "lego-evict"];
+pub const SPAWN_FAULT_THREADS: &[&str] =
+    &["lego-logwrite", "lego-flush", "lego-evict", "lego-discard"];
 /// Where `LEGO_FAULT_INJECT=panic:POINT` can make the shim panic.
 pub const PANIC_FAULT_POINTS: &[&str] = &["fork"];
 

@@ -159,6 +159,7 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
     let (present, mut fate) = locate(sh, victims);
     let copies = classify(sh, victims, &written, &present, &mut fate);
     let Some(dirty) = write_back(sh, victims, &runs, &fate, &copies) else {
+        forget_failed_batch(sh, victims, &written, &fate, &copies);
         return false;
     };
     record(sh, victims, &runs, &written, &fate, &copies);
@@ -296,6 +297,31 @@ fn write_back(
     }
     sh.evict.store_failing.store(false, Ordering::Relaxed);
     Some(dirty)
+}
+
+/// After a failed write-back (the pages are back in the region): the scan consumed the
+/// victims' written bits, so the log learns of their changes from the table (a page that
+/// stayed is protected again and would not show up in the next scan); and the store may hold
+/// the new content of any dirty page or no longer hold its old one (a batch may fail partly),
+/// so its stored copy is forgotten (it is written again when next evicted, never dropped as
+/// clean) and the version it was given is used up (never given to other content).
+fn forget_failed_batch(
+    sh: &Shared,
+    victims: &[usize],
+    written: &[bool],
+    fate: &[Fate],
+    copies: &[Copy],
+) {
+    let mut t = sh.cache.lock();
+    for (i, &p) in victims.iter().enumerate() {
+        if written[i] || fate[i] == Fate::Dirty {
+            t.set_log_dirty(p);
+        }
+        if fate[i] == Fate::Dirty {
+            t.forget_stored(p);
+            t.use_version(p, copies[i].version);
+        }
+    }
 }
 
 /// Step 6: records the outcome, wakes whoever faulted meanwhile, empties the staging area and

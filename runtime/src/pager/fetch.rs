@@ -2,12 +2,14 @@
 //! (or, for `IMAGE` pages, from the restore image), checking every page against its checksum
 //! and installing the good ones write-protected (they are clean: the store has them).
 //!
-//! Rules: a corrupt copy is never installed; a page whose read fails in a way that may pass
-//! (a transient store error, a copy that fails its checksum) is read again, up to
-//! [`FETCH_ATTEMPTS_MAX`] times, while its neighbours are installed. Then it is poisoned when a
-//! thread faulted on it or its copy is lost or corrupt; other read-ahead pages go back to
-//! `Evicted`;
-//! a run is given back whole when a chunk fails ([`release_claim`]). The cache lock is never
+//! Rules: a corrupt copy is never installed. A page whose read fails in a way that may pass is
+//! read again, up to [`FETCH_ATTEMPTS_MAX`] times, while its neighbours are installed: a
+//! transient store error, or a copy the store handed back as good that fails the pager's own
+//! checksum (damaged on the way). A copy the store itself reports lost (it checked what it
+//! has, and a store with several copies tried them all) is final. After the attempts, the
+//! faulting page is poisoned whatever failed; a read-ahead page is poisoned only when its copy
+//! is lost or corrupt, and otherwise (transient, refused) goes back to `Evicted`. A run is
+//! given back whole when a chunk fails ([`release_claim`]). The cache lock is never
 //! held across a read. This is where a fault reads the store (`PageStore::fetch`, in
 //! [`read_pages`]).
 
@@ -17,12 +19,14 @@ use super::restore::read_image_pages;
 use super::{publish_resident, Shared, FETCH_CHUNK_PAGES, FETCH_FIRST_CHUNK_PAGES, STATS};
 use crate::cache::{PageState, IMAGE, REMOVED};
 
+use crate::stats::Counter;
+
 /// Times a page of a fetch is read before a failure that may pass (a transient store error, a
 /// copy that fails its checksum) counts as final.
 pub(super) const FETCH_ATTEMPTS_MAX: u32 = 3;
-/// The wait before the next read of a failed page grows by this much each attempt, in ms.
+/// The wait before the next read of a failed page grows by this much each attempt, in ms
+/// (inside the gate: an epoch cut or a fork waits for the retries too).
 const FETCH_RETRY_MS: u64 = 2;
-use crate::stats::Counter;
 use crate::store::{FailureKind, Outcome as StoreOutcome, PageRead};
 use crate::PAGE_SIZE;
 
@@ -67,7 +71,7 @@ fn release_claim(sh: &Shared, first: usize, n: usize) {
             let removed = t.has_flag(p, REMOVED);
             t.set_flag(p, REMOVED, false);
             if removed {
-                t.forget_stored(p);
+                sh.drop_store_copy(&mut t, p);
             }
             t.set_state(
                 p,
@@ -122,8 +126,10 @@ fn fetch_chunk(
         .enumerate()
         .map(|(i, st)| match st {
             PageFetch::Good => Outcome::Pending,
-            // Only failed the ways that pass: a read-ahead page stays evicted.
-            PageFetch::Transient if Some(first + i) != faulting => Outcome::Skipped,
+            // Its copy may be fine: a read-ahead page stays evicted.
+            PageFetch::Transient | PageFetch::Refused if Some(first + i) != faulting => {
+                Outcome::Skipped
+            }
             _ => Outcome::Failed,
         })
         .collect();
@@ -181,13 +187,15 @@ fn read_with_retries(
                 };
             }
         }
+        if status.iter().any(|st| *st != PageFetch::Good) {
+            STATS.add(Counter::FetchErrors, 1);
+        }
         let retry = status
             .iter()
             .any(|st| matches!(st, PageFetch::Transient | PageFetch::Corrupt));
         if !retry {
             break;
         }
-        STATS.add(Counter::FetchErrors, 1);
         if attempt < FETCH_ATTEMPTS_MAX {
             for st in status.iter_mut() {
                 if matches!(st, PageFetch::Transient | PageFetch::Corrupt) {
@@ -222,7 +230,10 @@ enum PageFetch {
     Corrupt,
     /// The read failed in a way that may pass.
     Transient,
-    /// The read failed for good (the copy is gone, or the store refuses).
+    /// The store refuses the read (a bad request): trying again cannot help, but the copy may
+    /// be fine.
+    Refused,
+    /// The copy is gone (the store has none that matches).
     Lost,
 }
 
@@ -289,7 +300,8 @@ fn read_pages(
                 StoreOutcome::Failed(FailureKind::Transient) | StoreOutcome::Pending => {
                     PageFetch::Transient
                 }
-                StoreOutcome::Failed(FailureKind::Lost | FailureKind::Refused) => PageFetch::Lost,
+                StoreOutcome::Failed(FailureKind::Refused) => PageFetch::Refused,
+                StoreOutcome::Failed(FailureKind::Lost) => PageFetch::Lost,
             };
         }
     }

@@ -159,11 +159,11 @@ pub(super) fn finish_run(
             }
             match o {
                 _ if removed => {
-                    t.forget_stored(p);
+                    sh.drop_store_copy(&mut t, p);
                     t.set_state(p, PageState::Absent);
                 }
                 Outcome::Removed => {
-                    t.forget_stored(p);
+                    sh.drop_store_copy(&mut t, p);
                     t.set_state(p, PageState::Absent);
                 }
                 Outcome::Installed => {

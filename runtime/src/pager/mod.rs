@@ -63,7 +63,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cache::{Cache, CacheError, Table};
+use crate::cache::{Cache, CacheError, Table, LOGHOLD, STORED};
 use crate::log::image::ImageError;
 use crate::log::LogError;
 use crate::region::RegionError;
@@ -169,6 +169,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Forgets the store's copy of `page`, which the program dropped, and queues its discard
+    /// (unless an epoch still reads it: `release_holds` discards it then).
+    fn drop_store_copy(&self, t: &mut Table, page: usize) {
+        if t.has_flag(page, STORED) && !t.has_flag(page, LOGHOLD) {
+            self.discards.push(page as u64, 1);
+        }
+        t.forget_stored(page);
+    }
+
     fn page_of(&self, addr: usize) -> usize {
         self.kernel.page_of(addr)
     }

@@ -108,20 +108,23 @@ impl FaultBudget {
         hit
     }
 
-    /// Applies the plan to a batch that was just read (the epoch's read-back): the pages past
-    /// the budget fail, or come back with one byte changed.
+    /// Applies the plan to a batch that was just read (the epoch's read-back): of the pages
+    /// read, those past the budget fail, or come back with one byte changed.
     pub fn after_read(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
-        let hit = self.before(batch.len());
-        self.apply_to_reads(batch, hit)
+        let read = positions(batch.iter().map(|r| r.outcome == Outcome::Done));
+        let hit = self.before(read.len());
+        self.apply_to_reads(batch, &read[hit])
     }
 
+    /// Applies the plan's effect to the pages of `batch` at `targets`.
     fn apply_to_reads(
         &self,
         batch: &mut [PageRead<'_>],
-        hit: std::ops::Range<usize>,
+        targets: &[usize],
     ) -> Result<(), StoreError> {
         let mut first_error = None;
-        for read in &mut batch[hit] {
+        for &i in targets {
+            let read = &mut batch[i];
             match self.plan.effect {
                 FaultEffect::Corrupt => {
                     if let Some(b) = read.buf.get_mut(CORRUPT_BYTE_OFFSET) {
@@ -137,6 +140,14 @@ impl FaultBudget {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The positions at which `selected` is true.
+fn positions(selected: impl Iterator<Item = bool>) -> Vec<usize> {
+    selected
+        .enumerate()
+        .filter_map(|(i, yes)| yes.then_some(i))
+        .collect()
 }
 
 /// A store that fails on purpose after a number of pages.
@@ -165,17 +176,25 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         if self.budget.plan.op != FaultOp::Fetch {
             return self.inner.fetch(batch);
         }
-        let hit = self.budget.before(batch.len());
+        // Only the pages still to be decided count against the budget.
+        let pending = positions(batch.iter().map(|r| r.outcome == Outcome::Pending));
+        let hit = self.budget.before(pending.len());
+        let targets = &pending[hit];
         match self.budget.plan.effect {
             FaultEffect::Errno(_) => {
                 // The failed pages are decided here; the inner store reads only the others.
-                let injected = self.budget.apply_to_reads(batch, hit);
+                let injected = self.budget.apply_to_reads(batch, targets);
                 let inner = self.inner.fetch(batch);
                 injected.and(inner)
             }
             FaultEffect::Corrupt => {
                 let inner = self.inner.fetch(batch);
-                let _ = self.budget.apply_to_reads(batch, hit);
+                let read: Vec<usize> = targets
+                    .iter()
+                    .copied()
+                    .filter(|&i| batch[i].outcome == Outcome::Done)
+                    .collect();
+                let _ = self.budget.apply_to_reads(batch, &read);
                 inner
             }
             FaultEffect::Delay { .. } => self.inner.fetch(batch),
@@ -186,10 +205,12 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         if self.budget.plan.op != FaultOp::Store {
             return self.inner.store(batch);
         }
-        let hit = self.budget.before(batch.len());
+        let pending = positions(batch.iter().map(|w| w.outcome == Outcome::Pending));
+        let hit = self.budget.before(pending.len());
         let mut first_error = None;
         if let FaultEffect::Errno(errno) = self.budget.plan.effect {
-            for write in &mut batch[hit] {
+            for &i in &pending[hit] {
+                let write = &mut batch[i];
                 write.outcome = Outcome::Failed(FailureKind::of_errno(Some(errno)));
                 first_error.get_or_insert_with(|| self.budget.injected(write.page));
             }
@@ -402,6 +423,36 @@ mod tests {
         store
             .store(&mut writes(0..3, &buf))
             .expect("then it works again");
+    }
+
+    /// Pages a layer above already decided are neither affected nor counted.
+    #[test]
+    fn decided_pages_are_left_alone_and_not_counted() {
+        let store = FaultyStore::new(
+            Recorder::default(),
+            plan(FaultOp::Fetch, 1, FaultEffect::Errno(libc::EIO)),
+        );
+        let mut bufs = [[0u8; 8]; 3];
+        let mut reads: Vec<PageRead<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| PageRead::new(i as u64, buf, 0, 1))
+            .collect();
+        reads[0].outcome = Outcome::Failed(FailureKind::Refused);
+        let err = store
+            .fetch(&mut reads)
+            .expect_err("the second pending page fails");
+        assert_eq!(err.page(), Some(2));
+        let outcomes: Vec<Outcome> = reads.iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Failed(FailureKind::Refused),
+                Outcome::Done,
+                Outcome::Failed(FailureKind::Transient)
+            ]
+        );
+        assert_eq!(*store.inner().fetched.lock().expect("test lock"), [1]);
     }
 
     #[test]

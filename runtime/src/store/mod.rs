@@ -28,9 +28,10 @@
 //!
 //! # Where a backend runs, and what it may do there
 //! - `fetch` runs on the fault handler threads (the faulting program thread waits for it),
-//!   `store` on the evictor, `fetch_all` on either, `discard` on the `lego-discard` thread
-//!   only ([`discard::DiscardQueue`]): never on a program thread, never under the pager's
-//!   `events` lock. Every method may be called from several threads at once.
+//!   `store` on the evictor, `fetch_all` on either, `discard` through
+//!   [`discard::DiscardQueue`] only: on the `lego-discard` thread, or on the evictor when it
+//!   drains the queue before a write-back; never on a program thread, never under the pager's
+//!   `events` lock, never at the same time as a `store` of the same pages. Every method may be called from several threads at once.
 //! - A backend may block (I/O, a network round trip) but must bound every wait (a timeout
 //!   turns into `Transient`). It may allocate only through Rust's allocator, which the preload
 //!   library points at its internal heap, never at the managed one; it never calls C
@@ -159,8 +160,8 @@ pub trait PageStore: Send + Sync {
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError>;
 
     /// Forgets pages [first, first+count): their content is no longer needed (freed memory).
-    /// Best effort, but must not touch other pages. Called from the `lego-discard` thread
-    /// only, and never concurrently with a `store` of the same pages.
+    /// Best effort, but must not touch other pages. Called only through the discard queue (on
+    /// `lego-discard`, or the evictor), never concurrently with a `store` of the same pages.
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError>;
 
     /// One line for logs and stats, e.g. "file:/tmp/lego-1234-abcd (O_DIRECT, io_uring)".

@@ -6,7 +6,8 @@
 //!
 //! Rules: the writer is shared with the flusher behind a mutex, each holding it only while it
 //! uses it; the snapshot slots are only read. A read-back that fails is tried
-//! [`STORE_READ_ATTEMPTS_MAX`] times; a copy that fails its CRC is lost (never appended).
+//! [`STORE_READ_ATTEMPTS_MAX`] times, and so is one whose copy fails its CRC here; a copy that
+//! still fails then, or that the store reports lost, is lost (never appended).
 //! This is where an epoch reads the store (`PageStore::fetch`, in [`read_back`]).
 
 use std::sync::{mpsc, Arc, Mutex};
@@ -125,8 +126,9 @@ fn append_cut(
 }
 
 /// Reads the held evicted pages `chunk` (page, CRC32C and version of the store's copy) into
-/// `buf` and checks each. A read that fails is tried again a few times; a copy that fails its
-/// check, or that the store reports lost, is lost (reading it again would give the same bytes).
+/// `buf` and checks each. A read that fails, or a copy that fails the check here, is tried
+/// again up to [`STORE_READ_ATTEMPTS_MAX`] times in all (as the fault path does); a copy the
+/// store reports lost, or that still fails its check then, is lost.
 fn read_back(
     sh: &Shared,
     chunk: &[(usize, u32, u32)],
@@ -137,7 +139,10 @@ fn read_back(
     let mut lost: Vec<usize> = Vec::new();
     loop {
         lost.clear();
-        let failure: Option<String> = {
+        // Pages the store handed back as good that fail the checksum here (damaged on the
+        // way): read again like a transient failure, lost once the attempts are used up.
+        let mut corrupt: Vec<usize> = Vec::new();
+        let unread: Option<String> = {
             let mut slices = buf.pages_mut(chunk.len());
             let mut batch: Vec<PageRead<'_>> = slices
                 .iter_mut()
@@ -152,7 +157,11 @@ fn read_back(
             let mut unread = false;
             for r in &batch {
                 match r.outcome {
+                    Outcome::Done if crc32c::crc32c(r.buf) != r.crc => {
+                        corrupt.push(r.page as usize)
+                    }
                     Outcome::Done => {}
+                    // The store checked what it has: final.
                     Outcome::Failed(FailureKind::Lost) => lost.push(r.page as usize),
                     Outcome::Failed(_) | Outcome::Pending => unread = true,
                 }
@@ -162,37 +171,36 @@ fn read_back(
                 Ok(()) => "the store left a page unread".to_string(),
             })
         };
-        let Some(e) = failure else {
-            // Every page was read, or is lost.
+        if unread.is_none() && corrupt.is_empty() {
             break;
-        };
+        }
         STATS.add(Counter::FetchErrors, 1);
+        let what = unread
+            .clone()
+            .unwrap_or_else(|| format!("{} copies failed their CRC32C check", corrupt.len()));
         if attempt >= STORE_READ_ATTEMPTS_MAX {
+            if unread.is_none() {
+                lost.append(&mut corrupt);
+                break;
+            }
             return Err(AppendError::StoreRead(format!(
-                "{} pages from the page at {:#x}, {attempt} attempts: {e}",
+                "{} pages from the page at {:#x}, {attempt} attempts: {what}",
                 chunk.len(),
                 sh.addr_of(chunk[0].0)
             )));
         }
         log::warn!(
-            "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {e}",
+            "reading {} evicted pages back from the store for the log failed (attempt {attempt} of {STORE_READ_ATTEMPTS_MAX}): {what}",
             chunk.len()
         );
         attempt += 1;
         super::super::sleep_ms(STORE_READ_RETRY_MS);
     }
-    lost.extend(
-        chunk
-            .iter()
-            .enumerate()
-            .filter(|&(i, &(p, crc, _))| !lost.contains(&p) && crc32c::crc32c(buf.page(i)) != crc)
-            .map(|(_, &(p, _, _))| p)
-            .collect::<Vec<usize>>(),
-    );
     if lost.is_empty() {
         Ok(())
     } else {
         lost.sort_unstable();
+        lost.dedup();
         Err(AppendError::Lost(lost))
     }
 }

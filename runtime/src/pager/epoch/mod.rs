@@ -49,7 +49,7 @@ use self::compact::{log_limit, maybe_compact};
 use self::cut::{take_cut, Cut};
 use self::snapshot::{copy_back, Snapshot};
 use super::{Quiesce, Shared, STATS};
-use crate::cache::{PageSet, PageState, LOGHOLD};
+use crate::cache::{PageSet, PageState, LOGHOLD, STORED};
 use crate::config::LogSettings;
 use crate::log::{EpochOrigin, LogError, LogWriter};
 use crate::logging::RateLimit;
@@ -380,6 +380,11 @@ fn release_holds(sh: &Shared, cut: &Cut) {
     let mut t = sh.cache.lock();
     for &(p, _, _) in &cut.evicted {
         t.set_flag(p, LOGHOLD, false);
+        // Freed while held: the copy the epoch read can go now (a held page is never stored
+        // again, so it is the copy the discard skipped).
+        if !t.has_flag(p, STORED) {
+            sh.discards.push(p as u64, 1);
+        }
     }
 }
 
