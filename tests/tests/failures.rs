@@ -157,10 +157,11 @@ fn failed_fetch_is_sigbus_not_wrong_data() {
 }
 
 /// A fetch that fails once (a dropped packet, a store that hiccups: `...:once`) is tried
-/// again and served: the program completes with every byte right, no page is poisoned, and
-/// the stats count the failed read. Corrupt copies handed back once are read again too.
+/// again and served, a copy handed back changed once is read again, and a write-back batch
+/// that fails once is put back and written later: the program completes with every byte right,
+/// no page is poisoned, and the stats count the failure.
 #[test]
-fn a_transient_fetch_failure_is_retried_and_served() {
+fn transient_store_failures_are_retried_and_served() {
     let _serial = heavy();
     let native = Run::new(program("sigbus_fetch")).args(["128"]).run();
     native.assert_success();
@@ -168,6 +169,9 @@ fn a_transient_fetch_failure_is_retried_and_served() {
         "fetch:eio:after=0:once",
         "fetch:eio:after=3000:once",
         "fetch:corrupt:after=100:once",
+        // A write-back batch that fails on one page while the others reach the store: the
+        // batch is put back, its copies forgotten, and written again later.
+        "store:eio:after=3000:once",
     ] {
         let (out, stats) = run_with_fault(plan);
         assert!(!out.stdout.contains("WRONG DATA"), "{plan}: {out}");
@@ -180,8 +184,13 @@ fn a_transient_fetch_failure_is_retried_and_served() {
             "{plan}: {}",
             stats.raw
         );
+        let counter = if plan.starts_with("store") {
+            "store_errors"
+        } else {
+            "fetch_errors"
+        };
         assert!(
-            stats.number("fetch_errors").is_some_and(|n| n >= 1),
+            stats.number(counter).is_some_and(|n| n >= 1),
             "{plan}: the injected failure never happened:\n{}",
             stats.raw
         );
