@@ -24,6 +24,7 @@ missing_packages() {
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     [ -x /usr/bin/time ] || missing+=(time)
     command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+    command -v memcached >/dev/null 2>&1 || missing+=(memcached)
     if command -v dpkg-query >/dev/null 2>&1; then
         dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q 'install ok installed' \
             || missing+=(libclang-dev)

@@ -23,12 +23,18 @@ pub enum BackendSpec {
         /// Directory in which the store creates its private directory and file.
         dir: PathBuf,
     },
+    /// A pool of memcached servers, `HOST:PORT` each (resolved when the store opens).
+    Memcached {
+        /// The servers, in the order given.
+        servers: Vec<String>,
+    },
 }
 
 impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendSpec::File { dir } => write!(f, "file:{}", dir.display()),
+            BackendSpec::Memcached { servers } => write!(f, "memcached://{}", servers.join(",")),
         }
     }
 }
@@ -44,11 +50,21 @@ struct Scheme {
 }
 
 /// Every scheme lego knows, in the order error messages list them.
-const SCHEMES: &[Scheme] = &[Scheme {
-    name: "file",
-    form: "file:DIR",
-    parse: parse_file,
-}];
+const SCHEMES: &[Scheme] = &[
+    Scheme {
+        name: "file",
+        form: "file:DIR",
+        parse: parse_file,
+    },
+    Scheme {
+        name: "memcached",
+        form: "memcached://HOST:PORT[,HOST:PORT...]",
+        parse: parse_memcached,
+    },
+];
+
+/// Most servers one pool names.
+pub const MEMCACHED_SERVERS_MAX: usize = 64;
 
 /// The expected forms of every scheme, as error messages show them ("file:DIR").
 pub(super) fn known_forms() -> String {
@@ -80,6 +96,43 @@ fn parse_file(rest: &str, value: &str) -> Result<BackendSpec, ConfigError> {
     Ok(BackendSpec::File {
         dir: dir.to_path_buf(),
     })
+}
+
+/// `memcached://HOST:PORT[,HOST:PORT...]`: each server a host (a name, an IPv4 address or a
+/// bracketed IPv6 one) and a port from 1 to 65535, at most [`MEMCACHED_SERVERS_MAX`], none twice.
+fn parse_memcached(rest: &str, value: &str) -> Result<BackendSpec, ConfigError> {
+    let bad = |problem: &'static str| ConfigError::BackendServers {
+        value: value.to_owned(),
+        problem,
+    };
+    let list = rest
+        .strip_prefix("//")
+        .ok_or_else(|| bad("the servers follow memcached://"))?;
+    let mut servers: Vec<String> = Vec::new();
+    for server in list.split(',') {
+        let (host, port) = server
+            .rsplit_once(':')
+            .ok_or_else(|| bad("every server needs HOST:PORT"))?;
+        let host_ok = !host.is_empty()
+            && (host.starts_with('[') && host.ends_with(']')
+                || host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+        if !host_ok {
+            return Err(bad("a host is a name or an address"));
+        }
+        if !port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(bad("a port is a number from 1 to 65535"));
+        }
+        if servers.iter().any(|s| s == server) {
+            return Err(bad("a server is named twice"));
+        }
+        servers.push(server.to_owned());
+    }
+    if servers.len() > MEMCACHED_SERVERS_MAX {
+        return Err(bad("at most 64 servers"));
+    }
+    Ok(BackendSpec::Memcached { servers })
 }
 
 /// The backend of a run: the one set, or else a file store under `TMPDIR` (which must then be
@@ -115,7 +168,10 @@ mod tests {
             assert!(s.form.starts_with(&format!("{}:", s.name)), "{}", s.form);
             assert!(SCHEMES[..i].iter().all(|t| t.name != s.name), "{}", s.name);
         }
-        assert_eq!(known_forms(), "file:DIR");
+        assert_eq!(
+            known_forms(),
+            "file:DIR, memcached://HOST:PORT[,HOST:PORT...]"
+        );
     }
 
     #[test]
@@ -124,8 +180,42 @@ mod tests {
             let e = parse_backend(value).expect_err(value);
             assert_eq!(
                 e.to_string(),
-                format!("LEGO_BACKEND={value:?} is not a known backend: expected one of file:DIR")
+                format!(
+                    "LEGO_BACKEND={value:?} is not a known backend: expected one of file:DIR, \
+                     memcached://HOST:PORT[,HOST:PORT...]"
+                )
             );
+        }
+    }
+
+    #[test]
+    fn memcached_pools_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_backend("memcached://10.0.0.5:11211,cache-2:11212,[::1]:11213"),
+            Ok(BackendSpec::Memcached {
+                servers: vec![
+                    "10.0.0.5:11211".into(),
+                    "cache-2:11212".into(),
+                    "[::1]:11213".into()
+                ]
+            })
+        );
+        for (value, why) in [
+            (
+                "memcached:10.0.0.5:11211",
+                "the servers follow memcached://",
+            ),
+            ("memcached://", "every server needs HOST:PORT"),
+            ("memcached://host", "every server needs HOST:PORT"),
+            ("memcached://:11211", "a host is a name or an address"),
+            ("memcached://a b:1", "a host is a name or an address"),
+            ("memcached://h:0", "a port is a number from 1 to 65535"),
+            ("memcached://h:70000", "a port is a number from 1 to 65535"),
+            ("memcached://h:1,h:1", "a server is named twice"),
+        ] {
+            let e = parse_backend(value).expect_err(value);
+            assert!(e.to_string().contains(why), "{value}: {e}");
+            assert!(e.to_string().contains("LEGO_BACKEND"), "{value}: {e}");
         }
     }
 }

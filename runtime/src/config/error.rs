@@ -143,6 +143,18 @@ pub enum ConfigError {
         /// The value as set.
         value: String,
     },
+    /// `memcached://...` with a bad server list.
+    #[error(
+        "{}={value:?} is not a pool of servers ({problem}): expected \
+         memcached://HOST:PORT[,HOST:PORT...] (memcached://127.0.0.1:11211)",
+        vars::BACKEND
+    )]
+    BackendServers {
+        /// The value as set.
+        value: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// `LEGO_BACKEND` is unset and `TMPDIR`, which gives the default, is relative.
     #[error(
         "{}={value:?} is not an absolute directory, and {} defaults to file:$TMPDIR: set \

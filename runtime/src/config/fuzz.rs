@@ -150,8 +150,12 @@ fn check_config(c: &Config) -> Result<(), TestCaseError> {
     prop_assert!(c.cache_bytes.is_multiple_of(PAGE_BYTES));
     prop_assert!((HANDLER_THREADS_MIN..=HANDLER_THREADS_MAX).contains(&c.handler_threads));
     prop_assert!((EVICT_BATCH_PAGES_MIN..=EVICT_BATCH_PAGES_MAX).contains(&c.evict_batch_pages));
-    let BackendSpec::File { dir } = &c.backend;
-    prop_assert!(dir.is_absolute());
+    match &c.backend {
+        BackendSpec::File { dir } => prop_assert!(dir.is_absolute()),
+        BackendSpec::Memcached { servers } => {
+            prop_assert!(!servers.is_empty() && servers.iter().all(|s| s.contains(':')))
+        }
+    }
     if let Some(log) = &c.log {
         // `None` is LEGO_FLUSH_MS=manual.
         prop_assert!(log

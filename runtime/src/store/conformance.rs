@@ -351,6 +351,8 @@ fn concurrent_callers(store: &dyn PageStore) {
 mod tests {
     use super::*;
     use crate::config::{FaultEffect, FaultOp, FaultPlan};
+    use crate::store::memcached::test_server::TestServer;
+    use crate::store::memcached::MemcachedStore;
     use crate::store::memory::MemoryStore;
     use crate::store::{FaultyStore, FileOptions, FileStore, PAGE_BYTES};
 
@@ -400,6 +402,50 @@ mod tests {
                 Box::new(FaultyStore::new(file, idle_plan(op)))
             });
         }
+    }
+
+    /// Against a real memcached on loopback, one server and a pool of two.
+    #[test]
+    fn the_memcached_store_conforms() {
+        let a = TestServer::start(64, false);
+        let b = TestServer::start(64, false);
+        check_all(&|| {
+            Box::new(
+                MemcachedStore::open(std::slice::from_ref(&a.addr), heap_bytes())
+                    .expect("opening the pool"),
+            )
+        });
+        check_all(&|| {
+            Box::new(
+                MemcachedStore::open(&[a.addr.clone(), b.addr.clone()], heap_bytes())
+                    .expect("opening the pool"),
+            )
+        });
+    }
+
+    /// A server that may evict (started without `-M`) is refused, with the reason; so is one
+    /// that is not there.
+    #[test]
+    fn a_memcached_that_may_evict_is_refused() {
+        let evicting = TestServer::start(64, true);
+        let e = MemcachedStore::open(std::slice::from_ref(&evicting.addr), heap_bytes())
+            .err()
+            .expect("refused");
+        let text = crate::logging::error_chain(&e);
+        assert!(
+            text.contains("-M") && text.contains(&evicting.addr),
+            "{text}"
+        );
+        drop(evicting);
+        let gone = "127.0.0.1:1".to_string();
+        let e = MemcachedStore::open(&[gone], heap_bytes())
+            .err()
+            .expect("nothing listens there");
+        assert!(
+            e.to_string()
+                .contains("connecting to the server 127.0.0.1:1"),
+            "{e}"
+        );
     }
 
     #[test]

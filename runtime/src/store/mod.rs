@@ -2,7 +2,8 @@
 //! interface the pager uses; [`open`] builds the backend named by the configuration.
 //!
 //! Backends: [`file::FileStore`] (the embedded default: a private O_DIRECT file written through
-//! io_uring) and [`faulty::FaultyStore`] (wraps another store and fails on purpose, for tests).
+//! io_uring), [`memcached::MemcachedStore`] (a pool of memcached servers, sharded) and
+//! [`faulty::FaultyStore`] (wraps another store and fails on purpose, for tests).
 //! Stores that are remote, replicated or coded implement the same trait, stacked over others.
 //!
 //! # The seam
@@ -43,6 +44,7 @@ pub mod discard;
 mod error;
 pub mod faulty;
 pub mod file;
+pub mod memcached;
 
 #[cfg(test)]
 mod conformance;
@@ -209,6 +211,9 @@ pub fn open(
 ) -> Result<Box<dyn PageStore>, StoreError> {
     let store: Box<dyn PageStore> = match spec {
         BackendSpec::File { dir } => Box::new(FileStore::open(dir, heap_bytes)?),
+        BackendSpec::Memcached { servers } => {
+            Box::new(memcached::MemcachedStore::open(servers, heap_bytes)?)
+        }
     };
     Ok(match faults {
         Some(plan) => Box::new(FaultyStore::new(store, *plan)),

@@ -1,0 +1,251 @@
+//! The part of memcached's meta protocol lego speaks (memcached 1.6.10 or newer): requests
+//! encoded into a buffer, replies parsed from one. Pure: no I/O, so it is tested and fuzzed
+//! on its own.
+//!
+//! Requests: `mg KEY v q O<opaque>` (get the value; quiet: a miss sends nothing),
+//! `ms KEY LEN q O<opaque>` + data (set; quiet: success sends nothing), `md KEY q O<opaque>`
+//! (delete; quiet), and `mn` (no-op: its `MN` reply ends a pipeline, so every reply before it
+//! belongs to a request before it). Replies are matched to requests by their opaque token.
+//!
+//! Rules: a reply is parsed only from complete lines; anything malformed is an error, never a
+//! guess; a value's length is bounded by [`VALUE_BYTES_MAX`].
+
+use thiserror::Error;
+
+/// Longest key memcached accepts, in bytes.
+pub const KEY_BYTES_MAX: usize = 250;
+/// Largest value lego reads, in bytes (a page and its header, with room to spare).
+pub const VALUE_BYTES_MAX: usize = 64 * 1024;
+/// Longest reply line lego reads before the value, in bytes.
+pub const LINE_BYTES_MAX: usize = 1024;
+
+/// Errors of parsing a reply.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("the server sent a malformed reply line: {line:?}")]
+    Malformed { line: String },
+    #[error("the server sent a value of {len} bytes; at most {VALUE_BYTES_MAX} are accepted")]
+    ValueTooLarge { len: usize },
+    #[error("the server sent a reply line longer than {LINE_BYTES_MAX} bytes")]
+    LineTooLong,
+    #[error("the server reports an error: {line}")]
+    Server { line: String },
+    #[error("the server rejects the request: {line}")]
+    Client { line: String },
+}
+
+impl ProtocolError {
+    /// Whether trying again (or elsewhere) may help: a server error (out of memory, busy) may
+    /// pass; a rejected request or a malformed reply will not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProtocolError::Server { .. })
+    }
+}
+
+/// Appends `mg KEY v q O<opaque>\r\n`.
+pub fn get(out: &mut Vec<u8>, key: &str, opaque: u32) {
+    debug_assert!(valid_key(key));
+    out.extend_from_slice(format!("mg {key} v q O{opaque}\r\n").as_bytes());
+}
+
+/// Appends `ms KEY LEN q O<opaque>\r\n` and the value.
+pub fn set(out: &mut Vec<u8>, key: &str, value: &[u8], opaque: u32) {
+    debug_assert!(valid_key(key));
+    out.extend_from_slice(format!("ms {key} {} q O{opaque}\r\n", value.len()).as_bytes());
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `md KEY q O<opaque>\r\n`.
+pub fn delete(out: &mut Vec<u8>, key: &str, opaque: u32) {
+    debug_assert!(valid_key(key));
+    out.extend_from_slice(format!("md {key} q O{opaque}\r\n").as_bytes());
+}
+
+/// Appends `mn\r\n`, the end of a pipeline.
+pub fn noop(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"mn\r\n");
+}
+
+/// Whether memcached accepts `key`: 1 to 250 printable bytes without spaces.
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= KEY_BYTES_MAX && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// One reply of a pipeline.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// `VA`: the value of a get, with its request's opaque token.
+    Value { opaque: u32, data: &'a [u8] },
+    /// `HD`: success (only sent where not quiet: never for lego's requests, but accepted).
+    Stored { opaque: Option<u32> },
+    /// `NS`, `NF`, `EX`: a set not stored or a key not found, with its opaque token.
+    NotDone { opaque: Option<u32> },
+    /// `EN`: a miss (only sent where not quiet).
+    Miss { opaque: Option<u32> },
+    /// `MN`: the end of the pipeline.
+    End,
+}
+
+/// Parses one reply from the start of `buf`. `Ok(None)`: more bytes are needed. Otherwise
+/// the reply and how many bytes it took.
+pub fn parse(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolError> {
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        return if buf.len() > LINE_BYTES_MAX {
+            Err(ProtocolError::LineTooLong)
+        } else {
+            Ok(None)
+        };
+    };
+    if nl > LINE_BYTES_MAX {
+        return Err(ProtocolError::LineTooLong);
+    }
+    let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
+    };
+    let line = std::str::from_utf8(&buf[..line_end]).map_err(|_| malformed(&buf[..line_end]))?;
+    let taken = nl + 1;
+    let mut words = line.split(' ');
+    let code = words.next().unwrap_or("");
+    let flags: Vec<&str> = words.collect();
+    let opaque = opaque_of(&flags, line)?;
+    let reply = match code {
+        "VA" => {
+            let len: usize = flags
+                .first()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| malformed(line.as_bytes()))?;
+            if len > VALUE_BYTES_MAX {
+                return Err(ProtocolError::ValueTooLarge { len });
+            }
+            let end = taken + len;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(malformed(line.as_bytes()));
+            }
+            let opaque = opaque.ok_or_else(|| malformed(line.as_bytes()))?;
+            return Ok(Some((
+                Reply::Value {
+                    opaque,
+                    data: &buf[taken..end],
+                },
+                end + 2,
+            )));
+        }
+        "HD" => Reply::Stored { opaque },
+        "NS" | "NF" | "EX" => Reply::NotDone { opaque },
+        "EN" => Reply::Miss { opaque },
+        "MN" => Reply::End,
+        _ if line.starts_with("SERVER_ERROR") => {
+            return Err(ProtocolError::Server { line: line.into() })
+        }
+        _ if line.starts_with("CLIENT_ERROR") || line == "ERROR" => {
+            return Err(ProtocolError::Client { line: line.into() })
+        }
+        _ => return Err(malformed(line.as_bytes())),
+    };
+    Ok(Some((reply, taken)))
+}
+
+/// The `O<opaque>` flag among a reply's flags, if present.
+fn opaque_of(flags: &[&str], line: &str) -> Result<Option<u32>, ProtocolError> {
+    for f in flags {
+        if let Some(token) = f.strip_prefix('O') {
+            return token
+                .parse()
+                .map(Some)
+                .map_err(|_| malformed(line.as_bytes()));
+        }
+    }
+    Ok(None)
+}
+
+fn malformed(line: &[u8]) -> ProtocolError {
+    ProtocolError::Malformed {
+        line: String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_are_encoded_as_memcached_expects() {
+        let mut out = Vec::new();
+        get(&mut out, "lego:1:2", 7);
+        set(&mut out, "k", b"abc", 8);
+        delete(&mut out, "k", 9);
+        noop(&mut out);
+        assert_eq!(
+            out,
+            b"mg lego:1:2 v q O7\r\nms k 3 q O8\r\nabc\r\nmd k q O9\r\nmn\r\n".as_slice()
+        );
+        assert!(valid_key("lego:abc:12"));
+        assert!(!valid_key("has space") && !valid_key("") && !valid_key(&"k".repeat(251)));
+    }
+
+    #[test]
+    fn replies_parse_whole_or_ask_for_more() {
+        let buf = b"VA 3 O7\r\nabc\r\nNS O8\r\nMN\r\n";
+        let (r, n) = parse(buf).expect("valid").expect("whole");
+        assert_eq!(
+            r,
+            Reply::Value {
+                opaque: 7,
+                data: b"abc"
+            }
+        );
+        let (r, m) = parse(&buf[n..]).expect("valid").expect("whole");
+        assert_eq!(r, Reply::NotDone { opaque: Some(8) });
+        let (r, _) = parse(&buf[n + m..]).expect("valid").expect("whole");
+        assert_eq!(r, Reply::End);
+        for cut in 0..n {
+            assert_eq!(parse(&buf[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn errors_are_errors() {
+        let e = parse(b"SERVER_ERROR out of memory storing object\r\n").expect_err("server");
+        assert!(e.is_transient());
+        let e = parse(b"CLIENT_ERROR bad data chunk\r\n").expect_err("client");
+        assert!(!e.is_transient());
+        assert!(parse(b"VA x O1\r\n").is_err());
+        assert!(parse(b"VA 3 O1\r\nabcXY").is_err());
+        assert!(parse(b"HELLO\r\n").is_err());
+        assert_eq!(
+            parse(b"VA 999999 O1\r\n"),
+            Err(ProtocolError::ValueTooLarge { len: 999_999 })
+        );
+        assert_eq!(parse(&[b'x'; 2000]), Err(ProtocolError::LineTooLong));
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_support::config(256))]
+
+        /// Any bytes: parsing never panics, and what it takes is within the buffer.
+        #[test]
+        fn fuzz_parse_takes_any_bytes(buf in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(Some((_, taken))) = parse(&buf) {
+                prop_assert!(taken <= buf.len());
+            }
+        }
+
+        /// A value round-trips through a reply whatever its bytes.
+        #[test]
+        fn fuzz_values_round_trip(data in proptest::collection::vec(any::<u8>(), 0..5000), opaque: u32) {
+            let mut buf = format!("VA {} O{opaque}\r\n", data.len()).into_bytes();
+            buf.extend_from_slice(&data);
+            buf.extend_from_slice(b"\r\n");
+            let (r, taken) = parse(&buf).expect("valid").expect("whole");
+            prop_assert_eq!(taken, buf.len());
+            prop_assert_eq!(r, Reply::Value { opaque, data: &data });
+        }
+    }
+}
