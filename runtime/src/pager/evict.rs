@@ -216,7 +216,7 @@ fn locate(sh: &Shared, victims: &[usize]) -> (Vec<bool>, Vec<Fate>) {
 
 /// A moved page's CRC32C and, if it is dirty, the version its store copy gets.
 #[derive(Clone, Copy, Default)]
-struct Copy {
+struct StoreCopy {
     crc: u32,
     version: u32,
 }
@@ -228,9 +228,9 @@ fn classify(
     written: &[bool],
     present: &[bool],
     fate: &mut [Fate],
-) -> Vec<Copy> {
+) -> Vec<StoreCopy> {
     let n = victims.len();
-    let mut copies = vec![Copy::default(); n];
+    let mut copies = vec![StoreCopy::default(); n];
     let t = sh.cache.lock();
     for i in 0..n {
         if !present[i] {
@@ -264,7 +264,7 @@ fn write_back(
     victims: &[usize],
     runs: &[(usize, usize)],
     fate: &[Fate],
-    copies: &[Copy],
+    copies: &[StoreCopy],
 ) -> Option<u64> {
     let mut writes: Vec<PageWrite<'_>> = (0..victims.len())
         .filter(|&i| fate[i] == Fate::Dirty)
@@ -310,7 +310,7 @@ fn forget_failed_batch(
     victims: &[usize],
     written: &[bool],
     fate: &[Fate],
-    copies: &[Copy],
+    copies: &[StoreCopy],
 ) {
     let mut t = sh.cache.lock();
     for (i, &p) in victims.iter().enumerate() {
@@ -332,7 +332,7 @@ fn record(
     runs: &[(usize, usize)],
     written: &[bool],
     fate: &[Fate],
-    copies: &[Copy],
+    copies: &[StoreCopy],
 ) {
     let n = victims.len();
     let mut discard = Runs::<{ EVICT_BATCH_PAGES_MAX }>::new();

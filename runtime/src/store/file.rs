@@ -33,8 +33,8 @@ use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
 use nix::sys::statfs::{fstatfs, TMPFS_MAGIC};
 
 use super::{
-    check_buffer, FailureKind, Outcome, PageRead, PageStore, PageWrite, StoreError, StoreOp,
-    PAGE_BYTES,
+    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
+    PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::io::{self, IoError, ReadOp, Ring, WriteOp, RING_ENTRIES};
 use crate::PAGE_SIZE;
@@ -209,17 +209,6 @@ impl FileStore {
         matches!(self.engine, Engine::Uring(_))
     }
 
-    fn check_page(&self, page: u64, buf: &[u8]) -> Result<(), StoreError> {
-        if page >= self.pages {
-            return Err(StoreError::PageOutOfRange {
-                backend: self.name.clone(),
-                page,
-                pages: self.pages,
-            });
-        }
-        check_buffer(&self.name, page, buf)
-    }
-
     fn io_error(&self, op: StoreOp, page: u64, kind: FailureKind, source: IoError) -> StoreError {
         StoreError::Io {
             backend: self.name.clone(),
@@ -327,21 +316,18 @@ impl PageStore for FileStore {
     }
 
     fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), StoreError> {
-        let mut first_error = None;
-        let pending = batches
-            .iter_mut()
-            .flat_map(|b| b.iter_mut())
-            .filter(|r| r.outcome == Outcome::Pending);
-        for r in pending {
-            if let Err(e) = self.check_page(r.page, r.buf) {
-                r.outcome = Outcome::Failed(FailureKind::Refused);
-                first_error.get_or_insert(e);
-            }
-        }
+        let mut first_error = refuse_bad_reads(
+            &self.name,
+            self.pages,
+            batches.iter_mut().flat_map(|b| b.iter_mut()),
+        );
         // Every batch's runs go to the kernel together; only if that fails is each page read
         // on its own, so that one bad page does not fail its neighbours.
-        if let Err(source) = self.read_pending(batches) {
-            let fallback = source;
+        if let Err(batched) = self.read_pending(batches) {
+            log::debug!(
+                "{}: a batched read failed ({batched}); reading page by page",
+                self.name
+            );
             for r in batches.iter_mut().flat_map(|b| b.iter_mut()) {
                 if r.outcome != Outcome::Pending {
                     continue;
@@ -353,10 +339,6 @@ impl PageStore for FileStore {
                         .get_or_insert_with(|| self.io_error(StoreOp::Fetch, r.page, kind, source));
                 }
             }
-            log::debug!(
-                "{}: a batched read failed ({fallback}); read page by page",
-                self.name
-            );
         }
         for batch in batches.iter_mut() {
             if let Err(e) = super::verify_reads(&self.name, batch) {
@@ -367,13 +349,7 @@ impl PageStore for FileStore {
     }
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
-        let mut first_error = None;
-        for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
-            if let Err(e) = self.check_page(w.page, w.buf) {
-                w.outcome = Outcome::Failed(FailureKind::Refused);
-                first_error.get_or_insert(e);
-            }
-        }
+        let mut first_error = refuse_bad_writes(&self.name, self.pages, batch);
         if self.write_pending(batch).is_err() {
             for i in 0..batch.len() {
                 if batch[i].outcome != Outcome::Pending {
@@ -394,18 +370,13 @@ impl PageStore for FileStore {
     }
 
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
-        if count == 0 || self.punch_unsupported.load(Ordering::Relaxed) {
+        if self.punch_unsupported.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if first >= self.pages {
-            return Err(StoreError::PageOutOfRange {
-                backend: self.name.clone(),
-                page: first,
-                pages: self.pages,
-            });
-        }
-        // A range running past the end is clipped: those pages were never stored.
-        let end = first.saturating_add(count).min(self.pages);
+        let Some(range) = discard_range(&self.name, first, count, self.pages)? else {
+            return Ok(());
+        };
+        let end = range.end;
         let len = page_offset(end - first);
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         loop {

@@ -8,12 +8,16 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::{
-    check_buffer, FailureKind, Outcome, PageRead, PageStore, PageWrite, StoreError, PAGE_BYTES,
+    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
+    PageWrite, StoreError, PAGE_BYTES,
 };
 use crate::PAGE_SIZE;
 
+/// How errors name this store.
+const BACKEND: &str = "memory";
+
 /// One stored page: its content, CRC32C and version.
-struct Copy {
+struct Stored {
     bytes: Box<[u8]>,
     crc: u32,
     version: u32,
@@ -22,7 +26,7 @@ struct Copy {
 /// Pages in a map under one lock.
 pub(crate) struct MemoryStore {
     pages: u64,
-    copies: Mutex<HashMap<u64, Copy>>,
+    copies: Mutex<HashMap<u64, Stored>>,
 }
 
 impl MemoryStore {
@@ -33,29 +37,13 @@ impl MemoryStore {
             copies: Mutex::new(HashMap::new()),
         }
     }
-
-    fn check(&self, page: u64, buf: &[u8]) -> Result<(), StoreError> {
-        if page >= self.pages {
-            return Err(StoreError::PageOutOfRange {
-                backend: "memory".into(),
-                page,
-                pages: self.pages,
-            });
-        }
-        check_buffer("memory", page, buf)
-    }
 }
 
 impl PageStore for MemoryStore {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
         let copies = self.copies.lock().expect("the memory store's lock");
-        let mut first_error = None;
+        let mut first_error = refuse_bad_reads(BACKEND, self.pages, batch.iter_mut());
         for r in batch.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
-            if let Err(e) = self.check(r.page, r.buf) {
-                r.outcome = Outcome::Failed(FailureKind::Refused);
-                first_error.get_or_insert(e);
-                continue;
-            }
             let (found, version) = match copies.get(&r.page) {
                 Some(copy) => {
                     r.buf.copy_from_slice(&copy.bytes);
@@ -72,7 +60,7 @@ impl PageStore for MemoryStore {
             } else {
                 r.outcome = Outcome::Failed(FailureKind::Lost);
                 first_error.get_or_insert(StoreError::Mismatch {
-                    backend: "memory".into(),
+                    backend: BACKEND.into(),
                     page: r.page,
                     found,
                     expected: r.crc,
@@ -85,16 +73,11 @@ impl PageStore for MemoryStore {
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
         let mut copies = self.copies.lock().expect("the memory store's lock");
-        let mut first_error = None;
+        let first_error = refuse_bad_writes(BACKEND, self.pages, batch);
         for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
-            if let Err(e) = self.check(w.page, w.buf) {
-                w.outcome = Outcome::Failed(FailureKind::Refused);
-                first_error.get_or_insert(e);
-                continue;
-            }
             copies.insert(
                 w.page,
-                Copy {
+                Stored {
                     bytes: w.buf.into(),
                     crc: w.crc,
                     version: w.version,
@@ -106,17 +89,10 @@ impl PageStore for MemoryStore {
     }
 
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
-        if count == 0 {
+        let Some(range) = discard_range(BACKEND, first, count, self.pages)? else {
             return Ok(());
-        }
-        if first >= self.pages {
-            return Err(StoreError::PageOutOfRange {
-                backend: "memory".into(),
-                page: first,
-                pages: self.pages,
-            });
-        }
-        let end = first.saturating_add(count).min(self.pages);
+        };
+        let (first, end) = (range.start, range.end);
         let mut copies = self.copies.lock().expect("the memory store's lock");
         if end - first < copies.len() as u64 {
             for page in first..end {

@@ -250,8 +250,21 @@ pub(crate) fn verify_reads(backend: &str, batch: &mut [PageRead<'_>]) -> Result<
     first_error.map_or(Ok(()), Err)
 }
 
-/// Checks that a page buffer is one whole, page-aligned page (what O_DIRECT needs).
-pub(crate) fn check_buffer(backend: &str, page: u64, buf: &[u8]) -> Result<(), StoreError> {
+/// Checks that `page` lies in a store of `pages` pages and that its buffer is one whole,
+/// page-aligned page (what O_DIRECT needs).
+pub(crate) fn check_page(
+    backend: &str,
+    page: u64,
+    pages: u64,
+    buf: &[u8],
+) -> Result<(), StoreError> {
+    if page >= pages {
+        return Err(StoreError::PageOutOfRange {
+            backend: backend.to_string(),
+            page,
+            pages,
+        });
+    }
     let addr = buf.as_ptr() as usize;
     if buf.len() == PAGE_SIZE && addr.is_multiple_of(PAGE_SIZE) {
         Ok(())
@@ -263,4 +276,59 @@ pub(crate) fn check_buffer(backend: &str, page: u64, buf: &[u8]) -> Result<(), S
             addr,
         })
     }
+}
+
+/// Refuses every pending read that [`check_page`] refuses (its outcome becomes
+/// `Failed(Refused)`); returns the first such error.
+pub(crate) fn refuse_bad_reads<'b, 'a: 'b>(
+    backend: &str,
+    pages: u64,
+    reads: impl Iterator<Item = &'b mut PageRead<'a>>,
+) -> Option<StoreError> {
+    let mut first_error = None;
+    for r in reads.filter(|r| r.outcome == Outcome::Pending) {
+        if let Err(e) = check_page(backend, r.page, pages, r.buf) {
+            r.outcome = Outcome::Failed(FailureKind::Refused);
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error
+}
+
+/// [`refuse_bad_reads`] for writes.
+pub(crate) fn refuse_bad_writes(
+    backend: &str,
+    pages: u64,
+    batch: &mut [PageWrite<'_>],
+) -> Option<StoreError> {
+    let mut first_error = None;
+    for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
+        if let Err(e) = check_page(backend, w.page, pages, w.buf) {
+            w.outcome = Outcome::Failed(FailureKind::Refused);
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error
+}
+
+/// The pages a discard of `[first, first+count)` covers in a store of `pages` pages: `None`
+/// for an empty one, clipped at the end (pages past it were never stored), refused when it
+/// starts past the end.
+pub(crate) fn discard_range(
+    backend: &str,
+    first: u64,
+    count: u64,
+    pages: u64,
+) -> Result<Option<std::ops::Range<u64>>, StoreError> {
+    if count == 0 {
+        return Ok(None);
+    }
+    if first >= pages {
+        return Err(StoreError::PageOutOfRange {
+            backend: backend.to_string(),
+            page: first,
+            pages,
+        });
+    }
+    Ok(Some(first..first.saturating_add(count).min(pages)))
 }

@@ -25,8 +25,8 @@ use std::time::Duration;
 use protocol::{ProtocolError, Reply};
 
 use super::{
-    check_buffer, FailureKind, Outcome, PageRead, PageStore, PageWrite, StoreError, StoreOp,
-    PAGE_BYTES,
+    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
+    PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::PAGE_SIZE;
 
@@ -243,17 +243,6 @@ impl MemcachedStore {
         usize::try_from((page / 16) % n).expect("below the server count")
     }
 
-    fn check(&self, page: u64, buf: &[u8]) -> Result<(), StoreError> {
-        if page >= self.pages {
-            return Err(StoreError::PageOutOfRange {
-                backend: self.name.clone(),
-                page,
-                pages: self.pages,
-            });
-        }
-        check_buffer(&self.name, page, buf)
-    }
-
     fn server_error(&self, server: usize, op: StoreOp, page: u64, e: ServerError) -> StoreError {
         StoreError::Io {
             backend: format!("{} (server {})", self.name, self.servers[server].name),
@@ -293,13 +282,7 @@ fn encode_value(out: &mut Vec<u8>, crc: u32, version: u32, page: &[u8]) {
 
 impl PageStore for MemcachedStore {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
-        let mut first_error = None;
-        for r in batch.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
-            if let Err(e) = self.check(r.page, r.buf) {
-                r.outcome = Outcome::Failed(FailureKind::Refused);
-                first_error.get_or_insert(e);
-            }
-        }
+        let mut first_error = refuse_bad_reads(&self.name, self.pages, batch.iter_mut());
         let shards = self.by_server(
             batch
                 .iter()
@@ -375,13 +358,7 @@ impl PageStore for MemcachedStore {
     }
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
-        let mut first_error = None;
-        for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
-            if let Err(e) = self.check(w.page, w.buf) {
-                w.outcome = Outcome::Failed(FailureKind::Refused);
-                first_error.get_or_insert(e);
-            }
-        }
+        let mut first_error = refuse_bad_writes(&self.name, self.pages, batch);
         let shards = self.by_server(
             batch
                 .iter()
@@ -447,17 +424,10 @@ impl PageStore for MemcachedStore {
     }
 
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
-        if count == 0 {
+        let Some(range) = discard_range(&self.name, first, count, self.pages)? else {
             return Ok(());
-        }
-        if first >= self.pages {
-            return Err(StoreError::PageOutOfRange {
-                backend: self.name.clone(),
-                page: first,
-                pages: self.pages,
-            });
-        }
-        let end = first.saturating_add(count).min(self.pages);
+        };
+        let end = range.end;
         let mut at = first;
         let mut first_error = None;
         while at < end {
