@@ -22,6 +22,32 @@ pub enum ConfigError {
         /// The variable.
         name: &'static str,
     },
+    /// A pool setting with a backend that is not a pool.
+    #[error(
+        "{name} tunes a memcached pool, but LEGO_BACKEND is not one: set \
+         LEGO_BACKEND=memcached://HOST:PORT[,HOST:PORT...] or unset {name}"
+    )]
+    NeedsPool {
+        /// The variable.
+        name: &'static str,
+    },
+    /// More copies than servers.
+    #[error(
+        "LEGO_REPLICAS={replicas} asks for more copies than the pool has servers ({servers}): \
+         every copy of a page lives on a different server"
+    )]
+    ReplicasAboveServers {
+        /// Copies asked for.
+        replicas: usize,
+        /// Servers in LEGO_BACKEND.
+        servers: usize,
+    },
+    /// `LEGO_REPLICATION` is not a mode.
+    #[error("LEGO_REPLICATION={value:?} is not a replication mode: expected pessimistic, optimistic or adaptive")]
+    Replication {
+        /// The value as set.
+        value: String,
+    },
     /// `LEGO_SYNC` is not a sync mode.
     #[error(
         "{}={value:?} is not a sync mode: expected fdatasync (the default) or none",

@@ -32,6 +32,7 @@ mod durable;
 mod error;
 mod faults;
 mod parse;
+mod pool;
 mod settings;
 
 pub use backend::BackendSpec;
@@ -41,9 +42,11 @@ pub use faults::{
     FaultEffect, FaultOp, FaultPlan, FAULT_DELAY_MS_MAX, PANIC_FAULT_POINTS, SPAWN_FAULT_THREADS,
 };
 pub use parse::{parse_size, total_ram_bytes, SizeError};
+pub use pool::{PoolSettings, Replication, REPLICAS_MAX};
 pub use settings::{documented_settings, vars, Setting};
 
 use durable::RawLog;
+use pool::RawPool;
 use faults::{parse_fault_plan, Injection};
 use parse::{lookup, online_cpus};
 use settings::SETTINGS;
@@ -165,6 +168,9 @@ pub struct Config {
     pub log: Option<LogSettings>,
     /// The heap image to start from (`LEGO_RESTORE`).
     pub restore: Option<PathBuf>,
+    /// How a memcached pool keeps its copies (`LEGO_REPLICAS` and its companions); the
+    /// defaults with other backends.
+    pub pool: PoolSettings,
 }
 
 /// Where the statistics go when the program exits.
@@ -222,6 +228,7 @@ struct RawSettings {
     fault_injection: Option<Injection>,
     log: RawLog,
     restore: Option<String>,
+    pool: RawPool,
 }
 
 impl Config {
@@ -361,6 +368,17 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
             max_bytes: size(vars::LOG_MAX)?,
         },
         restore: lookup(&get, vars::RESTORE),
+        pool: RawPool {
+            replicas: count(vars::REPLICAS, "copies", 1, pool::REPLICAS_MAX)?,
+            replication: pool::parse_replication(&get)?,
+            adaptive_free: pool::parse_adaptive_free(&get)?,
+            timeout_ms: count(
+                vars::TIMEOUT_MS,
+                "milliseconds",
+                pool::TIMEOUT_MS_MIN,
+                pool::TIMEOUT_MS_MAX,
+            )?,
+        },
     })
 }
 
@@ -393,6 +411,7 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
     };
 
     let log = durable::validate(raw.log, cache_bytes)?;
+    let pool = pool::validate(raw.pool, &backend)?;
 
     Ok(Config {
         cache_bytes,
@@ -416,6 +435,7 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         },
         log,
         restore: raw.restore.map(PathBuf::from),
+        pool,
     })
 }
 

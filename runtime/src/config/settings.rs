@@ -34,6 +34,10 @@ pub mod vars {
     pub const LOG_MAX: &str = "LEGO_LOG_MAX";
     /// Heap image to restore at start.
     pub const RESTORE: &str = "LEGO_RESTORE";
+    pub const REPLICAS: &str = "LEGO_REPLICAS";
+    pub const REPLICATION: &str = "LEGO_REPLICATION";
+    pub const ADAPTIVE_FREE: &str = "LEGO_ADAPTIVE_FREE";
+    pub const TIMEOUT_MS: &str = "LEGO_TIMEOUT_MS";
     /// Not lego's own: the default backend directory comes from it.
     pub const TMPDIR: &str = "TMPDIR";
 }
@@ -155,6 +159,38 @@ pub(super) const SETTINGS: &[Setting] = &[
         example: "/tmp/heap.img",
         meaning: "Start from this heap image (made by `lego replay`): the heap is mapped at its \
                   old address and pages are read from the image as they are touched.",
+    },
+    Setting {
+        name: vars::REPLICAS,
+        default: "1",
+        example: "2",
+        meaning: "Copies of every evicted page, each on a different server of the pool, from 1 \
+                  to 8 and at most the number of servers; needs LEGO_BACKEND=memcached://.",
+    },
+    Setting {
+        name: vars::REPLICATION,
+        default: "adaptive",
+        example: "pessimistic",
+        meaning: "pessimistic: a write-back completes when every copy is stored; optimistic: \
+                  when the first is, the others follow from a bounded queue; adaptive: \
+                  pessimistic while the pool has room, optimistic when it is scarce; needs \
+                  LEGO_BACKEND=memcached://.",
+    },
+    Setting {
+        name: vars::ADAPTIVE_FREE,
+        default: "20%",
+        example: "10%",
+        meaning: "Free share of the pool's memory below which adaptive replication turns \
+                  optimistic (and back above it plus 5 points), from 1% to 90%; needs \
+                  LEGO_BACKEND=memcached://.",
+    },
+    Setting {
+        name: vars::TIMEOUT_MS,
+        default: "2000",
+        example: "500",
+        meaning: "Bound on every connect, read and write to a pool server, in milliseconds, \
+                  from 10 to 60000; a server that misses it counts a failure; needs \
+                  LEGO_BACKEND=memcached://.",
     },
 ];
 

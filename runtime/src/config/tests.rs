@@ -210,6 +210,7 @@ fn every_setting_parsed() {
             panic_injection: None,
             log: None,
             restore: None,
+            pool: PoolSettings::default(),
         }
     );
     assert_eq!(c.cache_pages(), 48 * MIB / PAGE_BYTES);
@@ -577,6 +578,12 @@ fn documented_examples_are_accepted() {
         if [vars::FLUSH_MS, vars::FLUSH_PAGES, vars::SYNC, vars::LOG_MAX].contains(&s.name) {
             pairs.push((vars::LOG_DIR, "/var/lib/app/heap"));
         }
+        // The pool's settings tune a pool.
+        if [vars::REPLICAS, vars::REPLICATION, vars::ADAPTIVE_FREE, vars::TIMEOUT_MS]
+            .contains(&s.name)
+        {
+            pairs.push((vars::BACKEND, "memcached://10.0.0.5:11211,10.0.0.6:11211"));
+        }
         config(&pairs).unwrap_or_else(|e| panic!("{}={}: {e}", s.name, s.example));
     }
 }
@@ -730,4 +737,71 @@ fn log_settings_need_a_log_dir_and_have_defaults() {
         .is_none());
     let c = config(&[("LEGO_RESTORE", "/tmp/heap.img")]).expect("restore alone");
     assert_eq!(c.restore, Some(PathBuf::from("/tmp/heap.img")));
+}
+
+#[test]
+fn pool_settings_are_parsed_and_checked_against_the_backend() {
+    let pool = "memcached://10.0.0.5:11211,10.0.0.6:11211,10.0.0.7:11211";
+    let c = config(&[
+        ("LEGO_BACKEND", pool),
+        ("LEGO_REPLICAS", "2"),
+        ("LEGO_REPLICATION", "Optimistic"),
+        ("LEGO_ADAPTIVE_FREE", "10%"),
+        ("LEGO_TIMEOUT_MS", "300"),
+    ])
+    .expect("valid");
+    assert_eq!(
+        c.pool,
+        PoolSettings {
+            replicas: 2,
+            replication: Replication::Optimistic,
+            adaptive_free_percent: 10,
+            timeout_ms: 300,
+        }
+    );
+    let defaults = config(&[("LEGO_BACKEND", pool)]).expect("valid");
+    assert_eq!(defaults.pool, PoolSettings::default());
+    assert_eq!(defaults.pool.replication, Replication::Adaptive);
+    assert_eq!(
+        config(&[("LEGO_BACKEND", pool), ("LEGO_ADAPTIVE_FREE", "35")])
+            .expect("valid")
+            .pool
+            .adaptive_free_percent,
+        35
+    );
+
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("LEGO_REPLICAS", "2")],
+            "LEGO_REPLICAS tunes a memcached pool, but LEGO_BACKEND is not one",
+        ),
+        (
+            &[("LEGO_BACKEND", "file:/tmp"), ("LEGO_TIMEOUT_MS", "100")],
+            "LEGO_TIMEOUT_MS tunes a memcached pool",
+        ),
+        (
+            &[("LEGO_BACKEND", pool), ("LEGO_REPLICAS", "4")],
+            "LEGO_REPLICAS=4 asks for more copies than the pool has servers (3)",
+        ),
+        (
+            &[("LEGO_BACKEND", pool), ("LEGO_REPLICAS", "0")],
+            "LEGO_REPLICAS=\"0\" is not a whole number of copies from 1 to 8",
+        ),
+        (
+            &[("LEGO_BACKEND", pool), ("LEGO_REPLICATION", "lazy")],
+            "LEGO_REPLICATION=\"lazy\" is not a replication mode: expected pessimistic, optimistic or adaptive",
+        ),
+        (
+            &[("LEGO_BACKEND", pool), ("LEGO_ADAPTIVE_FREE", "95%")],
+            "LEGO_ADAPTIVE_FREE=\"95%\" is not a whole number of percent from 1 to 90",
+        ),
+        (
+            &[("LEGO_BACKEND", pool), ("LEGO_TIMEOUT_MS", "5")],
+            "LEGO_TIMEOUT_MS=\"5\" is not a whole number of milliseconds from 10 to 60000",
+        ),
+    ];
+    for (pairs, expected) in cases {
+        let got = config(pairs).expect_err("invalid").to_string();
+        assert!(got.starts_with(expected), "{pairs:?}: {got}");
+    }
 }

@@ -1,0 +1,165 @@
+//! The memcached pool's settings: `LEGO_REPLICAS`, `LEGO_REPLICATION`, `LEGO_ADAPTIVE_FREE`
+//! and `LEGO_TIMEOUT_MS` ([`PoolSettings`]).
+//!
+//! Rules: they tune a pool, so setting one with another backend is an error, not something
+//! silently ignored; a pool cannot keep more copies than it has servers.
+
+use super::backend::BackendSpec;
+use super::error::ConfigError;
+use super::parse::lookup;
+use super::settings::vars;
+use super::{check_count, Raw};
+
+/// Most copies of a page a pool keeps.
+pub const REPLICAS_MAX: usize = 8;
+/// Default share of the pool's memory below which adaptive replication turns optimistic, in
+/// percent.
+pub const ADAPTIVE_FREE_PERCENT_DEFAULT: usize = 20;
+/// Bounds of `LEGO_ADAPTIVE_FREE`, in percent.
+pub const ADAPTIVE_FREE_PERCENT_MIN: usize = 1;
+pub const ADAPTIVE_FREE_PERCENT_MAX: usize = 90;
+/// Default bound on every connect, read and write to a server, in milliseconds.
+pub const TIMEOUT_MS_DEFAULT: usize = 2000;
+/// Bounds of `LEGO_TIMEOUT_MS`, in milliseconds.
+pub const TIMEOUT_MS_MIN: usize = 10;
+pub const TIMEOUT_MS_MAX: usize = 60_000;
+
+/// How the copies of a page are written (`LEGO_REPLICATION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replication {
+    /// A write-back completes when every copy is acknowledged.
+    Pessimistic,
+    /// A write-back completes when the first copy is acknowledged; the others follow from a
+    /// bounded queue that keeps the bytes until they are.
+    Optimistic,
+    /// Pessimistic while the pool has room, optimistic when its free memory is scarce.
+    Adaptive,
+}
+
+impl Replication {
+    pub fn name(self) -> &'static str {
+        match self {
+            Replication::Pessimistic => "pessimistic",
+            Replication::Optimistic => "optimistic",
+            Replication::Adaptive => "adaptive",
+        }
+    }
+}
+
+/// Settings of a memcached pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Copies of every page, on distinct servers (`LEGO_REPLICAS`).
+    pub replicas: usize,
+    /// How the copies are written (`LEGO_REPLICATION`).
+    pub replication: Replication,
+    /// Free share of the pool's memory, in percent, below which adaptive replication turns
+    /// optimistic (`LEGO_ADAPTIVE_FREE`).
+    pub adaptive_free_percent: u8,
+    /// Bound on every connect, read and write, in milliseconds (`LEGO_TIMEOUT_MS`).
+    pub timeout_ms: u64,
+}
+
+impl Default for PoolSettings {
+    fn default() -> PoolSettings {
+        PoolSettings {
+            replicas: 1,
+            replication: Replication::Adaptive,
+            adaptive_free_percent: ADAPTIVE_FREE_PERCENT_DEFAULT as u8,
+            timeout_ms: TIMEOUT_MS_DEFAULT as u64,
+        }
+    }
+}
+
+/// The pool's settings as parsed, before they are checked against the backend.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RawPool {
+    pub replicas: Option<Raw<usize>>,
+    pub replication: Option<Replication>,
+    pub adaptive_free: Option<Raw<usize>>,
+    pub timeout_ms: Option<Raw<usize>>,
+}
+
+/// Parses `LEGO_REPLICATION` (any case).
+pub(super) fn parse_replication(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<Replication>, ConfigError> {
+    lookup(get, vars::REPLICATION)
+        .map(|v| match v.to_ascii_lowercase().as_str() {
+            "pessimistic" => Ok(Replication::Pessimistic),
+            "optimistic" => Ok(Replication::Optimistic),
+            "adaptive" => Ok(Replication::Adaptive),
+            _ => Err(ConfigError::Replication { value: v }),
+        })
+        .transpose()
+}
+
+/// Parses `LEGO_ADAPTIVE_FREE`: a whole number of percent, with or without `%`, checked
+/// against its bounds later.
+pub(super) fn parse_adaptive_free(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<Raw<usize>>, ConfigError> {
+    let Some(text) = lookup(get, vars::ADAPTIVE_FREE) else {
+        return Ok(None);
+    };
+    match text.strip_suffix('%').unwrap_or(&text).parse::<usize>() {
+        Ok(value) => Ok(Some(Raw { text, value })),
+        Err(_) => Err(ConfigError::Count {
+            name: vars::ADAPTIVE_FREE,
+            value: text,
+            unit: "percent",
+            min: ADAPTIVE_FREE_PERCENT_MIN,
+            max: ADAPTIVE_FREE_PERCENT_MAX,
+        }),
+    }
+}
+
+/// The pool's settings with defaults, checked against the backend they tune.
+pub(super) fn validate(raw: RawPool, backend: &BackendSpec) -> Result<PoolSettings, ConfigError> {
+    let BackendSpec::Memcached { servers } = backend else {
+        let set = [
+            (vars::REPLICAS, raw.replicas.is_some()),
+            (vars::REPLICATION, raw.replication.is_some()),
+            (vars::ADAPTIVE_FREE, raw.adaptive_free.is_some()),
+            (vars::TIMEOUT_MS, raw.timeout_ms.is_some()),
+        ];
+        if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::NeedsPool { name });
+        }
+        return Ok(PoolSettings::default());
+    };
+    let mut pool = PoolSettings::default();
+    if let Some(replicas) = raw.replicas {
+        pool.replicas = check_count(replicas, vars::REPLICAS, "copies", 1, REPLICAS_MAX)?;
+        if pool.replicas > servers.len() {
+            return Err(ConfigError::ReplicasAboveServers {
+                replicas: pool.replicas,
+                servers: servers.len(),
+            });
+        }
+    }
+    if let Some(replication) = raw.replication {
+        pool.replication = replication;
+    }
+    if let Some(free) = raw.adaptive_free {
+        let percent = check_count(
+            free,
+            vars::ADAPTIVE_FREE,
+            "percent",
+            ADAPTIVE_FREE_PERCENT_MIN,
+            ADAPTIVE_FREE_PERCENT_MAX,
+        )?;
+        pool.adaptive_free_percent = u8::try_from(percent).expect("at most 90");
+    }
+    if let Some(ms) = raw.timeout_ms {
+        let ms = check_count(
+            ms,
+            vars::TIMEOUT_MS,
+            "milliseconds",
+            TIMEOUT_MS_MIN,
+            TIMEOUT_MS_MAX,
+        )?;
+        pool.timeout_ms = ms as u64;
+    }
+    Ok(pool)
+}
