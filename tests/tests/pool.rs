@@ -20,6 +20,11 @@ impl Memcached {
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
+        Memcached::start_on(port, megabytes)
+    }
+
+    /// Starts a server on `port` (a restart: empty).
+    fn start_on(port: u16, megabytes: u32) -> Memcached {
         let mut cmd = Command::new("memcached");
         cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-M"])
             .args(["-m", &megabytes.to_string()])
@@ -97,6 +102,71 @@ fn kill_one_of_three(label: &str, env: &[(&str, &str)]) -> (lego_tests::Outcome,
     let out = run.run();
     killer.join().expect("the killer thread");
     (out, setup)
+}
+
+/// A server restarted empty mid-run: the run finishes with the same output, the pool finds
+/// the restart and writes the lost copies again (counted), and every page has two copies at
+/// exit.
+#[test]
+fn a_server_restarted_empty_mid_run_is_refilled() {
+    let _serial = heavy();
+    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
+    native.assert_success();
+    let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(256)).collect();
+    let backend = format!(
+        "memcached://{}",
+        servers
+            .iter()
+            .map(|s| s.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let setup = ShimSetup::new("pool-restart", 32);
+    let run = setup
+        .apply(Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS))
+        .env("LEGO_BACKEND", &backend)
+        .env("LEGO_REPLICAS", "2")
+        .env("LEGO_TIMEOUT_MS", "500")
+        .hang_after(600);
+    let mut servers = servers;
+    let victim = servers.remove(2);
+    let restarter = std::thread::spawn(move || {
+        let mut victim = victim;
+        let port: u16 = victim
+            .addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("a port");
+        std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
+        victim.kill();
+        Memcached::start_on(port, 256)
+    });
+    let out = run.run();
+    let _restarted = restarter.join().expect("the restarting thread");
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    let stats = setup.stats();
+    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
+    assert!(
+        stats.number("pool_restarts").is_some_and(|n| n >= 1)
+            || stats.number("pool_bad_copies").is_some_and(|n| n > 0),
+        "the pool must have found the restart: {}",
+        stats.raw
+    );
+    assert!(
+        stats
+            .number("pool_rereplicated_pages")
+            .is_some_and(|n| n > 0),
+        "the lost copies must have been written again: {}",
+        stats.raw
+    );
+    assert_eq!(
+        stats.number("pool_underreplicated_pages"),
+        Some(0),
+        "every page must be back to two copies at exit: {}",
+        stats.raw
+    );
+    assert_eq!(stats.number("pool_servers_down"), Some(0), "{}", stats.raw);
 }
 
 /// The run outlived the server: the pool saw it go (so the kill happened mid-run).

@@ -240,7 +240,16 @@ pub fn open_memcached_pool(
     settings: &PoolSettings,
     heap_bytes: u64,
 ) -> Result<pool::PoolStore, StoreError> {
-    let heap_id = memcached::random_heap_id();
+    open_memcached_pool_as(servers, settings, heap_bytes, memcached::random_heap_id())
+}
+
+/// [`open_memcached_pool`] for the heap `heap_id` (keys `lego:HEAPID:PAGE`).
+pub fn open_memcached_pool_as(
+    servers: &[String],
+    settings: &PoolSettings,
+    heap_bytes: u64,
+    heap_id: u64,
+) -> Result<pool::PoolStore, StoreError> {
     let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
     for server in servers {
         members.push(Box::new(memcached::MemcachedServer::open(

@@ -304,3 +304,87 @@ fn discards_reach_every_copy() {
     }
     assert_eq!(stat(&store, "pool_stored_pages"), 0);
 }
+
+/// Against real memcached servers: a value overwritten behind lego's back with a flipped
+/// bit, another page's value, or an older version of the page is never served; the other
+/// copy is, and the bad ones are counted.
+#[test]
+fn bad_values_on_a_real_server_are_detected_and_served_from_another_copy() {
+    use crate::store::memcached::connection::Connection;
+    use crate::store::memcached::protocol::{self, Reply};
+    use crate::store::memcached::test_server::TestServer;
+
+    let servers: Vec<TestServer> = (0..3).map(|_| TestServer::start(64, false)).collect();
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let heap_id = 0x00c0_ffee_0000_0001;
+    let settings = PoolSettings {
+        replicas: 2,
+        replication: Replication::Pessimistic,
+        ..PoolSettings::default()
+    };
+    let store = crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, heap_id)
+        .expect("the pool");
+    let conns: Vec<Connection> = addrs
+        .iter()
+        .map(|a| Connection::new(a, 2000).expect("a connection"))
+        .collect();
+    let key = |page: u64| format!("lego:{heap_id:016x}:{page:x}");
+    let first_holder = |page: u64| Placement::new(&addrs).ranking(page).servers()[0] as usize;
+    let get = |server: usize, page: u64| -> Vec<u8> {
+        let mut request = Vec::new();
+        protocol::get(&mut request, &key(page), 0);
+        protocol::noop(&mut request);
+        let mut value = None;
+        conns[server]
+            .pipeline(&request, |reply| {
+                if let Reply::Value { data, .. } = reply {
+                    value = Some(data.to_vec());
+                }
+            })
+            .expect("a raw get");
+        value.expect("the value is there")
+    };
+    let set = |server: usize, page: u64, value: &[u8]| {
+        let mut request = Vec::new();
+        protocol::set(&mut request, &key(page), value, 0);
+        protocol::noop(&mut request);
+        conns[server].pipeline(&request, |_| {}).expect("a raw set");
+    };
+
+    let old = contents(16, 71);
+    store_pages(&store, 0, &old, 1);
+    let old_value_of_5 = get(first_holder(5), 5);
+    let src = contents(16, 72);
+    store_pages(&store, 0, &src, 2);
+    // Page 5: its older version. Page 6: a flipped bit in the page. Page 7: page 8's value.
+    set(first_holder(5), 5, &old_value_of_5);
+    let mut flipped = get(first_holder(6), 6);
+    flipped[100] ^= 0x10;
+    set(first_holder(6), 6, &flipped);
+    let other = get(first_holder(8), 8);
+    set(first_holder(7), 7, &other);
+
+    assert_eq!(
+        fetch_pages(&store, 0, &src, 2),
+        16,
+        "every page served right"
+    );
+    assert_eq!(stat(&store, "pool_bad_copies"), 3);
+    assert!(stat(&store, "pool_failovers") >= 3);
+    wait_until("the bad copies are replaced", || {
+        stat(&store, "pool_underreplicated_pages") == 0
+    });
+    // The copies written again are good: every page is served from them too.
+    for page in 5..8u64 {
+        let mut dst = pages(1);
+        let mut reads = [PageRead::new(
+            page,
+            &mut dst[0].0,
+            crc32c::crc32c(&src[page as usize].0),
+            2,
+        )];
+        let _ = store.fetch(&mut reads);
+        assert!(reads[0].outcome.is_done());
+    }
+    drop(servers);
+}
