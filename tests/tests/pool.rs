@@ -169,6 +169,43 @@ fn a_server_restarted_empty_mid_run_is_refilled() {
     assert_eq!(stats.number("pool_servers_down"), Some(0), "{}", stats.raw);
 }
 
+/// A pool too small for the heap: the servers answer "out of memory", stay up, and keep
+/// what they hold; the pages that do not fit stay in the cache (which overflows); the program
+/// gives the same output, and the log says the pool is full.
+#[test]
+fn a_full_pool_loses_nothing_and_says_so() {
+    let _serial = heavy();
+    let native = Run::new(program("sigbus_fetch")).args(["96"]).run();
+    native.assert_success();
+    let (a, b) = (Memcached::start(8), Memcached::start(8));
+    let setup = ShimSetup::new("pool-full", 16);
+    let out = setup
+        .apply(Run::new(program("sigbus_fetch")).args(["96"]))
+        .env("LEGO_BACKEND", format!("memcached://{},{}", a.addr, b.addr))
+        .env("LEGO_LOG_LEVEL", "warn")
+        .hang_after(300)
+        .run();
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    assert!(
+        out.stderr.contains("is full (memcached -m)"),
+        "the log must say the pool is full:\n{out}"
+    );
+    let stats = setup.stats();
+    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
+    assert_eq!(
+        stats.number("pool_servers_down"),
+        Some(0),
+        "a full server is not down: {}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pages_fetched").is_some_and(|n| n > 1000),
+        "what fit in the pool came back from it: {}",
+        stats.raw
+    );
+}
+
 /// The run outlived the server: the pool saw it go (so the kill happened mid-run).
 fn assert_saw_the_loss(stats: &lego_tests::Stats, what: &str) {
     assert!(

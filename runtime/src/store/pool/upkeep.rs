@@ -351,7 +351,7 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
         out.push((
             format!("pool_server_{s}"),
             format!(
-                "{} {} fetched={} stored={} errors={} downs={} bytes_sent={sent} \
+                "{} {} fetched={} stored={} errors={} downs={} full={} bytes_sent={sent} \
                  bytes_received={received}",
                 member.server(),
                 if h.is_up() { "up" } else { "down" },
@@ -359,6 +359,7 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
                 inner.served[s].stored.load(Relaxed),
                 h.errors.load(Relaxed),
                 h.downs.load(Relaxed),
+                inner.served[s].full.load(Relaxed),
             ),
         ));
     }
