@@ -11,7 +11,7 @@
 //! committed only as the used part of the heap grows. With a log, the table also keeps the
 //! durable heap's dirty set (`dirty`).
 
-mod array;
+pub(crate) mod array;
 mod dirty;
 
 use std::sync::{Mutex, MutexGuard};

@@ -51,8 +51,13 @@ pub enum FaultEffect {
 }
 
 /// The runtime threads whose start `LEGO_FAULT_INJECT=spawn:THREAD` can make fail.
-pub const SPAWN_FAULT_THREADS: &[&str] =
-    &["lego-logwrite", "lego-flush", "lego-evict", "lego-discard"];
+pub const SPAWN_FAULT_THREADS: &[&str] = &[
+    "lego-logwrite",
+    "lego-flush",
+    "lego-evict",
+    "lego-discard",
+    "lego-pool",
+];
 /// Where `LEGO_FAULT_INJECT=panic:POINT` can make the shim panic.
 pub const PANIC_FAULT_POINTS: &[&str] = &["fork"];
 

@@ -46,9 +46,9 @@ pub use pool::{PoolSettings, Replication, REPLICAS_MAX};
 pub use settings::{documented_settings, vars, Setting};
 
 use durable::RawLog;
-use pool::RawPool;
 use faults::{parse_fault_plan, Injection};
 use parse::{lookup, online_cpus};
+use pool::RawPool;
 use settings::SETTINGS;
 
 /// `PAGE_SIZE` as a `u64`, for byte arithmetic on sizes.

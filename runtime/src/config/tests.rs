@@ -579,8 +579,13 @@ fn documented_examples_are_accepted() {
             pairs.push((vars::LOG_DIR, "/var/lib/app/heap"));
         }
         // The pool's settings tune a pool.
-        if [vars::REPLICAS, vars::REPLICATION, vars::ADAPTIVE_FREE, vars::TIMEOUT_MS]
-            .contains(&s.name)
+        if [
+            vars::REPLICAS,
+            vars::REPLICATION,
+            vars::ADAPTIVE_FREE,
+            vars::TIMEOUT_MS,
+        ]
+        .contains(&s.name)
         {
             pairs.push((vars::BACKEND, "memcached://10.0.0.5:11211,10.0.0.6:11211"));
         }

@@ -284,7 +284,7 @@ impl Runtime {
 
     /// What the runtime runs with, for the stats report.
     pub fn describe(&self) -> Vec<(String, String)> {
-        vec![
+        let mut pairs = vec![
             ("uffd_features".into(), format!("{:#x}", self.features.0)),
             ("dirty_tracking".into(), "wp_async+pagemap_scan".to_string()),
             ("handler_threads".into(), self.handlers.to_string()),
@@ -297,7 +297,9 @@ impl Runtime {
                 "discard_ranges_dropped".into(),
                 self.shared.discards.dropped().to_string(),
             ),
-        ]
+        ];
+        pairs.extend(self.shared.store.report());
+        pairs
     }
 }
 

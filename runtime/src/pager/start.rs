@@ -57,6 +57,7 @@ impl Runtime {
         let fill = fault::Fill::new()?;
         let store = store::open(
             &config.backend,
+            &config.pool,
             config.heap_bytes,
             config.fault_injection.as_ref(),
         )?;

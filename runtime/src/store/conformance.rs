@@ -351,9 +351,10 @@ fn concurrent_callers(store: &dyn PageStore) {
 mod tests {
     use super::*;
     use crate::config::{FaultEffect, FaultOp, FaultPlan};
+    use crate::config::{PoolSettings, Replication};
     use crate::store::memcached::test_server::TestServer;
-    use crate::store::memcached::MemcachedStore;
     use crate::store::memory::MemoryStore;
+    use crate::store::open_memcached_pool;
     use crate::store::{FaultyStore, FileOptions, FileStore, PAGE_BYTES};
 
     fn heap_bytes() -> u64 {
@@ -404,23 +405,32 @@ mod tests {
         }
     }
 
-    /// Against a real memcached on loopback, one server and a pool of two.
+    /// Against real memcached servers on loopback: one server, a pool of two, and a pool of
+    /// three keeping two copies in each replication mode.
     #[test]
-    fn the_memcached_store_conforms() {
-        let a = TestServer::start(64, false);
-        let b = TestServer::start(64, false);
-        check_all(&|| {
+    fn the_memcached_pool_conforms() {
+        let servers: Vec<TestServer> = (0..3).map(|_| TestServer::start(64, false)).collect();
+        let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        let open = |n: usize, settings: PoolSettings| {
             Box::new(
-                MemcachedStore::open(std::slice::from_ref(&a.addr), heap_bytes())
+                open_memcached_pool(&addrs[..n], &settings, heap_bytes())
                     .expect("opening the pool"),
-            )
-        });
-        check_all(&|| {
-            Box::new(
-                MemcachedStore::open(&[a.addr.clone(), b.addr.clone()], heap_bytes())
-                    .expect("opening the pool"),
-            )
-        });
+            ) as Box<dyn PageStore>
+        };
+        check_all(&|| open(1, PoolSettings::default()));
+        check_all(&|| open(2, PoolSettings::default()));
+        for replication in [
+            Replication::Pessimistic,
+            Replication::Optimistic,
+            Replication::Adaptive,
+        ] {
+            let settings = PoolSettings {
+                replicas: 2,
+                replication,
+                ..PoolSettings::default()
+            };
+            check_all(&|| open(3, settings));
+        }
     }
 
     /// A server that may evict (started without `-M`) is refused, with the reason; so is one
@@ -428,9 +438,14 @@ mod tests {
     #[test]
     fn a_memcached_that_may_evict_is_refused() {
         let evicting = TestServer::start(64, true);
-        let e = MemcachedStore::open(std::slice::from_ref(&evicting.addr), heap_bytes())
-            .err()
-            .expect("refused");
+        let settings = PoolSettings::default();
+        let e = open_memcached_pool(
+            std::slice::from_ref(&evicting.addr),
+            &settings,
+            heap_bytes(),
+        )
+        .err()
+        .expect("refused");
         let text = crate::logging::error_chain(&e);
         assert!(
             text.contains("-M") && text.contains(&evicting.addr),
@@ -438,7 +453,7 @@ mod tests {
         );
         drop(evicting);
         let gone = "127.0.0.1:1".to_string();
-        let e = MemcachedStore::open(&[gone], heap_bytes())
+        let e = open_memcached_pool(&[gone], &settings, heap_bytes())
             .err()
             .expect("nothing listens there");
         assert!(

@@ -227,6 +227,10 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.inner.at_exit();
     }
 
+    fn report(&self) -> Vec<(String, String)> {
+        self.inner.report()
+    }
+
     fn describe(&self) -> String {
         let plan = self.budget.plan;
         let once = if plan.once { " once" } else { "" };
@@ -504,14 +508,24 @@ mod tests {
         let dir = std::env::temp_dir();
         let plan = plan(FaultOp::Fetch, 1, FaultEffect::Errno(libc::EIO));
         let spec = crate::config::BackendSpec::File { dir: dir.clone() };
-        let store = crate::store::open(&spec, 16 * crate::PAGE_SIZE as u64, Some(&plan))
-            .expect("opening a faulty file store");
+        let store = crate::store::open(
+            &spec,
+            &Default::default(),
+            16 * crate::PAGE_SIZE as u64,
+            Some(&plan),
+        )
+        .expect("opening a faulty file store");
         assert!(store.describe().starts_with("file:"));
         assert!(store
             .describe()
             .contains("faulty: fetch fails with errno 5 after 1 pages"));
-        let plain = crate::store::open(&spec, 16 * crate::PAGE_SIZE as u64, None)
-            .expect("opening a plain file store");
+        let plain = crate::store::open(
+            &spec,
+            &Default::default(),
+            16 * crate::PAGE_SIZE as u64,
+            None,
+        )
+        .expect("opening a plain file store");
         assert!(!plain.describe().contains("faulty"));
     }
 }

@@ -45,13 +45,14 @@ mod error;
 pub mod faulty;
 pub mod file;
 pub mod memcached;
+pub mod pool;
 
 #[cfg(test)]
 mod conformance;
 #[cfg(test)]
 pub(crate) mod memory;
 
-use crate::config::{BackendSpec, FaultPlan};
+use crate::config::{BackendSpec, FaultPlan, PoolSettings};
 use crate::PAGE_SIZE;
 
 pub use discard::DiscardQueue;
@@ -173,6 +174,12 @@ pub trait PageStore: Send + Sync {
     /// disk (the store stays usable: late faults from other libraries' destructors may still
     /// fetch pages).
     fn at_exit(&self) {}
+
+    /// Statistics of the store itself, as (name, value) pairs for the report at exit (a pool's
+    /// failovers and servers); none by default.
+    fn report(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 // Boxed stores (what `store::open` returns) can be wrapped too.
@@ -197,6 +204,10 @@ impl PageStore for Box<dyn PageStore> {
         (**self).at_exit();
     }
 
+    fn report(&self) -> Vec<(String, String)> {
+        (**self).report()
+    }
+
     fn describe(&self) -> String {
         (**self).describe()
     }
@@ -206,19 +217,54 @@ impl PageStore for Box<dyn PageStore> {
 /// [`FaultyStore`] when a fault plan is given.
 pub fn open(
     spec: &BackendSpec,
+    pool: &PoolSettings,
     heap_bytes: u64,
     faults: Option<&FaultPlan>,
 ) -> Result<Box<dyn PageStore>, StoreError> {
     let store: Box<dyn PageStore> = match spec {
         BackendSpec::File { dir } => Box::new(FileStore::open(dir, heap_bytes)?),
         BackendSpec::Memcached { servers } => {
-            Box::new(memcached::MemcachedStore::open(servers, heap_bytes)?)
+            Box::new(open_memcached_pool(servers, pool, heap_bytes)?)
         }
     };
     Ok(match faults {
         Some(plan) => Box::new(FaultyStore::new(store, *plan)),
         None => store,
     })
+}
+
+/// A pool over the memcached servers `servers`, every one of them answering and refusing to
+/// evict, for a new heap (a random heap id).
+pub fn open_memcached_pool(
+    servers: &[String],
+    settings: &PoolSettings,
+    heap_bytes: u64,
+) -> Result<pool::PoolStore, StoreError> {
+    open_memcached_pool_as(servers, settings, heap_bytes, memcached::random_heap_id())
+}
+
+/// [`open_memcached_pool`] for the heap `heap_id` (keys `lego:HEAPID:PAGE`).
+pub fn open_memcached_pool_as(
+    servers: &[String],
+    settings: &PoolSettings,
+    heap_bytes: u64,
+    heap_id: u64,
+) -> Result<pool::PoolStore, StoreError> {
+    let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
+    for server in servers {
+        members.push(Box::new(memcached::MemcachedServer::open(
+            server,
+            heap_id,
+            heap_bytes,
+            settings.timeout_ms,
+        )?));
+    }
+    pool::PoolStore::new(
+        format!("memcached://{}", servers.join(",")),
+        members,
+        heap_bytes,
+        *settings,
+    )
 }
 
 /// Marks every page of a write batch that is not yet decided with `outcome`.

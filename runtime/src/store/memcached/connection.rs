@@ -1,0 +1,193 @@
+//! [`Connection`]s to one memcached server: a few kept open, every connect, read and write
+//! bounded by the pool's timeout, a pipeline sent and its replies read up to `MN`, and the
+//! text commands (`stats`, `stats settings`) the pool reads at start and when it probes.
+//!
+//! Rules: a connection whose pipeline did not end cleanly is dropped (its stream may hold
+//! replies of a request nobody waits for); a new one is made on the next call. Buffers come
+//! from Rust's allocator (the internal heap in the preload library).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::protocol::{self, ProtocolError, Reply};
+use crate::store::FailureKind;
+
+/// Idle connections kept per server.
+pub const CONNECTIONS_PER_SERVER_MAX: usize = 4;
+/// Bytes read from a server at once.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Longest text reply (`stats`) read, in bytes.
+const TEXT_REPLY_BYTES_MAX: usize = 1 << 20;
+
+/// Where one server is, and its idle connections.
+pub struct Connection {
+    addr: SocketAddr,
+    /// `HOST:PORT` as the user wrote it.
+    pub name: String,
+    timeout: Duration,
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+/// Why talking to a server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("resolving the server's name failed")]
+    Resolve(#[source] std::io::Error),
+    #[error("talking to the server failed")]
+    Io(#[source] std::io::Error),
+    #[error(transparent)]
+    Protocol(ProtocolError),
+}
+
+impl ServerError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            ServerError::Resolve(_) | ServerError::Io(_) => FailureKind::Transient,
+            ServerError::Protocol(e) if e.is_transient() => FailureKind::Transient,
+            ServerError::Protocol(_) => FailureKind::Refused,
+        }
+    }
+}
+
+impl Connection {
+    /// Resolves `name` (`HOST:PORT`); connects only when first used.
+    pub fn new(name: &str, timeout_ms: u64) -> Result<Connection, ServerError> {
+        let addr = name
+            .to_socket_addrs()
+            .map_err(ServerError::Resolve)?
+            .next()
+            .ok_or_else(|| {
+                ServerError::Resolve(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the name has no address",
+                ))
+            })?;
+        Ok(Connection {
+            addr,
+            name: name.to_owned(),
+            timeout: Duration::from_millis(timeout_ms),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let stream = TcpStream::connect_timeout(&self.addr, self.timeout)?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// An idle connection, or a new one.
+    fn take(&self) -> std::io::Result<TcpStream> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match idle {
+            Some(stream) => Ok(stream),
+            None => self.connect(),
+        }
+    }
+
+    /// Gives a connection whose pipeline ended cleanly back to the pool.
+    fn give_back(&self, stream: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < CONNECTIONS_PER_SERVER_MAX {
+            idle.push(stream);
+        }
+    }
+
+    /// Drops every idle connection (after the server was down: they are likely dead).
+    pub fn forget_idle(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Sends `request` (a pipeline ending in `mn`) and hands every reply up to `MN` to
+    /// `on_reply`. Returns the bytes read. The connection goes back to the pool only if the
+    /// pipeline ended cleanly.
+    pub fn pipeline(
+        &self,
+        request: &[u8],
+        mut on_reply: impl FnMut(Reply<'_>),
+    ) -> Result<u64, ServerError> {
+        let mut stream = self.take().map_err(ServerError::Io)?;
+        stream.write_all(request).map_err(ServerError::Io)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+        let mut start = 0;
+        let mut received = 0u64;
+        loop {
+            // Parse what is there, then read more.
+            loop {
+                match protocol::parse(&buf[start..]).map_err(ServerError::Protocol)? {
+                    Some((Reply::End, taken)) => {
+                        start += taken;
+                        if start == buf.len() {
+                            self.give_back(stream);
+                        }
+                        return Ok(received);
+                    }
+                    Some((reply, taken)) => {
+                        on_reply(reply);
+                        start += taken;
+                    }
+                    None => break,
+                }
+            }
+            buf.drain(..start);
+            start = 0;
+            let len = buf.len();
+            buf.resize(len + READ_CHUNK_BYTES, 0);
+            let n = stream.read(&mut buf[len..]).map_err(ServerError::Io)?;
+            buf.truncate(len + n);
+            received += n as u64;
+            if n == 0 {
+                return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Sends one text command (`stats`, `stats settings`) on a connection of its own and
+    /// returns the `STAT NAME VALUE` pairs up to `END`.
+    pub fn stats(&self, command: &str) -> Result<Vec<(String, String)>, ServerError> {
+        let io = |e: std::io::Error| ServerError::Io(e);
+        let mut stream = self.connect().map_err(io)?;
+        stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .map_err(io)?;
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if text.ends_with("END\r\n") || text.ends_with("ERROR\r\n") {
+                break;
+            }
+            if text.len() > TEXT_REPLY_BYTES_MAX {
+                return Err(ServerError::Protocol(ProtocolError::LineTooLong));
+            }
+        }
+        let mut pairs = Vec::new();
+        for line in text.lines() {
+            if let Some(stat) = line.strip_prefix("STAT ") {
+                let (name, value) = stat.split_once(' ').unwrap_or((stat, ""));
+                pairs.push((name.to_owned(), value.to_owned()));
+            } else if line.ends_with("ERROR") {
+                return Err(ServerError::Protocol(ProtocolError::Client {
+                    line: line.to_owned(),
+                }));
+            }
+        }
+        Ok(pairs)
+    }
+}
+
+/// The value of `name` among `stats` pairs.
+pub fn stat<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}

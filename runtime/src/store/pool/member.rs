@@ -1,0 +1,195 @@
+//! [`Member`]: what the pool needs of one server beyond [`PageStore`]: its name, how it is
+//! (`stats`), deleting values, and dropping its connections. [`MemcachedServer`] is the real
+//! one; the tests also run the pool over in-memory members that fail, lose or damage pages on
+//! demand.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::store::memcached::{MemcachedServer, ServerInfo};
+use crate::store::{PageStore, StoreError};
+
+/// One server of the pool.
+pub trait Member: PageStore {
+    /// `HOST:PORT`.
+    fn server(&self) -> &str;
+    /// Asks the server how it is; an error when it does not answer.
+    fn info(&self) -> Result<ServerInfo, StoreError>;
+    /// Deletes the values of `pages` (best effort).
+    fn delete(&self, pages: &[u64]) -> Result<(), StoreError>;
+    /// Drops idle connections (after the server was down).
+    fn reconnect(&self);
+    /// Bytes sent to and received from the server.
+    fn wire_bytes(&self) -> (u64, u64);
+    /// Whether `e` (from this member) says the server is full: not a failure of the
+    /// server, which stays up and keeps serving what it holds.
+    fn is_full(&self, _e: &StoreError) -> bool {
+        false
+    }
+}
+
+impl Member for MemcachedServer {
+    fn server(&self) -> &str {
+        MemcachedServer::server(self)
+    }
+
+    fn info(&self) -> Result<ServerInfo, StoreError> {
+        MemcachedServer::info(self)
+    }
+
+    fn delete(&self, pages: &[u64]) -> Result<(), StoreError> {
+        MemcachedServer::delete(self, pages)
+    }
+
+    fn reconnect(&self) {
+        MemcachedServer::reconnect(self);
+    }
+
+    fn wire_bytes(&self) -> (u64, u64) {
+        (
+            self.traffic.bytes_sent.load(Relaxed),
+            self.traffic.bytes_received.load(Relaxed),
+        )
+    }
+
+    fn is_full(&self, e: &StoreError) -> bool {
+        // memcached started with -M: "SERVER_ERROR out of memory storing object".
+        crate::logging::error_chain(e).contains("out of memory")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_member {
+    //! An in-memory member whose failures a test switches on and off.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{FailureKind, Outcome, PageRead, PageWrite};
+
+    pub(crate) struct TestMember {
+        name: String,
+        heap_bytes: u64,
+        store: Mutex<MemoryStore>,
+        /// Every request fails (a dead server).
+        pub(crate) down: AtomicBool,
+        /// Fetches hand back a flipped bit.
+        pub(crate) corrupt: AtomicBool,
+        pid: AtomicU64,
+        pub(crate) fetches: AtomicU64,
+    }
+
+    impl TestMember {
+        pub(crate) fn new(name: &str, heap_bytes: u64) -> TestMember {
+            TestMember {
+                name: name.to_owned(),
+                heap_bytes,
+                store: Mutex::new(MemoryStore::new(heap_bytes)),
+                down: AtomicBool::new(false),
+                corrupt: AtomicBool::new(false),
+                pid: AtomicU64::new(1),
+                fetches: AtomicU64::new(0),
+            }
+        }
+
+        /// Restarts the server empty (another pid).
+        pub(crate) fn restart_empty(&self) {
+            *self.store.lock().unwrap() = MemoryStore::new(self.heap_bytes);
+            self.pid.fetch_add(1, Relaxed);
+        }
+
+        fn gone(&self, page: u64) -> StoreError {
+            StoreError::Io {
+                backend: self.name.clone(),
+                op: crate::store::StoreOp::Fetch,
+                page,
+                kind: FailureKind::Transient,
+                source: "the test server is down".into(),
+            }
+        }
+    }
+
+    impl PageStore for TestMember {
+        fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+            self.fetches.fetch_add(1, Relaxed);
+            if self.down.load(Relaxed) {
+                for r in batch.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
+                    r.outcome = Outcome::Failed(FailureKind::Transient);
+                }
+                return Err(self.gone(batch.first().map_or(0, |r| r.page)));
+            }
+            if self.corrupt.load(Relaxed) {
+                // What a server with a flipped bit would hand back: the member's own check
+                // (as MemcachedServer's) finds it.
+                let result = self.store.lock().unwrap().fetch(batch);
+                for r in batch.iter_mut() {
+                    if r.outcome == Outcome::Done {
+                        r.buf[7] ^= 1;
+                        r.outcome = Outcome::Failed(FailureKind::Lost);
+                    }
+                }
+                return result.and(Err(StoreError::Mismatch {
+                    backend: self.name.clone(),
+                    page: batch.first().map_or(0, |r| r.page),
+                    found: 0,
+                    expected: 1,
+                    version: 0,
+                }));
+            }
+            self.store.lock().unwrap().fetch(batch)
+        }
+
+        fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+            if self.down.load(Relaxed) {
+                for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
+                    w.outcome = Outcome::Failed(FailureKind::Transient);
+                }
+                return Err(self.gone(batch.first().map_or(0, |w| w.page)));
+            }
+            self.store.lock().unwrap().store(batch)
+        }
+
+        fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+            if self.down.load(Relaxed) {
+                return Err(self.gone(first));
+            }
+            self.store.lock().unwrap().discard(first, count)
+        }
+
+        fn describe(&self) -> String {
+            self.name.clone()
+        }
+    }
+
+    impl Member for TestMember {
+        fn server(&self) -> &str {
+            &self.name
+        }
+
+        fn info(&self) -> Result<ServerInfo, StoreError> {
+            if self.down.load(Relaxed) {
+                return Err(self.gone(0));
+            }
+            Ok(ServerInfo {
+                pid: self.pid.load(Relaxed),
+                uptime_s: 1,
+                limit_bytes: 64 << 20,
+                used_bytes: 0,
+                version: "test".into(),
+            })
+        }
+
+        fn delete(&self, pages: &[u64]) -> Result<(), StoreError> {
+            for &p in pages {
+                self.discard(p, 1)?;
+            }
+            Ok(())
+        }
+
+        fn reconnect(&self) {}
+
+        fn wire_bytes(&self) -> (u64, u64) {
+            (0, 0)
+        }
+    }
+}

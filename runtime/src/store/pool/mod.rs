@@ -1,0 +1,614 @@
+//! [`PoolStore`]: a heap's pages on a pool of servers, sharded and replicated, failing over to
+//! other copies, never serving a wrong one. `LEGO_BACKEND=memcached://A,B,C` with
+//! `LEGO_REPLICAS=N` and `LEGO_REPLICATION=MODE`.
+//!
+//! - Placement ([`placement`]): groups of 16 pages are placed by rendezvous hashing; a group's
+//!   copies go to the first N servers of its ranking that are up. The server list is fixed
+//!   for a run (a restart with another list re-seeds from the log: `lego replay --to`).
+//! - What the pool knows ([`records`]): for each page the checksum and version of its newest
+//!   stored copy, and which servers hold that version. A fetch reads from a holder in ranking
+//!   order; a copy that is missing, old or damaged (the member checks checksum and version) is
+//!   dropped from the holders and the next holder is tried; a page no holder could give is
+//!   `Transient` while a holder is down (it may come back), `Lost` when every holder answered
+//!   without it.
+//! - Replication: `pessimistic` writes every copy before a write-back completes;
+//!   `optimistic` writes the first copy and queues the others ([`queue`]) for the pool's thread;
+//!   `adaptive` is pessimistic while the pool's free memory is above `LEGO_ADAPTIVE_FREE` and
+//!   optimistic below it. A write that a server refuses goes to the next server of the
+//!   ranking, so a page gets its copies while enough servers are up.
+//! - Failover and repair ([`health`], [`upkeep`]): a server failing 3 times in a row is marked
+//!   down and probed with backoff; the pool's thread (`lego-pool`) writes the queued copies,
+//!   probes, watches free memory, and re-replicates pages that have fewer than N copies on up
+//!   servers (after a server went down, or came back empty) from a surviving copy.
+//! - Ordering: writes of the same page by the evictor and by the pool's thread are serialised
+//!   by stripe locks (by group), so an older copy never lands after a newer one on a server.
+//!
+//! Rules: the records' lock is never held across I/O; stripe locks are taken in index order
+//! and before the records' lock.
+
+pub mod health;
+pub mod member;
+pub mod placement;
+pub mod queue;
+pub mod records;
+mod upkeep;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use self::health::Health;
+use self::member::Member;
+use self::placement::Placement;
+use self::queue::ReplicaQueue;
+use self::records::Records;
+use super::{
+    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
+    PageWrite, StoreError, StoreOp, PAGE_BYTES,
+};
+use crate::config::{PoolSettings, Replication};
+use crate::logging::{error_chain, RateLimit};
+
+static POOL_FULL: RateLimit = RateLimit::new(3);
+
+/// Stripe locks that order writes of the same pages.
+const STRIPES: usize = 64;
+
+/// Counters of the pool, for the stats.
+#[derive(Default)]
+struct Counters {
+    /// Pages served by a copy other than the first one tried.
+    failovers: AtomicU64,
+    /// Copies written by repair (a page back to N copies).
+    rereplicated: AtomicU64,
+    /// Switches of adaptive replication.
+    mode_switches: AtomicU64,
+    /// Copies found missing, old or damaged on a server.
+    bad_copies: AtomicU64,
+    /// Pages served from the replica queue.
+    queue_reads: AtomicU64,
+    /// Servers found restarted (empty).
+    restarts: AtomicU64,
+}
+
+/// Per-server page counters.
+#[derive(Default)]
+struct ServerCounters {
+    fetched: AtomicU64,
+    stored: AtomicU64,
+    /// Write-backs it refused because it was full.
+    full: AtomicU64,
+}
+
+struct Inner {
+    members: Vec<Box<dyn Member>>,
+    health: Vec<Health>,
+    served: Vec<ServerCounters>,
+    placement: Placement,
+    records: Records,
+    queue: ReplicaQueue,
+    stripes: Vec<Mutex<()>>,
+    settings: PoolSettings,
+    /// Current mode of adaptive replication (fixed for the other two).
+    optimistic: AtomicBool,
+    counters: Counters,
+    /// Some page may have fewer copies than it should.
+    repair_needed: AtomicBool,
+    /// Wakes the pool's thread (queued copies, a server down).
+    wake: (Mutex<bool>, Condvar),
+    name: String,
+    pages: u64,
+}
+
+/// A heap's pages on a pool of servers.
+pub struct PoolStore {
+    inner: Arc<Inner>,
+}
+
+impl PoolStore {
+    /// A pool over `members` (each a server already open), for a heap of `heap_bytes`, with
+    /// its thread started. `name` names the pool in errors (`memcached://A,B`).
+    pub fn new(
+        name: String,
+        members: Vec<Box<dyn Member>>,
+        heap_bytes: u64,
+        settings: PoolSettings,
+    ) -> Result<PoolStore, StoreError> {
+        assert!(
+            settings.replicas >= 1 && settings.replicas <= members.len(),
+            "the configuration checks the copies against the servers"
+        );
+        let pages = heap_bytes.div_ceil(PAGE_BYTES);
+        let names: Vec<String> = members.iter().map(|m| m.server().to_owned()).collect();
+        let records = Records::new(pages).map_err(|e| StoreError::Open {
+            backend: name.clone(),
+            what: "reserving the pool's page records".into(),
+            source: Box::new(e),
+        })?;
+        let health: Vec<Health> = members.iter().map(|_| Health::default()).collect();
+        for (member, h) in members.iter().zip(&health) {
+            if let Ok(info) = member.info() {
+                h.answered(info.pid, info.uptime_s);
+            }
+        }
+        let inner = Arc::new(Inner {
+            served: members.iter().map(|_| ServerCounters::default()).collect(),
+            members,
+            health,
+            placement: Placement::new(&names),
+            records,
+            queue: ReplicaQueue::default(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            settings,
+            optimistic: AtomicBool::new(settings.replication == Replication::Optimistic),
+            counters: Counters::default(),
+            repair_needed: AtomicBool::new(false),
+            wake: (Mutex::new(false), Condvar::new()),
+            name,
+            pages,
+        });
+        if settings.replicas > 1 || inner.members.len() > 1 {
+            upkeep::start(Arc::clone(&inner)).map_err(|e| StoreError::Open {
+                backend: inner.name.clone(),
+                what: "starting the pool's thread lego-pool".into(),
+                source: Box::new(e),
+            })?;
+        }
+        log::info!("page store: {}", PoolStore::describe_inner(&inner));
+        Ok(PoolStore { inner })
+    }
+
+    fn describe_inner(inner: &Inner) -> String {
+        let mode = match inner.settings.replication {
+            Replication::Adaptive if inner.optimistic.load(Relaxed) => "adaptive, optimistic now",
+            Replication::Adaptive => "adaptive, pessimistic now",
+            other => other.name(),
+        };
+        format!(
+            "{} ({} servers, {} {}, {mode})",
+            inner.name,
+            inner.members.len(),
+            inner.settings.replicas,
+            if inner.settings.replicas == 1 {
+                "copy"
+            } else {
+                "copies"
+            },
+        )
+    }
+}
+
+impl Inner {
+    /// Locks the stripes of `pages`, in index order.
+    fn lock_stripes(&self, pages: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
+        let mut wanted = [false; STRIPES];
+        for page in pages {
+            wanted[(Placement::group(page) % STRIPES as u64) as usize] = true;
+        }
+        wanted
+            .iter()
+            .enumerate()
+            .filter(|(_, &w)| w)
+            .map(|(i, _)| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect()
+    }
+
+    fn up_mask(&self) -> u64 {
+        self.health
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_up())
+            .fold(0, |m, (i, _)| m | 1 << i)
+    }
+
+    /// A member's request failed as a whole: counts it, and wakes the thread when it marks
+    /// the server down.
+    fn member_failed(&self, server: usize, e: &StoreError) {
+        if self.health[server].failed() {
+            log::warn!(
+                "pool server {} is down: {}",
+                self.members[server].server(),
+                error_chain(e)
+            );
+            self.repair_needed.store(true, Relaxed);
+            self.wake_thread();
+        }
+    }
+
+    fn wake_thread(&self) {
+        let (flag, cv) = &self.wake;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_one();
+    }
+
+    fn pool_error(&self, op: StoreOp, page: u64, kind: FailureKind, why: String) -> StoreError {
+        StoreError::Io {
+            backend: self.name.clone(),
+            op,
+            page,
+            kind,
+            source: why.into(),
+        }
+    }
+
+    /// Reads a batch from the pages' holders (see the module documentation); `counted`:
+    /// a fetch of the pager (counted in the stats), not one of repair.
+    fn fetch(&self, batch: &mut [PageRead<'_>], counted: bool) -> Result<(), StoreError> {
+        let inner = self;
+        let mut first_error = refuse_bad_reads(&inner.name, inner.pages, batch.iter_mut());
+        // Each pending page's holders (of the version asked for), in ranking order; pages
+        // the pool never stored read as zeros, as in every store.
+        let mut holders: Vec<u64> = vec![0; batch.len()];
+        {
+            let records = inner.records.lock();
+            for (i, r) in batch.iter_mut().enumerate() {
+                if r.outcome != Outcome::Pending {
+                    continue;
+                }
+                let copy = records.get(r.page);
+                if copy.version == 0 {
+                    r.buf.fill(0);
+                    let found = crc32c::crc32c(r.buf);
+                    if found == r.crc {
+                        r.outcome = Outcome::Done;
+                    } else {
+                        r.outcome = Outcome::Failed(FailureKind::Lost);
+                        first_error.get_or_insert(StoreError::Mismatch {
+                            backend: inner.name.clone(),
+                            page: r.page,
+                            found,
+                            expected: r.crc,
+                            version: r.version,
+                        });
+                    }
+                } else if copy.version == r.version {
+                    holders[i] = copy.holders;
+                }
+            }
+        }
+        // A page still waiting for its other copies is served from the queue's bytes.
+        for (i, r) in batch.iter_mut().enumerate() {
+            if r.outcome == Outcome::Pending
+                && inner.queue.read(r.page, r.version, r.buf)
+                && crc32c::crc32c(r.buf) == r.crc
+            {
+                r.outcome = Outcome::Done;
+                inner.counters.queue_reads.fetch_add(1, Relaxed);
+                holders[i] = 0;
+            }
+        }
+        let mut tried: Vec<u64> = vec![0; batch.len()];
+        let mut transient: Vec<bool> = vec![false; batch.len()];
+        // The server each page was last read from, and each server's last error.
+        let mut last_server: Vec<Option<usize>> = vec![None; batch.len()];
+        let mut server_errors: Vec<Option<StoreError>> =
+            (0..inner.members.len()).map(|_| None).collect();
+        let mut round = 0;
+        loop {
+            let up = inner.up_mask();
+            let mut by_server: Vec<Vec<usize>> = vec![Vec::new(); inner.members.len()];
+            for (i, r) in batch.iter().enumerate() {
+                if r.outcome != Outcome::Pending {
+                    continue;
+                }
+                let left = holders[i] & !tried[i];
+                let next = inner
+                    .placement
+                    .ranking(r.page)
+                    .servers()
+                    .iter()
+                    .copied()
+                    .find(|&s| left & up & (1 << s) != 0);
+                match next {
+                    Some(s) => {
+                        tried[i] |= 1 << s;
+                        last_server[i] = Some(s as usize);
+                        by_server[s as usize].push(i);
+                    }
+                    None => {
+                        // No holder left to try: a holder that is down may come back.
+                        if left != 0 {
+                            transient[i] = true;
+                        }
+                    }
+                }
+            }
+            if by_server.iter().all(Vec::is_empty) {
+                break;
+            }
+            for (server, positions) in by_server.iter().enumerate() {
+                if positions.is_empty() {
+                    continue;
+                }
+                let mut sub: Vec<PageRead<'_>> = Vec::with_capacity(positions.len());
+                let mut at = positions.iter().peekable();
+                for (i, r) in batch.iter_mut().enumerate() {
+                    if at.peek() == Some(&&i) {
+                        at.next();
+                        sub.push(PageRead::new(r.page, &mut *r.buf, r.crc, r.version));
+                    }
+                }
+                let result = inner.members[server].fetch(&mut sub);
+                let outcomes: Vec<(u64, u32, Outcome)> =
+                    sub.iter().map(|r| (r.page, r.version, r.outcome)).collect();
+                drop(sub);
+                let mut fetched = 0;
+                let mut bad = Vec::new();
+                for (&i, (page, version, outcome)) in positions.iter().zip(outcomes) {
+                    match outcome {
+                        Outcome::Done => {
+                            batch[i].outcome = Outcome::Done;
+                            fetched += 1;
+                            if round > 0 && counted {
+                                inner.counters.failovers.fetch_add(1, Relaxed);
+                            }
+                        }
+                        Outcome::Failed(FailureKind::Lost) => bad.push((page, version)),
+                        Outcome::Failed(_) | Outcome::Pending => transient[i] = true,
+                    }
+                }
+                if counted {
+                    inner.served[server].fetched.fetch_add(fetched, Relaxed);
+                }
+                if !bad.is_empty() {
+                    // Missing, old or damaged here: this server no longer counts as a holder.
+                    let mut records = inner.records.lock();
+                    for &(page, version) in &bad {
+                        records.drop_holder(page, version, server);
+                    }
+                    drop(records);
+                    inner
+                        .counters
+                        .bad_copies
+                        .fetch_add(bad.len() as u64, Relaxed);
+                    inner.repair_needed.store(true, Relaxed);
+                    inner.wake_thread();
+                }
+                match result {
+                    Ok(()) => inner.health[server].succeeded(),
+                    Err(e) => {
+                        if positions.iter().any(|&i| transient[i]) {
+                            inner.member_failed(server, &e);
+                        } else {
+                            inner.health[server].succeeded();
+                        }
+                        server_errors[server] = Some(e);
+                    }
+                }
+            }
+            round += 1;
+        }
+        for (i, r) in batch.iter_mut().enumerate() {
+            if r.outcome != Outcome::Pending {
+                continue;
+            }
+            let kind = if transient[i] {
+                FailureKind::Transient
+            } else {
+                FailureKind::Lost
+            };
+            r.outcome = Outcome::Failed(kind);
+            if first_error.is_none() {
+                // The error of the server it was last read from, or the pool's own.
+                let server_error = last_server[i].and_then(|s| server_errors[s].take());
+                first_error = Some(server_error.unwrap_or_else(|| {
+                    let why = if kind == FailureKind::Transient {
+                        "every server holding a copy of the page is down".to_string()
+                    } else {
+                        format!(
+                            "no server holds version {} of the page ({} of its copies were \
+                             missing, old or damaged)",
+                            r.version,
+                            tried[i].count_ones()
+                        )
+                    };
+                    inner.pool_error(StoreOp::Fetch, r.page, kind, why)
+                }));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Writes `version` of the pages `positions` of `batch` to servers until each has `need`
+    /// copies (or no up server is left to try); returns the servers that acknowledged each.
+    /// Servers in `skip[k]` are not tried for position k (they hold the copy already).
+    fn write_copies(
+        &self,
+        batch: &mut [PageWrite<'_>],
+        positions: &[usize],
+        need: &[usize],
+        acked: &mut [u64],
+    ) -> Option<StoreError> {
+        let mut tried: Vec<u64> = acked.to_vec();
+        let mut first_error = None;
+        loop {
+            let up = self.up_mask();
+            let mut by_server: Vec<Vec<usize>> = vec![Vec::new(); self.members.len()];
+            for (k, &i) in positions.iter().enumerate() {
+                let mut missing = need[k].saturating_sub(acked[k].count_ones() as usize);
+                if missing == 0 {
+                    continue;
+                }
+                for &s in self.placement.ranking(batch[i].page).servers() {
+                    let bit = 1u64 << s;
+                    if missing > 0 && up & bit != 0 && tried[k] & bit == 0 {
+                        tried[k] |= bit;
+                        by_server[s as usize].push(k);
+                        missing -= 1;
+                    }
+                }
+            }
+            if by_server.iter().all(Vec::is_empty) {
+                return first_error;
+            }
+            for (server, ks) in by_server.iter().enumerate() {
+                if ks.is_empty() {
+                    continue;
+                }
+                let mut sub: Vec<PageWrite<'_>> = ks
+                    .iter()
+                    .map(|&k| {
+                        let w = &batch[positions[k]];
+                        PageWrite::with_crc(w.page, w.buf, w.crc, w.version)
+                    })
+                    .collect();
+                let result = self.members[server].store(&mut sub);
+                let mut stored = 0;
+                for (w, &k) in sub.iter().zip(ks) {
+                    if w.outcome == Outcome::Done {
+                        acked[k] |= 1 << server;
+                        stored += 1;
+                    }
+                }
+                self.served[server].stored.fetch_add(stored, Relaxed);
+                match result {
+                    Ok(()) => self.health[server].succeeded(),
+                    Err(e) if self.members[server].is_full(&e) => {
+                        // Full, not failing: the copies go to the next servers, or the page
+                        // stays in the cache until there is room.
+                        self.served[server].full.fetch_add(1, Relaxed);
+                        if POOL_FULL.allow() {
+                            log::warn!(
+                                "pool server {} is full (memcached -m): pages go to other \
+                                 servers, or stay in the cache until there is room",
+                                self.members[server].server()
+                            );
+                        }
+                        first_error.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        self.member_failed(server, &e);
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl PageStore for PoolStore {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        self.inner.fetch(batch, true)
+    }
+
+    fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let mut first_error = refuse_bad_writes(&inner.name, inner.pages, batch);
+        let positions: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].outcome == Outcome::Pending)
+            .collect();
+        if positions.is_empty() {
+            return first_error.map_or(Ok(()), Err);
+        }
+        let replicas = inner.settings.replicas;
+        // Optimistic only while the queue has room for every page's other copies.
+        let optimistic =
+            replicas > 1 && inner.optimistic.load(Relaxed) && inner.queue.has_room(positions.len());
+        let need = vec![if optimistic { 1 } else { replicas }; positions.len()];
+        let mut acked = vec![0u64; positions.len()];
+        let _stripes = inner.lock_stripes(positions.iter().map(|&i| batch[i].page));
+        if let Some(e) = inner.write_copies(batch, &positions, &need, &mut acked) {
+            first_error.get_or_insert(e);
+        }
+        let mut short = false;
+        let mut failed = None;
+        {
+            let mut records = inner.records.lock();
+            for (k, &i) in positions.iter().enumerate() {
+                let w = &mut batch[i];
+                if acked[k] == 0 {
+                    w.outcome = Outcome::Failed(FailureKind::Transient);
+                    failed.get_or_insert(w.page);
+                    continue;
+                }
+                w.outcome = Outcome::Done;
+                records.set(w.page, w.crc, w.version, acked[k]);
+                if (acked[k].count_ones() as usize) < replicas {
+                    short = true;
+                }
+            }
+        }
+        if optimistic {
+            for (k, &i) in positions.iter().enumerate() {
+                let w = &batch[i];
+                if acked[k] != 0 && (acked[k].count_ones() as usize) < replicas {
+                    inner.queue.push(w.page, w.crc, w.version, w.buf);
+                }
+            }
+            inner.wake_thread();
+        } else if short {
+            // Fewer servers up than copies: the pool's thread adds them when it can.
+            inner.repair_needed.store(true, Relaxed);
+        }
+        if batch.iter().all(|w| w.outcome.is_done()) {
+            return Ok(());
+        }
+        match failed {
+            // A page the pool refused (outside the heap, a bad buffer).
+            None => first_error.map_or(Ok(()), Err),
+            Some(page) => Err(first_error.unwrap_or_else(|| {
+                inner.pool_error(
+                    StoreOp::Store,
+                    page,
+                    FailureKind::Transient,
+                    "no server of the pool is up".into(),
+                )
+            })),
+        }
+    }
+
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let Some(range) = discard_range(&inner.name, first, count, inner.pages)? else {
+            return Ok(());
+        };
+        let top = inner.records.lock().top();
+        let range = range.start..range.end.min(top);
+        if range.is_empty() {
+            return Ok(());
+        }
+        let _stripes = if range.end - range.start >= STRIPES as u64 * placement::GROUP_PAGES {
+            inner.lock_stripes(0..STRIPES as u64 * placement::GROUP_PAGES)
+        } else {
+            inner.lock_stripes(range.clone())
+        };
+        let mut by_server: Vec<Vec<u64>> = vec![Vec::new(); inner.members.len()];
+        {
+            let mut records = inner.records.lock();
+            for page in range {
+                let copy = records.get(page);
+                if copy.version == 0 {
+                    continue;
+                }
+                for (s, list) in by_server.iter_mut().enumerate() {
+                    if copy.holders & (1 << s) != 0 {
+                        list.push(page);
+                    }
+                }
+                records.clear(page);
+                inner.queue.remove(page);
+            }
+        }
+        // Best effort: a copy left behind is never served (the page's record is gone).
+        let up = inner.up_mask();
+        let mut first_error = None;
+        for (s, pages) in by_server.iter().enumerate() {
+            if !pages.is_empty() && up & (1 << s) != 0 {
+                if let Err(e) = inner.members[s].delete(pages) {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn describe(&self) -> String {
+        PoolStore::describe_inner(&self.inner)
+    }
+
+    fn report(&self) -> Vec<(String, String)> {
+        upkeep::report(&self.inner)
+    }
+}
+
+#[cfg(test)]
+mod tests;
