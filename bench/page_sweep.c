@@ -3,11 +3,18 @@
  * usage: page_sweep MODE HEAP_MIB [ROUNDS=4] [THREADS=2]
  *   seq     ROUNDS sweeps in address order reading every page; every other sweep (the 2nd,
  *           4th, ...) also writes one word per page, so evicted pages are dirty again.
+ *   seqread ROUNDS sweeps in address order reading every page and writing none, after one
+ *           untimed sweep: when the clock starts every page has been evicted once and the
+ *           resident ones are clean, so under a pager each timed sweep over a heap larger
+ *           than its cache only fetches (nothing is written back): the fetch path alone.
  *   random  ROUNDS x pages uniform random page reads.
  *   zipf    ROUNDS x pages accesses drawn from a zipfian distribution (theta 0.99) over the
  *           pages, hot pages scattered over the heap; one access in four writes.
  *   mt      THREADS threads, each doing ROUNDS x pages / THREADS uniform random reads over its
  *           own contiguous slice of the heap.
+ *   write   ROUNDS x pages uniform random page writes: each access checks the page and then
+ *           writes its version word, so every page touched is dirty and every page evicted
+ *           is written back.
  * ROUNDS may be fractional for the random modes (0.5 = half as many accesses as pages).
  *
  * The heap is one malloc'd block of HEAP_MIB. Before the timed part every page is filled
@@ -20,7 +27,8 @@
 
 #include "bench.h"
 
-static const char *const USAGE = "page_sweep seq|random|zipf|mt HEAP_MIB [ROUNDS=4] [THREADS=2]";
+static const char *const USAGE =
+    "page_sweep seq|seqread|random|zipf|mt|write HEAP_MIB [ROUNDS=4] [THREADS=2]";
 
 enum { THREADS_MAX = 64 };
 static const double ZIPF_THETA = 0.99;
@@ -84,9 +92,28 @@ static size_t run_seq(size_t rounds) {
     return rounds * pages;
 }
 
+static void read_sweep(void) {
+    for (size_t p = 0; p < pages; p++) check_page_head(p);
+}
+
+static size_t run_seqread(size_t rounds) {
+    for (size_t r = 0; r < rounds; r++) read_sweep();
+    return rounds * pages;
+}
+
 static size_t run_random(size_t accesses) {
     rng_t r = {42};
     for (size_t i = 0; i < accesses; i++) check_page_head((size_t)rng_below(&r, pages));
+    return accesses;
+}
+
+static size_t run_write(size_t accesses) {
+    rng_t r = {43};
+    for (size_t i = 0; i < accesses; i++) {
+        size_t page = (size_t)rng_below(&r, pages);
+        check_page_head(page);
+        write_page(page);
+    }
     return accesses;
 }
 
@@ -161,19 +188,22 @@ int main(int argc, char **argv) {
     double heap_mib = arg_num(argc, argv, 2, 0, USAGE);
     double rounds = arg_num(argc, argv, 3, 4, USAGE);
     size_t threads = (size_t)arg_num(argc, argv, 4, 2, USAGE);
-    int seq = !strcmp(mode, "seq"), rnd = !strcmp(mode, "random"), zipf = !strcmp(mode, "zipf"),
-        mt = !strcmp(mode, "mt");
-    if (!(seq || rnd || zipf || mt) || threads < 1 || threads > THREADS_MAX) die_usage(USAGE);
+    int seq = !strcmp(mode, "seq"), seqread = !strcmp(mode, "seqread"),
+        rnd = !strcmp(mode, "random"), zipf = !strcmp(mode, "zipf"), mt = !strcmp(mode, "mt"),
+        wr = !strcmp(mode, "write");
+    if (!(seq || seqread || rnd || zipf || mt || wr) || threads < 1 || threads > THREADS_MAX)
+        die_usage(USAGE);
 
     ps = page_size();
     words_per_page = ps / sizeof(uint64_t);
     pages = (size_t)(heap_mib * (double)MIB) / ps;
     if (pages < threads || pages >= WRITE_FLAG) die_usage(USAGE);
     size_t accesses = (size_t)(rounds * (double)pages);
-    if (accesses < threads || (seq && rounds < 1)) die_usage(USAGE);
+    if (accesses < threads || ((seq || seqread) && rounds < 1)) die_usage(USAGE);
     versions = xmalloc(pages * sizeof *versions);
     heap = xmalloc(pages * ps);
     fill();
+    if (seqread) read_sweep();
     uint32_t *table = zipf ? zipf_table(accesses) : NULL;
 
     struct worker workers[THREADS_MAX];
@@ -196,8 +226,12 @@ int main(int argc, char **argv) {
     uint64_t t0 = now_ns();
     if (seq) {
         done = run_seq((size_t)rounds);
+    } else if (seqread) {
+        done = run_seqread((size_t)rounds);
     } else if (rnd) {
         done = run_random(accesses);
+    } else if (wr) {
+        done = run_write(accesses);
     } else if (zipf) {
         done = run_zipf(table, accesses);
     } else {
