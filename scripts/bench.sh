@@ -2,8 +2,11 @@
 # The README's benchmark command: every benchmark against its baseline in one run, on one
 # machine, alternating A B A B over several rounds, compared by medians.
 #
-#   scripts/bench.sh           full run: 5 rounds, heap 256 MiB over a 64 MiB cache (~8 min here)
-#   scripts/bench.sh --quick   3 rounds, heap 128 MiB over 32 MiB (~2.5 min here)
+#   scripts/bench.sh                      full run: 5 rounds, heap 256 MiB over a 64 MiB cache
+#                                         (~12 min here: ~8 without the pool rows)
+#   scripts/bench.sh --quick              3 rounds, heap 128 MiB over 32 MiB (~5 min here)
+#   scripts/bench.sh [--quick] --only pool   only the memcached pool rows (~1.5 min quick here),
+#                                         so that they can be rerun alone on a shared machine
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -25,6 +28,24 @@
 #                    sync) vs lego without a log; epochs committed from LEGO_STATS
 #   replay           lego replay of the log the log-append run left vs dd iflag=direct of
 #                    its segments, the page cache dropped before each (needs root)
+#   memcached pool   (issue 11) lego's pool store on memcached servers this script starts on
+#                    loopback (free ports, -M, -m sized so that each holds a copy of every
+#                    page of the heap, -U 0 -t 2), a fresh set for every run, all stopped at
+#                    exit; without memcached the rows say "skipped (memcached not installed)":
+#     fetch bandwidth   page_sweep seqread (read-only sweeps of a heap 4x the cache, after an
+#                    untimed sweep, so the timed ones only fetch, in read-ahead windows) under
+#                    lego with LEGO_BACKEND=memcached://ONE, pages read per second of the timed
+#                    sweeps, vs bench/mc_raw.c on the same kind of server: the same number of
+#                    4104-byte values read back with pipelined `mg KEY v q O<n>` + `mn`, as many
+#                    per pipeline as lego's read-ahead reads at once (FETCH_CHUNK_PAGES, read
+#                    from runtime/src/pager/mod.rs), one pipeline at a time
+#     pool vs file/swap  seq and random over a heap 4x the cache on three servers, one copy,
+#                    vs lego on the file store and vs kernel swap (cgroups as above)
+#     replication    page_sweep write (random page writes: every page touched is dirty) over
+#                    a heap 4x the cache on three servers, LEGO_REPLICAS=2 pessimistic and
+#                    optimistic vs LEGO_REPLICAS=1
+#                    A pool run whose server was full or failed (the stats' pool_server_N
+#                    full= and errors=) counts as failed: its pages stayed in the cache.
 #
 # Output: the table on stdout; target/bench/results.md and results.json (the table, the cache
 # curve and every run's raw numbers); per-run output in target/bench/runs/; every failed run
@@ -48,12 +69,22 @@ note() { printf '    %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 quick=0
-case "${1:-}" in
-    '') ;;
-    --quick) quick=1 ;;
-    -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$1' (expected --quick or nothing)" ;;
-esac
+only=""   # empty: every benchmark; pool: only the memcached pool rows
+while [ "$#" -gt 0 ]; do
+    case $1 in
+        --quick) quick=1 ;;
+        --only)
+            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool)"
+            case $2 in
+                pool) only=$2 ;;
+                *) die "unknown section '$2' for --only (expected pool)" ;;
+            esac
+            shift ;;
+        -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$1' (expected --quick, --only pool or nothing)" ;;
+    esac
+    shift
+done
 
 # ---------------------------------------------------------------------------------------------
 # Sizes. Every size is in MiB. The oversubscribed heap is 4x the cache (the issue's goals).
@@ -72,6 +103,7 @@ if [ "$quick" = 1 ]; then
     alloc_scale=0.25      # alloc_bench SCALE
     update_heap_mib=128   # log_write update: heap, in the cache
     update_mwrites=200    # log_write update: millions of increments (about 3 s here)
+    write_per_page=0.5    # page_sweep write ROUNDS (random page writes per page) on the pool
     run_timeout_s=120     # one run; a run past it is killed and reported as a timeout
 else
     mode=full
@@ -88,6 +120,7 @@ else
     alloc_scale=1
     update_heap_mib=256
     update_mwrites=300    # about 5 s here
+    write_per_page=1
     run_timeout_s=300
 fi
 first_touch_cache=2048    # lego's cache for first touch and the allocator: larger than any heap
@@ -96,6 +129,11 @@ curve_percents="10 25 50 100"
 log_mib=256               # log_write checkpoint: the block every timed epoch appends whole
 log_epochs=3              # log_write checkpoint: timed epochs per run (the run reports the median)
 lego_min_cache_mib=16     # LEGO_CACHE_SIZE's minimum
+# The memcached pool (issue 11): servers of the three-server rows, and the pipeline length of
+# the raw baseline, which is the chunk lego's read-ahead reads at once (fetch_in_chunks).
+pool_servers=3
+mc_batch_pages="$(sed -n 's/^pub const FETCH_CHUNK_PAGES: usize = \([0-9]*\);.*/\1/p' runtime/src/pager/mod.rs)"
+mc_batch_pages=${mc_batch_pages:-64}
 ncpu="$(nproc)"
 mt_threads=$(( ncpu >= 2 ? ncpu : 2 ))
 
@@ -125,12 +163,14 @@ machine="$ncpu $cpu_word, Linux $(echo "$kernel" | cut -d. -f1-2)"
 swap_on=0
 swap_created=0
 child=""
+mc_pids=()      # the memcached servers this script started and has not stopped
 cleanup() {
     if [ -n "$child" ]; then
         # timeout(1) leads its own process group: end the run we started, and only it.
         kill -KILL -- "-$child" 2>/dev/null || true
         wait "$child" 2>/dev/null || true
     fi
+    mc_stop
     if [ "$swap_on" = 1 ]; then swapoff "$swap_file" 2>/dev/null || note "swapoff $swap_file failed"; fi
     if [ "$swap_created" = 1 ]; then rm -f "$swap_file"; fi
     rm -rf "$log_root"
@@ -255,6 +295,91 @@ cg_limit() {
 
 cg_oom_kills() { awk '$1 == "oom_kill" { print $2; found = 1 } END { if (!found) print 0 }' "$1/memory.oom_control"; }
 
+# ---------------------------------------------------------------------------------------------
+# memcached servers for the pool rows, on loopback. mc_ok says whether memcached can be run;
+# mc_reason says why not, for the table. Each run gets fresh servers (mc_start before it,
+# mc_stop after), so no run finds another's values, and a run never fills a server for the
+# next one.
+mc_ok=0
+mc_reason=""
+mc_backend=""       # memcached://127.0.0.1:PORT,... of the servers running now
+mc_port_first=20000 # free ports are looked for in [first, first + span)
+mc_port_span=30000
+mc_start_tries=5    # ports tried per server before giving up
+mc_ready_ms=5000    # longest wait for a started server to accept connections
+
+setup_memcached() {
+    say "memcached for the pool rows"
+    if ! command -v memcached >/dev/null 2>&1; then
+        mc_reason="memcached not installed"
+        note "pool rows skipped: $mc_reason (apt-get install memcached)"
+        return
+    fi
+    mc_ok=1
+    note "$(memcached -V 2>/dev/null || echo memcached), on 127.0.0.1, a fresh set of servers for each run"
+}
+
+port_in_use() { # PORT: whether something listens on it (or, without ss, accepts on it)
+    if command -v ss >/dev/null 2>&1; then
+        [ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]
+    else
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+    fi
+}
+
+# mc_start N MIB: starts N servers of MIB each on free ports and sets mc_backend; false (with
+# a line in failures.log) if one cannot be started.
+mc_start() {
+    local n=$1 mib=$2 i try port pid waited ports=""
+    local -a user=()
+    [ "$(id -u)" = 0 ] && user=(-u root)
+    for i in $(seq 1 "$n"); do
+        for try in $(seq 1 "$mc_start_tries"); do
+            port=$(( mc_port_first + (RANDOM * 32768 + RANDOM) % mc_port_span ))
+            port_in_use "$port" && continue
+            memcached -l 127.0.0.1 -p "$port" -M -m "$mib" -U 0 -t 2 "${user[@]}" \
+                >>"$runs_dir/memcached.log" 2>&1 &
+            pid=$!
+            mc_pids+=("$pid")
+            waited=0
+            # Ready when it accepts a connection; gone if the port was taken meanwhile.
+            while kill -0 "$pid" 2>/dev/null && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null \
+                && [ "$waited" -lt "$mc_ready_ms" ]; do
+                sleep 0.02
+                waited=$(( waited + 20 ))
+            done
+            if kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$mc_ready_ms" ]; then
+                ports="$ports,127.0.0.1:$port"
+                continue 2
+            fi
+            mc_stop_one "$pid"
+        done
+        printf '== memcached: could not start a server (%s tries), see %s\n\n' \
+            "$mc_start_tries" "$runs_dir/memcached.log" >>"$failures"
+        mc_stop
+        return 1
+    done
+    mc_backend="memcached://${ports#,}"
+}
+
+mc_stop_one() { # PID: stops one server this script started
+    local pid=$1 i keep=()
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for i in "${mc_pids[@]}"; do [ "$i" = "$pid" ] || keep+=("$i"); done
+    mc_pids=("${keep[@]}")
+}
+
+mc_stop() { # stops every server this script started
+    local pid
+    for pid in "${mc_pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    mc_pids=()
+    mc_backend=""
+}
+
 stores_left=0   # lego runs that exited normally but left their page store directory behind
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +394,12 @@ stores_left=0   # lego runs that exited normally but left their page store direc
 # with rss_kib= (peak RSS) and cgroup_peak_bytes= added, and for the lego-log and lego-ckpt
 # runs epochs_committed= and pages_logged= (from LEGO_STATS). The log directory stays for
 # the caller (log_dir_of NAME VARIANT ROUND names it), which removes it.
+# lego_env: VAR=VALUE words added to a lego run's environment after the defaults (so
+# LEGO_BACKEND=memcached://... replaces the file store); set it for one call with
+# pool_measure. A run on a pool also gets pages_fetched=, pages_written_back=, and the sum
+# over its servers of pool_full= and pool_errors= (from LEGO_STATS), and fails as pool-full
+# or pool-errors when either is not 0.
+lego_env=()
 measure() {
     local name=$1 variant=$2 round=$3 setup=$4
     shift 4
@@ -291,7 +422,7 @@ measure() {
     case $kind in
         lego | lego-cg | lego-log | lego-ckpt)
             cmd+=(env "LD_PRELOAD=$lib" "LEGO_CACHE_SIZE=${cache}M" "LEGO_BACKEND=file:$store_dir"
-                "LEGO_STATS=$runs_dir/$tag.stats.json") ;;
+                "LEGO_STATS=$runs_dir/$tag.stats.json" "${lego_env[@]}") ;;
     esac
     case $kind in
         lego-log | lego-ckpt)
@@ -319,6 +450,19 @@ measure() {
             result="$result $key=${val:-?}"
         done
     fi
+    local pool_full="" pool_errors=""
+    if [ -n "$result" ] && grep -q '"pool_server_0"' "$runs_dir/$tag.stats.json" 2>/dev/null; then
+        local key val
+        for key in pages_fetched pages_written_back; do
+            val="$(grep -o "\"$key\":[0-9]*" "$runs_dir/$tag.stats.json" | cut -d: -f2 || true)"
+            result="$result $key=${val:-?}"
+        done
+        pool_full="$(grep -o '"pool_server_[0-9]*":"[^"]*' "$runs_dir/$tag.stats.json" \
+            | grep -o ' full=[0-9]*' | awk -F= '{ s += $2 } END { print s + 0 }')"
+        pool_errors="$(grep -o '"pool_server_[0-9]*":"[^"]*' "$runs_dir/$tag.stats.json" \
+            | grep -o ' errors=[0-9]*' | awk -F= '{ s += $2 } END { print s + 0 }')"
+        result="$result pool_full=$pool_full pool_errors=$pool_errors"
+    fi
     rss="$(tail -n 1 "$rss_file" 2>/dev/null | grep -E '^[0-9]+$' || true)"
     if [ -n "$cg" ]; then cg_peak="$(cat "$cg/memory.max_usage_in_bytes")"; fi
     if grep -q '^WRONG DATA' "$out"; then
@@ -331,6 +475,10 @@ measure() {
         status="exit-$rc"
     elif [ -z "$result" ]; then
         status=no-result
+    elif [ "${pool_full:-0}" != 0 ]; then
+        status=pool-full        # pages stayed in the cache: not a measurement of the pool
+    elif [ "${pool_errors:-0}" != 0 ]; then
+        status=pool-errors
     fi
     # lego removes its page store directory when it exits normally; count the ones left.
     local store_path
@@ -344,7 +492,7 @@ measure() {
 
     local shown
     shown="$(printf '%s\n' "$result" | tr ' ' '\n' \
-        | grep -E '^(ns_per_page|seconds|us_per_access|mb_per_s|epochs_committed)=' | tr '\n' ' ' || true)"
+        | grep -E '^(ns_per_page|seconds|us_per_access|mb_per_s|epochs_committed|pages_per_s)=' | tr '\n' ' ' || true)"
     printf '    %-18s round %s/%s  %-8s %s%s\n' "$name" "$round" "${rounds_now:-$rounds}" "$variant" \
         "${shown:-}" "$([ "$status" = ok ] || echo " FAILED: $status")" >&2
     if [ "$status" != ok ]; then
@@ -356,6 +504,10 @@ measure() {
             tail -n 5 "$out"
             printf 'stderr (last lines):\n'
             tail -n 10 "$err"
+            if [ -n "$pool_full" ]; then
+                printf 'pool servers (LEGO_STATS %s):\n' "$runs_dir/$tag.stats.json"
+                grep -o '"pool_server_[0-9]*":"[^"]*' "$runs_dir/$tag.stats.json" | sed 's/^"//; s/":"/: /'
+            fi
             printf '\n'
         } >>"$failures"
     fi
@@ -523,6 +675,65 @@ run_log_cost() {
     done
 }
 
+# The memcached pool (issue 11). Every server may hold a copy of every page of the heap: a
+# 4104-byte value lands in a 4544-byte slab chunk, so twice the heap leaves room for memcached's
+# own overhead; servers of a run never hold two copies of a page.
+pool_server_mib() { echo $(( 2 * over_heap_mib + 64 )); }
+
+no_server_run() { # NAME VARIANT ROUND: the line of a run that could not get its servers
+    printf '%s\t%s\t%s\tno-server\t1\tbench=none rss_kib=? cgroup_peak_bytes=?\n' "$1" "$2" "$3" >>"$raw"
+    printf '    %-18s round %s/%s  %-8s FAILED: no-server\n' "$1" "$3" "$rounds" "$2" >&2
+}
+
+# pool_measure "VAR=VALUE ..." SERVERS NAME VARIANT ROUND SETUP PROGRAM ARGS...: measure under
+# lego on SERVERS fresh memcached servers (LEGO_BACKEND and the given variables).
+pool_measure() {
+    local words=$1 n=$2
+    shift 2
+    if ! mc_start "$n" "$(pool_server_mib)"; then no_server_run "$1" "$2" "$3"; return; fi
+    read -r -a lego_env <<<"LEGO_BACKEND=$mc_backend $words"
+    measure "$@"
+    lego_env=()
+    mc_stop
+}
+
+# raw_measure NAME VARIANT ROUND: bench/mc_raw on one fresh server, the heap's pages read back
+# as many times as lego's timed sweeps read them.
+raw_measure() {
+    if ! mc_start 1 "$(pool_server_mib)"; then no_server_run "$1" "$2" "$3"; return; fi
+    measure "$1" "$2" "$3" plain "$bin_dir/mc_raw" "${mc_backend#memcached://}" \
+        $(( over_heap_mib * 256 )) "$mc_batch_pages" "$seq_sweeps"
+    mc_stop
+}
+
+run_pool() {
+    if [ "$mc_ok" = 0 ]; then return; fi
+    say "memcached pool: heap $over_heap_mib MiB over cache $over_cache_mib MiB; fetch bandwidth vs raw mg, pool vs file vs swap, 2 copies vs 1"
+    local r w
+    local -a args
+    for r in $(seq 1 "$rounds"); do
+        pool_measure "" 1 pool_fetch lego "$r" "lego-cg:$over_cache_mib" \
+            "$bin_dir/page_sweep" seqread "$over_heap_mib" "$seq_sweeps"
+        raw_measure pool_fetch raw "$r"
+        for w in seq random; do
+            read -r -a args <<<"$(sweep_args "$w")"
+            pool_measure "LEGO_REPLICAS=1" "$pool_servers" "pool_$w" pool "$r" "lego-cg:$over_cache_mib" \
+                "$bin_dir/page_sweep" "${args[@]}"
+            measure "pool_$w" file "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+            if [ "$swap_ok" = 1 ]; then
+                measure "pool_$w" swap "$r" "swap-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+            fi
+        done
+        read -r -a args <<<"write $over_heap_mib $write_per_page"
+        pool_measure "LEGO_REPLICAS=1" "$pool_servers" pool_write one "$r" "lego-cg:$over_cache_mib" \
+            "$bin_dir/page_sweep" "${args[@]}"
+        pool_measure "LEGO_REPLICAS=2 LEGO_REPLICATION=pessimistic" "$pool_servers" pool_write pessimistic "$r" \
+            "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+        pool_measure "LEGO_REPLICAS=2 LEGO_REPLICATION=optimistic" "$pool_servers" pool_write optimistic "$r" \
+            "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+    done
+}
+
 # ---------------------------------------------------------------------------------------------
 # Statistics over $raw.
 median() { # NAME VARIANT KEY: the median of KEY over the successful runs, or nothing
@@ -667,6 +878,19 @@ compare() { # METRIC NAME A B KEY UNIT GOAL_KIND GOAL SKIP_REASON_FOR_B
     add_row "$metric" "$a" "$b" "$unit" "$kind" "$goal" "$why"
 }
 
+compare_keys() { # METRIC NAME A KEY_A B KEY_B UNIT GOAL_KIND GOAL SKIP_REASON_FOR_B: compare
+    # with another key for each variant (a rate each program reports under its own name)
+    local metric=$1 name=$2 va=$3 ka=$4 vb=$5 kb=$6 unit=$7 kind=$8 goal=$9 skip=${10}
+    local a b why="" fails
+    a="$(median "$name" "$va" "$ka")"
+    b="$(median "$name" "$vb" "$kb")"
+    if [ -z "$b" ]; then why="$(missing_reason "$name" "$vb" "$skip")"; fi
+    if [ -z "$a" ]; then why="$(missing_reason "$name" "$va" "")"; fi
+    fails="$(failure_note "$name" "$va" "$vb")"
+    if [ -n "$fails" ]; then notes+=("$metric: $fails (target/bench/failures.log)"); fi
+    add_row "$metric" "$a" "$b" "$unit" "$kind" "$goal" "$why"
+}
+
 geomean_row() { # METRIC KEY UNIT GOAL: geometric mean over the allocator modes of lego/glibc
     local metric=$1 key=$2 goal=$4 m a b logs="" n=0 g=""
     for m in $alloc_modes; do
@@ -746,6 +970,51 @@ build_rows() {
     fi
 }
 
+# The pool rows (issue 11). Without memcached every row says why it was skipped.
+build_pool_rows() {
+    local over="heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M"
+    local fetch="fetch bandwidth from one memcached on loopback, $seq_sweeps read-only sweeps (page_sweep seqread), $over, lego pages read per second of the timed sweeps"
+    local seq="sequential sweeps ($seq_sweeps), $over"
+    local random="random page reads (${random_per_page}x pages), $over"
+    local pool="lego on $pool_servers memcached servers (1 copy)"
+    local write="random page writes (page_sweep write, ${write_per_page}x pages), $over, $pool_servers memcached servers"
+    local raw_what="raw pipelined mg, $mc_batch_pages per pipeline (lego's read-ahead chunk), one at a time (bench/mc_raw.c)"
+    if [ "$mc_ok" = 0 ]; then
+        local why="skipped ($mc_reason)" m
+        add_row "$fetch / $raw_what" "" "" rate ge 0.7 "$why"
+        for m in "$seq, $pool / lego on the file store" "$seq, $pool / kernel swap" \
+            "$random, $pool / lego on the file store" "$random, $pool / kernel swap"; do
+            add_row "$m" "" "" s none "" "$why"
+        done
+        add_row "$write, 2 copies pessimistic / 1 copy" "" "" s le 1.25 "$why"
+        add_row "$write, 2 copies optimistic / 1 copy" "" "" s le 1.10 "$why"
+        return
+    fi
+    # How many fetches each page read cost over the whole run (an untimed sweep, the timed
+    # ones and page_sweep's final check each read every page): about 1 when every page read
+    # by a sweep was fetched, so that pages read per second is the fetch rate.
+    local fetched per_read=""
+    fetched="$(median pool_fetch lego pages_fetched)"
+    [ -z "$fetched" ] || per_read="$(awk -v f="$fetched" -v p=$(( over_heap_mib * 256 * (seq_sweeps + 2) )) 'BEGIN { printf "%.2f", f / p }')"
+    compare_keys "$fetch (${per_read:-?} fetches per page read, LEGO_STATS) / $raw_what" \
+        pool_fetch lego accesses_per_s raw pages_per_s rate ge 0.7 ""
+    compare "$seq, $pool / lego on the file store" pool_seq pool file seconds s none "" ""
+    compare "$seq, $pool / kernel swap" pool_seq pool swap seconds s none "" "$swap_reason"
+    compare "$seq, lego on the file store / kernel swap (the pool's baselines)" pool_seq file swap seconds s none "" "$swap_reason"
+    compare "$random, $pool / lego on the file store" pool_random pool file seconds s none "" ""
+    compare "$random, $pool / kernel swap" pool_random pool swap seconds s none "" "$swap_reason"
+    compare "$random, lego on the file store / kernel swap (the pool's baselines)" pool_random file swap seconds s none "" "$swap_reason"
+    compare "$write, 2 copies pessimistic / 1 copy" pool_write pessimistic one seconds s le 1.25 ""
+    compare "$write, 2 copies optimistic / 1 copy" pool_write optimistic one seconds s le 1.10 ""
+    local peak_one peak_opt
+    peak_one="$(peak one cgroup_peak_bytes pool_write)"
+    peak_opt="$(peak optimistic cgroup_peak_bytes pool_write)"
+    if [ "$cgroup_ok" = 1 ]; then
+        add_row "peak cgroup memory of the random page writes, 2 copies optimistic / 1 copy (cap $(( over_cache_mib + overhead_mib )) MiB)" \
+            "$peak_opt" "$peak_one" bytes none "" ""
+    fi
+}
+
 curve_lines=() # percent, cache MiB, lego seconds, swap seconds
 
 build_curve() {
@@ -810,10 +1079,10 @@ write_reports() {
         done
     )"
     {
-        echo "# lego benchmarks ($mode run)"
+        echo "# lego benchmarks ($mode run${only:+, $only rows only})"
         echo
         echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit (liblego.so sha256 $lib_sum), $machine (kernel $kernel), $rounds rounds A B A B, medians."
-        echo "Ratios are lego / baseline (lower is better) except thread scaling, log append and replay (higher is better)."
+        echo "Ratios are lego / baseline (lower is better) except thread scaling, log append, replay and the pool's fetch bandwidth (higher is better)."
         echo
         echo "$table"
         echo
@@ -822,24 +1091,31 @@ write_reports() {
             printf -- '- %s\n' "${notes[@]}"
             echo
         fi
-        echo "## Time against cache size (zipf 0.99, ${zipf_per_page}x pages, heap $curve_heap_mib MiB)"
-        echo
-        echo "| cache | lego | kernel swap | lego / swap |"
-        echo "|---|---|---|---|"
-        for line in "${curve_lines[@]}"; do
-            printf '%s\n' "$line" | awk -F'\t' '{
-                r = ($3 != "?" && $4 != "?" && $4 > 0) ? sprintf("%.2f", $3 / $4) : "—"
-                printf "| %s%% (%s MiB) | %s | %s | %s |\n", $1, $2, ($3 == "?" ? "—" : sprintf("%.3f s", $3)), ($4 == "?" ? "—" : sprintf("%.3f s", $4)), r
-            }'
-        done
-        echo
-        [ -f "$out_dir/cache_curve.png" ] && echo "![time against cache size](cache_curve.png)" && echo
+        if [ "${#curve_lines[@]}" -gt 0 ]; then
+            echo "## Time against cache size (zipf 0.99, ${zipf_per_page}x pages, heap $curve_heap_mib MiB)"
+            echo
+            echo "| cache | lego | kernel swap | lego / swap |"
+            echo "|---|---|---|---|"
+            for line in "${curve_lines[@]}"; do
+                printf '%s\n' "$line" | awk -F'\t' '{
+                    r = ($3 != "?" && $4 != "?" && $4 > 0) ? sprintf("%.2f", $3 / $4) : "—"
+                    printf "| %s%% (%s MiB) | %s | %s | %s |\n", $1, $2, ($3 == "?" ? "—" : sprintf("%.3f s", $3)), ($4 == "?" ? "—" : sprintf("%.3f s", $4)), r
+                }'
+            done
+            echo
+            [ -f "$out_dir/cache_curve.png" ] && echo "![time against cache size](cache_curve.png)" && echo
+        fi
         echo "## Set-up"
         echo
         echo "- lego: \`LD_PRELOAD=$lib\` (a copy of $built_lib taken after the build), \`LEGO_BACKEND=file:$store_dir\`; oversubscribed runs in a memory cgroup (v1) capped at cache + $overhead_mib MiB with swap refused (memsw limit = limit, swappiness 0)."
         echo "- kernel swap: the same program without the shim in a memory cgroup capped at the cache size, swap file in $store_dir (same disk), swappiness $(cat /proc/sys/vm/swappiness 2>/dev/null || echo '?'), page-cluster $(cat /proc/sys/vm/page-cluster 2>/dev/null || echo '?'), zswap $(cat /sys/module/zswap/parameters/enabled 2>/dev/null || echo 'absent')."
         echo "- first touch and allocator: lego with LEGO_CACHE_SIZE=${first_touch_cache}M (heap all resident), no cgroup; peak RSS from \`/usr/bin/time -f %M\`."
         echo "- durable heap: lego with LEGO_CACHE_SIZE=${first_touch_cache}M and LEGO_LOG_DIR in $log_root (the same disk). Log append: \`log_write checkpoint $log_mib $log_epochs\` with epochs started only by lego_checkpoint() (LEGO_FLUSH_MS=3600000, LEGO_FLUSH_PAGES=16777216, LEGO_LOG_MAX=1T), each timed epoch holding every page of the block, vs \`dd if=/dev/zero bs=1M count=$log_mib oflag=direct conv=fdatasync\` into $log_root. Logging cost: \`log_write update $update_heap_mib $update_mwrites\` under lego with the default LEGO_FLUSH_MS and LEGO_SYNC vs without LEGO_LOG_DIR. Replay: \`lego replay\` of the log-append run's log (image in the same directory) vs \`dd iflag=direct bs=1M\` of its segments, page cache dropped before each; MB = 10^6 bytes."
+        if [ "$mc_ok" = 1 ]; then
+            echo "- memcached pool: $(memcached -V 2>/dev/null || echo memcached) on 127.0.0.1, started by this script for each run (\`memcached -l 127.0.0.1 -p PORT -M -m $(pool_server_mib) -U 0 -t 2\`, default slab classes), stopped after it; lego in the same cgroup as the file-store runs (the servers outside it), \`LEGO_BACKEND=memcached://...\` with one server for the fetch bandwidth and $pool_servers for the other rows, default LEGO_TIMEOUT_MS. Fetch bandwidth: \`page_sweep seqread $over_heap_mib $seq_sweeps\` (accesses_per_s of the timed sweeps) vs \`mc_raw HOST:PORT $(( over_heap_mib * 256 )) $mc_batch_pages $seq_sweeps\` (pages_per_s). Replication: \`page_sweep write $over_heap_mib $write_per_page\` with LEGO_REPLICAS=1, and LEGO_REPLICAS=2 with LEGO_REPLICATION=pessimistic and optimistic."
+        else
+            echo "- memcached pool: skipped ($mc_reason)."
+        fi
         echo "- programs: bench/*.c, gcc -O2; page_sweep fills every page before the timed part and checks every access and, at the end, every word; log_write checks every word (checkpoint) or the sum of all words (update) at the end, and a replay that drops part of a log fails the run."
         echo
         echo "## Raw runs"
@@ -853,6 +1129,9 @@ write_reports() {
         printf '{\n  "mode": %s,\n  "machine": %s,\n  "kernel": %s,\n  "commit": %s,\n  "liblego_sha256": %s,\n  "date": %s,\n' \
             "$(json_str "$mode")" "$(json_str "$machine")" "$(json_str "$kernel")" \
             "$(json_str "$commit")" "$(json_str "$lib_sum")" "$(json_str "$(date -u '+%Y-%m-%dT%H:%M:%SZ')")"
+        printf '  "only": %s, "pool": {"memcached": %s, "servers": %s, "server_mib": %s, "raw_batch_pages": %s, "write_per_page": %s},\n' \
+            "$(json_str "${only:-all}")" "$(json_str "$([ "$mc_ok" = 1 ] && (memcached -V 2>/dev/null || echo memcached) || echo "skipped ($mc_reason)")")" \
+            "$pool_servers" "$(pool_server_mib)" "$mc_batch_pages" "$write_per_page"
         printf '  "config": {"rounds": %s, "first_touch_mib": %s, "first_touch_cache_mib": %s, "over_cache_mib": %s, "over_heap_mib": %s, "seq_sweeps": %s, "random_per_page": %s, "zipf_per_page": %s, "mt_per_page": %s, "mt_threads": %s, "curve_heap_mib": %s, "curve_rounds": %s, "alloc_scale": %s, "overhead_mib": %s, "log_mib": %s, "log_epochs": %s, "update_heap_mib": %s, "update_mwrites": %s, "cgroup": %s, "swap": %s},\n' \
             "$rounds" "$first_touch_mib" "$first_touch_cache" "$over_cache_mib" "$over_heap_mib" "$seq_sweeps" \
             "$random_per_page" "$zipf_per_page" "$mt_per_page" "$mt_threads" "$curve_heap_mib" "$curve_rounds" \
@@ -917,16 +1196,23 @@ mkdir -p "$runs_dir"
 : >"$raw"
 : >"$failures"
 setup_cgroups_and_swap
-run_first_touch
-run_oversubscribed
-run_thread_scaling
-run_cache_curve
-run_alloc
-run_log_append_and_replay
-run_log_cost
-build_rows
-build_curve
-plot_curve
+setup_memcached
+if [ -z "$only" ]; then
+    run_first_touch
+    run_oversubscribed
+    run_thread_scaling
+    run_cache_curve
+    run_alloc
+    run_log_append_and_replay
+    run_log_cost
+fi
+run_pool
+if [ -z "$only" ]; then
+    build_rows
+    build_curve
+    plot_curve
+fi
+build_pool_rows
 write_reports
 failed_total="$(awk -F'\t' '$4 != "ok"' "$raw" | wc -l)"
 if [ "$failed_total" != 0 ]; then
@@ -934,4 +1220,4 @@ if [ "$failed_total" != 0 ]; then
 else
     rm -f "$failures"
 fi
-say "done in $(( SECONDS - start_s )) s: $out_dir/results.md, $out_dir/results.json, $out_dir/cache_curve.png"
+say "done in $(( SECONDS - start_s )) s: $out_dir/results.md, $out_dir/results.json$([ -n "$only" ] || echo ", $out_dir/cache_curve.png")"
