@@ -95,6 +95,9 @@ struct Inner {
     repair_needed: AtomicBool,
     /// Wakes the pool's thread (queued copies, a server down).
     wake: (Mutex<bool>, Condvar),
+    /// The store is gone: the pool's thread ends (tests make many pools; the preload's
+    /// lives as long as the process).
+    stop: AtomicBool,
     name: String,
     pages: u64,
 }
@@ -143,6 +146,7 @@ impl PoolStore {
             counters: Counters::default(),
             repair_needed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
             name,
             pages,
         });
@@ -174,6 +178,13 @@ impl PoolStore {
                 "copies"
             },
         )
+    }
+}
+
+impl Drop for PoolStore {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Relaxed);
+        self.inner.wake_thread();
     }
 }
 
@@ -607,6 +618,10 @@ impl PageStore for PoolStore {
 
     fn report(&self) -> Vec<(String, String)> {
         upkeep::report(&self.inner)
+    }
+
+    fn wants_log_copy(&self) -> bool {
+        self.inner.settings.replicas == 1
     }
 }
 

@@ -54,6 +54,9 @@ fn run(inner: &Inner) {
             }
             *woken = false;
         }
+        if inner.stop.load(Relaxed) {
+            return;
+        }
         drain_queue(inner);
         if last_check.elapsed() >= Duration::from_millis(HEALTH_CHECK_MS) {
             last_check = Instant::now();
