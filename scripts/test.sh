@@ -25,6 +25,9 @@ missing_packages() {
     [ -x /usr/bin/time ] || missing+=(time)
     command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
     command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+    # ip (network namespaces for the pool's network tests) lives in /usr/sbin, which is not
+    # on every user's PATH.
+    command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
     if command -v dpkg-query >/dev/null 2>&1; then
         dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q 'install ok installed' \
             || missing+=(libclang-dev)

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: finding the built shim, compiling the test
-//! programs in `tests/c/`, running them natively and under `liblego.so`, and reading what
-//! they left behind (output, exit status or signal, peak RSS, the stats JSON).
+//! programs in `tests/c/`, running them natively and under `liblego.so` (to completion, or
+//! watched and acted on while they run: [`Run::run_with`]), and reading what they left behind
+//! (output, exit status or signal, peak RSS, the stats JSON). [`memcached`] starts, kills and
+//! restarts the servers of a pool; [`netns`] makes "hosts" behind links a test can cut.
 //!
 //! Rules: every run gets a clean environment as far as lego is concerned (no inherited
 //! `LEGO_*` or `LD_PRELOAD`), so a developer's shell settings cannot change a test's
@@ -10,14 +12,18 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+pub mod memcached;
+pub mod netns;
 
 /// One mebibyte, in bytes.
 pub const MIB: u64 = 1 << 20;
@@ -342,6 +348,9 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// What [`Run::run_with`] does while the program runs.
+type During<'a> = Box<dyn FnOnce(&mut Live) + 'a>;
+
 /// A program to run, natively or under the shim.
 pub struct Run {
     program: PathBuf,
@@ -446,6 +455,20 @@ impl Run {
     /// the program itself is preloaded, never `time` or the wrapper, which would otherwise
     /// be paged too and blur what is measured.
     pub fn run(self) -> Outcome {
+        self.execute(None)
+    }
+
+    /// Runs to completion like [`Run::run`], calling `during` on this thread while the
+    /// program runs: it can wait for lines of the program's output, feed its stdin, and act
+    /// on the world around it in the meantime (kill a server, cut a link). The program's
+    /// stdin is a pipe that stays open until `during` returns (or calls
+    /// [`Live::close_stdin`]); [`Run::stdin`] does not apply. If `during` panics the program
+    /// is killed, reaped, and the panic goes on.
+    pub fn run_with(self, during: impl FnOnce(&mut Live)) -> Outcome {
+        self.execute(Some(Box::new(during)))
+    }
+
+    fn execute(self, during: Option<During<'_>>) -> Outcome {
         let mut argv: Vec<OsString> = Vec::new();
         if self.measure_rss {
             argv.extend([
@@ -492,7 +515,7 @@ impl Run {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        cmd.stdin(if self.stdin.is_some() {
+        cmd.stdin(if self.stdin.is_some() || during.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -504,7 +527,7 @@ impl Run {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", argv[0].to_string_lossy()));
-        let feeder = self.stdin.map(|data| {
+        let feeder = self.stdin.filter(|_| during.is_none()).map(|data| {
             let mut pipe = child.stdin.take().expect("stdin was piped");
             // A program that dies early closes its stdin; that is reported by its status.
             std::thread::spawn(move || {
@@ -531,8 +554,40 @@ impl Run {
             }
             false
         });
-        let output = child
-            .wait_with_output()
+        let stdout_lines = Arc::new(LiveStdout::default());
+        let stdout_reader = {
+            let pipe = child.stdout.take().expect("stdout was piped");
+            let lines = Arc::clone(&stdout_lines);
+            std::thread::spawn(move || lines.collect(pipe))
+        };
+        let stderr_reader = {
+            let mut pipe = child.stderr.take().expect("stderr was piped");
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        };
+        if let Some(during) = during {
+            let mut live = Live {
+                stdin: child.stdin.take(),
+                stdout: Arc::clone(&stdout_lines),
+            };
+            if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| during(&mut live))) {
+                // SAFETY: kill(2) has no memory-safety requirements; the group is ours
+                // (process_group(0) above) and its leader has not been reaped yet.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                let _ = child.wait();
+                let _ = done_tx.send(());
+                std::panic::resume_unwind(panic);
+            }
+        }
+        // Both pipes to their end, then the reaping, as `wait_with_output` does: the hang
+        // guard stays armed while a descendant that inherited them keeps them open.
+        let _ = stdout_reader.join();
+        let stderr_bytes = stderr_reader.join().unwrap_or_default();
+        let status = child
+            .wait()
             .unwrap_or_else(|e| panic!("waiting for {what} failed: {e}"));
         let _ = done_tx.send(());
         let hung = guard.join().unwrap_or(false);
@@ -540,10 +595,10 @@ impl Run {
             let _ = feeder.join();
         }
 
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let mut stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        let mut code = output.status.code();
-        let mut signal = output.status.signal();
+        let stdout = String::from_utf8_lossy(&stdout_lines.bytes()).into_owned();
+        let mut stderr = String::from_utf8_lossy(&stderr_bytes).into_owned();
+        let mut code = status.code();
+        let mut signal = status.signal();
         let mut peak_rss_kib = None;
         if self.measure_rss {
             let (rest, rss, child_code, child_signal) = split_time_report(&stderr);
@@ -567,6 +622,116 @@ impl Run {
             peak_rss_kib,
             hung,
         }
+    }
+}
+
+/// What a program printed on stdout so far, shared between the thread that reads it and a
+/// [`Live`] that waits for lines of it.
+#[derive(Default)]
+struct LiveStdout {
+    state: Mutex<LiveStdoutState>,
+    grew: Condvar,
+}
+
+#[derive(Default)]
+struct LiveStdoutState {
+    bytes: Vec<u8>,
+    /// The program closed its stdout (it exited, or was killed).
+    closed: bool,
+}
+
+impl LiveStdout {
+    /// Reads `pipe` to its end, waking waiters at every chunk.
+    fn collect(&self, mut pipe: impl Read) {
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => 0,
+                Ok(n) => n,
+            };
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if n == 0 {
+                state.closed = true;
+                self.grew.notify_all();
+                return;
+            }
+            state.bytes.extend_from_slice(&chunk[..n]);
+            self.grew.notify_all();
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes
+            .clone()
+    }
+}
+
+/// A program while it runs, handed to the closure of [`Run::run_with`].
+pub struct Live {
+    stdin: Option<ChildStdin>,
+    stdout: Arc<LiveStdout>,
+}
+
+impl Live {
+    /// Waits until the program has printed a whole line (ended by a newline) for which
+    /// `wanted` is true, and returns it; None if the program closed its stdout (it exited or
+    /// died) or `timeout` passed first. Lines printed before the call count too.
+    pub fn wait_for_line(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.stdout.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let text = String::from_utf8_lossy(&state.bytes);
+            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+            if let Some(line) = complete.lines().find(|l| wanted(l)) {
+                return Some(line.to_string());
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline {
+                return None;
+            }
+            state = self
+                .stdout
+                .grew
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The program has closed its stdout: it exited or was killed.
+    pub fn finished(&self) -> bool {
+        self.stdout
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closed
+    }
+
+    /// Everything the program printed on stdout so far.
+    pub fn stdout_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.bytes()).into_owned()
+    }
+
+    /// Writes `data` to the program's stdin. A program that exited (or closed its stdin)
+    /// makes this do nothing: how it ended is reported by its outcome.
+    pub fn send(&mut self, data: &[u8]) {
+        if let Some(pipe) = self.stdin.as_mut() {
+            if pipe.write_all(data).and_then(|()| pipe.flush()).is_err() {
+                self.stdin = None;
+            }
+        }
+    }
+
+    /// Closes the program's stdin: it reads end of file.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
     }
 }
 
@@ -907,6 +1072,51 @@ mod tests {
         assert_eq!(
             (rest.as_str(), rss, code),
             ("just the program\n", None, None)
+        );
+    }
+
+    #[test]
+    fn a_live_run_is_watched_and_fed() {
+        const WAIT: Duration = Duration::from_secs(60);
+        let mut seen = None;
+        let mut held = None;
+        let mut finished_while_held = true;
+        let out = Run::new(program("heap_sweeps"))
+            .args(["2", "1"])
+            .run_with(|live| {
+                seen = live.wait_for_line(|l| l.starts_with("pass 0 "), WAIT);
+                // It holds until its stdin closes or has data.
+                held = live.wait_for_line(|l| l == "holding", WAIT);
+                finished_while_held = live.finished();
+                assert!(live.stdout_so_far().ends_with("holding\n"));
+                live.send(b"stop\n");
+            });
+        out.assert_success();
+        assert_eq!(held.as_deref(), Some("holding"), "{out}");
+        assert!(!finished_while_held, "{out}");
+        let seen = seen.expect("the first sweep's line");
+        assert!(
+            out.stdout.contains(&format!("{seen}\nholding\nfinal ")),
+            "{out}"
+        );
+        assert!(out.stdout.ends_with("all checks passed\n"), "{out}");
+    }
+
+    #[test]
+    fn a_panic_while_live_kills_the_program() {
+        // A program that would outlive the hang guard: only the kill can end it before that.
+        const GUARD_S: u64 = 120;
+        let started = Instant::now();
+        let panicked = std::panic::catch_unwind(|| {
+            Run::new("sleep")
+                .args(["600"])
+                .hang_after(GUARD_S)
+                .run_with(|_| panic!("the test gave up"))
+        });
+        assert!(panicked.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(GUARD_S),
+            "the program was not killed when the closure panicked (the hang guard ended it)"
         );
     }
 

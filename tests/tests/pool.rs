@@ -2,54 +2,244 @@
 //! the way users start it (`memcached -l 127.0.0.1 -p PORT -M -m MB`), on loopback, and
 //! always stopped.
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use lego_tests::memcached::{pool_backend, Memcached};
 use lego_tests::{heavy, program, Run, ShimSetup};
 
-/// A memcached on a free loopback port, killed on drop.
-struct Memcached {
-    child: Child,
-    addr: String,
+/// The workload of the kill tests: four threads rewriting and checking 128 MiB of pages at
+/// random under a 32 MiB cache (every page written back, fetched and rewritten many times),
+/// with a digest of the final state that does not depend on scheduling.
+const WORKLOAD: &str = "pager_stress";
+const WORKLOAD_ARGS: [&str; 3] = ["128", "4", "150000"];
+/// When the test kills a server after the start, in milliseconds.
+const KILL_AFTER_MS: u64 = 2500;
+
+/// Runs the workload on a pool of three servers and kills one of them midway. Returns the
+/// run and its set-up (whose stats a run that exited wrote).
+fn kill_one_of_three(label: &str, env: &[(&str, &str)]) -> (lego_tests::Outcome, ShimSetup) {
+    let mut servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(256)).collect();
+    let backend = format!(
+        "memcached://{}",
+        servers
+            .iter()
+            .map(|s| s.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let setup = ShimSetup::new(label, 32);
+    let mut run = setup
+        .apply(Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS))
+        .env("LEGO_BACKEND", &backend)
+        .env("LEGO_TIMEOUT_MS", "500")
+        .hang_after(600);
+    for (k, v) in env {
+        run = run.env(k, v);
+    }
+    let victim = servers.remove(1);
+    let killer = std::thread::spawn(move || {
+        let mut victim = victim;
+        std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
+        victim.kill();
+    });
+    let out = run.run();
+    killer.join().expect("the killer thread");
+    (out, setup)
 }
 
-impl Memcached {
-    fn start(megabytes: u32) -> Memcached {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let mut cmd = Command::new("memcached");
-        cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-M"])
-            .args(["-m", &megabytes.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            cmd.args(["-u", "root"]);
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("starting memcached failed ({e}): scripts/test.sh --setup-only installs it")
-        });
-        let addr = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "memcached at {addr} never accepted"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Memcached { child, addr }
+/// A server restarted empty mid-run: the run finishes with the same output, the pool finds
+/// the restart and writes the lost copies again (counted), and every page has two copies at
+/// exit.
+#[test]
+fn a_server_restarted_empty_mid_run_is_refilled() {
+    let _serial = heavy();
+    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
+    native.assert_success();
+    let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(256)).collect();
+    let backend = format!(
+        "memcached://{}",
+        servers
+            .iter()
+            .map(|s| s.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let setup = ShimSetup::new("pool-restart", 32);
+    let run = setup
+        .apply(Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS))
+        .env("LEGO_BACKEND", &backend)
+        .env("LEGO_REPLICAS", "2")
+        .env("LEGO_TIMEOUT_MS", "500")
+        .hang_after(600);
+    let mut servers = servers;
+    let victim = servers.remove(2);
+    let restarter = std::thread::spawn(move || {
+        let mut victim = victim;
+        std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
+        victim.restart();
+        victim
+    });
+    let out = run.run();
+    let _restarted = restarter.join().expect("the restarting thread");
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    let stats = setup.stats();
+    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
+    assert!(
+        stats.number("pool_restarts").is_some_and(|n| n >= 1)
+            || stats.number("pool_bad_copies").is_some_and(|n| n > 0),
+        "the pool must have found the restart: {}",
+        stats.raw
+    );
+    assert!(
+        stats
+            .number("pool_rereplicated_pages")
+            .is_some_and(|n| n > 0),
+        "the lost copies must have been written again: {}",
+        stats.raw
+    );
+    assert_eq!(
+        stats.number("pool_underreplicated_pages"),
+        Some(0),
+        "every page must be back to two copies at exit: {}",
+        stats.raw
+    );
+    assert_eq!(stats.number("pool_servers_down"), Some(0), "{}", stats.raw);
+}
+
+/// A pool too small for the heap: the servers answer "out of memory", stay up, and keep
+/// what they hold; the pages that do not fit stay in the cache (which overflows); the program
+/// gives the same output, and the log says the pool is full.
+#[test]
+fn a_full_pool_loses_nothing_and_says_so() {
+    let _serial = heavy();
+    let native = Run::new(program("sigbus_fetch")).args(["96"]).run();
+    native.assert_success();
+    let (a, b) = (Memcached::start(8), Memcached::start(8));
+    let setup = ShimSetup::new("pool-full", 16);
+    let out = setup
+        .apply(Run::new(program("sigbus_fetch")).args(["96"]))
+        .env("LEGO_BACKEND", format!("memcached://{},{}", a.addr, b.addr))
+        .env("LEGO_LOG_LEVEL", "warn")
+        .hang_after(300)
+        .run();
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    assert!(
+        out.stderr.contains("is full (memcached -m)"),
+        "the log must say the pool is full:\n{out}"
+    );
+    let stats = setup.stats();
+    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
+    assert_eq!(
+        stats.number("pool_servers_down"),
+        Some(0),
+        "a full server is not down: {}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pages_fetched").is_some_and(|n| n > 1000),
+        "what fit in the pool came back from it: {}",
+        stats.raw
+    );
+}
+
+/// The run outlived the server: the pool saw it go (so the kill happened mid-run).
+fn assert_saw_the_loss(stats: &lego_tests::Stats, what: &str) {
+    assert!(
+        stats.raw.contains(" down fetched="),
+        "{what}: the killed server must be down at exit (was it killed after the run?):\n{}",
+        stats.raw
+    );
+}
+
+/// Kill one of three servers in the middle of a heap workload four times larger than the
+/// cache, with two copies of every page, in each replication mode: identical output, no page
+/// lost, and the pool back to two copies of every page on the two servers left.
+#[test]
+fn a_server_killed_mid_run_costs_nothing_with_two_copies() {
+    let _serial = heavy();
+    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
+    native.assert_success();
+    for mode in ["pessimistic", "optimistic", "adaptive"] {
+        let (out, setup) = kill_one_of_three(
+            &format!("pool-kill-{mode}"),
+            &[("LEGO_REPLICAS", "2"), ("LEGO_REPLICATION", mode)],
+        );
+        out.assert_success();
+        let stats = setup.stats();
+        assert_eq!(out.stdout, native.stdout, "{mode}: {out}");
+        assert!(!out.stdout.contains("WRONG DATA"), "{mode}: {out}");
+        assert_eq!(
+            stats.number("pages_poisoned"),
+            Some(0),
+            "{mode}: {}",
+            stats.raw
+        );
+        assert_saw_the_loss(&stats, mode);
+        assert!(
+            stats.number("pages_fetched").is_some_and(|n| n > 10_000),
+            "{mode}: the workload must page: {}",
+            stats.raw
+        );
+        assert_eq!(
+            stats.number("pool_underreplicated_pages"),
+            Some(0),
+            "{mode}: every page must be back to two copies at exit: {}",
+            stats.raw
+        );
+        assert!(
+            stats
+                .number("pool_rereplicated_pages")
+                .is_some_and(|n| n > 0),
+            "{mode}: the lost server's copies must have been written again: {}",
+            stats.raw
+        );
     }
 }
 
-impl Drop for Memcached {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// With one copy and the log on, the log is the second copy: pages are evicted only once the
+/// log holds them, and those of the killed server are read back from it. Identical output.
+#[test]
+fn a_server_killed_with_one_copy_and_the_log_costs_nothing() {
+    let _serial = heavy();
+    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
+    native.assert_success();
+    let logs = lego_tests::TempDir::new("pool-kill-log");
+    let log_dir = logs.path().join("log");
+    let log_dir = log_dir.to_str().expect("a UTF-8 path");
+    let (out, setup) = kill_one_of_three(
+        "pool-kill-one-copy-log",
+        &[("LEGO_REPLICAS", "1"), ("LEGO_LOG_DIR", log_dir)],
+    );
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    let stats = setup.stats();
+    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
+    assert_saw_the_loss(&stats, "one copy and the log");
+    assert!(
+        stats.number("pages_from_log").is_some_and(|n| n > 0),
+        "the killed server's pages must have come back from the log: {}",
+        stats.raw
+    );
+}
+
+/// With one copy and no log, a killed server's pages are gone: the program that touches one
+/// dies with SIGBUS and a message, and never reads wrong data.
+#[test]
+fn a_server_killed_with_one_copy_and_no_log_is_sigbus_never_wrong_data() {
+    let _serial = heavy();
+    let (out, _setup) = kill_one_of_three("pool-kill-one-copy", &[("LEGO_REPLICAS", "1")]);
+    assert!(!out.stdout.contains("WRONG DATA"), "{out}");
+    assert_eq!(
+        out.signal,
+        Some(libc::SIGBUS),
+        "expected death by SIGBUS:\n{out}"
+    );
+    assert!(
+        out.stderr.contains("lego: SIGBUS"),
+        "stderr must explain the SIGBUS in a 'lego: ' line:\n{out}"
+    );
 }
 
 /// A program whose heap is four times its cache runs on a pool of two servers with the same
@@ -63,7 +253,7 @@ fn a_program_runs_on_a_pool_of_two_servers() {
     let setup = ShimSetup::new("pool", 32);
     let out = setup
         .apply(Run::new(program("sigbus_fetch")).args(["128"]))
-        .env("LEGO_BACKEND", format!("memcached://{},{}", a.addr, b.addr))
+        .env("LEGO_BACKEND", pool_backend([&a, &b]))
         .hang_after(300)
         .run();
     out.assert_success();

@@ -175,6 +175,13 @@ pub trait PageStore: Send + Sync {
     /// fetch pages).
     fn at_exit(&self) {}
 
+    /// Whether the store keeps a single copy of each page somewhere that can fail on its own
+    /// (a pool with one copy): with a log, the pager then keeps the log holding every
+    /// evicted page, so that the log stands in for the second copy. False by default.
+    fn wants_log_copy(&self) -> bool {
+        false
+    }
+
     /// Statistics of the store itself, as (name, value) pairs for the report at exit (a pool's
     /// failovers and servers); none by default.
     fn report(&self) -> Vec<(String, String)> {
@@ -206,6 +213,10 @@ impl PageStore for Box<dyn PageStore> {
 
     fn report(&self) -> Vec<(String, String)> {
         (**self).report()
+    }
+
+    fn wants_log_copy(&self) -> bool {
+        (**self).wants_log_copy()
     }
 
     fn describe(&self) -> String {
@@ -240,7 +251,16 @@ pub fn open_memcached_pool(
     settings: &PoolSettings,
     heap_bytes: u64,
 ) -> Result<pool::PoolStore, StoreError> {
-    let heap_id = memcached::random_heap_id();
+    open_memcached_pool_as(servers, settings, heap_bytes, memcached::random_heap_id())
+}
+
+/// [`open_memcached_pool`] for the heap `heap_id` (keys `lego:HEAPID:PAGE`).
+pub fn open_memcached_pool_as(
+    servers: &[String],
+    settings: &PoolSettings,
+    heap_bytes: u64,
+    heap_id: u64,
+) -> Result<pool::PoolStore, StoreError> {
     let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
     for server in servers {
         members.push(Box::new(memcached::MemcachedServer::open(

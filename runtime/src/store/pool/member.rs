@@ -20,6 +20,11 @@ pub trait Member: PageStore {
     fn reconnect(&self);
     /// Bytes sent to and received from the server.
     fn wire_bytes(&self) -> (u64, u64);
+    /// Whether `e` (from this member) says the server is full: not a failure of the
+    /// server, which stays up and keeps serving what it holds.
+    fn is_full(&self, _e: &StoreError) -> bool {
+        false
+    }
 }
 
 impl Member for MemcachedServer {
@@ -44,6 +49,11 @@ impl Member for MemcachedServer {
             self.traffic.bytes_sent.load(Relaxed),
             self.traffic.bytes_received.load(Relaxed),
         )
+    }
+
+    fn is_full(&self, e: &StoreError) -> bool {
+        // memcached started with -M: "SERVER_ERROR out of memory storing object".
+        crate::logging::error_chain(e).contains("out of memory")
     }
 }
 

@@ -46,7 +46,9 @@ use super::{
     PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::config::{PoolSettings, Replication};
-use crate::logging::error_chain;
+use crate::logging::{error_chain, RateLimit};
+
+static POOL_FULL: RateLimit = RateLimit::new(3);
 
 /// Stripe locks that order writes of the same pages.
 const STRIPES: usize = 64;
@@ -73,6 +75,8 @@ struct Counters {
 struct ServerCounters {
     fetched: AtomicU64,
     stored: AtomicU64,
+    /// Write-backs it refused because it was full.
+    full: AtomicU64,
 }
 
 struct Inner {
@@ -91,6 +95,9 @@ struct Inner {
     repair_needed: AtomicBool,
     /// Wakes the pool's thread (queued copies, a server down).
     wake: (Mutex<bool>, Condvar),
+    /// The store is gone: the pool's thread ends (tests make many pools; the preload's
+    /// lives as long as the process).
+    stop: AtomicBool,
     name: String,
     pages: u64,
 }
@@ -139,6 +146,7 @@ impl PoolStore {
             counters: Counters::default(),
             repair_needed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
             name,
             pages,
         });
@@ -170,6 +178,13 @@ impl PoolStore {
                 "copies"
             },
         )
+    }
+}
+
+impl Drop for PoolStore {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Relaxed);
+        self.inner.wake_thread();
     }
 }
 
@@ -458,6 +473,19 @@ impl Inner {
                 self.served[server].stored.fetch_add(stored, Relaxed);
                 match result {
                     Ok(()) => self.health[server].succeeded(),
+                    Err(e) if self.members[server].is_full(&e) => {
+                        // Full, not failing: the copies go to the next servers, or the page
+                        // stays in the cache until there is room.
+                        self.served[server].full.fetch_add(1, Relaxed);
+                        if POOL_FULL.allow() {
+                            log::warn!(
+                                "pool server {} is full (memcached -m): pages go to other \
+                                 servers, or stay in the cache until there is room",
+                                self.members[server].server()
+                            );
+                        }
+                        first_error.get_or_insert(e);
+                    }
                     Err(e) => {
                         self.member_failed(server, &e);
                         first_error.get_or_insert(e);
@@ -590,6 +618,10 @@ impl PageStore for PoolStore {
 
     fn report(&self) -> Vec<(String, String)> {
         upkeep::report(&self.inner)
+    }
+
+    fn wants_log_copy(&self) -> bool {
+        self.inner.settings.replicas == 1
     }
 }
 

@@ -10,6 +10,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::io::AlignedBuf;
+
 /// Most pages waiting for their other copies.
 pub const QUEUE_PAGES_MAX: usize = 4096;
 
@@ -18,7 +20,8 @@ pub const QUEUE_PAGES_MAX: usize = 4096;
 pub struct Waiting {
     pub crc: u32,
     pub version: u32,
-    pub bytes: Arc<[u8]>,
+    /// Page-aligned, as stores want their buffers.
+    pub bytes: Arc<AlignedBuf>,
     /// Taken by the pool's thread and being written.
     pub in_flight: bool,
 }
@@ -53,7 +56,7 @@ impl ReplicaQueue {
             Waiting {
                 crc,
                 version,
-                bytes: Arc::from(bytes),
+                bytes: Arc::new(aligned_copy(bytes)),
                 in_flight: false,
             },
         );
@@ -63,7 +66,7 @@ impl ReplicaQueue {
     pub fn read(&self, page: u64, version: u32, buf: &mut [u8]) -> bool {
         match self.lock().get(&page) {
             Some(w) if w.version == version => {
-                buf.copy_from_slice(&w.bytes);
+                buf.copy_from_slice(w.bytes.as_slice());
                 true
             }
             _ => false,
@@ -105,6 +108,12 @@ impl ReplicaQueue {
     pub fn remove(&self, page: u64) {
         self.lock().remove(&page);
     }
+}
+
+fn aligned_copy(bytes: &[u8]) -> AlignedBuf {
+    let mut buf = AlignedBuf::new(bytes.len());
+    buf.as_mut_slice().copy_from_slice(bytes);
+    buf
 }
 
 #[cfg(test)]

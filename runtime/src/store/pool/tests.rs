@@ -1,1 +1,390 @@
+//! The pool over in-memory members that go down, come back empty or hand back damaged
+//! copies: pages are always served right or not at all, and the pool gets back to N copies.
+//! (The same pool over real memcached servers: `store::conformance` and `tests/tests/pool.rs`.)
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::member::test_member::TestMember;
+use super::member::Member;
+use super::*;
+use crate::io::test_support::{fill, pages, Page};
+use crate::store::conformance::{check_all, SUITE_PAGES};
+
+const HEAP_BYTES: u64 = SUITE_PAGES * PAGE_BYTES;
+/// How long a test waits for the pool's thread to repair, at most.
+const REPAIR_WAIT_MS: u64 = 15_000;
+
+/// A member shared between the pool and the test (which flips its switches).
+struct Shared(Arc<TestMember>);
+
+impl PageStore for Shared {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        self.0.fetch(batch)
+    }
+    fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+        self.0.store(batch)
+    }
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        self.0.discard(first, count)
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+impl Member for Shared {
+    fn server(&self) -> &str {
+        self.0.server()
+    }
+    fn info(&self) -> Result<crate::store::memcached::ServerInfo, StoreError> {
+        self.0.info()
+    }
+    fn delete(&self, pages: &[u64]) -> Result<(), StoreError> {
+        self.0.delete(pages)
+    }
+    fn reconnect(&self) {}
+    fn wire_bytes(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+fn pool(n: usize, replicas: usize, replication: Replication) -> (PoolStore, Vec<Arc<TestMember>>) {
+    let members: Vec<Arc<TestMember>> = (0..n)
+        .map(|i| Arc::new(TestMember::new(&format!("10.0.0.{i}:11211"), HEAP_BYTES)))
+        .collect();
+    let boxed: Vec<Box<dyn Member>> = members
+        .iter()
+        .map(|m| Box::new(Shared(Arc::clone(m))) as Box<dyn Member>)
+        .collect();
+    let settings = PoolSettings {
+        replicas,
+        replication,
+        ..PoolSettings::default()
+    };
+    let store = PoolStore::new("test://pool".into(), boxed, HEAP_BYTES, settings).expect("pool");
+    (store, members)
+}
+
+fn stat(store: &PoolStore, name: &str) -> u64 {
+    store
+        .report()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} in the report"))
+        .1
+        .parse()
+        .expect("a number")
+}
+
+fn contents(n: usize, seed: u64) -> Vec<Page> {
+    let mut src = pages(n);
+    for (i, p) in src.iter_mut().enumerate() {
+        fill(&mut p.0, seed ^ i as u64);
+    }
+    src
+}
+
+fn store_pages(store: &PoolStore, first: u64, src: &[Page], version: u32) {
+    let mut writes: Vec<PageWrite<'_>> = src
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PageWrite::new(first + i as u64, &p.0, version))
+        .collect();
+    store.store(&mut writes).expect("stored");
+}
+
+/// Fetches the pages and returns how many came back right (a wrong one fails the test).
+fn fetch_pages(store: &PoolStore, first: u64, src: &[Page], version: u32) -> usize {
+    let mut dst = pages(src.len());
+    let mut reads: Vec<PageRead<'_>> = dst
+        .iter_mut()
+        .zip(src)
+        .enumerate()
+        .map(|(i, (d, s))| PageRead::new(first + i as u64, &mut d.0, crc32c::crc32c(&s.0), version))
+        .collect();
+    let _ = store.fetch(&mut reads);
+    let done: Vec<bool> = reads.iter().map(|r| r.outcome.is_done()).collect();
+    drop(reads);
+    for (i, ok) in done.iter().enumerate() {
+        if *ok {
+            assert!(
+                dst[i].0 == src[i].0,
+                "page {} served wrong",
+                first + i as u64
+            );
+        }
+    }
+    done.iter().filter(|&&ok| ok).count()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_millis(REPAIR_WAIT_MS);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pools_of_test_members_conform_in_every_mode() {
+    check_all(&|| Box::new(pool(1, 1, Replication::Adaptive).0));
+    for replication in [
+        Replication::Pessimistic,
+        Replication::Optimistic,
+        Replication::Adaptive,
+    ] {
+        check_all(&|| Box::new(pool(3, 2, replication).0));
+        check_all(&|| Box::new(pool(4, 3, replication).0));
+    }
+}
+
+/// With two copies, losing any one server loses nothing, in every mode; the pool fails over
+/// and then gives the lost copies back on the two servers left.
+#[test]
+fn a_server_lost_costs_nothing_with_two_copies() {
+    for replication in [
+        Replication::Pessimistic,
+        Replication::Optimistic,
+        Replication::Adaptive,
+    ] {
+        for dead in 0..3 {
+            let (store, members) = pool(3, 2, replication);
+            let src = contents(512, 11);
+            store_pages(&store, 0, &src, 1);
+            wait_until("every page has two copies", || {
+                stat(&store, "pool_underreplicated_pages") == 0
+            });
+            members[dead].down.store(true, Relaxed);
+            assert_eq!(fetch_pages(&store, 0, &src, 1), 512, "{replication:?}");
+            assert!(stat(&store, "pool_failovers") > 0);
+            // New write-backs go around the dead server, and repair re-replicates the rest.
+            let more = contents(64, 12);
+            store_pages(&store, 1000, &more, 1);
+            // Its failures (and the pool's thread's looks) mark it down.
+            wait_until("the dead server is marked down", || {
+                stat(&store, "pool_servers_down") == 1
+            });
+            wait_until("the pool is back to two copies", || {
+                stat(&store, "pool_underreplicated_pages") == 0
+            });
+            assert!(stat(&store, "pool_rereplicated_pages") > 0);
+            // Now any second server may go too.
+            let other = (dead + 1) % 3;
+            members[other].down.store(true, Relaxed);
+            assert_eq!(fetch_pages(&store, 0, &src, 1), 512);
+            assert_eq!(fetch_pages(&store, 1000, &more, 1), 64);
+        }
+    }
+}
+
+/// With one copy, the pages of a dead server are not served (transient: it may come back),
+/// the others are; nothing wrong is ever served; when it comes back its pages are.
+#[test]
+fn with_one_copy_a_dead_servers_pages_wait_for_it() {
+    let (store, members) = pool(3, 1, Replication::Pessimistic);
+    let src = contents(512, 21);
+    store_pages(&store, 0, &src, 1);
+    members[1].down.store(true, Relaxed);
+    let served = fetch_pages(&store, 0, &src, 1);
+    assert!(served > 0 && served < 512, "{served}");
+    let mut dst = pages(512);
+    let mut reads: Vec<PageRead<'_>> = dst
+        .iter_mut()
+        .zip(&src)
+        .enumerate()
+        .map(|(i, (d, s))| PageRead::new(i as u64, &mut d.0, crc32c::crc32c(&s.0), 1))
+        .collect();
+    let err = store
+        .fetch(&mut reads)
+        .expect_err("some pages are on the dead server");
+    assert_eq!(err.kind(), FailureKind::Transient);
+    assert!(reads
+        .iter()
+        .all(|r| r.outcome.is_done() || r.outcome == Outcome::Failed(FailureKind::Transient)));
+    drop(reads);
+    members[1].down.store(false, Relaxed);
+    wait_until("the server is up again", || {
+        stat(&store, "pool_servers_down") == 0
+    });
+    assert_eq!(fetch_pages(&store, 0, &src, 1), 512);
+}
+
+/// A server that hands back damaged copies: never served, the other copy is, and the pool
+/// writes good copies again.
+#[test]
+fn damaged_copies_are_detected_and_served_from_another() {
+    let (store, members) = pool(3, 2, Replication::Pessimistic);
+    let src = contents(256, 31);
+    store_pages(&store, 0, &src, 1);
+    members[0].corrupt.store(true, Relaxed);
+    assert_eq!(fetch_pages(&store, 0, &src, 1), 256);
+    assert!(stat(&store, "pool_bad_copies") > 0);
+    members[0].corrupt.store(false, Relaxed);
+    wait_until("the damaged copies are replaced", || {
+        stat(&store, "pool_underreplicated_pages") == 0
+    });
+    for m in [1, 2] {
+        members[m].down.store(true, Relaxed);
+        assert_eq!(fetch_pages(&store, 0, &src, 1), 256);
+        members[m].down.store(false, Relaxed);
+    }
+}
+
+/// A server restarted empty: found by its new pid, its copies forgotten and written again.
+#[test]
+fn a_server_restarted_empty_is_refilled() {
+    let (store, members) = pool(3, 2, Replication::Adaptive);
+    let src = contents(512, 41);
+    store_pages(&store, 0, &src, 1);
+    members[2].restart_empty();
+    wait_until("the restart is found and repaired", || {
+        stat(&store, "pool_restarts") == 1 && stat(&store, "pool_underreplicated_pages") == 0
+    });
+    assert!(stat(&store, "pool_rereplicated_pages") > 0);
+    for m in [0, 1] {
+        members[m].down.store(true, Relaxed);
+    }
+    let served = fetch_pages(&store, 0, &src, 1);
+    assert!(served > 0, "the refilled server holds copies");
+    for m in [0, 1] {
+        members[m].down.store(false, Relaxed);
+    }
+    wait_until("the servers are up", || {
+        stat(&store, "pool_servers_down") == 0
+    });
+    assert_eq!(fetch_pages(&store, 0, &src, 1), 512);
+}
+
+/// Optimistic replication: a write-back completes on the first copy; until the others are
+/// written, the queue's bytes serve the page if that server dies.
+#[test]
+fn optimistic_copies_follow_and_the_queue_covers_the_window() {
+    let (store, members) = pool(2, 2, Replication::Optimistic);
+    // Server 1 is down while the pages are written: each gets one copy, on server 0, and
+    // waits in the queue for its second.
+    members[1].down.store(true, Relaxed);
+    let src = contents(128, 51);
+    store_pages(&store, 0, &src, 1);
+    assert!(stat(&store, "pool_queued_pages") > 0);
+    members[0].down.store(true, Relaxed);
+    assert_eq!(fetch_pages(&store, 0, &src, 1), 128);
+    assert!(stat(&store, "pool_queue_reads") > 0);
+    members[0].down.store(false, Relaxed);
+    members[1].down.store(false, Relaxed);
+    wait_until("the queue is written out", || {
+        stat(&store, "pool_queued_pages") == 0 && stat(&store, "pool_underreplicated_pages") == 0
+    });
+    members[0].down.store(true, Relaxed);
+    assert_eq!(fetch_pages(&store, 0, &src, 1), 128);
+}
+
+/// Discarded pages leave every server and read as zeros.
+#[test]
+fn discards_reach_every_copy() {
+    let (store, members) = pool(3, 3, Replication::Pessimistic);
+    let src = contents(32, 61);
+    store_pages(&store, 0, &src, 1);
+    store.discard(0, 32).expect("discarded");
+    for m in &members {
+        let mut dst = pages(1);
+        let mut reads = [PageRead::new(
+            5,
+            &mut dst[0].0,
+            crc32c::crc32c(&src[5].0),
+            1,
+        )];
+        let _ = m.fetch(&mut reads);
+        assert_ne!(
+            reads[0].outcome,
+            Outcome::Done,
+            "a copy survived the discard"
+        );
+    }
+    assert_eq!(stat(&store, "pool_stored_pages"), 0);
+}
+
+/// Against real memcached servers: a value overwritten behind lego's back with a flipped
+/// bit, another page's value, or an older version of the page is never served; the other
+/// copy is, and the bad ones are counted.
+#[test]
+fn bad_values_on_a_real_server_are_detected_and_served_from_another_copy() {
+    use crate::store::memcached::connection::Connection;
+    use crate::store::memcached::protocol::{self, Reply};
+    use crate::store::memcached::test_server::TestServer;
+
+    let servers: Vec<TestServer> = (0..3).map(|_| TestServer::start(64, false)).collect();
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let heap_id = 0x00c0_ffee_0000_0001;
+    let settings = PoolSettings {
+        replicas: 2,
+        replication: Replication::Pessimistic,
+        ..PoolSettings::default()
+    };
+    let store = crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, heap_id)
+        .expect("the pool");
+    let conns: Vec<Connection> = addrs
+        .iter()
+        .map(|a| Connection::new(a, 2000).expect("a connection"))
+        .collect();
+    let key = |page: u64| format!("lego:{heap_id:016x}:{page:x}");
+    let first_holder = |page: u64| Placement::new(&addrs).ranking(page).servers()[0] as usize;
+    let get = |server: usize, page: u64| -> Vec<u8> {
+        let mut request = Vec::new();
+        protocol::get(&mut request, &key(page), 0);
+        protocol::noop(&mut request);
+        let mut value = None;
+        conns[server]
+            .pipeline(&request, |reply| {
+                if let Reply::Value { data, .. } = reply {
+                    value = Some(data.to_vec());
+                }
+            })
+            .expect("a raw get");
+        value.expect("the value is there")
+    };
+    let set = |server: usize, page: u64, value: &[u8]| {
+        let mut request = Vec::new();
+        protocol::set(&mut request, &key(page), value, 0);
+        protocol::noop(&mut request);
+        conns[server].pipeline(&request, |_| {}).expect("a raw set");
+    };
+
+    let old = contents(16, 71);
+    store_pages(&store, 0, &old, 1);
+    let old_value_of_5 = get(first_holder(5), 5);
+    let src = contents(16, 72);
+    store_pages(&store, 0, &src, 2);
+    // Page 5: its older version. Page 6: a flipped bit in the page. Page 7: page 8's value.
+    set(first_holder(5), 5, &old_value_of_5);
+    let mut flipped = get(first_holder(6), 6);
+    flipped[100] ^= 0x10;
+    set(first_holder(6), 6, &flipped);
+    let other = get(first_holder(8), 8);
+    set(first_holder(7), 7, &other);
+
+    assert_eq!(
+        fetch_pages(&store, 0, &src, 2),
+        16,
+        "every page served right"
+    );
+    assert_eq!(stat(&store, "pool_bad_copies"), 3);
+    assert!(stat(&store, "pool_failovers") >= 3);
+    wait_until("the bad copies are replaced", || {
+        stat(&store, "pool_underreplicated_pages") == 0
+    });
+    // The copies written again are good: every page is served from them too.
+    for page in 5..8u64 {
+        let mut dst = pages(1);
+        let mut reads = [PageRead::new(
+            page,
+            &mut dst[0].0,
+            crc32c::crc32c(&src[page as usize].0),
+            2,
+        )];
+        let _ = store.fetch(&mut reads);
+        assert!(reads[0].outcome.is_done());
+    }
+    drop(servers);
+}

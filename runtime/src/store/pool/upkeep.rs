@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::health::Probed;
 use super::Inner;
 use crate::config::Replication;
+use crate::io::AlignedBuf;
 use crate::store::{Outcome, PageRead, PageWrite};
 use crate::PAGE_SIZE;
 
@@ -52,6 +53,9 @@ fn run(inner: &Inner) {
                     .0;
             }
             *woken = false;
+        }
+        if inner.stop.load(Relaxed) {
+            return;
         }
         drain_queue(inner);
         if last_check.elapsed() >= Duration::from_millis(HEALTH_CHECK_MS) {
@@ -101,7 +105,7 @@ fn drain_queue(inner: &Inner) {
         }
         let mut batch: Vec<PageWrite<'_>> = live
             .iter()
-            .map(|(page, w)| PageWrite::with_crc(*page, &w.bytes, w.crc, w.version))
+            .map(|(page, w)| PageWrite::with_crc(*page, w.bytes.as_slice(), w.crc, w.version))
             .collect();
         let positions: Vec<usize> = (0..batch.len()).collect();
         let need = vec![inner.settings.replicas; batch.len()];
@@ -231,7 +235,7 @@ fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
     }
     let _stripes = inner.lock_stripes(short.iter().copied());
     // Read each page from an up holder (the records again, under the stripes).
-    let mut bufs = vec![0u8; short.len() * PAGE_SIZE];
+    let mut bufs = AlignedBuf::new(short.len() * PAGE_SIZE);
     let copies: Vec<_> = {
         let records = inner.records.lock();
         short.iter().map(|&p| records.get(p)).collect()
@@ -239,7 +243,7 @@ fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
     let mut reads: Vec<PageRead<'_>> = short
         .iter()
         .zip(&copies)
-        .zip(bufs.chunks_mut(PAGE_SIZE))
+        .zip(bufs.as_mut_slice().chunks_mut(PAGE_SIZE))
         .map(|((&page, copy), buf)| PageRead::new(page, buf, copy.crc, copy.version))
         .collect();
     // The pool's own fetch: holders in ranking order, bad copies dropped.
@@ -253,7 +257,7 @@ fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
     let mut acked: Vec<u64> = Vec::with_capacity(readable.len());
     {
         let records = inner.records.lock();
-        for (k, chunk) in bufs.chunks(PAGE_SIZE).enumerate() {
+        for (k, chunk) in bufs.as_slice().chunks(PAGE_SIZE).enumerate() {
             if !outcomes[k] {
                 continue;
             }
@@ -350,7 +354,7 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
         out.push((
             format!("pool_server_{s}"),
             format!(
-                "{} {} fetched={} stored={} errors={} downs={} bytes_sent={sent} \
+                "{} {} fetched={} stored={} errors={} downs={} full={} bytes_sent={sent} \
                  bytes_received={received}",
                 member.server(),
                 if h.is_up() { "up" } else { "down" },
@@ -358,6 +362,7 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
                 inner.served[s].stored.load(Relaxed),
                 h.errors.load(Relaxed),
                 h.downs.load(Relaxed),
+                inner.served[s].full.load(Relaxed),
             ),
         ));
     }
