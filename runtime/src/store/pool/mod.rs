@@ -150,13 +150,12 @@ impl PoolStore {
             name,
             pages,
         });
-        if settings.replicas > 1 || inner.members.len() > 1 {
-            upkeep::start(Arc::clone(&inner)).map_err(|e| StoreError::Open {
-                backend: inner.name.clone(),
-                what: "starting the pool's thread lego-pool".into(),
-                source: Box::new(e),
-            })?;
-        }
+        // Always: it renews the leases that keep other processes' collections off this heap.
+        upkeep::start(Arc::clone(&inner)).map_err(|e| StoreError::Open {
+            backend: inner.name.clone(),
+            what: "starting the pool's thread lego-pool".into(),
+            source: Box::new(e),
+        })?;
         log::info!("page store: {}", PoolStore::describe_inner(&inner));
         Ok(PoolStore { inner })
     }
@@ -622,6 +621,14 @@ impl PageStore for PoolStore {
 
     fn wants_log_copy(&self) -> bool {
         self.inner.settings.replicas == 1
+    }
+
+    /// Releases the heap's leases; its pages stay (late faults at exit) until the next
+    /// collection finds them without a lease.
+    fn at_exit(&self) {
+        for m in &self.inner.members {
+            m.at_exit();
+        }
     }
 }
 
