@@ -151,6 +151,12 @@ counters! {
     LogErrors => log_errors,
     /// Compactions of the log into a checkpoint.
     LogCompactions => log_compactions,
+    /// Pages read back from the log because the store could not give them (the log as the
+    /// copy of last resort).
+    PagesFromLog => pages_from_log,
+    /// Eviction candidates kept resident until the log held their content (a store with one
+    /// copy and a log).
+    EvictionsHeldForLog => evictions_held_for_log,
 }
 
 /// Number of counters.

@@ -1,5 +1,6 @@
 //! The `lego` command: `lego run [--cache SIZE] [--backend URL] -- PROG ARGS...` runs PROG
-//! under the shim with the exit status passed through; misuse is a usage error.
+//! under the shim with the exit status passed through; misuse is a usage error. `lego pool`
+//! and `lego pool gc` against real memcached servers (and a port where nothing listens).
 
 use lego_tests::{
     assert_rss_within_cache, assert_same_output, heavy, lego_bin, program, shim_lib, Run, TempDir,
@@ -200,4 +201,235 @@ fn replay_checkpoint_strict_and_inspect_of_program_checkpoints() {
         text.contains("recovered program checkpoint epoch 2"),
         "{text}"
     );
+}
+
+/// A memcached on a free loopback port, started as users start it (`-M`), killed on drop.
+/// (A copy of the one in pool.rs, smallest form.)
+struct Memcached {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Memcached {
+    fn start() -> Memcached {
+        use std::os::unix::fs::MetadataExt;
+        use std::process::{Command, Stdio};
+        let port = free_port();
+        let mut cmd = Command::new("memcached");
+        cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-M"])
+            .args(["-m", "16"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // memcached refuses to run as root without naming the user; /proc/self belongs to
+        // this process's effective user.
+        if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+            cmd.args(["-u", "root"]);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("starting memcached failed ({e}): scripts/test.sh --setup-only installs it")
+        });
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "memcached at {addr} never accepted"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Memcached { child, addr }
+    }
+
+    /// Sends text-protocol commands on a raw connection and returns the whole reply up to
+    /// `last` (a line ending the reply of the last command).
+    fn talk(&self, request: &[u8], last: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.addr).expect("connecting");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("a timeout");
+        s.write_all(request).expect("writing");
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&reply).ends_with(last) {
+            let n = s.read(&mut buf).expect("reading");
+            assert!(
+                n > 0,
+                "the server closed: {}",
+                String::from_utf8_lossy(&reply)
+            );
+            reply.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+
+    /// Stores `key` with a page-sized value, expiring after `ttl_s` (0: never).
+    fn set(&self, key: &str, ttl_s: u32) {
+        let value = vec![b'x'; 4104];
+        let mut request = format!("set {key} 0 {ttl_s} {}\r\n", value.len()).into_bytes();
+        request.extend_from_slice(&value);
+        request.extend_from_slice(b"\r\n");
+        assert_eq!(self.talk(&request, "\r\n"), "STORED\r\n", "storing {key}");
+    }
+
+    /// Whether the server holds `key`.
+    fn has(&self, key: &str) -> bool {
+        self.talk(format!("get {key}\r\n").as_bytes(), "END\r\n")
+            .starts_with("VALUE")
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A live heap (its lease, as a running lego holds it, and two pages), an orphaned heap
+/// (three pages, no lease: a process killed with SIGKILL whose lease expired) and another
+/// program's key, written with raw connections.
+const LIVE: &str = "lego:00000000000a11fe";
+const ORPHAN: &str = "lego:00000000000dead0";
+const FOREIGN: &str = "session:42";
+
+fn fill(server: &Memcached) {
+    server.set(&format!("{LIVE}:lease"), 60);
+    for page in ["0", "1"] {
+        server.set(&format!("{LIVE}:{page}"), 0);
+    }
+    for page in ["0", "1", "2f"] {
+        server.set(&format!("{ORPHAN}:{page}"), 0);
+    }
+    server.set(FOREIGN, 0);
+}
+
+/// `lego pool` prints one line per server, the one that answered with what lego holds there
+/// by heap and the one where nothing listens as down, and a closing line; it exits 1 then,
+/// and 0 when every server answered; `--heaps` lists the heaps.
+#[test]
+fn pool_describes_servers_up_and_down() {
+    let server = Memcached::start();
+    fill(&server);
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let url = format!("memcached://{},{nobody}", server.addr);
+
+    let out = Run::new(lego_bin()).args(["pool", &url]).run();
+    assert_eq!(out.code, Some(1), "{out}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let up = lines[0];
+    assert!(
+        up.starts_with(&format!("{} up: memcached 1.6", server.addr))
+            && up.contains(", -M, memory ")
+            && up.contains("1 live heap (3 items")
+            && up.contains("1 orphaned heap (3 items")
+            && up.contains("other items: 1 ("),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{nobody} down: ")) && lines[1].contains("refused"),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with("pool: 2 servers, 1 up, 1 down; lego holds 6 items")
+            && lines[2].contains("of 2 heaps, 1 live")
+            && lines[2].contains("orphaned: 3 items"),
+        "{out}"
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("1 of 2 servers did not answer: {nobody}")),
+        "{out}"
+    );
+
+    let out = Run::new(lego_bin())
+        .args(["pool", "--heaps", &format!("memcached://{}", server.addr)])
+        .run();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout.contains("  heap 00000000000a11fe live")
+            && out.stdout.contains("lease ")
+            && out
+                .stdout
+                .contains("  heap 00000000000dead0 orphaned: 3 items"),
+        "{out}"
+    );
+    // Looking changes nothing.
+    assert!(server.has(&format!("{ORPHAN}:2f")) && server.has(FOREIGN));
+}
+
+/// `lego pool gc` deletes the orphaned heap's pages and nothing else, says what it freed,
+/// still collects when another server is down (exit 1), and frees nothing the second time.
+#[test]
+fn pool_gc_frees_an_orphaned_heap() {
+    let server = Memcached::start();
+    fill(&server);
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = Run::new(lego_bin())
+        .args([
+            "pool",
+            "gc",
+            &format!("memcached://{nobody},{}", server.addr),
+        ])
+        .run();
+    assert_eq!(out.code, Some(1), "{out}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with(&format!("{nobody} down: ")), "{out}");
+    assert!(
+        lines[1].starts_with(&format!(
+            "{}: 2 heaps (1 live), 1 collected: 3 keys deleted, ",
+            server.addr
+        )) && lines[1].contains("KiB freed"),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with("gc: 2 servers, 1 failed; 3 keys deleted"),
+        "{out}"
+    );
+    for page in ["0", "1", "2f"] {
+        assert!(!server.has(&format!("{ORPHAN}:{page}")), "{out}");
+    }
+    for key in [
+        format!("{LIVE}:lease"),
+        format!("{LIVE}:0"),
+        format!("{LIVE}:1"),
+        FOREIGN.to_owned(),
+    ] {
+        assert!(server.has(&key), "{key} must be kept:\n{out}");
+    }
+
+    let url = format!("memcached://{}", server.addr);
+    let out = Run::new(lego_bin()).args(["pool", "gc", &url]).run();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains("1 heap (1 live), 0 collected: 0 keys deleted, 0 B freed"),
+        "{out}"
+    );
+    let out = Run::new(lego_bin()).args(["pool", &url]).run();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("nothing orphaned"), "{out}");
+}
+
+#[test]
+fn pool_usage_errors_exit_2() {
+    for args in [
+        &["pool"][..],
+        &["pool", "gc"][..],
+        &["pool", "file:/tmp"][..],
+        &["pool", "memcached://127.0.0.1"][..],
+        &["pool", "--bogus", "memcached://127.0.0.1:1"][..],
+    ] {
+        let out = Run::new(lego_bin()).args(args).run();
+        assert_eq!(out.code, Some(2), "lego {args:?}:\n{out}");
+        assert!(out.stderr.contains("usage: lego"), "{out}");
+    }
 }

@@ -198,6 +198,32 @@ fn a_server_killed_mid_run_costs_nothing_with_two_copies() {
     }
 }
 
+/// With one copy and the log on, the log is the second copy: pages are evicted only once the
+/// log holds them, and those of the killed server are read back from it. Identical output.
+#[test]
+fn a_server_killed_with_one_copy_and_the_log_costs_nothing() {
+    let _serial = heavy();
+    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
+    native.assert_success();
+    let logs = lego_tests::TempDir::new("pool-kill-log");
+    let log_dir = logs.path().join("log");
+    let log_dir = log_dir.to_str().expect("a UTF-8 path");
+    let (out, setup) = kill_one_of_three(
+        "pool-kill-one-copy-log",
+        &[("LEGO_REPLICAS", "1"), ("LEGO_LOG_DIR", log_dir)],
+    );
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    let stats = setup.stats();
+    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
+    assert_saw_the_loss(&stats, "one copy and the log");
+    assert!(
+        stats.number("pages_from_log").is_some_and(|n| n > 0),
+        "the killed server's pages must have come back from the log: {}",
+        stats.raw
+    );
+}
+
 /// With one copy and no log, a killed server's pages are gone: the program that touches one
 /// dies with SIGBUS and a message, and never reads wrong data.
 #[test]

@@ -280,6 +280,12 @@ impl Table {
     /// marks them `Evicting` and appends their indexes to `out`, sorted. Gives up after two
     /// sweeps over the used part of the table.
     pub fn pick_victims(&mut self, max: usize, out: &mut Vec<usize>) {
+        self.pick_victims_where(max, out, false);
+    }
+
+    /// [`Table::pick_victims`], skipping log-dirty pages when `log_clean_only` (the log must
+    /// hold a page's content before it is evicted: see the pager's `log_first`).
+    pub fn pick_victims_where(&mut self, max: usize, out: &mut Vec<usize>, log_clean_only: bool) {
         let start_len = out.len();
         if self.high == 0 {
             return;
@@ -294,6 +300,9 @@ impl Table {
             self.hand += 1;
             visited += 1;
             if self.state(p) != PageState::Resident || self.has_flag(p, LOGHOLD | SNAP) {
+                continue;
+            }
+            if log_clean_only && self.is_log_dirty(p) {
                 continue;
             }
             if self.has_flag(p, REFERENCED) {

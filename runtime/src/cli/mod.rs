@@ -27,9 +27,13 @@ use crate::log::replay::{
 };
 use crate::logging::error_chain;
 
+pub mod pool;
+
 pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
        lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
-       lego inspect LOG_DIR";
+       lego inspect LOG_DIR
+       lego pool [--heaps] memcached://HOST:PORT[,HOST:PORT...]
+       lego pool gc memcached://HOST:PORT[,HOST:PORT...]";
 
 /// How often the progress line on a terminal is redrawn, at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -52,6 +56,23 @@ pub enum CliError {
         #[source]
         source: ReplayError,
     },
+    /// `lego pool`: some server did not answer (the others were printed).
+    #[error("{failed} of {total} servers did not answer: {names}")]
+    ServersFailed {
+        failed: usize,
+        total: usize,
+        names: String,
+    },
+}
+
+impl CliError {
+    /// The status `lego` exits with: 1 when a pool's server did not answer, 2 otherwise.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            CliError::ServersFailed { .. } => 1,
+            _ => 2,
+        }
+    }
 }
 
 impl From<ReplayError> for CliError {
@@ -281,6 +302,10 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
             let dir = parse_inspect(&args[1..])?;
             print!("{}", inspect_dir(&dir)?);
             Ok(())
+        }
+        Some(cmd) if cmd == "pool" => {
+            let a = pool::parse_pool(&args[1..])?;
+            pool::run(&a, &mut std::io::stdout().lock())
         }
         Some(cmd) if cmd == "-h" || cmd == "--help" || cmd == "help" => {
             println!("{USAGE}");

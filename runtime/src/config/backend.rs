@@ -72,8 +72,8 @@ pub(super) fn known_forms() -> String {
     forms.join(", ")
 }
 
-/// Parses a `LEGO_BACKEND` value.
-pub(super) fn parse_backend(value: &str) -> Result<BackendSpec, ConfigError> {
+/// Parses a `LEGO_BACKEND` value (also what `lego pool` is given).
+pub fn parse_backend(value: &str) -> Result<BackendSpec, ConfigError> {
     let unknown = || ConfigError::UnknownBackend {
         value: value.to_owned(),
     };

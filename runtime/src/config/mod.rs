@@ -35,7 +35,7 @@ mod parse;
 mod pool;
 mod settings;
 
-pub use backend::BackendSpec;
+pub use backend::{parse_backend, BackendSpec};
 pub use durable::{LogSettings, LogSync};
 pub use error::ConfigError;
 pub use faults::{

@@ -44,7 +44,8 @@ pub use replay::{
     ReplayReport, Target,
 };
 pub use segment::{
-    EpochAppend, LogDir, LogDirOptions, LogEngine, LogError, LogWriter, SyncMode, WriterOptions,
+    EpochAppend, IndexError, Located, LogDir, LogDirOptions, LogEngine, LogError, LogWriter,
+    PageIndex, SyncMode, WriterOptions,
 };
 
 #[cfg(test)]

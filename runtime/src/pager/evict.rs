@@ -23,6 +23,7 @@ use super::install::{finish_run, install_pages, Outcome, Source};
 use super::moving::{move_out, Stuck};
 use super::{publish_resident, sleep_ms, Shared, EVICT_BATCH_PAGES_MAX, STATS};
 use crate::cache::{PageState, REMOVED, STORED};
+use crate::log::Located;
 use crate::logging::RateLimit;
 use crate::region::Region;
 use crate::stats::Counter;
@@ -35,6 +36,9 @@ static EVICT_ERRORS: RateLimit = RateLimit::new(2);
 const STORE_RETRY_MS: u64 = 100;
 /// How long the evictor sleeps when it wants to evict but finds nothing it can.
 const NOTHING_TO_EVICT_MS: u64 = 5;
+/// How long the evictor waits for an epoch being written, when only pages the log holds may
+/// be evicted, in milliseconds.
+const LOG_WAIT_MS: u64 = 1;
 /// How long the idle evictor sleeps before it looks at the resident count again.
 const IDLE_WAIT_MS: u64 = 200;
 
@@ -50,6 +54,11 @@ pub(super) struct Eviction {
     /// Set while write-backs fail: handlers then stop waiting for room (the cache overflows
     /// rather than the program stalling forever).
     store_failing: AtomicBool,
+    /// Set while only pages the log holds may be evicted and none can be now (an epoch is
+    /// being written, or every candidate changed since the last one): handlers then stop
+    /// waiting for room too, since a thread that waits inside the allocator would keep the
+    /// next epoch's cut from taking the allocator's locks.
+    starved: AtomicBool,
 }
 
 impl Eviction {
@@ -67,6 +76,7 @@ impl Eviction {
             low_pages: 0,
             batch_pages,
             store_failing: AtomicBool::new(false),
+            starved: AtomicBool::new(false),
         })
     }
 
@@ -91,6 +101,12 @@ impl Eviction {
     pub(super) fn store_failing(&self) -> bool {
         self.store_failing.load(Ordering::Relaxed)
     }
+
+    /// True while the evictor can evict nothing because the log does not hold the candidates
+    /// yet (handlers then wait for room a bounded time only).
+    pub(super) fn starved(&self) -> bool {
+        self.starved.load(Ordering::Relaxed)
+    }
 }
 
 pub(super) fn evictor_loop(sh: &Shared) {
@@ -107,19 +123,37 @@ pub(super) fn evictor_loop(sh: &Shared) {
         // Evict down to the low watermark, one batch at a time, each inside the gate.
         loop {
             let _pass = sh.gate.enter();
+            let log_first = sh.durable.as_ref().filter(|d| d.log_first());
+            if log_first.is_some_and(|d| d.in_flight.load(Ordering::SeqCst)) {
+                // An epoch is being written: the pages its cut took may not be in the log
+                // yet, and only pages the log holds may be evicted now.
+                sh.evict.starved.store(true, Ordering::Relaxed);
+                sh.cache.room_freed();
+                drop(_pass);
+                sleep_ms(LOG_WAIT_MS);
+                continue;
+            }
             victims.clear();
             {
                 let mut t = sh.cache.lock();
                 if t.resident() <= sh.evict.low_pages {
                     break;
                 }
-                t.pick_victims(sh.evict.batch_pages, &mut victims);
+                t.pick_victims_where(sh.evict.batch_pages, &mut victims, log_first.is_some());
             }
             if victims.is_empty() {
+                if let Some(d) = log_first {
+                    // Every candidate changed since the last epoch: the cache overflows
+                    // until the next one, which is asked for now.
+                    sh.evict.starved.store(true, Ordering::Relaxed);
+                    d.wanted.store(true, Ordering::Relaxed);
+                    sh.cache.room_freed();
+                }
                 drop(_pass);
                 sleep_ms(NOTHING_TO_EVICT_MS);
                 break;
             }
+            sh.evict.starved.store(false, Ordering::Relaxed);
             let ok = evict_batch(sh, &victims);
             sh.cache.room_freed();
             if !ok {
@@ -148,16 +182,62 @@ enum Fate {
 
 /// Evicts the sorted `victims` (all `Evicting`). Returns false if the write-back failed.
 fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
-    let n = victims.len();
-    assert!(n <= EVICT_BATCH_PAGES_MAX);
+    assert!(victims.len() <= EVICT_BATCH_PAGES_MAX);
     let runs = runs_of(victims);
     let written = scan_written(sh, victims, &runs);
+    let log_first = sh.durable.as_ref().filter(|d| d.log_first());
+    if log_first.is_some() && written.iter().any(|&w| w) {
+        // Written since the log took them: they stay (log-dirty) until an epoch has them.
+        let (mut kept, mut rest) = (Vec::new(), Vec::new());
+        {
+            let mut t = sh.cache.lock();
+            for (i, &p) in victims.iter().enumerate() {
+                if written[i] && !t.has_flag(p, REMOVED) {
+                    t.set_log_dirty(p);
+                    t.set_state(p, PageState::Resident);
+                    kept.push(p);
+                } else {
+                    rest.push(p);
+                }
+            }
+        }
+        STATS.add(Counter::EvictionsHeldForLog, kept.len() as u64);
+        if rest.is_empty() {
+            return true;
+        }
+        let runs = runs_of(&rest);
+        let written = vec![false; rest.len()];
+        return evict_moved(sh, &rest, &runs, &written, log_first);
+    }
+    evict_moved(sh, victims, &runs, &written, log_first)
+}
+
+/// Steps 2-6 of a batch whose written bits are known.
+fn evict_moved(
+    sh: &Shared,
+    victims: &[usize],
+    runs: &[(usize, usize)],
+    written: &[bool],
+    log_first: Option<&super::epoch::Durable>,
+) -> bool {
+    let runs = runs.to_vec();
+    let written = written.to_vec();
     // Move them out, victim i to staging slot i.
     for &(i, len) in &runs {
         move_run(sh, victims, i, len);
     }
     let (present, mut fate) = locate(sh, victims);
     let copies = classify(sh, victims, &written, &present, &mut fate);
+    if let Some(durable) = log_first {
+        if !log_holds(durable, victims, &fate, &copies) {
+            // A page written between the scan and its move: back, all of them, as after a
+            // failed write-back (rare; the next batch goes on once an epoch has it).
+            put_back(sh, victims, &runs, &fate);
+            forget_failed_batch(sh, victims, &written, &fate, &copies);
+            STATS.add(Counter::EvictionsHeldForLog, victims.len() as u64);
+            return true;
+        }
+    }
     let Some(dirty) = write_back(sh, victims, &runs, &fate, &copies) else {
         forget_failed_batch(sh, victims, &written, &fate, &copies);
         return false;
@@ -166,6 +246,21 @@ fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
     STATS.add(Counter::PagesWrittenBack, dirty);
     STATS.add(Counter::BytesWrittenBack, dirty * PAGE_SIZE as u64);
     true
+}
+
+/// Whether the log holds the exact content of every moved page that keeps a store copy (the
+/// log is their second copy).
+fn log_holds(
+    durable: &super::epoch::Durable,
+    victims: &[usize],
+    fate: &[Fate],
+    copies: &[StoreCopy],
+) -> bool {
+    let index = durable.index.as_ref().expect("log-first has an index");
+    victims.iter().enumerate().all(|(i, &p)| {
+        !matches!(fate[i], Fate::Dirty | Fate::Clean)
+            || matches!(index.locate(p as u64), Located::At { crc, .. } if crc == copies[i].crc)
+    })
 }
 
 /// Step 1: which victims were written since last protected (and protects them again).

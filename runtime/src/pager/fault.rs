@@ -37,6 +37,9 @@ const PREFETCH_MIN_PAGES: usize = 64;
 const SNAP_RUN_PAGES_MAX: usize = 64;
 /// How long a handler waits for the evictor to make room before it checks again.
 const ROOM_WAIT_MS: u64 = 20;
+/// Longest wait for room while the evictor is starved of pages the log holds, in
+/// milliseconds: past it the fault is served beyond the cache size.
+const STARVED_WAIT_MS: u64 = 50;
 /// How long an idle handler sleeps in `poll` before it polls again. The handlers never stop:
 /// other libraries' destructors may touch the heap after lego's exit handler has run.
 const IDLE_POLL_MS: i32 = 200;
@@ -145,6 +148,7 @@ pub(super) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
 /// another state.
 pub(super) fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
     let mut t = sh.cache.lock();
+    let mut waiting_since: Option<Instant> = None;
     loop {
         let state = t.state(page);
         let fetch = match state {
@@ -164,7 +168,11 @@ pub(super) fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
             PageState::Absent | PageState::Resident => false,
             PageState::Evicted => true,
         };
-        let failing = sh.evict.store_failing();
+        // A starved evictor (the log does not hold the candidates yet) gets a bounded wait:
+        // this thread may hold the allocator's lock, which the next epoch's cut needs.
+        let starved_long = sh.evict.starved()
+            && waiting_since.is_some_and(|w| w.elapsed() >= Duration::from_millis(STARVED_WAIT_MS));
+        let failing = sh.evict.store_failing() || starved_long;
         let room = sh.cache.capacity_pages().saturating_sub(t.resident());
         if room == 0 && !failing && !ignore_room {
             if sh.gate.is_closing() {
@@ -173,6 +181,7 @@ pub(super) fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
                 return Plan::Later;
             }
             sh.cache.want_eviction();
+            waiting_since.get_or_insert_with(Instant::now);
             t = sh
                 .cache
                 .wait_for_room(t, Duration::from_millis(ROOM_WAIT_MS));

@@ -205,8 +205,53 @@ fn read_with_retries(
             super::sleep_ms(FETCH_RETRY_MS * u64::from(attempt));
         }
     }
+    read_from_log(sh, first, expect, buf, &mut status);
     (status, last_error)
 }
+
+/// The copy of last resort: pages the store could not give, read from the log when it holds
+/// their exact content (a pool with one copy whose server died; see `Durable::log_first`).
+fn read_from_log(
+    sh: &Shared,
+    first: usize,
+    expect: &[Expect],
+    buf: &mut PageBuf,
+    status: &mut [PageFetch],
+) {
+    let Some(index) = sh.durable.as_ref().and_then(|d| d.index.as_ref()) else {
+        return;
+    };
+    if status.iter().all(|st| *st == PageFetch::Good) {
+        return;
+    }
+    let mut pages = buf.pages_mut(expect.len());
+    for (i, st) in status.iter_mut().enumerate() {
+        let Expect::Store { crc, .. } = expect[i] else {
+            continue;
+        };
+        if *st == PageFetch::Good {
+            continue;
+        }
+        match index.read((first + i) as u64, crc, pages[i]) {
+            Ok(()) => {
+                *st = PageFetch::Good;
+                STATS.add(Counter::PagesFromLog, 1);
+                if FROM_LOG.allow() {
+                    log::warn!(
+                        "the page at {:#x} was read from the log: the store could not give it",
+                        sh.addr_of(first + i)
+                    );
+                }
+            }
+            Err(e) => log::debug!(
+                "the page at {:#x} is not in the log either: {e}",
+                sh.addr_of(first + i)
+            ),
+        }
+    }
+}
+
+static FROM_LOG: crate::logging::RateLimit = crate::logging::RateLimit::new(2);
 
 /// Where a fetched page's content comes from, and what it must match.
 #[derive(Clone, Copy)]

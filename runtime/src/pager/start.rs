@@ -19,7 +19,7 @@ use super::{
 use crate::cache::{Cache, CacheError, PageSet, PageState, Table};
 use crate::config::{Config, LogSync};
 use crate::log::image::ImageReader;
-use crate::log::{LogWriter, RegionInfo, SyncMode, WriterOptions};
+use crate::log::{LogWriter, PageIndex, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region};
 use crate::store::{self, DiscardQueue};
 use crate::uffd::{self, Kick, PagemapScanner, Userfault};
@@ -62,7 +62,21 @@ impl Runtime {
             config.fault_injection.as_ref(),
         )?;
         let scanner = PagemapScanner::open()?;
-        let writer = open_log(config, &region, image.as_ref())?;
+        // A pool that keeps one copy of each page, and a log that cuts epochs on its own:
+        // the log is the second copy (evicted pages are in it, and read from it when the
+        // pool cannot give them).
+        let index = match &config.log {
+            Some(log) if log.flush_ms.is_some() && store.wants_log_copy() => Some(Arc::new(
+                PageIndex::new(&log.dir, region.pages() as u64).map_err(|e| {
+                    PagerError::Thread {
+                        name: "the log's page index".into(),
+                        source: std::io::Error::other(crate::logging::error_chain(&e)),
+                    }
+                })?,
+            )),
+            _ => None,
+        };
+        let writer = open_log(config, &region, image.as_ref(), index.clone())?;
         let snapshot = match &writer {
             Some(_) => Some(Snapshot::new(region.len, &staging_uffd)?),
             None => None,
@@ -104,6 +118,7 @@ impl Runtime {
                     pages: region.pages(),
                     source,
                 })?,
+                index,
             )),
             _ => None,
         };
@@ -160,6 +175,7 @@ fn open_log(
     config: &Config,
     region: &Region,
     image: Option<&ImageReader>,
+    index: Option<Arc<PageIndex>>,
 ) -> Result<Option<LogWriter>, PagerError> {
     let Some(log) = &config.log else {
         return Ok(None);
@@ -176,8 +192,14 @@ fn open_log(
         ..WriterOptions::default()
     };
     Ok(Some(match image {
-        Some(img) => LogWriter::resume(&log.dir, region_info, options, img.path())?,
-        None => LogWriter::create(&log.dir, region_info, options)?,
+        Some(img) => LogWriter::resume_indexed(&log.dir, region_info, options, img.path(), index)?,
+        None => {
+            let mut writer = LogWriter::create(&log.dir, region_info, options)?;
+            if let Some(index) = index {
+                writer.set_index(index);
+            }
+            writer
+        }
     }))
 }
 

@@ -231,6 +231,10 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.inner.report()
     }
 
+    fn wants_log_copy(&self) -> bool {
+        self.inner.wants_log_copy()
+    }
+
     fn describe(&self) -> String {
         let plan = self.budget.plan;
         let once = if plan.once { " once" } else { "" };

@@ -175,6 +175,13 @@ pub trait PageStore: Send + Sync {
     /// fetch pages).
     fn at_exit(&self) {}
 
+    /// Whether the store keeps a single copy of each page somewhere that can fail on its own
+    /// (a pool with one copy): with a log, the pager then keeps the log holding every
+    /// evicted page, so that the log stands in for the second copy. False by default.
+    fn wants_log_copy(&self) -> bool {
+        false
+    }
+
     /// Statistics of the store itself, as (name, value) pairs for the report at exit (a pool's
     /// failovers and servers); none by default.
     fn report(&self) -> Vec<(String, String)> {
@@ -206,6 +213,10 @@ impl PageStore for Box<dyn PageStore> {
 
     fn report(&self) -> Vec<(String, String)> {
         (**self).report()
+    }
+
+    fn wants_log_copy(&self) -> bool {
+        (**self).wants_log_copy()
     }
 
     fn describe(&self) -> String {

@@ -6,10 +6,11 @@
 //! are the same however the pages are chunked; dropped uncommitted, an epoch that wrote
 //! nothing leaves no trace, and one that wrote something breaks the writer (checkpoint next).
 
+use super::index::PageIndex;
 use super::{LogError, LogWriter};
 use crate::log::format::{
-    BatchCrc, Block, Commit, CommitKind, EpochOrigin, EpochPage, PageEntry, PageGroup,
-    GROUP_ENTRIES_MAX,
+    BatchCrc, Block, Commit, CommitKind, EntryKind, EpochOrigin, EpochPage, PageEntry, PageGroup,
+    BLOCK_BYTES, GROUP_ENTRIES_MAX,
 };
 use crate::PAGE_SIZE;
 
@@ -138,6 +139,8 @@ impl EpochAppend<'_> {
     pub(super) fn push(&mut self, pages: &[EpochPage<'_>], last: bool) -> Result<(), LogError> {
         let mut rest = pages;
         let mut groups: Vec<(Box<Block>, Payloads<'_, '_>)> = Vec::new();
+        // The pages of the buffered group, and whether each has a payload (for the index).
+        let mut buffered_pages: Vec<(u64, bool)> = Vec::new();
         if !self.open.is_empty() {
             let n = (GROUP_ENTRIES_MAX - self.open.len()).min(rest.len());
             let (head, tail) = rest.split_at(n);
@@ -148,6 +151,10 @@ impl EpochAppend<'_> {
             if self.open.len() == GROUP_ENTRIES_MAX || last {
                 self.sealed |= self.open.len() < GROUP_ENTRIES_MAX;
                 let entries = std::mem::take(&mut self.open);
+                buffered_pages = entries
+                    .iter()
+                    .map(|e| (e.page, e.kind == EntryKind::Page))
+                    .collect();
                 groups.push((self.seal_group(entries), Payloads::Buffered));
             }
         }
@@ -180,6 +187,17 @@ impl EpochAppend<'_> {
                 Ok(bytes) => {
                     self.wrote = true;
                     self.body_bytes += bytes;
+                    if let Some(index) = &self.writer.index {
+                        let start = self.writer.offset - bytes;
+                        index_groups(
+                            index,
+                            self.writer.seq,
+                            start,
+                            &groups,
+                            &buffered_pages,
+                            &self.buf,
+                        );
+                    }
                 }
                 Err(e) => return Err(self.fail(e)),
             }
@@ -239,6 +257,42 @@ impl EpochAppend<'_> {
         w.next_epoch = self.epoch + 1;
         log::error!("writing epoch {} to the log failed: {e}", self.epoch);
         e
+    }
+}
+
+/// Records in `index` where the pages of `groups`, written at `start` of segment `seq`, are:
+/// each group is its block, then its pages' payloads in order (zero records have none).
+fn index_groups(
+    index: &PageIndex,
+    seq: u64,
+    start: u64,
+    groups: &[(Box<Block>, Payloads<'_, '_>)],
+    buffered_pages: &[(u64, bool)],
+    buf: &[u8],
+) {
+    let mut offset = start;
+    for (_, payloads) in groups {
+        offset += BLOCK_BYTES as u64;
+        let mut note = |page: u64, data: Option<&[u8]>| match data {
+            Some(d) => {
+                index.record(page, seq, offset, crc32c::crc32c(d));
+                offset += PAGE_SIZE as u64;
+            }
+            None => index.record_zero(page),
+        };
+        match payloads {
+            Payloads::Buffered => {
+                let mut data = buf.chunks(PAGE_SIZE);
+                for &(page, has_data) in buffered_pages {
+                    note(page, if has_data { data.next() } else { None });
+                }
+            }
+            Payloads::Pages(chunk) => {
+                for p in chunk.iter() {
+                    note(p.page, p.data);
+                }
+            }
+        }
     }
 }
 

@@ -65,6 +65,7 @@ use crate::PAGE_SIZE;
 mod append;
 mod compaction;
 mod dir;
+mod index;
 #[cfg(test)]
 mod memory;
 mod resume;
@@ -77,6 +78,7 @@ mod tests;
 
 pub use append::EpochAppend;
 pub use dir::{LogDir, LogDirOptions, LogEngine};
+pub use index::{IndexError, Located, PageIndex};
 #[cfg(test)]
 pub use memory::MemoryStorage;
 pub use writer::LogWriter;

@@ -33,9 +33,21 @@ impl LogWriter {
         options: WriterOptions,
         image: &Path,
     ) -> Result<LogWriter, LogError> {
+        Self::resume_indexed(dir, region, options, image, None)
+    }
+
+    /// [`LogWriter::resume`] with a page index that records the image's checkpoint and every
+    /// page appended after it (see [`LogWriter::set_index`]).
+    pub fn resume_indexed(
+        dir: &Path,
+        region: RegionInfo,
+        options: WriterOptions,
+        image: &Path,
+        index: Option<std::sync::Arc<super::index::PageIndex>>,
+    ) -> Result<LogWriter, LogError> {
         // The image is checked before the directory is locked (or created).
         let reader = ImageReader::open(image)?;
-        Self::resume_reader(Box::new(LogDir::open(dir)?), region, options, reader)
+        Self::resume_reader(Box::new(LogDir::open(dir)?), region, options, reader, index)
     }
 
     /// [`LogWriter::resume`] on any storage.
@@ -46,7 +58,7 @@ impl LogWriter {
         image: &Path,
     ) -> Result<LogWriter, LogError> {
         let reader = ImageReader::open(image)?;
-        Self::resume_reader(storage, region, options, reader)
+        Self::resume_reader(storage, region, options, reader, None)
     }
 
     fn resume_reader(
@@ -54,6 +66,7 @@ impl LogWriter {
         region: RegionInfo,
         options: WriterOptions,
         mut image: ImageReader,
+        index: Option<std::sync::Arc<super::index::PageIndex>>,
     ) -> Result<LogWriter, LogError> {
         check_settings(region, &options)?;
         let ih = *image.header();
@@ -99,6 +112,7 @@ impl LogWriter {
             remove_below: None,
             log_max_bytes: LOG_MAX_BYTES_DEFAULT,
             group_buf: Vec::new(),
+            index,
         };
         let epoch = w.checkpoint_from_reader(&mut image, ih.origin)?;
         if ih.epoch < max_epoch {

@@ -48,6 +48,8 @@ pub struct LogWriter {
     // Payload copies of a streaming epoch's open page group, kept between epochs so that its
     // allocation (at most GROUP_ENTRIES_MAX pages) is made once.
     pub(super) group_buf: Vec<u8>,
+    // Where each page's newest record is, when the pager reads pages back from the log.
+    pub(super) index: Option<std::sync::Arc<super::index::PageIndex>>,
 }
 
 impl LogWriter {
@@ -91,7 +93,13 @@ impl LogWriter {
             remove_below: None,
             log_max_bytes: LOG_MAX_BYTES_DEFAULT,
             group_buf: Vec::new(),
+            index: None,
         })
+    }
+
+    /// From now on, records in `index` where every page this writer appends is.
+    pub fn set_index(&mut self, index: std::sync::Arc<super::index::PageIndex>) {
+        self.index = Some(index);
     }
 
     pub fn log_id(&self) -> u64 {

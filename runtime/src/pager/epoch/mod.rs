@@ -39,6 +39,7 @@ mod compact;
 mod cut;
 pub(super) mod snapshot;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,7 @@ use self::snapshot::{copy_back, Snapshot};
 use super::{Quiesce, Shared, STATS};
 use crate::cache::{PageSet, PageState, LOGHOLD, STORED};
 use crate::config::LogSettings;
-use crate::log::{EpochOrigin, LogError, LogWriter};
+use crate::log::{EpochOrigin, LogError, LogWriter, PageIndex};
 use crate::logging::RateLimit;
 use crate::stats::Counter;
 use crate::store::FaultBudget;
@@ -106,6 +107,14 @@ pub(crate) struct Durable {
     /// The pages the current cut took (the flusher's, reserved at start, empty between
     /// cuts).
     taken: Mutex<PageSet>,
+    /// Where each page's newest log record is, when the log stands in for a second copy of
+    /// evicted pages (a pool with one copy): see `log_copy`.
+    pub(super) index: Option<Arc<PageIndex>>,
+    /// Set from the start of a cut until its epoch is committed or failed: pages the cut took
+    /// may not be in the log yet.
+    pub(super) in_flight: AtomicBool,
+    /// The evictor is starved of pages the log holds: the next epoch is wanted now.
+    pub(super) wanted: AtomicBool,
 }
 
 impl Durable {
@@ -115,6 +124,7 @@ impl Durable {
         quiesce: Option<Quiesce>,
         readback_faults: Option<FaultBudget>,
         taken: PageSet,
+        index: Option<Arc<PageIndex>>,
     ) -> Durable {
         Durable {
             requests: Mutex::new(Requests::default()),
@@ -124,7 +134,16 @@ impl Durable {
             quiesce,
             readback_faults,
             taken: Mutex::new(taken),
+            index,
+            in_flight: AtomicBool::new(false),
+            wanted: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the log stands in for a second copy of evicted pages: the evictor evicts only
+    /// pages whose content is in the log, and a fetch the store cannot serve reads the log.
+    pub(super) fn log_first(&self) -> bool {
+        self.index.is_some()
     }
 
     /// Returns once every write made before the call is in a committed epoch (durable with
@@ -202,7 +221,8 @@ pub(super) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
                 if r.asked == r.served
-                    && dirty_pages(sh, written_back_at_cut) >= settings.flush_pages
+                    && (durable.wanted.swap(false, Ordering::Relaxed)
+                        || dirty_pages(sh, written_back_at_cut) >= settings.flush_pages)
                 {
                     break;
                 }
@@ -280,6 +300,7 @@ fn run_epoch(
     };
     let held = durable.quiesce.is_some_and(|q| (q.hold)());
     let started = Instant::now();
+    durable.in_flight.store(true, Ordering::SeqCst);
     let mut sent = false;
     // The writer thread starts appending as soon as the pages are out, while this thread
     // puts them back.
@@ -314,7 +335,7 @@ fn run_epoch(
     };
     release_holds(sh, &cut);
     durable.snapshot.drop_slots(&cut.moved);
-    match result {
+    let outcome = match result {
         Ok(epoch) => {
             if cut.pages() > 0 {
                 STATS.add(Counter::EpochsCommitted, 1);
@@ -330,7 +351,10 @@ fn run_epoch(
             Ok(epoch)
         }
         Err(e) => Err(epoch_failed(sh, &cut, e)),
-    }
+    };
+    // Committed (the log holds the cut's pages) or failed (they are log-dirty again).
+    durable.in_flight.store(false, Ordering::SeqCst);
+    outcome
 }
 
 /// After a failed epoch: its pages go into the next one (with whatever they hold then: newer

@@ -1,6 +1,7 @@
 //! [`Connection`]s to one memcached server: a few kept open, every connect, read and write
-//! bounded by the pool's timeout, a pipeline sent and its replies read up to `MN`, and the
-//! text commands (`stats`, `stats settings`) the pool reads at start and when it probes.
+//! bounded by the pool's timeout, a pipeline sent and its replies read up to `MN`, the text
+//! commands (`stats`, `stats settings`) the pool reads at start and when it probes, and long
+//! text replies read line by line (`lru_crawler metadump all`, for garbage collection).
 //!
 //! Rules: a connection whose pipeline did not end cleanly is dropped (its stream may hold
 //! replies of a request nobody waits for); a new one is made on the next call. Buffers come
@@ -8,8 +9,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::ops::ControlFlow;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::protocol::{self, ProtocolError, Reply};
 use crate::store::FailureKind;
@@ -20,6 +22,17 @@ pub const CONNECTIONS_PER_SERVER_MAX: usize = 4;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Longest text reply (`stats`) read, in bytes.
 const TEXT_REPLY_BYTES_MAX: usize = 1 << 20;
+
+/// How a reply read by [`Connection::text_lines`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinesEnd {
+    /// With `END`: every line was read.
+    End,
+    /// The caller asked to stop.
+    Stopped,
+    /// The deadline passed first.
+    Deadline,
+}
 
 /// Where one server is, and its idle connections.
 pub struct Connection {
@@ -182,6 +195,96 @@ impl Connection {
         }
         Ok(pairs)
     }
+}
+
+impl Connection {
+    /// Sends one text command whose reply is lines up to `END` (`lru_crawler metadump all`)
+    /// on a connection of its own, and hands every line before `END` to `on_line` (without
+    /// its line end: `\n` or `\r\n`) as it arrives, so a reply of any length is read in
+    /// bounded memory. Reading stops when `on_line` breaks, or at `deadline`; each read is
+    /// bounded by the timeout too. The connection is closed after (the server stops a dump
+    /// whose client went away). A line `ERROR`, `CLIENT_ERROR ...`, `SERVER_ERROR ...` or
+    /// `BUSY ...` is an error; a line longer than [`protocol::LINE_BYTES_MAX`] is too.
+    pub fn text_lines(
+        &self,
+        command: &str,
+        deadline: Instant,
+        mut on_line: impl FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<LinesEnd, ServerError> {
+        let io = |e: std::io::Error| ServerError::Io(e);
+        let mut stream = self.connect().map_err(io)?;
+        stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .map_err(io)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+        let mut start = 0;
+        loop {
+            while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+                let mut line = &buf[start..start + nl];
+                start += nl + 1;
+                if let Some(l) = line.strip_suffix(b"\r") {
+                    line = l;
+                }
+                if line.len() > protocol::LINE_BYTES_MAX {
+                    return Err(ServerError::Protocol(ProtocolError::LineTooLong));
+                }
+                if line == b"END" {
+                    return Ok(LinesEnd::End);
+                }
+                if let Some(e) = error_line(line) {
+                    return Err(ServerError::Protocol(e));
+                }
+                if on_line(line).is_break() {
+                    return Ok(LinesEnd::Stopped);
+                }
+            }
+            buf.drain(..start);
+            start = 0;
+            if buf.len() > protocol::LINE_BYTES_MAX {
+                return Err(ServerError::Protocol(ProtocolError::LineTooLong));
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Ok(LinesEnd::Deadline);
+            };
+            // A zero timeout means none to the socket: at least a millisecond.
+            let wait = left.min(self.timeout).max(Duration::from_millis(1));
+            stream.set_read_timeout(Some(wait)).map_err(io)?;
+            let len = buf.len();
+            buf.resize(len + READ_CHUNK_BYTES, 0);
+            let n = match stream.read(&mut buf[len..]) {
+                Ok(n) => n,
+                Err(e) if is_timeout(&e) && Instant::now() >= deadline => {
+                    return Ok(LinesEnd::Deadline)
+                }
+                Err(e) => return Err(io(e)),
+            };
+            buf.truncate(len + n);
+            if n == 0 {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+/// The error a text reply's line reports, if it is one.
+fn error_line(line: &[u8]) -> Option<ProtocolError> {
+    let text = || String::from_utf8_lossy(line).into_owned();
+    if line == b"ERROR" || line.starts_with(b"CLIENT_ERROR") {
+        Some(ProtocolError::Client { line: text() })
+    } else if line.starts_with(b"SERVER_ERROR") {
+        Some(ProtocolError::Server { line: text() })
+    } else if line.starts_with(b"BUSY") {
+        Some(ProtocolError::Busy { line: text() })
+    } else {
+        None
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// The value of `name` among `stats` pairs.

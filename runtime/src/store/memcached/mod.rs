@@ -11,14 +11,24 @@
 //!   (memcached started with `-M`); a server that may evict is refused with one line.
 //! - A failure of the server (a timeout, a refused connection, `SERVER_ERROR out of memory`)
 //!   is `Transient` for its pages: another server, or a later try, may take them.
+//! - Leases ([`lease`]): opening takes the heap's lease on the server (`lego:HEAPID:lease`,
+//!   with a time to live), before any page is stored; the pool renews it; a normal exit
+//!   releases it ([`PageStore::at_exit`]). Garbage collection ([`gc`]) frees the pages of
+//!   heaps without a lease: dead processes'.
 //! - Nothing listens: lego only connects.
 
 pub mod connection;
+pub mod dump;
+pub mod gc;
+pub mod keys;
+pub mod lease;
 pub mod protocol;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use connection::{stat, Connection, ServerError};
+use gc::{DumpLimits, GcError, GcReport};
+use lease::{LeaseError, Renewal, LEASE_TTL_S};
 use protocol::Reply;
 
 use super::{
@@ -68,9 +78,10 @@ pub struct MemcachedServer {
 }
 
 impl MemcachedServer {
-    /// Connects to `server` (`HOST:PORT`), checks that it may not evict, and makes a store of
-    /// the heap `heap_id` (of `heap_bytes`) on it. Every connect, read and write is bounded
-    /// by `timeout_ms`.
+    /// Connects to `server` (`HOST:PORT`), checks that it may not evict, takes the lease of
+    /// heap `heap_id` there and makes a store of the heap (of `heap_bytes`) on it. Every
+    /// connect, read and write is bounded by `timeout_ms`. A lease the server does not store
+    /// now (it is full) is only a warning: the pool's renewals try again.
     pub fn open(
         server: &str,
         heap_id: u64,
@@ -97,6 +108,9 @@ impl MemcachedServer {
                     .into(),
             ));
         }
+        if let Err(e) = lease::renew(&conn, heap_id, LEASE_TTL_S) {
+            log::warn!("{}", crate::logging::error_chain(&e));
+        }
         Ok(MemcachedServer {
             conn,
             heap_id,
@@ -104,6 +118,29 @@ impl MemcachedServer {
             name,
             traffic: Traffic::default(),
         })
+    }
+
+    /// The heap whose pages this store holds.
+    pub fn heap_id(&self) -> u64 {
+        self.heap_id
+    }
+
+    /// Renews the heap's lease on the server for [`LEASE_TTL_S`] (every
+    /// [`lease::LEASE_RENEW_S`]). [`Renewal::Started`] after the first renewal means the lease
+    /// had lapsed: a garbage collection may have deleted pages of this heap there, so treat
+    /// the server's copies as gone (like a restarted server's).
+    pub fn renew_lease(&self) -> Result<Renewal, LeaseError> {
+        lease::renew(&self.conn, self.heap_id, LEASE_TTL_S)
+    }
+
+    /// Releases the heap's lease (at a normal exit); its pages stay until a collection.
+    pub fn release_lease(&self) -> Result<(), LeaseError> {
+        lease::release(&self.conn, self.heap_id)
+    }
+
+    /// Deletes the pages of orphaned heaps (no lease) on the server, never this heap's.
+    pub fn collect_orphans(&self, limits: &DumpLimits) -> Result<GcReport, GcError> {
+        gc::collect_orphans(&self.conn, &[self.heap_id], limits)
     }
 
     /// `HOST:PORT`.
@@ -137,7 +174,7 @@ impl MemcachedServer {
     }
 
     fn key(&self, page: u64) -> String {
-        format!("lego:{:016x}:{page:x}", self.heap_id)
+        keys::page_key(self.heap_id, page)
     }
 
     fn error(&self, op: StoreOp, page: u64, e: ServerError) -> StoreError {
@@ -317,6 +354,14 @@ impl PageStore for MemcachedServer {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    /// Releases the lease: the pages stay fetchable (late faults at exit) until a collection
+    /// finds them without one.
+    fn at_exit(&self) {
+        if let Err(e) = self.release_lease() {
+            log::warn!("{}", crate::logging::error_chain(&e));
+        }
     }
 }
 

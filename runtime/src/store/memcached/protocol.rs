@@ -6,6 +6,12 @@
 //! `ms KEY LEN q O<opaque>` + data (set; quiet: success sends nothing), `md KEY q O<opaque>`
 //! (delete; quiet), and `mn` (no-op: its `MN` reply ends a pipeline, so every reply before it
 //! belongs to a request before it). Replies are matched to requests by their opaque token.
+//! For leases and garbage collection: `ms KEY LEN T<ttl> O<opaque>` (a value that expires;
+//! not quiet, so `HD` or `NS` always answers),
+//! `mg KEY T<ttl> O<opaque>` (touch: a new time to live in place, no memory taken; `HD` if
+//! the key is there, `EN` if not) and
+//! `md KEY C<cas> q O<opaque>` (delete only the value a dump saw: `EX` if it changed since,
+//! `NF` if it is gone; quiet memcached still sends both, only `HD` is left out).
 //!
 //! Rules: a reply is parsed only from complete lines; anything malformed is an error, never a
 //! guess; a value's length is bounded by [`VALUE_BYTES_MAX`].
@@ -18,6 +24,9 @@ pub const KEY_BYTES_MAX: usize = 250;
 pub const VALUE_BYTES_MAX: usize = 64 * 1024;
 /// Longest reply line lego reads before the value, in bytes.
 pub const LINE_BYTES_MAX: usize = 1024;
+/// Longest time to live memcached takes as relative, in seconds (30 days); a larger `T` is
+/// read as an absolute Unix time.
+pub const TTL_S_MAX: u32 = 30 * 24 * 3600;
 
 /// Errors of parsing a reply.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -32,13 +41,18 @@ pub enum ProtocolError {
     Server { line: String },
     #[error("the server rejects the request: {line}")]
     Client { line: String },
+    #[error("the server is busy with another request of this kind: {line}")]
+    Busy { line: String },
 }
 
 impl ProtocolError {
     /// Whether trying again (or elsewhere) may help: a server error (out of memory, busy) may
     /// pass; a rejected request or a malformed reply will not.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ProtocolError::Server { .. })
+        matches!(
+            self,
+            ProtocolError::Server { .. } | ProtocolError::Busy { .. }
+        )
     }
 }
 
@@ -60,6 +74,33 @@ pub fn set(out: &mut Vec<u8>, key: &str, value: &[u8], opaque: u32) {
 pub fn delete(out: &mut Vec<u8>, key: &str, opaque: u32) {
     debug_assert!(valid_key(key));
     out.extend_from_slice(format!("md {key} q O{opaque}\r\n").as_bytes());
+}
+
+/// Appends `ms KEY LEN T<ttl_s> O<opaque>\r\n` and the value: a value memcached drops
+/// `ttl_s` seconds (1 to [`TTL_S_MAX`]) after this set. Not quiet: `HD` (stored) or `NS`
+/// always answers.
+pub fn set_expiring(out: &mut Vec<u8>, key: &str, value: &[u8], ttl_s: u32, opaque: u32) {
+    debug_assert!(valid_key(key));
+    debug_assert!((1..=TTL_S_MAX).contains(&ttl_s), "ttl {ttl_s} s");
+    out.extend_from_slice(format!("ms {key} {} T{ttl_s} O{opaque}\r\n", value.len()).as_bytes());
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `mg KEY T<ttl_s> O<opaque>\r\n`: gives the value a new time to live of `ttl_s`
+/// seconds (1 to [`TTL_S_MAX`]) without rewriting it. Not quiet: `HD` if it is there, `EN`
+/// if not.
+pub fn touch(out: &mut Vec<u8>, key: &str, ttl_s: u32, opaque: u32) {
+    debug_assert!(valid_key(key));
+    debug_assert!((1..=TTL_S_MAX).contains(&ttl_s), "ttl {ttl_s} s");
+    out.extend_from_slice(format!("mg {key} T{ttl_s} O{opaque}\r\n").as_bytes());
+}
+
+/// Appends `md KEY C<cas> q O<opaque>\r\n`: deletes the value only while its CAS token is
+/// still `cas` (the one a metadump showed). `EX` answers if it changed, `NF` if it is gone.
+pub fn delete_if(out: &mut Vec<u8>, key: &str, cas: u64, opaque: u32) {
+    debug_assert!(valid_key(key));
+    out.extend_from_slice(format!("md {key} C{cas} q O{opaque}\r\n").as_bytes());
 }
 
 /// Appends `mn\r\n`, the end of a pipeline.
@@ -191,6 +232,34 @@ mod tests {
     }
 
     #[test]
+    fn expiring_sets_and_conditional_deletes_are_encoded_as_memcached_expects() {
+        let mut out = Vec::new();
+        set_expiring(&mut out, "lego:1:lease", b"pid=7", 60, 1);
+        set_expiring(&mut out, "k", b"", 1, 2);
+        delete_if(&mut out, "lego:1:2", 18_446_744_073_709_551_615, 3);
+        touch(&mut out, "lego:1:lease", TTL_S_MAX, 4);
+        assert_eq!(
+            out,
+            b"ms lego:1:lease 5 T60 O1\r\npid=7\r\nms k 0 T1 O2\r\n\r\n\
+              md lego:1:2 C18446744073709551615 q O3\r\nmg lego:1:lease T2592000 O4\r\n"
+                .as_slice()
+        );
+        // What they are answered with.
+        let (r, _) = parse(b"NS O1\r\n").expect("valid").expect("whole");
+        assert_eq!(r, Reply::NotDone { opaque: Some(1) });
+        let (r, _) = parse(b"HD O2\r\n").expect("valid").expect("whole");
+        assert_eq!(r, Reply::Stored { opaque: Some(2) });
+        let (r, _) = parse(b"EX O3\r\n").expect("valid").expect("whole");
+        assert_eq!(r, Reply::NotDone { opaque: Some(3) });
+        let (r, _) = parse(b"EN O4\r\n").expect("valid").expect("whole");
+        assert_eq!(r, Reply::Miss { opaque: Some(4) });
+        assert!(ProtocolError::Busy {
+            line: "BUSY".into()
+        }
+        .is_transient());
+    }
+
+    #[test]
     fn replies_parse_whole_or_ask_for_more() {
         let buf = b"VA 3 O7\r\nabc\r\nNS O8\r\nMN\r\n";
         let (r, n) = parse(buf).expect("valid").expect("whole");
@@ -246,6 +315,32 @@ mod tests {
             let (r, taken) = parse(&buf).expect("valid").expect("whole");
             prop_assert_eq!(taken, buf.len());
             prop_assert_eq!(r, Reply::Value { opaque, data: &data });
+        }
+
+        /// Any valid key, value and time to live: the request is one line of five words (with
+        /// the key, the length, the TTL and the opaque token) and then exactly the value and
+        /// its line end, whatever bytes the value holds.
+        #[test]
+        fn fuzz_expiring_sets_frame_any_value(
+            key in "[!-~]{1,250}",
+            data in proptest::collection::vec(any::<u8>(), 0..2000),
+            ttl_s in 1..=TTL_S_MAX,
+            opaque: u32,
+        ) {
+            let mut out = Vec::new();
+            set_expiring(&mut out, &key, &data, ttl_s, opaque);
+            let nl = out.iter().position(|&b| b == b'\n').expect("a line");
+            let line = std::str::from_utf8(&out[..nl - 1]).expect("text");
+            let words: Vec<&str> = line.split(' ').collect();
+            let len = data.len().to_string();
+            let ttl = format!("T{ttl_s}");
+            let token = format!("O{opaque}");
+            prop_assert_eq!(
+                words,
+                vec!["ms", key.as_str(), len.as_str(), ttl.as_str(), token.as_str()]
+            );
+            prop_assert_eq!(&out[nl + 1..out.len() - 2], &data[..]);
+            prop_assert_eq!(&out[out.len() - 2..], b"\r\n");
         }
     }
 }

@@ -5,6 +5,8 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::store::memcached::gc::DumpLimits;
+use crate::store::memcached::lease::Renewal;
 use crate::store::memcached::{MemcachedServer, ServerInfo};
 use crate::store::{PageStore, StoreError};
 
@@ -24,6 +26,15 @@ pub trait Member: PageStore {
     /// server, which stays up and keeps serving what it holds.
     fn is_full(&self, _e: &StoreError) -> bool {
         false
+    }
+    /// Renews this heap's lease on the server: `Ok(true)` when the lease had lapsed (and a
+    /// collection may have deleted the heap's pages there), `Ok(false)` when it was extended.
+    fn renew_lease(&self) -> Result<bool, String> {
+        Ok(false)
+    }
+    /// Frees the pages of heaps whose lease is gone (dead processes), never this heap's.
+    fn collect_orphans(&self) -> Option<String> {
+        None
     }
 }
 
@@ -54,6 +65,27 @@ impl Member for MemcachedServer {
     fn is_full(&self, e: &StoreError) -> bool {
         // memcached started with -M: "SERVER_ERROR out of memory storing object".
         crate::logging::error_chain(e).contains("out of memory")
+    }
+
+    fn renew_lease(&self) -> Result<bool, String> {
+        match MemcachedServer::renew_lease(self) {
+            Ok(renewal) => Ok(renewal == Renewal::Started),
+            Err(e) => Err(crate::logging::error_chain(&e)),
+        }
+    }
+
+    fn collect_orphans(&self) -> Option<String> {
+        match MemcachedServer::collect_orphans(self, &DumpLimits::IN_PROCESS) {
+            Ok(r) if r.heaps_collected > 0 => Some(format!(
+                "freed {} pages ({} bytes) of {} heaps whose process is gone",
+                r.keys_deleted, r.bytes_freed, r.heaps_collected
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "collecting dead heaps' pages failed: {}",
+                crate::logging::error_chain(&e)
+            )),
+        }
     }
 }
 

@@ -95,6 +95,9 @@ struct Inner {
     repair_needed: AtomicBool,
     /// Wakes the pool's thread (queued copies, a server down).
     wake: (Mutex<bool>, Condvar),
+    /// The store is gone: the pool's thread ends (tests make many pools; the preload's
+    /// lives as long as the process).
+    stop: AtomicBool,
     name: String,
     pages: u64,
 }
@@ -143,16 +146,16 @@ impl PoolStore {
             counters: Counters::default(),
             repair_needed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
             name,
             pages,
         });
-        if settings.replicas > 1 || inner.members.len() > 1 {
-            upkeep::start(Arc::clone(&inner)).map_err(|e| StoreError::Open {
-                backend: inner.name.clone(),
-                what: "starting the pool's thread lego-pool".into(),
-                source: Box::new(e),
-            })?;
-        }
+        // Always: it renews the leases that keep other processes' collections off this heap.
+        upkeep::start(Arc::clone(&inner)).map_err(|e| StoreError::Open {
+            backend: inner.name.clone(),
+            what: "starting the pool's thread lego-pool".into(),
+            source: Box::new(e),
+        })?;
         log::info!("page store: {}", PoolStore::describe_inner(&inner));
         Ok(PoolStore { inner })
     }
@@ -174,6 +177,13 @@ impl PoolStore {
                 "copies"
             },
         )
+    }
+}
+
+impl Drop for PoolStore {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Relaxed);
+        self.inner.wake_thread();
     }
 }
 
@@ -607,6 +617,18 @@ impl PageStore for PoolStore {
 
     fn report(&self) -> Vec<(String, String)> {
         upkeep::report(&self.inner)
+    }
+
+    fn wants_log_copy(&self) -> bool {
+        self.inner.settings.replicas == 1
+    }
+
+    /// Releases the heap's leases; its pages stay (late faults at exit) until the next
+    /// collection finds them without a lease.
+    fn at_exit(&self) {
+        for m in &self.inner.members {
+            m.at_exit();
+        }
     }
 }
 

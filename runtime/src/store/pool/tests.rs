@@ -388,3 +388,38 @@ fn bad_values_on_a_real_server_are_detected_and_served_from_another_copy() {
     }
     drop(servers);
 }
+
+/// Against real memcached servers: the pool takes its heap's lease on every server at open
+/// (so another process's collection keeps off its pages) and releases it at exit.
+#[test]
+fn the_pool_holds_a_lease_on_every_server_until_exit() {
+    use crate::store::memcached::connection::Connection;
+    use crate::store::memcached::protocol::{self, Reply};
+    use crate::store::memcached::test_server::TestServer;
+
+    let servers: Vec<TestServer> = (0..2).map(|_| TestServer::start(64, false)).collect();
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let heap_id = 0x00c0_ffee_0000_0002;
+    let store =
+        crate::store::open_memcached_pool_as(&addrs, &PoolSettings::default(), HEAP_BYTES, heap_id)
+            .expect("the pool");
+    let has_lease = |addr: &str| {
+        let conn = Connection::new(addr, 2000).expect("a connection");
+        let mut request = Vec::new();
+        protocol::get(&mut request, &format!("lego:{heap_id:016x}:lease"), 0);
+        protocol::noop(&mut request);
+        let mut found = false;
+        conn.pipeline(&request, |reply| {
+            found |= matches!(reply, Reply::Value { .. })
+        })
+        .expect("a raw get");
+        found
+    };
+    for a in &addrs {
+        assert!(has_lease(a), "no lease on {a} after open");
+    }
+    store.at_exit();
+    for a in &addrs {
+        assert!(!has_lease(a), "the lease on {a} outlived the exit");
+    }
+}

@@ -18,6 +18,7 @@ use super::health::Probed;
 use super::Inner;
 use crate::config::Replication;
 use crate::io::AlignedBuf;
+use crate::store::memcached::lease::LEASE_RENEW_S;
 use crate::store::{Outcome, PageRead, PageWrite};
 use crate::PAGE_SIZE;
 
@@ -39,7 +40,15 @@ pub(super) fn start(inner: Arc<Inner>) -> std::io::Result<()> {
 }
 
 fn run(inner: &Inner) {
+    // Pages of heaps whose process died (their lease lapsed) are freed once, off the
+    // program's start.
+    for member in &inner.members {
+        if let Some(what) = member.collect_orphans() {
+            log::info!("pool server {}: {what}", member.server());
+        }
+    }
     let mut last_check = Instant::now();
+    let mut last_renewal = Instant::now();
     let mut cursor = 0u64;
     let mut clean_since_scan_start = true;
     loop {
@@ -54,10 +63,17 @@ fn run(inner: &Inner) {
             }
             *woken = false;
         }
+        if inner.stop.load(Relaxed) {
+            return;
+        }
         drain_queue(inner);
         if last_check.elapsed() >= Duration::from_millis(HEALTH_CHECK_MS) {
             last_check = Instant::now();
             check_servers(inner);
+        }
+        if last_renewal.elapsed() >= Duration::from_secs(u64::from(LEASE_RENEW_S)) {
+            last_renewal = Instant::now();
+            renew_leases(inner);
         }
         if inner.repair_needed.load(Relaxed) {
             let top = inner.records.lock().top();
@@ -127,6 +143,36 @@ fn drain_queue(inner: &Inner) {
         {
             // Not enough servers up: try again next round.
             return;
+        }
+    }
+}
+
+/// Renews the heap's lease on every server that is up. A lease found lapsed (the process was
+/// stopped, or cut off from the server, for longer than its TTL) means a collection may have
+/// freed the heap's pages there: its copies are forgotten and written again, as after a
+/// restart.
+fn renew_leases(inner: &Inner) {
+    for (s, member) in inner.members.iter().enumerate() {
+        if !inner.health[s].is_up() {
+            continue;
+        }
+        match member.renew_lease() {
+            Ok(false) => {}
+            Ok(true) => {
+                let forgotten = inner.records.lock().forget_server(s);
+                inner.repair_needed.store(true, Relaxed);
+                if forgotten > 0 {
+                    log::warn!(
+                        "pool server {}: this heap's lease had lapsed, so its {forgotten} \
+                         copies there may be gone; they are written again",
+                        member.server()
+                    );
+                }
+            }
+            Err(e) => log::warn!(
+                "pool server {}: renewing the lease failed: {e}",
+                member.server()
+            ),
         }
     }
 }

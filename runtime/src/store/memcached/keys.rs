@@ -1,0 +1,166 @@
+//! The names lego gives its values on a memcached server, in one place: a page of a heap is
+//! `lego:HEAPID:PAGE` and a heap's lease is `lego:HEAPID:lease`, with HEAPID 16 lowercase hex
+//! digits and PAGE lowercase hex without leading zeros.
+//!
+//! Rules: [`parse_key`] accepts exactly the names [`page_key`] and [`lease_key`] write (a
+//! name it accepts is written back byte for byte), so garbage collection, which deletes only
+//! what this parser calls lego's, never touches a key another program chose, even one that
+//! starts with `lego:`.
+
+/// What every key of lego's starts with.
+pub const KEY_PREFIX: &str = "lego:";
+/// The last part of a heap's lease key.
+pub const LEASE_SUFFIX: &str = "lease";
+/// Hex digits of a heap id in a key.
+const HEAP_ID_DIGITS: usize = 16;
+
+/// The key of page `page` of heap `heap_id`.
+pub fn page_key(heap_id: u64, page: u64) -> String {
+    format!("{KEY_PREFIX}{heap_id:016x}:{page:x}")
+}
+
+/// The key of the lease of heap `heap_id`.
+pub fn lease_key(heap_id: u64) -> String {
+    format!("{KEY_PREFIX}{heap_id:016x}:{LEASE_SUFFIX}")
+}
+
+/// A key lego wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegoKey {
+    Page { heap_id: u64, page: u64 },
+    Lease { heap_id: u64 },
+}
+
+impl LegoKey {
+    pub fn heap_id(self) -> u64 {
+        match self {
+            LegoKey::Page { heap_id, .. } | LegoKey::Lease { heap_id } => heap_id,
+        }
+    }
+}
+
+/// What `key` (raw bytes, as a metadump decodes them) names, if it is one of lego's.
+pub fn parse_key(key: &[u8]) -> Option<LegoKey> {
+    let rest = key.strip_prefix(KEY_PREFIX.as_bytes())?;
+    if rest.len() <= HEAP_ID_DIGITS || rest[HEAP_ID_DIGITS] != b':' {
+        return None;
+    }
+    let heap_id = hex(&rest[..HEAP_ID_DIGITS])?;
+    let tail = &rest[HEAP_ID_DIGITS + 1..];
+    if tail == LEASE_SUFFIX.as_bytes() {
+        return Some(LegoKey::Lease { heap_id });
+    }
+    // Page numbers are written without leading zeros (but "0" is page 0).
+    if tail.len() > HEAP_ID_DIGITS || (tail.len() > 1 && tail[0] == b'0') {
+        return None;
+    }
+    Some(LegoKey::Page {
+        heap_id,
+        page: hex(tail)?,
+    })
+}
+
+/// Lowercase hex digits (1 to 16 of them) as a number.
+fn hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > HEAP_ID_DIGITS {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some((n << 4) | u64::from(v))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn lego_keys_and_others() {
+        assert_eq!(page_key(0xab, 0x1f), "lego:00000000000000ab:1f");
+        assert_eq!(lease_key(0xab), "lego:00000000000000ab:lease");
+        assert_eq!(
+            parse_key(b"lego:00000000000000ab:1f"),
+            Some(LegoKey::Page {
+                heap_id: 0xab,
+                page: 0x1f
+            })
+        );
+        assert_eq!(
+            parse_key(b"lego:00000000000000ab:0"),
+            Some(LegoKey::Page {
+                heap_id: 0xab,
+                page: 0
+            })
+        );
+        assert_eq!(
+            parse_key(b"lego:ffffffffffffffff:lease"),
+            Some(LegoKey::Lease { heap_id: u64::MAX })
+        );
+        for other in [
+            &b"lego:"[..],
+            b"lego:ab:1",
+            b"lego:00000000000000AB:1",
+            b"lego:00000000000000ab:01",
+            b"lego:00000000000000ab:",
+            b"lego:00000000000000ab:1:2",
+            b"lego:00000000000000ab:leases",
+            b"lego:00000000000000ab:11111111111111111",
+            b"lego:00000000000000abc:1",
+            b"lego:00000000000000ab-1",
+            b"LEGO:00000000000000ab:1",
+            b"session:42",
+            b"xlego:00000000000000ab:1",
+        ] {
+            assert_eq!(
+                parse_key(other),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_support::config(256))]
+
+        /// Every key lego writes is read back as what it names.
+        #[test]
+        fn fuzz_keys_round_trip(heap_id: u64, page: u64) {
+            prop_assert_eq!(
+                parse_key(page_key(heap_id, page).as_bytes()),
+                Some(LegoKey::Page { heap_id, page })
+            );
+            prop_assert_eq!(
+                parse_key(lease_key(heap_id).as_bytes()),
+                Some(LegoKey::Lease { heap_id })
+            );
+        }
+
+        /// Any bytes: a key the parser calls lego's is exactly the key lego would write for
+        /// it, so nothing else is ever taken for one of lego's.
+        #[test]
+        fn fuzz_only_lego_keys_are_lego_keys(
+            tail in proptest::collection::vec(
+                prop_oneof![Just(b'0'), Just(b'a'), Just(b':'), Just(b'f'), Just(b'g'), any::<u8>()],
+                0..40,
+            ),
+            prefixed: bool,
+        ) {
+            let mut key = if prefixed { KEY_PREFIX.as_bytes().to_vec() } else { Vec::new() };
+            key.extend_from_slice(&tail);
+            if let Some(k) = parse_key(&key) {
+                let written = match k {
+                    LegoKey::Page { heap_id, page } => page_key(heap_id, page),
+                    LegoKey::Lease { heap_id } => lease_key(heap_id),
+                };
+                prop_assert_eq!(written.as_bytes(), &key[..]);
+            }
+        }
+    }
+}
