@@ -622,8 +622,9 @@ mod tests {
         }
         assert_eq!(snap.faults_zero_fill, 101);
         assert_eq!(snap.fork_page_ins, 22 + 100);
-        assert_eq!(snap.log_compactions, COUNTERS as u64 + 100);
-        assert_eq!(COUNTERS, 28);
+        assert_eq!(snap.log_compactions, 28 + 100);
+        assert_eq!(snap.evictions_held_for_log, COUNTERS as u64 + 100);
+        assert_eq!(COUNTERS, 30);
     }
 
     #[test]

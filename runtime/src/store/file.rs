@@ -315,6 +315,11 @@ impl PageStore for FileStore {
         self.fetch_all(&mut [batch])
     }
 
+    /// `fetch_all` checks every page it reads against its checksum (`verify_reads`).
+    fn verifies_reads(&self) -> bool {
+        true
+    }
+
     fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), StoreError> {
         let mut first_error = refuse_bad_reads(
             &self.name,

@@ -182,6 +182,13 @@ pub trait PageStore: Send + Sync {
         false
     }
 
+    /// Whether every read this store marks `Done` was checked against the checksum asked
+    /// for (the pager then trusts it instead of checking each page a second time). False by
+    /// default.
+    fn verifies_reads(&self) -> bool {
+        false
+    }
+
     /// Statistics of the store itself, as (name, value) pairs for the report at exit (a pool's
     /// failovers and servers); none by default.
     fn report(&self) -> Vec<(String, String)> {
@@ -217,6 +224,10 @@ impl PageStore for Box<dyn PageStore> {
 
     fn wants_log_copy(&self) -> bool {
         (**self).wants_log_copy()
+    }
+
+    fn verifies_reads(&self) -> bool {
+        (**self).verifies_reads()
     }
 
     fn describe(&self) -> String {

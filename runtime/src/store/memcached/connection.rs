@@ -18,8 +18,12 @@ use crate::store::FailureKind;
 
 /// Idle connections kept per server.
 pub const CONNECTIONS_PER_SERVER_MAX: usize = 4;
-/// Bytes read from a server at once.
+/// Least room a read of a server's replies is given, in bytes.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// A connection's reply buffer, in bytes (a read fills as much of it as has arrived).
+const REPLY_BUFFER_BYTES: usize = 256 * 1024;
+/// Largest reply buffer kept with an idle connection, in bytes.
+const REPLY_BUFFER_BYTES_MAX: usize = 1024 * 1024;
 /// Longest text reply (`stats`) read, in bytes.
 const TEXT_REPLY_BYTES_MAX: usize = 1 << 20;
 
@@ -40,7 +44,9 @@ pub struct Connection {
     /// `HOST:PORT` as the user wrote it.
     pub name: String,
     timeout: Duration,
-    idle: Mutex<Vec<TcpStream>>,
+    /// Idle connections, each with its reply buffer (kept, so that a pipeline neither
+    /// allocates nor zero-fills one).
+    idle: Mutex<Vec<(TcpStream, Vec<u8>)>>,
 }
 
 /// Why talking to a server failed.
@@ -93,20 +99,20 @@ impl Connection {
         Ok(stream)
     }
 
-    /// An idle connection, or a new one.
-    fn take(&self) -> std::io::Result<TcpStream> {
+    /// An idle connection and its buffer, or a new one.
+    fn take(&self) -> std::io::Result<(TcpStream, Vec<u8>)> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match idle {
-            Some(stream) => Ok(stream),
-            None => self.connect(),
+            Some(link) => Ok(link),
+            None => Ok((self.connect()?, vec![0u8; REPLY_BUFFER_BYTES])),
         }
     }
 
     /// Gives a connection whose pipeline ended cleanly back to the pool.
-    fn give_back(&self, stream: TcpStream) {
+    fn give_back(&self, stream: TcpStream, buf: Vec<u8>) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < CONNECTIONS_PER_SERVER_MAX {
-            idle.push(stream);
+        if idle.len() < CONNECTIONS_PER_SERVER_MAX && buf.len() <= REPLY_BUFFER_BYTES_MAX {
+            idle.push((stream, buf));
         }
     }
 
@@ -123,19 +129,19 @@ impl Connection {
         request: &[u8],
         mut on_reply: impl FnMut(Reply<'_>),
     ) -> Result<u64, ServerError> {
-        let mut stream = self.take().map_err(ServerError::Io)?;
+        let (mut stream, mut buf) = self.take().map_err(ServerError::Io)?;
         stream.write_all(request).map_err(ServerError::Io)?;
-        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
-        let mut start = 0;
+        // Replies are parsed from buf[start..end]; what is left of a partial reply moves to
+        // the front when the space behind it runs short.
+        let (mut start, mut end) = (0, 0);
         let mut received = 0u64;
         loop {
-            // Parse what is there, then read more.
             loop {
-                match protocol::parse(&buf[start..]).map_err(ServerError::Protocol)? {
+                match protocol::parse(&buf[start..end]).map_err(ServerError::Protocol)? {
                     Some((Reply::End, taken)) => {
                         start += taken;
-                        if start == buf.len() {
-                            self.give_back(stream);
+                        if start == end {
+                            self.give_back(stream, buf);
                         }
                         return Ok(received);
                     }
@@ -146,16 +152,21 @@ impl Connection {
                     None => break,
                 }
             }
-            buf.drain(..start);
-            start = 0;
-            let len = buf.len();
-            buf.resize(len + READ_CHUNK_BYTES, 0);
-            let n = stream.read(&mut buf[len..]).map_err(ServerError::Io)?;
-            buf.truncate(len + n);
-            received += n as u64;
+            if buf.len() - end < READ_CHUNK_BYTES {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+                if buf.len() - end < READ_CHUNK_BYTES {
+                    // A reply longer than the buffer (bounded by the protocol's limits).
+                    buf.resize(end + READ_CHUNK_BYTES, 0);
+                }
+            }
+            let n = stream.read(&mut buf[end..]).map_err(ServerError::Io)?;
             if n == 0 {
                 return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
+            end += n;
+            received += n as u64;
         }
     }
 

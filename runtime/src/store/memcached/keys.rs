@@ -16,7 +16,43 @@ const HEAP_ID_DIGITS: usize = 16;
 
 /// The key of page `page` of heap `heap_id`.
 pub fn page_key(heap_id: u64, page: u64) -> String {
-    format!("{KEY_PREFIX}{heap_id:016x}:{page:x}")
+    PageKey::new(heap_id, page).as_str().to_owned()
+}
+
+/// Bytes of the longest page key: the prefix, 16 digits, ':', 16 digits.
+const PAGE_KEY_BYTES_MAX: usize = KEY_PREFIX.len() + HEAP_ID_DIGITS + 1 + 16;
+
+/// A page key on the stack (the fault path builds one per page: no allocation).
+pub struct PageKey {
+    buf: [u8; PAGE_KEY_BYTES_MAX],
+    len: usize,
+}
+
+impl PageKey {
+    pub fn new(heap_id: u64, page: u64) -> PageKey {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; PAGE_KEY_BYTES_MAX];
+        let prefix = KEY_PREFIX.len();
+        buf[..prefix].copy_from_slice(KEY_PREFIX.as_bytes());
+        for i in 0..HEAP_ID_DIGITS {
+            buf[prefix + i] = HEX[((heap_id >> (4 * (HEAP_ID_DIGITS - 1 - i))) & 0xf) as usize];
+        }
+        let mut len = prefix + HEAP_ID_DIGITS;
+        buf[len] = b':';
+        len += 1;
+        let digits = (64 - page.leading_zeros()).div_ceil(4).max(1) as usize;
+        for i in 0..digits {
+            buf[len + i] = HEX[((page >> (4 * (digits - 1 - i))) & 0xf) as usize];
+        }
+        PageKey {
+            buf,
+            len: len + digits,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII")
+    }
 }
 
 /// The key of the lease of heap `heap_id`.
@@ -83,6 +119,11 @@ mod tests {
     #[test]
     fn lego_keys_and_others() {
         assert_eq!(page_key(0xab, 0x1f), "lego:00000000000000ab:1f");
+        assert_eq!(page_key(0xab, 0), "lego:00000000000000ab:0");
+        assert_eq!(page_key(u64::MAX, u64::MAX), format!("lego:{:016x}:{:x}", u64::MAX, u64::MAX));
+        for page in [1u64, 15, 16, 255, 256, 0xdead_beef, 1 << 40] {
+            assert_eq!(page_key(0x0123_4567_89ab_cdef, page), format!("lego:0123456789abcdef:{page:x}"));
+        }
         assert_eq!(lease_key(0xab), "lego:00000000000000ab:lease");
         assert_eq!(
             parse_key(b"lego:00000000000000ab:1f"),

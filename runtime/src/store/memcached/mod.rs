@@ -173,8 +173,8 @@ impl MemcachedServer {
         self.conn.forget_idle();
     }
 
-    fn key(&self, page: u64) -> String {
-        keys::page_key(self.heap_id, page)
+    fn key(&self, page: u64) -> keys::PageKey {
+        keys::PageKey::new(self.heap_id, page)
     }
 
     fn error(&self, op: StoreOp, page: u64, e: ServerError) -> StoreError {
@@ -221,7 +221,7 @@ impl PageStore for MemcachedServer {
         for chunk in positions.chunks(PIPELINE_REQUESTS_MAX) {
             let mut request = Vec::with_capacity(chunk.len() * 48);
             for (k, &i) in chunk.iter().enumerate() {
-                protocol::get(&mut request, &self.key(batch[i].page), k as u32);
+                protocol::get(&mut request, self.key(batch[i].page).as_str(), k as u32);
             }
             protocol::noop(&mut request);
             // What came back for each request: (crc, version), or None for a value of the
@@ -292,7 +292,7 @@ impl PageStore for MemcachedServer {
                 let w = &batch[i];
                 value.clear();
                 encode_value(&mut value, w.crc, w.version, w.buf);
-                protocol::set(&mut request, &self.key(w.page), &value, k as u32);
+                protocol::set(&mut request, self.key(w.page).as_str(), &value, k as u32);
             }
             protocol::noop(&mut request);
             let mut not_stored: Vec<usize> = Vec::new();
@@ -372,7 +372,7 @@ impl MemcachedServer {
         for chunk in pages.chunks(PIPELINE_REQUESTS_MAX) {
             let mut request = Vec::with_capacity(chunk.len() * 40);
             for &page in chunk {
-                protocol::delete(&mut request, &self.key(page), 0);
+                protocol::delete(&mut request, self.key(page).as_str(), 0);
             }
             protocol::noop(&mut request);
             if let Err(e) = self.pipeline(&request, |_| {}) {

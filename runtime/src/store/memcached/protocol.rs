@@ -16,6 +16,8 @@
 //! Rules: a reply is parsed only from complete lines; anything malformed is an error, never a
 //! guess; a value's length is bounded by [`VALUE_BYTES_MAX`].
 
+use std::io::Write as _;
+
 use thiserror::Error;
 
 /// Longest key memcached accepts, in bytes.
@@ -59,13 +61,13 @@ impl ProtocolError {
 /// Appends `mg KEY v q O<opaque>\r\n`.
 pub fn get(out: &mut Vec<u8>, key: &str, opaque: u32) {
     debug_assert!(valid_key(key));
-    out.extend_from_slice(format!("mg {key} v q O{opaque}\r\n").as_bytes());
+    let _ = write!(out, "mg {key} v q O{opaque}\r\n");
 }
 
 /// Appends `ms KEY LEN q O<opaque>\r\n` and the value.
 pub fn set(out: &mut Vec<u8>, key: &str, value: &[u8], opaque: u32) {
     debug_assert!(valid_key(key));
-    out.extend_from_slice(format!("ms {key} {} q O{opaque}\r\n", value.len()).as_bytes());
+    let _ = write!(out, "ms {key} {} q O{opaque}\r\n", value.len());
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
@@ -73,7 +75,7 @@ pub fn set(out: &mut Vec<u8>, key: &str, value: &[u8], opaque: u32) {
 /// Appends `md KEY q O<opaque>\r\n`.
 pub fn delete(out: &mut Vec<u8>, key: &str, opaque: u32) {
     debug_assert!(valid_key(key));
-    out.extend_from_slice(format!("md {key} q O{opaque}\r\n").as_bytes());
+    let _ = write!(out, "md {key} q O{opaque}\r\n");
 }
 
 /// Appends `ms KEY LEN T<ttl_s> O<opaque>\r\n` and the value: a value memcached drops

@@ -623,6 +623,12 @@ impl PageStore for PoolStore {
         self.inner.settings.replicas == 1
     }
 
+    /// Every member checks checksum and version; the queue's and the zero pages' bytes are
+    /// checked here.
+    fn verifies_reads(&self) -> bool {
+        true
+    }
+
     /// Releases the heap's leases; its pages stay (late faults at exit) until the next
     /// collection finds them without a lease.
     fn at_exit(&self) {
