@@ -222,6 +222,13 @@ fn a_server_killed_with_one_copy_and_the_log_costs_nothing() {
         "the killed server's pages must have come back from the log: {}",
         stats.raw
     );
+    // The log kept working after the loss: no epoch failed for want of a page the pool lost.
+    assert_eq!(stats.number("log_errors"), Some(0), "{}", stats.raw);
+    assert!(
+        stats.number("epochs_committed").is_some_and(|n| n > 3),
+        "epochs must go on being committed: {}",
+        stats.raw
+    );
 }
 
 /// With one copy and no log, a killed server's pages are gone: the program that touches one

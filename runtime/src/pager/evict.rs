@@ -38,7 +38,10 @@ const STORE_RETRY_MS: u64 = 100;
 const NOTHING_TO_EVICT_MS: u64 = 5;
 /// How long the evictor waits for an epoch being written, when only pages the log holds may
 /// be evicted, in milliseconds.
-const LOG_WAIT_MS: u64 = 1;
+const LOG_WAIT_MS: u64 = 2;
+/// How long a starved evictor (no candidate the log holds) waits before it looks again, in
+/// milliseconds.
+const STARVED_RETRY_MS: u64 = 20;
 /// How long the idle evictor sleeps before it looks at the resident count again.
 const IDLE_WAIT_MS: u64 = 200;
 
@@ -127,8 +130,9 @@ pub(super) fn evictor_loop(sh: &Shared) {
             if log_first.is_some_and(|d| d.in_flight.load(Ordering::SeqCst)) {
                 // An epoch is being written: the pages its cut took may not be in the log
                 // yet, and only pages the log holds may be evicted now.
-                sh.evict.starved.store(true, Ordering::Relaxed);
-                sh.cache.room_freed();
+                if !sh.evict.starved.swap(true, Ordering::Relaxed) {
+                    sh.cache.room_freed();
+                }
                 drop(_pass);
                 sleep_ms(LOG_WAIT_MS);
                 continue;
@@ -144,10 +148,15 @@ pub(super) fn evictor_loop(sh: &Shared) {
             if victims.is_empty() {
                 if let Some(d) = log_first {
                     // Every candidate changed since the last epoch: the cache overflows
-                    // until the next one, which is asked for now.
-                    sh.evict.starved.store(true, Ordering::Relaxed);
+                    // until the next one, which is asked for now (and waited for, rather than
+                    // scanning the clock again and again).
+                    if !sh.evict.starved.swap(true, Ordering::Relaxed) {
+                        sh.cache.room_freed();
+                    }
                     d.wanted.store(true, Ordering::Relaxed);
-                    sh.cache.room_freed();
+                    drop(_pass);
+                    sleep_ms(STARVED_RETRY_MS);
+                    break;
                 }
                 drop(_pass);
                 sleep_ms(NOTHING_TO_EVICT_MS);
@@ -242,7 +251,15 @@ fn evict_moved(
         forget_failed_batch(sh, victims, &written, &fate, &copies);
         return false;
     };
-    record(sh, victims, &runs, &written, &fate, &copies);
+    record(
+        sh,
+        victims,
+        &runs,
+        &written,
+        &fate,
+        &copies,
+        log_first.is_some(),
+    );
     STATS.add(Counter::PagesWrittenBack, dirty);
     STATS.add(Counter::BytesWrittenBack, dirty * PAGE_SIZE as u64);
     true
@@ -428,6 +445,7 @@ fn record(
     written: &[bool],
     fate: &[Fate],
     copies: &[StoreCopy],
+    log_first: bool,
 ) {
     let n = victims.len();
     let mut discard = Runs::<{ EVICT_BATCH_PAGES_MAX }>::new();
@@ -440,7 +458,10 @@ fn record(
             t.set_flag(p, REMOVED, false);
             // The scan above consumed the page's written bit: the log learns of the change
             // from the table (and a page that turns `Absent` gets a `ZERO` record).
-            if written[i] || matches!(fate[i], Fate::Dirty | Fate::Zero | Fate::Hole) {
+            // (With `log_first` a dirty victim differs from its store copy only: `log_holds`
+            // found its content in the log.)
+            let store_dirty = fate[i] == Fate::Dirty && !log_first;
+            if written[i] || store_dirty || matches!(fate[i], Fate::Zero | Fate::Hole) {
                 t.set_log_dirty(p);
             }
             match fate[i] {

@@ -125,7 +125,7 @@ fn fetch_chunk(
         .iter()
         .enumerate()
         .map(|(i, st)| match st {
-            PageFetch::Good => Outcome::Pending,
+            PageFetch::Good | PageFetch::FromLog => Outcome::Pending,
             // Its copy may be fine: a read-ahead page stays evicted.
             PageFetch::Transient | PageFetch::Refused if Some(first + i) != faulting => {
                 Outcome::Skipped
@@ -133,7 +133,9 @@ fn fetch_chunk(
             _ => Outcome::Failed,
         })
         .collect();
-    let all_good = status.iter().all(|st| *st == PageFetch::Good);
+    let all_good = status
+        .iter()
+        .all(|st| matches!(st, PageFetch::Good | PageFetch::FromLog));
     let corrupt_faulting = faulting.filter(|&f| status[f - first] == PageFetch::Corrupt);
     // SAFETY: `buf` holds the `n` pages just read (at most its size, checked by `pages_mut`)
     // and is not touched until this returns; the run was claimed (`Fetching`) by this thread.
@@ -144,6 +146,15 @@ fn fetch_chunk(
         format!("fetching it from the store failed: {last_error}")
     };
     let installed = finish_run(sh, first, &out, Source::Store, &why);
+    if status.contains(&PageFetch::FromLog) {
+        // The store lost them: their next eviction writes them to it again.
+        let mut t = sh.cache.lock();
+        for (i, st) in status.iter().enumerate() {
+            if *st == PageFetch::FromLog {
+                t.forget_stored(first + i);
+            }
+        }
+    }
     STATS.add(Counter::PagesFetched, installed);
     STATS.add(Counter::BytesFetched, installed * PAGE_SIZE as u64);
     if installed > 1 {
@@ -236,7 +247,7 @@ fn read_from_log(
         }
         match index.read((first + i) as u64, crc, pages[i]) {
             Ok(()) => {
-                *st = PageFetch::Good;
+                *st = PageFetch::FromLog;
                 STATS.add(Counter::PagesFromLog, 1);
                 if FROM_LOG.allow() {
                     log::warn!(
@@ -273,6 +284,8 @@ enum PageFetch {
     Read,
     /// Read and matching its checksum.
     Good,
+    /// Read from the log (the store could not give it), matching its checksum.
+    FromLog,
     /// Read, but its bytes do not match the checksum.
     Corrupt,
     /// The read failed in a way that may pass.

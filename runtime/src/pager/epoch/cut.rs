@@ -132,7 +132,11 @@ fn chase_writers(
             let mut t = sh.cache.lock();
             for &(a, b) in &written {
                 for p in sh.page_of(a)..sh.page_of(b).min(high) {
-                    t.set_log_dirty(p);
+                    // Only a page in the region can have been written: the scan also reports
+                    // pages that are not there (evicted, or never touched) as not protected.
+                    if t.state(p) == PageState::Resident {
+                        t.set_log_dirty(p);
+                    }
                 }
             }
             // The dirty set, not the whole used table: the cut costs what changed.

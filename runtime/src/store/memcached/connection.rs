@@ -99,12 +99,12 @@ impl Connection {
         Ok(stream)
     }
 
-    /// An idle connection and its buffer, or a new one.
-    fn take(&self) -> std::io::Result<(TcpStream, Vec<u8>)> {
+    /// An idle connection and its buffer (`true`: reused), or a new one.
+    fn take(&self) -> std::io::Result<(TcpStream, Vec<u8>, bool)> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match idle {
-            Some(link) => Ok(link),
-            None => Ok((self.connect()?, vec![0u8; REPLY_BUFFER_BYTES])),
+            Some((stream, buf)) => Ok((stream, buf, true)),
+            None => Ok((self.connect()?, vec![0u8; REPLY_BUFFER_BYTES], false)),
         }
     }
 
@@ -129,15 +129,48 @@ impl Connection {
         request: &[u8],
         mut on_reply: impl FnMut(Reply<'_>),
     ) -> Result<u64, ServerError> {
-        let (mut stream, mut buf) = self.take().map_err(ServerError::Io)?;
-        stream.write_all(request).map_err(ServerError::Io)?;
+        let link = self.take().map_err(ServerError::Io)?;
+        let reused = link.2;
+        match self.pipeline_on(link, request, &mut on_reply) {
+            // An idle connection the server (or a middlebox) closed meanwhile fails before any
+            // reply: that is not the server failing. Once more on a new connection.
+            Err((e, 0)) if reused => {
+                log::debug!(
+                    "{}: an idle connection failed ({e}); trying a new one",
+                    self.name
+                );
+                let fresh = (
+                    self.connect().map_err(ServerError::Io)?,
+                    vec![0u8; REPLY_BUFFER_BYTES],
+                    false,
+                );
+                self.pipeline_on(fresh, request, &mut on_reply)
+                    .map_err(|(e, _)| e)
+            }
+            Err((e, _)) => Err(e),
+            Ok(n) => Ok(n),
+        }
+    }
+
+    /// [`Connection::pipeline`] on one connection; an error comes with the bytes received.
+    fn pipeline_on(
+        &self,
+        (mut stream, mut buf, _): (TcpStream, Vec<u8>, bool),
+        request: &[u8],
+        on_reply: &mut impl FnMut(Reply<'_>),
+    ) -> Result<u64, (ServerError, u64)> {
+        stream
+            .write_all(request)
+            .map_err(|e| (ServerError::Io(e), 0))?;
         // Replies are parsed from buf[start..end]; what is left of a partial reply moves to
         // the front when the space behind it runs short.
         let (mut start, mut end) = (0, 0);
         let mut received = 0u64;
         loop {
             loop {
-                match protocol::parse(&buf[start..end]).map_err(ServerError::Protocol)? {
+                match protocol::parse(&buf[start..end])
+                    .map_err(|e| (ServerError::Protocol(e), received))?
+                {
                     Some((Reply::End, taken)) => {
                         start += taken;
                         if start == end {
@@ -161,9 +194,14 @@ impl Connection {
                     buf.resize(end + READ_CHUNK_BYTES, 0);
                 }
             }
-            let n = stream.read(&mut buf[end..]).map_err(ServerError::Io)?;
+            let n = stream
+                .read(&mut buf[end..])
+                .map_err(|e| (ServerError::Io(e), received))?;
             if n == 0 {
-                return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                return Err((
+                    ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                    received,
+                ));
             }
             end += n;
             received += n as u64;

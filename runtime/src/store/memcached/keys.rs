@@ -120,9 +120,15 @@ mod tests {
     fn lego_keys_and_others() {
         assert_eq!(page_key(0xab, 0x1f), "lego:00000000000000ab:1f");
         assert_eq!(page_key(0xab, 0), "lego:00000000000000ab:0");
-        assert_eq!(page_key(u64::MAX, u64::MAX), format!("lego:{:016x}:{:x}", u64::MAX, u64::MAX));
+        assert_eq!(
+            page_key(u64::MAX, u64::MAX),
+            format!("lego:{:016x}:{:x}", u64::MAX, u64::MAX)
+        );
         for page in [1u64, 15, 16, 255, 256, 0xdead_beef, 1 << 40] {
-            assert_eq!(page_key(0x0123_4567_89ab_cdef, page), format!("lego:0123456789abcdef:{page:x}"));
+            assert_eq!(
+                page_key(0x0123_4567_89ab_cdef, page),
+                format!("lego:0123456789abcdef:{page:x}")
+            );
         }
         assert_eq!(lease_key(0xab), "lego:00000000000000ab:lease");
         assert_eq!(

@@ -98,7 +98,11 @@ impl Health {
             None => false,
         };
         s.seen = Some((pid, uptime_s));
-        s.failures = 0;
+        // A look at an up server (a small `stats`) says nothing of its pages' requests: only
+        // a server that was down starts counting its failures again.
+        if !self.is_up() {
+            s.failures = 0;
+        }
         s.next_probe = None;
         self.down.store(false, Relaxed);
         if restarted {

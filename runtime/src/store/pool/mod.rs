@@ -343,6 +343,8 @@ impl Inner {
                 drop(sub);
                 let mut fetched = 0;
                 let mut bad = Vec::new();
+                // Whether this server failed for some page (not only missed copies).
+                let mut failed_here = false;
                 for (&i, (page, version, outcome)) in positions.iter().zip(outcomes) {
                     match outcome {
                         Outcome::Done => {
@@ -353,7 +355,10 @@ impl Inner {
                             }
                         }
                         Outcome::Failed(FailureKind::Lost) => bad.push((page, version)),
-                        Outcome::Failed(_) | Outcome::Pending => transient[i] = true,
+                        Outcome::Failed(_) | Outcome::Pending => {
+                            transient[i] = true;
+                            failed_here = true;
+                        }
                     }
                 }
                 if counted {
@@ -376,7 +381,7 @@ impl Inner {
                 match result {
                     Ok(()) => inner.health[server].succeeded(),
                     Err(e) => {
-                        if positions.iter().any(|&i| transient[i]) {
+                        if failed_here {
                             inner.member_failed(server, &e);
                         } else {
                             inner.health[server].succeeded();
@@ -632,6 +637,10 @@ impl PageStore for PoolStore {
     /// Releases the heap's leases; its pages stay (late faults at exit) until the next
     /// collection finds them without a lease.
     fn at_exit(&self) {
+        // The thread stops first: it would renew the leases (and take a lapsed lease as a
+        // sign of lost copies).
+        self.inner.stop.store(true, Relaxed);
+        self.inner.wake_thread();
         for m in &self.inner.members {
             m.at_exit();
         }

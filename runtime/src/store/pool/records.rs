@@ -95,13 +95,17 @@ impl Arrays {
         self.holders[i] = 0;
     }
 
-    /// Removes `server` from every page's holders (it restarted empty).
+    /// Removes `server` from the holders of every page that has another holder (it restarted
+    /// empty, or its lease lapsed: repair then copies those pages again). A page it alone
+    /// holds keeps it: it may have been stored there after the restart, and a fetch that
+    /// finds it missing treats it as lost anyway (then the log, if any, gives it).
     pub fn forget_server(&mut self, server: usize) -> u64 {
         let mut forgotten = 0;
         let top = self.top as usize;
+        let bit = 1u64 << server;
         for h in &mut self.holders[..top] {
-            if *h & (1 << server) != 0 {
-                *h &= !(1 << server);
+            if *h & bit != 0 && *h != bit {
+                *h &= !bit;
                 forgotten += 1;
             }
         }

@@ -26,8 +26,11 @@ use crate::PAGE_SIZE;
 const TICK_MS: u64 = 100;
 /// How often the servers are asked how they are, in milliseconds.
 const HEALTH_CHECK_MS: u64 = 1000;
-/// Queued pages whose copies one round writes.
+/// Queued pages whose copies one batch writes.
 const QUEUE_PAGES_PER_ROUND: usize = 256;
+/// Batches of queued pages one round writes at most (the round's other duties, leases
+/// among them, must not wait for a queue that never empties).
+const QUEUE_BATCHES_PER_ROUND: usize = 8;
 /// Pages one repair round copies.
 const REPAIR_PAGES_PER_ROUND: usize = 256;
 /// Page records one repair round looks at.
@@ -46,6 +49,8 @@ fn run(inner: &Inner) {
         if let Some(what) = member.collect_orphans() {
             log::info!("pool server {}: {what}", member.server());
         }
+        // A collection may take a while: the leases must not lapse meanwhile.
+        renew_leases(inner);
     }
     let mut last_check = Instant::now();
     let mut last_renewal = Instant::now();
@@ -93,9 +98,10 @@ fn run(inner: &Inner) {
     }
 }
 
-/// Writes the other copies of up to [`QUEUE_PAGES_PER_ROUND`] queued pages.
+/// Writes the other copies of queued pages, [`QUEUE_PAGES_PER_ROUND`] at a time, for at most
+/// [`QUEUE_BATCHES_PER_ROUND`] batches.
 fn drain_queue(inner: &Inner) {
-    loop {
+    for _ in 0..QUEUE_BATCHES_PER_ROUND {
         let taken = inner.queue.take(QUEUE_PAGES_PER_ROUND);
         if taken.is_empty() {
             return;
@@ -108,7 +114,7 @@ fn drain_queue(inner: &Inner) {
             let records = inner.records.lock();
             for (page, w) in &taken {
                 let copy = records.get(*page);
-                if copy.version == w.version && copy.holders != 0 {
+                if copy.version == w.version {
                     acked.push(copy.holders);
                     live.push((*page, w));
                 } else {
