@@ -53,8 +53,7 @@ fn kill_one_of_three(label: &str, env: &[(&str, &str)]) -> (lego_tests::Outcome,
 #[test]
 fn a_server_restarted_empty_mid_run_is_refilled() {
     let _serial = heavy();
-    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
-    native.assert_success();
+    let native = native_workload();
     let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(256)).collect();
     let backend = format!(
         "memcached://{}",
@@ -144,13 +143,37 @@ fn a_full_pool_loses_nothing_and_says_so() {
     );
 }
 
-/// The run outlived the server: the pool saw it go (so the kill happened mid-run).
-fn assert_saw_the_loss(stats: &lego_tests::Stats, what: &str) {
+/// The workload without lego: the output every run must give.
+fn native_workload() -> lego_tests::Outcome {
+    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
+    native.assert_success();
+    native
+}
+
+/// A run that lost a server mid-run and lost nothing: exit 0, the native output, no page
+/// poisoned, and the pool saw the server go (so the kill happened mid-run). Returns its stats.
+fn assert_survived(
+    out: &lego_tests::Outcome,
+    setup: &ShimSetup,
+    native: &lego_tests::Outcome,
+    what: &str,
+) -> lego_tests::Stats {
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{what}: {out}");
+    assert!(!out.stdout.contains("WRONG DATA"), "{what}: {out}");
+    let stats = setup.stats();
+    assert_eq!(
+        stats.number("pages_poisoned"),
+        Some(0),
+        "{what}: {}",
+        stats.raw
+    );
     assert!(
         stats.raw.contains(" down fetched="),
         "{what}: the killed server must be down at exit (was it killed after the run?):\n{}",
         stats.raw
     );
+    stats
 }
 
 /// Kill one of three servers in the middle of a heap workload four times larger than the
@@ -159,24 +182,13 @@ fn assert_saw_the_loss(stats: &lego_tests::Stats, what: &str) {
 #[test]
 fn a_server_killed_mid_run_costs_nothing_with_two_copies() {
     let _serial = heavy();
-    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
-    native.assert_success();
+    let native = native_workload();
     for mode in ["pessimistic", "optimistic", "adaptive"] {
         let (out, setup) = kill_one_of_three(
             &format!("pool-kill-{mode}"),
             &[("LEGO_REPLICAS", "2"), ("LEGO_REPLICATION", mode)],
         );
-        out.assert_success();
-        let stats = setup.stats();
-        assert_eq!(out.stdout, native.stdout, "{mode}: {out}");
-        assert!(!out.stdout.contains("WRONG DATA"), "{mode}: {out}");
-        assert_eq!(
-            stats.number("pages_poisoned"),
-            Some(0),
-            "{mode}: {}",
-            stats.raw
-        );
-        assert_saw_the_loss(&stats, mode);
+        let stats = assert_survived(&out, &setup, &native, mode);
         assert!(
             stats.number("pages_fetched").is_some_and(|n| n > 10_000),
             "{mode}: the workload must page: {}",
@@ -203,8 +215,7 @@ fn a_server_killed_mid_run_costs_nothing_with_two_copies() {
 #[test]
 fn a_server_killed_with_one_copy_and_the_log_costs_nothing() {
     let _serial = heavy();
-    let native = Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS).run();
-    native.assert_success();
+    let native = native_workload();
     let logs = lego_tests::TempDir::new("pool-kill-log");
     let log_dir = logs.path().join("log");
     let log_dir = log_dir.to_str().expect("a UTF-8 path");
@@ -212,11 +223,7 @@ fn a_server_killed_with_one_copy_and_the_log_costs_nothing() {
         "pool-kill-one-copy-log",
         &[("LEGO_REPLICAS", "1"), ("LEGO_LOG_DIR", log_dir)],
     );
-    out.assert_success();
-    assert_eq!(out.stdout, native.stdout, "{out}");
-    let stats = setup.stats();
-    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
-    assert_saw_the_loss(&stats, "one copy and the log");
+    let stats = assert_survived(&out, &setup, &native, "one copy and the log");
     assert!(
         stats.number("pages_from_log").is_some_and(|n| n > 0),
         "the killed server's pages must have come back from the log: {}",

@@ -296,6 +296,19 @@ pub(crate) fn settle_writes(batch: &mut [PageWrite<'_>], outcome: Outcome) {
     }
 }
 
+/// Marks `r` lost (its copy holds content whose checksum is `found`) and returns the error
+/// that says so.
+pub(crate) fn lost_read(backend: &str, r: &mut PageRead<'_>, found: u32) -> StoreError {
+    r.outcome = Outcome::Failed(FailureKind::Lost);
+    StoreError::Mismatch {
+        backend: backend.to_string(),
+        page: r.page,
+        found,
+        expected: r.crc,
+        version: r.version,
+    }
+}
+
 /// Checks every read that came back against its checksum: a matching one is `Done`, the others
 /// `Lost` (this store has no other copy). Returns the first mismatch, if any.
 pub(crate) fn verify_reads(backend: &str, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
@@ -305,14 +318,8 @@ pub(crate) fn verify_reads(backend: &str, batch: &mut [PageRead<'_>]) -> Result<
         if found == r.crc {
             r.outcome = Outcome::Done;
         } else {
-            r.outcome = Outcome::Failed(FailureKind::Lost);
-            first_error.get_or_insert_with(|| StoreError::Mismatch {
-                backend: backend.to_string(),
-                page: r.page,
-                found,
-                expected: r.crc,
-                version: r.version,
-            });
+            let e = lost_read(backend, r, found);
+            first_error.get_or_insert(e);
         }
     }
     first_error.map_or(Ok(()), Err)

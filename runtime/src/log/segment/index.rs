@@ -126,15 +126,7 @@ impl PageIndex {
             Located::Nowhere => Err(IndexError::NotLogged),
             Located::Zero => {
                 buf.fill(0);
-                let found = crc32c::crc32c(buf);
-                if found == crc {
-                    Ok(())
-                } else {
-                    Err(IndexError::Other {
-                        found,
-                        expected: crc,
-                    })
-                }
+                check(buf, crc)
             }
             Located::At {
                 seq,
@@ -153,15 +145,7 @@ impl PageIndex {
                     name: name.clone(),
                     source,
                 })?;
-                let found = crc32c::crc32c(buf);
-                if found == crc {
-                    Ok(())
-                } else {
-                    Err(IndexError::Other {
-                        found,
-                        expected: crc,
-                    })
-                }
+                check(buf, crc)
             }
         }
     }
@@ -181,6 +165,19 @@ impl PageIndex {
             files.insert(seq, File::open(self.dir.join(name))?);
         }
         f(&files[&seq])
+    }
+}
+
+/// `buf` holds the content whose checksum is `crc`, or the error says what it holds.
+fn check(buf: &[u8], crc: u32) -> Result<(), IndexError> {
+    let found = crc32c::crc32c(buf);
+    if found == crc {
+        Ok(())
+    } else {
+        Err(IndexError::Other {
+            found,
+            expected: crc,
+        })
     }
 }
 

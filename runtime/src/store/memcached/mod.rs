@@ -266,14 +266,8 @@ impl PageStore for MemcachedServer {
                 if found_crc == r.crc && found_version == r.version && actual == r.crc {
                     r.outcome = Outcome::Done;
                 } else {
-                    r.outcome = Outcome::Failed(FailureKind::Lost);
-                    first_error.get_or_insert(StoreError::Mismatch {
-                        backend: self.name.clone(),
-                        page: r.page,
-                        found: actual,
-                        expected: r.crc,
-                        version: r.version,
-                    });
+                    let e = super::lost_read(&self.name, r, actual);
+                    first_error.get_or_insert(e);
                 }
             }
         }

@@ -261,14 +261,8 @@ impl Inner {
                     if found == r.crc {
                         r.outcome = Outcome::Done;
                     } else {
-                        r.outcome = Outcome::Failed(FailureKind::Lost);
-                        first_error.get_or_insert(StoreError::Mismatch {
-                            backend: inner.name.clone(),
-                            page: r.page,
-                            found,
-                            expected: r.crc,
-                            version: r.version,
-                        });
+                        let e = super::lost_read(&inner.name, r, found);
+                        first_error.get_or_insert(e);
                     }
                 } else if copy.version == r.version {
                     holders[i] = copy.holders;
