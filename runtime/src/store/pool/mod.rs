@@ -98,6 +98,9 @@ struct Inner {
     /// The store is gone: the pool's thread ends (tests make many pools; the preload's
     /// lives as long as the process).
     stop: AtomicBool,
+    /// Held while leases are renewed or released, so that none is renewed after exit
+    /// released it.
+    leases: Mutex<()>,
     name: String,
     pages: u64,
 }
@@ -147,6 +150,7 @@ impl PoolStore {
             repair_needed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
+            leases: Mutex::new(()),
             name,
             pages,
         });
@@ -635,6 +639,7 @@ impl PageStore for PoolStore {
         // sign of lost copies).
         self.inner.stop.store(true, Relaxed);
         self.inner.wake_thread();
+        let _leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
         for m in &self.inner.members {
             m.at_exit();
         }

@@ -158,6 +158,10 @@ fn drain_queue(inner: &Inner) {
 /// freed the heap's pages there: its copies are forgotten and written again, as after a
 /// restart.
 fn renew_leases(inner: &Inner) {
+    let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+    if inner.stop.load(Relaxed) {
+        return; // Released at exit.
+    }
     for (s, member) in inner.members.iter().enumerate() {
         if !inner.health[s].is_up() {
             continue;
