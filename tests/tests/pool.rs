@@ -90,19 +90,7 @@ fn a_server_restarted_empty_mid_run_is_refilled() {
         "the pool must have found the restart: {}",
         stats.raw
     );
-    assert!(
-        stats
-            .number("pool_rereplicated_pages")
-            .is_some_and(|n| n > 0),
-        "the lost copies must have been written again: {}",
-        stats.raw
-    );
-    assert_eq!(
-        stats.number("pool_underreplicated_pages"),
-        Some(0),
-        "every page must be back to two copies at exit: {}",
-        stats.raw
-    );
+    assert_back_to_two_copies(&stats, "restarted empty");
     assert_eq!(stats.number("pool_servers_down"), Some(0), "{}", stats.raw);
 }
 
@@ -139,6 +127,23 @@ fn a_full_pool_loses_nothing_and_says_so() {
     assert!(
         stats.number("pages_fetched").is_some_and(|n| n > 1000),
         "what fit in the pool came back from it: {}",
+        stats.raw
+    );
+}
+
+/// The lost server's copies were written again, and every page has two copies at exit.
+fn assert_back_to_two_copies(stats: &lego_tests::Stats, what: &str) {
+    assert!(
+        stats
+            .number("pool_rereplicated_pages")
+            .is_some_and(|n| n > 0),
+        "{what}: the lost copies must have been written again: {}",
+        stats.raw
+    );
+    assert_eq!(
+        stats.number("pool_underreplicated_pages"),
+        Some(0),
+        "{what}: every page must be back to two copies at exit: {}",
         stats.raw
     );
 }
@@ -194,19 +199,7 @@ fn a_server_killed_mid_run_costs_nothing_with_two_copies() {
             "{mode}: the workload must page: {}",
             stats.raw
         );
-        assert_eq!(
-            stats.number("pool_underreplicated_pages"),
-            Some(0),
-            "{mode}: every page must be back to two copies at exit: {}",
-            stats.raw
-        );
-        assert!(
-            stats
-                .number("pool_rereplicated_pages")
-                .is_some_and(|n| n > 0),
-            "{mode}: the lost server's copies must have been written again: {}",
-            stats.raw
-        );
+        assert_back_to_two_copies(&stats, mode);
     }
 }
 
