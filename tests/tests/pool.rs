@@ -15,36 +15,38 @@ const WORKLOAD_ARGS: [&str; 3] = ["128", "4", "150000"];
 /// When the test kills a server after the start, in milliseconds.
 const KILL_AFTER_MS: u64 = 2500;
 
-/// Runs the workload on a pool of three servers and kills one of them midway. Returns the
-/// run and its set-up (whose stats a run that exited wrote).
-fn kill_one_of_three(label: &str, env: &[(&str, &str)]) -> (lego_tests::Outcome, ShimSetup) {
+/// Runs the workload on a pool of three servers and, midway, does `mishap` to one of them
+/// (kills it, restarts it). Returns the run and its set-up (whose stats a run that exited
+/// wrote).
+fn break_one_of_three(
+    label: &str,
+    env: &[(&str, &str)],
+    mishap: fn(&mut Memcached),
+) -> (lego_tests::Outcome, ShimSetup) {
     let mut servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(256)).collect();
-    let backend = format!(
-        "memcached://{}",
-        servers
-            .iter()
-            .map(|s| s.addr.clone())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
     let setup = ShimSetup::new(label, 32);
     let mut run = setup
         .apply(Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS))
-        .env("LEGO_BACKEND", &backend)
+        .env("LEGO_BACKEND", pool_backend(&servers))
         .env("LEGO_TIMEOUT_MS", "500")
         .hang_after(600);
     for (k, v) in env {
         run = run.env(k, v);
     }
-    let victim = servers.remove(1);
-    let killer = std::thread::spawn(move || {
-        let mut victim = victim;
+    let mut victim = servers.remove(1);
+    let breaker = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
-        victim.kill();
+        mishap(&mut victim);
+        victim
     });
     let out = run.run();
-    killer.join().expect("the killer thread");
+    let _victim = breaker.join().expect("the thread that breaks a server");
     (out, setup)
+}
+
+/// [`break_one_of_three`], killing the server.
+fn kill_one_of_three(label: &str, env: &[(&str, &str)]) -> (lego_tests::Outcome, ShimSetup) {
+    break_one_of_three(label, env, Memcached::kill)
 }
 
 /// A server restarted empty mid-run: the run finishes with the same output, the pool finds
@@ -54,32 +56,11 @@ fn kill_one_of_three(label: &str, env: &[(&str, &str)]) -> (lego_tests::Outcome,
 fn a_server_restarted_empty_mid_run_is_refilled() {
     let _serial = heavy();
     let native = native_workload();
-    let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(256)).collect();
-    let backend = format!(
-        "memcached://{}",
-        servers
-            .iter()
-            .map(|s| s.addr.clone())
-            .collect::<Vec<_>>()
-            .join(",")
+    let (out, setup) = break_one_of_three(
+        "pool-restart",
+        &[("LEGO_REPLICAS", "2")],
+        Memcached::restart,
     );
-    let setup = ShimSetup::new("pool-restart", 32);
-    let run = setup
-        .apply(Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS))
-        .env("LEGO_BACKEND", &backend)
-        .env("LEGO_REPLICAS", "2")
-        .env("LEGO_TIMEOUT_MS", "500")
-        .hang_after(600);
-    let mut servers = servers;
-    let victim = servers.remove(2);
-    let restarter = std::thread::spawn(move || {
-        let mut victim = victim;
-        std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
-        victim.restart();
-        victim
-    });
-    let out = run.run();
-    let _restarted = restarter.join().expect("the restarting thread");
     out.assert_success();
     assert_eq!(out.stdout, native.stdout, "{out}");
     let stats = setup.stats();
@@ -106,7 +87,7 @@ fn a_full_pool_loses_nothing_and_says_so() {
     let setup = ShimSetup::new("pool-full", 16);
     let out = setup
         .apply(Run::new(program("sigbus_fetch")).args(["96"]))
-        .env("LEGO_BACKEND", format!("memcached://{},{}", a.addr, b.addr))
+        .env("LEGO_BACKEND", pool_backend([&a, &b]))
         .env("LEGO_LOG_LEVEL", "warn")
         .hang_after(300)
         .run();
@@ -273,9 +254,7 @@ fn a_program_runs_on_a_pool_of_two_servers() {
     );
     assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
     assert!(
-        stats
-            .raw
-            .contains(&format!("memcached://{},{}", a.addr, b.addr)),
+        stats.raw.contains(&pool_backend([&a, &b])),
         "the run must have used the pool:\n{}",
         stats.raw
     );

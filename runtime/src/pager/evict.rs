@@ -163,7 +163,7 @@ pub(super) fn evictor_loop(sh: &Shared) {
                 break;
             }
             sh.evict.starved.store(false, Ordering::Relaxed);
-            let ok = evict_batch(sh, &victims);
+            let ok = evict_batch(sh, &victims, log_first);
             sh.cache.room_freed();
             if !ok {
                 drop(_pass);
@@ -190,11 +190,11 @@ enum Fate {
 }
 
 /// Evicts the sorted `victims` (all `Evicting`). Returns false if the write-back failed.
-fn evict_batch(sh: &Shared, victims: &[usize]) -> bool {
+/// With `log_first` (the log is the second copy), only pages the log holds leave.
+fn evict_batch(sh: &Shared, victims: &[usize], log_first: Option<&super::epoch::Durable>) -> bool {
     assert!(victims.len() <= EVICT_BATCH_PAGES_MAX);
     let runs = runs_of(victims);
     let written = scan_written(sh, victims, &runs);
-    let log_first = sh.durable.as_ref().filter(|d| d.log_first());
     if log_first.is_some() && written.iter().any(|&w| w) {
         // Written since the log took them: they stay (log-dirty) until an epoch has them.
         let (mut kept, mut rest) = (Vec::new(), Vec::new());
@@ -229,33 +229,31 @@ fn evict_moved(
     written: &[bool],
     log_first: Option<&super::epoch::Durable>,
 ) -> bool {
-    let runs = runs.to_vec();
-    let written = written.to_vec();
     // Move them out, victim i to staging slot i.
-    for &(i, len) in &runs {
+    for &(i, len) in runs {
         move_run(sh, victims, i, len);
     }
     let (present, mut fate) = locate(sh, victims);
-    let copies = classify(sh, victims, &written, &present, &mut fate);
+    let copies = classify(sh, victims, written, &present, &mut fate);
     if let Some(durable) = log_first {
         if !log_holds(durable, victims, &fate, &copies) {
             // A page written between the scan and its move: back, all of them, as after a
             // failed write-back (rare; the next batch goes on once an epoch has it).
-            put_back(sh, victims, &runs, &fate);
-            forget_failed_batch(sh, victims, &written, &fate, &copies);
+            put_back(sh, victims, runs, &fate);
+            forget_failed_batch(sh, victims, written, &fate, &copies);
             STATS.add(Counter::EvictionsHeldForLog, victims.len() as u64);
             return true;
         }
     }
-    let Some(dirty) = write_back(sh, victims, &runs, &fate, &copies) else {
-        forget_failed_batch(sh, victims, &written, &fate, &copies);
+    let Some(dirty) = write_back(sh, victims, runs, &fate, &copies) else {
+        forget_failed_batch(sh, victims, written, &fate, &copies);
         return false;
     };
     record(
         sh,
         victims,
-        &runs,
-        &written,
+        runs,
+        written,
         &fate,
         &copies,
         log_first.is_some(),

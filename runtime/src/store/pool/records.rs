@@ -69,14 +69,16 @@ impl Arrays {
         self.top = self.top.max(page + 1);
     }
 
-    /// Adds `server` to the holders of `version` of `page`, if that is still its newest.
-    pub fn add_holder(&mut self, page: u64, version: u32, server: usize) -> bool {
+    /// Adds `servers` (a bit each) to the holders of `version` of `page`, if that is still its
+    /// newest; returns how many were not holders before.
+    pub fn add_holders(&mut self, page: u64, version: u32, servers: u64) -> u64 {
         let i = page as usize;
         if self.meta[i] as u32 != version {
-            return false;
+            return 0;
         }
-        self.holders[i] |= 1 << server;
-        true
+        let added = servers & !self.holders[i];
+        self.holders[i] |= servers;
+        u64::from(added.count_ones())
     }
 
     /// Removes `server` from the holders of `version` of `page` (its copy was missing, old

@@ -132,12 +132,7 @@ fn drain_queue(inner: &Inner) {
         let _ = inner.write_copies(&mut batch, &positions, &need, &mut acked);
         let mut records = inner.records.lock();
         for (k, (page, w)) in live.iter().enumerate() {
-            let added = acked[k] & !before[k];
-            for s in 0..inner.members.len() {
-                if added & (1 << s) != 0 {
-                    records.add_holder(*page, w.version, s);
-                }
-            }
+            records.add_holders(*page, w.version, acked[k] & !before[k]);
             let complete = acked[k].count_ones() as usize >= inner.settings.replicas;
             inner.queue.finish(*page, w.version, complete);
         }
@@ -335,12 +330,7 @@ fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
     let mut records = inner.records.lock();
     let mut written = 0;
     for (k, w) in writes.iter().enumerate() {
-        let added = acked[k] & !before[k];
-        for s in 0..inner.members.len() {
-            if added & (1 << s) != 0 && records.add_holder(w.page, w.version, s) {
-                written += 1;
-            }
-        }
+        written += records.add_holders(w.page, w.version, acked[k] & !before[k]);
     }
     drop(records);
     inner.counters.rereplicated.fetch_add(written, Relaxed);
