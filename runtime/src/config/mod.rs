@@ -34,6 +34,7 @@ mod faults;
 mod parse;
 mod pool;
 mod settings;
+mod watch;
 
 pub use backend::{parse_backend, BackendSpec};
 pub use durable::{LogSettings, LogSync};
@@ -44,6 +45,7 @@ pub use faults::{
 pub use parse::{parse_size, total_ram_bytes, SizeError};
 pub use pool::{PoolSettings, Replication, REPLICAS_MAX};
 pub use settings::{documented_settings, vars, Setting};
+pub use watch::MetricsAddr;
 
 use durable::RawLog;
 use faults::{parse_fault_plan, Injection};
@@ -171,6 +173,10 @@ pub struct Config {
     /// How a memcached pool keeps its copies (`LEGO_REPLICAS` and its companions); the
     /// defaults with other backends.
     pub pool: PoolSettings,
+    /// Whether statistics are published while the program runs (`LEGO_PUBLISH`).
+    pub publish: bool,
+    /// Where the metrics are served (`LEGO_METRICS`), `None` when unset.
+    pub metrics: Option<MetricsAddr>,
 }
 
 /// Where the statistics go when the program exits.
@@ -229,6 +235,8 @@ struct RawSettings {
     log: RawLog,
     restore: Option<String>,
     pool: RawPool,
+    publish: Option<bool>,
+    metrics: Option<MetricsAddr>,
 }
 
 impl Config {
@@ -379,6 +387,12 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
                 pool::TIMEOUT_MS_MAX,
             )?,
         },
+        publish: lookup(&get, vars::PUBLISH)
+            .map(|v| watch::parse_publish(&v))
+            .transpose()?,
+        metrics: lookup(&get, vars::METRICS)
+            .map(|v| watch::parse_metrics(&v))
+            .transpose()?,
     })
 }
 
@@ -436,6 +450,8 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         log,
         restore: raw.restore.map(PathBuf::from),
         pool,
+        publish: raw.publish.unwrap_or(true),
+        metrics: raw.metrics,
     })
 }
 

@@ -38,6 +38,10 @@ pub mod vars {
     pub const REPLICATION: &str = "LEGO_REPLICATION";
     pub const ADAPTIVE_FREE: &str = "LEGO_ADAPTIVE_FREE";
     pub const TIMEOUT_MS: &str = "LEGO_TIMEOUT_MS";
+    /// Whether statistics are published while the program runs.
+    pub const PUBLISH: &str = "LEGO_PUBLISH";
+    /// Where the metrics endpoint listens.
+    pub const METRICS: &str = "LEGO_METRICS";
     /// Not lego's own: the default backend directory comes from it.
     pub const TMPDIR: &str = "TMPDIR";
 }
@@ -191,6 +195,20 @@ pub(super) const SETTINGS: &[Setting] = &[
         meaning: "Bound on every connect, read and write to a pool server, in milliseconds, \
                   from 10 to 60000; a server that misses it counts a failure; needs \
                   LEGO_BACKEND=memcached://.",
+    },
+    Setting {
+        name: vars::PUBLISH,
+        default: "on",
+        example: "off",
+        meaning: "Whether the program's statistics are published while it runs (once a second, \
+                  in $XDG_RUNTIME_DIR/lego/PID.json, owner-only), for lego stats and lego top.",
+    },
+    Setting {
+        name: vars::METRICS,
+        default: "unset (no endpoint)",
+        example: "127.0.0.1:9464",
+        meaning: "Serve the statistics over HTTP (GET /metrics) in Prometheus' text format, on \
+                  IP:PORT, localhost:PORT or unix:PATH.",
     },
 ];
 

@@ -211,6 +211,8 @@ fn every_setting_parsed() {
             log: None,
             restore: None,
             pool: PoolSettings::default(),
+            publish: true,
+            metrics: None,
         }
     );
     assert_eq!(c.cache_pages(), 48 * MIB / PAGE_BYTES);
