@@ -28,12 +28,15 @@ use crate::log::replay::{
 use crate::logging::error_chain;
 
 pub mod pool;
+pub mod watch;
 
 pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
        lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
        lego inspect LOG_DIR
        lego pool [--heaps] memcached://HOST:PORT[,HOST:PORT...]
-       lego pool gc memcached://HOST:PORT[,HOST:PORT...]";
+       lego pool gc memcached://HOST:PORT[,HOST:PORT...]
+       lego stats [PID] [--json]
+       lego top [PID] [--iterations N]";
 
 /// How often the progress line on a terminal is redrawn, at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -55,6 +58,16 @@ pub enum CliError {
     Replay {
         #[source]
         source: ReplayError,
+    },
+    #[error("{}", error_chain(source))]
+    Watch {
+        #[source]
+        source: crate::watch::read::ReadError,
+    },
+    #[error("the terminal failed: {source}")]
+    Terminal {
+        #[source]
+        source: std::io::Error,
     },
     /// `lego pool`: some server did not answer (the others were printed).
     #[error("{failed} of {total} servers did not answer: {names}")]
@@ -266,6 +279,56 @@ pub fn sibling_library() -> Result<PathBuf, CliError> {
     }
 }
 
+fn parse_pid(a: &OsString) -> Result<u32, CliError> {
+    a.to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| CliError::Usage(format!("{} is not a process id", a.to_string_lossy())))
+}
+
+/// `lego stats [PID] [--json]`.
+fn parse_stats_args(args: &[OsString]) -> Result<(Option<u32>, bool), CliError> {
+    let (mut pid, mut json) = (None, false);
+    for a in args {
+        if a == "--json" {
+            json = true;
+        } else if pid.is_none() {
+            pid = Some(parse_pid(a)?);
+        } else {
+            return Err(CliError::Usage(format!(
+                "unexpected {}",
+                a.to_string_lossy()
+            )));
+        }
+    }
+    Ok((pid, json))
+}
+
+/// `lego top [PID] [--iterations N]`.
+fn parse_top_args(args: &[OsString]) -> Result<(Option<u32>, Option<u64>), CliError> {
+    let (mut pid, mut iterations) = (None, None);
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--iterations" || args[i] == "-n" {
+            let v = args
+                .get(i + 1)
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse().ok());
+            iterations =
+                Some(v.ok_or_else(|| CliError::Usage("--iterations needs a count".into()))?);
+            i += 2;
+        } else if pid.is_none() {
+            pid = Some(parse_pid(&args[i])?);
+            i += 1;
+        } else {
+            return Err(CliError::Usage(format!(
+                "unexpected {}",
+                args[i].to_string_lossy()
+            )));
+        }
+    }
+    Ok((pid, iterations))
+}
+
 /// Runs `lego` with `args` (without the program name). `run` returns only on error.
 pub fn main(args: &[OsString]) -> Result<(), CliError> {
     match args.first().map(|a| a.to_string_lossy()) {
@@ -306,6 +369,14 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
         Some(cmd) if cmd == "pool" => {
             let a = pool::parse_pool(&args[1..])?;
             pool::run(&a, &mut std::io::stdout().lock())
+        }
+        Some(cmd) if cmd == "stats" => {
+            let (pid, json) = parse_stats_args(&args[1..])?;
+            watch::run_stats(pid, json, &mut std::io::stdout().lock())
+        }
+        Some(cmd) if cmd == "top" => {
+            let (pid, iterations) = parse_top_args(&args[1..])?;
+            watch::run_top(pid, iterations)
         }
         Some(cmd) if cmd == "-h" || cmd == "--help" || cmd == "help" => {
             println!("{USAGE}");

@@ -5,7 +5,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use super::error::ConfigError;
-use super::settings::vars;
 
 /// Where the metrics are served (`LEGO_METRICS`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +63,7 @@ pub(super) fn parse_metrics(value: &str) -> Result<MetricsAddr, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::settings::vars;
     use super::*;
 
     #[test]
