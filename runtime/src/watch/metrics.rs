@@ -391,3 +391,55 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     }
     Ok(listener)
 }
+
+/// Checks every line of an exposition (version 0.0.4; for tests and tools that scrape): comments are HELP or TYPE lines, each
+/// sample is `name{labels} value` with a valid name, quoted label values and a number, and
+/// every sample's family has a TYPE. Returns the samples; panics at the first bad line.
+pub fn parse_exposition(text: &str) -> Vec<(String, f64)> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut w = rest.splitn(3, ' ');
+            let (kw, name) = (w.next().expect("kw"), w.next().expect("name"));
+            assert!(valid_name(name), "{line}");
+            match kw {
+                "HELP" => {}
+                "TYPE" => {
+                    let kind = w.next().expect("type");
+                    assert!(["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind));
+                    typed.insert(name.to_string());
+                }
+                _ => panic!("comment {line}"),
+            }
+            continue;
+        }
+        assert!(!line.is_empty(), "empty line");
+        let (series, value) = line.rsplit_once(' ').expect("value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("number in {line}"));
+        let name = match series.split_once('{') {
+            Some((name, labels)) => {
+                let labels = labels.strip_suffix('}').expect("closing brace");
+                if !labels.is_empty() {
+                    for pair in labels.split("\",") {
+                        let (k, v) = pair.split_once('=').expect("label=");
+                        assert!(valid_name(k), "{line}");
+                        assert!(v.starts_with('"'), "{line}");
+                    }
+                }
+                name
+            }
+            None => series,
+        };
+        assert!(valid_name(name), "{line}");
+        assert!(typed.contains(name), "no TYPE for {name}");
+        samples.push((series.to_string(), value));
+    }
+    samples
+}

@@ -3,7 +3,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use super::metrics::{render, serve, MetricsAddr};
+use super::metrics::{parse_exposition, render, serve, MetricsAddr};
 use super::*;
 use crate::stats::{Counter, StatsSnapshot};
 use crate::test_support::TestDir;
@@ -113,58 +113,6 @@ fn the_publisher_writes_owner_only_updates_and_removes_at_exit() {
     assert!(!p.path().exists());
     std::thread::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS + 300));
     assert!(!p.path().exists(), "written again after finish");
-}
-
-/// Checks every line of an exposition (version 0.0.4): comments are HELP or TYPE lines, each
-/// sample is `name{labels} value` with a valid name, quoted label values and a number, and
-/// every sample's family has a TYPE. Returns the samples.
-pub(crate) fn parse_exposition(text: &str) -> Vec<(String, f64)> {
-    let valid_name = |n: &str| {
-        !n.is_empty()
-            && n.chars().enumerate().all(|(i, c)| {
-                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
-            })
-    };
-    let mut typed = std::collections::HashSet::new();
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# ") {
-            let mut w = rest.splitn(3, ' ');
-            let (kw, name) = (w.next().expect("kw"), w.next().expect("name"));
-            assert!(valid_name(name), "{line}");
-            match kw {
-                "HELP" => {}
-                "TYPE" => {
-                    let kind = w.next().expect("type");
-                    assert!(["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind));
-                    typed.insert(name.to_string());
-                }
-                _ => panic!("comment {line}"),
-            }
-            continue;
-        }
-        assert!(!line.is_empty(), "empty line");
-        let (series, value) = line.rsplit_once(' ').expect("value");
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("number in {line}"));
-        let name = match series.split_once('{') {
-            Some((name, labels)) => {
-                let labels = labels.strip_suffix('}').expect("closing brace");
-                if !labels.is_empty() {
-                    for pair in labels.split("\",") {
-                        let (k, v) = pair.split_once('=').expect("label=");
-                        assert!(valid_name(k), "{line}");
-                        assert!(v.starts_with('"'), "{line}");
-                    }
-                }
-                name
-            }
-            None => series,
-        };
-        assert!(valid_name(name), "{line}");
-        assert!(typed.contains(name), "no TYPE for {name}");
-        samples.push((series.to_string(), value));
-    }
-    samples
 }
 
 #[test]
