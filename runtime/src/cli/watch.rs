@@ -321,71 +321,164 @@ pub fn frame(
     lines.into_iter().map(|l| cut(l, width.max(1))).collect()
 }
 
-/// The process `lego top` shows: `pid`, or the only publishing process of the user.
-fn pick(dir: &Path, pid: Option<u32>) -> Result<u32, CliError> {
-    if let Some(p) = pid {
-        return Ok(p);
-    }
-    let live: Vec<u32> = published(dir)
-        .into_iter()
-        .filter_map(|(p, alive)| alive.then_some(p))
+/// One view of every process in `now` (rates against `before`), busiest first, at most
+/// `height` lines of at most `width` characters.
+pub fn frame_all(now: &[Reading], before: &[Reading], width: usize, height: usize) -> Vec<String> {
+    let mut rows: Vec<(f64, String)> = now
+        .iter()
+        .map(|r| {
+            let rates = Rates {
+                now: r,
+                before: before.iter().find(|b| b.pid == r.pid),
+            };
+            let faults = rates.per_s("faults_fetch") + rates.per_s("faults_zero_fill");
+            let down = if r.stats.contains_key("pool_servers_down") {
+                r.num("pool_servers_down").to_string()
+            } else {
+                "-".into()
+            };
+            let line = format!(
+                "{:<8} {:<16} {:>10} / {:<10} {:>8} {:>9} {:>9} {:>6}",
+                r.pid,
+                cut(r.text("program").to_string(), 16),
+                mib_of_pages(r.num("resident_pages")),
+                mib_of_pages(r.num("cache_pages")),
+                rate(faults),
+                rate(rates.per_s("pages_fetched")),
+                rate(rates.per_s("pages_written_back")),
+                down,
+            );
+            (faults, line)
+        })
         .collect();
-    match live.as_slice() {
-        [one] => Ok(*one),
-        [] => Err(CliError::Usage(format!(
-            "no lego process of this user publishes statistics in {}",
-            dir.display()
-        ))),
-        many => Err(CliError::Usage(format!(
-            "{} lego processes run ({}); name one: lego top PID",
-            many.len(),
-            many.iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut lines = vec![
+        format!("lego top - {} lego processes   (q quits)", now.len()),
+        format!(
+            "{:<8} {:<16} {:>10}   {:<10} {:>8} {:>9} {:>9} {:>6}",
+            "PID", "PROGRAM", "RESIDENT", "CACHE", "FAULTS/s", "FETCHED/s", "STORED/s", "DOWN"
+        ),
+    ];
+    lines.extend(rows.into_iter().map(|r| r.1));
+    lines.truncate(height.max(1));
+    lines.into_iter().map(|l| cut(l, width.max(1))).collect()
+}
+
+/// The processes of the user that publish, and their readings.
+fn read_all(dir: &Path) -> Vec<Reading> {
+    published(dir)
+        .into_iter()
+        .filter(|&(_, alive)| alive)
+        .filter_map(|(pid, _)| next_reading(dir, pid))
+        .collect()
+}
+
+/// What `lego top` shows.
+enum View {
+    /// One process.
+    One {
+        now: Reading,
+        before: Option<Reading>,
+        exited: bool,
+    },
+    /// Every process of the user.
+    All {
+        now: Vec<Reading>,
+        before: Vec<Reading>,
+    },
+}
+
+impl View {
+    fn lines(&self, width: usize, height: usize) -> Vec<String> {
+        match self {
+            View::One {
+                now,
+                before,
+                exited,
+            } => frame(now, before.as_ref(), *exited, width, height),
+            View::All { now, before } => frame_all(now, before, width, height),
+        }
+    }
+
+    /// Takes the next readings.
+    fn refresh(&mut self, dir: &Path) {
+        match self {
+            View::One {
+                now,
+                before,
+                exited,
+            } => {
+                if *exited {
+                    return;
+                }
+                match next_reading(dir, now.pid) {
+                    Some(r) if r.at_ms() != now.at_ms() => {
+                        *before = Some(std::mem::replace(now, r))
+                    }
+                    Some(_) => {}
+                    None => *exited = true,
+                }
+            }
+            View::All { now, before } => *before = std::mem::replace(now, read_all(dir)),
+        }
     }
 }
 
-/// `lego top`.
+/// `lego top [PID]`: one process, or every process of the user without a pid (the only one
+/// in detail).
 pub fn run_top(pid: Option<u32>, iterations: Option<u64>) -> Result<(), CliError> {
     let dir = publish_dir();
-    let pid = pick(&dir, pid)?;
-    let first = Reading {
-        pid,
-        stats: read(&dir, pid).map_err(watch_error)?,
+    let one = |pid| -> Result<View, CliError> {
+        let stats = read(&dir, pid).map_err(watch_error)?;
+        Ok(View::One {
+            now: Reading { pid, stats },
+            before: None,
+            exited: false,
+        })
     };
-    let stdout = std::io::stdout();
-    if !stdout.is_terminal() || iterations.is_some() {
-        return batch(&dir, first, iterations.unwrap_or(1));
+    let view = match pid {
+        Some(p) => one(p)?,
+        None => {
+            let all = read_all(&dir);
+            match all.len() {
+                0 => {
+                    return Err(CliError::Usage(format!(
+                        "no lego process of this user publishes statistics in {}",
+                        dir.display()
+                    )))
+                }
+                1 => one(all[0].pid)?,
+                _ => View::All {
+                    now: all,
+                    before: Vec::new(),
+                },
+            }
+        }
+    };
+    if !std::io::stdout().is_terminal() || iterations.is_some() {
+        return batch(&dir, view, iterations.unwrap_or(1));
     }
-    interactive(&dir, first)
+    interactive(&dir, view)
 }
 
 fn next_reading(dir: &Path, pid: u32) -> Option<Reading> {
     read(dir, pid).ok().map(|stats| Reading { pid, stats })
 }
 
-fn batch(dir: &Path, first: Reading, iterations: u64) -> Result<(), CliError> {
+fn batch(dir: &Path, mut view: View, iterations: u64) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
-    let (mut now, mut before) = (first, None);
     for i in 0..iterations.max(1) {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS));
-            match next_reading(dir, now.pid) {
-                Some(r) => before = Some(std::mem::replace(&mut now, r)),
-                None => {
-                    for l in frame(&now, before.as_ref(), true, 200, 200) {
-                        let _ = writeln!(out, "{l}");
-                    }
-                    return Ok(());
-                }
-            }
+            view.refresh(dir);
         }
-        for l in frame(&now, before.as_ref(), false, 200, 200) {
+        for l in view.lines(200, 200) {
             let _ = writeln!(out, "{l}");
         }
         let _ = writeln!(out);
+        if matches!(view, View::One { exited: true, .. }) {
+            break;
+        }
     }
     Ok(())
 }
@@ -404,7 +497,7 @@ impl Drop for TerminalGuard {
     }
 }
 
-fn interactive(dir: &Path, first: Reading) -> Result<(), CliError> {
+fn interactive(dir: &Path, mut view: View) -> Result<(), CliError> {
     use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
     use crossterm::{cursor, queue, terminal};
 
@@ -413,21 +506,14 @@ fn interactive(dir: &Path, first: Reading) -> Result<(), CliError> {
     let _guard = TerminalGuard;
     let mut out = std::io::stdout();
     crossterm::execute!(out, terminal::EnterAlternateScreen, cursor::Hide).map_err(term)?;
-    let (mut now, mut before) = (first, None::<Reading>);
-    let mut exited = false;
     let mut next_read = now_ms() + PUBLISH_INTERVAL_MS;
     loop {
         let (w, h) = terminal::size().unwrap_or((80, 24));
         queue!(out, terminal::Clear(terminal::ClearType::All)).map_err(term)?;
-        for (i, line) in frame(
-            &now,
-            before.as_ref(),
-            exited,
-            usize::from(w),
-            usize::from(h),
-        )
-        .iter()
-        .enumerate()
+        for (i, line) in view
+            .lines(usize::from(w), usize::from(h))
+            .iter()
+            .enumerate()
         {
             let row = u16::try_from(i).unwrap_or(u16::MAX);
             queue!(out, cursor::MoveTo(0, row), crossterm::style::Print(line)).map_err(term)?;
@@ -449,14 +535,7 @@ fn interactive(dir: &Path, first: Reading) -> Result<(), CliError> {
             continue;
         }
         next_read = now_ms() + PUBLISH_INTERVAL_MS;
-        if exited {
-            continue;
-        }
-        match next_reading(dir, now.pid) {
-            Some(r) if r.at_ms() != now.at_ms() => before = Some(std::mem::replace(&mut now, r)),
-            Some(_) => {}
-            None => exited = true,
-        }
+        view.refresh(dir);
     }
 }
 
@@ -506,6 +585,12 @@ mod tests {
         let small = frame(&b, Some(&a), true, 30, 5);
         assert_eq!(small.len(), 5);
         assert!(small.iter().all(|l| l.chars().count() <= 30));
-        assert!(small[0].contains("EXITED") || frame(&b, None, true, 200, 5)[0].contains("EXITED"));
+        assert!(frame(&b, None, true, 200, 5)[0].contains("EXITED"));
+        let mut c = b.clone();
+        c.pid = 8;
+        let all = frame_all(&[c, b.clone()], &[a], 120, 10);
+        assert!(all[0].contains("2 lego processes"), "{all:?}");
+        assert!(all[2].starts_with("7 "), "busiest first: {all:?}");
+        assert!(all[3].starts_with("8 "), "{all:?}");
     }
 }
