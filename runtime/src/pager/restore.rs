@@ -10,12 +10,181 @@
 //! and opening the heap in it is the preload library's `lego_init`, and a log resumed from
 //! the image is `LogWriter::resume` (called by `start.rs`).
 //!
+//! A *pool image* (`lego replay --to memcached://...`, `log/pool_image.rs`) restores a heap
+//! whose pages are in a pool: [`open_restore`] tells the two kinds apart by their magic and
+//! refuses, before `main`, a pool image with another `LEGO_BACKEND` than the servers it
+//! names, or with `LEGO_LOG_DIR` (a resumed log would need the restored epoch's pages as its
+//! first checkpoint; that is not built yet). [`open_pool_store`] opens the pool under the
+//! image's heap id and adopts its copies, and [`mark_pool_pages`] marks each of its pages
+//! `Evicted` + `STORED` with the checksum and version the image gives: they are then fetched
+//! and checked like any evicted page, and one that no server can give is `SIGBUS`, never other
+//! bytes.
+//!
 //! Rules: pages are marked only at start, before any thread runs and before the heap is
 //! opened (its header faults in from the image); the image is only read after that, from any
 //! handler thread at once.
 
+use std::path::Path;
+
+use thiserror::Error;
+
 use crate::cache::{PageState, Table, IMAGE};
-use crate::log::image::ImageReader;
+use crate::config::{vars, BackendSpec, Config};
+use crate::log::format::RegionInfo;
+use crate::log::image::{ImageError, ImageReader};
+use crate::log::pool_image::{self, PoolImage, PoolImageError};
+use crate::store::pool::records::Copy;
+use crate::store::{self, FaultyStore, PageStore};
+
+use super::PagerError;
+
+/// What `LEGO_RESTORE` names: a heap image, or a pool image.
+pub enum RestoreFrom {
+    Image(ImageReader),
+    Pool(PoolImage),
+}
+
+impl RestoreFrom {
+    /// The region the heap had (and must have again).
+    pub fn region(&self) -> RegionInfo {
+        match self {
+            RestoreFrom::Image(img) => img.header().region,
+            RestoreFrom::Pool(img) => img.header().region,
+        }
+    }
+}
+
+/// Why `LEGO_RESTORE` cannot be used; each message names the variables involved.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    PoolImage(#[from] PoolImageError),
+    #[error(
+        "{restore}={path} is a pool image of heap {heap_id:016x} on memcached://{servers}, but \
+         {backend}={given}: set {backend}=memcached://{servers} (the same servers, in the same \
+         order), or restore a heap image (lego replay LOG_DIR -o IMAGE) instead"
+    )]
+    OtherBackend {
+        restore: &'static str,
+        backend: &'static str,
+        path: String,
+        heap_id: u64,
+        servers: String,
+        given: String,
+    },
+    #[error(
+        "{restore}={path} is a pool image, and {log}={dir} is set: continuing a log from a heap \
+         restored from a pool is not supported yet; restore a heap image (lego replay LOG_DIR \
+         -o IMAGE) to continue the log, or unset {log}"
+    )]
+    WithLog {
+        restore: &'static str,
+        log: &'static str,
+        path: String,
+        dir: String,
+    },
+}
+
+/// Opens what `path` (`LEGO_RESTORE`) names and checks that it can be restored with `config`
+/// (before `main`): a heap image, or a pool image whose servers are `LEGO_BACKEND`'s and
+/// every block of which is sound.
+pub fn open_restore(config: &Config, path: &Path) -> Result<RestoreFrom, RestoreError> {
+    let mut head = [0u8; 8];
+    let is_pool = std::fs::File::open(path)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
+        .is_ok()
+        && pool_image::has_magic(&head);
+    if !is_pool {
+        return Ok(RestoreFrom::Image(ImageReader::open(path)?));
+    }
+    let img = PoolImage::open(path)?;
+    let h = img.header();
+    let matches = matches!(&config.backend, BackendSpec::Memcached { servers } if *servers == h.servers);
+    if !matches {
+        return Err(RestoreError::OtherBackend {
+            restore: vars::RESTORE,
+            backend: vars::BACKEND,
+            path: path.display().to_string(),
+            heap_id: h.heap_id,
+            servers: h.servers.join(","),
+            given: config.backend.to_string(),
+        });
+    }
+    if let Some(log) = &config.log {
+        return Err(RestoreError::WithLog {
+            restore: vars::RESTORE,
+            log: vars::LOG_DIR,
+            path: path.display().to_string(),
+            dir: log.dir.display().to_string(),
+        });
+    }
+    img.check()?;
+    Ok(RestoreFrom::Pool(img))
+}
+
+/// The store of a heap restored from a pool image: the pool under the image's heap id, its
+/// lease taken over, the image's copies adopted (and the fault injector over it, if asked).
+pub(super) fn open_pool_store(
+    config: &Config,
+    img: &PoolImage,
+) -> Result<Box<dyn PageStore>, PagerError> {
+    let h = img.header();
+    let pool = store::open_restored_pool(&h.servers, &config.pool, h.region.len, h.heap_id)?;
+    let mut copies = Vec::new();
+    let mut adopted = 0;
+    let mut adopt = |copies: &mut Vec<(u64, Copy)>| -> Result<(), PagerError> {
+        adopted += pool.adopt(copies.drain(..))?;
+        Ok(())
+    };
+    let mut failed = None;
+    img.for_each_page(|p| {
+        copies.push((
+            p.page,
+            Copy {
+                crc: p.crc,
+                version: p.version,
+                holders: p.holders,
+            },
+        ));
+        if copies.len() >= pool_image::ENTRIES_PER_BLOCK * pool_image::CHUNK_BLOCKS && failed.is_none() {
+            if let Err(e) = adopt(&mut copies) {
+                failed = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    adopt(&mut copies)?;
+    log::info!(
+        "restoring {adopted} pages of epoch {} from the pool {} (heap {:016x}, {})",
+        h.epoch,
+        pool.describe(),
+        h.heap_id,
+        img.path().display()
+    );
+    let store: Box<dyn PageStore> = Box::new(pool);
+    Ok(match &config.fault_injection {
+        Some(plan) => Box::new(FaultyStore::new(store, *plan)),
+        None => store,
+    })
+}
+
+/// Marks the pool image's pages that are still `Absent` as `Evicted` with their stored copy's
+/// checksum and version: fetched from the pool when touched. The cache lock is held (`t`).
+pub(super) fn mark_pool_pages(t: &mut Table, img: &PoolImage) -> Result<(), PagerError> {
+    img.for_each_page(|p| {
+        let i = usize::try_from(p.page).expect("checked against the region");
+        if i < t.pages() && t.state(i) == PageState::Absent {
+            t.set_state(i, PageState::Evicted);
+            t.set_stored(i, p.crc, p.version);
+            t.note_used(i);
+        }
+    })?;
+    Ok(())
+}
 
 /// The image being restored.
 pub(super) struct Restore {

@@ -43,9 +43,14 @@ impl Runtime {
     pub fn start(
         config: &Config,
         region: Region,
-        image: Option<ImageReader>,
+        restoring: Option<restore::RestoreFrom>,
         quiesce: Option<Quiesce>,
     ) -> Result<Runtime, PagerError> {
+        let (image, pool_image) = match restoring {
+            Some(restore::RestoreFrom::Image(img)) => (Some(img), None),
+            Some(restore::RestoreFrom::Pool(img)) => (None, Some(img)),
+            None => (None, None),
+        };
         if let Some(thread) = config.spawn_failure {
             crate::threads::fail_spawns_of(thread);
         }
@@ -55,12 +60,16 @@ impl Runtime {
         let mut eviction = evict::Eviction::new(&staging_uffd, batch)?;
         let scratch = discard::Scratch::new(&staging_uffd)?;
         let fill = fault::Fill::new()?;
-        let store = store::open(
-            &config.backend,
-            &config.pool,
-            config.heap_bytes,
-            config.fault_injection.as_ref(),
-        )?;
+        let store = match &pool_image {
+            // A heap restored from a pool: its pages are already there.
+            Some(img) => restore::open_pool_store(config, img)?,
+            None => store::open(
+                &config.backend,
+                &config.pool,
+                config.heap_bytes,
+                config.fault_injection.as_ref(),
+            )?,
+        };
         let scanner = PagemapScanner::open()?;
         // A pool that keeps one copy of each page, and a log that cuts epochs on its own:
         // the log is the second copy (evicted pages are in it, and read from it when the
@@ -97,6 +106,10 @@ impl Runtime {
             // touched.
             if let Some(r) = &restore {
                 r.mark_image_pages(&mut t);
+            }
+            // Restored from a pool: the image's pages are evicted, fetched from the pool.
+            if let Some(img) = &pool_image {
+                restore::mark_pool_pages(&mut t, img)?;
             }
             STATS.set_resident_pages(t.resident() as u64);
         }
