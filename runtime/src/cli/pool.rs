@@ -55,14 +55,23 @@ pub fn parse_pool(args: &[OsString]) -> Result<PoolArgs, CliError> {
         }
     }
     let url = url.ok_or_else(|| CliError::Usage("no pool URL given".into()))?;
+    Ok(PoolArgs {
+        action,
+        servers: parse_pool_url(&url)?,
+    })
+}
+
+/// The servers of a pool URL (`memcached://HOST:PORT[,HOST:PORT...]`), or a usage error that
+/// says what is expected.
+pub fn parse_pool_url(url: &str) -> Result<Vec<String>, CliError> {
     let not_a_pool = |problem: &str| {
         CliError::Usage(format!(
             "{url} is not a pool of memcached servers ({problem}): expected \
              memcached://HOST:PORT[,HOST:PORT...] (memcached://127.0.0.1:11211)"
         ))
     };
-    match parse_backend(&url) {
-        Ok(BackendSpec::Memcached { servers }) => Ok(PoolArgs { action, servers }),
+    match parse_backend(url) {
+        Ok(BackendSpec::Memcached { servers }) => Ok(servers),
         Ok(_) => Err(not_a_pool("another kind of store")),
         Err(ConfigError::BackendServers { problem, .. }) => Err(not_a_pool(problem)),
         Err(_) => Err(not_a_pool("no memcached:// scheme")),
@@ -259,7 +268,20 @@ fn show_server(server: &str, look: &Look, heaps: bool) -> String {
     }
     if heaps {
         for (id, heap) in &survey.heaps {
-            let state = if heap.lease_seen {
+            let seeded = up.holders.get(id).is_some_and(|h| h.seeded);
+            let state = if heap.lease_seen && seeded {
+                let mut s = "seeded, awaiting restore".to_owned();
+                if let Some(h) = up.holders.get(id) {
+                    if let Some(pid) = h.pid {
+                        let _ = write!(s, " (lego replay --to, pid {pid}");
+                        if let Some(host) = &h.host {
+                            let _ = write!(s, " on {host}");
+                        }
+                        s.push(')');
+                    }
+                }
+                s
+            } else if heap.lease_seen {
                 let mut s = "live".to_owned();
                 if let Some(h) = up.holders.get(id) {
                     if let Some(pid) = h.pid {

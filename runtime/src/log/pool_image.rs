@@ -358,7 +358,7 @@ pub fn write_pool_image(
 }
 
 /// Refuses to replace anything at `path` but a regular file that starts like a lego image.
-fn check_replaceable(path: &Path) -> Result<(), PoolImageError> {
+pub fn check_replaceable(path: &Path) -> Result<(), PoolImageError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
