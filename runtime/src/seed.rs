@@ -221,3 +221,124 @@ pub fn replay_to_pool(
         servers: header.servers,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::format::{EpochPage, RegionInfo};
+    use crate::log::pool_image::PoolImage;
+    use crate::log::test_support::page;
+    use crate::log::{LogWriter, WriterOptions};
+    use crate::store::memcached::test_server::TestServer;
+    use crate::store::{open_restored_pool, PageRead};
+    use crate::test_support::TestDir;
+
+    /// A log of two epochs (one page rewritten, one zeroed) seeds two servers with two copies;
+    /// the pool image lists the final non-zero pages, a restored pool serves exactly them, and
+    /// a second restore of the same heap is refused while the first holds its lease.
+    #[test]
+    fn a_log_seeds_a_pool_that_a_restore_reads_back() {
+        let dir = TestDir::new("seed");
+        let logs = dir.0.join("heap");
+        let region = RegionInfo {
+            base: 0x7c00_0000_0000,
+            len: 64 * 4096,
+        };
+        let mut w = LogWriter::create(&logs, region, WriterOptions::default()).expect("creating");
+        let (p1, p2, p3) = (page(1), page(2), page(3));
+        let first = [
+            EpochPage {
+                page: 3,
+                data: Some(&p1),
+            },
+            EpochPage {
+                page: 4,
+                data: Some(&p2),
+            },
+            EpochPage {
+                page: 40,
+                data: Some(&p2),
+            },
+        ];
+        w.append_epoch(&first).expect("appending");
+        let second = [
+            EpochPage {
+                page: 3,
+                data: Some(&p3),
+            },
+            EpochPage {
+                page: 4,
+                data: None,
+            },
+        ];
+        w.append_epoch(&second).expect("appending");
+        drop(w);
+
+        let servers = [TestServer::start(16, false), TestServer::start(16, false)];
+        let names: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        let options = SeedOptions {
+            replay: ReplayOptions::default(),
+            servers: names.clone(),
+            replicas: 2,
+            timeout_ms: 2000,
+        };
+        let image = dir.0.join("heap.pool");
+        let report = replay_to_pool(&logs, &image, &options, &mut |_| {}).expect("seeding");
+        assert_eq!((report.replay.epoch, report.pages), (2, 2), "{report}");
+
+        let img = PoolImage::open(&image).expect("the pool image");
+        let h = img.header().clone();
+        assert_eq!((h.heap_id, h.servers.clone(), h.epoch), (report.heap_id, names.clone(), 2));
+        let mut listed = Vec::new();
+        img.for_each_page(|p| listed.push(p)).expect("reading");
+        assert_eq!(listed.iter().map(|p| p.page).collect::<Vec<_>>(), [3, 40]);
+        assert!(listed.iter().all(|p| p.holders == 0b11 && p.version == SEEDED_VERSION));
+
+        let settings = PoolSettings {
+            replicas: 2,
+            ..PoolSettings::default()
+        };
+        let pool = open_restored_pool(&names, &settings, region.len, h.heap_id).expect("restore");
+        pool.adopt(listed.iter().map(|p| {
+            (
+                p.page,
+                crate::store::pool::records::Copy {
+                    crc: p.crc,
+                    version: p.version,
+                    holders: p.holders,
+                },
+            )
+        }))
+        .expect("adopting");
+        let mut bufs = [crate::io::AlignedBuf::new(4096), crate::io::AlignedBuf::new(4096)];
+        let [a, b] = &mut bufs;
+        let mut reads = [
+            PageRead::new(3, a.as_mut_slice(), listed[0].crc, 1),
+            PageRead::new(40, b.as_mut_slice(), listed[1].crc, 1),
+        ];
+        pool.fetch(&mut reads).expect("the seeded pages come back");
+        drop(reads);
+        assert_eq!(bufs[0].as_mut_slice(), &p3[..]);
+        assert_eq!(bufs[1].as_mut_slice(), &p2[..]);
+
+        let err = open_restored_pool(&names, &settings, region.len, h.heap_id)
+            .err()
+            .expect("a heap is restored once");
+        assert!(
+            crate::logging::error_chain(&err).contains("already running"),
+            "{err}"
+        );
+        // Too many copies for the servers: refused before anything is read.
+        let err = replay_to_pool(
+            &logs,
+            &dir.0.join("other.pool"),
+            &SeedOptions {
+                replicas: 3,
+                ..options
+            },
+            &mut |_| {},
+        )
+        .expect_err("three copies on two servers");
+        assert!(err.to_string().contains("--replicas 3"), "{err}");
+    }
+}

@@ -467,6 +467,26 @@ mod tests {
         assert_eq!(again.keys_deleted, 0);
     }
 
+    /// A heap seeded from a log (`lego replay --to`) has a lease without a time to live: no
+    /// collection frees it, however long it waits for its restore.
+    #[test]
+    fn gc_leaves_a_seeded_heap_alone() {
+        let server = TestServer::start(64, false);
+        let conn = Connection::new(&server.addr, 2000).expect("an address");
+        let (seeded, orphan) = (0x5eed, 0x0e0e);
+        lease::seed(&conn, seeded).expect("seeding");
+        write_raw(&conn, &pages_of(seeded, 25));
+        write_raw(&conn, &pages_of(orphan, 3));
+        let s = survey(&conn, &DumpLimits::COMMAND).expect("a dump");
+        assert!(s.heaps[&seeded].lease_seen);
+        assert_eq!(s.heaps[&seeded].lease_exp, None, "a seeded lease never expires");
+        let report = collect(&conn, &s, &[]);
+        assert!(report.failure.is_none(), "{:?}", report.failure);
+        assert_eq!((report.heaps_live, report.heaps_collected), (1, 1));
+        assert!(present(&conn, &pages_of(seeded, 25)).iter().all(|&p| p));
+        assert!(present(&conn, &pages_of(orphan, 3)).iter().all(|&p| !p));
+    }
+
     /// The dump is only a snapshot: a heap that took its lease since, and a page written again
     /// since, are kept; a heap whose lease expired is collected.
     #[test]
