@@ -206,8 +206,7 @@ fn reserve_for_restore(config: &Config, path: &std::path::Path) {
     let var = lego_runtime::config::vars::RESTORE;
     let image = match lego_runtime::pager::open_restore(config, path) {
         Ok(img) => img,
-        Err(e @ lego_runtime::pager::RestoreError::OtherBackend { .. })
-        | Err(e @ lego_runtime::pager::RestoreError::WithLog { .. }) => die(
+        Err(e @ lego_runtime::pager::RestoreError::OtherBackend { .. }) => die(
             EXIT_BAD_SETTING,
             &format!("lego: {}", lego_runtime::logging::error_chain(&e)),
         ),

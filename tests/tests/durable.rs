@@ -84,15 +84,26 @@ fn run_and_kill(
 /// its "start" line, kills it with SIGKILL `after` later, and returns the last
 /// "checkpoint A B" line it printed (if any) and all of its output.
 fn kill_after(
-    mut cmd: Command,
+    cmd: Command,
     log: &Path,
     store: &TempDir,
     restore: Option<&Path>,
     after: Duration,
 ) -> (Option<(u64, u64)>, String) {
+    kill_after_on(cmd, log, &store.backend(), restore, after)
+}
+
+/// [`kill_after`] with the page store `backend` (a pool).
+fn kill_after_on(
+    mut cmd: Command,
+    log: &Path,
+    backend: &str,
+    restore: Option<&Path>,
+    after: Duration,
+) -> (Option<(u64, u64)>, String) {
     cmd.env("LD_PRELOAD", shim_lib())
         .env("LEGO_CACHE_SIZE", CACHE)
-        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_BACKEND", backend)
         .env("LEGO_LOG_DIR", log)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -829,7 +840,8 @@ fn restore_from_pool_and_verify(pool_image: &Path, servers: &str, context: &str)
 /// replay --to`), and the heap restored from that pool is the heap a restore from a heap
 /// image of the same log gives. The seeded heap survives `lego pool gc`, shows as seeded,
 /// and is restored once: a second restore from the same pool image is refused, and so are a
-/// pool image with other servers, with the file store and with a log.
+/// pool image with other servers and with the file store. Restored with the log, the run goes
+/// on logging, is killed again and its log replays again.
 #[test]
 fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     let _big = heavy();
@@ -883,30 +895,25 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     );
 
     // Refused before main: other servers, the file store, a log.
-    let refused = |backend: &str, extra: Option<(&str, &Path)>| {
-        let mut run = Run::new(program("durable_list"))
+    let refused = |backend: &str| {
+        let out = Run::new(program("durable_list"))
             .args(["verify", "40"])
             .shim()
             .env("LEGO_CACHE_SIZE", CACHE)
             .env("LEGO_BACKEND", backend)
-            .env("LEGO_RESTORE", &pool_image);
-        if let Some((k, v)) = extra {
-            run = run.env(k, v);
-        }
-        let out = run.run();
+            .env("LEGO_RESTORE", &pool_image)
+            .run();
         assert_eq!(out.code, Some(2), "{out}");
         out.stderr
     };
     let other = pool_backend(&servers[..2]);
-    let e = refused(&other, None);
+    let e = refused(&other);
     assert!(
         e.contains("LEGO_RESTORE=") && e.contains(&format!("LEGO_BACKEND={other}")),
         "{e}"
     );
-    let e = refused(&store.backend(), None);
+    let e = refused(&store.backend());
     assert!(e.contains("is a pool image"), "{e}");
-    let e = refused(&pool, Some(("LEGO_LOG_DIR", &dir.path().join("log2"))));
-    assert!(e.contains("LEGO_LOG_DIR") && e.contains("not supported"), "{e}");
 
     // The heap comes back from the pool, the same as from the heap image.
     let from_pool = restore_from_pool_and_verify(&pool_image, &pool, &out);
@@ -925,5 +932,23 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
         .run();
     assert_ne!(again.code, Some(0), "{again}");
     assert!(again.stderr.contains("restored already"), "{again}");
+
+    // With the log: seeded again, restored with LEGO_LOG_DIR (the log goes on from a
+    // checkpoint read back from the pool), killed again, replayed again.
+    let second = dir.path().join("again.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &second, &[]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+    let mut cmd = Command::new(program("durable_list"));
+    cmd.args(["run", "1000000", "4"])
+        .env("LEGO_FLUSH_MS", "20")
+        .env("LEGO_HEAP_SIZE", HEAP);
+    let (seen, text) = kill_after_on(cmd, &log, &pool, Some(&second), Duration::from_millis(400));
+    let (gen, seen_epoch) =
+        seen.unwrap_or_else(|| panic!("no epoch committed after the pool restore:\n{text}"));
+    assert!(gen > from_pool, "the restored run went on: {gen} <= {from_pool}\n{text}");
+    let epoch = replay(&log, &image).expect("an epoch to replay");
+    assert!(epoch >= seen_epoch, "{epoch} < {seen_epoch}\n{text}");
+    let restored = restore_and_verify(&image, &store, &text);
+    assert!(restored >= gen, "{restored} < {gen}\n{text}");
     drop(servers);
 }

@@ -48,7 +48,8 @@ pub use replay::{
     ReplayReport, Target,
 };
 pub use segment::{
-    EpochAppend, IndexError, Located, LogDir, LogDirOptions, LogEngine, LogError, LogWriter,
+    CheckpointSource, EpochAppend, IndexError, Located, LogDir, LogDirOptions, LogEngine, LogError,
+    LogWriter,
     PageIndex, SyncMode, WriterOptions,
 };
 

@@ -13,12 +13,12 @@
 //! A *pool image* (`lego replay --to memcached://...`, `log/pool_image.rs`) restores a heap
 //! whose pages are in a pool: [`open_restore`] tells the two kinds apart by their magic and
 //! refuses, before `main`, a pool image with another `LEGO_BACKEND` than the servers it
-//! names, or with `LEGO_LOG_DIR` (a resumed log would need the restored epoch's pages as its
-//! first checkpoint; that is not built yet). [`open_pool_store`] opens the pool under the
+//! names. [`open_pool_store`] opens the pool under the
 //! image's heap id and adopts its copies, and [`mark_pool_pages`] marks each of its pages
 //! `Evicted` + `STORED` with the checksum and version the image gives: they are then fetched
 //! and checked like any evicted page, and one that no server can give is `SIGBUS`, never other
-//! bytes.
+//! bytes. With `LEGO_LOG_DIR` the log is resumed as from a heap image, its first checkpoint
+//! read back from the pool at start ([`PoolCheckpoint`], every page checked).
 //!
 //! Rules: pages are marked only at start, before any thread runs and before the heap is
 //! opened (its header faults in from the image); the image is only read after that, from any
@@ -30,11 +30,14 @@ use thiserror::Error;
 
 use crate::cache::{PageState, Table, IMAGE};
 use crate::config::{vars, BackendSpec, Config};
-use crate::log::format::RegionInfo;
-use crate::log::image::{ImageError, ImageReader};
-use crate::log::pool_image::{self, PoolImage, PoolImageError};
+use crate::io::AlignedBuf;
+use crate::log::format::{EpochPage, ImageHeader, RegionInfo};
+use crate::log::image::{ImageError, ImageReader, IMAGE_CHUNK_PAGES};
+use crate::log::pool_image::{self, PoolImage, PoolImageError, PoolPage};
+use crate::log::{CheckpointSource, LogError};
 use crate::store::pool::records::Copy;
-use crate::store::{self, FaultyStore, PageStore};
+use crate::store::{self, FailureKind, FaultyStore, Outcome, PageRead, PageStore};
+use crate::PAGE_SIZE;
 
 use super::PagerError;
 
@@ -74,17 +77,6 @@ pub enum RestoreError {
         servers: String,
         given: String,
     },
-    #[error(
-        "{restore}={path} is a pool image, and {log}={dir} is set: continuing a log from a heap \
-         restored from a pool is not supported yet; restore a heap image (lego replay LOG_DIR \
-         -o IMAGE) to continue the log, or unset {log}"
-    )]
-    WithLog {
-        restore: &'static str,
-        log: &'static str,
-        path: String,
-        dir: String,
-    },
 }
 
 /// Opens what `path` (`LEGO_RESTORE`) names and checks that it can be restored with `config`
@@ -112,16 +104,16 @@ pub fn open_restore(config: &Config, path: &Path) -> Result<RestoreFrom, Restore
             given: config.backend.to_string(),
         });
     }
-    if let Some(log) = &config.log {
-        return Err(RestoreError::WithLog {
-            restore: vars::RESTORE,
-            log: vars::LOG_DIR,
-            path: path.display().to_string(),
-            dir: log.dir.display().to_string(),
-        });
-    }
     img.check()?;
     Ok(RestoreFrom::Pool(img))
+}
+
+/// The pages a pool image lists, read once at start (24 bytes each: the adoption, the page
+/// table and a resumed log's checkpoint all go through them).
+pub(super) fn pool_pages(img: &PoolImage) -> Result<Vec<PoolPage>, PagerError> {
+    let mut pages = Vec::with_capacity(usize::try_from(img.header().pages).unwrap_or(0));
+    img.for_each_page(|p| pages.push(p))?;
+    Ok(pages)
 }
 
 /// The store of a heap restored from a pool image: the pool under the image's heap id, its
@@ -129,35 +121,20 @@ pub fn open_restore(config: &Config, path: &Path) -> Result<RestoreFrom, Restore
 pub(super) fn open_pool_store(
     config: &Config,
     img: &PoolImage,
+    pages: &[PoolPage],
 ) -> Result<Box<dyn PageStore>, PagerError> {
     let h = img.header();
     let pool = store::open_restored_pool(&h.servers, &config.pool, h.region.len, h.heap_id)?;
-    let mut copies = Vec::new();
-    let mut adopted = 0;
-    let mut adopt = |copies: &mut Vec<(u64, Copy)>| -> Result<(), PagerError> {
-        adopted += pool.adopt(copies.drain(..))?;
-        Ok(())
-    };
-    let mut failed = None;
-    img.for_each_page(|p| {
-        copies.push((
+    let adopted = pool.adopt(pages.iter().map(|p| {
+        (
             p.page,
             Copy {
                 crc: p.crc,
                 version: p.version,
                 holders: p.holders,
             },
-        ));
-        if copies.len() >= pool_image::ENTRIES_PER_BLOCK * pool_image::CHUNK_BLOCKS && failed.is_none() {
-            if let Err(e) = adopt(&mut copies) {
-                failed = Some(e);
-            }
-        }
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    adopt(&mut copies)?;
+        )
+    }))?;
     log::info!(
         "restoring {adopted} pages of epoch {} from the pool {} (heap {:016x}, {})",
         h.epoch,
@@ -174,16 +151,132 @@ pub(super) fn open_pool_store(
 
 /// Marks the pool image's pages that are still `Absent` as `Evicted` with their stored copy's
 /// checksum and version: fetched from the pool when touched. The cache lock is held (`t`).
-pub(super) fn mark_pool_pages(t: &mut Table, img: &PoolImage) -> Result<(), PagerError> {
-    img.for_each_page(|p| {
+pub(super) fn mark_pool_pages(t: &mut Table, pages: &[PoolPage]) {
+    for p in pages {
         let i = usize::try_from(p.page).expect("checked against the region");
         if i < t.pages() && t.state(i) == PageState::Absent {
             t.set_state(i, PageState::Evicted);
             t.set_stored(i, p.crc, p.version);
             t.note_used(i);
         }
-    })?;
-    Ok(())
+    }
+}
+
+/// Tries of a page read for a resumed log's checkpoint (a transient failure or a copy that
+/// fails its checksum is read again; the pool fails over to another copy itself).
+const CHECKPOINT_READ_ATTEMPTS_MAX: u32 = 3;
+/// Wait before the next try, times the try's number, in milliseconds.
+const CHECKPOINT_READ_RETRY_MS: u64 = 50;
+
+/// A resumed log's first checkpoint when the heap is restored from a pool (`LEGO_RESTORE` of
+/// a pool image with `LEGO_LOG_DIR`): the pool image's pages, read back from the pool at
+/// start, each checked against the checksum and version the image gives. A page no copy can
+/// give stops the start (the log is left as it was): never a checkpoint of another heap.
+pub(super) struct PoolCheckpoint<'a> {
+    store: &'a dyn PageStore,
+    path: &'a Path,
+    header: ImageHeader,
+    pages: &'a [PoolPage],
+    next: usize,
+    buf: AlignedBuf,
+}
+
+impl<'a> PoolCheckpoint<'a> {
+    pub(super) fn new(
+        store: &'a dyn PageStore,
+        img: &'a PoolImage,
+        pages: &'a [PoolPage],
+    ) -> PoolCheckpoint<'a> {
+        let h = img.header();
+        PoolCheckpoint {
+            store,
+            path: img.path(),
+            header: ImageHeader {
+                region: h.region,
+                epoch: h.epoch,
+                log_id: h.log_id,
+                pages: h.pages,
+                origin: h.origin,
+            },
+            pages,
+            next: 0,
+            buf: AlignedBuf::new(IMAGE_CHUNK_PAGES * PAGE_SIZE),
+        }
+    }
+
+    fn failed(&self, why: String) -> LogError {
+        LogError::Io {
+            path: self.path.to_path_buf(),
+            what: "reading the restored heap's pages back from the pool, for the log's first \
+                   checkpoint, after restoring",
+            source: std::io::Error::other(why),
+        }
+    }
+}
+
+impl CheckpointSource for PoolCheckpoint<'_> {
+    fn header(&self) -> ImageHeader {
+        self.header
+    }
+
+    fn path(&self) -> &Path {
+        self.path
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<Vec<EpochPage<'_>>>, LogError> {
+        let chunk = &self.pages[self.next..(self.next + IMAGE_CHUNK_PAGES).min(self.pages.len())];
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        self.next += chunk.len();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut reads: Vec<PageRead<'_>> = self
+                .buf
+                .as_mut_slice()
+                .chunks_mut(PAGE_SIZE)
+                .zip(chunk)
+                .map(|(buf, p)| PageRead::new(p.page, buf, p.crc, p.version))
+                .collect();
+            let result = self.store.fetch(&mut reads);
+            let bad = reads
+                .iter()
+                .find(|r| !r.outcome.is_done() || crc32c::crc32c(r.buf) != r.crc)
+                .map(|r| (r.page, r.outcome));
+            drop(reads);
+            match bad {
+                None => break,
+                Some((page, outcome)) => {
+                    let retry = attempt < CHECKPOINT_READ_ATTEMPTS_MAX
+                        && outcome != Outcome::Failed(FailureKind::Lost)
+                        && outcome != Outcome::Failed(FailureKind::Refused);
+                    if !retry {
+                        let why = match result {
+                            Err(e) => crate::logging::error_chain(&e),
+                            Ok(()) => format!("page {page} does not match its checksum"),
+                        };
+                        return Err(self.failed(format!(
+                            "page {page} could not be read after {attempt} tries: {why}"
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(
+                        CHECKPOINT_READ_RETRY_MS * u64::from(attempt),
+                    ));
+                }
+            }
+        }
+        let data = self.buf.as_mut_slice();
+        Ok(Some(
+            data.chunks(PAGE_SIZE)
+                .zip(chunk)
+                .map(|(d, p)| EpochPage {
+                    page: p.page,
+                    data: Some(d),
+                })
+                .collect(),
+        ))
+    }
 }
 
 /// The image being restored.

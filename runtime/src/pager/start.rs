@@ -60,9 +60,13 @@ impl Runtime {
         let mut eviction = evict::Eviction::new(&staging_uffd, batch)?;
         let scratch = discard::Scratch::new(&staging_uffd)?;
         let fill = fault::Fill::new()?;
+        let pool_pages = match &pool_image {
+            Some(img) => restore::pool_pages(img)?,
+            None => Vec::new(),
+        };
         let store = match &pool_image {
             // A heap restored from a pool: its pages are already there.
-            Some(img) => restore::open_pool_store(config, img)?,
+            Some(img) => restore::open_pool_store(config, img, &pool_pages)?,
             None => store::open(
                 &config.backend,
                 &config.pool,
@@ -85,7 +89,17 @@ impl Runtime {
             )),
             _ => None,
         };
-        let writer = open_log(config, &region, image.as_ref(), index.clone())?;
+        let mut pool_checkpoint = pool_image
+            .as_ref()
+            .map(|img| restore::PoolCheckpoint::new(store.as_ref(), img, &pool_pages));
+        let writer = open_log(
+            config,
+            &region,
+            image.as_ref(),
+            pool_checkpoint.as_mut(),
+            index.clone(),
+        )?;
+        drop(pool_checkpoint);
         let snapshot = match &writer {
             Some(_) => Some(Snapshot::new(region.len, &staging_uffd)?),
             None => None,
@@ -108,8 +122,8 @@ impl Runtime {
                 r.mark_image_pages(&mut t);
             }
             // Restored from a pool: the image's pages are evicted, fetched from the pool.
-            if let Some(img) = &pool_image {
-                restore::mark_pool_pages(&mut t, img)?;
+            if pool_image.is_some() {
+                restore::mark_pool_pages(&mut t, &pool_pages);
             }
             STATS.set_resident_pages(t.resident() as u64);
         }
@@ -188,6 +202,7 @@ fn open_log(
     config: &Config,
     region: &Region,
     image: Option<&ImageReader>,
+    pool: Option<&mut restore::PoolCheckpoint<'_>>,
     index: Option<Arc<PageIndex>>,
 ) -> Result<Option<LogWriter>, PagerError> {
     let Some(log) = &config.log else {
@@ -204,9 +219,15 @@ fn open_log(
         },
         ..WriterOptions::default()
     };
-    Ok(Some(match image {
-        Some(img) => LogWriter::resume_indexed(&log.dir, region_info, options, img.path(), index)?,
-        None => {
+    Ok(Some(match (image, pool) {
+        (Some(img), _) => {
+            LogWriter::resume_indexed(&log.dir, region_info, options, img.path(), index)?
+        }
+        // Restored from a pool: the checkpoint's pages are read back from it.
+        (None, Some(source)) => {
+            LogWriter::resume_from(&log.dir, region_info, options, source, index)?
+        }
+        (None, None) => {
             let mut writer = LogWriter::create(&log.dir, region_info, options)?;
             if let Some(index) = index {
                 writer.set_index(index);

@@ -18,6 +18,7 @@ use crate::log::format::{
     SegmentHeader, BLOCK_BYTES_U64, SEGMENT_FLAG_CHECKPOINT,
 };
 use crate::log::image::ImageReader;
+use super::resume::CheckpointSource;
 use crate::PAGE_SIZE;
 
 /// Appends epochs to a log, one segment after the other.
@@ -224,7 +225,7 @@ impl LogWriter {
 
     pub(super) fn checkpoint_from_reader(
         &mut self,
-        image: &mut ImageReader,
+        image: &mut dyn CheckpointSource,
         origin: EpochOrigin,
     ) -> Result<u64, LogError> {
         let found = image.header().region;
