@@ -862,7 +862,7 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     let (ok, out) = replay_to_pool(&log, &pool, &pool_image, &["--replicas", "2"]);
     assert!(ok, "lego replay --to failed:\n{out}");
     assert!(
-        out.contains(&format!("recovered epoch {epoch}")) && out.contains("pool image written"),
+        out.contains(&format!("epoch {epoch} (built from")) && out.contains("pool image written"),
         "{out}"
     );
     let heap_id = out
@@ -870,6 +870,7 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
         .skip_while(|w| *w != "heap")
         .nth(1)
         .unwrap_or_else(|| panic!("no heap id in:\n{out}"))
+        .trim_end_matches(',')
         .to_owned();
     let pool_bytes = std::fs::metadata(&pool_image).expect("the pool image").len();
     let image_bytes = std::fs::metadata(&image).expect("the image").len();
