@@ -73,8 +73,7 @@ static USER_LEN: AtomicUsize = AtomicUsize::new(0);
 static CONFIG: OnceLock<Config> = OnceLock::new();
 /// The image being restored and the region reserved for it, between `user_heap` (which
 /// reserves the region) and the constructor (which starts the runtime on it).
-static RESTORING_FROM: Mutex<Option<(Region, lego_runtime::pager::RestoreFrom)>> =
-    Mutex::new(None);
+static RESTORING_FROM: Mutex<Option<(Region, lego_runtime::pager::RestoreFrom)>> = Mutex::new(None);
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 /// The process that started the runtime; a forked child is not it.
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);

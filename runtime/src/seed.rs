@@ -161,13 +161,8 @@ pub fn replay_to_pool(
         ..PoolSettings::default()
     };
     let heap_id = random_heap_id();
-    let pool = open_memcached_pool_as(
-        &options.servers,
-        &settings,
-        plan.report.region.len,
-        heap_id,
-    )
-    .map_err(SeedError::Store)?;
+    let pool = open_memcached_pool_as(&options.servers, &settings, plan.report.region.len, heap_id)
+        .map_err(SeedError::Store)?;
     let mut sink = PoolSink {
         pool: &pool,
         stored: Vec::new(),
@@ -288,11 +283,16 @@ mod tests {
 
         let img = PoolImage::open(&image).expect("the pool image");
         let h = img.header().clone();
-        assert_eq!((h.heap_id, h.servers.clone(), h.epoch), (report.heap_id, names.clone(), 2));
+        assert_eq!(
+            (h.heap_id, h.servers.clone(), h.epoch),
+            (report.heap_id, names.clone(), 2)
+        );
         let mut listed = Vec::new();
         img.for_each_page(|p| listed.push(p)).expect("reading");
         assert_eq!(listed.iter().map(|p| p.page).collect::<Vec<_>>(), [3, 40]);
-        assert!(listed.iter().all(|p| p.holders == 0b11 && p.version == SEEDED_VERSION));
+        assert!(listed
+            .iter()
+            .all(|p| p.holders == 0b11 && p.version == SEEDED_VERSION));
 
         let settings = PoolSettings {
             replicas: 2,
@@ -310,14 +310,16 @@ mod tests {
             )
         }))
         .expect("adopting");
-        let mut bufs = [crate::io::AlignedBuf::new(4096), crate::io::AlignedBuf::new(4096)];
+        let mut bufs = [
+            crate::io::AlignedBuf::new(4096),
+            crate::io::AlignedBuf::new(4096),
+        ];
         let [a, b] = &mut bufs;
         let mut reads = [
             PageRead::new(3, a.as_mut_slice(), listed[0].crc, 1),
             PageRead::new(40, b.as_mut_slice(), listed[1].crc, 1),
         ];
         pool.fetch(&mut reads).expect("the seeded pages come back");
-        drop(reads);
         assert_eq!(bufs[0].as_mut_slice(), &p3[..]);
         assert_eq!(bufs[1].as_mut_slice(), &p2[..]);
 

@@ -827,7 +827,11 @@ fn restore_from_pool_and_verify(pool_image: &Path, servers: &str, context: &str)
     let fetched = out
         .stderr
         .lines()
-        .find_map(|l| l.trim_start_matches("lego:").trim().strip_prefix("pages_fetched"))
+        .find_map(|l| {
+            l.trim_start_matches("lego:")
+                .trim()
+                .strip_prefix("pages_fetched")
+        })
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
     assert!(
         fetched.is_some_and(|n| n > 0),
@@ -872,7 +876,9 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
         .unwrap_or_else(|| panic!("no heap id in:\n{out}"))
         .trim_end_matches(',')
         .to_owned();
-    let pool_bytes = std::fs::metadata(&pool_image).expect("the pool image").len();
+    let pool_bytes = std::fs::metadata(&pool_image)
+        .expect("the pool image")
+        .len();
     let image_bytes = std::fs::metadata(&image).expect("the image").len();
     assert!(
         pool_bytes * 20 < image_bytes,
@@ -946,7 +952,10 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     let (seen, text) = kill_after_on(cmd, &log, &pool, Some(&second), Duration::from_millis(400));
     let (gen, seen_epoch) =
         seen.unwrap_or_else(|| panic!("no epoch committed after the pool restore:\n{text}"));
-    assert!(gen > from_pool, "the restored run went on: {gen} <= {from_pool}\n{text}");
+    assert!(
+        gen > from_pool,
+        "the restored run went on: {gen} <= {from_pool}\n{text}"
+    );
     let epoch = replay(&log, &image).expect("an epoch to replay");
     assert!(epoch >= seen_epoch, "{epoch} < {seen_epoch}\n{text}");
     let restored = restore_and_verify(&image, &store, &text);

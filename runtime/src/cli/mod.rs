@@ -357,7 +357,8 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
                     replicas: a.replicas,
                     timeout_ms: crate::config::PoolSettings::default().timeout_ms,
                 };
-                let result = replay_to_pool(&a.log_dir, &a.image, &options, &mut |p| line.update(p));
+                let result =
+                    replay_to_pool(&a.log_dir, &a.image, &options, &mut |p| line.update(p));
                 line.finish();
                 let report = result.map_err(|source| CliError::Seed { source })?;
                 print!("{report}");
@@ -449,24 +450,50 @@ mod tests {
         .expect("parses");
         assert_eq!(
             a.to,
-            Some(vec!["127.0.0.1:11211".to_owned(), "127.0.0.1:11212".to_owned()])
+            Some(vec![
+                "127.0.0.1:11211".to_owned(),
+                "127.0.0.1:11212".to_owned()
+            ])
         );
         assert_eq!(a.replicas, 2);
         assert_eq!(a.image, PathBuf::from("heap.pool"));
         assert_eq!(a.options.target, Target::ProgramCheckpoint);
-        let one = parse_replay(&os(&["logs", "--to", "memcached://h:1", "-o", "p"])).expect("parses");
+        let one =
+            parse_replay(&os(&["logs", "--to", "memcached://h:1", "-o", "p"])).expect("parses");
         assert_eq!(one.replicas, 1);
         for (v, says) in [
-            (&["logs", "--to", "file:/tmp", "-o", "p"][..], "is not a pool"),
-            (&["logs", "--to", "memcached://", "-o", "p"][..], "is not a pool"),
+            (
+                &["logs", "--to", "file:/tmp", "-o", "p"][..],
+                "is not a pool",
+            ),
+            (
+                &["logs", "--to", "memcached://", "-o", "p"][..],
+                "is not a pool",
+            ),
             (&["logs", "--to"][..], "needs a value"),
             (&["logs", "--replicas", "2", "-o", "p"][..], "give --to"),
             (
-                &["logs", "--to", "memcached://h:1", "--replicas", "2", "-o", "p"][..],
+                &[
+                    "logs",
+                    "--to",
+                    "memcached://h:1",
+                    "--replicas",
+                    "2",
+                    "-o",
+                    "p",
+                ][..],
                 "more copies than the pool has servers",
             ),
             (
-                &["logs", "--to", "memcached://h:1", "--replicas", "0", "-o", "p"][..],
+                &[
+                    "logs",
+                    "--to",
+                    "memcached://h:1",
+                    "--replicas",
+                    "0",
+                    "-o",
+                    "p",
+                ][..],
                 "not a number of copies",
             ),
             (&["logs", "--to", "memcached://h:1"][..], "no -o POOL_IMAGE"),

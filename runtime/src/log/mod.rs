@@ -49,8 +49,7 @@ pub use replay::{
 };
 pub use segment::{
     CheckpointSource, EpochAppend, IndexError, Located, LogDir, LogDirOptions, LogEngine, LogError,
-    LogWriter,
-    PageIndex, SyncMode, WriterOptions,
+    LogWriter, PageIndex, SyncMode, WriterOptions,
 };
 
 #[cfg(test)]

@@ -93,7 +93,9 @@ pub enum PoolImageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a lego pool image (a file written by `lego replay --to memcached://...`)")]
+    #[error(
+        "{path} is not a lego pool image (a file written by `lego replay --to memcached://...`)"
+    )]
     NotPoolImage { path: PathBuf },
     #[error("the pool image {path} is damaged: {why}")]
     Damaged { path: PathBuf, why: String },
@@ -479,9 +481,7 @@ impl PoolImage {
                 }
                 let count = get_u32(b, 0) as usize;
                 let want = left.min(ENTRIES_PER_BLOCK as u64) as usize;
-                if count != want
-                    || u64::from(get_u32(b, 4)) != number
-                    || get_u64(b, 8) != h.heap_id
+                if count != want || u64::from(get_u32(b, 4)) != number || get_u64(b, 8) != h.heap_id
                 {
                     return Err(at("it is not the block the header's heap has here"));
                 }
@@ -604,6 +604,9 @@ mod tests {
         b[..8].copy_from_slice(b"LEGO-IMG");
         std::fs::write(&bad, &b).expect("write");
         let err = read_all(&bad).expect_err("a heap image's magic");
-        assert!(err.to_string().contains("is not a lego pool image"), "{err}");
+        assert!(
+            err.to_string().contains("is not a lego pool image"),
+            "{err}"
+        );
     }
 }

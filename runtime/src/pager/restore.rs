@@ -93,7 +93,8 @@ pub fn open_restore(config: &Config, path: &Path) -> Result<RestoreFrom, Restore
     }
     let img = PoolImage::open(path)?;
     let h = img.header();
-    let matches = matches!(&config.backend, BackendSpec::Memcached { servers } if *servers == h.servers);
+    let matches =
+        matches!(&config.backend, BackendSpec::Memcached { servers } if *servers == h.servers);
     if !matches {
         return Err(RestoreError::OtherBackend {
             restore: vars::RESTORE,

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::resume::CheckpointSource;
 use super::{
     EpochAppend, LogDir, LogError, LogStorage, SyncMode, WriterOptions, LOG_MAX_BYTES_DEFAULT,
     SEGMENT_BYTES_TARGET_MIN,
@@ -18,7 +19,6 @@ use crate::log::format::{
     SegmentHeader, BLOCK_BYTES_U64, SEGMENT_FLAG_CHECKPOINT,
 };
 use crate::log::image::ImageReader;
-use super::resume::CheckpointSource;
 use crate::PAGE_SIZE;
 
 /// Appends epochs to a log, one segment after the other.

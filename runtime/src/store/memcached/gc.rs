@@ -479,7 +479,10 @@ mod tests {
         write_raw(&conn, &pages_of(orphan, 3));
         let s = survey(&conn, &DumpLimits::COMMAND).expect("a dump");
         assert!(s.heaps[&seeded].lease_seen);
-        assert_eq!(s.heaps[&seeded].lease_exp, None, "a seeded lease never expires");
+        assert_eq!(
+            s.heaps[&seeded].lease_exp, None,
+            "a seeded lease never expires"
+        );
         let report = collect(&conn, &s, &[]);
         assert!(report.failure.is_none(), "{:?}", report.failure);
         assert_eq!((report.heaps_live, report.heaps_collected), (1, 1));

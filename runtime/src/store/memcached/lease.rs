@@ -149,7 +149,12 @@ pub fn seed(conn: &Connection, heap_id: u64) -> Result<(), LeaseError> {
 /// process's, with a time to live of `ttl_s` seconds, renewed as any running heap's.
 pub fn take(conn: &Connection, heap_id: u64, ttl_s: u32) -> Result<(), LeaseError> {
     let value = lease_value(std::process::id(), &host_name());
-    set_lease(conn, heap_id, &value, Some(ttl_s.clamp(1, protocol::TTL_S_MAX)))
+    set_lease(
+        conn,
+        heap_id,
+        &value,
+        Some(ttl_s.clamp(1, protocol::TTL_S_MAX)),
+    )
 }
 
 /// Sets the lease's value, with a time to live or without one; `NotStored` unless the server

@@ -277,7 +277,10 @@ impl PoolStore {
                     StoreOp::Fetch,
                     0,
                     FailureKind::Transient,
-                    format!("taking over the heap's lease on {} failed: {why}", m.server()),
+                    format!(
+                        "taking over the heap's lease on {} failed: {why}",
+                        m.server()
+                    ),
                 )
             })?;
         }
