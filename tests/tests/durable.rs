@@ -960,5 +960,50 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     assert!(epoch >= seen_epoch, "{epoch} < {seen_epoch}\n{text}");
     let restored = restore_and_verify(&image, &store, &text);
     assert!(restored >= gen, "{restored} < {gen}\n{text}");
+
+    // Seeded values lost on every server (the lease kept): SIGBUS with a message, never
+    // other bytes.
+    let third = dir.path().join("lost.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &third, &["--replicas", "2"]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+    let img = lego_runtime::log::pool_image::PoolImage::open(&third).expect("the pool image");
+    let heap = img.header().heap_id;
+    let mut request = Vec::new();
+    img.for_each_page(|p| {
+        let key = lego_runtime::store::memcached::keys::page_key(heap, p.page);
+        request.extend_from_slice(format!("md {key} q\r\n").as_bytes());
+    })
+    .expect("reading the pool image");
+    request.extend_from_slice(b"mn\r\n");
+    for server in &servers {
+        memcached_request(&server.addr, &request);
+    }
+    let lost = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", &pool)
+        .env("LEGO_RESTORE", &third)
+        .run();
+    assert_eq!(lost.signal, Some(libc::SIGBUS), "{lost}");
+    assert!(lost.stderr.contains("lego: SIGBUS"), "{lost}");
+    assert!(!lost.stdout.contains("WRONG DATA"), "{lost}");
     drop(servers);
+}
+
+/// Sends a pipeline of quiet meta commands ending in `mn` and waits for its `MN`.
+fn memcached_request(addr: &str, request: &[u8]) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connecting to memcached");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a timeout");
+    conn.write_all(request).expect("sending");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"MN\r\n") {
+        let n = conn.read(&mut buf).expect("reading the replies");
+        assert!(n > 0, "memcached closed the connection");
+        got.extend_from_slice(&buf[..n]);
+    }
 }
