@@ -989,6 +989,32 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     assert_eq!(lost.signal, Some(libc::SIGBUS), "{lost}");
     assert!(lost.stderr.contains("lego: SIGBUS"), "{lost}");
     assert!(!lost.stdout.contains("WRONG DATA"), "{lost}");
+
+    // A seeded heap nobody will restore is deleted by name, and its pool image is then refused.
+    let fourth = dir.path().join("unwanted.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &fourth, &[]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+    let id = lego_runtime::log::pool_image::PoolImage::open(&fourth)
+        .expect("the pool image")
+        .header()
+        .heap_id;
+    let gc = lego(&["pool", "gc", "--heap", &format!("{id:016x}"), &pool]);
+    assert!(
+        gc.contains("1 collected") && !gc.contains("; 0 keys deleted"),
+        "{gc}"
+    );
+    let refused = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_BACKEND", &pool)
+        .env("LEGO_RESTORE", &fourth)
+        .run();
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert!(
+        refused.stderr.contains("no server holds its seeded lease"),
+        "{refused}"
+    );
     drop(servers);
 }
 

@@ -38,7 +38,7 @@ pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend
        lego replay LOG_DIR --to memcached://HOST:PORT[,...] [--replicas N] -o POOL_IMAGE [--epoch N | --checkpoint] [--strict]
        lego inspect LOG_DIR
        lego pool [--heaps] memcached://HOST:PORT[,HOST:PORT...]
-       lego pool gc memcached://HOST:PORT[,HOST:PORT...]";
+       lego pool gc [--heap ID] memcached://HOST:PORT[,HOST:PORT...]";
 
 /// How often the progress line on a terminal is redrawn, at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
