@@ -945,6 +945,31 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     let second = dir.path().join("again.pool");
     let (ok, out) = replay_to_pool(&log, &pool, &second, &[]);
     assert!(ok, "lego replay --to failed:\n{out}");
+    // A start that fails after the pool was opened (the log cannot be opened) gives the heap
+    // back: the restore below still finds it seeded.
+    let not_a_dir = dir.path().join("not-a-directory");
+    std::fs::write(&not_a_dir, b"x").expect("writing a file");
+    let failed = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", &pool)
+        .env("LEGO_RESTORE", &second)
+        .env("LEGO_LOG_DIR", &not_a_dir)
+        .env("LEGO_LOG_LEVEL", "warn")
+        .run();
+    assert_eq!(failed.code, Some(3), "{failed}");
+    assert!(failed.stderr.contains("seeded again"), "{failed}");
+    let shown = lego(&["pool", "--heaps", &pool]);
+    let second_id = lego_runtime::log::pool_image::PoolImage::open(&second)
+        .expect("the pool image")
+        .header()
+        .heap_id;
+    assert!(
+        shown.contains(&format!("heap {second_id:016x} seeded, awaiting restore")),
+        "{shown}"
+    );
     let mut cmd = Command::new(program("durable_list"));
     cmd.args(["run", "1000000", "4"])
         .env("LEGO_FLUSH_MS", "20")

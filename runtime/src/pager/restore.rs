@@ -25,6 +25,7 @@
 //! handler thread at once.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -36,6 +37,7 @@ use crate::log::image::{ImageError, ImageReader, IMAGE_CHUNK_PAGES};
 use crate::log::pool_image::{self, PoolImage, PoolImageError, PoolPage};
 use crate::log::{CheckpointSource, LogError};
 use crate::store::pool::records::Copy;
+use crate::store::pool::PoolStore;
 use crate::store::{self, FailureKind, FaultyStore, Outcome, PageRead, PageStore};
 use crate::PAGE_SIZE;
 
@@ -118,14 +120,22 @@ pub(super) fn pool_pages(img: &PoolImage) -> Result<Vec<PoolPage>, PagerError> {
 }
 
 /// The store of a heap restored from a pool image: the pool under the image's heap id, its
-/// lease taken over, the image's copies adopted (and the fault injector over it, if asked).
+/// lease taken over, the image's copies adopted (and the fault injector over it, if asked),
+/// and the guard that gives the heap back (a seeded lease again) if the start fails after
+/// this.
 pub(super) fn open_pool_store(
     config: &Config,
     img: &PoolImage,
     pages: &[PoolPage],
-) -> Result<Box<dyn PageStore>, PagerError> {
+) -> Result<(Box<dyn PageStore>, GiveBack), PagerError> {
     let h = img.header();
-    let pool = store::open_restored_pool(&h.servers, &config.pool, h.region.len, h.heap_id)?;
+    let pool = Arc::new(store::open_restored_pool(
+        &h.servers,
+        &config.pool,
+        h.region.len,
+        h.heap_id,
+    )?);
+    let give_back = GiveBack(Some(Arc::clone(&pool)));
     let adopted = pool.adopt(pages.iter().map(|p| {
         (
             p.page,
@@ -143,11 +153,84 @@ pub(super) fn open_pool_store(
         h.heap_id,
         img.path().display()
     );
-    let store: Box<dyn PageStore> = Box::new(pool);
-    Ok(match &config.fault_injection {
+    let store: Box<dyn PageStore> = Box::new(SharedPool(pool));
+    let store = match &config.fault_injection {
         Some(plan) => Box::new(FaultyStore::new(store, *plan)),
         None => store,
-    })
+    };
+    Ok((store, give_back))
+}
+
+/// Gives a restored heap back to the pool if the start fails after its lease was taken over
+/// (a log that cannot be resumed, a thread that cannot start): its lease is made a seeded one
+/// again, so that the pool image can be restored once the cause is fixed, instead of lapsing
+/// and being collected. Nothing was written to the pool before the threads run.
+pub(super) struct GiveBack(Option<Arc<PoolStore>>);
+
+impl GiveBack {
+    /// The start succeeded: the heap is this process's.
+    pub(super) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            match pool.seal_as_seeded() {
+                Ok(()) => log::warn!(
+                    "the start failed: the heap restored from the pool is seeded again and can \
+                     be restored from its pool image"
+                ),
+                Err(e) => log::error!(
+                    "the start failed, and giving the heap back to the pool failed too (its \
+                     lease lapses and the heap is collected; replay the log again): {}",
+                    crate::logging::error_chain(&e)
+                ),
+            }
+        }
+    }
+}
+
+/// A pool shared between the pager (as its store) and the [`GiveBack`] guard.
+struct SharedPool(Arc<PoolStore>);
+
+impl PageStore for SharedPool {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), store::StoreError> {
+        self.0.fetch(batch)
+    }
+
+    fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), store::StoreError> {
+        self.0.fetch_all(batches)
+    }
+
+    fn store(&self, batch: &mut [store::PageWrite<'_>]) -> Result<(), store::StoreError> {
+        self.0.store(batch)
+    }
+
+    fn discard(&self, first: u64, count: u64) -> Result<(), store::StoreError> {
+        self.0.discard(first, count)
+    }
+
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    fn at_exit(&self) {
+        self.0.at_exit();
+    }
+
+    fn wants_log_copy(&self) -> bool {
+        self.0.wants_log_copy()
+    }
+
+    fn verifies_reads(&self) -> bool {
+        self.0.verifies_reads()
+    }
+
+    fn report(&self) -> Vec<(String, String)> {
+        self.0.report()
+    }
 }
 
 /// Marks the pool image's pages that are still `Absent` as `Evicted` with their stored copy's

@@ -64,15 +64,21 @@ impl Runtime {
             Some(img) => restore::pool_pages(img)?,
             None => Vec::new(),
         };
-        let store = match &pool_image {
+        let (store, give_back) = match &pool_image {
             // A heap restored from a pool: its pages are already there.
-            Some(img) => restore::open_pool_store(config, img, &pool_pages)?,
-            None => store::open(
-                &config.backend,
-                &config.pool,
-                config.heap_bytes,
-                config.fault_injection.as_ref(),
-            )?,
+            Some(img) => {
+                let (store, give_back) = restore::open_pool_store(config, img, &pool_pages)?;
+                (store, Some(give_back))
+            }
+            None => (
+                store::open(
+                    &config.backend,
+                    &config.pool,
+                    config.heap_bytes,
+                    config.fault_injection.as_ref(),
+                )?,
+                None,
+            ),
         };
         let scanner = PagemapScanner::open()?;
         // A pool that keeps one copy of each page, and a log that cuts epochs on its own:
@@ -164,6 +170,11 @@ impl Runtime {
         });
 
         let handlers = config.handler_threads.max(1);
+        // From here on the threads may write the restored heap's pages to the pool: it is this
+        // process's.
+        if let Some(g) = give_back {
+            g.disarm();
+        }
         spawn_threads(&shared, handlers, writer)?;
         let features = shared.kernel.uffd.features();
         log::info!(
