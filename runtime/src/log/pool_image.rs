@@ -573,6 +573,36 @@ mod tests {
         assert!(matches!(err, PoolImageError::InTheWay { .. }), "{err}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::fuzz_support::config(64))]
+
+        /// Any change of one byte of a pool image is refused (at open or when its pages are
+        /// read): a pool image read back is exactly the one written, or nothing.
+        #[test]
+        fn fuzz_a_changed_byte_is_refused(at in 0usize..3 * 4096, bit in 0u8..8) {
+            let dir = TestDir::new("pool-image-fuzz");
+            let path = dir.0.join("heap.pool");
+            write_pool_image(&path, &header(300), entries(300)).expect("write");
+            let mut bytes = std::fs::read(&path).expect("read");
+            bytes[at] ^= 1 << bit;
+            std::fs::write(&path, &bytes).expect("write");
+            proptest::prop_assert!(read_all(&path).is_err(), "byte {} bit {}", at, bit);
+        }
+
+        /// Arbitrary bytes never panic the reader.
+        #[test]
+        fn fuzz_any_bytes_are_read_or_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..9000)) {
+            let dir = TestDir::new("pool-image-bytes");
+            let path = dir.0.join("heap.pool");
+            let mut bytes = bytes;
+            if bytes.len() >= 8 {
+                bytes[..8].copy_from_slice(&POOL_IMAGE_MAGIC);
+            }
+            std::fs::write(&path, &bytes).expect("write");
+            let _ = read_all(&path);
+        }
+    }
+
     #[test]
     fn damaged_or_truncated_pool_images_are_refused() {
         let dir = TestDir::new("pool-image-bad");
