@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::CliError;
 use crate::watch::read::{published, read, ReadError};
-use crate::watch::{now_ms, publish_dir, PUBLISH_INTERVAL_MS};
+use crate::watch::{now_ms, publish_dir, ServerFact, PUBLISH_INTERVAL_MS};
 use crate::PAGE_SIZE;
 
 /// One reading of a process's statistics.
@@ -130,43 +130,10 @@ impl Rates<'_> {
     }
 }
 
-/// A pool server's line from its fact "HOST:PORT up|down key=value ...".
-struct Server {
-    name: String,
-    up: bool,
-    values: Vec<(String, u64)>,
-}
-
-impl Server {
-    fn parse(fact: &str) -> Option<Server> {
-        let mut w = fact.split_whitespace();
-        let name = w.next()?.to_owned();
-        let up = match w.next()? {
-            "up" => true,
-            "down" => false,
-            _ => return None,
-        };
-        let values = w
-            .filter_map(|kv| {
-                let (k, v) = kv.split_once('=')?;
-                Some((k.to_owned(), v.parse().ok()?))
-            })
-            .collect();
-        Some(Server { name, up, values })
-    }
-
-    fn get(&self, key: &str) -> u64 {
-        self.values
-            .iter()
-            .find(|(k, _)| k == key)
-            .map_or(0, |v| v.1)
-    }
-}
-
-fn servers(r: &Reading) -> Vec<Server> {
-    let mut out: Vec<Server> = (0..)
+fn servers(r: &Reading) -> Vec<ServerFact<'_>> {
+    let mut out: Vec<ServerFact<'_>> = (0..)
         .map_while(|i| r.stats.get(&format!("pool_server_{i}")))
-        .filter_map(|v| v.as_str().and_then(Server::parse))
+        .filter_map(|v| v.as_str().and_then(ServerFact::parse))
         .collect();
     // Worst first: down before up, then by errors.
     out.sort_by_key(|s| (s.up, std::cmp::Reverse(s.get("errors"))));
@@ -300,14 +267,14 @@ pub fn frame(
         ));
         let dt_s = before.map_or(0.0, |b| now.at_ms().saturating_sub(b.at_ms()) as f64 / 1e3);
         for s in &list {
-            let prev = before_list.iter().find(|p| p.name == s.name);
+            let prev = before_list.iter().find(|p| p.server == s.server);
             let per_s = |key: &str| match prev {
                 Some(p) if dt_s > 0.0 => rate(s.get(key).saturating_sub(p.get(key)) as f64 / dt_s),
                 _ => "0".into(),
             };
             lines.push(format!(
                 "  {:<22} {:<4}  fetched {}/s  stored {}/s  errors {}  downs {}  full {}",
-                s.name,
+                s.server,
                 if s.up { "up" } else { "DOWN" },
                 per_s("fetched"),
                 per_s("stored"),

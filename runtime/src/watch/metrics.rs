@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::ServerFact;
 pub use crate::config::MetricsAddr;
 use crate::stats::{Counter, StatsSnapshot};
 
@@ -101,30 +102,6 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// A pool server's fact: "HOST:PORT up|down key=value ...".
-struct ServerFact<'a> {
-    server: &'a str,
-    up: bool,
-    values: Vec<(&'a str, u64)>,
-}
-
-fn parse_server_fact(v: &str) -> Option<ServerFact<'_>> {
-    let mut words = v.split_whitespace();
-    let server = words.next()?;
-    let up = match words.next()? {
-        "up" => true,
-        "down" => false,
-        _ => return None,
-    };
-    let values = words
-        .filter_map(|w| {
-            let (k, v) = w.split_once('=')?;
-            Some((k, v.parse().ok()?))
-        })
-        .collect();
-    Some(ServerFact { server, up, values })
-}
-
 /// Keys of facts that are counters (they only grow) although the store reports them as
 /// facts.
 fn fact_is_counter(key: &str) -> bool {
@@ -197,7 +174,7 @@ pub fn render(snap: &StatsSnapshot) -> String {
     let mut servers: Vec<ServerFact<'_>> = Vec::new();
     for (key, value) in &snap.extra {
         if key.starts_with("pool_server_") {
-            if let Some(f) = parse_server_fact(value) {
+            if let Some(f) = ServerFact::parse(value) {
                 servers.push(f);
                 continue;
             }
@@ -335,7 +312,6 @@ impl Metrics {
 
 /// Binds `addr` and serves `GET /metrics` from a thread `lego-metrics`.
 pub fn serve(addr: &MetricsAddr, source: super::Source) -> Result<Metrics, MetricsError> {
-    let timeout = Some(Duration::from_millis(CLIENT_TIMEOUT_MS));
     let bind_err = |source| MetricsError::Bind {
         addr: addr.to_string(),
         source,
@@ -348,31 +324,51 @@ pub fn serve(addr: &MetricsAddr, source: super::Source) -> Result<Metrics, Metri
                 );
             }
             let listener = TcpListener::bind(a).map_err(bind_err)?;
-            crate::threads::spawn("lego-metrics", move || {
-                for stream in listener.incoming().flatten() {
-                    let _ = stream.set_read_timeout(timeout);
-                    let _ = stream.set_write_timeout(timeout);
-                    handle(stream, &source);
-                }
-            })
-            .map_err(MetricsError::Spawn)?;
+            spawn_server(move || answer_all(listener.incoming(), &source))?;
             Ok(Metrics { unix_path: None })
         }
         MetricsAddr::Unix(path) => {
             let listener = bind_private(path).map_err(bind_err)?;
-            crate::threads::spawn("lego-metrics", move || {
-                for stream in listener.incoming().flatten() {
-                    let _ = stream.set_read_timeout(timeout);
-                    let _ = stream.set_write_timeout(timeout);
-                    handle(stream, &source);
-                }
-            })
-            .map_err(MetricsError::Spawn)?;
+            spawn_server(move || answer_all(listener.incoming(), &source))?;
             Ok(Metrics {
                 unix_path: Some(path.clone()),
             })
         }
     }
+}
+
+/// A client's connection: TCP or Unix.
+trait Client: Read + Write {
+    fn set_timeouts(&self, timeout: Option<Duration>);
+}
+
+impl Client for std::net::TcpStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) {
+        let _ = self.set_read_timeout(timeout);
+        let _ = self.set_write_timeout(timeout);
+    }
+}
+
+impl Client for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) {
+        let _ = self.set_read_timeout(timeout);
+        let _ = self.set_write_timeout(timeout);
+    }
+}
+
+/// Answers the clients of a listener, one at a time, for ever.
+fn answer_all<C: Client>(
+    incoming: impl Iterator<Item = std::io::Result<C>>,
+    source: &super::Source,
+) {
+    for client in incoming.flatten() {
+        client.set_timeouts(Some(Duration::from_millis(CLIENT_TIMEOUT_MS)));
+        handle(client, source);
+    }
+}
+
+fn spawn_server(body: impl FnOnce() + Send + 'static) -> Result<(), MetricsError> {
+    crate::threads::spawn("lego-metrics", body).map_err(MetricsError::Spawn)
 }
 
 /// Binds a Unix socket at `path` that only its owner can connect to: bound under a

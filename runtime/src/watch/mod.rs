@@ -118,6 +118,43 @@ pub fn file_of(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("{pid}.json"))
 }
 
+/// A pool server's fact in the statistics (`pool_server_N`: "HOST:PORT up|down key=value
+/// ...").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFact<'a> {
+    pub server: &'a str,
+    pub up: bool,
+    pub values: Vec<(&'a str, u64)>,
+}
+
+impl<'a> ServerFact<'a> {
+    /// Reads a fact; `None` for anything else.
+    pub fn parse(fact: &'a str) -> Option<ServerFact<'a>> {
+        let mut words = fact.split_whitespace();
+        let server = words.next()?;
+        let up = match words.next()? {
+            "up" => true,
+            "down" => false,
+            _ => return None,
+        };
+        let values = words
+            .filter_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                Some((k, v.parse().ok()?))
+            })
+            .collect();
+        Some(ServerFact { server, up, values })
+    }
+
+    /// The value of `key` (0 when the fact has none).
+    pub fn get(&self, key: &str) -> u64 {
+        self.values
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(0, |v| v.1)
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
