@@ -27,7 +27,7 @@ pub(super) const FETCH_ATTEMPTS_MAX: u32 = 3;
 /// The wait before the next read of a failed page grows by this much each attempt, in ms
 /// (inside the gate: an epoch cut or a fork waits for the retries too).
 const FETCH_RETRY_MS: u64 = 2;
-use crate::store::{FailureKind, Outcome as StoreOutcome, PageRead};
+use crate::store::{FailureKind, Outcome as StoreOutcome, PageRead, PageWant};
 use crate::PAGE_SIZE;
 
 /// Fetches the claimed run `[first, first+n)` from the store in chunks. When a thread faulted
@@ -51,11 +51,36 @@ pub(super) fn fetch_in_chunks(
             FETCH_CHUNK_PAGES
         };
         let len = chunk.min(first + n - at);
+        let next = at + len;
+        if next < first + n {
+            read_ahead(sh, next, FETCH_CHUNK_PAGES.min(first + n - next));
+        }
         if !fetch_chunk(sh, at, len, faulting, buf) {
             release_claim(sh, at + len, first + n - (at + len));
             return;
         }
         at += len;
+    }
+}
+
+/// Tells the store which pages the next chunk will ask for (`PageStore::read_ahead`), so that
+/// a remote store sends their requests while this one's replies are read and installed. Only
+/// for a chunk whose pages all come from the store (not the restore image).
+fn read_ahead(sh: &Shared, first: usize, n: usize) {
+    let wants: Option<Vec<PageWant>> = {
+        let t = sh.cache.lock();
+        (first..first + n)
+            .map(|p| {
+                (!t.has_flag(p, IMAGE)).then(|| PageWant {
+                    page: p as u64,
+                    crc: t.crc(p),
+                    version: t.version(p),
+                })
+            })
+            .collect()
+    };
+    if let Some(wants) = wants {
+        sh.store.read_ahead(&wants);
     }
 }
 

@@ -24,16 +24,19 @@ pub mod keys;
 pub mod lease;
 pub mod protocol;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use connection::{stat, Connection, ServerError};
+use connection::{stat, Connection, Sent, ServerError};
 use gc::{DumpLimits, GcError, GcReport};
 use lease::{LeaseError, Renewal, LEASE_TTL_S};
 use protocol::Reply;
 
 use super::{
     discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
-    PageWrite, StoreError, StoreOp, PAGE_BYTES,
+    PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::PAGE_SIZE;
 
@@ -43,6 +46,13 @@ pub const VALUE_HEADER_BYTES: usize = 8;
 pub const VALUE_BYTES: usize = VALUE_HEADER_BYTES + PAGE_SIZE;
 /// Requests of one pipeline (a discard of a large range is sent in pipelines this long).
 pub const PIPELINE_REQUESTS_MAX: usize = 1024;
+
+/// Pipelines sent ahead of the fetch that reads their replies ([`PageStore::read_ahead`]),
+/// at most, per server (a few per fault handler; the oldest is dropped for a new one).
+const AHEAD_PIPELINES_MAX: usize = 4;
+/// Oldest a pipeline sent ahead may be and still serve a fetch, in milliseconds (one that is
+/// older was not wanted after all: it is dropped unread).
+const AHEAD_AGE_MS_MAX: u64 = 1000;
 
 const _: () = assert!(VALUE_BYTES <= protocol::VALUE_BYTES_MAX);
 
@@ -75,6 +85,18 @@ pub struct MemcachedServer {
     /// `memcached://HOST:PORT`, as errors and `describe` name the store.
     name: String,
     pub traffic: Traffic,
+    /// Pipelines of gets sent ahead, oldest first, each waiting for the fetch of exactly its
+    /// pages and versions.
+    ahead: Mutex<VecDeque<Ahead>>,
+}
+
+/// A pipeline of gets sent by [`PageStore::read_ahead`] whose replies wait in its socket.
+struct Ahead {
+    /// The pages asked for, in request order, with the versions the read-ahead named.
+    pages: Vec<(u64, u32)>,
+    request: Vec<u8>,
+    sent: Sent,
+    at: Instant,
 }
 
 impl MemcachedServer {
@@ -117,6 +139,7 @@ impl MemcachedServer {
             pages: heap_bytes.div_ceil(PAGE_BYTES),
             name,
             traffic: Traffic::default(),
+            ahead: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -171,6 +194,7 @@ impl MemcachedServer {
     /// Drops the idle connections (the server was down: they are likely dead).
     pub fn reconnect(&self) {
         self.conn.forget_idle();
+        self.ahead.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     fn key(&self, page: u64) -> keys::PageKey {
@@ -185,6 +209,26 @@ impl MemcachedServer {
             kind: e.kind(),
             source: Box::new(e),
         }
+    }
+
+    /// The pipeline of gets of `pages` (opaque tokens 0, 1, ...), ended by `mn`.
+    fn get_request(&self, pages: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
+        let mut request = Vec::with_capacity(pages.len() * 48 + 8);
+        for (k, page) in pages.enumerate() {
+            protocol::get(&mut request, self.key(page).as_str(), k as u32);
+        }
+        protocol::noop(&mut request);
+        request
+    }
+
+    /// The pipeline sent ahead for exactly `pages` (with their versions), if there is one
+    /// young enough; drops those too old to be wanted.
+    fn take_ahead(&self, pages: &[(u64, u32)]) -> Option<Ahead> {
+        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        let max_age = Duration::from_millis(AHEAD_AGE_MS_MAX);
+        ahead.retain(|a| a.at.elapsed() <= max_age);
+        let at = ahead.iter().position(|a| a.pages == pages)?;
+        ahead.remove(at)
     }
 
     fn pipeline(&self, request: &[u8], on_reply: impl FnMut(Reply<'_>)) -> Result<(), ServerError> {
@@ -219,15 +263,14 @@ impl PageStore for MemcachedServer {
             .filter(|&i| batch[i].outcome == Outcome::Pending)
             .collect();
         for chunk in positions.chunks(PIPELINE_REQUESTS_MAX) {
-            let mut request = Vec::with_capacity(chunk.len() * 48);
-            for (k, &i) in chunk.iter().enumerate() {
-                protocol::get(&mut request, self.key(batch[i].page).as_str(), k as u32);
-            }
-            protocol::noop(&mut request);
+            let wanted: Vec<(u64, u32)> = chunk
+                .iter()
+                .map(|&i| (batch[i].page, batch[i].version))
+                .collect();
             // What came back for each request: (crc, version), or None for a value of the
             // wrong size (not one lego wrote).
             let mut values: Vec<Option<Option<(u32, u32)>>> = vec![None; chunk.len()];
-            let result = self.pipeline(&request, |reply| {
+            let on_reply = |reply: Reply<'_>| {
                 if let Reply::Value { opaque, data } = reply {
                     let k = opaque as usize;
                     if let (Some(slot), Some(&i)) = (values.get_mut(k), chunk.get(k)) {
@@ -242,7 +285,20 @@ impl PageStore for MemcachedServer {
                         }
                     }
                 }
-            });
+            };
+            // Sent ahead already: only its replies are read (checked below like any).
+            let result = match self.take_ahead(&wanted) {
+                Some(a) => self
+                    .conn
+                    .receive(a.sent, &a.request, on_reply)
+                    .map(|received| {
+                        self.traffic.bytes_received.fetch_add(received, Relaxed);
+                    }),
+                None => {
+                    let request = self.get_request(wanted.iter().map(|&(page, _)| page));
+                    self.pipeline(&request, on_reply)
+                }
+            };
             if let Err(e) = result {
                 let kind = e.kind();
                 for &i in chunk {
@@ -272,6 +328,39 @@ impl PageStore for MemcachedServer {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Sends the gets of `pages` now, on a connection of their own; the fetch of exactly
+    /// these pages and versions reads the replies. Best effort: a failure here is the fetch's
+    /// to find (and count), so it is only logged.
+    fn read_ahead(&self, pages: &[PageWant]) {
+        if pages.is_empty()
+            || pages.len() > PIPELINE_REQUESTS_MAX
+            || pages.iter().any(|w| w.page >= self.pages)
+        {
+            return;
+        }
+        let request = self.get_request(pages.iter().map(|w| w.page));
+        let sent = match self.conn.send(&request) {
+            Ok(sent) => sent,
+            Err(e) => {
+                log::debug!("{}: reading ahead failed: {e}", self.name);
+                return;
+            }
+        };
+        self.traffic
+            .bytes_sent
+            .fetch_add(request.len() as u64, Relaxed);
+        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        if ahead.len() == AHEAD_PIPELINES_MAX {
+            ahead.pop_front();
+        }
+        ahead.push_back(Ahead {
+            pages: pages.iter().map(|w| (w.page, w.version)).collect(),
+            request,
+            sent,
+            at: Instant::now(),
+        });
     }
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {

@@ -73,6 +73,11 @@ impl ReplicaQueue {
         }
     }
 
+    /// Whether the queue holds `version` of `page` (a fetch would read it from here).
+    pub fn holds(&self, page: u64, version: u32) -> bool {
+        self.lock().get(&page).is_some_and(|w| w.version == version)
+    }
+
     /// Takes up to `n` pages that are not in flight, marking them so.
     pub fn take(&self, n: usize) -> Vec<(u64, Waiting)> {
         let mut pages = self.lock();
