@@ -75,6 +75,9 @@ pub struct ServerInfo {
 pub struct Traffic {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Pipelines sent ahead ([`PageStore::read_ahead`]), and those a fetch read.
+    pub ahead_sent: AtomicU64,
+    pub ahead_used: AtomicU64,
 }
 
 /// The pages of a heap on one memcached server.
@@ -267,9 +270,10 @@ impl PageStore for MemcachedServer {
                 .iter()
                 .map(|&i| (batch[i].page, batch[i].version))
                 .collect();
-            // What came back for each request: (crc, version), or None for a value of the
-            // wrong size (not one lego wrote).
-            let mut values: Vec<Option<Option<(u32, u32)>>> = vec![None; chunk.len()];
+            // What came back for each request: the header's (crc, version) and the CRC32C of
+            // the page as copied, or None for a value of the wrong size (not one lego wrote).
+            // The page is checked as it is copied, while its bytes are still in the cache.
+            let mut values: Vec<Option<Option<(u32, u32, u32)>>> = vec![None; chunk.len()];
             let on_reply = |reply: Reply<'_>| {
                 if let Reply::Value { opaque, data } = reply {
                     let k = opaque as usize;
@@ -278,8 +282,9 @@ impl PageStore for MemcachedServer {
                             let crc = u32::from_le_bytes(data[0..4].try_into().expect("4 bytes"));
                             let version =
                                 u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
-                            batch[i].buf.copy_from_slice(&data[VALUE_HEADER_BYTES..]);
-                            *slot = Some(Some((crc, version)));
+                            let buf = &mut *batch[i].buf;
+                            buf.copy_from_slice(&data[VALUE_HEADER_BYTES..]);
+                            *slot = Some(Some((crc, version, crc32c::crc32c(buf))));
                         } else {
                             *slot = Some(None);
                         }
@@ -288,12 +293,14 @@ impl PageStore for MemcachedServer {
             };
             // Sent ahead already: only its replies are read (checked below like any).
             let result = match self.take_ahead(&wanted) {
-                Some(a) => self
-                    .conn
-                    .receive(a.sent, &a.request, on_reply)
-                    .map(|received| {
-                        self.traffic.bytes_received.fetch_add(received, Relaxed);
-                    }),
+                Some(a) => {
+                    self.traffic.ahead_used.fetch_add(1, Relaxed);
+                    self.conn
+                        .receive(a.sent, &a.request, on_reply)
+                        .map(|received| {
+                            self.traffic.bytes_received.fetch_add(received, Relaxed);
+                        })
+                }
                 None => {
                     let request = self.get_request(wanted.iter().map(|&(page, _)| page));
                     self.pipeline(&request, on_reply)
@@ -309,16 +316,16 @@ impl PageStore for MemcachedServer {
             }
             for (k, &i) in chunk.iter().enumerate() {
                 let r = &mut batch[i];
-                let (found_crc, found_version) = match values[k] {
-                    Some(Some(header)) => header,
-                    Some(None) => (!r.crc, 0),
+                let (found_crc, found_version, actual) = match values[k] {
+                    Some(Some(read)) => read,
+                    Some(None) => (!r.crc, 0, crc32c::crc32c(r.buf)),
                     // Never stored (or discarded): zeros, as in every store.
                     None => {
                         r.buf.fill(0);
-                        (crc32c::crc32c(r.buf), r.version)
+                        let zeros = crc32c::crc32c(r.buf);
+                        (zeros, r.version, zeros)
                     }
                 };
-                let actual = crc32c::crc32c(r.buf);
                 if found_crc == r.crc && found_version == r.version && actual == r.crc {
                     r.outcome = Outcome::Done;
                 } else {
@@ -351,6 +358,7 @@ impl PageStore for MemcachedServer {
         self.traffic
             .bytes_sent
             .fetch_add(request.len() as u64, Relaxed);
+        self.traffic.ahead_sent.fetch_add(1, Relaxed);
         let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
         if ahead.len() == AHEAD_PIPELINES_MAX {
             ahead.pop_front();

@@ -152,12 +152,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolError> {
     let taken = nl + 1;
     let mut words = line.split(' ');
     let code = words.next().unwrap_or("");
-    let flags: Vec<&str> = words.collect();
-    let opaque = opaque_of(&flags, line)?;
+    // The words after the code, walked without collecting them (one reply per page read).
+    let flags = words;
+    let opaque = opaque_of(flags.clone(), line)?;
     let reply = match code {
         "VA" => {
             let len: usize = flags
-                .first()
+                .clone()
+                .next()
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| malformed(line.as_bytes()))?;
             if len > VALUE_BYTES_MAX {
@@ -195,7 +197,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolError> {
 }
 
 /// The `O<opaque>` flag among a reply's flags, if present.
-fn opaque_of(flags: &[&str], line: &str) -> Result<Option<u32>, ProtocolError> {
+fn opaque_of<'a>(
+    flags: impl Iterator<Item = &'a str>,
+    line: &str,
+) -> Result<Option<u32>, ProtocolError> {
     for f in flags {
         if let Some(token) = f.strip_prefix('O') {
             return token

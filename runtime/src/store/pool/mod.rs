@@ -246,6 +246,12 @@ impl Inner {
 
     /// The first server of `page`'s ranking among `candidates` (a bit each).
     fn next_holder(&self, page: u64, candidates: u64) -> Option<usize> {
+        // One candidate (one copy, or one server left) is first whatever the ranking.
+        match candidates.count_ones() {
+            0 => return None,
+            1 => return Some(candidates.trailing_zeros() as usize),
+            _ => {}
+        }
         self.placement
             .ranking(page)
             .servers()

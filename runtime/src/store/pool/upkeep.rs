@@ -394,11 +394,12 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
     for (s, member) in inner.members.iter().enumerate() {
         let h = &inner.health[s];
         let (sent, received) = member.wire_bytes();
+        let (ahead_sent, ahead_used) = member.read_ahead_counts();
         out.push((
             format!("pool_server_{s}"),
             format!(
                 "{} {} fetched={} stored={} errors={} downs={} full={} bytes_sent={sent} \
-                 bytes_received={received}",
+                 bytes_received={received} read_ahead={ahead_used}/{ahead_sent}",
                 member.server(),
                 if h.is_up() { "up" } else { "down" },
                 inner.served[s].fetched.load(Relaxed),
