@@ -252,13 +252,6 @@ pub fn random_heap_id() -> u64 {
     h.finish()
 }
 
-/// The value stored for a page.
-fn encode_value(out: &mut Vec<u8>, crc: u32, version: u32, page: &[u8]) {
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(page);
-}
-
 impl PageStore for MemcachedServer {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
         let mut first_error = refuse_bad_reads(&self.name, self.pages, batch.iter_mut());
@@ -376,14 +369,13 @@ impl PageStore for MemcachedServer {
         let positions: Vec<usize> = (0..batch.len())
             .filter(|&i| batch[i].outcome == Outcome::Pending)
             .collect();
-        let mut value = Vec::with_capacity(VALUE_BYTES);
         for chunk in positions.chunks(PIPELINE_REQUESTS_MAX) {
             let mut request = Vec::with_capacity(chunk.len() * (VALUE_BYTES + 48));
             for (k, &i) in chunk.iter().enumerate() {
                 let w = &batch[i];
-                value.clear();
-                encode_value(&mut value, w.crc, w.version, w.buf);
-                protocol::set(&mut request, self.key(w.page).as_str(), &value, k as u32);
+                // The value: the page's CRC32C and version, then the page.
+                let value: [&[u8]; 3] = [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
+                protocol::set_parts(&mut request, self.key(w.page).as_str(), &value, k as u32);
             }
             protocol::noop(&mut request);
             let mut not_stored: Vec<usize> = Vec::new();

@@ -66,9 +66,17 @@ pub fn get(out: &mut Vec<u8>, key: &str, opaque: u32) {
 
 /// Appends `ms KEY LEN q O<opaque>\r\n` and the value.
 pub fn set(out: &mut Vec<u8>, key: &str, value: &[u8], opaque: u32) {
+    set_parts(out, key, &[value], opaque);
+}
+
+/// [`set`] of the value made of `parts` one after another, copied once, straight into `out`.
+pub fn set_parts(out: &mut Vec<u8>, key: &str, parts: &[&[u8]], opaque: u32) {
     debug_assert!(valid_key(key));
-    let _ = write!(out, "ms {key} {} q O{opaque}\r\n", value.len());
-    out.extend_from_slice(value);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let _ = write!(out, "ms {key} {len} q O{opaque}\r\n");
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     out.extend_from_slice(b"\r\n");
 }
 

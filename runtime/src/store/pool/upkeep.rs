@@ -26,11 +26,12 @@ use crate::PAGE_SIZE;
 const TICK_MS: u64 = 100;
 /// How often the servers are asked how they are, in milliseconds.
 const HEALTH_CHECK_MS: u64 = 1000;
-/// Queued pages whose copies one batch writes.
-const QUEUE_PAGES_PER_ROUND: usize = 256;
+/// Queued pages whose copies one batch writes. Small, because the batch holds the stripe
+/// locks of its pages while it writes, and the evictor's write-backs wait for them.
+const QUEUE_PAGES_PER_ROUND: usize = 64;
 /// Batches of queued pages one round writes at most (the round's other duties, leases
 /// among them, must not wait for a queue that never empties).
-const QUEUE_BATCHES_PER_ROUND: usize = 8;
+const QUEUE_BATCHES_PER_ROUND: usize = 32;
 /// Pages one repair round copies.
 const REPAIR_PAGES_PER_ROUND: usize = 256;
 /// Page records one repair round looks at.
@@ -106,7 +107,7 @@ fn drain_queue(inner: &Inner) {
         if taken.is_empty() {
             return;
         }
-        let _stripes = inner.lock_stripes(taken.iter().map(|(page, _)| *page));
+        let stripes = inner.lock_stripes(taken.iter().map(|(page, _)| *page));
         // Only versions that are still the newest; each with the holders it has already.
         let mut acked = Vec::with_capacity(taken.len());
         let mut live = Vec::with_capacity(taken.len());
@@ -137,12 +138,19 @@ fn drain_queue(inner: &Inner) {
             inner.queue.finish(*page, w.version, complete);
         }
         drop(records);
-        if live.is_empty()
+        drop(stripes);
+        // Not enough servers up: try again next round.
+        let retry_later = live.is_empty()
             || acked
                 .iter()
-                .any(|a| (a.count_ones() as usize) < inner.settings.replicas)
-        {
-            // Not enough servers up: try again next round.
+                .any(|a| (a.count_ones() as usize) < inner.settings.replicas);
+        drop(batch);
+        drop(live);
+        // The buffers of pages that left the queue serve the next ones.
+        for (_, w) in taken {
+            inner.queue.recycle(w);
+        }
+        if retry_later {
             return;
         }
     }
