@@ -26,12 +26,14 @@ use crate::PAGE_SIZE;
 const TICK_MS: u64 = 100;
 /// How often the servers are asked how they are, in milliseconds.
 const HEALTH_CHECK_MS: u64 = 1000;
-/// Queued pages whose copies one batch writes. Small, because the batch holds the stripe
-/// locks of its pages while it writes, and the evictor's write-backs wait for them.
-const QUEUE_PAGES_PER_ROUND: usize = 64;
+/// Queued pages whose copies one batch writes. (A batch holds its pages' stripe locks while it
+/// writes, and the evictor's write-backs wait for them; but smaller batches drain the queue
+/// slower, and a fuller queue costs memory: 64 made the bench's optimistic runs outgrow
+/// their cgroup.)
+const QUEUE_PAGES_PER_ROUND: usize = 256;
 /// Batches of queued pages one round writes at most (the round's other duties, leases
 /// among them, must not wait for a queue that never empties).
-const QUEUE_BATCHES_PER_ROUND: usize = 32;
+const QUEUE_BATCHES_PER_ROUND: usize = 8;
 /// Pages one repair round copies.
 const REPAIR_PAGES_PER_ROUND: usize = 256;
 /// Page records one repair round looks at.
