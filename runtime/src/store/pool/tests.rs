@@ -474,15 +474,27 @@ fn pages_read_ahead_are_served_right_and_stale_read_aheads_never() {
     store.read_ahead(&wants(&old, 1));
     let (used, sent) = read_aheads();
     assert!(sent >= 1 && used == 0, "sent {sent}, used {used}");
-    assert_eq!(fetch_pages(&store, 0, &old, 1), 64, "every page served right");
-    assert_eq!(read_aheads(), (sent, sent), "the fetch read what was sent ahead");
+    assert_eq!(
+        fetch_pages(&store, 0, &old, 1),
+        64,
+        "every page served right"
+    );
+    assert_eq!(
+        read_aheads(),
+        (sent, sent),
+        "the fetch read what was sent ahead"
+    );
 
     // Read ahead, then the pages get a newer version before the fetch: the replies waiting
     // in the socket hold the old one, and the fetch of the new one must not take them.
     store.read_ahead(&wants(&old, 1));
     let new = contents(64, 82);
     store_pages(&store, 0, &new, 2);
-    assert_eq!(fetch_pages(&store, 0, &new, 2), 64, "the new version served");
+    assert_eq!(
+        fetch_pages(&store, 0, &new, 2),
+        64,
+        "the new version served"
+    );
     assert_eq!(read_aheads().0, sent, "the stale read-ahead was not used");
 
     // A read-ahead no fetch asks for (another run of pages) changes nothing.
