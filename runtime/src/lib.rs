@@ -9,6 +9,7 @@
 //! - [`cache`]: the page table, residency accounting and the choice of victims;
 //! - [`pager`]: the threads that turn fault events into cache and store work (handlers,
 //!   evictor) and the public `Runtime` that the preload library starts;
+//! - [`seed`]: rebuilding a pool from the log (`lego replay --to`), above `log` and `store`;
 //! - [`cli`]: the `lego` command-line tool.
 
 pub mod cache;
@@ -20,6 +21,7 @@ pub mod log;
 pub mod logging;
 pub mod pager;
 pub mod region;
+pub mod seed;
 pub mod stats;
 pub mod store;
 pub mod threads;

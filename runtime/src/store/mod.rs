@@ -308,6 +308,66 @@ pub fn open_memcached_pool_as(
     )
 }
 
+/// The pool of a heap seeded from a log (`lego replay --to`), for its restore: every server
+/// must answer, the heap's lease must be a seeded one wherever it is there (a heap another
+/// process runs, or ran, is refused: its pages may have changed), and at least one server
+/// must hold it. The lease becomes this process's on every server. The caller then adopts
+/// the pool image's copies ([`pool::PoolStore::adopt`]).
+pub fn open_restored_pool(
+    servers: &[String],
+    settings: &PoolSettings,
+    heap_bytes: u64,
+    heap_id: u64,
+) -> Result<pool::PoolStore, StoreError> {
+    let name = format!("memcached://{}", servers.join(","));
+    let refuse = |what: String, why: String| StoreError::Open {
+        backend: name.clone(),
+        what,
+        source: why.into(),
+    };
+    let mut seeded = 0;
+    for server in servers {
+        let conn = memcached::connection::Connection::new(server, settings.timeout_ms)
+            .map_err(|e| refuse(format!("resolving the server {server}"), e.to_string()))?;
+        let holder = memcached::lease::holders(&conn, &[heap_id])
+            .map_err(|e| {
+                refuse(
+                    format!("reading the lease of heap {heap_id:016x} on {server}"),
+                    crate::logging::error_chain(&e),
+                )
+            })?
+            .pop()
+            .flatten();
+        match holder {
+            Some(h) if h.seeded => seeded += 1,
+            Some(h) => {
+                return Err(refuse(
+                    format!("restoring the seeded heap {heap_id:016x}"),
+                    format!(
+                        "it is already running on {server} (its lease is held by pid {} on {}): \
+                         a pool image is restored once; run lego replay LOG_DIR --to again for \
+                         another copy",
+                        h.pid.map_or("?".to_owned(), |p| p.to_string()),
+                        h.host.as_deref().unwrap_or("?")
+                    ),
+                ))
+            }
+            None => {}
+        }
+    }
+    if seeded == 0 {
+        return Err(refuse(
+            format!("restoring the seeded heap {heap_id:016x}"),
+            "no server holds its seeded lease: it was restored already (and that run ended), \
+             or the servers restarted; run lego replay LOG_DIR --to again"
+                .into(),
+        ));
+    }
+    let pool = open_memcached_pool_as(servers, settings, heap_bytes, heap_id)?;
+    pool.take_over_leases()?;
+    Ok(pool)
+}
+
 /// Marks every page of a write batch that is not yet decided with `outcome`.
 pub(crate) fn settle_writes(batch: &mut [PageWrite<'_>], outcome: Outcome) {
     for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {

@@ -159,6 +159,17 @@ impl MemcachedServer {
         lease::renew(&self.conn, self.heap_id, LEASE_TTL_S)
     }
 
+    /// Sets the lease of a heap seeded from a log: no time to live, marked seeded
+    /// ([`lease::seed`]), so that no collection frees it before its restore.
+    pub fn seed_lease(&self) -> Result<(), LeaseError> {
+        lease::seed(&self.conn, self.heap_id)
+    }
+
+    /// Takes over a seeded heap's lease for this process ([`lease::take`]).
+    pub fn take_over_lease(&self) -> Result<(), LeaseError> {
+        lease::take(&self.conn, self.heap_id, LEASE_TTL_S)
+    }
+
     /// Releases the heap's lease (at a normal exit); its pages stay until a collection.
     pub fn release_lease(&self) -> Result<(), LeaseError> {
         lease::release(&self.conn, self.heap_id)

@@ -40,6 +40,15 @@ pub trait Member: PageStore {
     fn collect_orphans(&self) -> Option<String> {
         None
     }
+    /// Sets the lease of a heap seeded from a log: it never lapses and says the heap waits
+    /// for its restore (`lego replay --to`).
+    fn seed_lease(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Takes over a seeded heap's lease for this process (a restore from a pool image).
+    fn take_over_lease(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl Member for MemcachedServer {
@@ -83,6 +92,14 @@ impl Member for MemcachedServer {
             Ok(renewal) => Ok(renewal == Renewal::Started),
             Err(e) => Err(crate::logging::error_chain(&e)),
         }
+    }
+
+    fn seed_lease(&self) -> Result<(), String> {
+        MemcachedServer::seed_lease(self).map_err(|e| crate::logging::error_chain(&e))
+    }
+
+    fn take_over_lease(&self) -> Result<(), String> {
+        MemcachedServer::take_over_lease(self).map_err(|e| crate::logging::error_chain(&e))
     }
 
     fn collect_orphans(&self) -> Option<String> {

@@ -184,6 +184,110 @@ impl PoolStore {
     }
 }
 
+/// Seeding a pool from a log (`lego replay --to`) and restoring a heap from it (`LEGO_RESTORE`
+/// of a pool image): the pool's side.
+impl PoolStore {
+    /// What the pool knows of `page`'s newest copy (its checksum, version and holders).
+    pub fn stored_copy(&self, page: u64) -> records::Copy {
+        self.inner.records.lock().get(page)
+    }
+
+    /// The servers, `HOST:PORT`, in the order the holder bits count them.
+    pub fn servers(&self) -> Vec<String> {
+        self.inner
+            .members
+            .iter()
+            .map(|m| m.server().to_owned())
+            .collect()
+    }
+
+    /// Takes the copies a pool image lists as this heap's (a restore): each page's checksum,
+    /// version and holders. Pages outside the heap are refused. The pool's thread then checks
+    /// the copies' count as after a server came back.
+    pub fn adopt(
+        &self,
+        pages: impl IntoIterator<Item = (u64, records::Copy)>,
+    ) -> Result<u64, StoreError> {
+        let inner = &*self.inner;
+        let all = if inner.members.len() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << inner.members.len()) - 1
+        };
+        let mut adopted = 0;
+        let mut records = inner.records.lock();
+        for (page, copy) in pages {
+            if page >= inner.pages || copy.version == 0 || copy.holders & !all != 0 {
+                return Err(inner.pool_error(
+                    StoreOp::Fetch,
+                    page,
+                    FailureKind::Refused,
+                    format!(
+                        "the pool image's copy (version {}, holders {:#x}) does not fit this \
+                         pool of {} servers and {} pages",
+                        copy.version,
+                        copy.holders,
+                        inner.members.len(),
+                        inner.pages
+                    ),
+                ));
+            }
+            records.set(page, copy.crc, copy.version, copy.holders);
+            adopted += 1;
+        }
+        drop(records);
+        inner.repair_needed.store(true, Relaxed);
+        inner.wake_thread();
+        Ok(adopted)
+    }
+
+    /// Ends a seeding: stops the pool's thread (no renewal after this) and sets the heap's
+    /// lease on every server to a seeded one, without a time to live, so that no collection
+    /// frees the heap before it is restored.
+    pub fn seal_as_seeded(&self) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        inner.stop.store(true, Relaxed);
+        inner.wake_thread();
+        // Held so that a renewal under way ends first; none starts after `stop`.
+        let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for (s, m) in inner.members.iter().enumerate() {
+            m.seed_lease().map_err(|why| {
+                inner.pool_error(
+                    StoreOp::Store,
+                    0,
+                    FailureKind::Transient,
+                    format!(
+                        "setting the seeded heap's lease on {} failed: {why}",
+                        inner.members[s].server()
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Starts a restore from a pool image: the seeded heap's lease becomes this process's on
+    /// every server (renewed and released as any running heap's from now on).
+    pub fn take_over_leases(&self) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for m in &inner.members {
+            m.take_over_lease().map_err(|why| {
+                inner.pool_error(
+                    StoreOp::Fetch,
+                    0,
+                    FailureKind::Transient,
+                    format!(
+                        "taking over the heap's lease on {} failed: {why}",
+                        m.server()
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for PoolStore {
     fn drop(&mut self) {
         self.inner.stop.store(true, Relaxed);
