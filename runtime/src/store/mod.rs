@@ -104,6 +104,15 @@ impl<'a> PageRead<'a> {
     }
 }
 
+/// A page a read-ahead names ([`PageStore::read_ahead`]): what a later [`PageRead`] of it
+/// will ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageWant {
+    pub page: u64,
+    pub crc: u32,
+    pub version: u32,
+}
+
 /// One page to write to the store; same rules as [`PageRead`], with the CRC32C of `buf` and
 /// the version this write gives the page.
 pub struct PageWrite<'a> {
@@ -157,6 +166,12 @@ pub trait PageStore: Send + Sync {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// A hint: the caller's next fetch will ask for exactly `pages`, in this order, while it
+    /// works on something else first. A remote store may send the requests now, so that the
+    /// fetch only reads the replies. A fetch that asks for anything else is read as usual, and
+    /// what a fetch gets this way is checked like any other read. The default does nothing.
+    fn read_ahead(&self, _pages: &[PageWant]) {}
+
     /// Writes every page of the batch durably enough to be fetched back by this process (no
     /// fsync needed) and sets each one's outcome. A page that failed may or may not hold the
     /// new content; its previous version may be gone.
@@ -204,6 +219,10 @@ impl PageStore for Box<dyn PageStore> {
 
     fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), StoreError> {
         (**self).fetch_all(batches)
+    }
+
+    fn read_ahead(&self, pages: &[PageWant]) {
+        (**self).read_ahead(pages)
     }
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {

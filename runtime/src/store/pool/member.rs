@@ -22,6 +22,10 @@ pub trait Member: PageStore {
     fn reconnect(&self);
     /// Bytes sent to and received from the server.
     fn wire_bytes(&self) -> (u64, u64);
+    /// Pipelines sent ahead of their fetch, and those a fetch read.
+    fn read_ahead_counts(&self) -> (u64, u64) {
+        (0, 0)
+    }
     /// Whether `e` (from this member) says the server is full: not a failure of the
     /// server, which stays up and keeps serving what it holds.
     fn is_full(&self, _e: &StoreError) -> bool {
@@ -68,6 +72,13 @@ impl Member for MemcachedServer {
         (
             self.traffic.bytes_sent.load(Relaxed),
             self.traffic.bytes_received.load(Relaxed),
+        )
+    }
+
+    fn read_ahead_counts(&self) -> (u64, u64) {
+        (
+            self.traffic.ahead_sent.load(Relaxed),
+            self.traffic.ahead_used.load(Relaxed),
         )
     }
 

@@ -43,7 +43,7 @@ use self::queue::ReplicaQueue;
 use self::records::Records;
 use super::{
     discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
-    PageWrite, StoreError, StoreOp, PAGE_BYTES,
+    PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::config::{PoolSettings, Replication};
 use crate::logging::{error_chain, RateLimit};
@@ -348,6 +348,52 @@ impl Inner {
         }
     }
 
+    /// The first server of `page`'s ranking among `candidates` (a bit each).
+    fn next_holder(&self, page: u64, candidates: u64) -> Option<usize> {
+        // One candidate (one copy, or one server left) is first whatever the ranking.
+        match candidates.count_ones() {
+            0 => return None,
+            1 => return Some(candidates.trailing_zeros() as usize),
+            _ => {}
+        }
+        self.placement
+            .ranking(page)
+            .servers()
+            .iter()
+            .find(|&&s| candidates & (1 << s) != 0)
+            .map(|&s| usize::from(s))
+    }
+
+    /// Sends each server the gets that the first round of [`Inner::fetch`] of `pages` will
+    /// ask it for (the same choice of holders, from the same records), so that the fetch
+    /// only reads the replies. Pages the fetch serves without a server (never stored, in the
+    /// queue, another version) are left out.
+    fn read_ahead(&self, pages: &[PageWant]) {
+        let mut by_server: Vec<Vec<PageWant>> = vec![Vec::new(); self.members.len()];
+        let up = self.up_mask();
+        {
+            let records = self.records.lock();
+            for w in pages {
+                if w.page >= self.pages {
+                    return;
+                }
+                let copy = records.get(w.page);
+                if copy.version == 0 || copy.version != w.version {
+                    continue;
+                }
+                if let Some(s) = self.next_holder(w.page, copy.holders & up) {
+                    by_server[s].push(*w);
+                }
+            }
+        }
+        for (server, wants) in by_server.iter_mut().enumerate() {
+            wants.retain(|w| !self.queue.holds(w.page, w.version));
+            if !wants.is_empty() {
+                self.members[server].read_ahead(wants);
+            }
+        }
+    }
+
     /// Reads a batch from the pages' holders (see the module documentation); `counted`:
     /// a fetch of the pager (counted in the stats), not one of repair.
     fn fetch(&self, batch: &mut [PageRead<'_>], counted: bool) -> Result<(), StoreError> {
@@ -403,18 +449,11 @@ impl Inner {
                     continue;
                 }
                 let left = holders[i] & !tried[i];
-                let next = inner
-                    .placement
-                    .ranking(r.page)
-                    .servers()
-                    .iter()
-                    .copied()
-                    .find(|&s| left & up & (1 << s) != 0);
-                match next {
+                match inner.next_holder(r.page, left & up) {
                     Some(s) => {
                         tried[i] |= 1 << s;
-                        last_server[i] = Some(s as usize);
-                        by_server[s as usize].push(i);
+                        last_server[i] = Some(s);
+                        by_server[s].push(i);
                     }
                     None => {
                         // No holder left to try: a holder that is down may come back.
@@ -605,6 +644,10 @@ impl Inner {
 impl PageStore for PoolStore {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
         self.inner.fetch(batch, true)
+    }
+
+    fn read_ahead(&self, pages: &[PageWant]) {
+        self.inner.read_ahead(pages);
     }
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
