@@ -415,13 +415,19 @@ extern "C" fn lego_init() {
         // holds exactly what the image holds (served on fault); it stays mapped.
         let heap = match unsafe { Heap::open(region.base as *mut u8, region.len) } {
             Ok(h) => h,
-            Err(e) => die(
-                EXIT_CANNOT_START,
-                &format!(
-                    "lego: {}: the image holds no usable heap: {e}",
-                    lego_runtime::config::vars::RESTORE
-                ),
-            ),
+            Err(e) => {
+                // Restored from a pool: the heap goes back to it (seeded again), not lapsing.
+                if let Some(rt) = RUNTIME.get() {
+                    rt.give_back_restored_heap();
+                }
+                die(
+                    EXIT_CANNOT_START,
+                    &format!(
+                        "lego: {}: the image holds no usable heap: {e}",
+                        lego_runtime::config::vars::RESTORE
+                    ),
+                )
+            }
         };
         publish_user_heap(heap, region);
     }

@@ -298,7 +298,10 @@ mod tests {
             replicas: 2,
             ..PoolSettings::default()
         };
-        let pool = open_restored_pool(&names, &settings, region.len, h.heap_id).expect("restore");
+        let mut restored =
+            open_restored_pool(&names, &settings, region.len, h.heap_id).expect("restore");
+        restored.take_over().expect("taking the heap over");
+        let pool = restored.pool();
         pool.adopt(listed.iter().map(|p| {
             (
                 p.page,
@@ -411,13 +414,14 @@ mod equality {
             listed.insert(p.page, p);
         })
         .expect("reading");
-        let pool = open_restored_pool(
+        let restored = open_restored_pool(
             &names,
             &PoolSettings::default(),
             region.len,
             img.header().heap_id,
         )
         .expect("restoring");
+        let pool = restored.pool();
         pool.adopt(listed.values().map(|p| {
             (
                 p.page,

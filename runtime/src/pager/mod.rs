@@ -267,9 +267,37 @@ pub struct Runtime {
     shared: Arc<Shared>,
     features: Features,
     handlers: usize,
+    /// A heap restored from a pool image: what gives it back to the pool if the caller
+    /// cannot open it after the start ([`Runtime::give_back_restored_heap`]).
+    restored: std::sync::Mutex<Option<crate::store::RestoredPool>>,
 }
 
 impl Runtime {
+    /// The start restored a heap from a pool image, but the caller cannot use it (the heap
+    /// cannot be opened, before any of the program ran): gives it back to the pool (its seeded
+    /// lease again), so that the pool image can be restored once the cause is fixed. Does
+    /// nothing for another start, or a second time. Call only before the process ends.
+    pub fn give_back_restored_heap(&self) {
+        let taken = self
+            .restored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(mut restored) = taken else {
+            return;
+        };
+        match restored.give_back() {
+            Ok(n) => log::warn!(
+                "the heap restored from the pool is seeded again on {n} servers and can be \
+                 restored from its pool image once the cause is fixed"
+            ),
+            Err(e) => log::error!(
+                "giving the heap restored from the pool back failed ({e}): its lease lapses \
+                 and the heap is collected; replay the log again"
+            ),
+        }
+    }
+
     /// `lego_checkpoint`: returns once every write made before the call is in a committed
     /// epoch of the log, with that epoch's number.
     pub fn checkpoint(&self) -> Result<u64, EpochError> {

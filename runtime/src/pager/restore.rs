@@ -120,22 +120,17 @@ pub(super) fn pool_pages(img: &PoolImage) -> Result<Vec<PoolPage>, PagerError> {
 }
 
 /// The store of a heap restored from a pool image: the pool under the image's heap id, its
-/// lease taken over, the image's copies adopted (and the fault injector over it, if asked),
-/// and the guard that gives the heap back (a seeded lease again) if the start fails after
-/// this.
+/// seeded lease claimed, the image's copies adopted (and the fault injector over it, if
+/// asked), and the guard that gives the heap back (a seeded lease again) if the start fails:
+/// [`store::RestoredPool::take_over`] once the start is through.
 pub(super) fn open_pool_store(
     config: &Config,
     img: &PoolImage,
     pages: &[PoolPage],
-) -> Result<(Box<dyn PageStore>, GiveBack), PagerError> {
+) -> Result<(Box<dyn PageStore>, store::RestoredPool), PagerError> {
     let h = img.header();
-    let pool = Arc::new(store::open_restored_pool(
-        &h.servers,
-        &config.pool,
-        h.region.len,
-        h.heap_id,
-    )?);
-    let give_back = GiveBack(Some(Arc::clone(&pool)));
+    let restored = store::open_restored_pool(&h.servers, &config.pool, h.region.len, h.heap_id)?;
+    let pool = Arc::clone(restored.pool());
     let adopted = pool.adopt(pages.iter().map(|p| {
         (
             p.page,
@@ -158,41 +153,10 @@ pub(super) fn open_pool_store(
         Some(plan) => Box::new(FaultyStore::new(store, *plan)),
         None => store,
     };
-    Ok((store, give_back))
+    Ok((store, restored))
 }
 
-/// Gives a restored heap back to the pool if the start fails after its lease was taken over
-/// (a log that cannot be resumed, a thread that cannot start): its lease is made a seeded one
-/// again, so that the pool image can be restored once the cause is fixed, instead of lapsing
-/// and being collected. Nothing was written to the pool before the threads run.
-pub(super) struct GiveBack(Option<Arc<PoolStore>>);
-
-impl GiveBack {
-    /// The start succeeded: the heap is this process's.
-    pub(super) fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for GiveBack {
-    fn drop(&mut self) {
-        if let Some(pool) = self.0.take() {
-            match pool.seal_as_seeded() {
-                Ok(()) => log::warn!(
-                    "the start failed: the heap restored from the pool is seeded again and can \
-                     be restored from its pool image"
-                ),
-                Err(e) => log::error!(
-                    "the start failed, and giving the heap back to the pool failed too (its \
-                     lease lapses and the heap is collected; replay the log again): {}",
-                    crate::logging::error_chain(&e)
-                ),
-            }
-        }
-    }
-}
-
-/// A pool shared between the pager (as its store) and the [`GiveBack`] guard.
+/// A pool shared between the pager (as its store) and the [`store::RestoredPool`] guard.
 struct SharedPool(Arc<PoolStore>);
 
 impl PageStore for SharedPool {

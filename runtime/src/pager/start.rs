@@ -64,7 +64,7 @@ impl Runtime {
             Some(img) => restore::pool_pages(img)?,
             None => Vec::new(),
         };
-        let (store, give_back) = match &pool_image {
+        let (store, mut give_back) = match &pool_image {
             // A heap restored from a pool: its pages are already there.
             Some(img) => {
                 let (store, give_back) = restore::open_pool_store(config, img, &pool_pages)?;
@@ -170,12 +170,17 @@ impl Runtime {
         });
 
         let handlers = config.handler_threads.max(1);
-        // From here on the threads may write the restored heap's pages to the pool: it is this
-        // process's.
-        if let Some(g) = give_back {
-            g.disarm();
+        // The restored heap becomes this process's (its lease renewed from now on) before the
+        // threads may write its pages to the pool; until the threads run, a failure still
+        // gives it back (the guard's drop), and after that the caller may
+        // ([`Runtime::give_back_restored_heap`]) while nothing ran in the heap.
+        if let Some(g) = give_back.as_mut() {
+            g.take_over()?;
         }
         spawn_threads(&shared, handlers, writer)?;
+        if let Some(g) = give_back.as_mut() {
+            g.disarm();
+        }
         let features = shared.kernel.uffd.features();
         log::info!(
             "userfaultfd features {:#x}; dirty tracking: asynchronous write-protect + PAGEMAP_SCAN; eviction: UFFDIO_MOVE; {} handler threads; cache {} pages (evict above {}, down to {}); store {}",
@@ -190,6 +195,7 @@ impl Runtime {
             shared,
             features,
             handlers,
+            restored: std::sync::Mutex::new(give_back),
         })
     }
 }

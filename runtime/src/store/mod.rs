@@ -308,64 +308,88 @@ pub fn open_memcached_pool_as(
     )
 }
 
-/// The pool of a heap seeded from a log (`lego replay --to`), for its restore: every server
-/// must answer, the heap's lease must be a seeded one wherever it is there (a heap another
-/// process runs, or ran, is refused: its pages may have changed), and at least one server
-/// must hold it. The lease becomes this process's on every server. The caller then adopts
-/// the pool image's copies ([`pool::PoolStore::adopt`]).
+/// The pool of a heap seeded from a log (`lego replay --to`), for its restore, in this
+/// order: every server must answer and refuse to evict (opened without touching the lease);
+/// the heap's lease must be a seeded one wherever it is there (a heap another process runs,
+/// ran or is restoring is refused: its pages may have changed) and at least one server must
+/// hold it; then the seeded leases are claimed by compare and swap
+/// ([`memcached::claim::RestoreClaim`]), so that of two restores of one pool image exactly one
+/// gets here. Nothing has changed on any server when an earlier step refuses; from the claim
+/// on, the returned [`RestoredPool`] (or the claim, if the pool cannot be made) gives the heap
+/// back when dropped before [`RestoredPool::take_over`]. The pool's thread renews no lease
+/// until then. The caller adopts the pool image's copies ([`pool::PoolStore::adopt`]).
 pub fn open_restored_pool(
     servers: &[String],
     settings: &PoolSettings,
     heap_bytes: u64,
     heap_id: u64,
-) -> Result<pool::PoolStore, StoreError> {
+) -> Result<RestoredPool, StoreError> {
     let name = format!("memcached://{}", servers.join(","));
-    let refuse = |what: String, why: String| StoreError::Open {
-        backend: name.clone(),
-        what,
-        source: why.into(),
-    };
-    let mut seeded = 0;
+    let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
     for server in servers {
-        let conn = memcached::connection::Connection::new(server, settings.timeout_ms)
-            .map_err(|e| refuse(format!("resolving the server {server}"), e.to_string()))?;
-        let holder = memcached::lease::holders(&conn, &[heap_id])
-            .map_err(|e| {
-                refuse(
-                    format!("reading the lease of heap {heap_id:016x} on {server}"),
-                    crate::logging::error_chain(&e),
-                )
-            })?
-            .pop()
-            .flatten();
-        match holder {
-            Some(h) if h.seeded => seeded += 1,
-            Some(h) => {
-                return Err(refuse(
-                    format!("restoring the seeded heap {heap_id:016x}"),
-                    format!(
-                        "it is already running on {server} (its lease is held by pid {} on {}): \
-                         a pool image is restored once; run lego replay LOG_DIR --to again for \
-                         another copy",
-                        h.pid.map_or("?".to_owned(), |p| p.to_string()),
-                        h.host.as_deref().unwrap_or("?")
-                    ),
-                ))
-            }
-            None => {}
+        members.push(Box::new(memcached::MemcachedServer::open_unleased(
+            server,
+            heap_id,
+            heap_bytes,
+            settings.timeout_ms,
+        )?));
+    }
+    let claim = memcached::claim::RestoreClaim::take(servers, settings.timeout_ms, heap_id)
+        .map_err(|e| StoreError::Open {
+            backend: name.clone(),
+            what: format!("restoring the seeded heap {heap_id:016x}"),
+            source: Box::new(e),
+        })?;
+    let pool = pool::PoolStore::new_restoring(name, members, heap_bytes, *settings)?;
+    Ok(RestoredPool {
+        pool: std::sync::Arc::new(pool),
+        claim,
+    })
+}
+
+/// A seeded heap's pool being restored ([`open_restored_pool`]): the pool, and the claim that
+/// gives the heap back (its seeded lease again) if the restore does not go through.
+pub struct RestoredPool {
+    pool: std::sync::Arc<pool::PoolStore>,
+    claim: memcached::claim::RestoreClaim,
+}
+
+impl RestoredPool {
+    /// The pool (shared, so that the pager's store and this guard both hold it).
+    pub fn pool(&self) -> &std::sync::Arc<pool::PoolStore> {
+        &self.pool
+    }
+
+    /// The restore's start is through: the lease becomes this process's, with a time to
+    /// live, on every server, and the pool's thread renews it. On an error the guard is still
+    /// armed: dropping it gives the heap back.
+    pub fn take_over(&mut self) -> Result<(), StoreError> {
+        // Whichever servers the take-over reaches, a give-back seals them all again.
+        self.claim.touch_all();
+        self.pool.take_over_leases()
+    }
+
+    /// Dropping the guard no longer gives the heap back; [`RestoredPool::give_back`] still
+    /// does (a start that fails after the runtime's threads run: the heap cannot be opened).
+    pub fn disarm(&mut self) {
+        self.claim.disarm();
+    }
+
+    /// Gives the heap back now: the pool's thread stops, and every lease this process changed
+    /// is the seeded one again. Returns how many servers were sealed again, or which failed.
+    pub fn give_back(&mut self) -> Result<usize, String> {
+        self.pool.stop_renewals();
+        self.claim.give_back()
+    }
+}
+
+impl Drop for RestoredPool {
+    fn drop(&mut self) {
+        // Before the claim's own drop gives the heap back: no renewal after it.
+        if self.claim.is_armed() {
+            self.pool.stop_renewals();
         }
     }
-    if seeded == 0 {
-        return Err(refuse(
-            format!("restoring the seeded heap {heap_id:016x}"),
-            "no server holds its seeded lease: it was restored already (and that run ended), \
-             or the servers restarted; run lego replay LOG_DIR --to again"
-                .into(),
-        ));
-    }
-    let pool = open_memcached_pool_as(servers, settings, heap_bytes, heap_id)?;
-    pool.take_over_leases()?;
-    Ok(pool)
 }
 
 /// Marks every page of a write batch that is not yet decided with `outcome`.

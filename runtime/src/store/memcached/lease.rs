@@ -16,8 +16,15 @@
 //!
 //! - A heap seeded from a log (`lego replay --to`, [`seed`]) holds a lease without a time to
 //!   live whose value starts with [`SEEDED_MARK`]: nobody runs it yet, and garbage collection
-//!   keeps it (it has a lease) until the run restored from its pool image takes it over
-//!   ([`take`]: a normal lease from then on).
+//!   keeps it (it has a lease) until the run restored from its pool image takes it over.
+//! - A restore first claims the seeded lease by compare and swap ([`read`] gives its value and
+//!   CAS token, [`claim`] sets `restoring pid=PID host=HOST` only while that token is
+//!   unchanged, still without a time to live), so that of two restores of one pool image
+//!   only one gets it; the other is refused before it changed anything. Once its start is
+//!   through, the restored run takes the lease over ([`take`]: a normal lease from then on);
+//!   a start that fails puts the seeded value back ([`reseal`]). A run killed while it
+//!   restores leaves its `restoring` lease, which never lapses: a later restore on the same
+//!   host takes it when that process is gone.
 //!
 //! Rules: the value is plain ASCII without spaces in its parts and at most
 //! [`LEASE_VALUE_BYTES_MAX`]; nothing here keeps a connection of its own.
@@ -39,12 +46,19 @@ pub const HOST_NAME_BYTES_MAX: usize = 64;
 pub const LEASE_VALUE_BYTES_MAX: usize = 128;
 /// The first word of a seeded heap's lease value: the heap waits for its restore.
 pub const SEEDED_MARK: &str = "seeded";
+/// The first word of a seeded heap's lease while a process restores it (its start is not
+/// through yet).
+pub const RESTORING_MARK: &str = "restoring";
 
 // Two renewals in a row may fail (a server briefly down) before a lease lapses.
 const _: () = assert!(3 * LEASE_RENEW_S <= LEASE_TTL_S);
 const _: () = assert!(LEASE_TTL_S <= protocol::TTL_S_MAX);
 const _: () = assert!(
     SEEDED_MARK.len() + " pid=4294967295 host= ".len() + HOST_NAME_BYTES_MAX
+        <= LEASE_VALUE_BYTES_MAX
+);
+const _: () = assert!(
+    RESTORING_MARK.len() + " pid=4294967295 host= ".len() + HOST_NAME_BYTES_MAX
         <= LEASE_VALUE_BYTES_MAX
 );
 
@@ -66,6 +80,17 @@ pub struct LeaseHolder {
     /// A seeded heap's lease ([`seed`]): `pid` and `host` are those of the `lego replay` that
     /// seeded it, and no process runs the heap yet.
     pub seeded: bool,
+    /// A seeded heap's lease claimed by a restore ([`claim`]): `pid` and `host` are the
+    /// restoring process's, whose start is not through.
+    pub restoring: bool,
+}
+
+/// A lease as [`read`] found it: its value and CAS token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRead {
+    pub holder: LeaseHolder,
+    pub value: Vec<u8>,
+    pub cas: u64,
 }
 
 /// Why a lease could not be renewed, released or read. Every one is transient: the server
@@ -142,7 +167,85 @@ pub fn seed(conn: &Connection, heap_id: u64) -> Result<(), LeaseError> {
         "{SEEDED_MARK} {}",
         lease_value(std::process::id(), &host_name())
     );
-    set_lease(conn, heap_id, &value, None)
+    set_lease(conn, heap_id, value.as_bytes(), None)
+}
+
+/// Reads the lease of heap `heap_id` with its CAS token: `None` when there is none.
+pub fn read(conn: &Connection, heap_id: u64) -> Result<Option<LeaseRead>, LeaseError> {
+    let mut request = Vec::with_capacity(64);
+    protocol::get_cas(&mut request, &keys::lease_key(heap_id), 0);
+    protocol::noop(&mut request);
+    let mut found = None;
+    conn.pipeline(&request, |reply| {
+        if let Reply::ValueCas { cas, data, .. } = reply {
+            let value = data[..data.len().min(LEASE_VALUE_BYTES_MAX)].to_vec();
+            found = Some(LeaseRead {
+                holder: parse_value(&value),
+                value,
+                cas,
+            });
+        }
+    })
+    .map_err(|source| LeaseError::Read {
+        server: conn.name.clone(),
+        source,
+    })?;
+    Ok(found)
+}
+
+/// Claims the lease of heap `heap_id` for this process's restore: sets it to
+/// `restoring pid=PID host=HOST`, without a time to live, only while its CAS token is still
+/// `cas` (what [`read`] gave). `Ok(false)`: it changed or went since (another process claimed
+/// it, or collected the heap), and nothing was set.
+pub fn claim(conn: &Connection, heap_id: u64, cas: u64) -> Result<bool, LeaseError> {
+    let value = format!(
+        "{RESTORING_MARK} {}",
+        lease_value(std::process::id(), &host_name())
+    );
+    let mut request = Vec::with_capacity(2 * LEASE_VALUE_BYTES_MAX);
+    protocol::set_if(
+        &mut request,
+        &keys::lease_key(heap_id),
+        value.as_bytes(),
+        cas,
+        None,
+        0,
+    );
+    protocol::noop(&mut request);
+    let mut stored = false;
+    conn.pipeline(&request, |reply| {
+        stored |= matches!(reply, Reply::Stored { .. });
+    })
+    .map_err(|source| LeaseError::Renew {
+        heap_id,
+        server: conn.name.clone(),
+        source,
+    })?;
+    Ok(stored)
+}
+
+/// Puts a seeded lease back (a restore whose start failed): `value` (the seeded lease's as
+/// the replay set it), without a time to live.
+pub fn reseal(conn: &Connection, heap_id: u64, value: &[u8]) -> Result<(), LeaseError> {
+    set_lease(conn, heap_id, value, None)
+}
+
+/// Deletes the lease of heap `heap_id` only while its CAS token is still `cas` (what [`read`]
+/// gave): `Ok(false)` when it changed since (a restore claimed it) or is gone.
+pub fn delete_if_unchanged(conn: &Connection, heap_id: u64, cas: u64) -> Result<bool, LeaseError> {
+    let mut request = Vec::with_capacity(64);
+    protocol::delete_if_answered(&mut request, &keys::lease_key(heap_id), cas, 0);
+    protocol::noop(&mut request);
+    let mut deleted = false;
+    conn.pipeline(&request, |reply| {
+        deleted |= matches!(reply, Reply::Stored { .. });
+    })
+    .map_err(|source| LeaseError::Release {
+        heap_id,
+        server: conn.name.clone(),
+        source,
+    })?;
+    Ok(deleted)
 }
 
 /// Takes over the lease of heap `heap_id` (a restored seeded heap): from now on it is this
@@ -152,7 +255,7 @@ pub fn take(conn: &Connection, heap_id: u64, ttl_s: u32) -> Result<(), LeaseErro
     set_lease(
         conn,
         heap_id,
-        &value,
+        value.as_bytes(),
         Some(ttl_s.clamp(1, protocol::TTL_S_MAX)),
     )
 }
@@ -162,7 +265,7 @@ pub fn take(conn: &Connection, heap_id: u64, ttl_s: u32) -> Result<(), LeaseErro
 fn set_lease(
     conn: &Connection,
     heap_id: u64,
-    value: &str,
+    value: &[u8],
     ttl_s: Option<u32>,
 ) -> Result<(), LeaseError> {
     let key = keys::lease_key(heap_id);
@@ -170,10 +273,10 @@ fn set_lease(
     let mut refused = false;
     let mut stored = false;
     match ttl_s {
-        Some(ttl_s) => protocol::set_expiring(&mut request, &key, value.as_bytes(), ttl_s, 0),
+        Some(ttl_s) => protocol::set_expiring(&mut request, &key, value, ttl_s, 0),
         // Quiet: the server answers only a failure (`NS`), then `MN`.
         None => {
-            protocol::set(&mut request, &key, value.as_bytes(), 0);
+            protocol::set(&mut request, &key, value, 0);
             stored = true;
         }
     }
@@ -262,10 +365,13 @@ pub fn parse_value(value: &[u8]) -> LeaseHolder {
         pid: None,
         host: None,
         seeded: false,
+        restoring: false,
     };
     for part in text.split(' ') {
         if part == SEEDED_MARK {
             holder.seeded = true;
+        } else if part == RESTORING_MARK {
+            holder.restoring = true;
         } else if let Some(pid) = part.strip_prefix("pid=") {
             holder.pid = pid.parse().ok();
         } else if let Some(host) = part.strip_prefix("host=").filter(|h| !h.is_empty()) {
@@ -331,6 +437,7 @@ mod tests {
                 pid: Some(std::process::id()),
                 host: Some(host_name()),
                 seeded: false,
+                restoring: false,
             })
         );
         assert_eq!(found[1], None, "another heap's lease is not taken");
@@ -398,6 +505,7 @@ mod tests {
                 pid: Some(42),
                 host: Some("build-3".into()),
                 seeded: false,
+                restoring: false,
             }
         );
         assert_eq!(
@@ -406,6 +514,7 @@ mod tests {
                 pid: None,
                 host: None,
                 seeded: false,
+                restoring: false,
             }
         );
         let seeded = parse_value(format!("{SEEDED_MARK} {v}").as_bytes());

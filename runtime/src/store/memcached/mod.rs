@@ -17,6 +17,7 @@
 //!   heaps without a lease: dead processes'.
 //! - Nothing listens: lego only connects.
 
+pub mod claim;
 pub mod connection;
 pub mod dump;
 pub mod gc;
@@ -113,6 +114,21 @@ impl MemcachedServer {
         heap_bytes: u64,
         timeout_ms: u64,
     ) -> Result<MemcachedServer, StoreError> {
+        let store = MemcachedServer::open_unleased(server, heap_id, heap_bytes, timeout_ms)?;
+        if let Err(e) = lease::renew(&store.conn, heap_id, LEASE_TTL_S) {
+            log::warn!("{}", crate::logging::error_chain(&e));
+        }
+        Ok(store)
+    }
+
+    /// [`MemcachedServer::open`] without touching the heap's lease: for a restore, whose
+    /// lease is claimed ([`claim`]) and taken over apart from opening the servers.
+    pub fn open_unleased(
+        server: &str,
+        heap_id: u64,
+        heap_bytes: u64,
+        timeout_ms: u64,
+    ) -> Result<MemcachedServer, StoreError> {
         let name = format!("memcached://{server}");
         let open_error =
             |what: String, source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
@@ -132,9 +148,6 @@ impl MemcachedServer {
                  a full server refuses new pages instead of dropping old ones"
                     .into(),
             ));
-        }
-        if let Err(e) = lease::renew(&conn, heap_id, LEASE_TTL_S) {
-            log::warn!("{}", crate::logging::error_chain(&e));
         }
         Ok(MemcachedServer {
             conn,

@@ -12,6 +12,10 @@
 //! the key is there, `EN` if not) and
 //! `md KEY C<cas> q O<opaque>` (delete only the value a dump saw: `EX` if it changed since,
 //! `NF` if it is gone; quiet memcached still sends both, only `HD` is left out).
+//! For claiming a seeded heap's lease (compare and swap): `mg KEY c v O<opaque>` (the value
+//! and its CAS token: `VA LEN c<cas>`, or `EN`), `ms KEY LEN C<cas> [T<ttl>] O<opaque>`
+//! (set only while the CAS token is still `cas`: `HD`, or `EX` changed, `NF` gone, `NS`) and
+//! `md KEY C<cas> O<opaque>` (`HD`, `EX` or `NF`).
 //!
 //! Rules: a reply is parsed only from complete lines; anything malformed is an error, never a
 //! guess; a value's length is bounded by [`VALUE_BYTES_MAX`].
@@ -113,6 +117,38 @@ pub fn delete_if(out: &mut Vec<u8>, key: &str, cas: u64, opaque: u32) {
     out.extend_from_slice(format!("md {key} C{cas} q O{opaque}\r\n").as_bytes());
 }
 
+/// Appends `mg KEY c v O<opaque>\r\n`: the value and its CAS token ([`Reply::ValueCas`]).
+/// Not quiet: `EN` if the key is not there.
+pub fn get_cas(out: &mut Vec<u8>, key: &str, opaque: u32) {
+    debug_assert!(valid_key(key));
+    out.extend_from_slice(format!("mg {key} c v O{opaque}\r\n").as_bytes());
+}
+
+/// Appends `ms KEY LEN C<cas> [T<ttl_s>] O<opaque>\r\n` and the value: stored only while the
+/// value's CAS token is still `cas`, never expiring without `ttl_s`. Not quiet: `HD` (stored),
+/// `EX` (changed since), `NF` (gone) or `NS`.
+pub fn set_if(out: &mut Vec<u8>, key: &str, value: &[u8], cas: u64, ttl_s: Option<u32>, opaque: u32) {
+    debug_assert!(valid_key(key));
+    let ttl = match ttl_s {
+        Some(t) => {
+            debug_assert!((1..=TTL_S_MAX).contains(&t), "ttl {t} s");
+            format!(" T{t}")
+        }
+        None => String::new(),
+    };
+    out.extend_from_slice(
+        format!("ms {key} {} C{cas}{ttl} O{opaque}\r\n", value.len()).as_bytes(),
+    );
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `md KEY C<cas> O<opaque>\r\n`: [`delete_if`], not quiet (`HD` when deleted).
+pub fn delete_if_answered(out: &mut Vec<u8>, key: &str, cas: u64, opaque: u32) {
+    debug_assert!(valid_key(key));
+    out.extend_from_slice(format!("md {key} C{cas} O{opaque}\r\n").as_bytes());
+}
+
 /// Appends `mn\r\n`, the end of a pipeline.
 pub fn noop(out: &mut Vec<u8>) {
     out.extend_from_slice(b"mn\r\n");
@@ -128,6 +164,12 @@ pub fn valid_key(key: &str) -> bool {
 pub enum Reply<'a> {
     /// `VA`: the value of a get, with its request's opaque token.
     Value { opaque: u32, data: &'a [u8] },
+    /// `VA` with a `c<cas>` flag: the value of a [`get_cas`] and its CAS token.
+    ValueCas {
+        opaque: u32,
+        cas: u64,
+        data: &'a [u8],
+    },
     /// `HD`: success (only sent where not quiet: never for lego's requests, but accepted).
     Stored { opaque: Option<u32> },
     /// `NS`, `NF`, `EX`: a set not stored or a key not found, with its opaque token.
@@ -181,13 +223,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolError> {
                 return Err(malformed(line.as_bytes()));
             }
             let opaque = opaque.ok_or_else(|| malformed(line.as_bytes()))?;
-            return Ok(Some((
-                Reply::Value {
-                    opaque,
-                    data: &buf[taken..end],
-                },
-                end + 2,
-            )));
+            let data = &buf[taken..end];
+            let reply = match cas_of(flags.skip(1), line)? {
+                Some(cas) => Reply::ValueCas { opaque, cas, data },
+                None => Reply::Value { opaque, data },
+            };
+            return Ok(Some((reply, end + 2)));
         }
         "HD" => Reply::Stored { opaque },
         "NS" | "NF" | "EX" => Reply::NotDone { opaque },
@@ -218,6 +259,20 @@ fn opaque_of<'a>(
         }
     }
     Ok(None)
+}
+
+/// The `c<cas>` flag among a reply's flags, if present.
+fn cas_of<'a>(
+    mut flags: impl Iterator<Item = &'a str>,
+    line: &str,
+) -> Result<Option<u64>, ProtocolError> {
+    match flags.find_map(|f| f.strip_prefix('c')) {
+        Some(token) => token
+            .parse()
+            .map(Some)
+            .map_err(|_| malformed(line.as_bytes())),
+        None => Ok(None),
+    }
 }
 
 fn malformed(line: &[u8]) -> ProtocolError {
@@ -272,6 +327,39 @@ mod tests {
             line: "BUSY".into()
         }
         .is_transient());
+    }
+
+    #[test]
+    fn compare_and_swap_requests_are_encoded_and_answered() {
+        let mut out = Vec::new();
+        get_cas(&mut out, "lego:1:lease", 1);
+        set_if(&mut out, "lego:1:lease", b"ab", 77, None, 2);
+        set_if(&mut out, "lego:1:lease", b"", 78, Some(60), 3);
+        delete_if_answered(&mut out, "lego:1:lease", 79, 4);
+        assert_eq!(
+            out,
+            b"mg lego:1:lease c v O1\r\nms lego:1:lease 2 C77 O2\r\nab\r\n\
+              ms lego:1:lease 0 C78 T60 O3\r\n\r\nmd lego:1:lease C79 O4\r\n"
+                .as_slice()
+        );
+        let (r, n) = parse(b"VA 2 c123 O1\r\nab\r\n").expect("valid").expect("whole");
+        assert_eq!(
+            (r, n),
+            (
+                Reply::ValueCas {
+                    opaque: 1,
+                    cas: 123,
+                    data: b"ab"
+                },
+                15
+            )
+        );
+        // Flags in another order, and a value without a CAS token.
+        let (r, _) = parse(b"VA 2 O1 c9\r\nab\r\n").expect("valid").expect("whole");
+        assert!(matches!(r, Reply::ValueCas { cas: 9, .. }));
+        let (r, _) = parse(b"VA 2 O1\r\nab\r\n").expect("valid").expect("whole");
+        assert!(matches!(r, Reply::Value { .. }));
+        assert!(parse(b"VA 2 cx O1\r\nab\r\n").is_err());
     }
 
     #[test]

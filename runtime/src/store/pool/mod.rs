@@ -101,6 +101,10 @@ struct Inner {
     /// Held while leases are renewed or released, so that none is renewed after exit
     /// released it.
     leases: Mutex<()>,
+    /// The pool's thread renews the heap's leases: false for a restore until it takes the
+    /// leases over (its claim has no time to live, and must keep none while the start may
+    /// still give the heap back).
+    renewing: AtomicBool,
     name: String,
     pages: u64,
 }
@@ -118,6 +122,27 @@ impl PoolStore {
         members: Vec<Box<dyn Member>>,
         heap_bytes: u64,
         settings: PoolSettings,
+    ) -> Result<PoolStore, StoreError> {
+        PoolStore::new_with(name, members, heap_bytes, settings, true)
+    }
+
+    /// [`PoolStore::new`] for a restore: the pool's thread renews no lease until
+    /// [`PoolStore::take_over_leases`].
+    pub fn new_restoring(
+        name: String,
+        members: Vec<Box<dyn Member>>,
+        heap_bytes: u64,
+        settings: PoolSettings,
+    ) -> Result<PoolStore, StoreError> {
+        PoolStore::new_with(name, members, heap_bytes, settings, false)
+    }
+
+    fn new_with(
+        name: String,
+        members: Vec<Box<dyn Member>>,
+        heap_bytes: u64,
+        settings: PoolSettings,
+        renewing: bool,
     ) -> Result<PoolStore, StoreError> {
         assert!(
             settings.replicas >= 1 && settings.replicas <= members.len(),
@@ -151,6 +176,7 @@ impl PoolStore {
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             leases: Mutex::new(()),
+            renewing: AtomicBool::new(renewing),
             name,
             pages,
         });
@@ -266,11 +292,20 @@ impl PoolStore {
         Ok(())
     }
 
-    /// Starts a restore from a pool image: the seeded heap's lease becomes this process's on
-    /// every server (renewed and released as any running heap's from now on).
+    /// Ends a restore's start: the claimed heap's lease becomes this process's on every
+    /// server (renewed and released as any running heap's from now on). On an error the
+    /// leases are not renewed; the caller gives the heap back.
     pub fn take_over_leases(&self) -> Result<(), StoreError> {
         let inner = &*self.inner;
         let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.stop.load(Relaxed) {
+            return Err(inner.pool_error(
+                StoreOp::Fetch,
+                0,
+                FailureKind::Refused,
+                "the heap was given back to the pool already".into(),
+            ));
+        }
         for m in &inner.members {
             m.take_over_lease().map_err(|why| {
                 inner.pool_error(
@@ -284,7 +319,18 @@ impl PoolStore {
                 )
             })?;
         }
+        inner.renewing.store(true, Relaxed);
         Ok(())
+    }
+
+    /// Stops the pool's thread and its renewals (a restore gives the heap back): once this
+    /// returns, no renewal is under way and none starts.
+    pub fn stop_renewals(&self) {
+        let inner = &*self.inner;
+        inner.stop.store(true, Relaxed);
+        inner.wake_thread();
+        let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        inner.renewing.store(false, Relaxed);
     }
 }
 

@@ -164,8 +164,8 @@ fn drain_queue(inner: &Inner) {
 /// restart.
 fn renew_leases(inner: &Inner) {
     let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
-    if inner.stop.load(Relaxed) {
-        return; // Released at exit.
+    if inner.stop.load(Relaxed) || !inner.renewing.load(Relaxed) {
+        return; // Released at exit, or a restore's claim that must keep no time to live.
     }
     for (s, member) in inner.members.iter().enumerate() {
         if !inner.health[s].is_up() {
