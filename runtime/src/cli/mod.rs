@@ -86,13 +86,19 @@ pub enum CliError {
         total: usize,
         names: String,
     },
+    #[error(
+        "no server of the pool holds heap {heap_id:016x} (lego pool --heaps lists the heaps \
+         there are)"
+    )]
+    HeapNotFound { heap_id: u64 },
 }
 
 impl CliError {
-    /// The status `lego` exits with: 1 when a pool's server did not answer, 2 otherwise.
+    /// The status `lego` exits with: 1 when a pool's server did not answer or holds no such
+    /// heap, 2 otherwise.
     pub fn exit_status(&self) -> i32 {
         match self {
-            CliError::ServersFailed { .. } => 1,
+            CliError::ServersFailed { .. } | CliError::HeapNotFound { .. } => 1,
             _ => 2,
         }
     }

@@ -108,6 +108,8 @@ pub fn parse_pool_url(url: &str) -> Result<Vec<String>, CliError> {
 /// when some server did not answer.
 pub fn run(args: &PoolArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let timeout_ms = PoolSettings::default().timeout_ms;
+    // `gc --heap ID` that every server answered without holding the heap.
+    let mut not_found = None;
     // One line (or, with --heaps, lines) per server and whether it answered, then the total.
     let (servers, total): (Vec<(String, bool)>, String) = match args.action {
         PoolAction::Show { heaps } => {
@@ -125,6 +127,13 @@ pub fn run(args: &PoolArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 _ => None,
             };
             let outcomes = on_every_server(&args.servers, |s| collect(s, timeout_ms, heap));
+            if heap.is_some()
+                && outcomes
+                    .iter()
+                    .all(|o| matches!(o, Collected::Done(r) if r.heaps_found == 0))
+            {
+                not_found = heap;
+            }
             let lines = outcomes
                 .iter()
                 .zip(&args.servers)
@@ -146,14 +155,16 @@ pub fn run(args: &PoolArgs, out: &mut dyn Write) -> Result<(), CliError> {
         .filter(|((_, ok), _)| !ok)
         .map(|(_, s)| s.as_str())
         .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::ServersFailed {
+    if !failed.is_empty() {
+        return Err(CliError::ServersFailed {
             failed: failed.len(),
             total: args.servers.len(),
             names: failed.join(", "),
-        })
+        });
+    }
+    match not_found {
+        Some(heap_id) => Err(CliError::HeapNotFound { heap_id }),
+        None => Ok(()),
     }
 }
 

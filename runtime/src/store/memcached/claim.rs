@@ -124,7 +124,10 @@ impl RestoreClaim {
                 server: conn.name.clone(),
                 source,
             })?;
-            let Some(LeaseRead { holder, value, cas }) = read else {
+            let Some(LeaseRead {
+                holder, value, cas, ..
+            }) = read
+            else {
                 continue;
             };
             let pid = holder.pid.map_or("?".to_owned(), |p| p.to_string());
@@ -280,4 +283,163 @@ fn process_gone(pid: u32) -> bool {
     // nothing, and `pid` is a single positive process id (never a group or "all").
     let r = unsafe { libc::kill(pid, 0) };
     r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+    use crate::config::PoolSettings;
+    use crate::store::memcached::test_server::TestServer;
+    use crate::store::open_restored_pool;
+
+    const HEAP_BYTES: u64 = 1 << 20;
+
+    fn settings() -> PoolSettings {
+        PoolSettings {
+            replicas: 1,
+            timeout_ms: 2000,
+            ..PoolSettings::default()
+        }
+    }
+
+    /// The lease's value, and whether it expires (`None`: no lease).
+    fn lease_of(server: &TestServer, heap_id: u64) -> Option<(Vec<u8>, bool)> {
+        let conn = Connection::new(&server.addr, 2000).expect("an address");
+        let read = lease::read(&conn, heap_id).expect("reading")?;
+        Some((read.value, read.ttl_s.is_some()))
+    }
+
+    fn seed_as(server: &TestServer, heap_id: u64, value: &[u8]) {
+        let conn = Connection::new(&server.addr, 2000).expect("an address");
+        lease::reseal(&conn, heap_id, value).expect("seeding");
+    }
+
+    #[test]
+    fn of_two_restores_at_once_exactly_one_gets_the_heap() {
+        let servers = [TestServer::start(16, false), TestServer::start(16, false)];
+        let names: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        let heap = 0x5eed_0001;
+        let seeded = b"seeded pid=4242 host=replayer".to_vec();
+        for round in 0..10 {
+            for s in &servers {
+                seed_as(s, heap, &seeded);
+            }
+            let barrier = Arc::new(Barrier::new(2));
+            let threads: Vec<_> = (0..2)
+                .map(|_| {
+                    let (names, barrier) = (names.clone(), Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        open_restored_pool(&names, &settings(), HEAP_BYTES, heap)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = threads
+                .into_iter()
+                .map(|t| t.join().expect("no panic"))
+                .collect();
+            let (won, lost): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+            assert_eq!(
+                won.len(),
+                1,
+                "round {round}: exactly one restore gets the heap"
+            );
+            let why = crate::logging::error_chain(lost[0].as_ref().err().expect("refused"));
+            assert!(
+                why.contains("claimed the seeded heap") || why.contains("being restored"),
+                "round {round}: {why}"
+            );
+            // The loser put back nothing of the winner's: the heap is being restored.
+            for s in &servers {
+                let (value, expires) = lease_of(s, heap).expect("a lease");
+                assert!(value.starts_with(RESTORING_MARK.as_bytes()) && !expires);
+            }
+            // The winner's start fails (dropped before taking over): the heap is seeded again,
+            // as the replay left it.
+            drop(won);
+            for s in &servers {
+                assert_eq!(lease_of(s, heap), Some((seeded.clone(), false)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_seeded_lease_keeps_no_ttl_after_a_failed_restore() {
+        let good = TestServer::start(16, false);
+        let evicting = TestServer::start(16, true);
+        let heap = 0x5eed_0002;
+        let seeded = b"seeded pid=4242 host=replayer".to_vec();
+        seed_as(&good, heap, &seeded);
+        // A later server may evict: refused before any lease changed.
+        let names = vec![good.addr.clone(), evicting.addr.clone()];
+        let e = open_restored_pool(&names, &settings(), HEAP_BYTES, heap)
+            .err()
+            .expect("a server that may evict");
+        assert!(crate::logging::error_chain(&e).contains("-M"), "{e}");
+        assert_eq!(lease_of(&good, heap), Some((seeded.clone(), false)));
+
+        // Claimed, then taken over, then the start fails: seeded again, without a time to
+        // live, on every server (also where the take-over set a lease that was not there).
+        let other = TestServer::start(16, false);
+        let names = vec![good.addr.clone(), other.addr.clone()];
+        let mut restored =
+            open_restored_pool(&names, &settings(), HEAP_BYTES, heap).expect("restoring");
+        assert!(
+            lease_of(&other, heap).is_none(),
+            "no lease is set where none was"
+        );
+        restored.take_over().expect("taking over");
+        assert!(
+            lease_of(&good, heap).expect("a lease").1,
+            "a running heap's expires"
+        );
+        drop(restored);
+        for s in [&good, &other] {
+            assert_eq!(lease_of(s, heap), Some((seeded.clone(), false)));
+        }
+
+        // Taken over and disarmed: the heap is this process's (a normal lease).
+        let mut restored =
+            open_restored_pool(&names, &settings(), HEAP_BYTES, heap).expect("restoring");
+        restored.take_over().expect("taking over");
+        restored.disarm();
+        drop(restored);
+        let (value, expires) = lease_of(&good, heap).expect("a lease");
+        assert!(expires && lease::parse_value(&value).pid == Some(std::process::id()));
+    }
+
+    #[test]
+    fn a_restore_killed_on_this_host_can_be_claimed_again_but_not_a_live_one() {
+        let server = TestServer::start(16, false);
+        let names = vec![server.addr.clone()];
+        let heap = 0x5eed_0003;
+        let host = lease::host_name();
+        // This process is alive: its `restoring` lease is refused.
+        let live = format!("{RESTORING_MARK} pid={} host={host}", std::process::id());
+        seed_as(&server, heap, live.as_bytes());
+        let e = open_restored_pool(&names, &settings(), HEAP_BYTES, heap)
+            .err()
+            .expect("a live restore");
+        assert!(
+            crate::logging::error_chain(&e).contains("being restored"),
+            "{e}"
+        );
+        // Another host's: refused too (its process may be alive).
+        let remote = format!("{RESTORING_MARK} pid=1 host=elsewhere-{host}");
+        seed_as(&server, heap, remote.as_bytes());
+        assert!(open_restored_pool(&names, &settings(), HEAP_BYTES, heap).is_err());
+        // A process of this host that is gone: a child that ended.
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let pid = child.id();
+        child.wait().expect("waiting");
+        let stale = format!("{RESTORING_MARK} pid={pid} host={host}");
+        seed_as(&server, heap, stale.as_bytes());
+        let restored =
+            open_restored_pool(&names, &settings(), HEAP_BYTES, heap).expect("a stale claim");
+        drop(restored);
+        let (value, expires) = lease_of(&server, heap).expect("a lease");
+        assert!(!expires && lease::parse_value(&value).seeded, "{value:?}");
+    }
 }

@@ -315,32 +315,49 @@ pub fn collect_orphans(
 
 /// `lego pool gc --heap ID`: deletes heap `heap_id` on the server, its pages and its lease,
 /// when it is seeded (waiting for a restore that will not come) or orphaned; a heap whose
-/// lease says a process runs it is kept (`heaps_live`). The lease goes first, so that a
-/// restore started meanwhile is refused instead of finding half the pages.
+/// lease says a process runs or restores it is kept (`heaps_live`). The lease goes first, by
+/// compare and swap with the token read here: a restore that claimed it since changed the
+/// token, so the lease stays and so do the pages (`heaps_live`); once the lease is gone a
+/// restore is refused instead of finding half the pages. `heaps_found` is 0 when the server
+/// holds nothing of the heap.
 pub fn collect_heap(
     conn: &Connection,
     heap_id: u64,
     limits: &DumpLimits,
 ) -> Result<GcReport, GcError> {
+    collect_heap_then(conn, heap_id, limits, &mut || {})
+}
+
+/// [`collect_heap`], calling `after_read` between reading the lease and deleting it (tests
+/// race a restore there).
+fn collect_heap_then(
+    conn: &Connection,
+    heap_id: u64,
+    limits: &DumpLimits,
+    after_read: &mut dyn FnMut(),
+) -> Result<GcReport, GcError> {
     let survey = survey(conn, limits)?;
     let mut report = GcReport {
-        heaps_found: survey.heaps.len(),
+        heaps_found: 0,
         cut: survey.cut,
         ..GcReport::default()
     };
     let Some(heap) = survey.heaps.get(&heap_id) else {
         return Ok(report);
     };
-    let holder = lease::holders(conn, &[heap_id])
-        .map_err(GcError::Leases)?
-        .pop()
-        .flatten();
-    if holder.as_ref().is_some_and(|h| !h.seeded) {
-        report.heaps_live += 1;
-        return Ok(report);
-    }
-    if holder.is_some() {
-        lease::release(conn, heap_id).map_err(GcError::Leases)?;
+    report.heaps_found = 1;
+    let lease = lease::read(conn, heap_id).map_err(GcError::Leases)?;
+    if let Some(read) = &lease {
+        if !read.holder.seeded {
+            report.heaps_live += 1;
+            return Ok(report);
+        }
+        after_read();
+        if !lease::delete_if_unchanged(conn, heap_id, read.cas).map_err(GcError::Leases)? {
+            // Claimed by a restore (or renewed) since it was read: not this collection's.
+            report.heaps_live += 1;
+            return Ok(report);
+        }
         report.keys_deleted += 1;
         report.bytes_freed += heap.lease_bytes;
     }
@@ -539,6 +556,35 @@ mod tests {
         assert_eq!((gone.heaps_collected, gone.keys_deleted), (1, 26));
         assert!(present(&conn, &pages_of(seeded, 25)).iter().all(|&p| !p));
         assert!(!present(&conn, &[keys::lease_key(seeded)])[0]);
+        // A heap the server holds nothing of is not found.
+        let none = collect_heap(&conn, 0x404, &DumpLimits::COMMAND).expect("a dump");
+        assert_eq!((none.heaps_found, none.heaps_collected), (0, 0));
+    }
+
+    /// `lego pool gc --heap` racing a restore: the restore claims the seeded lease between
+    /// the collection's read of it and its delete; the delete (by CAS) fails and the pages
+    /// stay, for the restore.
+    #[test]
+    fn gc_of_a_seeded_heap_keeps_it_when_a_restore_claims_it_meanwhile() {
+        let server = TestServer::start(64, false);
+        let conn = Connection::new(&server.addr, 2000).expect("an address");
+        let seeded = 0x5eed;
+        lease::seed(&conn, seeded).expect("seeding");
+        write_raw(&conn, &pages_of(seeded, 6));
+        let report = collect_heap_then(&conn, seeded, &DumpLimits::COMMAND, &mut || {
+            let read = lease::read(&conn, seeded)
+                .expect("reading")
+                .expect("a lease");
+            assert!(lease::claim(&conn, seeded, read.cas).expect("claiming"));
+        })
+        .expect("a dump");
+        assert_eq!((report.heaps_live, report.heaps_collected), (1, 0));
+        assert_eq!(report.keys_deleted, 0);
+        assert!(present(&conn, &pages_of(seeded, 6)).iter().all(|&p| p));
+        let holder = lease::read(&conn, seeded)
+            .expect("reading")
+            .expect("a lease");
+        assert!(holder.holder.restoring, "{holder:?}");
     }
 
     /// The dump is only a snapshot: a heap that took its lease since, and a page written again

@@ -91,6 +91,8 @@ pub struct LeaseRead {
     pub holder: LeaseHolder,
     pub value: Vec<u8>,
     pub cas: u64,
+    /// Seconds it has left to live; `None`: it never expires (a seeded or claimed heap's).
+    pub ttl_s: Option<u32>,
 }
 
 /// Why a lease could not be renewed, released or read. Every one is transient: the server
@@ -177,12 +179,16 @@ pub fn read(conn: &Connection, heap_id: u64) -> Result<Option<LeaseRead>, LeaseE
     protocol::noop(&mut request);
     let mut found = None;
     conn.pipeline(&request, |reply| {
-        if let Reply::ValueCas { cas, data, .. } = reply {
+        if let Reply::ValueCas {
+            cas, ttl_s, data, ..
+        } = reply
+        {
             let value = data[..data.len().min(LEASE_VALUE_BYTES_MAX)].to_vec();
             found = Some(LeaseRead {
                 holder: parse_value(&value),
                 value,
                 cas,
+                ttl_s,
             });
         }
     })
@@ -469,13 +475,33 @@ mod tests {
             .clone()
             .expect("a lease");
         assert!(holder.seeded, "{holder:?}");
-        // A renewal (the restored run's first one, at open) extends it in place.
-        assert_eq!(renew(&conn, heap, 60).expect("renewing"), Renewal::Extended);
+        // A restore claims it by its CAS token, still without a time to live (nothing renews
+        // it until the take-over: a failed restore leaves a seeded lease without one); a
+        // second claim with the same token finds it changed.
+        let read = read(&conn, heap).expect("reading").expect("a lease");
+        assert_eq!(read.ttl_s, None);
+        assert!(claim(&conn, heap, read.cas).expect("claiming"));
+        assert!(!claim(&conn, heap, read.cas).expect("claiming again"));
+        let claimed = super::read(&conn, heap).expect("reading").expect("a lease");
+        assert!(claimed.holder.restoring && claimed.ttl_s.is_none());
+        reseal(&conn, heap, &read.value).expect("giving it back");
+        let again = super::read(&conn, heap).expect("reading").expect("a lease");
+        assert_eq!((again.value, again.ttl_s), (read.value, None));
         take(&conn, heap, 60).expect("taking over");
         let holder = holders(&conn, &[heap]).expect("reading")[0]
             .clone()
             .expect("a lease");
         assert!(!holder.seeded && holder.pid == Some(std::process::id()));
+        let taken = super::read(&conn, heap).expect("reading").expect("a lease");
+        assert!(taken.ttl_s.is_some_and(|t| t <= 60));
+        // Deleted only with the token it has now.
+        assert!(!delete_if_unchanged(&conn, heap, read_cas_before(&taken)).expect("deleting"));
+        assert!(delete_if_unchanged(&conn, heap, taken.cas).expect("deleting"));
+        assert_eq!(holders(&conn, &[heap]).expect("reading"), vec![None]);
+    }
+
+    fn read_cas_before(read: &LeaseRead) -> u64 {
+        read.cas.wrapping_sub(1)
     }
 
     #[test]

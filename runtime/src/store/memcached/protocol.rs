@@ -12,8 +12,8 @@
 //! the key is there, `EN` if not) and
 //! `md KEY C<cas> q O<opaque>` (delete only the value a dump saw: `EX` if it changed since,
 //! `NF` if it is gone; quiet memcached still sends both, only `HD` is left out).
-//! For claiming a seeded heap's lease (compare and swap): `mg KEY c v O<opaque>` (the value
-//! and its CAS token: `VA LEN c<cas>`, or `EN`), `ms KEY LEN C<cas> [T<ttl>] O<opaque>`
+//! For claiming a seeded heap's lease (compare and swap): `mg KEY c t v O<opaque>` (the value,
+//! its CAS token and time to live left: `VA LEN c<cas> t<ttl>`, `t-1` for none; or `EN`), `ms KEY LEN C<cas> [T<ttl>] O<opaque>`
 //! (set only while the CAS token is still `cas`: `HD`, or `EX` changed, `NF` gone, `NS`) and
 //! `md KEY C<cas> O<opaque>` (`HD`, `EX` or `NF`).
 //!
@@ -117,17 +117,24 @@ pub fn delete_if(out: &mut Vec<u8>, key: &str, cas: u64, opaque: u32) {
     out.extend_from_slice(format!("md {key} C{cas} q O{opaque}\r\n").as_bytes());
 }
 
-/// Appends `mg KEY c v O<opaque>\r\n`: the value and its CAS token ([`Reply::ValueCas`]).
-/// Not quiet: `EN` if the key is not there.
+/// Appends `mg KEY c t v O<opaque>\r\n`: the value, its CAS token and its time to live left
+/// ([`Reply::ValueCas`]). Not quiet: `EN` if the key is not there.
 pub fn get_cas(out: &mut Vec<u8>, key: &str, opaque: u32) {
     debug_assert!(valid_key(key));
-    out.extend_from_slice(format!("mg {key} c v O{opaque}\r\n").as_bytes());
+    out.extend_from_slice(format!("mg {key} c t v O{opaque}\r\n").as_bytes());
 }
 
 /// Appends `ms KEY LEN C<cas> [T<ttl_s>] O<opaque>\r\n` and the value: stored only while the
 /// value's CAS token is still `cas`, never expiring without `ttl_s`. Not quiet: `HD` (stored),
 /// `EX` (changed since), `NF` (gone) or `NS`.
-pub fn set_if(out: &mut Vec<u8>, key: &str, value: &[u8], cas: u64, ttl_s: Option<u32>, opaque: u32) {
+pub fn set_if(
+    out: &mut Vec<u8>,
+    key: &str,
+    value: &[u8],
+    cas: u64,
+    ttl_s: Option<u32>,
+    opaque: u32,
+) {
     debug_assert!(valid_key(key));
     let ttl = match ttl_s {
         Some(t) => {
@@ -136,9 +143,7 @@ pub fn set_if(out: &mut Vec<u8>, key: &str, value: &[u8], cas: u64, ttl_s: Optio
         }
         None => String::new(),
     };
-    out.extend_from_slice(
-        format!("ms {key} {} C{cas}{ttl} O{opaque}\r\n", value.len()).as_bytes(),
-    );
+    out.extend_from_slice(format!("ms {key} {} C{cas}{ttl} O{opaque}\r\n", value.len()).as_bytes());
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
@@ -164,10 +169,12 @@ pub fn valid_key(key: &str) -> bool {
 pub enum Reply<'a> {
     /// `VA`: the value of a get, with its request's opaque token.
     Value { opaque: u32, data: &'a [u8] },
-    /// `VA` with a `c<cas>` flag: the value of a [`get_cas`] and its CAS token.
+    /// `VA` with a `c<cas>` flag: the value of a [`get_cas`], its CAS token and the seconds
+    /// it has left to live (`t<ttl>`; `None` when it never expires, `t-1`, or was not asked).
     ValueCas {
         opaque: u32,
         cas: u64,
+        ttl_s: Option<u32>,
         data: &'a [u8],
     },
     /// `HD`: success (only sent where not quiet: never for lego's requests, but accepted).
@@ -224,8 +231,13 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolError> {
             }
             let opaque = opaque.ok_or_else(|| malformed(line.as_bytes()))?;
             let data = &buf[taken..end];
-            let reply = match cas_of(flags.skip(1), line)? {
-                Some(cas) => Reply::ValueCas { opaque, cas, data },
+            let reply = match cas_of(flags.clone().skip(1), line)? {
+                Some(cas) => Reply::ValueCas {
+                    opaque,
+                    cas,
+                    ttl_s: ttl_of(flags.skip(1), line)?,
+                    data,
+                },
                 None => Reply::Value { opaque, data },
             };
             return Ok(Some((reply, end + 2)));
@@ -272,6 +284,20 @@ fn cas_of<'a>(
             .map(Some)
             .map_err(|_| malformed(line.as_bytes())),
         None => Ok(None),
+    }
+}
+
+/// The `t<ttl>` flag among a reply's flags: `None` when absent or `t-1` (never expires).
+fn ttl_of<'a>(
+    mut flags: impl Iterator<Item = &'a str>,
+    line: &str,
+) -> Result<Option<u32>, ProtocolError> {
+    match flags.find_map(|f| f.strip_prefix('t')) {
+        Some("-1") | None => Ok(None),
+        Some(token) => token
+            .parse()
+            .map(Some)
+            .map_err(|_| malformed(line.as_bytes())),
     }
 }
 
@@ -338,25 +364,37 @@ mod tests {
         delete_if_answered(&mut out, "lego:1:lease", 79, 4);
         assert_eq!(
             out,
-            b"mg lego:1:lease c v O1\r\nms lego:1:lease 2 C77 O2\r\nab\r\n\
+            b"mg lego:1:lease c t v O1\r\nms lego:1:lease 2 C77 O2\r\nab\r\n\
               ms lego:1:lease 0 C78 T60 O3\r\n\r\nmd lego:1:lease C79 O4\r\n"
                 .as_slice()
         );
-        let (r, n) = parse(b"VA 2 c123 O1\r\nab\r\n").expect("valid").expect("whole");
+        let (r, n) = parse(b"VA 2 c123 t-1 O1\r\nab\r\n")
+            .expect("valid")
+            .expect("whole");
         assert_eq!(
             (r, n),
             (
                 Reply::ValueCas {
                     opaque: 1,
                     cas: 123,
+                    ttl_s: None,
                     data: b"ab"
                 },
-                15
+                22
             )
         );
         // Flags in another order, and a value without a CAS token.
-        let (r, _) = parse(b"VA 2 O1 c9\r\nab\r\n").expect("valid").expect("whole");
-        assert!(matches!(r, Reply::ValueCas { cas: 9, .. }));
+        let (r, _) = parse(b"VA 2 O1 t59 c9\r\nab\r\n")
+            .expect("valid")
+            .expect("whole");
+        assert!(matches!(
+            r,
+            Reply::ValueCas {
+                cas: 9,
+                ttl_s: Some(59),
+                ..
+            }
+        ));
         let (r, _) = parse(b"VA 2 O1\r\nab\r\n").expect("valid").expect("whole");
         assert!(matches!(r, Reply::Value { .. }));
         assert!(parse(b"VA 2 cx O1\r\nab\r\n").is_err());
