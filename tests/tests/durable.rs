@@ -901,7 +901,8 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
         "{shown}"
     );
 
-    // Refused before main: other servers, the file store, a log.
+    // Refused before main: a pool image with other servers than LEGO_BACKEND's, or with the
+    // file store.
     let refused = |backend: &str| {
         let out = Run::new(program("durable_list"))
             .args(["verify", "40"])
@@ -961,15 +962,35 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
         .run();
     assert_eq!(failed.code, Some(3), "{failed}");
     assert!(failed.stderr.contains("seeded again"), "{failed}");
-    let shown = lego(&["pool", "--heaps", &pool]);
     let second_id = lego_runtime::log::pool_image::PoolImage::open(&second)
         .expect("the pool image")
         .header()
         .heap_id;
-    assert!(
-        shown.contains(&format!("heap {second_id:016x} seeded, awaiting restore")),
-        "{shown}"
-    );
+    let still_seeded = |why: &str| {
+        let shown = lego(&["pool", "--heaps", &pool]);
+        assert!(
+            shown.contains(&format!("heap {second_id:016x} seeded, awaiting restore")),
+            "{why}:\n{shown}"
+        );
+    };
+    still_seeded("after a log that cannot be opened");
+    // So does a thread that cannot start: the pool's own (before the pool exists), the
+    // evictor (after the heap was taken over, before the program ran).
+    for thread in ["lego-pool", "lego-evict"] {
+        let failed = Run::new(program("durable_list"))
+            .args(["verify", "40"])
+            .shim()
+            .env("LEGO_CACHE_SIZE", CACHE)
+            .env("LEGO_HEAP_SIZE", HEAP)
+            .env("LEGO_BACKEND", &pool)
+            .env("LEGO_RESTORE", &second)
+            .env("LEGO_FAULT_INJECT", format!("spawn:{thread}"))
+            .env("LEGO_LOG_LEVEL", "warn")
+            .run();
+        assert_eq!(failed.code, Some(3), "{failed}");
+        assert!(failed.stderr.contains("seeded again"), "{failed}");
+        still_seeded(&format!("after {thread} could not start"));
+    }
     let mut cmd = Command::new(program("durable_list"));
     cmd.args(["run", "1000000", "4"])
         .env("LEGO_FLUSH_MS", "20")
