@@ -89,6 +89,21 @@ pub enum SeedError {
          give at most {servers}"
     )]
     Replicas { replicas: usize, servers: usize },
+    #[error(
+        "{short} of the {pages} pages got fewer than the {replicas} copies --replicas asks for \
+         (page {page} has {copies}): a server was full (memcached -m) or did not answer; \
+         nothing was seeded (the pages stored are freed by the next lego pool gc): give the \
+         servers room, or ask for fewer copies"
+    )]
+    TooFewCopies {
+        short: u64,
+        pages: u64,
+        replicas: usize,
+        page: u64,
+        copies: u32,
+    },
+    #[error("setting the seeded heap's lease on the servers failed; nothing was seeded (the pages stored are freed by the next lego pool gc)")]
+    Seal(#[source] StoreError),
 }
 
 /// The second pass's sink when the heap goes to a pool: pages are stored as they come; the
@@ -131,6 +146,30 @@ impl ImageSink for PoolSink<'_> {
     }
 }
 
+/// Checks that every page of `stored` (in order, each once) has `replicas` copies in `pool`'s
+/// records.
+fn check_copies(pool: &PoolStore, stored: &[u64], replicas: usize) -> Result<(), SeedError> {
+    let mut short = 0u64;
+    let mut first = None;
+    for &page in stored {
+        let copies = pool.stored_copy(page).holders.count_ones();
+        if (copies as usize) < replicas {
+            short += 1;
+            first.get_or_insert((page, copies));
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((page, copies)) => Err(SeedError::TooFewCopies {
+            short,
+            pages: stored.len() as u64,
+            replicas,
+            page,
+            copies,
+        }),
+    }
+}
+
 /// `lego replay LOG_DIR --to memcached://... -o POOL_IMAGE`: see the module documentation.
 pub fn replay_to_pool(
     dir: &Path,
@@ -169,20 +208,23 @@ pub fn replay_to_pool(
         error: None,
     };
     let written = write_image(&mut plan, &segments, &mut sink, pool_image_path, progress);
-    let (stored, failure) = (std::mem::take(&mut sink.stored), sink.error.take());
+    let (mut stored, failure) = (std::mem::take(&mut sink.stored), sink.error.take());
+    stored.sort_unstable();
+    stored.dedup();
     let result = match (written, failure) {
         (_, Some(e)) => Err(SeedError::Store(e)),
         (Err(e), None) => Err(SeedError::Replay(e)),
-        (Ok(()), None) => pool.seal_as_seeded().map_err(SeedError::Store),
+        // Every page with all its copies, or nothing seeded: the pool has no thread to add
+        // missing copies once sealed (nobody runs the heap).
+        (Ok(()), None) => check_copies(&pool, &stored, options.replicas)
+            .and_then(|()| pool.seal_as_seeded().map_err(SeedError::Seal)),
     };
     if let Err(e) = result {
         // Released: the pages stored so far are an orphaned heap, freed by the next gc.
         pool.at_exit();
         return Err(e);
     }
-    let mut pages = stored;
-    pages.sort_unstable();
-    pages.dedup();
+    let pages = stored;
     let header = PoolImageHeader {
         region: plan.report.region,
         epoch: plan.report.epoch,
@@ -231,6 +273,61 @@ mod tests {
     /// A log of two epochs (one page rewritten, one zeroed) seeds two servers with two copies;
     /// the pool image lists the final non-zero pages, a restored pool serves exactly them, and
     /// a second restore of the same heap is refused while the first holds its lease.
+    /// A page that got fewer copies than asked (a server down or full while seeding) stops
+    /// the seeding before the lease is sealed, with the count.
+    #[test]
+    fn a_page_short_of_its_copies_is_refused() {
+        use crate::config::Replication;
+        use crate::store::pool::member::test_member::TestMember;
+        use crate::store::pool::member::Member;
+        use crate::store::PageWrite;
+
+        let heap_bytes = 64 * 4096;
+        let a = TestMember::new("a:1", heap_bytes);
+        let b = TestMember::new("b:1", heap_bytes);
+        let members: Vec<Box<dyn Member>> = vec![Box::new(a), Box::new(b)];
+        let settings = PoolSettings {
+            replicas: 2,
+            replication: Replication::Pessimistic,
+            ..PoolSettings::default()
+        };
+        let pool = PoolStore::new("test".into(), members, heap_bytes, settings).expect("a pool");
+        let mut buf = crate::io::AlignedBuf::new(4096);
+        buf.as_mut_slice().copy_from_slice(&page(7));
+        let data = buf.as_mut_slice().to_vec();
+        let mut batch = [PageWrite::new(1, buf.as_mut_slice(), SEEDED_VERSION)];
+        pool.store(&mut batch).expect("two copies");
+        check_copies(&pool, &[1], 2).expect("every page has its copies");
+        // What the records say after a server refused pages 2 and 3 (full, or down while
+        // seeding: the store was still Ok, one copy being stored).
+        let one_copy = |page| {
+            (
+                page,
+                crate::store::pool::records::Copy {
+                    crc: crc32c::crc32c(&data),
+                    version: SEEDED_VERSION,
+                    holders: 0b01,
+                },
+            )
+        };
+        pool.adopt([one_copy(2), one_copy(3)]).expect("adopting");
+        let e = check_copies(&pool, &[1, 2, 3], 2).expect_err("short pages");
+        assert!(
+            matches!(
+                e,
+                SeedError::TooFewCopies {
+                    short: 2,
+                    pages: 3,
+                    replicas: 2,
+                    page: 2,
+                    copies: 1
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("2 of the 3 pages"), "{e}");
+    }
+
     #[test]
     fn a_log_seeds_a_pool_that_a_restore_reads_back() {
         let dir = TestDir::new("seed");

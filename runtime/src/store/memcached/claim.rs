@@ -64,7 +64,7 @@ pub enum ClaimError {
         host: String,
     },
     #[error(
-        "no server holds the seeded lease of heap {heap_id:016x}: it was restored already (and \
+        "no server holds its seeded lease (heap {heap_id:016x}): it was restored already (and \
          that run ended), collected (lego pool gc --heap), or the servers restarted; run lego \
          replay LOG_DIR --to again"
     )]
