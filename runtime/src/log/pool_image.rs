@@ -114,10 +114,14 @@ pub enum PoolImageError {
     #[error("{path} exists and is not a lego image; refusing to replace it (choose another -o)")]
     InTheWay { path: PathBuf },
     #[error(
-        "the pool's servers do not fit a pool image: {count} servers ({bytes} bytes), at most \
-         {SERVERS_MAX} servers in {SERVERS_BYTES_MAX} bytes"
+        "the pool's servers do not fit the pool image {path}: {count} servers ({bytes} bytes), \
+         at most {SERVERS_MAX} servers in {SERVERS_BYTES_MAX} bytes"
     )]
-    TooManyServers { count: usize, bytes: usize },
+    TooManyServers {
+        path: PathBuf,
+        count: usize,
+        bytes: usize,
+    },
 }
 
 /// Whether `head` (a file's first bytes) starts like a pool image.
@@ -165,10 +169,11 @@ impl PoolImageHeader {
         self.servers.join(",")
     }
 
-    fn encode(&self) -> Result<Vec<u8>, PoolImageError> {
+    fn encode(&self, path: &Path) -> Result<Vec<u8>, PoolImageError> {
         let text = self.servers_text();
         if self.servers.len() > SERVERS_MAX || text.len() > SERVERS_BYTES_MAX {
             return Err(PoolImageError::TooManyServers {
+                path: path.to_path_buf(),
                 count: self.servers.len(),
                 bytes: text.len(),
             });
@@ -305,7 +310,7 @@ pub fn write_pool_image(
             .mode(0o600)
             .open(&partial)
             .map_err(|e| io("creating a temporary file for", e))?;
-        file.write_all(&header.encode()?)
+        file.write_all(&header.encode(path)?)
             .map_err(|e| io("writing", e))?;
         let mut chunk = Vec::with_capacity(CHUNK_BLOCKS * BLOCK_BYTES);
         let mut block = vec![0u8; BLOCK_BYTES];

@@ -252,12 +252,12 @@ impl<'a> PoolCheckpoint<'a> {
         }
     }
 
-    fn failed(&self, why: String) -> LogError {
-        LogError::Io {
-            path: self.path.to_path_buf(),
-            what: "reading the restored heap's pages back from the pool, for the log's first \
-                   checkpoint, after restoring",
-            source: std::io::Error::other(why),
+    fn failed(&self, page: u64, attempts: u32, why: String) -> LogError {
+        LogError::PoolCheckpoint {
+            image: self.path.to_path_buf(),
+            page,
+            attempts,
+            why,
         }
     }
 }
@@ -304,9 +304,7 @@ impl CheckpointSource for PoolCheckpoint<'_> {
                             Err(e) => crate::logging::error_chain(&e),
                             Ok(()) => format!("page {page} does not match its checksum"),
                         };
-                        return Err(self.failed(format!(
-                            "page {page} could not be read after {attempt} tries: {why}"
-                        )));
+                        return Err(self.failed(page, attempt, why));
                     }
                     std::thread::sleep(std::time::Duration::from_millis(
                         CHECKPOINT_READ_RETRY_MS * u64::from(attempt),

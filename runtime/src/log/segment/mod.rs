@@ -190,6 +190,17 @@ pub enum LogError {
     PageOutOfRange { page: u64, pages: u64 },
     #[error("page {page} appears twice in one epoch")]
     DuplicatePage { page: u64 },
+    #[error(
+        "reading page {page} of the restored heap back from the pool (pool image {image}), for \
+         the log's first checkpoint, failed after {attempts} tries: {why}; the log is left as \
+         it was"
+    )]
+    PoolCheckpoint {
+        image: PathBuf,
+        page: u64,
+        attempts: u32,
+        why: String,
+    },
     #[error("{what} for segment {path} failed")]
     Io {
         path: PathBuf,
