@@ -216,8 +216,7 @@ pub fn replay_to_pool(
         (Err(e), None) => Err(SeedError::Replay(e)),
         // Every page with all its copies, or nothing seeded: the pool has no thread to add
         // missing copies once sealed (nobody runs the heap).
-        (Ok(()), None) => check_copies(&pool, &stored, options.replicas)
-            .and_then(|()| pool.seal_as_seeded().map_err(SeedError::Seal)),
+        (Ok(()), None) => check_copies(&pool, &stored, options.replicas),
     };
     if let Err(e) = result {
         // Released: the pages stored so far are an orphaned heap, freed by the next gc.
@@ -244,9 +243,29 @@ pub fn replay_to_pool(
             version: copy.version,
         }
     });
-    if let Err(e) = pool_image::write_pool_image(pool_image_path, &header, entries) {
+    // Sealed once the pool image is durable under its temporary name, renamed after: a crash
+    // before the seal leaves an orphan for gc, one after the rename a whole pool image.
+    let mut seal_error = None;
+    let written =
+        pool_image::write_pool_image_then(pool_image_path, &header, entries, || {
+            match pool.seal_as_seeded() {
+                Ok(()) => true,
+                Err(e) => {
+                    seal_error = Some(e);
+                    false
+                }
+            }
+        });
+    let failed = match (written, seal_error) {
+        (Ok(true), _) => None,
+        (_, Some(e)) => Some(SeedError::Seal(e)),
+        (Err(e), None) => Some(e.into()),
+        (Ok(false), None) => unreachable!("the pool image is dropped only when sealing failed"),
+    };
+    if let Some(e) = failed {
+        // Released, sealed or not: the pages are an orphaned heap, freed by the next gc.
         pool.at_exit();
-        return Err(e.into());
+        return Err(e);
     }
     let mut replay = plan.report;
     replay.image_bytes = header.file_bytes();

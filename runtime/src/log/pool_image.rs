@@ -289,6 +289,19 @@ pub fn write_pool_image(
     header: &PoolImageHeader,
     pages: impl IntoIterator<Item = PoolPage>,
 ) -> Result<(), PoolImageError> {
+    write_pool_image_then(path, header, pages, || true).map(|_| ())
+}
+
+/// [`write_pool_image`], calling `before_rename` once the temporary file is durable and
+/// before it is renamed into place: `Ok(false)` when that said no (the temporary file is
+/// removed, `path` untouched). A seeding seals the heap's lease there, so that a crash leaves
+/// either no seeded lease or a whole pool image, but for the rename itself.
+pub fn write_pool_image_then(
+    path: &Path,
+    header: &PoolImageHeader,
+    pages: impl IntoIterator<Item = PoolPage>,
+    before_rename: impl FnOnce() -> bool,
+) -> Result<bool, PoolImageError> {
     check_replaceable(path)?;
     let io = |what, source| PoolImageError::Io {
         path: path.to_path_buf(),
@@ -349,19 +362,27 @@ pub fn write_pool_image(
         assert_eq!(count, header.pages, "the header counts the pages written");
         file.write_all(&chunk).map_err(|e| io("writing", e))?;
         file.sync_all().map_err(|e| io("fsync of", e))?;
-        std::fs::rename(&partial, path).map_err(|e| io("renaming the finished", e))
+        if !before_rename() {
+            return Ok(false);
+        }
+        std::fs::rename(&partial, path)
+            .map(|()| true)
+            .map_err(|e| io("renaming the finished", e))
     })();
-    if result.is_err() {
+    if !matches!(result, Ok(true)) {
         let _ = std::fs::remove_file(&partial);
     }
-    result?;
+    if !result? {
+        return Ok(false);
+    }
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     File::open(parent)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing the directory of", e))
+        .map_err(|e| io("syncing the directory of", e))?;
+    Ok(true)
 }
 
 /// Refuses to replace anything at `path` but a regular file that starts like a lego image.
