@@ -104,6 +104,44 @@ pub enum SeedError {
     },
     #[error("setting the seeded heap's lease on the servers failed; nothing was seeded (the pages stored are freed by the next lego pool gc)")]
     Seal(#[source] StoreError),
+    #[error(
+        "{path} is the pool image of heap {heap_id:016x}, which is still seeded on {server} \
+         (awaiting its restore): replacing the file would leave that heap with no pool image; \
+         restore it, free it with lego pool gc --heap {heap_id:016x} memcached://{servers}, or \
+         choose another -o"
+    )]
+    StillSeeded {
+        path: String,
+        heap_id: u64,
+        server: String,
+        servers: String,
+    },
+}
+
+/// Refuses to replace the pool image at `path` while its heap is still seeded on a server
+/// of its pool (the servers that do not answer are passed over: the file is only replaced).
+fn check_not_seeded(path: &Path, timeout_ms: u64) -> Result<(), SeedError> {
+    let Ok(old) = pool_image::PoolImage::open(path) else {
+        return Ok(()); // Not a pool image (or not there): check_replaceable decides.
+    };
+    let h = old.header();
+    for server in &h.servers {
+        let Ok(conn) = crate::store::memcached::connection::Connection::new(server, timeout_ms)
+        else {
+            continue;
+        };
+        if let Ok(Some(read)) = crate::store::memcached::lease::read(&conn, h.heap_id) {
+            if read.holder.seeded {
+                return Err(SeedError::StillSeeded {
+                    path: path.display().to_string(),
+                    heap_id: h.heap_id,
+                    server: server.clone(),
+                    servers: h.servers.join(","),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The second pass's sink when the heap goes to a pool: pages are stored as they come; the
@@ -185,6 +223,7 @@ pub fn replay_to_pool(
     }
     // Before anything is stored: what is at the pool image's path may be replaced.
     pool_image::check_replaceable(pool_image_path)?;
+    check_not_seeded(pool_image_path, options.timeout_ms)?;
     let (segments, _) = open_segments(dir)?;
     let target = resolve_target(dir, &segments, options.replay.target)?;
     let mut plan = plan(dir, &segments, target, progress)?;
@@ -395,6 +434,14 @@ mod tests {
         };
         let image = dir.0.join("heap.pool");
         let report = replay_to_pool(&logs, &image, &options, &mut |_| {}).expect("seeding");
+        // Seeding again over a pool image whose heap is still seeded is refused.
+        let again = replay_to_pool(&logs, &image, &options, &mut |_| {}).expect_err("seeded");
+        assert!(
+            again
+                .to_string()
+                .contains(&format!("lego pool gc --heap {:016x}", report.heap_id)),
+            "{again}"
+        );
         assert_eq!((report.replay.epoch, report.pages), (2, 2), "{report}");
 
         let img = PoolImage::open(&image).expect("the pool image");
