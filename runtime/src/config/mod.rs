@@ -171,6 +171,9 @@ pub struct Config {
     /// How a memcached pool keeps its copies (`LEGO_REPLICAS` and its companions); the
     /// defaults with other backends.
     pub pool: PoolSettings,
+    /// The key that seals the values sent to a pool (`LEGO_KEY_FILE`), checked when the pool
+    /// opens (`seal::SealKey::load`); only with a memcached backend.
+    pub key_file: Option<PathBuf>,
 }
 
 /// Where the statistics go when the program exits.
@@ -229,6 +232,7 @@ struct RawSettings {
     log: RawLog,
     restore: Option<String>,
     pool: RawPool,
+    key_file: Option<String>,
 }
 
 impl Config {
@@ -379,6 +383,7 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
                 pool::TIMEOUT_MS_MAX,
             )?,
         },
+        key_file: lookup(&get, vars::KEY_FILE),
     })
 }
 
@@ -412,6 +417,11 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
 
     let log = durable::validate(raw.log, cache_bytes)?;
     let pool = pool::validate(raw.pool, &backend)?;
+    if raw.key_file.is_some() && !matches!(backend, BackendSpec::Memcached { .. }) {
+        return Err(ConfigError::NeedsPool {
+            name: vars::KEY_FILE,
+        });
+    }
 
     Ok(Config {
         cache_bytes,
@@ -436,6 +446,7 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         log,
         restore: raw.restore.map(PathBuf::from),
         pool,
+        key_file: raw.key_file.map(PathBuf::from),
     })
 }
 
