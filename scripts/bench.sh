@@ -38,7 +38,9 @@
 #                    sweeps, vs bench/mc_raw.c on the same kind of server: the same number of
 #                    4104-byte values read back with pipelined `mg KEY v q O<n>` + `mn`, as many
 #                    per pipeline as lego's read-ahead reads at once (FETCH_CHUNK_PAGES, read
-#                    from runtime/src/pager/mod.rs), one pipeline at a time
+#                    from runtime/src/pager/mod.rs), one pipeline at a time (lego sends the
+#                    next chunk's pipeline before it installs the current one, which the raw
+#                    loop does not have to do; the pipelines are the same)
 #     pool vs file/swap  seq and random over a heap 4x the cache on three servers, one copy,
 #                    vs lego on the file store and vs kernel swap (cgroups as above)
 #     replication    page_sweep write (random page writes: every page touched is dirty) over

@@ -22,7 +22,6 @@ use std::sync::{Mutex, OnceLock};
 
 use lego_runtime::config::Config;
 use lego_runtime::heap::Heap;
-use lego_runtime::log::image::ImageReader;
 use lego_runtime::pager::{Runtime, STATS};
 use lego_runtime::region::{self, Region};
 use lego_runtime::stats::Counter;
@@ -74,7 +73,7 @@ static USER_LEN: AtomicUsize = AtomicUsize::new(0);
 static CONFIG: OnceLock<Config> = OnceLock::new();
 /// The image being restored and the region reserved for it, between `user_heap` (which
 /// reserves the region) and the constructor (which starts the runtime on it).
-static RESTORING_FROM: Mutex<Option<(Region, ImageReader)>> = Mutex::new(None);
+static RESTORING_FROM: Mutex<Option<(Region, lego_runtime::pager::RestoreFrom)>> = Mutex::new(None);
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 /// The process that started the runtime; a forked child is not it.
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);
@@ -204,14 +203,18 @@ fn publish_user_heap(heap: &'static Heap, region: Region) {
 /// the program with a message.
 fn reserve_for_restore(config: &Config, path: &std::path::Path) {
     let var = lego_runtime::config::vars::RESTORE;
-    let image = match ImageReader::open(path) {
+    let image = match lego_runtime::pager::open_restore(config, path) {
         Ok(img) => img,
+        Err(e @ lego_runtime::pager::RestoreError::OtherBackend { .. }) => die(
+            EXIT_BAD_SETTING,
+            &format!("lego: {}", lego_runtime::logging::error_chain(&e)),
+        ),
         Err(e) => die(
             EXIT_CANNOT_START,
             &format!("lego: {var}: {}", lego_runtime::logging::error_chain(&e)),
         ),
     };
-    let info = image.header().region;
+    let info = image.region();
     let (base, len) = (info.base as usize, info.len as usize);
     if config.cache_bytes > info.len {
         die(

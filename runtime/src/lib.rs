@@ -10,6 +10,7 @@
 //! - [`cache`]: the page table, residency accounting and the choice of victims;
 //! - [`pager`]: the threads that turn fault events into cache and store work (handlers,
 //!   evictor) and the public `Runtime` that the preload library starts;
+//! - [`seed`]: rebuilding a pool from the log (`lego replay --to`), above `log` and `store`;
 //! - [`cli`]: the `lego` command-line tool.
 
 pub mod cache;
@@ -22,6 +23,7 @@ pub mod logging;
 pub mod pager;
 pub mod region;
 pub mod seal;
+pub mod seed;
 pub mod stats;
 pub mod store;
 pub mod threads;

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use lego_tests::memcached::{pool_backend, Memcached};
 use lego_tests::{heavy, lego_bin, program, python3, repo_root, shim_lib, Run, TempDir};
 
 /// Rounds of the crash loop (each: run, kill, replay, restore and check). `LEGO_CRASH_ROUNDS`
@@ -83,15 +84,26 @@ fn run_and_kill(
 /// its "start" line, kills it with SIGKILL `after` later, and returns the last
 /// "checkpoint A B" line it printed (if any) and all of its output.
 fn kill_after(
-    mut cmd: Command,
+    cmd: Command,
     log: &Path,
     store: &TempDir,
     restore: Option<&Path>,
     after: Duration,
 ) -> (Option<(u64, u64)>, String) {
+    kill_after_on(cmd, log, &store.backend(), restore, after)
+}
+
+/// [`kill_after`] with the page store `backend` (a pool).
+fn kill_after_on(
+    mut cmd: Command,
+    log: &Path,
+    backend: &str,
+    restore: Option<&Path>,
+    after: Duration,
+) -> (Option<(u64, u64)>, String) {
     cmd.env("LD_PRELOAD", shim_lib())
         .env("LEGO_CACHE_SIZE", CACHE)
-        .env("LEGO_BACKEND", store.backend())
+        .env("LEGO_BACKEND", backend)
         .env("LEGO_LOG_DIR", log)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -765,5 +777,284 @@ fn program_checkpoints_recover_in_both_modes() {
             recovered * 2 > rounds,
             "LEGO_FLUSH_MS={flush_ms} {options:?}: only {recovered} of {rounds} rounds recovered"
         );
+    }
+}
+
+/// `lego replay LOG --to memcached://... -o POOL_IMAGE [extra]`: the command's output, and
+/// whether it succeeded.
+fn replay_to_pool(log: &Path, servers: &str, pool_image: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(lego_bin())
+        .arg("replay")
+        .arg(log)
+        .args(["--to", servers, "-o"])
+        .arg(pool_image)
+        .args(extra)
+        .output()
+        .expect("running lego replay --to");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `durable_list verify 40` restored from `pool_image` on the pool `servers` (no log):
+/// returns the generation restored, checked as [`restore_and_verify`] does.
+fn restore_from_pool_and_verify(pool_image: &Path, servers: &str, context: &str) -> u64 {
+    let out = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", servers)
+        .env("LEGO_RESTORE", pool_image)
+        .env("LEGO_STATS", "1")
+        .run();
+    assert!(
+        out.code == Some(0),
+        "the program restored from the pool failed:\n{out}\nafter: {context}"
+    );
+    let line = |prefix: &str| {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|g| g.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{out}"))
+    };
+    let restored = line("restored ");
+    assert_eq!(line("verified "), restored + 40, "{out}");
+    let fetched = out
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.trim_start_matches("lego:")
+                .trim()
+                .strip_prefix("pages_fetched")
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    assert!(
+        fetched.is_some_and(|n| n > 0),
+        "the restored heap's pages must come from the pool: {out}"
+    );
+    restored
+}
+
+/// Issue 11: a program logging on a pool is killed; the log re-seeds an empty pool (`lego
+/// replay --to`), and the heap restored from that pool is the heap a restore from a heap
+/// image of the same log gives. The seeded heap survives `lego pool gc`, shows as seeded,
+/// and is restored once: a second restore from the same pool image is refused, and so are a
+/// pool image with other servers and with the file store. Restored with the log, the run goes
+/// on logging, is killed again and its log replays again.
+#[test]
+fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
+    let _big = heavy();
+    let dir = TempDir::new("seed");
+    let store = TempDir::new("seed-store");
+    let log = dir.path().join("log");
+    let image = dir.path().join("heap.img");
+    let pool_image = dir.path().join("heap.pool");
+    let (seen, text) = run_and_kill(&log, &store, None, Duration::from_millis(400));
+    let (gen, _) = seen.unwrap_or_else(|| panic!("no epoch committed before the kill:\n{text}"));
+    let epoch = replay(&log, &image).expect("an epoch to replay");
+    let from_image = restore_and_verify(&image, &store, "the heap image");
+    assert!(from_image >= gen, "{from_image} < {gen}");
+
+    // Fresh servers, two copies of every page.
+    let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(128)).collect();
+    let pool = pool_backend(&servers);
+    let (ok, out) = replay_to_pool(&log, &pool, &pool_image, &["--replicas", "2"]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+    assert!(
+        out.contains(&format!("epoch {epoch} (built from")) && out.contains("pool image written"),
+        "{out}"
+    );
+    let heap_id = out
+        .split_whitespace()
+        .skip_while(|w| *w != "heap")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no heap id in:\n{out}"))
+        .trim_end_matches(',')
+        .to_owned();
+    let pool_bytes = std::fs::metadata(&pool_image)
+        .expect("the pool image")
+        .len();
+    let image_bytes = std::fs::metadata(&image).expect("the image").len();
+    assert!(
+        pool_bytes * 20 < image_bytes,
+        "a pool image ({pool_bytes} bytes) is far smaller than the heap ({image_bytes} bytes)"
+    );
+
+    // Kept by gc (another process's, and lego pool gc), shown as seeded.
+    let lego = |args: &[&str]| {
+        let out = Command::new(lego_bin())
+            .args(args)
+            .output()
+            .expect("running lego");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let gc = lego(&["pool", "gc", &pool]);
+    assert!(gc.contains("; 0 keys deleted"), "{gc}");
+    let shown = lego(&["pool", "--heaps", &pool]);
+    assert!(
+        shown.contains(&format!("heap {heap_id} seeded, awaiting restore")),
+        "{shown}"
+    );
+
+    // Refused before main: other servers, the file store, a log.
+    let refused = |backend: &str| {
+        let out = Run::new(program("durable_list"))
+            .args(["verify", "40"])
+            .shim()
+            .env("LEGO_CACHE_SIZE", CACHE)
+            .env("LEGO_BACKEND", backend)
+            .env("LEGO_RESTORE", &pool_image)
+            .run();
+        assert_eq!(out.code, Some(2), "{out}");
+        out.stderr
+    };
+    let other = pool_backend(&servers[..2]);
+    let e = refused(&other);
+    assert!(
+        e.contains("LEGO_RESTORE=") && e.contains(&format!("LEGO_BACKEND={other}")),
+        "{e}"
+    );
+    let e = refused(&store.backend());
+    assert!(e.contains("is a pool image"), "{e}");
+
+    // The heap comes back from the pool, the same as from the heap image.
+    let from_pool = restore_from_pool_and_verify(&pool_image, &pool, &out);
+    assert_eq!(
+        from_pool, from_image,
+        "the heap restored from the pool differs from the one restored from the image"
+    );
+
+    // Restored once: the run took the lease over and released it at exit.
+    let again = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_BACKEND", &pool)
+        .env("LEGO_RESTORE", &pool_image)
+        .run();
+    assert_ne!(again.code, Some(0), "{again}");
+    assert!(again.stderr.contains("restored already"), "{again}");
+
+    // With the log: seeded again, restored with LEGO_LOG_DIR (the log goes on from a
+    // checkpoint read back from the pool), killed again, replayed again.
+    let second = dir.path().join("again.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &second, &[]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+    // A start that fails after the pool was opened (the log cannot be opened) gives the heap
+    // back: the restore below still finds it seeded.
+    let not_a_dir = dir.path().join("not-a-directory");
+    std::fs::write(&not_a_dir, b"x").expect("writing a file");
+    let failed = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", &pool)
+        .env("LEGO_RESTORE", &second)
+        .env("LEGO_LOG_DIR", &not_a_dir)
+        .env("LEGO_LOG_LEVEL", "warn")
+        .run();
+    assert_eq!(failed.code, Some(3), "{failed}");
+    assert!(failed.stderr.contains("seeded again"), "{failed}");
+    let shown = lego(&["pool", "--heaps", &pool]);
+    let second_id = lego_runtime::log::pool_image::PoolImage::open(&second)
+        .expect("the pool image")
+        .header()
+        .heap_id;
+    assert!(
+        shown.contains(&format!("heap {second_id:016x} seeded, awaiting restore")),
+        "{shown}"
+    );
+    let mut cmd = Command::new(program("durable_list"));
+    cmd.args(["run", "1000000", "4"])
+        .env("LEGO_FLUSH_MS", "20")
+        .env("LEGO_HEAP_SIZE", HEAP);
+    let (seen, text) = kill_after_on(cmd, &log, &pool, Some(&second), Duration::from_millis(400));
+    let (gen, seen_epoch) =
+        seen.unwrap_or_else(|| panic!("no epoch committed after the pool restore:\n{text}"));
+    assert!(
+        gen > from_pool,
+        "the restored run went on: {gen} <= {from_pool}\n{text}"
+    );
+    let epoch = replay(&log, &image).expect("an epoch to replay");
+    assert!(epoch >= seen_epoch, "{epoch} < {seen_epoch}\n{text}");
+    let restored = restore_and_verify(&image, &store, &text);
+    assert!(restored >= gen, "{restored} < {gen}\n{text}");
+
+    // Seeded values lost on every server (the lease kept): SIGBUS with a message, never
+    // other bytes.
+    let third = dir.path().join("lost.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &third, &["--replicas", "2"]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+    let img = lego_runtime::log::pool_image::PoolImage::open(&third).expect("the pool image");
+    let heap = img.header().heap_id;
+    let mut request = Vec::new();
+    img.for_each_page(|p| {
+        let key = lego_runtime::store::memcached::keys::page_key(heap, p.page);
+        request.extend_from_slice(format!("md {key} q\r\n").as_bytes());
+    })
+    .expect("reading the pool image");
+    request.extend_from_slice(b"mn\r\n");
+    for server in &servers {
+        memcached_request(&server.addr, &request);
+    }
+    let lost = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_HEAP_SIZE", HEAP)
+        .env("LEGO_BACKEND", &pool)
+        .env("LEGO_RESTORE", &third)
+        .run();
+    assert_eq!(lost.signal, Some(libc::SIGBUS), "{lost}");
+    assert!(lost.stderr.contains("lego: SIGBUS"), "{lost}");
+    assert!(!lost.stdout.contains("WRONG DATA"), "{lost}");
+
+    // A seeded heap nobody will restore is deleted by name, and its pool image is then refused.
+    let fourth = dir.path().join("unwanted.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &fourth, &[]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+    let id = lego_runtime::log::pool_image::PoolImage::open(&fourth)
+        .expect("the pool image")
+        .header()
+        .heap_id;
+    let gc = lego(&["pool", "gc", "--heap", &format!("{id:016x}"), &pool]);
+    assert!(
+        gc.contains("1 collected") && !gc.contains("; 0 keys deleted"),
+        "{gc}"
+    );
+    let refused = Run::new(program("durable_list"))
+        .args(["verify", "40"])
+        .shim()
+        .env("LEGO_CACHE_SIZE", CACHE)
+        .env("LEGO_BACKEND", &pool)
+        .env("LEGO_RESTORE", &fourth)
+        .run();
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert!(
+        refused.stderr.contains("no server holds its seeded lease"),
+        "{refused}"
+    );
+    drop(servers);
+}
+
+/// Sends a pipeline of quiet meta commands ending in `mn` and waits for its `MN`.
+fn memcached_request(addr: &str, request: &[u8]) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connecting to memcached");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a timeout");
+    conn.write_all(request).expect("sending");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"MN\r\n") {
+        let n = conn.read(&mut buf).expect("reading the replies");
+        assert!(n > 0, "memcached closed the connection");
+        got.extend_from_slice(&buf[..n]);
     }
 }

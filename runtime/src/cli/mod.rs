@@ -9,7 +9,10 @@
 //! image of the last complete epoch (of epoch N, or of the newest program checkpoint: an epoch
 //! `lego_checkpoint()` made) from a log directory, with a progress line on stderr when stderr
 //! is a terminal, and prints what it recovered and what it left out; it fails only when nothing
-//! usable is there, or with `--strict` when anything in the log is damaged. `lego inspect
+//! usable is there, or with `--strict` when anything in the log is damaged. With `--to
+//! memcached://HOST:PORT,... [--replicas N]` the heap goes to that pool instead (under a new
+//! heap id, kept for its restore) and `-o` names the small *pool image* `LEGO_RESTORE` takes
+//! (`crate::seed`). `lego inspect
 //! LOG_DIR` describes the segments, epochs (program checkpoints among them) and damage of a
 //! log.
 
@@ -26,14 +29,16 @@ use crate::log::replay::{
     inspect_dir, replay_dir_with, Progress, ReplayError, ReplayOptions, Target,
 };
 use crate::logging::error_chain;
+use crate::seed::{replay_to_pool, SeedOptions};
 
 pub mod pool;
 
 pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
        lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
+       lego replay LOG_DIR --to memcached://HOST:PORT[,...] [--replicas N] -o POOL_IMAGE [--epoch N | --checkpoint] [--strict]
        lego inspect LOG_DIR
        lego pool [--heaps] memcached://HOST:PORT[,HOST:PORT...]
-       lego pool gc memcached://HOST:PORT[,HOST:PORT...]";
+       lego pool gc [--heap ID] memcached://HOST:PORT[,HOST:PORT...]";
 
 /// How often the progress line on a terminal is redrawn, at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -55,6 +60,11 @@ pub enum CliError {
     Replay {
         #[source]
         source: ReplayError,
+    },
+    #[error("{}", error_chain(source))]
+    Seed {
+        #[source]
+        source: crate::seed::SeedError,
     },
     /// `lego pool`: some server did not answer (the others were printed).
     #[error("{failed} of {total} servers did not answer: {names}")]
@@ -88,6 +98,10 @@ pub struct ReplayArgs {
     pub image: PathBuf,
     /// The epoch to recover (`--epoch N`, `--checkpoint`), and `--strict`.
     pub options: ReplayOptions,
+    /// `--to memcached://...`: the pool that receives the heap (then `image` is the pool
+    /// image), and `--replicas N` (1 unless given).
+    pub to: Option<Vec<String>>,
+    pub replicas: usize,
 }
 
 /// Parses the arguments that follow `lego replay`.
@@ -97,6 +111,8 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
     let mut epoch = None;
     let mut checkpoint = false;
     let mut strict = false;
+    let mut to = None;
+    let mut replicas = None;
     let mut i = 0;
     while i < args.len() {
         let a = args[i].to_string_lossy();
@@ -127,6 +143,27 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
                 strict = true;
                 i += 1;
             }
+            "--to" => {
+                let url = value()?.to_string_lossy().into_owned();
+                to = Some(pool::parse_pool_url(&url)?);
+                i += 2;
+            }
+            "--replicas" => {
+                let v = value()?.to_string_lossy();
+                let n = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=crate::config::REPLICAS_MAX).contains(n))
+                    .ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "--replicas {v} is not a number of copies: expected a whole number \
+                             from 1 to {}",
+                            crate::config::REPLICAS_MAX
+                        ))
+                    })?;
+                replicas = Some(n);
+                i += 2;
+            }
             s if s.starts_with('-') && s.len() > 1 => {
                 return Err(CliError::Usage(format!("unknown option {s}")));
             }
@@ -147,10 +184,32 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
             )))
         }
     };
+    if let (Some(n), None) = (replicas, &to) {
+        return Err(CliError::Usage(format!(
+            "--replicas {n} is for a replay into a pool: give --to memcached://HOST:PORT[,...] too"
+        )));
+    }
+    if let (Some(servers), Some(n)) = (&to, replicas) {
+        if n > servers.len() {
+            return Err(CliError::Usage(format!(
+                "--replicas {n} asks for more copies than the pool has servers ({}): give at \
+                 most {}",
+                servers.len(),
+                servers.len()
+            )));
+        }
+    }
+    let output = if to.is_some() {
+        "no -o POOL_IMAGE given (the local file LEGO_RESTORE takes to restore from the pool)"
+    } else {
+        "no -o IMAGE given"
+    };
     Ok(ReplayArgs {
         log_dir: log_dir.ok_or_else(|| CliError::Usage("no LOG_DIR given".into()))?,
-        image: image.ok_or_else(|| CliError::Usage("no -o IMAGE given".into()))?,
+        image: image.ok_or_else(|| CliError::Usage(output.into()))?,
         options: ReplayOptions { target, strict },
+        to,
+        replicas: replicas.unwrap_or(1),
     })
 }
 
@@ -291,6 +350,27 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
         Some(cmd) if cmd == "replay" => {
             let a = parse_replay(&args[1..])?;
             let mut line = ProgressLine::new();
+            if let Some(servers) = &a.to {
+                let options = SeedOptions {
+                    replay: a.options,
+                    servers: servers.clone(),
+                    replicas: a.replicas,
+                    timeout_ms: crate::config::PoolSettings::default().timeout_ms,
+                };
+                let result =
+                    replay_to_pool(&a.log_dir, &a.image, &options, &mut |p| line.update(p));
+                line.finish();
+                let report = result.map_err(|source| CliError::Seed { source })?;
+                print!("{report}");
+                println!(
+                    "pool image written to {} (restore with LEGO_BACKEND=memcached://{} \
+                     LEGO_RESTORE={})",
+                    a.image.display(),
+                    servers.join(","),
+                    a.image.display()
+                );
+                return Ok(());
+            }
             let result = replay_dir_with(&a.log_dir, &a.image, &a.options, &mut |p| line.update(p));
             line.finish();
             let report = result?;
@@ -333,6 +413,8 @@ mod tests {
                 target: Target::Epoch(7),
                 strict: false,
             },
+            to: None,
+            replicas: 1,
         };
         for v in [
             &["logs", "-o", "heap.img", "--epoch", "7"][..],
@@ -351,6 +433,76 @@ mod tests {
                 strict: true,
             }
         );
+    }
+
+    #[test]
+    fn replay_into_a_pool_arguments() {
+        let a = parse_replay(&os(&[
+            "logs",
+            "--to",
+            "memcached://127.0.0.1:11211,127.0.0.1:11212",
+            "--replicas",
+            "2",
+            "-o",
+            "heap.pool",
+            "--checkpoint",
+        ]))
+        .expect("parses");
+        assert_eq!(
+            a.to,
+            Some(vec![
+                "127.0.0.1:11211".to_owned(),
+                "127.0.0.1:11212".to_owned()
+            ])
+        );
+        assert_eq!(a.replicas, 2);
+        assert_eq!(a.image, PathBuf::from("heap.pool"));
+        assert_eq!(a.options.target, Target::ProgramCheckpoint);
+        let one =
+            parse_replay(&os(&["logs", "--to", "memcached://h:1", "-o", "p"])).expect("parses");
+        assert_eq!(one.replicas, 1);
+        for (v, says) in [
+            (
+                &["logs", "--to", "file:/tmp", "-o", "p"][..],
+                "is not a pool",
+            ),
+            (
+                &["logs", "--to", "memcached://", "-o", "p"][..],
+                "is not a pool",
+            ),
+            (&["logs", "--to"][..], "needs a value"),
+            (&["logs", "--replicas", "2", "-o", "p"][..], "give --to"),
+            (
+                &[
+                    "logs",
+                    "--to",
+                    "memcached://h:1",
+                    "--replicas",
+                    "2",
+                    "-o",
+                    "p",
+                ][..],
+                "more copies than the pool has servers",
+            ),
+            (
+                &[
+                    "logs",
+                    "--to",
+                    "memcached://h:1",
+                    "--replicas",
+                    "0",
+                    "-o",
+                    "p",
+                ][..],
+                "not a number of copies",
+            ),
+            (&["logs", "--to", "memcached://h:1"][..], "no -o POOL_IMAGE"),
+        ] {
+            match parse_replay(&os(v)) {
+                Err(CliError::Usage(m)) => assert!(m.contains(says), "{v:?}: {m}"),
+                other => panic!("{v:?} must be a usage error, not {other:?}"),
+            }
+        }
     }
 
     #[test]

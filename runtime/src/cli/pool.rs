@@ -8,7 +8,9 @@
 //! for the pool. `lego pool gc URL` collects on every server and prints what it freed.
 //!
 //! Exit status: 0 when every server answered, 1 when one did not (the others are still
-//! printed and collected), 2 for a usage error.
+//! printed and collected), 2 for a usage error. `lego pool gc --heap ID URL` deletes one heap
+//! that is seeded (`lego replay --to`, not restored) or orphaned, its lease included; a heap a
+//! process runs is kept.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -36,17 +38,41 @@ pub enum PoolAction {
     Show { heaps: bool },
     /// Collect orphaned heaps.
     Gc,
+    /// Delete one heap that is seeded (`lego replay --to`, never restored) or orphaned:
+    /// `lego pool gc --heap ID`.
+    GcHeap(u64),
 }
 
 /// Parses the arguments that follow `lego pool`.
 pub fn parse_pool(args: &[OsString]) -> Result<PoolArgs, CliError> {
     let mut action = PoolAction::Show { heaps: false };
     let mut url = None;
-    for (i, a) in args.iter().enumerate() {
-        let a = a.to_string_lossy();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        i += 1;
         match a.as_ref() {
-            "gc" if i == 0 => action = PoolAction::Gc,
-            "--heaps" if action != PoolAction::Gc => action = PoolAction::Show { heaps: true },
+            "gc" if i == 1 => action = PoolAction::Gc,
+            "--heap" if action == PoolAction::Gc => {
+                let v = args
+                    .get(i)
+                    .ok_or_else(|| CliError::Usage("--heap needs a heap id".into()))?
+                    .to_string_lossy();
+                i += 1;
+                let id = Some(&*v)
+                    .filter(|v| v.len() == 16)
+                    .and_then(|v| u64::from_str_radix(v, 16).ok())
+                    .ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "--heap {v} is not a heap id: expected 16 hex digits, as lego pool \
+                             --heaps shows them"
+                        ))
+                    })?;
+                action = PoolAction::GcHeap(id);
+            }
+            "--heaps" if matches!(action, PoolAction::Show { .. }) => {
+                action = PoolAction::Show { heaps: true }
+            }
             s if s.starts_with('-') => {
                 return Err(CliError::Usage(format!("unknown option {s}")));
             }
@@ -55,14 +81,23 @@ pub fn parse_pool(args: &[OsString]) -> Result<PoolArgs, CliError> {
         }
     }
     let url = url.ok_or_else(|| CliError::Usage("no pool URL given".into()))?;
+    Ok(PoolArgs {
+        action,
+        servers: parse_pool_url(&url)?,
+    })
+}
+
+/// The servers of a pool URL (`memcached://HOST:PORT[,HOST:PORT...]`), or a usage error that
+/// says what is expected.
+pub fn parse_pool_url(url: &str) -> Result<Vec<String>, CliError> {
     let not_a_pool = |problem: &str| {
         CliError::Usage(format!(
             "{url} is not a pool of memcached servers ({problem}): expected \
              memcached://HOST:PORT[,HOST:PORT...] (memcached://127.0.0.1:11211)"
         ))
     };
-    match parse_backend(&url) {
-        Ok(BackendSpec::Memcached { servers }) => Ok(PoolArgs { action, servers }),
+    match parse_backend(url) {
+        Ok(BackendSpec::Memcached { servers }) => Ok(servers),
         Ok(_) => Err(not_a_pool("another kind of store")),
         Err(ConfigError::BackendServers { problem, .. }) => Err(not_a_pool(problem)),
         Err(_) => Err(not_a_pool("no memcached:// scheme")),
@@ -84,8 +119,12 @@ pub fn run(args: &PoolArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 .collect();
             (lines, show_pool(&looks))
         }
-        PoolAction::Gc => {
-            let outcomes = on_every_server(&args.servers, |s| collect(s, timeout_ms));
+        PoolAction::Gc | PoolAction::GcHeap(_) => {
+            let heap = match args.action {
+                PoolAction::GcHeap(id) => Some(id),
+                _ => None,
+            };
+            let outcomes = on_every_server(&args.servers, |s| collect(s, timeout_ms, heap));
             let lines = outcomes
                 .iter()
                 .zip(&args.servers)
@@ -259,7 +298,20 @@ fn show_server(server: &str, look: &Look, heaps: bool) -> String {
     }
     if heaps {
         for (id, heap) in &survey.heaps {
-            let state = if heap.lease_seen {
+            let seeded = up.holders.get(id).is_some_and(|h| h.seeded);
+            let state = if heap.lease_seen && seeded {
+                let mut s = "seeded, awaiting restore".to_owned();
+                if let Some(h) = up.holders.get(id) {
+                    if let Some(pid) = h.pid {
+                        let _ = write!(s, " (lego replay --to, pid {pid}");
+                        if let Some(host) = &h.host {
+                            let _ = write!(s, " on {host}");
+                        }
+                        s.push(')');
+                    }
+                }
+                s
+            } else if heap.lease_seen {
                 let mut s = "live".to_owned();
                 if let Some(h) = up.holders.get(id) {
                     if let Some(pid) = h.pid {
@@ -340,7 +392,8 @@ enum Collected {
     Done(GcReport),
 }
 
-fn collect(server: &str, timeout_ms: u64) -> Collected {
+/// Collects orphaned heaps on `server`, or only `heap` (`--heap ID`, seeded or orphaned).
+fn collect(server: &str, timeout_ms: u64, heap: Option<u64>) -> Collected {
     let conn = match Connection::new(server, timeout_ms) {
         Ok(conn) => conn,
         Err(e) => return Collected::Down(error_chain(&e)),
@@ -348,7 +401,11 @@ fn collect(server: &str, timeout_ms: u64) -> Collected {
     if let Err(e) = conn.stats("stats") {
         return Collected::Down(error_chain(&e));
     }
-    match gc::collect_orphans(&conn, &[], &DumpLimits::COMMAND) {
+    let report = match heap {
+        Some(id) => gc::collect_heap(&conn, id, &DumpLimits::COMMAND),
+        None => gc::collect_orphans(&conn, &[], &DumpLimits::COMMAND),
+    };
+    match report {
         Ok(report) => Collected::Done(report),
         Err(e) => Collected::NotListed(error_chain(&e)),
     }
@@ -469,6 +526,22 @@ mod tests {
                 servers
             }
         );
+        assert_eq!(
+            parse_pool(&os(&["gc", "--heap", "00000000000000ab", url]))
+                .expect("parses")
+                .action,
+            PoolAction::GcHeap(0xab)
+        );
+        for v in [
+            &["gc", "--heap", "ab", url][..],
+            &["gc", "--heap"][..],
+            &["--heap", "00000000000000ab", url][..],
+        ] {
+            assert!(
+                matches!(parse_pool(&os(v)), Err(CliError::Usage(_))),
+                "{v:?}"
+            );
+        }
         for v in [
             &[][..],
             &["gc"][..],

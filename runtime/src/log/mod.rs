@@ -19,6 +19,9 @@
 //!   inspect`.
 //! - [`image`]: reading a heap image back: in bounded chunks (checkpoints from an image), or
 //!   page by page on demand (`LEGO_RESTORE`).
+//! - [`pool_image`]: a *pool image*, what `lego replay --to memcached://...` leaves locally
+//!   once the heap's pages are in a pool: the header, the heap id, the servers and per page its
+//!   checksum, version and holders (`LEGO_RESTORE` of a heap from a pool).
 //! - Tests only: `fuzz` (the log's fuzz properties) and `test_support` (a model of the heap
 //!   the log describes, page contents, replay in memory); what the whole crate's tests share
 //!   is in `crate::test_support`.
@@ -31,6 +34,7 @@
 
 pub mod format;
 pub mod image;
+pub mod pool_image;
 pub mod replay;
 pub mod segment;
 
@@ -44,8 +48,8 @@ pub use replay::{
     ReplayReport, Target,
 };
 pub use segment::{
-    EpochAppend, IndexError, Located, LogDir, LogDirOptions, LogEngine, LogError, LogWriter,
-    PageIndex, SyncMode, WriterOptions,
+    CheckpointSource, EpochAppend, IndexError, Located, LogDir, LogDirOptions, LogEngine, LogError,
+    LogWriter, PageIndex, SyncMode, WriterOptions,
 };
 
 #[cfg(test)]

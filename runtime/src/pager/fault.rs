@@ -22,8 +22,8 @@ use super::fetch::fetch_in_chunks;
 use super::install::{finish_run, install_pages, poison, Outcome, Source};
 use super::readahead::Readahead;
 use super::{
-    pin_to_cpu, publish_resident, Shared, EVENTS_PER_READ_MAX, FETCH_RUN_PAGES_MAX, STATS,
-    ZERO_RUN_PAGES_MAX,
+    pin_to_cpu, publish_resident, Shared, EVENTS_PER_READ_MAX, FETCH_CHUNK_PAGES,
+    FETCH_FIRST_CHUNK_PAGES, FETCH_RUN_PAGES_MAX, STATS, ZERO_RUN_PAGES_MAX,
 };
 use crate::cache::{PageState, Table, SNAP};
 use crate::region::Region;
@@ -126,8 +126,12 @@ pub(super) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
         }
         Plan::Fetch { first, n } => {
             STATS.add(Counter::FaultsFetch, 1);
-            fetch_in_chunks(sh, first, n, Some(page), fetch);
-            if n >= PREFETCH_MIN_PAGES {
+            // A sequential stream's run is followed by the prefetch of its next window, whose
+            // first chunk the store may start reading now.
+            let prefetching = n >= PREFETCH_MIN_PAGES;
+            let then = if prefetching { FETCH_CHUNK_PAGES } else { 0 };
+            fetch_in_chunks(sh, first, n, Some(page), fetch, then);
+            if prefetching {
                 prefetch(sh, first + n, fetch);
             }
         }
@@ -250,7 +254,8 @@ fn prefetch(sh: &Shared, page: usize, buf: &mut PageBuf) {
         n
     };
     STATS.add(Counter::Prefetches, 1);
-    fetch_in_chunks(sh, page, n, None, buf);
+    // The sweep's next fault is expected right after this window.
+    fetch_in_chunks(sh, page, n, None, buf, FETCH_FIRST_CHUNK_PAGES);
 }
 
 /// The length of the run of evicted pages from `page` that its read-ahead stream's window

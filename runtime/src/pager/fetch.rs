@@ -27,20 +27,24 @@ pub(super) const FETCH_ATTEMPTS_MAX: u32 = 3;
 /// The wait before the next read of a failed page grows by this much each attempt, in ms
 /// (inside the gate: an epoch cut or a fork waits for the retries too).
 const FETCH_RETRY_MS: u64 = 2;
-use crate::store::{FailureKind, Outcome as StoreOutcome, PageRead};
+use crate::store::{FailureKind, Outcome as StoreOutcome, PageRead, PageWant};
 use crate::PAGE_SIZE;
 
 /// Fetches the claimed run `[first, first+n)` from the store in chunks. When a thread faulted
 /// on `first` (`faulting`), the first chunk is small so that it runs again soon, and the
 /// larger ones follow while it works on the first pages (a sequential reader that catches up
-/// waits only for the chunk it needs). If a read fails, the rest of the run is given back
-/// unread.
+/// waits only for the chunk it needs). Each chunk's pages are named to the store
+/// (`PageStore::read_ahead`) before the chunk before it is read and installed, and so are the
+/// first `then` pages after the run (the first chunk of the fetch that is expected to follow
+/// it: the handler's prefetch of a sweep's next window). If a read fails, the rest of the run
+/// is given back unread.
 pub(super) fn fetch_in_chunks(
     sh: &Shared,
     first: usize,
     n: usize,
     faulting: Option<usize>,
     buf: &mut PageBuf,
+    then: usize,
 ) {
     debug_assert!(faulting.is_none() || faulting == Some(first));
     let mut at = first;
@@ -51,11 +55,44 @@ pub(super) fn fetch_in_chunks(
             FETCH_CHUNK_PAGES
         };
         let len = chunk.min(first + n - at);
+        let next = at + len;
+        if next < first + n {
+            read_ahead(sh, next, FETCH_CHUNK_PAGES.min(first + n - next));
+        } else if then > 0 {
+            read_ahead(sh, next, then);
+        }
         if !fetch_chunk(sh, at, len, faulting, buf) {
             release_claim(sh, at + len, first + n - (at + len));
             return;
         }
         at += len;
+    }
+}
+
+/// Tells the store which pages a coming chunk will ask for (`PageStore::read_ahead`), so that
+/// a remote store sends their requests while the current chunk's replies are read and
+/// installed. Only for pages that are evicted (claimed or about to be) and in the store (not
+/// the restore image), and that lie in the region; otherwise nothing is said.
+fn read_ahead(sh: &Shared, first: usize, n: usize) {
+    let wants: Option<Vec<PageWant>> = {
+        let t = sh.cache.lock();
+        if first + n > t.pages() {
+            return;
+        }
+        (first..first + n)
+            .map(|p| {
+                let state = t.state(p);
+                let evicted = state == PageState::Evicted || state == PageState::Fetching;
+                (evicted && !t.has_flag(p, IMAGE)).then(|| PageWant {
+                    page: p as u64,
+                    crc: t.crc(p),
+                    version: t.version(p),
+                })
+            })
+            .collect()
+    };
+    if let Some(wants) = wants {
+        sh.store.read_ahead(&wants);
     }
 }
 

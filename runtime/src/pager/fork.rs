@@ -68,7 +68,7 @@ fn page_in_everything(sh: &Shared, buf: &mut PageBuf) {
         let state = sh.cache.lock().state(page);
         if state == PageState::Evicted {
             if let Plan::Fetch { first, n } = plan_fault(sh, page, true) {
-                fetch_in_chunks(sh, first, n, Some(first), buf);
+                fetch_in_chunks(sh, first, n, Some(first), buf, 0);
                 brought += n as u64;
                 page = first + n;
                 continue;

@@ -74,6 +74,7 @@ use crate::uffd::{Features, UffdError};
 use gate::Gate;
 
 pub use epoch::EpochError;
+pub use restore::{open_restore, RestoreError, RestoreFrom};
 
 /// Counters of this process's runtime (one runtime per process).
 pub static STATS: Stats = Stats::new();
@@ -124,6 +125,8 @@ pub enum PagerError {
     Log(#[from] LogError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    PoolImage(#[from] crate::log::pool_image::PoolImageError),
     #[error(
         "this kernel offers userfaultfd features {offered:#x} but lego needs asynchronous \
          write-protection, PAGEMAP_SCAN and UFFDIO_MOVE (Linux 6.8 or newer)"

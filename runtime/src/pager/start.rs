@@ -43,9 +43,14 @@ impl Runtime {
     pub fn start(
         config: &Config,
         region: Region,
-        image: Option<ImageReader>,
+        restoring: Option<restore::RestoreFrom>,
         quiesce: Option<Quiesce>,
     ) -> Result<Runtime, PagerError> {
+        let (image, pool_image) = match restoring {
+            Some(restore::RestoreFrom::Image(img)) => (Some(img), None),
+            Some(restore::RestoreFrom::Pool(img)) => (None, Some(img)),
+            None => (None, None),
+        };
         if let Some(thread) = config.spawn_failure {
             crate::threads::fail_spawns_of(thread);
         }
@@ -55,12 +60,26 @@ impl Runtime {
         let mut eviction = evict::Eviction::new(&staging_uffd, batch)?;
         let scratch = discard::Scratch::new(&staging_uffd)?;
         let fill = fault::Fill::new()?;
-        let store = store::open(
-            &config.backend,
-            &config.pool,
-            config.heap_bytes,
-            config.fault_injection.as_ref(),
-        )?;
+        let pool_pages = match &pool_image {
+            Some(img) => restore::pool_pages(img)?,
+            None => Vec::new(),
+        };
+        let (store, give_back) = match &pool_image {
+            // A heap restored from a pool: its pages are already there.
+            Some(img) => {
+                let (store, give_back) = restore::open_pool_store(config, img, &pool_pages)?;
+                (store, Some(give_back))
+            }
+            None => (
+                store::open(
+                    &config.backend,
+                    &config.pool,
+                    config.heap_bytes,
+                    config.fault_injection.as_ref(),
+                )?,
+                None,
+            ),
+        };
         let scanner = PagemapScanner::open()?;
         // A pool that keeps one copy of each page, and a log that cuts epochs on its own:
         // the log is the second copy (evicted pages are in it, and read from it when the
@@ -76,7 +95,17 @@ impl Runtime {
             )),
             _ => None,
         };
-        let writer = open_log(config, &region, image.as_ref(), index.clone())?;
+        let mut pool_checkpoint = pool_image
+            .as_ref()
+            .map(|img| restore::PoolCheckpoint::new(store.as_ref(), img, &pool_pages));
+        let writer = open_log(
+            config,
+            &region,
+            image.as_ref(),
+            pool_checkpoint.as_mut(),
+            index.clone(),
+        )?;
+        drop(pool_checkpoint);
         let snapshot = match &writer {
             Some(_) => Some(Snapshot::new(region.len, &staging_uffd)?),
             None => None,
@@ -97,6 +126,10 @@ impl Runtime {
             // touched.
             if let Some(r) = &restore {
                 r.mark_image_pages(&mut t);
+            }
+            // Restored from a pool: the image's pages are evicted, fetched from the pool.
+            if pool_image.is_some() {
+                restore::mark_pool_pages(&mut t, &pool_pages);
             }
             STATS.set_resident_pages(t.resident() as u64);
         }
@@ -137,6 +170,11 @@ impl Runtime {
         });
 
         let handlers = config.handler_threads.max(1);
+        // From here on the threads may write the restored heap's pages to the pool: it is this
+        // process's.
+        if let Some(g) = give_back {
+            g.disarm();
+        }
         spawn_threads(&shared, handlers, writer)?;
         let features = shared.kernel.uffd.features();
         log::info!(
@@ -175,6 +213,7 @@ fn open_log(
     config: &Config,
     region: &Region,
     image: Option<&ImageReader>,
+    pool: Option<&mut restore::PoolCheckpoint<'_>>,
     index: Option<Arc<PageIndex>>,
 ) -> Result<Option<LogWriter>, PagerError> {
     let Some(log) = &config.log else {
@@ -191,9 +230,15 @@ fn open_log(
         },
         ..WriterOptions::default()
     };
-    Ok(Some(match image {
-        Some(img) => LogWriter::resume_indexed(&log.dir, region_info, options, img.path(), index)?,
-        None => {
+    Ok(Some(match (image, pool) {
+        (Some(img), _) => {
+            LogWriter::resume_indexed(&log.dir, region_info, options, img.path(), index)?
+        }
+        // Restored from a pool: the checkpoint's pages are read back from it.
+        (None, Some(source)) => {
+            LogWriter::resume_from(&log.dir, region_info, options, source, index)?
+        }
+        (None, None) => {
             let mut writer = LogWriter::create(&log.dir, region_info, options)?;
             if let Some(index) = index {
                 writer.set_index(index);

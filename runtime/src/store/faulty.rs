@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::error::op_name;
-use super::{FailureKind, Outcome, PageRead, PageStore, PageWrite, StoreError};
+use super::{FailureKind, Outcome, PageRead, PageStore, PageWant, PageWrite, StoreError};
 use crate::config::{FaultEffect, FaultOp, FaultPlan};
 
 /// The byte of a page that a corrupting plan changes.
@@ -172,6 +172,12 @@ impl<S: PageStore> FaultyStore<S> {
 }
 
 impl<S: PageStore> PageStore for FaultyStore<S> {
+    /// Passed on: what the inner store reads ahead is checked on the fetch like any read, and
+    /// a fetch the injector changes simply does not match it.
+    fn read_ahead(&self, pages: &[PageWant]) {
+        self.inner.read_ahead(pages);
+    }
+
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
         if self.budget.plan.op != FaultOp::Fetch {
             return self.inner.fetch(batch);

@@ -104,6 +104,15 @@ impl<'a> PageRead<'a> {
     }
 }
 
+/// A page a read-ahead names ([`PageStore::read_ahead`]): what a later [`PageRead`] of it
+/// will ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageWant {
+    pub page: u64,
+    pub crc: u32,
+    pub version: u32,
+}
+
 /// One page to write to the store; same rules as [`PageRead`], with the CRC32C of `buf` and
 /// the version this write gives the page.
 pub struct PageWrite<'a> {
@@ -157,6 +166,12 @@ pub trait PageStore: Send + Sync {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// A hint: the caller's next fetch will ask for exactly `pages`, in this order, while it
+    /// works on something else first. A remote store may send the requests now, so that the
+    /// fetch only reads the replies. A fetch that asks for anything else is read as usual, and
+    /// what a fetch gets this way is checked like any other read. The default does nothing.
+    fn read_ahead(&self, _pages: &[PageWant]) {}
+
     /// Writes every page of the batch durably enough to be fetched back by this process (no
     /// fsync needed) and sets each one's outcome. A page that failed may or may not hold the
     /// new content; its previous version may be gone.
@@ -204,6 +219,10 @@ impl PageStore for Box<dyn PageStore> {
 
     fn fetch_all(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), StoreError> {
         (**self).fetch_all(batches)
+    }
+
+    fn read_ahead(&self, pages: &[PageWant]) {
+        (**self).read_ahead(pages)
     }
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
@@ -287,6 +306,66 @@ pub fn open_memcached_pool_as(
         heap_bytes,
         *settings,
     )
+}
+
+/// The pool of a heap seeded from a log (`lego replay --to`), for its restore: every server
+/// must answer, the heap's lease must be a seeded one wherever it is there (a heap another
+/// process runs, or ran, is refused: its pages may have changed), and at least one server
+/// must hold it. The lease becomes this process's on every server. The caller then adopts
+/// the pool image's copies ([`pool::PoolStore::adopt`]).
+pub fn open_restored_pool(
+    servers: &[String],
+    settings: &PoolSettings,
+    heap_bytes: u64,
+    heap_id: u64,
+) -> Result<pool::PoolStore, StoreError> {
+    let name = format!("memcached://{}", servers.join(","));
+    let refuse = |what: String, why: String| StoreError::Open {
+        backend: name.clone(),
+        what,
+        source: why.into(),
+    };
+    let mut seeded = 0;
+    for server in servers {
+        let conn = memcached::connection::Connection::new(server, settings.timeout_ms)
+            .map_err(|e| refuse(format!("resolving the server {server}"), e.to_string()))?;
+        let holder = memcached::lease::holders(&conn, &[heap_id])
+            .map_err(|e| {
+                refuse(
+                    format!("reading the lease of heap {heap_id:016x} on {server}"),
+                    crate::logging::error_chain(&e),
+                )
+            })?
+            .pop()
+            .flatten();
+        match holder {
+            Some(h) if h.seeded => seeded += 1,
+            Some(h) => {
+                return Err(refuse(
+                    format!("restoring the seeded heap {heap_id:016x}"),
+                    format!(
+                        "it is already running on {server} (its lease is held by pid {} on {}): \
+                         a pool image is restored once; run lego replay LOG_DIR --to again for \
+                         another copy",
+                        h.pid.map_or("?".to_owned(), |p| p.to_string()),
+                        h.host.as_deref().unwrap_or("?")
+                    ),
+                ))
+            }
+            None => {}
+        }
+    }
+    if seeded == 0 {
+        return Err(refuse(
+            format!("restoring the seeded heap {heap_id:016x}"),
+            "no server holds its seeded lease: it was restored already (and that run ended), \
+             or the servers restarted; run lego replay LOG_DIR --to again"
+                .into(),
+        ));
+    }
+    let pool = open_memcached_pool_as(servers, settings, heap_bytes, heap_id)?;
+    pool.take_over_leases()?;
+    Ok(pool)
 }
 
 /// Marks every page of a write batch that is not yet decided with `outcome`.

@@ -81,6 +81,7 @@ pub use dir::{LogDir, LogDirOptions, LogEngine};
 pub use index::{IndexError, Located, PageIndex};
 #[cfg(test)]
 pub use memory::MemoryStorage;
+pub use resume::CheckpointSource;
 pub use writer::LogWriter;
 
 /// Name of the lock file inside the log directory.

@@ -11,9 +11,35 @@ use std::path::Path;
 
 use super::writer::{check_settings, list_segments};
 use super::{LogDir, LogError, LogStorage, LogWriter, WriterOptions, LOG_MAX_BYTES_DEFAULT};
-use crate::log::format::RegionInfo;
+use crate::log::format::{EpochPage, ImageHeader, RegionInfo};
 use crate::log::image::ImageReader;
 use crate::log::replay::{inspect_segment, Segment, SegmentSource};
+
+/// What a resumed log's first checkpoint is read from: a heap image ([`ImageReader`]), or a
+/// heap restored from a pool (the pager reads its pages back from the pool, checked). The
+/// header says which epoch of which log the pages are (its `pages` is not checked here: a
+/// source checks its own count).
+pub trait CheckpointSource {
+    fn header(&self) -> ImageHeader;
+    /// Names the source in messages.
+    fn path(&self) -> &Path;
+    /// The non-zero pages of the next chunk, ascending; `None` once every page was given.
+    fn next_chunk(&mut self) -> Result<Option<Vec<EpochPage<'_>>>, LogError>;
+}
+
+impl CheckpointSource for ImageReader {
+    fn header(&self) -> ImageHeader {
+        *ImageReader::header(self)
+    }
+
+    fn path(&self) -> &Path {
+        ImageReader::path(self)
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<Vec<EpochPage<'_>>>, LogError> {
+        Ok(ImageReader::next_chunk(self)?)
+    }
+}
 
 impl LogWriter {
     /// Continues the log in `dir` after a restore from `image` (made by `lego replay` of this
@@ -46,8 +72,26 @@ impl LogWriter {
         index: Option<std::sync::Arc<super::index::PageIndex>>,
     ) -> Result<LogWriter, LogError> {
         // The image is checked before the directory is locked (or created).
-        let reader = ImageReader::open(image)?;
-        Self::resume_reader(Box::new(LogDir::open(dir)?), region, options, reader, index)
+        let mut reader = ImageReader::open(image)?;
+        Self::resume_reader(
+            Box::new(LogDir::open(dir)?),
+            region,
+            options,
+            &mut reader,
+            index,
+        )
+    }
+
+    /// [`LogWriter::resume_indexed`] from any [`CheckpointSource`] (a heap restored from a
+    /// pool), checked against the log as an image is.
+    pub fn resume_from(
+        dir: &Path,
+        region: RegionInfo,
+        options: WriterOptions,
+        source: &mut dyn CheckpointSource,
+        index: Option<std::sync::Arc<super::index::PageIndex>>,
+    ) -> Result<LogWriter, LogError> {
+        Self::resume_reader(Box::new(LogDir::open(dir)?), region, options, source, index)
     }
 
     /// [`LogWriter::resume`] on any storage.
@@ -57,19 +101,19 @@ impl LogWriter {
         options: WriterOptions,
         image: &Path,
     ) -> Result<LogWriter, LogError> {
-        let reader = ImageReader::open(image)?;
-        Self::resume_reader(storage, region, options, reader, None)
+        let mut reader = ImageReader::open(image)?;
+        Self::resume_reader(storage, region, options, &mut reader, None)
     }
 
     fn resume_reader(
         storage: Box<dyn LogStorage>,
         region: RegionInfo,
         options: WriterOptions,
-        mut image: ImageReader,
+        image: &mut dyn CheckpointSource,
         index: Option<std::sync::Arc<super::index::PageIndex>>,
     ) -> Result<LogWriter, LogError> {
         check_settings(region, &options)?;
-        let ih = *image.header();
+        let ih = image.header();
         if ih.region != region {
             return Err(LogError::ImageRegion {
                 image: image.path().to_path_buf(),
@@ -114,7 +158,7 @@ impl LogWriter {
             group_buf: Vec::new(),
             index,
         };
-        let epoch = w.checkpoint_from_reader(&mut image, ih.origin)?;
+        let epoch = w.checkpoint_from_reader(image, ih.origin)?;
         if ih.epoch < max_epoch {
             // Restored from an older epoch (`--epoch N`): the history after it is another
             // branch, which must not come back as a fallback. Only the new checkpoint stays.

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::resume::CheckpointSource;
 use super::{
     EpochAppend, LogDir, LogError, LogStorage, SyncMode, WriterOptions, LOG_MAX_BYTES_DEFAULT,
     SEGMENT_BYTES_TARGET_MIN,
@@ -224,7 +225,7 @@ impl LogWriter {
 
     pub(super) fn checkpoint_from_reader(
         &mut self,
-        image: &mut ImageReader,
+        image: &mut dyn CheckpointSource,
         origin: EpochOrigin,
     ) -> Result<u64, LogError> {
         let found = image.header().region;

@@ -27,6 +27,16 @@ const REPLY_BUFFER_BYTES_MAX: usize = 1024 * 1024;
 /// Longest text reply (`stats`) read, in bytes.
 const TEXT_REPLY_BYTES_MAX: usize = 1 << 20;
 
+/// A pipeline sent by [`Connection::send`] whose replies are still to be read: its own
+/// connection, and the reply buffer that goes back to the pool with it. Dropped unread, it
+/// closes the connection (the server's replies die with it).
+pub struct Sent {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// An idle connection was used (it may have been closed by the server meanwhile).
+    reused: bool,
+}
+
 /// How a reply read by [`Connection::text_lines`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinesEnd {
@@ -127,41 +137,83 @@ impl Connection {
     pub fn pipeline(
         &self,
         request: &[u8],
+        on_reply: impl FnMut(Reply<'_>),
+    ) -> Result<u64, ServerError> {
+        let sent = self.send(request)?;
+        self.receive(sent, request, on_reply)
+    }
+
+    /// The first half of [`Connection::pipeline`]: sends `request` on a connection of its
+    /// own and returns it, so that the server answers while the caller does other work. The
+    /// replies wait in the socket until [`Connection::receive`].
+    pub fn send(&self, request: &[u8]) -> Result<Sent, ServerError> {
+        let (mut stream, buf, reused) = self.take().map_err(ServerError::Io)?;
+        match stream.write_all(request) {
+            Ok(()) => Ok(Sent {
+                stream,
+                buf,
+                reused,
+            }),
+            // An idle connection the server (or a middlebox) closed meanwhile: that is not
+            // the server failing. Once more on a new connection.
+            Err(e) if reused => {
+                log::debug!(
+                    "{}: an idle connection failed ({e}); trying a new one",
+                    self.name
+                );
+                let mut stream = self.connect().map_err(ServerError::Io)?;
+                stream.write_all(request).map_err(ServerError::Io)?;
+                Ok(Sent {
+                    stream,
+                    buf,
+                    reused: false,
+                })
+            }
+            Err(e) => Err(ServerError::Io(e)),
+        }
+    }
+
+    /// The second half of [`Connection::pipeline`]: reads the replies to `request`, which
+    /// `sent` carried, handing each up to `MN` to `on_reply`. Returns the bytes read.
+    pub fn receive(
+        &self,
+        sent: Sent,
+        request: &[u8],
         mut on_reply: impl FnMut(Reply<'_>),
     ) -> Result<u64, ServerError> {
-        let link = self.take().map_err(ServerError::Io)?;
-        let reused = link.2;
-        match self.pipeline_on(link, request, &mut on_reply) {
-            // An idle connection the server (or a middlebox) closed meanwhile fails before any
-            // reply: that is not the server failing. Once more on a new connection.
+        let reused = sent.reused;
+        match self.receive_on(sent, &mut on_reply) {
+            // An idle connection the server closed meanwhile fails before any reply: once
+            // more on a new connection.
             Err((e, 0)) if reused => {
                 log::debug!(
                     "{}: an idle connection failed ({e}); trying a new one",
                     self.name
                 );
-                let fresh = (
-                    self.connect().map_err(ServerError::Io)?,
-                    vec![0u8; REPLY_BUFFER_BYTES],
-                    false,
-                );
-                self.pipeline_on(fresh, request, &mut on_reply)
-                    .map_err(|(e, _)| e)
+                let mut stream = self.connect().map_err(ServerError::Io)?;
+                stream.write_all(request).map_err(ServerError::Io)?;
+                let fresh = Sent {
+                    stream,
+                    buf: vec![0u8; REPLY_BUFFER_BYTES],
+                    reused: false,
+                };
+                self.receive_on(fresh, &mut on_reply).map_err(|(e, _)| e)
             }
             Err((e, _)) => Err(e),
             Ok(n) => Ok(n),
         }
     }
 
-    /// [`Connection::pipeline`] on one connection; an error comes with the bytes received.
-    fn pipeline_on(
+    /// Reads the replies of a sent pipeline; an error comes with the bytes received.
+    fn receive_on(
         &self,
-        (mut stream, mut buf, _): (TcpStream, Vec<u8>, bool),
-        request: &[u8],
+        Sent {
+            mut stream,
+            mut buf,
+            ..
+        }: Sent,
         on_reply: &mut impl FnMut(Reply<'_>),
     ) -> Result<u64, (ServerError, u64)> {
-        stream
-            .write_all(request)
-            .map_err(|e| (ServerError::Io(e), 0))?;
         // Replies are parsed from buf[start..end]; what is left of a partial reply moves to
         // the front when the space behind it runs short.
         let (mut start, mut end) = (0, 0);

@@ -313,6 +313,45 @@ pub fn collect_orphans(
     Ok(collect(conn, &survey, mine))
 }
 
+/// `lego pool gc --heap ID`: deletes heap `heap_id` on the server, its pages and its lease,
+/// when it is seeded (waiting for a restore that will not come) or orphaned; a heap whose
+/// lease says a process runs it is kept (`heaps_live`). The lease goes first, so that a
+/// restore started meanwhile is refused instead of finding half the pages.
+pub fn collect_heap(
+    conn: &Connection,
+    heap_id: u64,
+    limits: &DumpLimits,
+) -> Result<GcReport, GcError> {
+    let survey = survey(conn, limits)?;
+    let mut report = GcReport {
+        heaps_found: survey.heaps.len(),
+        cut: survey.cut,
+        ..GcReport::default()
+    };
+    let Some(heap) = survey.heaps.get(&heap_id) else {
+        return Ok(report);
+    };
+    let holder = lease::holders(conn, &[heap_id])
+        .map_err(GcError::Leases)?
+        .pop()
+        .flatten();
+    if holder.as_ref().is_some_and(|h| !h.seeded) {
+        report.heaps_live += 1;
+        return Ok(report);
+    }
+    if holder.is_some() {
+        lease::release(conn, heap_id).map_err(GcError::Leases)?;
+        report.keys_deleted += 1;
+        report.bytes_freed += heap.lease_bytes;
+    }
+    let (deleted, bytes) = delete_pages(conn, heap_id, &heap.pages)?;
+    report.heaps_collected += 1;
+    report.keys_deleted += deleted;
+    report.keys_kept += heap.pages.len() as u64 - deleted;
+    report.bytes_freed += bytes;
+    Ok(report)
+}
+
 /// Deletes `pages` of `heap_id` while each is the value the dump saw. Returns how many were
 /// deleted and their bytes.
 fn delete_pages(
@@ -465,6 +504,41 @@ mod tests {
         let again = collect_orphans(&conn, &[mine], &DumpLimits::COMMAND).expect("a dump");
         assert_eq!((again.heaps_found, again.heaps_collected), (2, 0));
         assert_eq!(again.keys_deleted, 0);
+    }
+
+    /// A heap seeded from a log (`lego replay --to`) has a lease without a time to live: no
+    /// collection frees it, however long it waits for its restore.
+    #[test]
+    fn gc_leaves_a_seeded_heap_alone() {
+        let server = TestServer::start(64, false);
+        let conn = Connection::new(&server.addr, 2000).expect("an address");
+        let (seeded, orphan) = (0x5eed, 0x0e0e);
+        lease::seed(&conn, seeded).expect("seeding");
+        write_raw(&conn, &pages_of(seeded, 25));
+        write_raw(&conn, &pages_of(orphan, 3));
+        let s = survey(&conn, &DumpLimits::COMMAND).expect("a dump");
+        assert!(s.heaps[&seeded].lease_seen);
+        assert_eq!(
+            s.heaps[&seeded].lease_exp, None,
+            "a seeded lease never expires"
+        );
+        let report = collect(&conn, &s, &[]);
+        assert!(report.failure.is_none(), "{:?}", report.failure);
+        assert_eq!((report.heaps_live, report.heaps_collected), (1, 1));
+        assert!(present(&conn, &pages_of(seeded, 25)).iter().all(|&p| p));
+        assert!(present(&conn, &pages_of(orphan, 3)).iter().all(|&p| !p));
+
+        // Asked by name, the seeded heap goes (pages and lease); a running one stays.
+        let running = 0xbeef;
+        renew(&conn, running, 60).expect("taking a lease");
+        write_raw(&conn, &pages_of(running, 4));
+        let kept = collect_heap(&conn, running, &DumpLimits::COMMAND).expect("a dump");
+        assert_eq!((kept.heaps_live, kept.heaps_collected), (1, 0));
+        assert!(present(&conn, &pages_of(running, 4)).iter().all(|&p| p));
+        let gone = collect_heap(&conn, seeded, &DumpLimits::COMMAND).expect("a dump");
+        assert_eq!((gone.heaps_collected, gone.keys_deleted), (1, 26));
+        assert!(present(&conn, &pages_of(seeded, 25)).iter().all(|&p| !p));
+        assert!(!present(&conn, &[keys::lease_key(seeded)])[0]);
     }
 
     /// The dump is only a snapshot: a heap that took its lease since, and a page written again

@@ -14,6 +14,11 @@
 //!   server restarted) it is set again and [`Renewal::Started`] says so, because garbage
 //!   collection may have freed the heap's pages there in between.
 //!
+//! - A heap seeded from a log (`lego replay --to`, [`seed`]) holds a lease without a time to
+//!   live whose value starts with [`SEEDED_MARK`]: nobody runs it yet, and garbage collection
+//!   keeps it (it has a lease) until the run restored from its pool image takes it over
+//!   ([`take`]: a normal lease from then on).
+//!
 //! Rules: the value is plain ASCII without spaces in its parts and at most
 //! [`LEASE_VALUE_BYTES_MAX`]; nothing here keeps a connection of its own.
 
@@ -32,11 +37,16 @@ pub const LEASE_RENEW_S: u32 = 20;
 pub const HOST_NAME_BYTES_MAX: usize = 64;
 /// Longest lease value, in bytes.
 pub const LEASE_VALUE_BYTES_MAX: usize = 128;
+/// The first word of a seeded heap's lease value: the heap waits for its restore.
+pub const SEEDED_MARK: &str = "seeded";
 
 // Two renewals in a row may fail (a server briefly down) before a lease lapses.
 const _: () = assert!(3 * LEASE_RENEW_S <= LEASE_TTL_S);
 const _: () = assert!(LEASE_TTL_S <= protocol::TTL_S_MAX);
-const _: () = assert!("pid=4294967295 host= ".len() + HOST_NAME_BYTES_MAX <= LEASE_VALUE_BYTES_MAX);
+const _: () = assert!(
+    SEEDED_MARK.len() + " pid=4294967295 host= ".len() + HOST_NAME_BYTES_MAX
+        <= LEASE_VALUE_BYTES_MAX
+);
 
 /// What a renewal found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +63,9 @@ pub enum Renewal {
 pub struct LeaseHolder {
     pub pid: Option<u32>,
     pub host: Option<String>,
+    /// A seeded heap's lease ([`seed`]): `pid` and `host` are those of the `lego replay` that
+    /// seeded it, and no process runs the heap yet.
+    pub seeded: bool,
 }
 
 /// Why a lease could not be renewed, released or read. Every one is transient: the server
@@ -122,6 +135,69 @@ pub fn renew(conn: &Connection, heap_id: u64, ttl_s: u32) -> Result<Renewal, Lea
     })
 }
 
+/// Sets the lease of a heap seeded from a log (`lego replay --to`): no time to live (it never
+/// lapses, so garbage collection keeps the heap), value `seeded pid=PID host=HOST`.
+pub fn seed(conn: &Connection, heap_id: u64) -> Result<(), LeaseError> {
+    let value = format!(
+        "{SEEDED_MARK} {}",
+        lease_value(std::process::id(), &host_name())
+    );
+    set_lease(conn, heap_id, &value, None)
+}
+
+/// Takes over the lease of heap `heap_id` (a restored seeded heap): from now on it is this
+/// process's, with a time to live of `ttl_s` seconds, renewed as any running heap's.
+pub fn take(conn: &Connection, heap_id: u64, ttl_s: u32) -> Result<(), LeaseError> {
+    let value = lease_value(std::process::id(), &host_name());
+    set_lease(
+        conn,
+        heap_id,
+        &value,
+        Some(ttl_s.clamp(1, protocol::TTL_S_MAX)),
+    )
+}
+
+/// Sets the lease's value, with a time to live or without one; `NotStored` unless the server
+/// said it stored it.
+fn set_lease(
+    conn: &Connection,
+    heap_id: u64,
+    value: &str,
+    ttl_s: Option<u32>,
+) -> Result<(), LeaseError> {
+    let key = keys::lease_key(heap_id);
+    let mut request = Vec::with_capacity(2 * LEASE_VALUE_BYTES_MAX);
+    let mut refused = false;
+    let mut stored = false;
+    match ttl_s {
+        Some(ttl_s) => protocol::set_expiring(&mut request, &key, value.as_bytes(), ttl_s, 0),
+        // Quiet: the server answers only a failure (`NS`), then `MN`.
+        None => {
+            protocol::set(&mut request, &key, value.as_bytes(), 0);
+            stored = true;
+        }
+    }
+    protocol::noop(&mut request);
+    conn.pipeline(&request, |reply| match reply {
+        Reply::Stored { .. } => stored = true,
+        Reply::NotDone { .. } => refused = true,
+        _ => {}
+    })
+    .map_err(|source| LeaseError::Renew {
+        heap_id,
+        server: conn.name.clone(),
+        source,
+    })?;
+    if stored && !refused {
+        Ok(())
+    } else {
+        Err(LeaseError::NotStored {
+            heap_id,
+            server: conn.name.clone(),
+        })
+    }
+}
+
 /// Releases the lease of heap `heap_id` on the server (at a normal exit). A lease already
 /// gone is no error.
 pub fn release(conn: &Connection, heap_id: u64) -> Result<(), LeaseError> {
@@ -185,9 +261,12 @@ pub fn parse_value(value: &[u8]) -> LeaseHolder {
     let mut holder = LeaseHolder {
         pid: None,
         host: None,
+        seeded: false,
     };
     for part in text.split(' ') {
-        if let Some(pid) = part.strip_prefix("pid=") {
+        if part == SEEDED_MARK {
+            holder.seeded = true;
+        } else if let Some(pid) = part.strip_prefix("pid=") {
             holder.pid = pid.parse().ok();
         } else if let Some(host) = part.strip_prefix("host=").filter(|h| !h.is_empty()) {
             holder.host = Some(host.to_owned());
@@ -251,6 +330,7 @@ mod tests {
             Some(LeaseHolder {
                 pid: Some(std::process::id()),
                 host: Some(host_name()),
+                seeded: false,
             })
         );
         assert_eq!(found[1], None, "another heap's lease is not taken");
@@ -270,6 +350,25 @@ mod tests {
         assert_eq!(renew(&conn, b, 1).expect("renewing"), Renewal::Extended);
         wait_until_gone(&conn, b);
         assert_eq!(renew(&conn, b, 60).expect("taking again"), Renewal::Started);
+    }
+
+    #[test]
+    fn a_seeded_lease_never_lapses_until_taken_over() {
+        let server = TestServer::start(16, false);
+        let conn = Connection::new(&server.addr, 2000).expect("an address");
+        let heap = 0x5eed;
+        seed(&conn, heap).expect("seeding");
+        let holder = holders(&conn, &[heap]).expect("reading")[0]
+            .clone()
+            .expect("a lease");
+        assert!(holder.seeded, "{holder:?}");
+        // A renewal (the restored run's first one, at open) extends it in place.
+        assert_eq!(renew(&conn, heap, 60).expect("renewing"), Renewal::Extended);
+        take(&conn, heap, 60).expect("taking over");
+        let holder = holders(&conn, &[heap]).expect("reading")[0]
+            .clone()
+            .expect("a lease");
+        assert!(!holder.seeded && holder.pid == Some(std::process::id()));
     }
 
     #[test]
@@ -297,16 +396,20 @@ mod tests {
             parse_value(v.as_bytes()),
             LeaseHolder {
                 pid: Some(42),
-                host: Some("build-3".into())
+                host: Some("build-3".into()),
+                seeded: false,
             }
         );
         assert_eq!(
             parse_value(b"\xff\x00 pid=x"),
             LeaseHolder {
                 pid: None,
-                host: None
+                host: None,
+                seeded: false,
             }
         );
+        let seeded = parse_value(format!("{SEEDED_MARK} {v}").as_bytes());
+        assert!(seeded.seeded && seeded.pid == Some(42));
         let host = host_name();
         assert!(!host.is_empty() && host.len() <= HOST_NAME_BYTES_MAX);
         assert!(host.bytes().all(|b| b.is_ascii_graphic()));

@@ -24,16 +24,19 @@ pub mod keys;
 pub mod lease;
 pub mod protocol;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use connection::{stat, Connection, ServerError};
+use connection::{stat, Connection, Sent, ServerError};
 use gc::{DumpLimits, GcError, GcReport};
 use lease::{LeaseError, Renewal, LEASE_TTL_S};
 use protocol::Reply;
 
 use super::{
     discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
-    PageWrite, StoreError, StoreOp, PAGE_BYTES,
+    PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::PAGE_SIZE;
 
@@ -43,6 +46,13 @@ pub const VALUE_HEADER_BYTES: usize = 8;
 pub const VALUE_BYTES: usize = VALUE_HEADER_BYTES + PAGE_SIZE;
 /// Requests of one pipeline (a discard of a large range is sent in pipelines this long).
 pub const PIPELINE_REQUESTS_MAX: usize = 1024;
+
+/// Pipelines sent ahead of the fetch that reads their replies ([`PageStore::read_ahead`]),
+/// at most, per server (a few per fault handler; the oldest is dropped for a new one).
+const AHEAD_PIPELINES_MAX: usize = 4;
+/// Oldest a pipeline sent ahead may be and still serve a fetch, in milliseconds (one that is
+/// older was not wanted after all: it is dropped unread).
+const AHEAD_AGE_MS_MAX: u64 = 1000;
 
 const _: () = assert!(VALUE_BYTES <= protocol::VALUE_BYTES_MAX);
 
@@ -65,6 +75,9 @@ pub struct ServerInfo {
 pub struct Traffic {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Pipelines sent ahead ([`PageStore::read_ahead`]), and those a fetch read.
+    pub ahead_sent: AtomicU64,
+    pub ahead_used: AtomicU64,
 }
 
 /// The pages of a heap on one memcached server.
@@ -75,6 +88,18 @@ pub struct MemcachedServer {
     /// `memcached://HOST:PORT`, as errors and `describe` name the store.
     name: String,
     pub traffic: Traffic,
+    /// Pipelines of gets sent ahead, oldest first, each waiting for the fetch of exactly its
+    /// pages and versions.
+    ahead: Mutex<VecDeque<Ahead>>,
+}
+
+/// A pipeline of gets sent by [`PageStore::read_ahead`] whose replies wait in its socket.
+struct Ahead {
+    /// The pages asked for, in request order, with the versions the read-ahead named.
+    pages: Vec<(u64, u32)>,
+    request: Vec<u8>,
+    sent: Sent,
+    at: Instant,
 }
 
 impl MemcachedServer {
@@ -117,6 +142,7 @@ impl MemcachedServer {
             pages: heap_bytes.div_ceil(PAGE_BYTES),
             name,
             traffic: Traffic::default(),
+            ahead: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -131,6 +157,17 @@ impl MemcachedServer {
     /// the server's copies as gone (like a restarted server's).
     pub fn renew_lease(&self) -> Result<Renewal, LeaseError> {
         lease::renew(&self.conn, self.heap_id, LEASE_TTL_S)
+    }
+
+    /// Sets the lease of a heap seeded from a log: no time to live, marked seeded
+    /// ([`lease::seed`]), so that no collection frees it before its restore.
+    pub fn seed_lease(&self) -> Result<(), LeaseError> {
+        lease::seed(&self.conn, self.heap_id)
+    }
+
+    /// Takes over a seeded heap's lease for this process ([`lease::take`]).
+    pub fn take_over_lease(&self) -> Result<(), LeaseError> {
+        lease::take(&self.conn, self.heap_id, LEASE_TTL_S)
     }
 
     /// Releases the heap's lease (at a normal exit); its pages stay until a collection.
@@ -171,6 +208,7 @@ impl MemcachedServer {
     /// Drops the idle connections (the server was down: they are likely dead).
     pub fn reconnect(&self) {
         self.conn.forget_idle();
+        self.ahead.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     fn key(&self, page: u64) -> keys::PageKey {
@@ -185,6 +223,26 @@ impl MemcachedServer {
             kind: e.kind(),
             source: Box::new(e),
         }
+    }
+
+    /// The pipeline of gets of `pages` (opaque tokens 0, 1, ...), ended by `mn`.
+    fn get_request(&self, pages: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
+        let mut request = Vec::with_capacity(pages.len() * 48 + 8);
+        for (k, page) in pages.enumerate() {
+            protocol::get(&mut request, self.key(page).as_str(), k as u32);
+        }
+        protocol::noop(&mut request);
+        request
+    }
+
+    /// The pipeline sent ahead for exactly `pages` (with their versions), if there is one
+    /// young enough; drops those too old to be wanted.
+    fn take_ahead(&self, pages: &[(u64, u32)]) -> Option<Ahead> {
+        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        let max_age = Duration::from_millis(AHEAD_AGE_MS_MAX);
+        ahead.retain(|a| a.at.elapsed() <= max_age);
+        let at = ahead.iter().position(|a| a.pages == pages)?;
+        ahead.remove(at)
     }
 
     fn pipeline(&self, request: &[u8], on_reply: impl FnMut(Reply<'_>)) -> Result<(), ServerError> {
@@ -205,13 +263,6 @@ pub fn random_heap_id() -> u64 {
     h.finish()
 }
 
-/// The value stored for a page.
-fn encode_value(out: &mut Vec<u8>, crc: u32, version: u32, page: &[u8]) {
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(page);
-}
-
 impl PageStore for MemcachedServer {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
         let mut first_error = refuse_bad_reads(&self.name, self.pages, batch.iter_mut());
@@ -219,15 +270,15 @@ impl PageStore for MemcachedServer {
             .filter(|&i| batch[i].outcome == Outcome::Pending)
             .collect();
         for chunk in positions.chunks(PIPELINE_REQUESTS_MAX) {
-            let mut request = Vec::with_capacity(chunk.len() * 48);
-            for (k, &i) in chunk.iter().enumerate() {
-                protocol::get(&mut request, self.key(batch[i].page).as_str(), k as u32);
-            }
-            protocol::noop(&mut request);
-            // What came back for each request: (crc, version), or None for a value of the
-            // wrong size (not one lego wrote).
-            let mut values: Vec<Option<Option<(u32, u32)>>> = vec![None; chunk.len()];
-            let result = self.pipeline(&request, |reply| {
+            let wanted: Vec<(u64, u32)> = chunk
+                .iter()
+                .map(|&i| (batch[i].page, batch[i].version))
+                .collect();
+            // What came back for each request: the header's (crc, version) and the CRC32C of
+            // the page as copied, or None for a value of the wrong size (not one lego wrote).
+            // The page is checked as it is copied, while its bytes are still in the cache.
+            let mut values: Vec<Option<Option<(u32, u32, u32)>>> = vec![None; chunk.len()];
+            let on_reply = |reply: Reply<'_>| {
                 if let Reply::Value { opaque, data } = reply {
                     let k = opaque as usize;
                     if let (Some(slot), Some(&i)) = (values.get_mut(k), chunk.get(k)) {
@@ -235,14 +286,30 @@ impl PageStore for MemcachedServer {
                             let crc = u32::from_le_bytes(data[0..4].try_into().expect("4 bytes"));
                             let version =
                                 u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
-                            batch[i].buf.copy_from_slice(&data[VALUE_HEADER_BYTES..]);
-                            *slot = Some(Some((crc, version)));
+                            let buf = &mut *batch[i].buf;
+                            buf.copy_from_slice(&data[VALUE_HEADER_BYTES..]);
+                            *slot = Some(Some((crc, version, crc32c::crc32c(buf))));
                         } else {
                             *slot = Some(None);
                         }
                     }
                 }
-            });
+            };
+            // Sent ahead already: only its replies are read (checked below like any).
+            let result = match self.take_ahead(&wanted) {
+                Some(a) => {
+                    self.traffic.ahead_used.fetch_add(1, Relaxed);
+                    self.conn
+                        .receive(a.sent, &a.request, on_reply)
+                        .map(|received| {
+                            self.traffic.bytes_received.fetch_add(received, Relaxed);
+                        })
+                }
+                None => {
+                    let request = self.get_request(wanted.iter().map(|&(page, _)| page));
+                    self.pipeline(&request, on_reply)
+                }
+            };
             if let Err(e) = result {
                 let kind = e.kind();
                 for &i in chunk {
@@ -253,16 +320,16 @@ impl PageStore for MemcachedServer {
             }
             for (k, &i) in chunk.iter().enumerate() {
                 let r = &mut batch[i];
-                let (found_crc, found_version) = match values[k] {
-                    Some(Some(header)) => header,
-                    Some(None) => (!r.crc, 0),
+                let (found_crc, found_version, actual) = match values[k] {
+                    Some(Some(read)) => read,
+                    Some(None) => (!r.crc, 0, crc32c::crc32c(r.buf)),
                     // Never stored (or discarded): zeros, as in every store.
                     None => {
                         r.buf.fill(0);
-                        (crc32c::crc32c(r.buf), r.version)
+                        let zeros = crc32c::crc32c(r.buf);
+                        (zeros, r.version, zeros)
                     }
                 };
-                let actual = crc32c::crc32c(r.buf);
                 if found_crc == r.crc && found_version == r.version && actual == r.crc {
                     r.outcome = Outcome::Done;
                 } else {
@@ -274,19 +341,52 @@ impl PageStore for MemcachedServer {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Sends the gets of `pages` now, on a connection of their own; the fetch of exactly
+    /// these pages and versions reads the replies. Best effort: a failure here is the fetch's
+    /// to find (and count), so it is only logged.
+    fn read_ahead(&self, pages: &[PageWant]) {
+        if pages.is_empty()
+            || pages.len() > PIPELINE_REQUESTS_MAX
+            || pages.iter().any(|w| w.page >= self.pages)
+        {
+            return;
+        }
+        let request = self.get_request(pages.iter().map(|w| w.page));
+        let sent = match self.conn.send(&request) {
+            Ok(sent) => sent,
+            Err(e) => {
+                log::debug!("{}: reading ahead failed: {e}", self.name);
+                return;
+            }
+        };
+        self.traffic
+            .bytes_sent
+            .fetch_add(request.len() as u64, Relaxed);
+        self.traffic.ahead_sent.fetch_add(1, Relaxed);
+        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        if ahead.len() == AHEAD_PIPELINES_MAX {
+            ahead.pop_front();
+        }
+        ahead.push_back(Ahead {
+            pages: pages.iter().map(|w| (w.page, w.version)).collect(),
+            request,
+            sent,
+            at: Instant::now(),
+        });
+    }
+
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
         let mut first_error = refuse_bad_writes(&self.name, self.pages, batch);
         let positions: Vec<usize> = (0..batch.len())
             .filter(|&i| batch[i].outcome == Outcome::Pending)
             .collect();
-        let mut value = Vec::with_capacity(VALUE_BYTES);
         for chunk in positions.chunks(PIPELINE_REQUESTS_MAX) {
             let mut request = Vec::with_capacity(chunk.len() * (VALUE_BYTES + 48));
             for (k, &i) in chunk.iter().enumerate() {
                 let w = &batch[i];
-                value.clear();
-                encode_value(&mut value, w.crc, w.version, w.buf);
-                protocol::set(&mut request, self.key(w.page).as_str(), &value, k as u32);
+                // The value: the page's CRC32C and version, then the page.
+                let value: [&[u8]; 3] = [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
+                protocol::set_parts(&mut request, self.key(w.page).as_str(), &value, k as u32);
             }
             protocol::noop(&mut request);
             let mut not_stored: Vec<usize> = Vec::new();

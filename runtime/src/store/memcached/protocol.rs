@@ -66,9 +66,17 @@ pub fn get(out: &mut Vec<u8>, key: &str, opaque: u32) {
 
 /// Appends `ms KEY LEN q O<opaque>\r\n` and the value.
 pub fn set(out: &mut Vec<u8>, key: &str, value: &[u8], opaque: u32) {
+    set_parts(out, key, &[value], opaque);
+}
+
+/// [`set`] of the value made of `parts` one after another, copied once, straight into `out`.
+pub fn set_parts(out: &mut Vec<u8>, key: &str, parts: &[&[u8]], opaque: u32) {
     debug_assert!(valid_key(key));
-    let _ = write!(out, "ms {key} {} q O{opaque}\r\n", value.len());
-    out.extend_from_slice(value);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let _ = write!(out, "ms {key} {len} q O{opaque}\r\n");
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -152,12 +160,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolError> {
     let taken = nl + 1;
     let mut words = line.split(' ');
     let code = words.next().unwrap_or("");
-    let flags: Vec<&str> = words.collect();
-    let opaque = opaque_of(&flags, line)?;
+    // The words after the code, walked without collecting them (one reply per page read).
+    let flags = words;
+    let opaque = opaque_of(flags.clone(), line)?;
     let reply = match code {
         "VA" => {
             let len: usize = flags
-                .first()
+                .clone()
+                .next()
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| malformed(line.as_bytes()))?;
             if len > VALUE_BYTES_MAX {
@@ -195,7 +205,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolError> {
 }
 
 /// The `O<opaque>` flag among a reply's flags, if present.
-fn opaque_of(flags: &[&str], line: &str) -> Result<Option<u32>, ProtocolError> {
+fn opaque_of<'a>(
+    flags: impl Iterator<Item = &'a str>,
+    line: &str,
+) -> Result<Option<u32>, ProtocolError> {
     for f in flags {
         if let Some(token) = f.strip_prefix('O') {
             return token

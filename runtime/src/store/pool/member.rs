@@ -22,6 +22,10 @@ pub trait Member: PageStore {
     fn reconnect(&self);
     /// Bytes sent to and received from the server.
     fn wire_bytes(&self) -> (u64, u64);
+    /// Pipelines sent ahead of their fetch, and those a fetch read.
+    fn read_ahead_counts(&self) -> (u64, u64) {
+        (0, 0)
+    }
     /// Whether `e` (from this member) says the server is full: not a failure of the
     /// server, which stays up and keeps serving what it holds.
     fn is_full(&self, _e: &StoreError) -> bool {
@@ -35,6 +39,15 @@ pub trait Member: PageStore {
     /// Frees the pages of heaps whose lease is gone (dead processes), never this heap's.
     fn collect_orphans(&self) -> Option<String> {
         None
+    }
+    /// Sets the lease of a heap seeded from a log: it never lapses and says the heap waits
+    /// for its restore (`lego replay --to`).
+    fn seed_lease(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Takes over a seeded heap's lease for this process (a restore from a pool image).
+    fn take_over_lease(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -62,6 +75,13 @@ impl Member for MemcachedServer {
         )
     }
 
+    fn read_ahead_counts(&self) -> (u64, u64) {
+        (
+            self.traffic.ahead_sent.load(Relaxed),
+            self.traffic.ahead_used.load(Relaxed),
+        )
+    }
+
     fn is_full(&self, e: &StoreError) -> bool {
         // memcached started with -M: "SERVER_ERROR out of memory storing object".
         crate::logging::error_chain(e).contains("out of memory")
@@ -72,6 +92,14 @@ impl Member for MemcachedServer {
             Ok(renewal) => Ok(renewal == Renewal::Started),
             Err(e) => Err(crate::logging::error_chain(&e)),
         }
+    }
+
+    fn seed_lease(&self) -> Result<(), String> {
+        MemcachedServer::seed_lease(self).map_err(|e| crate::logging::error_chain(&e))
+    }
+
+    fn take_over_lease(&self) -> Result<(), String> {
+        MemcachedServer::take_over_lease(self).map_err(|e| crate::logging::error_chain(&e))
     }
 
     fn collect_orphans(&self) -> Option<String> {

@@ -43,7 +43,7 @@ use self::queue::ReplicaQueue;
 use self::records::Records;
 use super::{
     discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
-    PageWrite, StoreError, StoreOp, PAGE_BYTES,
+    PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::config::{PoolSettings, Replication};
 use crate::logging::{error_chain, RateLimit};
@@ -184,6 +184,110 @@ impl PoolStore {
     }
 }
 
+/// Seeding a pool from a log (`lego replay --to`) and restoring a heap from it (`LEGO_RESTORE`
+/// of a pool image): the pool's side.
+impl PoolStore {
+    /// What the pool knows of `page`'s newest copy (its checksum, version and holders).
+    pub fn stored_copy(&self, page: u64) -> records::Copy {
+        self.inner.records.lock().get(page)
+    }
+
+    /// The servers, `HOST:PORT`, in the order the holder bits count them.
+    pub fn servers(&self) -> Vec<String> {
+        self.inner
+            .members
+            .iter()
+            .map(|m| m.server().to_owned())
+            .collect()
+    }
+
+    /// Takes the copies a pool image lists as this heap's (a restore): each page's checksum,
+    /// version and holders. Pages outside the heap are refused. The pool's thread then checks
+    /// the copies' count as after a server came back.
+    pub fn adopt(
+        &self,
+        pages: impl IntoIterator<Item = (u64, records::Copy)>,
+    ) -> Result<u64, StoreError> {
+        let inner = &*self.inner;
+        let all = if inner.members.len() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << inner.members.len()) - 1
+        };
+        let mut adopted = 0;
+        let mut records = inner.records.lock();
+        for (page, copy) in pages {
+            if page >= inner.pages || copy.version == 0 || copy.holders & !all != 0 {
+                return Err(inner.pool_error(
+                    StoreOp::Fetch,
+                    page,
+                    FailureKind::Refused,
+                    format!(
+                        "the pool image's copy (version {}, holders {:#x}) does not fit this \
+                         pool of {} servers and {} pages",
+                        copy.version,
+                        copy.holders,
+                        inner.members.len(),
+                        inner.pages
+                    ),
+                ));
+            }
+            records.set(page, copy.crc, copy.version, copy.holders);
+            adopted += 1;
+        }
+        drop(records);
+        inner.repair_needed.store(true, Relaxed);
+        inner.wake_thread();
+        Ok(adopted)
+    }
+
+    /// Ends a seeding: stops the pool's thread (no renewal after this) and sets the heap's
+    /// lease on every server to a seeded one, without a time to live, so that no collection
+    /// frees the heap before it is restored.
+    pub fn seal_as_seeded(&self) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        inner.stop.store(true, Relaxed);
+        inner.wake_thread();
+        // Held so that a renewal under way ends first; none starts after `stop`.
+        let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for (s, m) in inner.members.iter().enumerate() {
+            m.seed_lease().map_err(|why| {
+                inner.pool_error(
+                    StoreOp::Store,
+                    0,
+                    FailureKind::Transient,
+                    format!(
+                        "setting the seeded heap's lease on {} failed: {why}",
+                        inner.members[s].server()
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Starts a restore from a pool image: the seeded heap's lease becomes this process's on
+    /// every server (renewed and released as any running heap's from now on).
+    pub fn take_over_leases(&self) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let _leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for m in &inner.members {
+            m.take_over_lease().map_err(|why| {
+                inner.pool_error(
+                    StoreOp::Fetch,
+                    0,
+                    FailureKind::Transient,
+                    format!(
+                        "taking over the heap's lease on {} failed: {why}",
+                        m.server()
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for PoolStore {
     fn drop(&mut self) {
         self.inner.stop.store(true, Relaxed);
@@ -244,6 +348,52 @@ impl Inner {
         }
     }
 
+    /// The first server of `page`'s ranking among `candidates` (a bit each).
+    fn next_holder(&self, page: u64, candidates: u64) -> Option<usize> {
+        // One candidate (one copy, or one server left) is first whatever the ranking.
+        match candidates.count_ones() {
+            0 => return None,
+            1 => return Some(candidates.trailing_zeros() as usize),
+            _ => {}
+        }
+        self.placement
+            .ranking(page)
+            .servers()
+            .iter()
+            .find(|&&s| candidates & (1 << s) != 0)
+            .map(|&s| usize::from(s))
+    }
+
+    /// Sends each server the gets that the first round of [`Inner::fetch`] of `pages` will
+    /// ask it for (the same choice of holders, from the same records), so that the fetch
+    /// only reads the replies. Pages the fetch serves without a server (never stored, in the
+    /// queue, another version) are left out.
+    fn read_ahead(&self, pages: &[PageWant]) {
+        let mut by_server: Vec<Vec<PageWant>> = vec![Vec::new(); self.members.len()];
+        let up = self.up_mask();
+        {
+            let records = self.records.lock();
+            for w in pages {
+                if w.page >= self.pages {
+                    return;
+                }
+                let copy = records.get(w.page);
+                if copy.version == 0 || copy.version != w.version {
+                    continue;
+                }
+                if let Some(s) = self.next_holder(w.page, copy.holders & up) {
+                    by_server[s].push(*w);
+                }
+            }
+        }
+        for (server, wants) in by_server.iter_mut().enumerate() {
+            wants.retain(|w| !self.queue.holds(w.page, w.version));
+            if !wants.is_empty() {
+                self.members[server].read_ahead(wants);
+            }
+        }
+    }
+
     /// Reads a batch from the pages' holders (see the module documentation); `counted`:
     /// a fetch of the pager (counted in the stats), not one of repair.
     fn fetch(&self, batch: &mut [PageRead<'_>], counted: bool) -> Result<(), StoreError> {
@@ -299,18 +449,11 @@ impl Inner {
                     continue;
                 }
                 let left = holders[i] & !tried[i];
-                let next = inner
-                    .placement
-                    .ranking(r.page)
-                    .servers()
-                    .iter()
-                    .copied()
-                    .find(|&s| left & up & (1 << s) != 0);
-                match next {
+                match inner.next_holder(r.page, left & up) {
                     Some(s) => {
                         tried[i] |= 1 << s;
-                        last_server[i] = Some(s as usize);
-                        by_server[s as usize].push(i);
+                        last_server[i] = Some(s);
+                        by_server[s].push(i);
                     }
                     None => {
                         // No holder left to try: a holder that is down may come back.
@@ -501,6 +644,10 @@ impl Inner {
 impl PageStore for PoolStore {
     fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
         self.inner.fetch(batch, true)
+    }
+
+    fn read_ahead(&self, pages: &[PageWant]) {
+        self.inner.read_ahead(pages);
     }
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {

@@ -14,6 +14,11 @@ use crate::io::AlignedBuf;
 
 /// Most pages waiting for their other copies.
 pub const QUEUE_PAGES_MAX: usize = 4096;
+/// Page buffers kept for reuse once their page's copies are written (so that queueing a page
+/// costs one copy, not an allocation and a zero-fill too), at most.
+const SPARE_PAGES_MAX: usize = 512;
+
+const _: () = assert!(SPARE_PAGES_MAX <= QUEUE_PAGES_MAX);
 
 /// One page waiting for copies.
 #[derive(Clone)]
@@ -29,11 +34,37 @@ pub struct Waiting {
 #[derive(Default)]
 pub struct ReplicaQueue {
     pages: Mutex<BTreeMap<u64, Waiting>>,
+    /// Buffers of pages that left the queue, for the next ones.
+    spare: Mutex<Vec<AlignedBuf>>,
 }
 
 impl ReplicaQueue {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Waiting>> {
         self.pages.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the buffer of a page that left the queue, if no one else holds it (the pool's
+    /// thread may still be writing it: it hands its copies back here when done) and there is
+    /// room among the spares.
+    pub fn recycle(&self, w: Waiting) {
+        if let Ok(buf) = Arc::try_unwrap(w.bytes) {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < SPARE_PAGES_MAX {
+                spare.push(buf);
+            }
+        }
+    }
+
+    /// A copy of `bytes` in a spare buffer, or in a new one.
+    fn copy_of(&self, bytes: &[u8]) -> AlignedBuf {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match spare {
+            Some(mut buf) if buf.len() == bytes.len() => {
+                buf.as_mut_slice().copy_from_slice(bytes);
+                buf
+            }
+            _ => aligned_copy(bytes),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -51,15 +82,16 @@ impl ReplicaQueue {
 
     /// Queues `version` of `page` (replacing an older one).
     pub fn push(&self, page: u64, crc: u32, version: u32, bytes: &[u8]) {
-        self.lock().insert(
-            page,
-            Waiting {
-                crc,
-                version,
-                bytes: Arc::new(aligned_copy(bytes)),
-                in_flight: false,
-            },
-        );
+        let waiting = Waiting {
+            crc,
+            version,
+            bytes: Arc::new(self.copy_of(bytes)),
+            in_flight: false,
+        };
+        let replaced = self.lock().insert(page, waiting);
+        if let Some(old) = replaced {
+            self.recycle(old);
+        }
     }
 
     /// Copies the queued `version` of `page` into `buf`, if it is there.
@@ -71,6 +103,11 @@ impl ReplicaQueue {
             }
             _ => false,
         }
+    }
+
+    /// Whether the queue holds `version` of `page` (a fetch would read it from here).
+    pub fn holds(&self, page: u64, version: u32) -> bool {
+        self.lock().get(&page).is_some_and(|w| w.version == version)
     }
 
     /// Takes up to `n` pages that are not in flight, marking them so.
@@ -93,20 +130,28 @@ impl ReplicaQueue {
     /// back to be tried again (unless a newer version replaced it meanwhile).
     pub fn finish(&self, page: u64, version: u32, complete: bool) {
         let mut pages = self.lock();
+        let mut done = None;
         if let Some(w) = pages.get_mut(&page) {
             if w.version == version {
                 if complete {
-                    pages.remove(&page);
+                    done = pages.remove(&page);
                 } else {
                     w.in_flight = false;
                 }
             }
         }
+        drop(pages);
+        if let Some(w) = done {
+            self.recycle(w);
+        }
     }
 
     /// Forgets `page` (discarded).
     pub fn remove(&self, page: u64) {
-        self.lock().remove(&page);
+        let removed = self.lock().remove(&page);
+        if let Some(w) = removed {
+            self.recycle(w);
+        }
     }
 }
 

@@ -423,3 +423,82 @@ fn the_pool_holds_a_lease_on_every_server_until_exit() {
         assert!(!has_lease(a), "the lease on {a} outlived the exit");
     }
 }
+
+/// Against real memcached servers: pages read ahead (`read_ahead`, then the fetch of exactly
+/// those pages) are served right, over one pipeline sent ahead per server; a read-ahead that
+/// a newer version of its pages left behind is never served, and one no fetch asks for is
+/// harmless.
+#[test]
+fn pages_read_ahead_are_served_right_and_stale_read_aheads_never() {
+    use crate::store::memcached::test_server::TestServer;
+
+    let servers: Vec<TestServer> = (0..2).map(|_| TestServer::start(64, false)).collect();
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let settings = PoolSettings {
+        replicas: 1,
+        ..PoolSettings::default()
+    };
+    let store =
+        crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, 0x00c0_ffee_0000_0003)
+            .expect("the pool");
+    let wants = |src: &[Page], version: u32| -> Vec<PageWant> {
+        src.iter()
+            .enumerate()
+            .map(|(i, p)| PageWant {
+                page: i as u64,
+                crc: crc32c::crc32c(&p.0),
+                version,
+            })
+            .collect()
+    };
+    // (used, sent) read-aheads over the servers, from the report's server lines.
+    let read_aheads = || -> (u64, u64) {
+        let mut total = (0, 0);
+        for (name, line) in store.report() {
+            if !name.starts_with("pool_server_") {
+                continue;
+            }
+            let counts = line
+                .split(' ')
+                .find_map(|w| w.strip_prefix("read_ahead="))
+                .expect("read_ahead= in the server's line");
+            let (used, sent) = counts.split_once('/').expect("used/sent");
+            total.0 += used.parse::<u64>().expect("a number");
+            total.1 += sent.parse::<u64>().expect("a number");
+        }
+        total
+    };
+
+    let old = contents(64, 81);
+    store_pages(&store, 0, &old, 1);
+    store.read_ahead(&wants(&old, 1));
+    let (used, sent) = read_aheads();
+    assert!(sent >= 1 && used == 0, "sent {sent}, used {used}");
+    assert_eq!(
+        fetch_pages(&store, 0, &old, 1),
+        64,
+        "every page served right"
+    );
+    assert_eq!(
+        read_aheads(),
+        (sent, sent),
+        "the fetch read what was sent ahead"
+    );
+
+    // Read ahead, then the pages get a newer version before the fetch: the replies waiting
+    // in the socket hold the old one, and the fetch of the new one must not take them.
+    store.read_ahead(&wants(&old, 1));
+    let new = contents(64, 82);
+    store_pages(&store, 0, &new, 2);
+    assert_eq!(
+        fetch_pages(&store, 0, &new, 2),
+        64,
+        "the new version served"
+    );
+    assert_eq!(read_aheads().0, sent, "the stale read-ahead was not used");
+
+    // A read-ahead no fetch asks for (another run of pages) changes nothing.
+    store.read_ahead(&wants(&new[..16], 2));
+    assert_eq!(fetch_pages(&store, 0, &new, 2), 64);
+    drop(servers);
+}

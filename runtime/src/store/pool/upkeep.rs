@@ -26,7 +26,10 @@ use crate::PAGE_SIZE;
 const TICK_MS: u64 = 100;
 /// How often the servers are asked how they are, in milliseconds.
 const HEALTH_CHECK_MS: u64 = 1000;
-/// Queued pages whose copies one batch writes.
+/// Queued pages whose copies one batch writes. (A batch holds its pages' stripe locks while it
+/// writes, and the evictor's write-backs wait for them; but smaller batches drain the queue
+/// slower, and a fuller queue costs memory: 64 made the bench's optimistic runs outgrow
+/// their cgroup.)
 const QUEUE_PAGES_PER_ROUND: usize = 256;
 /// Batches of queued pages one round writes at most (the round's other duties, leases
 /// among them, must not wait for a queue that never empties).
@@ -106,7 +109,7 @@ fn drain_queue(inner: &Inner) {
         if taken.is_empty() {
             return;
         }
-        let _stripes = inner.lock_stripes(taken.iter().map(|(page, _)| *page));
+        let stripes = inner.lock_stripes(taken.iter().map(|(page, _)| *page));
         // Only versions that are still the newest; each with the holders it has already.
         let mut acked = Vec::with_capacity(taken.len());
         let mut live = Vec::with_capacity(taken.len());
@@ -137,12 +140,19 @@ fn drain_queue(inner: &Inner) {
             inner.queue.finish(*page, w.version, complete);
         }
         drop(records);
-        if live.is_empty()
+        drop(stripes);
+        // Not enough servers up: try again next round.
+        let retry_later = live.is_empty()
             || acked
                 .iter()
-                .any(|a| (a.count_ones() as usize) < inner.settings.replicas)
-        {
-            // Not enough servers up: try again next round.
+                .any(|a| (a.count_ones() as usize) < inner.settings.replicas);
+        drop(batch);
+        drop(live);
+        // The buffers of pages that left the queue serve the next ones.
+        for (_, w) in taken {
+            inner.queue.recycle(w);
+        }
+        if retry_later {
             return;
         }
     }
@@ -394,11 +404,12 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
     for (s, member) in inner.members.iter().enumerate() {
         let h = &inner.health[s];
         let (sent, received) = member.wire_bytes();
+        let (ahead_sent, ahead_used) = member.read_ahead_counts();
         out.push((
             format!("pool_server_{s}"),
             format!(
                 "{} {} fetched={} stored={} errors={} downs={} full={} bytes_sent={sent} \
-                 bytes_received={received}",
+                 bytes_received={received} read_ahead={ahead_used}/{ahead_sent}",
                 member.server(),
                 if h.is_up() { "up" } else { "down" },
                 inner.served[s].fetched.load(Relaxed),
