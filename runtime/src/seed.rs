@@ -26,6 +26,7 @@ use crate::log::replay::{
     ReplayError, ReplayOptions, ReplayReport,
 };
 use crate::logging::error_chain;
+use crate::seal::SealKey;
 use crate::store::memcached::random_heap_id;
 use crate::store::pool::PoolStore;
 use crate::store::{open_memcached_pool_as, PageStore, PageWrite, StoreError};
@@ -45,6 +46,9 @@ pub struct SeedOptions {
     pub replicas: usize,
     /// Bound on every connect, read and write, in milliseconds.
     pub timeout_ms: u64,
+    /// The key file that seals the values (`--key-file`, as `LEGO_KEY_FILE` of the run that
+    /// restores the heap).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// What a seeding did.
@@ -84,6 +88,8 @@ pub enum SeedError {
     PoolImage(#[from] PoolImageError),
     #[error("storing the heap's pages in the pool failed; nothing was seeded (the pages stored so far are freed by the next lego pool gc)")]
     Store(#[source] StoreError),
+    #[error("--key-file cannot be used")]
+    Key(#[source] crate::seal::KeyError),
     #[error(
         "--replicas {replicas} asks for more copies than the pool has servers ({servers}): \
          give at most {servers}"
@@ -144,8 +150,13 @@ pub fn replay_to_pool(
             servers: options.servers.len(),
         });
     }
-    // Before anything is stored: what is at the pool image's path may be replaced.
+    // Before anything is stored: what is at the pool image's path may be replaced, and the
+    // key is good.
     pool_image::check_replaceable(pool_image_path)?;
+    let key = match &options.key_file {
+        Some(path) => Some(SealKey::load(path).map_err(SeedError::Key)?),
+        None => None,
+    };
     let (segments, _) = open_segments(dir)?;
     let target = resolve_target(dir, &segments, options.replay.target)?;
     let mut plan = plan(dir, &segments, target, progress)?;
@@ -161,8 +172,15 @@ pub fn replay_to_pool(
         ..PoolSettings::default()
     };
     let heap_id = random_heap_id();
-    let pool = open_memcached_pool_as(&options.servers, &settings, plan.report.region.len, heap_id)
-        .map_err(SeedError::Store)?;
+    let pool = open_memcached_pool_as(
+        &options.servers,
+        &settings,
+        plan.report.region.len,
+        heap_id,
+        key.as_ref(),
+    )
+    .map_err(SeedError::Store)?;
+    drop(key);
     let mut sink = PoolSink {
         pool: &pool,
         stored: Vec::new(),
@@ -192,6 +210,7 @@ pub fn replay_to_pool(
         heap_id,
         replicas: u32::try_from(options.replicas).expect("at most the servers"),
         servers: pool.servers(),
+        sealed: options.key_file.is_some(),
     };
     let entries = pages.iter().map(|&page| {
         let copy = pool.stored_copy(page);
@@ -276,6 +295,7 @@ mod tests {
             servers: names.clone(),
             replicas: 2,
             timeout_ms: 2000,
+            key_file: None,
         };
         let image = dir.0.join("heap.pool");
         let report = replay_to_pool(&logs, &image, &options, &mut |_| {}).expect("seeding");
@@ -298,7 +318,8 @@ mod tests {
             replicas: 2,
             ..PoolSettings::default()
         };
-        let pool = open_restored_pool(&names, &settings, region.len, h.heap_id).expect("restore");
+        let pool =
+            open_restored_pool(&names, &settings, region.len, h.heap_id, None).expect("restore");
         pool.adopt(listed.iter().map(|p| {
             (
                 p.page,
@@ -323,7 +344,7 @@ mod tests {
         assert_eq!(bufs[0].as_mut_slice(), &p3[..]);
         assert_eq!(bufs[1].as_mut_slice(), &p2[..]);
 
-        let err = open_restored_pool(&names, &settings, region.len, h.heap_id)
+        let err = open_restored_pool(&names, &settings, region.len, h.heap_id, None)
             .err()
             .expect("a heap is restored once");
         assert!(
@@ -403,6 +424,7 @@ mod equality {
             servers: names.clone(),
             replicas: 2,
             timeout_ms: 2000,
+            key_file: None,
         };
         replay_to_pool(&logs, &pool_image, &options, &mut |_| {}).expect("seeding");
         let img = PoolImage::open(&pool_image).expect("the pool image");
@@ -416,6 +438,7 @@ mod equality {
             &PoolSettings::default(),
             region.len,
             img.header().heap_id,
+            None,
         )
         .expect("restoring");
         pool.adopt(listed.values().map(|p| {

@@ -10,8 +10,9 @@
 //! `lego_checkpoint()` made) from a log directory, with a progress line on stderr when stderr
 //! is a terminal, and prints what it recovered and what it left out; it fails only when nothing
 //! usable is there, or with `--strict` when anything in the log is damaged. With `--to
-//! memcached://HOST:PORT,... [--replicas N]` the heap goes to that pool instead (under a new
-//! heap id, kept for its restore) and `-o` names the small *pool image* `LEGO_RESTORE` takes
+//! memcached://HOST:PORT,... [--replicas N] [--key-file FILE]` the heap goes to that pool
+//! instead (under a new heap id, kept for its restore; its values sealed under the key, as
+//! with `LEGO_KEY_FILE`) and `-o` names the small *pool image* `LEGO_RESTORE` takes
 //! (`crate::seed`). `lego inspect
 //! LOG_DIR` describes the segments, epochs (program checkpoints among them) and damage of a
 //! log.
@@ -35,7 +36,7 @@ pub mod pool;
 
 pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
        lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
-       lego replay LOG_DIR --to memcached://HOST:PORT[,...] [--replicas N] -o POOL_IMAGE [--epoch N | --checkpoint] [--strict]
+       lego replay LOG_DIR --to memcached://HOST:PORT[,...] [--replicas N] [--key-file FILE] -o POOL_IMAGE [--epoch N | --checkpoint] [--strict]
        lego inspect LOG_DIR
        lego pool [--heaps] memcached://HOST:PORT[,HOST:PORT...]
        lego pool gc [--heap ID] memcached://HOST:PORT[,HOST:PORT...]";
@@ -102,6 +103,8 @@ pub struct ReplayArgs {
     /// image), and `--replicas N` (1 unless given).
     pub to: Option<Vec<String>>,
     pub replicas: usize,
+    /// `--key-file FILE`: the pool's values are sealed under that key (`LEGO_KEY_FILE`).
+    pub key_file: Option<PathBuf>,
 }
 
 /// Parses the arguments that follow `lego replay`.
@@ -113,6 +116,7 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
     let mut strict = false;
     let mut to = None;
     let mut replicas = None;
+    let mut key_file = None;
     let mut i = 0;
     while i < args.len() {
         let a = args[i].to_string_lossy();
@@ -164,6 +168,10 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
                 replicas = Some(n);
                 i += 2;
             }
+            "--key-file" => {
+                key_file = Some(PathBuf::from(value()?));
+                i += 2;
+            }
             s if s.starts_with('-') && s.len() > 1 => {
                 return Err(CliError::Usage(format!("unknown option {s}")));
             }
@@ -189,6 +197,13 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
             "--replicas {n} is for a replay into a pool: give --to memcached://HOST:PORT[,...] too"
         )));
     }
+    if let (Some(_), None) = (&key_file, &to) {
+        return Err(CliError::Usage(
+            "--key-file seals the values of a pool: give --to memcached://HOST:PORT[,...] too \
+             (a heap image is a local file, not sealed)"
+                .into(),
+        ));
+    }
     if let (Some(servers), Some(n)) = (&to, replicas) {
         if n > servers.len() {
             return Err(CliError::Usage(format!(
@@ -210,6 +225,7 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
         options: ReplayOptions { target, strict },
         to,
         replicas: replicas.unwrap_or(1),
+        key_file,
     })
 }
 
@@ -356,14 +372,19 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
                     servers: servers.clone(),
                     replicas: a.replicas,
                     timeout_ms: crate::config::PoolSettings::default().timeout_ms,
+                    key_file: a.key_file.clone(),
                 };
                 let result =
                     replay_to_pool(&a.log_dir, &a.image, &options, &mut |p| line.update(p));
                 line.finish();
                 let report = result.map_err(|source| CliError::Seed { source })?;
                 print!("{report}");
+                let key = match &a.key_file {
+                    Some(k) => format!(" LEGO_KEY_FILE={}", k.display()),
+                    None => String::new(),
+                };
                 println!(
-                    "pool image written to {} (restore with LEGO_BACKEND=memcached://{} \
+                    "pool image written to {} (restore with LEGO_BACKEND=memcached://{}{key} \
                      LEGO_RESTORE={})",
                     a.image.display(),
                     servers.join(","),
@@ -415,6 +436,7 @@ mod tests {
             },
             to: None,
             replicas: 1,
+            key_file: None,
         };
         for v in [
             &["logs", "-o", "heap.img", "--epoch", "7"][..],

@@ -322,7 +322,7 @@ fn bad_values_on_a_real_server_are_detected_and_served_from_another_copy() {
         replication: Replication::Pessimistic,
         ..PoolSettings::default()
     };
-    let store = crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, heap_id)
+    let store = crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, heap_id, None)
         .expect("the pool");
     let conns: Vec<Connection> = addrs
         .iter()
@@ -400,9 +400,14 @@ fn the_pool_holds_a_lease_on_every_server_until_exit() {
     let servers: Vec<TestServer> = (0..2).map(|_| TestServer::start(64, false)).collect();
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let heap_id = 0x00c0_ffee_0000_0002;
-    let store =
-        crate::store::open_memcached_pool_as(&addrs, &PoolSettings::default(), HEAP_BYTES, heap_id)
-            .expect("the pool");
+    let store = crate::store::open_memcached_pool_as(
+        &addrs,
+        &PoolSettings::default(),
+        HEAP_BYTES,
+        heap_id,
+        None,
+    )
+    .expect("the pool");
     let has_lease = |addr: &str| {
         let conn = Connection::new(addr, 2000).expect("a connection");
         let mut request = Vec::new();
@@ -438,9 +443,14 @@ fn pages_read_ahead_are_served_right_and_stale_read_aheads_never() {
         replicas: 1,
         ..PoolSettings::default()
     };
-    let store =
-        crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, 0x00c0_ffee_0000_0003)
-            .expect("the pool");
+    let store = crate::store::open_memcached_pool_as(
+        &addrs,
+        &settings,
+        HEAP_BYTES,
+        0x00c0_ffee_0000_0003,
+        None,
+    )
+    .expect("the pool");
     let wants = |src: &[Page], version: u32| -> Vec<PageWant> {
         src.iter()
             .enumerate()

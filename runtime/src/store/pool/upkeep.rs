@@ -400,6 +400,24 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
             "pool_queued_pages".to_string(),
             inner.queue.len().to_string(),
         ),
+        (
+            "pool_sealed".to_string(),
+            if inner.members.iter().all(|m| m.is_sealed()) {
+                "yes"
+            } else {
+                "no"
+            }
+            .to_string(),
+        ),
+        (
+            "pool_seal_failures".to_string(),
+            inner
+                .members
+                .iter()
+                .map(|m| m.seal_failures())
+                .sum::<u64>()
+                .to_string(),
+        ),
     ];
     for (s, member) in inner.members.iter().enumerate() {
         let h = &inner.health[s];
