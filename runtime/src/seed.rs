@@ -252,6 +252,18 @@ mod tests {
     /// a second restore of the same heap is refused while the first holds its lease.
     #[test]
     fn a_log_seeds_a_pool_that_a_restore_reads_back() {
+        seed_and_restore(false);
+    }
+
+    /// The same with `--key-file`: the pool image says the values are sealed, a restore
+    /// with the key reads them back, one under another key gets no page.
+    #[test]
+    fn a_log_seeds_a_sealed_pool_that_a_restore_with_the_key_reads_back() {
+        seed_and_restore(true);
+    }
+
+    fn seed_and_restore(keyed: bool) {
+        use std::os::unix::fs::OpenOptionsExt;
         let dir = TestDir::new("seed");
         let logs = dir.0.join("heap");
         let region = RegionInfo {
@@ -288,6 +300,17 @@ mod tests {
         w.append_epoch(&second).expect("appending");
         drop(w);
 
+        let key_path = dir.0.join("key");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .expect("the key file");
+        std::io::Write::write_all(&mut f, &[0x33; crate::seal::KEY_BYTES]).expect("the key");
+        drop(f);
+        let key = keyed.then(|| SealKey::load(&key_path).expect("a good key file"));
+
         let servers = [TestServer::start(16, false), TestServer::start(16, false)];
         let names: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
         let options = SeedOptions {
@@ -295,11 +318,15 @@ mod tests {
             servers: names.clone(),
             replicas: 2,
             timeout_ms: 2000,
-            key_file: None,
+            key_file: keyed.then(|| key_path.clone()),
         };
         let image = dir.0.join("heap.pool");
         let report = replay_to_pool(&logs, &image, &options, &mut |_| {}).expect("seeding");
         assert_eq!((report.replay.epoch, report.pages), (2, 2), "{report}");
+        assert_eq!(
+            PoolImage::open(&image).expect("image").header().sealed,
+            keyed
+        );
 
         let img = PoolImage::open(&image).expect("the pool image");
         let h = img.header().clone();
@@ -318,8 +345,34 @@ mod tests {
             replicas: 2,
             ..PoolSettings::default()
         };
-        let pool =
-            open_restored_pool(&names, &settings, region.len, h.heap_id, None).expect("restore");
+        if keyed {
+            // Under another key: restored, but no page opens (each is lost, never wrong).
+            let wrong = SealKey::from_bytes([0x34; crate::seal::KEY_BYTES]);
+            let pool = open_restored_pool(&names, &settings, region.len, h.heap_id, Some(&wrong))
+                .expect("restore");
+            pool.adopt(listed.iter().map(|p| {
+                (
+                    p.page,
+                    crate::store::pool::records::Copy {
+                        crc: p.crc,
+                        version: p.version,
+                        holders: p.holders,
+                    },
+                )
+            }))
+            .expect("adopting");
+            let mut buf = crate::io::AlignedBuf::new(4096);
+            let mut reads = [PageRead::new(3, buf.as_mut_slice(), listed[0].crc, 1)];
+            assert!(pool.fetch(&mut reads).is_err());
+            assert_eq!(
+                reads[0].outcome,
+                crate::store::Outcome::Failed(crate::store::FailureKind::Lost)
+            );
+            // Given back for the restore below, as a failed start does.
+            pool.seal_as_seeded().expect("seeded again");
+        }
+        let pool = open_restored_pool(&names, &settings, region.len, h.heap_id, key.as_ref())
+            .expect("restore");
         pool.adopt(listed.iter().map(|p| {
             (
                 p.page,
@@ -344,7 +397,7 @@ mod tests {
         assert_eq!(bufs[0].as_mut_slice(), &p3[..]);
         assert_eq!(bufs[1].as_mut_slice(), &p2[..]);
 
-        let err = open_restored_pool(&names, &settings, region.len, h.heap_id, None)
+        let err = open_restored_pool(&names, &settings, region.len, h.heap_id, key.as_ref())
             .err()
             .expect("a heap is restored once");
         assert!(

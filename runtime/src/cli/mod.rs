@@ -483,7 +483,23 @@ mod tests {
         let one =
             parse_replay(&os(&["logs", "--to", "memcached://h:1", "-o", "p"])).expect("parses");
         assert_eq!(one.replicas, 1);
+        assert_eq!(one.key_file, None);
+        let keyed = parse_replay(&os(&[
+            "logs",
+            "--to",
+            "memcached://h:1",
+            "--key-file",
+            "/k",
+            "-o",
+            "p",
+        ]))
+        .expect("parses");
+        assert_eq!(keyed.key_file, Some(PathBuf::from("/k")));
         for (v, says) in [
+            (
+                &["logs", "--key-file", "/k", "-o", "p"][..],
+                "seals the values of a pool",
+            ),
             (
                 &["logs", "--to", "file:/tmp", "-o", "p"][..],
                 "is not a pool",
