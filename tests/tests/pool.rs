@@ -259,3 +259,156 @@ fn a_program_runs_on_a_pool_of_two_servers() {
         stats.raw
     );
 }
+
+/// The marker `seal_marker` writes into every page (`tests/c/seal_marker.c`).
+const SEAL_MARKER: &[u8] = b"lego-seal-test:plaintext-marker!";
+
+/// Writes a key file of 32 random-looking bytes, readable by its owner only, in `dir`.
+fn key_file(dir: &lego_tests::TempDir) -> std::path::PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.path().join("pool.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .expect("creating the key file");
+    let bytes: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(97).wrapping_add(13))
+        .collect();
+    f.write_all(&bytes).expect("writing the key file");
+    path
+}
+
+/// Every value a server holds (`lru_crawler metadump all`, then a get of each key), with
+/// its key.
+fn server_values(addr: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use lego_runtime::store::memcached::connection::Connection;
+    use lego_runtime::store::memcached::{dump, protocol};
+    use std::ops::ControlFlow;
+    let conn = Connection::new(addr, 5000).expect("a connection to the server");
+    let mut keys = Vec::new();
+    conn.text_lines(
+        "lru_crawler metadump all",
+        std::time::Instant::now() + Duration::from_secs(60),
+        |line| {
+            if let Ok(item) = dump::parse_line(line) {
+                keys.push(item.key);
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .expect("a dump of the server's items");
+    let mut values = Vec::new();
+    for chunk in keys.chunks(256) {
+        let mut request = Vec::new();
+        for (k, key) in chunk.iter().enumerate() {
+            let key = std::str::from_utf8(key).expect("lego's keys are text");
+            protocol::get(&mut request, key, k as u32);
+        }
+        protocol::noop(&mut request);
+        conn.pipeline(&request, |reply| {
+            if let protocol::Reply::Value { opaque, data } = reply {
+                values.push((chunk[opaque as usize].clone(), data.to_vec()));
+            }
+        })
+        .expect("getting the values");
+    }
+    values
+}
+
+/// Runs `seal_marker` (48 MiB in a 16 MiB cache) on a fresh pool of two servers with two
+/// copies, `LEGO_KEY_FILE` set or not; returns the run, its stats, and every value the
+/// servers hold after it.
+fn marker_run(
+    label: &str,
+    key: Option<&std::path::Path>,
+) -> (lego_tests::Outcome, lego_tests::Stats, Vec<Vec<u8>>) {
+    let servers: Vec<Memcached> = (0..2).map(|_| Memcached::start(256)).collect();
+    let setup = ShimSetup::new(label, 16);
+    let mut run = setup
+        .apply(Run::new(program("seal_marker")).args(["48"]))
+        .env("LEGO_BACKEND", pool_backend(&servers))
+        .env("LEGO_REPLICAS", "2")
+        .hang_after(300);
+    if let Some(k) = key {
+        run = run.env("LEGO_KEY_FILE", k);
+    }
+    let out = run.run();
+    let stats = setup.stats();
+    let values = servers
+        .iter()
+        .flat_map(|s| server_values(&s.addr))
+        .filter(|(k, _)| k.starts_with(b"lego:") && !k.ends_with(b":lease"))
+        .map(|(_, v)| v)
+        .collect();
+    (out, stats, values)
+}
+
+/// With `LEGO_KEY_FILE` the pool holds no page in the clear: no value on any server holds the
+/// marker every page of the program carries, while the same run without a key leaves it in
+/// plain sight (so the scan can fail); both give the native output.
+#[test]
+fn with_a_key_the_pool_holds_no_plaintext_page() {
+    let _serial = heavy();
+    let native = Run::new(program("seal_marker")).args(["48"]).run();
+    native.assert_success();
+    let has_marker = |v: &Vec<u8>| v.windows(SEAL_MARKER.len()).any(|w| w == SEAL_MARKER);
+
+    let (plain, stats, values) = marker_run("seal-plain", None);
+    plain.assert_success();
+    assert_eq!(plain.stdout, native.stdout, "{plain}");
+    assert!(
+        values.len() > 1000,
+        "most pages were evicted to the pool: {}",
+        values.len()
+    );
+    assert!(
+        values.iter().filter(|v| has_marker(v)).count() > 1000,
+        "without a key the pages are in the clear (the control)"
+    );
+    assert_eq!(
+        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
+        Some("no"),
+        "{}",
+        stats.raw
+    );
+
+    let dir = lego_tests::TempDir::new("seal-key");
+    let key = key_file(&dir);
+    let (sealed, stats, values) = marker_run("seal-keyed", Some(&key));
+    sealed.assert_success();
+    assert_eq!(sealed.stdout, native.stdout, "{sealed}");
+    assert!(
+        values.len() > 1000,
+        "most pages were evicted to the pool: {}",
+        values.len()
+    );
+    let clear = values.iter().filter(|v| has_marker(v)).count();
+    assert_eq!(
+        clear,
+        0,
+        "{clear} of {} values hold a page in the clear",
+        values.len()
+    );
+    assert_eq!(
+        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
+        Some("yes"),
+        "{}",
+        stats.raw
+    );
+    assert_eq!(stats.number("pool_seal_failures"), Some(0), "{}", stats.raw);
+    assert!(
+        stats.number("pages_fetched").is_some_and(|n| n > 1000),
+        "{}",
+        stats.raw
+    );
+    // The key appears nowhere lego writes.
+    let key_bytes = std::fs::read(&key).expect("the key file");
+    assert!(
+        !sealed.stderr.as_bytes().windows(32).any(|w| w == key_bytes),
+        "{sealed}"
+    );
+    assert!(!stats.raw.as_bytes().windows(32).any(|w| w == key_bytes));
+}
