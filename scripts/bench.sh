@@ -43,6 +43,8 @@
 #                    loop does not have to do; the pipelines are the same)
 #     pool vs file/swap  seq and random over a heap 4x the cache on three servers, one copy,
 #                    vs lego on the file store and vs kernel swap (cgroups as above)
+#     sealing        the same seq and random pool runs with LEGO_KEY_FILE (every value
+#                    sealed with AES-256-GCM) vs without, alternated in each round
 #     replication    page_sweep write (random page writes: every page touched is dirty) over
 #                    a heap 4x the cache on three servers, LEGO_REPLICAS=2 pessimistic and
 #                    optimistic vs LEGO_REPLICAS=1
@@ -152,6 +154,7 @@ cli="$out_dir/lego"             # the same for the lego binary (lego replay)
 store_dir=/var/tmp              # lego's page store, its logs and the swap file: the same disk
 swap_file="$store_dir/lego-bench-$$.swap"
 log_root="$store_dir/lego-bench-$$-log"   # one log directory (and image) per durable run
+key_file="$store_dir/lego-bench-$$.key"   # LEGO_KEY_FILE of the sealed pool rows
 cg_root=/sys/fs/cgroup/memory
 cg_lego="$cg_root/lego-bench-$$-lego"
 cg_swap="$cg_root/lego-bench-$$-swap"
@@ -176,6 +179,7 @@ cleanup() {
     if [ "$swap_on" = 1 ]; then swapoff "$swap_file" 2>/dev/null || note "swapoff $swap_file failed"; fi
     if [ "$swap_created" = 1 ]; then rm -f "$swap_file"; fi
     rm -rf "$log_root"
+    rm -f "$key_file"
     for cg in "$cg_lego" "$cg_swap"; do
         if [ -d "$cg" ]; then rmdir "$cg" 2>/dev/null || note "could not remove cgroup $cg"; fi
     done
@@ -710,9 +714,11 @@ raw_measure() {
 
 run_pool() {
     if [ "$mc_ok" = 0 ]; then return; fi
-    say "memcached pool: heap $over_heap_mib MiB over cache $over_cache_mib MiB; fetch bandwidth vs raw mg, pool vs file vs swap, 2 copies vs 1"
+    say "memcached pool: heap $over_heap_mib MiB over cache $over_cache_mib MiB; fetch bandwidth vs raw mg, pool vs file vs swap, sealed vs not, 2 copies vs 1"
     local r w
     local -a args
+    # The sealed runs' key: 32 random bytes, readable by this user only.
+    (umask 077 && head -c 32 /dev/urandom >"$key_file")
     for r in $(seq 1 "$rounds"); do
         pool_measure "" 1 pool_fetch lego "$r" "lego-cg:$over_cache_mib" \
             "$bin_dir/page_sweep" seqread "$over_heap_mib" "$seq_sweeps"
@@ -721,6 +727,8 @@ run_pool() {
             read -r -a args <<<"$(sweep_args "$w")"
             pool_measure "LEGO_REPLICAS=1" "$pool_servers" "pool_$w" pool "$r" "lego-cg:$over_cache_mib" \
                 "$bin_dir/page_sweep" "${args[@]}"
+            pool_measure "LEGO_REPLICAS=1 LEGO_KEY_FILE=$key_file" "$pool_servers" "pool_$w" sealed "$r" \
+                "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
             measure "pool_$w" file "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
             if [ "$swap_ok" = 1 ]; then
                 measure "pool_$w" swap "$r" "swap-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
@@ -988,6 +996,8 @@ build_pool_rows() {
             "$random, $pool / lego on the file store" "$random, $pool / kernel swap"; do
             add_row "$m" "" "" s none "" "$why"
         done
+        add_row "$seq, $pool, sealed (LEGO_KEY_FILE) / not sealed" "" "" s le 1.10 "$why"
+        add_row "$random, $pool, sealed (LEGO_KEY_FILE) / not sealed" "" "" s le 1.10 "$why"
         add_row "$write, 2 copies pessimistic / 1 copy" "" "" s le 1.25 "$why"
         add_row "$write, 2 copies optimistic / 1 copy" "" "" s le 1.10 "$why"
         return
@@ -1006,6 +1016,8 @@ build_pool_rows() {
     compare "$random, $pool / lego on the file store" pool_random pool file seconds s none "" ""
     compare "$random, $pool / kernel swap" pool_random pool swap seconds s none "" "$swap_reason"
     compare "$random, lego on the file store / kernel swap (the pool's baselines)" pool_random file swap seconds s none "" "$swap_reason"
+    compare "$seq, $pool, sealed (LEGO_KEY_FILE) / not sealed" pool_seq sealed pool seconds s le 1.10 ""
+    compare "$random, $pool, sealed (LEGO_KEY_FILE) / not sealed" pool_random sealed pool seconds s le 1.10 ""
     compare "$write, 2 copies pessimistic / 1 copy" pool_write pessimistic one seconds s le 1.25 ""
     compare "$write, 2 copies optimistic / 1 copy" pool_write optimistic one seconds s le 1.10 ""
     local peak_one peak_opt
