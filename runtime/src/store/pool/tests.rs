@@ -520,7 +520,6 @@ fn a_sealed_value_that_does_not_open_with_no_other_copy_is_lost() {
             .fetch(&mut reads)
             .expect_err("a value that does not open");
         assert_eq!(reads[0].outcome, Outcome::Failed(FailureKind::Lost), "{e}");
-        drop(reads);
         assert!(
             dst[0].0.iter().all(|&b| b == 0),
             "page {page}: nothing of the value is left in the buffer"
