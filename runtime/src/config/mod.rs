@@ -171,8 +171,9 @@ pub struct Config {
     /// How a memcached pool keeps its copies (`LEGO_REPLICAS` and its companions); the
     /// defaults with other backends.
     pub pool: PoolSettings,
-    /// The key that seals the values sent to a pool (`LEGO_KEY_FILE`), checked when the pool
-    /// opens (`seal::SealKey::load`); only with a memcached backend.
+    /// The key that seals the values sent to a pool (`LEGO_KEY_FILE`), read and checked before
+    /// `main` by the preload (`seal::SealKey::load`) and handed to `Runtime::start`; only with
+    /// a memcached backend.
     pub key_file: Option<PathBuf>,
 }
 

@@ -473,7 +473,7 @@ impl PageStore for MemcachedServer {
             .collect();
         for chunk in positions.chunks(PIPELINE_REQUESTS_MAX) {
             let mut request = Vec::with_capacity(chunk.len() * (SEALED_VALUE_BYTES + 48));
-            let mut sealed = Vec::with_capacity(chunk.len());
+            let mut made = Vec::with_capacity(chunk.len());
             for (k, &i) in chunk.iter().enumerate() {
                 let w = &batch[i];
                 let key = self.key(w.page);
@@ -483,7 +483,7 @@ impl PageStore for MemcachedServer {
                         let value: [&[u8]; 3] =
                             [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
                         protocol::set_parts(&mut request, key.as_str(), &value, k as u32);
-                        sealed.push(true);
+                        made.push(true);
                     }
                     // The version, then the sealed page (no checksum of the plaintext).
                     Some(sealer) => {
@@ -502,15 +502,15 @@ impl PageStore for MemcachedServer {
                                 sealer.seal_into(what, w.buf, out).is_ok()
                             },
                         );
-                        sealed.push(ok);
+                        made.push(ok);
                     }
                 }
             }
-            if sealed.iter().any(|&ok| !ok) {
+            if made.iter().any(|&ok| !ok) {
                 // No nonce is left (2^64 seals): nothing of this chunk is sent.
                 self.traffic
                     .seal_failures
-                    .fetch_add(sealed.iter().filter(|&&ok| !ok).count() as u64, Relaxed);
+                    .fetch_add(made.iter().filter(|&&ok| !ok).count() as u64, Relaxed);
                 for &i in chunk {
                     batch[i].outcome = Outcome::Failed(FailureKind::Refused);
                 }
