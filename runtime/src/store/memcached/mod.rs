@@ -300,6 +300,18 @@ fn decode(data: &[u8], buf: &mut [u8]) -> Option<(u32, u32, u32)> {
     Some((crc, version, crc32c::crc32c(buf)))
 }
 
+/// Appends the sealed value (`version | sealed page`) of `buf`, version `version` of `page`, to
+/// `out`; false if no nonce is left (`protocol::set_with` then drops what was appended).
+fn seal(sealer: &Sealer, page: u64, version: u32, buf: &[u8], out: &mut Vec<u8>) -> bool {
+    let what = SealedAs {
+        page,
+        version,
+        part: 0,
+    };
+    out.extend_from_slice(&version.to_le_bytes());
+    sealer.seal_into(what, buf, out).is_ok()
+}
+
 /// Why a sealed value was not opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unopened {
@@ -487,20 +499,12 @@ impl PageStore for MemcachedServer {
                     }
                     // The version, then the sealed page (no checksum of the plaintext).
                     Some(sealer) => {
-                        let what = SealedAs {
-                            page: w.page,
-                            version: w.version,
-                            part: 0,
-                        };
                         let ok = protocol::set_with(
                             &mut request,
                             key.as_str(),
                             SEALED_VALUE_BYTES,
                             k as u32,
-                            |out| {
-                                out.extend_from_slice(&w.version.to_le_bytes());
-                                sealer.seal_into(what, w.buf, out).is_ok()
-                            },
+                            |out| seal(sealer, w.page, w.version, w.buf, out),
                         );
                         made.push(ok);
                     }
@@ -614,3 +618,79 @@ impl MemcachedServer {
 
 #[cfg(test)]
 pub(crate) mod test_server;
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::seal::{SealKey, KEY_BYTES};
+
+    fn sealer() -> Sealer {
+        Sealer::new(
+            &SealKey::from_bytes([0x5a; KEY_BYTES]),
+            0x00c0_ffee_0000_0009,
+        )
+    }
+
+    fn sealed_value(s: &Sealer, page: u64, version: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        assert!(seal(s, page, version, data, &mut v));
+        assert_eq!(v.len(), SEALED_VALUE_BYTES);
+        v
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_support::config(64))]
+
+        /// A sealed value opens into its page (with the page's CRC32C) for its page and
+        /// version only; with any bit flipped, cut or grown, or opened as another page or
+        /// version, it is refused and the buffer holds zeros, never a byte of the value.
+        #[test]
+        fn fuzz_sealed_values_open_only_unchanged_and_for_their_page(
+            seed: u64,
+            page in 0u64..1 << 31,
+            version in 1u32..u32::MAX,
+            flip in 0usize..SEALED_VALUE_BYTES * 8,
+            other_page in 0u64..1 << 31,
+            cut in 1usize..SEALED_VALUE_BYTES,
+        ) {
+            let s = sealer();
+            let mut data = vec![0u8; PAGE_SIZE];
+            crate::io::test_support::fill(&mut data, seed);
+            let value = sealed_value(&s, page, version, &data);
+            let crc = crc32c::crc32c(&data);
+            let mut buf = vec![0xeeu8; PAGE_SIZE];
+            prop_assert_eq!(open(&s, page, version, &value, &mut buf), Ok((crc, version, crc)));
+            prop_assert_eq!(&buf, &data);
+
+            let refused = |v: &[u8], p: u64, ver: u32| {
+                let mut buf = vec![0xeeu8; PAGE_SIZE];
+                let r = open(&s, p, ver, v, &mut buf);
+                (r.is_err(), buf.iter().all(|&b| b == 0))
+            };
+            let mut flipped = value.clone();
+            flipped[flip / 8] ^= 1 << (flip % 8);
+            // A flip in the version label names another version: refused without opening.
+            let label = u32::from_le_bytes(flipped[0..4].try_into().expect("4 bytes"));
+            prop_assert_eq!(refused(&flipped, page, version), (true, true));
+            prop_assert_eq!(refused(&flipped, page, label), (true, true));
+            prop_assert_eq!(refused(&value[..cut], page, version), (true, true));
+            let mut grown = value.clone();
+            grown.push(0);
+            prop_assert_eq!(refused(&grown, page, version), (true, true));
+            if other_page != page {
+                prop_assert_eq!(refused(&value, other_page, version), (true, true));
+            }
+            let mut relabelled = value.clone();
+            relabelled[0..4].copy_from_slice(&(version + 1).to_le_bytes());
+            prop_assert_eq!(refused(&relabelled, page, version + 1), (true, true));
+            // Another heap under the same key file, or the same heap under another key.
+            let theirs = Sealer::new(&SealKey::from_bytes([0x5a; KEY_BYTES]), 0x00c0_ffee_0000_000a);
+            let mut buf = vec![0u8; PAGE_SIZE];
+            prop_assert!(open(&theirs, page, version, &value, &mut buf).is_err());
+            let other_key = Sealer::new(&SealKey::from_bytes([0x5b; KEY_BYTES]), 0x00c0_ffee_0000_0009);
+            prop_assert!(open(&other_key, page, version, &value, &mut buf).is_err());
+        }
+    }
+}
