@@ -425,7 +425,7 @@ extern "C" fn lego_init() {
         };
         publish_user_heap(heap, region);
     }
-    start_watching(&config);
+    start_watching(config);
     // SAFETY: the handlers are plain `extern "C"` functions that live as long as the library.
     unsafe {
         libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));

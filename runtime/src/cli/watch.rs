@@ -187,11 +187,7 @@ pub fn frame(
         bar(resident, cache, bar_width),
         mib_of_pages(resident),
         mib_of_pages(cache),
-        if cache == 0 {
-            0
-        } else {
-            resident * 100 / cache
-        },
+        (resident * 100).checked_div(cache).unwrap_or(0),
         mib_of_pages(now.num("peak_resident_pages")),
     ));
     lines.push(format!(
