@@ -7,6 +7,7 @@
 #   scripts/bench.sh --quick              3 rounds, heap 128 MiB over 32 MiB (~5 min here)
 #   scripts/bench.sh [--quick] --only pool   only the memcached pool rows (~1.5 min quick here),
 #                                         so that they can be rerun alone on a shared machine
+#   scripts/bench.sh [--quick] --only watch  only the rows of what publishing costs (~1 min quick)
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -50,6 +51,10 @@
 #                    optimistic vs LEGO_REPLICAS=1
 #                    A pool run whose server was full or failed (the stats' pool_server_N
 #                    full= and errors=) counts as failed: its pages stayed in the cache.
+#   publishing       (issue 15) the random-fault workload over a heap 4x the cache and the
+#                    allocator's small-object loop, lego publishing its statistics every
+#                    second (LEGO_PUBLISH=on, the default every other lego row runs with) vs
+#                    LEGO_PUBLISH=off
 #
 # Output: the table on stdout; target/bench/results.md and results.json (the table, the cache
 # curve and every run's raw numbers); per-run output in target/bench/runs/; every failed run
@@ -73,19 +78,19 @@ note() { printf '    %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 quick=0
-only=""   # empty: every benchmark; pool: only the memcached pool rows
+only=""   # empty: every benchmark; pool or watch: only those rows
 while [ "$#" -gt 0 ]; do
     case $1 in
         --quick) quick=1 ;;
         --only)
-            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool)"
+            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool or --only watch)"
             case $2 in
-                pool) only=$2 ;;
-                *) die "unknown section '$2' for --only (expected pool)" ;;
+                pool | watch) only=$2 ;;
+                *) die "unknown section '$2' for --only (expected pool or watch)" ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument '$1' (expected --quick, --only pool or nothing)" ;;
+        *) die "unknown argument '$1' (expected --quick, --only pool, --only watch or nothing)" ;;
     esac
     shift
 done
@@ -603,6 +608,29 @@ run_alloc() {
             measure "alloc_$m" glibc "$r" plain "$bin_dir/alloc_bench" "$m" "$alloc_scale"
         done
     done
+}
+
+# What publishing the statistics costs (issue 15): the same runs with LEGO_PUBLISH on and off.
+run_watch() {
+    say "publishing statistics: LEGO_PUBLISH=on vs off (random faults over a heap 4x the cache; small-object allocations)"
+    local r v
+    local -a args
+    read -r -a args <<<"$(sweep_args random)"
+    for r in $(seq 1 "$rounds"); do
+        for v in on off; do
+            lego_env=("LEGO_PUBLISH=$v")
+            measure watch_random "$v" "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+            measure watch_alloc "$v" "$r" "lego:$first_touch_cache" "$bin_dir/alloc_bench" small "$alloc_scale"
+            lego_env=()
+        done
+    done
+}
+
+build_watch_rows() {
+    compare "random page reads (${random_per_page}x pages), heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M, publishing / not" \
+        watch_random on off seconds s le 1.05 ""
+    compare "allocator small-object loop (all resident), publishing / not" \
+        watch_alloc on off seconds s le 1.05 ""
 }
 
 # The durable heap. Its baselines and the timed replay are small commands that measure runs
@@ -1220,13 +1248,15 @@ if [ -z "$only" ]; then
     run_log_append_and_replay
     run_log_cost
 fi
-run_pool
+if [ "$only" != watch ]; then run_pool; fi
+if [ "$only" != pool ]; then run_watch; fi
 if [ -z "$only" ]; then
     build_rows
     build_curve
     plot_curve
 fi
-build_pool_rows
+if [ "$only" != watch ]; then build_pool_rows; fi
+if [ "$only" != pool ]; then build_watch_rows; fi
 write_reports
 failed_total="$(awk -F'\t' '$4 != "ok"' "$raw" | wc -l)"
 if [ "$failed_total" != 0 ]; then

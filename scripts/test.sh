@@ -25,6 +25,8 @@ missing_packages() {
     [ -x /usr/bin/time ] || missing+=(time)
     command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
     command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+    # lego top is tested in a real terminal.
+    command -v tmux >/dev/null 2>&1 || missing+=(tmux)
     # ip (network namespaces for the pool's network tests) lives in /usr/sbin, which is not
     # on every user's PATH.
     command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)

@@ -78,6 +78,10 @@ static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 /// The key of `LEGO_KEY_FILE`, loaded (and checked) with the configuration, before `main`;
 /// taken by the start, which seals the pool's values under it, and dropped (zeroed) then.
 static SEAL_KEY: Mutex<Option<lego_runtime::seal::SealKey>> = Mutex::new(None);
+/// The statistics published while the program runs (`LEGO_PUBLISH`).
+static PUBLISHER: OnceLock<lego_runtime::watch::Publisher> = OnceLock::new();
+/// The metrics endpoint (`LEGO_METRICS`).
+static METRICS: OnceLock<lego_runtime::watch::metrics::Metrics> = OnceLock::new();
 /// The process that started the runtime; a forked child is not it.
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);
 /// Set in a forked child: its copy of the region is ordinary memory, served by nobody.
@@ -446,10 +450,50 @@ extern "C" fn lego_init() {
         };
         publish_user_heap(heap, region);
     }
+    start_watching(config);
     // SAFETY: the handlers are plain `extern "C"` functions that live as long as the library.
     unsafe {
         libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
         libc::atexit(lego_exit);
+    }
+}
+
+/// Publishes the statistics while the program runs and serves the metrics, as configured.
+/// Neither stops the program: a failure is one warning on stderr.
+fn start_watching(config: &Config) {
+    let source = || -> lego_runtime::watch::Source {
+        Box::new(|| match RUNTIME.get() {
+            Some(rt) => full_snapshot(rt),
+            None => STATS.snapshot(),
+        })
+    };
+    if config.publish {
+        let pid = OWNER_PID.load(Ordering::Relaxed).unsigned_abs();
+        let program = std::fs::read_to_string("/proc/self/comm")
+            .map(|s| s.trim_end().to_owned())
+            .unwrap_or_default();
+        let dir = lego_runtime::watch::publish_dir();
+        match lego_runtime::watch::Publisher::start(&dir, pid, program, source()) {
+            Ok(p) => {
+                let _ = PUBLISHER.set(p);
+            }
+            Err(e) => stderr_line(&format!(
+                "lego: warning: the statistics are not published ({}=off hides this): {}",
+                lego_runtime::config::vars::PUBLISH,
+                lego_runtime::logging::error_chain(&e)
+            )),
+        }
+    }
+    if let Some(addr) = &config.metrics {
+        match lego_runtime::watch::metrics::serve(addr, source()) {
+            Ok(m) => {
+                let _ = METRICS.set(m);
+            }
+            Err(e) => stderr_line(&format!(
+                "lego: warning: {}",
+                lego_runtime::logging::error_chain(&e)
+            )),
+        }
     }
 }
 
@@ -529,6 +573,37 @@ extern "C" fn fork_child() {
     DETACHED.store(true, Ordering::Relaxed);
 }
 
+/// Every statistic of the process now: the counters, what the runtime and the store report,
+/// and the heaps' addresses and sizes (for the report at exit and the published ones).
+fn full_snapshot(rt: &Runtime) -> lego_runtime::stats::StatsSnapshot {
+    let mut snap = STATS.snapshot();
+    snap.extra.extend(rt.describe());
+    let base = USER_BASE.load(Ordering::Relaxed);
+    snap.extra
+        .push(("region_base".into(), format!("{base:#x}")));
+    snap.extra.push((
+        "region_len".into(),
+        USER_LEN.load(Ordering::Relaxed).to_string(),
+    ));
+    snap.extra.push((
+        "internal_heap_base".into(),
+        format!("{:#x}", INTERNAL_BASE.load(Ordering::Relaxed)),
+    ));
+    snap.extra
+        .push(("internal_heap_len".into(), INTERNAL_HEAP_BYTES.to_string()));
+    if let Some(h) = published_user_heap() {
+        snap.extra
+            .push(("heap_top_bytes".into(), h.top_bytes().to_string()));
+        snap.extra
+            .push(("heap_in_use_bytes".into(), h.bytes_in_use().to_string()));
+    }
+    snap.extra.push((
+        "internal_heap_in_use_bytes".into(),
+        internal_heap().bytes_in_use().to_string(),
+    ));
+    snap
+}
+
 extern "C" fn lego_exit() {
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != OWNER_PID.load(Ordering::Relaxed) {
@@ -546,35 +621,17 @@ extern "C" fn lego_exit() {
             ));
         }
     }
+    if let Some(p) = PUBLISHER.get() {
+        p.finish();
+    }
+    if let Some(m) = METRICS.get() {
+        m.finish();
+    }
     rt.at_exit();
     if config.stats == lego_runtime::config::StatsSink::Off {
         return;
     }
-    let mut snap = STATS.snapshot();
-    snap.extra.extend(rt.describe());
-    let base = USER_BASE.load(Ordering::Relaxed);
-    snap.extra
-        .push(("region_base".into(), format!("{base:#x}")));
-    snap.extra.push((
-        "region_len".into(),
-        USER_LEN.load(Ordering::Relaxed).to_string(),
-    ));
-    snap.extra.push((
-        "internal_heap_base".into(),
-        format!("{:#x}", INTERNAL_BASE.load(Ordering::Relaxed)),
-    ));
-    snap.extra
-        .push(("internal_heap_len".into(), INTERNAL_HEAP_BYTES.to_string()));
-    if let Some(h) = user_heap() {
-        snap.extra
-            .push(("heap_top_bytes".into(), h.top_bytes().to_string()));
-        snap.extra
-            .push(("heap_in_use_bytes".into(), h.bytes_in_use().to_string()));
-    }
-    snap.extra.push((
-        "internal_heap_in_use_bytes".into(),
-        internal_heap().bytes_in_use().to_string(),
-    ));
+    let snap = full_snapshot(rt);
     if let Err(e) = lego_runtime::stats::report(&snap, &config.stats) {
         stderr_line(&format!("lego: cannot write the statistics: {e}"));
     }

@@ -28,6 +28,7 @@ pub mod stats;
 pub mod store;
 pub mod threads;
 pub mod uffd;
+pub mod watch;
 
 #[cfg(test)]
 mod fuzz_support;

@@ -84,7 +84,7 @@ macro_rules! counters {
                 }
             }
 
-            fn set(&mut self, c: Counter, value: u64) {
+            pub(crate) fn set(&mut self, c: Counter, value: u64) {
                 match c {
                     $( Counter::$variant => self.$field = value, )+
                 }
@@ -391,7 +391,7 @@ impl StatsSnapshot {
 }
 
 /// Appends `s` as a JSON string literal, escaping quotes, backslashes and control characters.
-fn push_json_string(out: &mut String, s: &str) {
+pub fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
     for ch in s.chars() {
         match ch {

@@ -32,22 +32,21 @@ use crate::log::replay::{
 use crate::logging::error_chain;
 use crate::seed::{replay_to_pool, SeedOptions};
 
+pub mod args;
 pub mod pool;
-
-pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
-       lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
-       lego replay LOG_DIR --to memcached://HOST:PORT[,...] [--replicas N] [--key-file FILE] -o POOL_IMAGE [--epoch N | --checkpoint] [--strict]
-       lego inspect LOG_DIR
-       lego pool [--heaps] memcached://HOST:PORT[,HOST:PORT...]
-       lego pool gc [--heap ID] memcached://HOST:PORT[,HOST:PORT...]";
+pub mod watch;
 
 /// How often the progress line on a terminal is redrawn, at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Error)]
 pub enum CliError {
-    #[error("{0}\n{USAGE}")]
+    /// A usage error, rendered as clap renders its own (message, usage line, hint).
+    #[error("{0}")]
     Usage(String),
+    /// What clap says: a usage error, or `--help` / `--version` (printed, status 0).
+    #[error("{0}")]
+    Clap(clap::Error),
     #[error("cannot find liblego.so next to the lego binary (looked for {0}); build it with `cargo build --release`")]
     NoLibrary(PathBuf),
     #[error("cannot run {program}: {source}")]
@@ -67,6 +66,16 @@ pub enum CliError {
         #[source]
         source: crate::seed::SeedError,
     },
+    #[error("{}", error_chain(source))]
+    Watch {
+        #[source]
+        source: crate::watch::read::ReadError,
+    },
+    #[error("the terminal failed: {source}")]
+    Terminal {
+        #[source]
+        source: std::io::Error,
+    },
     /// `lego pool`: some server did not answer (the others were printed).
     #[error("{failed} of {total} servers did not answer: {names}")]
     ServersFailed {
@@ -81,6 +90,7 @@ impl CliError {
     pub fn exit_status(&self) -> i32 {
         match self {
             CliError::ServersFailed { .. } => 1,
+            CliError::Clap(e) => e.exit_code(),
             _ => 2,
         }
     }
@@ -107,98 +117,64 @@ pub struct ReplayArgs {
     pub key_file: Option<PathBuf>,
 }
 
+/// A clap error as a usage error (the tests and `lego` print it the same way).
+fn clap_usage(e: clap::Error) -> CliError {
+    CliError::Usage(e.render().to_string())
+}
+
+/// Parses the arguments that follow `lego SUBCOMMAND`.
+fn parse_sub(subcommand: &str, args: &[OsString]) -> Result<args::Command, CliError> {
+    let mut all = vec![OsString::from(subcommand)];
+    all.extend(args.iter().cloned());
+    args::parse(&all).map_err(clap_usage)
+}
+
 /// Parses the arguments that follow `lego replay`.
 pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
-    let mut log_dir = None;
-    let mut image = None;
-    let mut epoch = None;
-    let mut checkpoint = false;
-    let mut strict = false;
-    let mut to = None;
-    let mut replicas = None;
-    let mut key_file = None;
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].to_string_lossy();
-        let value = || {
-            args.get(i + 1)
-                .ok_or_else(|| CliError::Usage(format!("{a} needs a value")))
-        };
-        match a.as_ref() {
-            "-o" | "--output" => {
-                image = Some(PathBuf::from(value()?));
-                i += 2;
-            }
-            "--epoch" => {
-                let v = value()?.to_string_lossy();
-                let n = v.parse::<u64>().ok().filter(|&n| n >= 1).ok_or_else(|| {
-                    CliError::Usage(format!(
-                        "--epoch {v} is not an epoch number: expected a whole number from 1 up"
-                    ))
-                })?;
-                epoch = Some(n);
-                i += 2;
-            }
-            "--checkpoint" => {
-                checkpoint = true;
-                i += 1;
-            }
-            "--strict" => {
-                strict = true;
-                i += 1;
-            }
-            "--to" => {
-                let url = value()?.to_string_lossy().into_owned();
-                to = Some(pool::parse_pool_url(&url)?);
-                i += 2;
-            }
-            "--replicas" => {
-                let v = value()?.to_string_lossy();
-                let n = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=crate::config::REPLICAS_MAX).contains(n))
-                    .ok_or_else(|| {
-                        CliError::Usage(format!(
-                            "--replicas {v} is not a number of copies: expected a whole number \
-                             from 1 to {}",
-                            crate::config::REPLICAS_MAX
-                        ))
-                    })?;
-                replicas = Some(n);
-                i += 2;
-            }
-            "--key-file" => {
-                key_file = Some(PathBuf::from(value()?));
-                i += 2;
-            }
-            s if s.starts_with('-') && s.len() > 1 => {
-                return Err(CliError::Usage(format!("unknown option {s}")));
-            }
-            _ if log_dir.is_none() => {
-                log_dir = Some(PathBuf::from(&args[i]));
-                i += 1;
-            }
-            s => return Err(CliError::Usage(format!("unexpected argument {s}"))),
-        }
+    match parse_sub("replay", args)? {
+        args::Command::Replay(r) => replay_args(r),
+        _ => unreachable!("parsed as replay"),
     }
-    let target = match (epoch, checkpoint) {
-        (Some(n), false) => Target::Epoch(n),
+}
+
+/// The checks of `lego replay` that clap does not make.
+fn replay_args(r: args::ReplayCmd) -> Result<ReplayArgs, CliError> {
+    let usage = |m: String| args::usage_error(Some("replay"), m);
+    let target = match (r.epoch, r.checkpoint) {
+        (Some(n), _) => Target::Epoch(n),
         (None, true) => Target::ProgramCheckpoint,
         (None, false) => Target::Newest,
-        (Some(n), true) => {
-            return Err(CliError::Usage(format!(
-                "--epoch {n} and --checkpoint ask for two different epochs: give one of them"
-            )))
-        }
+    };
+    let to =
+        r.to.as_deref()
+            .map(pool::parse_pool_url)
+            .transpose()
+            .map_err(|e| match e {
+                CliError::Usage(m) => usage(m),
+                other => other,
+            })?;
+    let replicas = match &r.replicas {
+        None => None,
+        Some(v) => Some(
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=crate::config::REPLICAS_MAX).contains(n))
+                .ok_or_else(|| {
+                    usage(format!(
+                        "--replicas {v} is not a number of copies: expected a whole number \
+                         from 1 to {}",
+                        crate::config::REPLICAS_MAX
+                    ))
+                })?,
+        ),
     };
     if let (Some(n), None) = (replicas, &to) {
-        return Err(CliError::Usage(format!(
+        return Err(usage(format!(
             "--replicas {n} is for a replay into a pool: give --to memcached://HOST:PORT[,...] too"
         )));
     }
-    if let (Some(_), None) = (&key_file, &to) {
-        return Err(CliError::Usage(
+    if let (Some(_), None) = (&r.key_file, &to) {
+        return Err(usage(
             "--key-file seals the values of a pool: give --to memcached://HOST:PORT[,...] too \
              (a heap image is a local file, not sealed)"
                 .into(),
@@ -206,7 +182,7 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
     }
     if let (Some(servers), Some(n)) = (&to, replicas) {
         if n > servers.len() {
-            return Err(CliError::Usage(format!(
+            return Err(usage(format!(
                 "--replicas {n} asks for more copies than the pool has servers ({}): give at \
                  most {}",
                 servers.len(),
@@ -214,31 +190,32 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
             )));
         }
     }
-    let output = if to.is_some() {
-        "no -o POOL_IMAGE given (the local file LEGO_RESTORE takes to restore from the pool)"
-    } else {
-        "no -o IMAGE given"
-    };
+    let image = r.output.ok_or_else(|| {
+        usage(if to.is_some() {
+            "no -o POOL_IMAGE given (the local file LEGO_RESTORE takes to restore from the pool)"
+                .to_string()
+        } else {
+            "no -o IMAGE given".to_string()
+        })
+    })?;
     Ok(ReplayArgs {
-        log_dir: log_dir.ok_or_else(|| CliError::Usage("no LOG_DIR given".into()))?,
-        image: image.ok_or_else(|| CliError::Usage(output.into()))?,
-        options: ReplayOptions { target, strict },
+        log_dir: r.log_dir,
+        image,
+        options: ReplayOptions {
+            target,
+            strict: r.strict,
+        },
         to,
         replicas: replicas.unwrap_or(1),
-        key_file,
+        key_file: r.key_file,
     })
 }
 
 /// Parses the arguments that follow `lego inspect`.
 pub fn parse_inspect(args: &[OsString]) -> Result<PathBuf, CliError> {
-    match args {
-        [dir] if !dir.to_string_lossy().starts_with('-') => Ok(PathBuf::from(dir)),
-        [] => Err(CliError::Usage("no LOG_DIR given".into())),
-        [one] => Err(CliError::Usage(format!(
-            "unknown option {}",
-            one.to_string_lossy()
-        ))),
-        _ => Err(CliError::Usage("inspect takes exactly one LOG_DIR".into())),
+    match parse_sub("inspect", args)? {
+        args::Command::Inspect { log_dir } => Ok(log_dir),
+        _ => unreachable!("parsed as inspect"),
     }
 }
 
@@ -295,39 +272,28 @@ pub struct RunArgs {
 
 /// Parses the arguments that follow `lego run`.
 pub fn parse_run(args: &[OsString]) -> Result<RunArgs, CliError> {
-    let mut env = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].to_string_lossy();
-        let var = match a.as_ref() {
-            "--" => {
-                i += 1;
-                break;
-            }
-            "--cache" => "LEGO_CACHE_SIZE",
-            "--heap" => "LEGO_HEAP_SIZE",
-            "--backend" => "LEGO_BACKEND",
-            "--stats" => "LEGO_STATS",
-            s if s.starts_with('-') => {
-                return Err(CliError::Usage(format!("unknown option {s}")));
-            }
-            _ => break,
-        };
-        let value = args
-            .get(i + 1)
-            .ok_or_else(|| CliError::Usage(format!("{a} needs a value")))?;
-        env.push((var, value.clone()));
-        i += 2;
+    match parse_sub("run", args)? {
+        args::Command::Run(r) => Ok(run_args(r)),
+        _ => unreachable!("parsed as run"),
     }
-    let program = args
-        .get(i)
-        .cloned()
-        .ok_or_else(|| CliError::Usage("no program to run".into()))?;
-    Ok(RunArgs {
+}
+
+fn run_args(r: args::RunCmd) -> RunArgs {
+    let env = [
+        ("LEGO_CACHE_SIZE", r.cache),
+        ("LEGO_HEAP_SIZE", r.heap),
+        ("LEGO_BACKEND", r.backend),
+        ("LEGO_STATS", r.stats),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .collect();
+    let mut command = r.command.into_iter();
+    RunArgs {
         env,
-        program,
-        args: args[i + 1..].to_vec(),
-    })
+        program: command.next().expect("clap requires the program"),
+        args: command.collect(),
+    }
 }
 
 /// The `liblego.so` that sits next to the running `lego` binary.
@@ -343,9 +309,9 @@ pub fn sibling_library() -> Result<PathBuf, CliError> {
 
 /// Runs `lego` with `args` (without the program name). `run` returns only on error.
 pub fn main(args: &[OsString]) -> Result<(), CliError> {
-    match args.first().map(|a| a.to_string_lossy()) {
-        Some(cmd) if cmd == "run" => {
-            let run = parse_run(&args[1..])?;
+    match args::parse(args).map_err(CliError::Clap)? {
+        args::Command::Run(r) => {
+            let run = run_args(r);
             let lib = sibling_library()?;
             let mut preload = lib.into_os_string();
             if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
@@ -363,8 +329,8 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
                 source,
             })
         }
-        Some(cmd) if cmd == "replay" => {
-            let a = parse_replay(&args[1..])?;
+        args::Command::Replay(r) => {
+            let a = replay_args(r)?;
             let mut line = ProgressLine::new();
             if let Some(servers) = &a.to {
                 let options = SeedOptions {
@@ -399,21 +365,22 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
             println!("image written to {}", a.image.display());
             Ok(())
         }
-        Some(cmd) if cmd == "inspect" => {
-            let dir = parse_inspect(&args[1..])?;
-            print!("{}", inspect_dir(&dir)?);
+        args::Command::Inspect { log_dir } => {
+            print!("{}", inspect_dir(&log_dir)?);
             Ok(())
         }
-        Some(cmd) if cmd == "pool" => {
-            let a = pool::parse_pool(&args[1..])?;
+        args::Command::Pool(p) => {
+            let a = pool::pool_args(p)?;
             pool::run(&a, &mut std::io::stdout().lock())
         }
-        Some(cmd) if cmd == "-h" || cmd == "--help" || cmd == "help" => {
-            println!("{USAGE}");
+        args::Command::Stats { pid, json } => {
+            watch::run_stats(pid, json, &mut std::io::stdout().lock())
+        }
+        args::Command::Top { pid, iterations } => watch::run_top(pid, iterations),
+        args::Command::Completions { shell } => {
+            args::completions(shell, &mut std::io::stdout().lock());
             Ok(())
         }
-        Some(cmd) => Err(CliError::Usage(format!("unknown command {cmd}"))),
-        None => Err(CliError::Usage("no command given".into())),
     }
 }
 
@@ -508,7 +475,7 @@ mod tests {
                 &["logs", "--to", "memcached://", "-o", "p"][..],
                 "is not a pool",
             ),
-            (&["logs", "--to"][..], "needs a value"),
+            (&["logs", "--to"][..], "a value is required"),
             (&["logs", "--replicas", "2", "-o", "p"][..], "give --to"),
             (
                 &[

@@ -42,6 +42,25 @@ pub enum ConfigError {
         /// Servers in LEGO_BACKEND.
         servers: usize,
     },
+    /// `LEGO_PUBLISH` is not on or off.
+    #[error(
+        "{}={value:?} is not a switch: expected on (the default) or off",
+        vars::PUBLISH
+    )]
+    Publish {
+        /// The value as set.
+        value: String,
+    },
+    /// `LEGO_METRICS` is not an address.
+    #[error(
+        "{}={value:?} is not where metrics can be served: expected IP:PORT (such as \
+         127.0.0.1:9464), localhost:PORT or unix:PATH (an absolute path)",
+        vars::METRICS
+    )]
+    Metrics {
+        /// The value as set.
+        value: String,
+    },
     /// `LEGO_REPLICATION` is not a mode.
     #[error("LEGO_REPLICATION={value:?} is not a replication mode: expected pessimistic, optimistic or adaptive")]
     Replication {

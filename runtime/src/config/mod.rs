@@ -34,6 +34,7 @@ mod faults;
 mod parse;
 mod pool;
 mod settings;
+mod watch;
 
 pub use backend::{parse_backend, BackendSpec};
 pub use durable::{LogSettings, LogSync};
@@ -44,6 +45,7 @@ pub use faults::{
 pub use parse::{parse_size, total_ram_bytes, SizeError};
 pub use pool::{PoolSettings, Replication, REPLICAS_MAX};
 pub use settings::{documented_settings, vars, Setting};
+pub use watch::MetricsAddr;
 
 use durable::RawLog;
 use faults::{parse_fault_plan, Injection};
@@ -175,6 +177,10 @@ pub struct Config {
     /// `main` by the preload (`seal::SealKey::load`) and handed to `Runtime::start`; only with
     /// a memcached backend.
     pub key_file: Option<PathBuf>,
+    /// Whether statistics are published while the program runs (`LEGO_PUBLISH`).
+    pub publish: bool,
+    /// Where the metrics are served (`LEGO_METRICS`), `None` when unset.
+    pub metrics: Option<MetricsAddr>,
 }
 
 /// Where the statistics go when the program exits.
@@ -234,6 +240,8 @@ struct RawSettings {
     restore: Option<String>,
     pool: RawPool,
     key_file: Option<String>,
+    publish: Option<bool>,
+    metrics: Option<MetricsAddr>,
 }
 
 impl Config {
@@ -385,6 +393,12 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
             )?,
         },
         key_file: lookup(&get, vars::KEY_FILE),
+        publish: lookup(&get, vars::PUBLISH)
+            .map(|v| watch::parse_publish(&v))
+            .transpose()?,
+        metrics: lookup(&get, vars::METRICS)
+            .map(|v| watch::parse_metrics(&v))
+            .transpose()?,
     })
 }
 
@@ -448,6 +462,8 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         restore: raw.restore.map(PathBuf::from),
         pool,
         key_file: raw.key_file.map(PathBuf::from),
+        publish: raw.publish.unwrap_or(true),
+        metrics: raw.metrics,
     })
 }
 

@@ -40,6 +40,10 @@ pub mod vars {
     pub const TIMEOUT_MS: &str = "LEGO_TIMEOUT_MS";
     /// Key that seals every value sent to a pool.
     pub const KEY_FILE: &str = "LEGO_KEY_FILE";
+    /// Whether statistics are published while the program runs.
+    pub const PUBLISH: &str = "LEGO_PUBLISH";
+    /// Where the metrics endpoint listens.
+    pub const METRICS: &str = "LEGO_METRICS";
     /// Not lego's own: the default backend directory comes from it.
     pub const TMPDIR: &str = "TMPDIR";
 }
@@ -201,6 +205,20 @@ pub(super) const SETTINGS: &[Setting] = &[
         meaning: "File of 32 random bytes, mode 0600, owned by you: every value sent to the pool \
                   is encrypted and authenticated with AES-256-GCM under it; needs \
                   LEGO_BACKEND=memcached://.",
+    },
+    Setting {
+        name: vars::PUBLISH,
+        default: "on",
+        example: "off",
+        meaning: "Whether the program's statistics are published while it runs (once a second, \
+                  in $XDG_RUNTIME_DIR/lego/PID.json, owner-only), for lego stats and lego top.",
+    },
+    Setting {
+        name: vars::METRICS,
+        default: "unset (no endpoint)",
+        example: "127.0.0.1:9464",
+        meaning: "Serve the statistics over HTTP (GET /metrics) in Prometheus' text format, on \
+                  IP:PORT, localhost:PORT or unix:PATH.",
     },
 ];
 

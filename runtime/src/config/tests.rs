@@ -212,6 +212,8 @@ fn every_setting_parsed() {
             restore: None,
             pool: PoolSettings::default(),
             key_file: None,
+            publish: true,
+            metrics: None,
         }
     );
     assert_eq!(c.cache_pages(), 48 * MIB / PAGE_BYTES);

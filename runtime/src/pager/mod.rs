@@ -301,6 +301,12 @@ impl Runtime {
                 self.shared.discards.dropped().to_string(),
             ),
         ];
+        if let Some(d) = &self.shared.durable {
+            let (epoch, at_ms, bytes) = d.progress();
+            pairs.push(("log_last_epoch".into(), epoch.to_string()));
+            pairs.push(("log_last_epoch_unix_ms".into(), at_ms.to_string()));
+            pairs.push(("log_bytes".into(), bytes.to_string()));
+        }
         pairs.extend(self.shared.store.report());
         pairs
     }

@@ -39,7 +39,7 @@ mod compact;
 mod cut;
 pub(super) mod snapshot;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,11 @@ pub(crate) struct Durable {
     pub(super) in_flight: AtomicBool,
     /// The evictor is starved of pages the log holds: the next epoch is wanted now.
     pub(super) wanted: AtomicBool,
+    /// The newest committed epoch (0 before the first), when it committed (Unix time in
+    /// milliseconds) and the bytes the log's segments hold then: for the statistics.
+    last_epoch: AtomicU64,
+    last_epoch_unix_ms: AtomicU64,
+    log_bytes: AtomicU64,
 }
 
 impl Durable {
@@ -137,7 +142,20 @@ impl Durable {
             index,
             in_flight: AtomicBool::new(false),
             wanted: AtomicBool::new(false),
+            last_epoch: AtomicU64::new(0),
+            last_epoch_unix_ms: AtomicU64::new(0),
+            log_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// The newest committed epoch, when it committed (Unix milliseconds) and the log's size
+    /// in bytes then.
+    pub(in crate::pager) fn progress(&self) -> (u64, u64, u64) {
+        (
+            self.last_epoch.load(Ordering::Relaxed),
+            self.last_epoch_unix_ms.load(Ordering::Relaxed),
+            self.log_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether the log stands in for a second copy of evicted pages: the evictor evicts only
@@ -247,7 +265,15 @@ pub(super) fn flusher_loop(shared: Arc<Shared>, writer: LogWriter) {
             durable.changed.notify_all();
         }
         match result {
-            Ok(_) => maybe_compact(sh, &mut lock_writer(&writer), settings),
+            Ok(epoch) => {
+                let mut w = lock_writer(&writer);
+                maybe_compact(sh, &mut w, settings);
+                durable.last_epoch.store(epoch, Ordering::Relaxed);
+                durable
+                    .last_epoch_unix_ms
+                    .store(crate::watch::now_ms(), Ordering::Relaxed);
+                durable.log_bytes.store(w.total_bytes(), Ordering::Relaxed);
+            }
             Err(_) => super::sleep_ms(FAILURE_RETRY_MS),
         }
     }
