@@ -7,6 +7,7 @@
 #   scripts/bench.sh --quick              3 rounds, heap 128 MiB over 32 MiB (~5 min here)
 #   scripts/bench.sh [--quick] --only pool   only the memcached pool rows (~1.5 min quick here),
 #                                         so that they can be rerun alone on a shared machine
+#   scripts/bench.sh [--quick] --only watch  only the rows of what publishing costs (~1 min quick)
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -43,11 +44,17 @@
 #                    loop does not have to do; the pipelines are the same)
 #     pool vs file/swap  seq and random over a heap 4x the cache on three servers, one copy,
 #                    vs lego on the file store and vs kernel swap (cgroups as above)
+#     sealing        the same seq and random pool runs with LEGO_KEY_FILE (every value
+#                    sealed with AES-256-GCM) vs without, alternated in each round
 #     replication    page_sweep write (random page writes: every page touched is dirty) over
 #                    a heap 4x the cache on three servers, LEGO_REPLICAS=2 pessimistic and
 #                    optimistic vs LEGO_REPLICAS=1
 #                    A pool run whose server was full or failed (the stats' pool_server_N
 #                    full= and errors=) counts as failed: its pages stayed in the cache.
+#   publishing       (issue 15) the random-fault workload over a heap 4x the cache and the
+#                    allocator's small-object loop, lego publishing its statistics every
+#                    second (LEGO_PUBLISH=on, the default every other lego row runs with) vs
+#                    LEGO_PUBLISH=off
 #
 # Output: the table on stdout; target/bench/results.md and results.json (the table, the cache
 # curve and every run's raw numbers); per-run output in target/bench/runs/; every failed run
@@ -71,19 +78,19 @@ note() { printf '    %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 quick=0
-only=""   # empty: every benchmark; pool: only the memcached pool rows
+only=""   # empty: every benchmark; pool or watch: only those rows
 while [ "$#" -gt 0 ]; do
     case $1 in
         --quick) quick=1 ;;
         --only)
-            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool)"
+            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool or --only watch)"
             case $2 in
-                pool) only=$2 ;;
-                *) die "unknown section '$2' for --only (expected pool)" ;;
+                pool | watch) only=$2 ;;
+                *) die "unknown section '$2' for --only (expected pool or watch)" ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument '$1' (expected --quick, --only pool or nothing)" ;;
+        *) die "unknown argument '$1' (expected --quick, --only pool, --only watch or nothing)" ;;
     esac
     shift
 done
@@ -152,6 +159,7 @@ cli="$out_dir/lego"             # the same for the lego binary (lego replay)
 store_dir=/var/tmp              # lego's page store, its logs and the swap file: the same disk
 swap_file="$store_dir/lego-bench-$$.swap"
 log_root="$store_dir/lego-bench-$$-log"   # one log directory (and image) per durable run
+key_file="$store_dir/lego-bench-$$.key"   # LEGO_KEY_FILE of the sealed pool rows
 cg_root=/sys/fs/cgroup/memory
 cg_lego="$cg_root/lego-bench-$$-lego"
 cg_swap="$cg_root/lego-bench-$$-swap"
@@ -176,6 +184,7 @@ cleanup() {
     if [ "$swap_on" = 1 ]; then swapoff "$swap_file" 2>/dev/null || note "swapoff $swap_file failed"; fi
     if [ "$swap_created" = 1 ]; then rm -f "$swap_file"; fi
     rm -rf "$log_root"
+    rm -f "$key_file"
     for cg in "$cg_lego" "$cg_swap"; do
         if [ -d "$cg" ]; then rmdir "$cg" 2>/dev/null || note "could not remove cgroup $cg"; fi
     done
@@ -601,6 +610,29 @@ run_alloc() {
     done
 }
 
+# What publishing the statistics costs (issue 15): the same runs with LEGO_PUBLISH on and off.
+run_watch() {
+    say "publishing statistics: LEGO_PUBLISH=on vs off (random faults over a heap 4x the cache; small-object allocations)"
+    local r v
+    local -a args
+    read -r -a args <<<"$(sweep_args random)"
+    for r in $(seq 1 "$rounds"); do
+        for v in on off; do
+            lego_env=("LEGO_PUBLISH=$v")
+            measure watch_random "$v" "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+            measure watch_alloc "$v" "$r" "lego:$first_touch_cache" "$bin_dir/alloc_bench" small "$alloc_scale"
+            lego_env=()
+        done
+    done
+}
+
+build_watch_rows() {
+    compare "random page reads (${random_per_page}x pages), heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M, publishing / not" \
+        watch_random on off seconds s le 1.05 ""
+    compare "allocator small-object loop (all resident), publishing / not" \
+        watch_alloc on off seconds s le 1.05 ""
+}
+
 # The durable heap. Its baselines and the timed replay are small commands that measure runs
 # like a bench program (each prints one bench= line); they are exported so that the
 # `bash -c` measure starts under timeout(1) finds them. MB = 10^6 bytes, as dd counts.
@@ -710,9 +742,11 @@ raw_measure() {
 
 run_pool() {
     if [ "$mc_ok" = 0 ]; then return; fi
-    say "memcached pool: heap $over_heap_mib MiB over cache $over_cache_mib MiB; fetch bandwidth vs raw mg, pool vs file vs swap, 2 copies vs 1"
+    say "memcached pool: heap $over_heap_mib MiB over cache $over_cache_mib MiB; fetch bandwidth vs raw mg, pool vs file vs swap, sealed vs not, 2 copies vs 1"
     local r w
     local -a args
+    # The sealed runs' key: 32 random bytes, readable by this user only.
+    (umask 077 && head -c 32 /dev/urandom >"$key_file")
     for r in $(seq 1 "$rounds"); do
         pool_measure "" 1 pool_fetch lego "$r" "lego-cg:$over_cache_mib" \
             "$bin_dir/page_sweep" seqread "$over_heap_mib" "$seq_sweeps"
@@ -721,6 +755,8 @@ run_pool() {
             read -r -a args <<<"$(sweep_args "$w")"
             pool_measure "LEGO_REPLICAS=1" "$pool_servers" "pool_$w" pool "$r" "lego-cg:$over_cache_mib" \
                 "$bin_dir/page_sweep" "${args[@]}"
+            pool_measure "LEGO_REPLICAS=1 LEGO_KEY_FILE=$key_file" "$pool_servers" "pool_$w" sealed "$r" \
+                "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
             measure "pool_$w" file "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
             if [ "$swap_ok" = 1 ]; then
                 measure "pool_$w" swap "$r" "swap-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
@@ -988,6 +1024,8 @@ build_pool_rows() {
             "$random, $pool / lego on the file store" "$random, $pool / kernel swap"; do
             add_row "$m" "" "" s none "" "$why"
         done
+        add_row "$seq, $pool, sealed (LEGO_KEY_FILE) / not sealed" "" "" s le 1.10 "$why"
+        add_row "$random, $pool, sealed (LEGO_KEY_FILE) / not sealed" "" "" s le 1.10 "$why"
         add_row "$write, 2 copies pessimistic / 1 copy" "" "" s le 1.25 "$why"
         add_row "$write, 2 copies optimistic / 1 copy" "" "" s le 1.10 "$why"
         return
@@ -1006,6 +1044,8 @@ build_pool_rows() {
     compare "$random, $pool / lego on the file store" pool_random pool file seconds s none "" ""
     compare "$random, $pool / kernel swap" pool_random pool swap seconds s none "" "$swap_reason"
     compare "$random, lego on the file store / kernel swap (the pool's baselines)" pool_random file swap seconds s none "" "$swap_reason"
+    compare "$seq, $pool, sealed (LEGO_KEY_FILE) / not sealed" pool_seq sealed pool seconds s le 1.10 ""
+    compare "$random, $pool, sealed (LEGO_KEY_FILE) / not sealed" pool_random sealed pool seconds s le 1.10 ""
     compare "$write, 2 copies pessimistic / 1 copy" pool_write pessimistic one seconds s le 1.25 ""
     compare "$write, 2 copies optimistic / 1 copy" pool_write optimistic one seconds s le 1.10 ""
     local peak_one peak_opt
@@ -1208,13 +1248,15 @@ if [ -z "$only" ]; then
     run_log_append_and_replay
     run_log_cost
 fi
-run_pool
+if [ "$only" != watch ]; then run_pool; fi
+if [ "$only" != pool ]; then run_watch; fi
 if [ -z "$only" ]; then
     build_rows
     build_curve
     plot_curve
 fi
-build_pool_rows
+if [ "$only" != watch ]; then build_pool_rows; fi
+if [ "$only" != pool ]; then build_watch_rows; fi
 write_reports
 failed_total="$(awk -F'\t' '$4 != "ok"' "$raw" | wc -l)"
 if [ "$failed_total" != 0 ]; then

@@ -75,6 +75,9 @@ static CONFIG: OnceLock<Config> = OnceLock::new();
 /// reserves the region) and the constructor (which starts the runtime on it).
 static RESTORING_FROM: Mutex<Option<(Region, lego_runtime::pager::RestoreFrom)>> = Mutex::new(None);
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+/// The key of `LEGO_KEY_FILE`, loaded (and checked) with the configuration, before `main`;
+/// taken by the start, which seals the pool's values under it, and dropped (zeroed) then.
+static SEAL_KEY: Mutex<Option<lego_runtime::seal::SealKey>> = Mutex::new(None);
 /// The statistics published while the program runs (`LEGO_PUBLISH`).
 static PUBLISHER: OnceLock<lego_runtime::watch::Publisher> = OnceLock::new();
 /// The metrics endpoint (`LEGO_METRICS`).
@@ -149,6 +152,9 @@ fn user_heap() -> Option<&'static Heap> {
                 Ok(c) => c,
                 Err(e) => die(EXIT_BAD_SETTING, &format!("lego: {e}")),
             };
+            if let Some(path) = &config.key_file {
+                load_key(path);
+            }
             if let Some(path) = &config.restore {
                 reserve_for_restore(&config, path);
                 let _ = CONFIG.set(config);
@@ -203,13 +209,29 @@ fn publish_user_heap(heap: &'static Heap, region: Region) {
     USER_STATE.store(READY, Ordering::Release);
 }
 
+/// `LEGO_KEY_FILE`: reads and checks the key file, or stops the program with a message that
+/// names the variable and the file (never a byte of the key).
+fn load_key(path: &std::path::Path) {
+    match lego_runtime::seal::SealKey::load(path) {
+        Ok(key) => *SEAL_KEY.lock().unwrap_or_else(|e| e.into_inner()) = Some(key),
+        Err(e) => die(
+            EXIT_BAD_SETTING,
+            &format!(
+                "lego: {}: {}",
+                lego_runtime::config::vars::KEY_FILE,
+                lego_runtime::logging::error_chain(&e)
+            ),
+        ),
+    }
+}
+
 /// `LEGO_RESTORE`: opens the image and reserves its region at the address it had, or stops
 /// the program with a message.
 fn reserve_for_restore(config: &Config, path: &std::path::Path) {
     let var = lego_runtime::config::vars::RESTORE;
     let image = match lego_runtime::pager::open_restore(config, path) {
         Ok(img) => img,
-        Err(e @ lego_runtime::pager::RestoreError::OtherBackend { .. }) => die(
+        Err(e) if e.is_setting() => die(
             EXIT_BAD_SETTING,
             &format!("lego: {}", lego_runtime::logging::error_chain(&e)),
         ),
@@ -399,7 +421,8 @@ extern "C" fn lego_init() {
             std::env::remove_var(var);
         }
     }
-    match Runtime::start(config, region, image, Some(quiesce)) {
+    let key = SEAL_KEY.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match Runtime::start(config, region, image, Some(quiesce), key.as_ref()) {
         Ok(rt) => {
             let _ = RUNTIME.set(rt);
         }
@@ -408,6 +431,8 @@ extern "C" fn lego_init() {
             &format!("lego: {}", lego_runtime::logging::error_chain(&e)),
         ),
     }
+    // The pool keeps the heap's own key (derived from this one); the file's is zeroed now.
+    drop(key);
     if restoring {
         // The runtime serves the region now: opening the heap faults its header in from the
         // image.
@@ -431,7 +456,7 @@ extern "C" fn lego_init() {
         };
         publish_user_heap(heap, region);
     }
-    start_watching(&config);
+    start_watching(config);
     // SAFETY: the handlers are plain `extern "C"` functions that live as long as the library.
     unsafe {
         libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));

@@ -4,6 +4,7 @@
 //! Layering (imports only go down):
 //! - bottom: [`config`], [`stats`], [`logging`], [`uffd`] (the kernel interface only),
 //!   [`io`] (the io_uring ring), [`heap`] (the allocator, which knows nothing of paging);
+//! - [`seal`]: sealing values that leave the machine (the key file, AES-256-GCM);
 //! - [`store`]: the `PageStore` trait and its backends; [`log`]: the durable heap's log
 //!   (its format at the bottom, the writer and replay above it);
 //! - [`cache`]: the page table, residency accounting and the choice of victims;
@@ -21,6 +22,7 @@ pub mod log;
 pub mod logging;
 pub mod pager;
 pub mod region;
+pub mod seal;
 pub mod seed;
 pub mod stats;
 pub mod store;

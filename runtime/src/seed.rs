@@ -26,6 +26,7 @@ use crate::log::replay::{
     ReplayError, ReplayOptions, ReplayReport,
 };
 use crate::logging::error_chain;
+use crate::seal::SealKey;
 use crate::store::memcached::random_heap_id;
 use crate::store::pool::PoolStore;
 use crate::store::{open_memcached_pool_as, PageStore, PageWrite, StoreError};
@@ -45,6 +46,9 @@ pub struct SeedOptions {
     pub replicas: usize,
     /// Bound on every connect, read and write, in milliseconds.
     pub timeout_ms: u64,
+    /// The key file that seals the values (`--key-file`, as `LEGO_KEY_FILE` of the run that
+    /// restores the heap).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// What a seeding did.
@@ -84,6 +88,8 @@ pub enum SeedError {
     PoolImage(#[from] PoolImageError),
     #[error("storing the heap's pages in the pool failed; nothing was seeded (the pages stored so far are freed by the next lego pool gc)")]
     Store(#[source] StoreError),
+    #[error("--key-file cannot be used")]
+    Key(#[source] crate::seal::KeyError),
     #[error(
         "--replicas {replicas} asks for more copies than the pool has servers ({servers}): \
          give at most {servers}"
@@ -221,9 +227,14 @@ pub fn replay_to_pool(
             servers: options.servers.len(),
         });
     }
-    // Before anything is stored: what is at the pool image's path may be replaced.
+    // Before anything is stored: what is at the pool image's path may be replaced, and the
+    // key is good.
     pool_image::check_replaceable(pool_image_path)?;
     check_not_seeded(pool_image_path, options.timeout_ms)?;
+    let key = match &options.key_file {
+        Some(path) => Some(SealKey::load(path).map_err(SeedError::Key)?),
+        None => None,
+    };
     let (segments, _) = open_segments(dir)?;
     let target = resolve_target(dir, &segments, options.replay.target)?;
     let mut plan = plan(dir, &segments, target, progress)?;
@@ -239,8 +250,15 @@ pub fn replay_to_pool(
         ..PoolSettings::default()
     };
     let heap_id = random_heap_id();
-    let pool = open_memcached_pool_as(&options.servers, &settings, plan.report.region.len, heap_id)
-        .map_err(SeedError::Store)?;
+    let pool = open_memcached_pool_as(
+        &options.servers,
+        &settings,
+        plan.report.region.len,
+        heap_id,
+        key.as_ref(),
+    )
+    .map_err(SeedError::Store)?;
+    drop(key);
     let mut sink = PoolSink {
         pool: &pool,
         stored: Vec::new(),
@@ -272,6 +290,7 @@ pub fn replay_to_pool(
         heap_id,
         replicas: u32::try_from(options.replicas).expect("at most the servers"),
         servers: pool.servers(),
+        sealed: options.key_file.is_some(),
     };
     let entries = pages.iter().map(|&page| {
         let copy = pool.stored_copy(page);
@@ -388,6 +407,18 @@ mod tests {
 
     #[test]
     fn a_log_seeds_a_pool_that_a_restore_reads_back() {
+        seed_and_restore(false);
+    }
+
+    /// The same with `--key-file`: the pool image says the values are sealed, a restore
+    /// with the key reads them back, one under another key gets no page.
+    #[test]
+    fn a_log_seeds_a_sealed_pool_that_a_restore_with_the_key_reads_back() {
+        seed_and_restore(true);
+    }
+
+    fn seed_and_restore(keyed: bool) {
+        use std::os::unix::fs::OpenOptionsExt;
         let dir = TestDir::new("seed");
         let logs = dir.0.join("heap");
         let region = RegionInfo {
@@ -424,6 +455,17 @@ mod tests {
         w.append_epoch(&second).expect("appending");
         drop(w);
 
+        let key_path = dir.0.join("key");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .expect("the key file");
+        std::io::Write::write_all(&mut f, &[0x33; crate::seal::KEY_BYTES]).expect("the key");
+        drop(f);
+        let key = keyed.then(|| SealKey::load(&key_path).expect("a good key file"));
+
         let servers = [TestServer::start(16, false), TestServer::start(16, false)];
         let names: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
         let options = SeedOptions {
@@ -431,6 +473,7 @@ mod tests {
             servers: names.clone(),
             replicas: 2,
             timeout_ms: 2000,
+            key_file: keyed.then(|| key_path.clone()),
         };
         let image = dir.0.join("heap.pool");
         let report = replay_to_pool(&logs, &image, &options, &mut |_| {}).expect("seeding");
@@ -443,6 +486,10 @@ mod tests {
             "{again}"
         );
         assert_eq!((report.replay.epoch, report.pages), (2, 2), "{report}");
+        assert_eq!(
+            PoolImage::open(&image).expect("image").header().sealed,
+            keyed
+        );
 
         let img = PoolImage::open(&image).expect("the pool image");
         let h = img.header().clone();
@@ -461,8 +508,37 @@ mod tests {
             replicas: 2,
             ..PoolSettings::default()
         };
+        if keyed {
+            // Under another key: restored, but no page opens (each is lost, never wrong).
+            let wrong = SealKey::from_bytes([0x34; crate::seal::KEY_BYTES]);
+            let restored =
+                open_restored_pool(&names, &settings, region.len, h.heap_id, Some(&wrong))
+                    .expect("restore");
+            let pool = restored.pool();
+            pool.adopt(listed.iter().map(|p| {
+                (
+                    p.page,
+                    crate::store::pool::records::Copy {
+                        crc: p.crc,
+                        version: p.version,
+                        holders: p.holders,
+                    },
+                )
+            }))
+            .expect("adopting");
+            let mut buf = crate::io::AlignedBuf::new(4096);
+            let mut reads = [PageRead::new(3, buf.as_mut_slice(), listed[0].crc, 1)];
+            assert!(pool.fetch(&mut reads).is_err());
+            assert_eq!(
+                reads[0].outcome,
+                crate::store::Outcome::Failed(crate::store::FailureKind::Lost)
+            );
+            // Dropped before its take-over, as a failed start is: the heap is given back.
+            drop(restored);
+        }
         let mut restored =
-            open_restored_pool(&names, &settings, region.len, h.heap_id).expect("restore");
+            open_restored_pool(&names, &settings, region.len, h.heap_id, key.as_ref())
+                .expect("restore");
         restored.take_over().expect("taking the heap over");
         let pool = restored.pool();
         pool.adopt(listed.iter().map(|p| {
@@ -489,7 +565,7 @@ mod tests {
         assert_eq!(bufs[0].as_mut_slice(), &p3[..]);
         assert_eq!(bufs[1].as_mut_slice(), &p2[..]);
 
-        let err = open_restored_pool(&names, &settings, region.len, h.heap_id)
+        let err = open_restored_pool(&names, &settings, region.len, h.heap_id, key.as_ref())
             .err()
             .expect("a heap is restored once");
         assert!(
@@ -569,6 +645,7 @@ mod equality {
             servers: names.clone(),
             replicas: 2,
             timeout_ms: 2000,
+            key_file: None,
         };
         replay_to_pool(&logs, &pool_image, &options, &mut |_| {}).expect("seeding");
         let img = PoolImage::open(&pool_image).expect("the pool image");
@@ -582,6 +659,7 @@ mod equality {
             &PoolSettings::default(),
             region.len,
             img.header().heap_id,
+            None,
         )
         .expect("restoring");
         let pool = restored.pool();

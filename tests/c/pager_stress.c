@@ -1,13 +1,19 @@
 /* Program 8: threads writing different words of the same pages while they are evicted.
  *
- * usage: pager_stress [MiB=128] [threads=4] [iterations per thread=60000]
+ * usage: pager_stress [MiB=128] [threads=4] [iterations per thread=60000] [hold]
  *
  * One large block of MiB; every page has a slot of 64 bytes per thread. Each thread picks
  * pages (a third in order, the rest at random), checks that its slot still holds the version
  * it wrote last (kept in a per-thread version table, itself on the heap), and writes the next
  * version. So several threads write one page at the moment the evictor moves it out: a lost
  * write, a stale page or a zero-filled page shows as "WRONG DATA". Prints a digest of the
- * final versions, which does not depend on scheduling. */
+ * final versions, which does not depend on scheduling.
+ *
+ * With `hold`, once the threads are done it prints "holding" and, until its stdin is readable
+ * or closed (at once with /dev/null, as in a native run), keeps checking every page and
+ * writing its final versions back unchanged, so pages keep being fetched and written back
+ * while a test waits for the store to heal; then the digest as usual. */
+#include <poll.h>
 #include <pthread.h>
 
 #include "common.h"
@@ -48,6 +54,32 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* True once stdin has data, has been closed, or is not a pipe that could get some later. */
+static int told_to_stop(void) {
+    struct pollfd p = {.fd = 0, .events = POLLIN};
+    return poll(&p, 1, 0) != 0;
+}
+
+/* Checks every slot holds its final version and writes it back unchanged. */
+static void hold_sweep(void) {
+    for (size_t p = 0; p < npages && !bad; p++) {
+        for (long t = 0; t < nthreads; t++) {
+            uint64_t want = ((uint64_t)p << 32) | versions[(size_t)t * npages + p];
+            uint64_t *w = slot_of(p, t);
+            for (int k = 0; k < SLOT_WORDS; k++) {
+                if (w[k] != want) {
+                    printf("WRONG DATA: hold: page %zu thread %ld word %d holds %016llx, "
+                           "expected %016llx\n", p, t, k, (unsigned long long)w[k],
+                           (unsigned long long)want);
+                    bad = 1;
+                    return;
+                }
+                w[k] = want;
+            }
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     size_t mib = arg_size(argc, argv, 1, 128);
     nthreads = (int)arg_size(argc, argv, 2, 4);
@@ -67,6 +99,12 @@ int main(int argc, char **argv) {
     for (long t = 0; t < nthreads; t++) pthread_create(&th[t], NULL, worker, (void *)t);
     for (int t = 0; t < nthreads; t++) pthread_join(th[t], NULL);
     if (bad) return 1;
+    if (argc > 4 && strcmp(argv[4], "hold") == 0) {
+        printf("holding\n");
+        fflush(stdout);
+        while (!bad && !told_to_stop()) hold_sweep();
+        if (bad) return 1;
+    }
     uint64_t digest = 0;
     for (size_t i = 0; i < npages * (size_t)nthreads; i++) digest = mix64(digest ^ versions[i]);
     printf("%d threads, %zu pages, digest %016llx\nall checks passed\n", nthreads, npages,

@@ -802,15 +802,28 @@ fn replay_to_pool(log: &Path, servers: &str, pool_image: &Path, extra: &[&str]) 
 /// `durable_list verify 40` restored from `pool_image` on the pool `servers` (no log):
 /// returns the generation restored, checked as [`restore_and_verify`] does.
 fn restore_from_pool_and_verify(pool_image: &Path, servers: &str, context: &str) -> u64 {
-    let out = Run::new(program("durable_list"))
+    restore_from_pool_and_verify_with(pool_image, servers, &[], context)
+}
+
+/// [`restore_from_pool_and_verify`] with more variables (`LEGO_KEY_FILE`).
+fn restore_from_pool_and_verify_with(
+    pool_image: &Path,
+    servers: &str,
+    env: &[(&str, &Path)],
+    context: &str,
+) -> u64 {
+    let mut run = Run::new(program("durable_list"))
         .args(["verify", "40"])
         .shim()
         .env("LEGO_CACHE_SIZE", CACHE)
         .env("LEGO_HEAP_SIZE", HEAP)
         .env("LEGO_BACKEND", servers)
         .env("LEGO_RESTORE", pool_image)
-        .env("LEGO_STATS", "1")
-        .run();
+        .env("LEGO_STATS", "1");
+    for (k, v) in env {
+        run = run.env(k, v);
+    }
+    let out = run.run();
     assert!(
         out.code == Some(0),
         "the program restored from the pool failed:\n{out}\nafter: {context}"
@@ -1078,4 +1091,83 @@ fn memcached_request(addr: &str, request: &[u8]) {
         assert!(n > 0, "memcached closed the connection");
         got.extend_from_slice(&buf[..n]);
     }
+}
+
+/// Issue 12: a log seeds a pool with sealed values (`lego replay --to --key-file`); the heap
+/// restored from it with the same `LEGO_KEY_FILE` is the heap a restore from a heap image of
+/// the same log gives. A sealed pool image without a key, and an unsealed one with a key, are
+/// refused before main (status 2, naming the variables).
+#[test]
+fn a_log_seeds_a_sealed_pool_and_the_heap_comes_back_with_the_key() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _big = heavy();
+    let dir = TempDir::new("seed-sealed");
+    let store = TempDir::new("seed-sealed-store");
+    let log = dir.path().join("log");
+    let image = dir.path().join("heap.img");
+    let (seen, text) = run_and_kill(&log, &store, None, Duration::from_millis(400));
+    assert!(
+        seen.is_some(),
+        "no epoch committed before the kill:\n{text}"
+    );
+    replay(&log, &image).expect("an epoch to replay");
+    let from_image = restore_and_verify(&image, &store, "the heap image");
+
+    let key = dir.path().join("pool.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .expect("the key file");
+    f.write_all(&[0xa5; 32]).expect("the key");
+    drop(f);
+    let key_text = key.display().to_string();
+
+    let servers: Vec<Memcached> = (0..2).map(|_| Memcached::start(128)).collect();
+    let pool = pool_backend(&servers);
+    let sealed = dir.path().join("sealed.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &sealed, &["--key-file", &key_text]);
+    assert!(ok, "lego replay --to --key-file failed:\n{out}");
+    assert!(
+        out.contains("LEGO_KEY_FILE="),
+        "the restore line names the key file: {out}"
+    );
+    let plain = dir.path().join("plain.pool");
+    let (ok, out) = replay_to_pool(&log, &pool, &plain, &[]);
+    assert!(ok, "lego replay --to failed:\n{out}");
+
+    let refused = |pool_image: &Path, key: Option<&Path>| {
+        let mut run = Run::new(program("durable_list"))
+            .args(["verify", "40"])
+            .shim()
+            .env("LEGO_CACHE_SIZE", CACHE)
+            .env("LEGO_BACKEND", &pool)
+            .env("LEGO_RESTORE", pool_image);
+        if let Some(k) = key {
+            run = run.env("LEGO_KEY_FILE", k);
+        }
+        let out = run.run();
+        assert_eq!(out.code, Some(2), "{out}");
+        assert!(!out.stdout.contains("restored"), "{out}");
+        out.stderr
+    };
+    let e = refused(&sealed, None);
+    assert!(
+        e.contains("are sealed") && e.contains("LEGO_KEY_FILE"),
+        "{e}"
+    );
+    let e = refused(&plain, Some(&key));
+    assert!(
+        e.contains("not sealed") && e.contains("LEGO_KEY_FILE"),
+        "{e}"
+    );
+
+    let from_pool =
+        restore_from_pool_and_verify_with(&sealed, &pool, &[("LEGO_KEY_FILE", &key)], &out);
+    assert_eq!(
+        from_pool, from_image,
+        "the heap restored from the sealed pool differs from the one restored from the image"
+    );
 }

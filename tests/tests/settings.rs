@@ -236,3 +236,47 @@ fn terabyte_heaps_run_and_cost_only_what_they_use() {
         );
     }
 }
+
+/// A key file that cannot be used stops the program before main, with status 2 and one line
+/// naming `LEGO_KEY_FILE`, the file and what is wrong with it (and never a byte of a key).
+#[test]
+fn a_bad_key_file_is_refused_before_main() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("key-file");
+    let write = |name: &str, bytes: &[u8], mode: u32| {
+        let path = dir.path().join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .expect("creating a key file");
+        f.write_all(bytes).expect("writing a key file");
+        // The mode asked for, whatever the umask.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+        path.display().to_string()
+    };
+    let missing = dir.path().join("absent.key").display().to_string();
+    let short = write("short.key", &[7u8; 16], 0o600);
+    let open_to_all = write("shared.key", &[7u8; 32], 0o644);
+    let a_dir = dir.path().join("key.d");
+    std::fs::create_dir(&a_dir).expect("a directory");
+    let a_dir = a_dir.display().to_string();
+    // No server is needed: the key is checked before anything connects.
+    let backend = ("LEGO_BACKEND", "memcached://127.0.0.1:1");
+    for (path, says) in [
+        (&missing, "cannot open"),
+        (&short, "16 bytes long"),
+        (&open_to_all, "others can read it"),
+        (&a_dir, "not a regular file"),
+    ] {
+        let out = hello_with(&[backend, ("LEGO_KEY_FILE", path)]);
+        assert_refused(&out, &["LEGO_KEY_FILE", path, says]);
+    }
+    // A key file without a pool seals nothing: refused too.
+    let good = write("good.key", &[9u8; 32], 0o600);
+    let out = hello_with(&[("LEGO_KEY_FILE", &good)]);
+    assert_refused(&out, &["LEGO_KEY_FILE"]);
+}

@@ -10,8 +10,9 @@
 //! `lego_checkpoint()` made) from a log directory, with a progress line on stderr when stderr
 //! is a terminal, and prints what it recovered and what it left out; it fails only when nothing
 //! usable is there, or with `--strict` when anything in the log is damaged. With `--to
-//! memcached://HOST:PORT,... [--replicas N]` the heap goes to that pool instead (under a new
-//! heap id, kept for its restore) and `-o` names the small *pool image* `LEGO_RESTORE` takes
+//! memcached://HOST:PORT,... [--replicas N] [--key-file FILE]` the heap goes to that pool
+//! instead (under a new heap id, kept for its restore; its values sealed under the key, as
+//! with `LEGO_KEY_FILE`) and `-o` names the small *pool image* `LEGO_RESTORE` takes
 //! (`crate::seed`). `lego inspect
 //! LOG_DIR` describes the segments, epochs (program checkpoints among them) and damage of a
 //! log.
@@ -31,25 +32,21 @@ use crate::log::replay::{
 use crate::logging::error_chain;
 use crate::seed::{replay_to_pool, SeedOptions};
 
+pub mod args;
 pub mod pool;
 pub mod watch;
-
-pub const USAGE: &str = "usage: lego run [--cache SIZE] [--heap SIZE] [--backend URL] [--stats 1|FILE.json] -- PROGRAM [ARGS...]
-       lego replay LOG_DIR -o IMAGE [--epoch N | --checkpoint] [--strict]
-       lego replay LOG_DIR --to memcached://HOST:PORT[,...] [--replicas N] -o POOL_IMAGE [--epoch N | --checkpoint] [--strict]
-       lego inspect LOG_DIR
-       lego pool [--heaps] memcached://HOST:PORT[,HOST:PORT...]
-       lego pool gc [--heap ID] memcached://HOST:PORT[,HOST:PORT...]
-       lego stats [PID] [--json]
-       lego top [PID] [--iterations N]";
 
 /// How often the progress line on a terminal is redrawn, at most.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Error)]
 pub enum CliError {
-    #[error("{0}\n{USAGE}")]
+    /// A usage error, rendered as clap renders its own (message, usage line, hint).
+    #[error("{0}")]
     Usage(String),
+    /// What clap says: a usage error, or `--help` / `--version` (printed, status 0).
+    #[error("{0}")]
+    Clap(clap::Error),
     #[error("cannot find liblego.so next to the lego binary (looked for {0}); build it with `cargo build --release`")]
     NoLibrary(PathBuf),
     #[error("cannot run {program}: {source}")]
@@ -99,6 +96,7 @@ impl CliError {
     pub fn exit_status(&self) -> i32 {
         match self {
             CliError::ServersFailed { .. } | CliError::HeapNotFound { .. } => 1,
+            CliError::Clap(e) => e.exit_code(),
             _ => 2,
         }
     }
@@ -121,96 +119,76 @@ pub struct ReplayArgs {
     /// image), and `--replicas N` (1 unless given).
     pub to: Option<Vec<String>>,
     pub replicas: usize,
+    /// `--key-file FILE`: the pool's values are sealed under that key (`LEGO_KEY_FILE`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// A clap error as a usage error (the tests and `lego` print it the same way).
+fn clap_usage(e: clap::Error) -> CliError {
+    CliError::Usage(e.render().to_string())
+}
+
+/// Parses the arguments that follow `lego SUBCOMMAND`.
+fn parse_sub(subcommand: &str, args: &[OsString]) -> Result<args::Command, CliError> {
+    let mut all = vec![OsString::from(subcommand)];
+    all.extend(args.iter().cloned());
+    args::parse(&all).map_err(clap_usage)
 }
 
 /// Parses the arguments that follow `lego replay`.
 pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
-    let mut log_dir = None;
-    let mut image = None;
-    let mut epoch = None;
-    let mut checkpoint = false;
-    let mut strict = false;
-    let mut to = None;
-    let mut replicas = None;
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].to_string_lossy();
-        let value = || {
-            args.get(i + 1)
-                .ok_or_else(|| CliError::Usage(format!("{a} needs a value")))
-        };
-        match a.as_ref() {
-            "-o" | "--output" => {
-                image = Some(PathBuf::from(value()?));
-                i += 2;
-            }
-            "--epoch" => {
-                let v = value()?.to_string_lossy();
-                let n = v.parse::<u64>().ok().filter(|&n| n >= 1).ok_or_else(|| {
-                    CliError::Usage(format!(
-                        "--epoch {v} is not an epoch number: expected a whole number from 1 up"
-                    ))
-                })?;
-                epoch = Some(n);
-                i += 2;
-            }
-            "--checkpoint" => {
-                checkpoint = true;
-                i += 1;
-            }
-            "--strict" => {
-                strict = true;
-                i += 1;
-            }
-            "--to" => {
-                let url = value()?.to_string_lossy().into_owned();
-                to = Some(pool::parse_pool_url(&url)?);
-                i += 2;
-            }
-            "--replicas" => {
-                let v = value()?.to_string_lossy();
-                let n = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=crate::config::REPLICAS_MAX).contains(n))
-                    .ok_or_else(|| {
-                        CliError::Usage(format!(
-                            "--replicas {v} is not a number of copies: expected a whole number \
-                             from 1 to {}",
-                            crate::config::REPLICAS_MAX
-                        ))
-                    })?;
-                replicas = Some(n);
-                i += 2;
-            }
-            s if s.starts_with('-') && s.len() > 1 => {
-                return Err(CliError::Usage(format!("unknown option {s}")));
-            }
-            _ if log_dir.is_none() => {
-                log_dir = Some(PathBuf::from(&args[i]));
-                i += 1;
-            }
-            s => return Err(CliError::Usage(format!("unexpected argument {s}"))),
-        }
+    match parse_sub("replay", args)? {
+        args::Command::Replay(r) => replay_args(r),
+        _ => unreachable!("parsed as replay"),
     }
-    let target = match (epoch, checkpoint) {
-        (Some(n), false) => Target::Epoch(n),
+}
+
+/// The checks of `lego replay` that clap does not make.
+fn replay_args(r: args::ReplayCmd) -> Result<ReplayArgs, CliError> {
+    let usage = |m: String| args::usage_error(Some("replay"), m);
+    let target = match (r.epoch, r.checkpoint) {
+        (Some(n), _) => Target::Epoch(n),
         (None, true) => Target::ProgramCheckpoint,
         (None, false) => Target::Newest,
-        (Some(n), true) => {
-            return Err(CliError::Usage(format!(
-                "--epoch {n} and --checkpoint ask for two different epochs: give one of them"
-            )))
-        }
+    };
+    let to =
+        r.to.as_deref()
+            .map(pool::parse_pool_url)
+            .transpose()
+            .map_err(|e| match e {
+                CliError::Usage(m) => usage(m),
+                other => other,
+            })?;
+    let replicas = match &r.replicas {
+        None => None,
+        Some(v) => Some(
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=crate::config::REPLICAS_MAX).contains(n))
+                .ok_or_else(|| {
+                    usage(format!(
+                        "--replicas {v} is not a number of copies: expected a whole number \
+                         from 1 to {}",
+                        crate::config::REPLICAS_MAX
+                    ))
+                })?,
+        ),
     };
     if let (Some(n), None) = (replicas, &to) {
-        return Err(CliError::Usage(format!(
+        return Err(usage(format!(
             "--replicas {n} is for a replay into a pool: give --to memcached://HOST:PORT[,...] too"
         )));
     }
+    if let (Some(_), None) = (&r.key_file, &to) {
+        return Err(usage(
+            "--key-file seals the values of a pool: give --to memcached://HOST:PORT[,...] too \
+             (a heap image is a local file, not sealed)"
+                .into(),
+        ));
+    }
     if let (Some(servers), Some(n)) = (&to, replicas) {
         if n > servers.len() {
-            return Err(CliError::Usage(format!(
+            return Err(usage(format!(
                 "--replicas {n} asks for more copies than the pool has servers ({}): give at \
                  most {}",
                 servers.len(),
@@ -218,30 +196,32 @@ pub fn parse_replay(args: &[OsString]) -> Result<ReplayArgs, CliError> {
             )));
         }
     }
-    let output = if to.is_some() {
-        "no -o POOL_IMAGE given (the local file LEGO_RESTORE takes to restore from the pool)"
-    } else {
-        "no -o IMAGE given"
-    };
+    let image = r.output.ok_or_else(|| {
+        usage(if to.is_some() {
+            "no -o POOL_IMAGE given (the local file LEGO_RESTORE takes to restore from the pool)"
+                .to_string()
+        } else {
+            "no -o IMAGE given".to_string()
+        })
+    })?;
     Ok(ReplayArgs {
-        log_dir: log_dir.ok_or_else(|| CliError::Usage("no LOG_DIR given".into()))?,
-        image: image.ok_or_else(|| CliError::Usage(output.into()))?,
-        options: ReplayOptions { target, strict },
+        log_dir: r.log_dir,
+        image,
+        options: ReplayOptions {
+            target,
+            strict: r.strict,
+        },
         to,
         replicas: replicas.unwrap_or(1),
+        key_file: r.key_file,
     })
 }
 
 /// Parses the arguments that follow `lego inspect`.
 pub fn parse_inspect(args: &[OsString]) -> Result<PathBuf, CliError> {
-    match args {
-        [dir] if !dir.to_string_lossy().starts_with('-') => Ok(PathBuf::from(dir)),
-        [] => Err(CliError::Usage("no LOG_DIR given".into())),
-        [one] => Err(CliError::Usage(format!(
-            "unknown option {}",
-            one.to_string_lossy()
-        ))),
-        _ => Err(CliError::Usage("inspect takes exactly one LOG_DIR".into())),
+    match parse_sub("inspect", args)? {
+        args::Command::Inspect { log_dir } => Ok(log_dir),
+        _ => unreachable!("parsed as inspect"),
     }
 }
 
@@ -298,39 +278,28 @@ pub struct RunArgs {
 
 /// Parses the arguments that follow `lego run`.
 pub fn parse_run(args: &[OsString]) -> Result<RunArgs, CliError> {
-    let mut env = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].to_string_lossy();
-        let var = match a.as_ref() {
-            "--" => {
-                i += 1;
-                break;
-            }
-            "--cache" => "LEGO_CACHE_SIZE",
-            "--heap" => "LEGO_HEAP_SIZE",
-            "--backend" => "LEGO_BACKEND",
-            "--stats" => "LEGO_STATS",
-            s if s.starts_with('-') => {
-                return Err(CliError::Usage(format!("unknown option {s}")));
-            }
-            _ => break,
-        };
-        let value = args
-            .get(i + 1)
-            .ok_or_else(|| CliError::Usage(format!("{a} needs a value")))?;
-        env.push((var, value.clone()));
-        i += 2;
+    match parse_sub("run", args)? {
+        args::Command::Run(r) => Ok(run_args(r)),
+        _ => unreachable!("parsed as run"),
     }
-    let program = args
-        .get(i)
-        .cloned()
-        .ok_or_else(|| CliError::Usage("no program to run".into()))?;
-    Ok(RunArgs {
+}
+
+fn run_args(r: args::RunCmd) -> RunArgs {
+    let env = [
+        ("LEGO_CACHE_SIZE", r.cache),
+        ("LEGO_HEAP_SIZE", r.heap),
+        ("LEGO_BACKEND", r.backend),
+        ("LEGO_STATS", r.stats),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .collect();
+    let mut command = r.command.into_iter();
+    RunArgs {
         env,
-        program,
-        args: args[i + 1..].to_vec(),
-    })
+        program: command.next().expect("clap requires the program"),
+        args: command.collect(),
+    }
 }
 
 /// The `liblego.so` that sits next to the running `lego` binary.
@@ -344,61 +313,11 @@ pub fn sibling_library() -> Result<PathBuf, CliError> {
     }
 }
 
-fn parse_pid(a: &OsString) -> Result<u32, CliError> {
-    a.to_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| CliError::Usage(format!("{} is not a process id", a.to_string_lossy())))
-}
-
-/// `lego stats [PID] [--json]`.
-fn parse_stats_args(args: &[OsString]) -> Result<(Option<u32>, bool), CliError> {
-    let (mut pid, mut json) = (None, false);
-    for a in args {
-        if a == "--json" {
-            json = true;
-        } else if pid.is_none() {
-            pid = Some(parse_pid(a)?);
-        } else {
-            return Err(CliError::Usage(format!(
-                "unexpected {}",
-                a.to_string_lossy()
-            )));
-        }
-    }
-    Ok((pid, json))
-}
-
-/// `lego top [PID] [--iterations N]`.
-fn parse_top_args(args: &[OsString]) -> Result<(Option<u32>, Option<u64>), CliError> {
-    let (mut pid, mut iterations) = (None, None);
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "--iterations" || args[i] == "-n" {
-            let v = args
-                .get(i + 1)
-                .and_then(|v| v.to_str())
-                .and_then(|v| v.parse().ok());
-            iterations =
-                Some(v.ok_or_else(|| CliError::Usage("--iterations needs a count".into()))?);
-            i += 2;
-        } else if pid.is_none() {
-            pid = Some(parse_pid(&args[i])?);
-            i += 1;
-        } else {
-            return Err(CliError::Usage(format!(
-                "unexpected {}",
-                args[i].to_string_lossy()
-            )));
-        }
-    }
-    Ok((pid, iterations))
-}
-
 /// Runs `lego` with `args` (without the program name). `run` returns only on error.
 pub fn main(args: &[OsString]) -> Result<(), CliError> {
-    match args.first().map(|a| a.to_string_lossy()) {
-        Some(cmd) if cmd == "run" => {
-            let run = parse_run(&args[1..])?;
+    match args::parse(args).map_err(CliError::Clap)? {
+        args::Command::Run(r) => {
+            let run = run_args(r);
             let lib = sibling_library()?;
             let mut preload = lib.into_os_string();
             if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
@@ -416,8 +335,8 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
                 source,
             })
         }
-        Some(cmd) if cmd == "replay" => {
-            let a = parse_replay(&args[1..])?;
+        args::Command::Replay(r) => {
+            let a = replay_args(r)?;
             let mut line = ProgressLine::new();
             if let Some(servers) = &a.to {
                 let options = SeedOptions {
@@ -425,14 +344,19 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
                     servers: servers.clone(),
                     replicas: a.replicas,
                     timeout_ms: crate::config::PoolSettings::default().timeout_ms,
+                    key_file: a.key_file.clone(),
                 };
                 let result =
                     replay_to_pool(&a.log_dir, &a.image, &options, &mut |p| line.update(p));
                 line.finish();
                 let report = result.map_err(|source| CliError::Seed { source })?;
                 print!("{report}");
+                let key = match &a.key_file {
+                    Some(k) => format!(" LEGO_KEY_FILE={}", k.display()),
+                    None => String::new(),
+                };
                 println!(
-                    "pool image written to {} (restore with LEGO_BACKEND=memcached://{} \
+                    "pool image written to {} (restore with LEGO_BACKEND=memcached://{}{key} \
                      LEGO_RESTORE={})",
                     a.image.display(),
                     servers.join(","),
@@ -447,29 +371,22 @@ pub fn main(args: &[OsString]) -> Result<(), CliError> {
             println!("image written to {}", a.image.display());
             Ok(())
         }
-        Some(cmd) if cmd == "inspect" => {
-            let dir = parse_inspect(&args[1..])?;
-            print!("{}", inspect_dir(&dir)?);
+        args::Command::Inspect { log_dir } => {
+            print!("{}", inspect_dir(&log_dir)?);
             Ok(())
         }
-        Some(cmd) if cmd == "pool" => {
-            let a = pool::parse_pool(&args[1..])?;
+        args::Command::Pool(p) => {
+            let a = pool::pool_args(p)?;
             pool::run(&a, &mut std::io::stdout().lock())
         }
-        Some(cmd) if cmd == "stats" => {
-            let (pid, json) = parse_stats_args(&args[1..])?;
+        args::Command::Stats { pid, json } => {
             watch::run_stats(pid, json, &mut std::io::stdout().lock())
         }
-        Some(cmd) if cmd == "top" => {
-            let (pid, iterations) = parse_top_args(&args[1..])?;
-            watch::run_top(pid, iterations)
-        }
-        Some(cmd) if cmd == "-h" || cmd == "--help" || cmd == "help" => {
-            println!("{USAGE}");
+        args::Command::Top { pid, iterations } => watch::run_top(pid, iterations),
+        args::Command::Completions { shell } => {
+            args::completions(shell, &mut std::io::stdout().lock());
             Ok(())
         }
-        Some(cmd) => Err(CliError::Usage(format!("unknown command {cmd}"))),
-        None => Err(CliError::Usage("no command given".into())),
     }
 }
 
@@ -492,6 +409,7 @@ mod tests {
             },
             to: None,
             replicas: 1,
+            key_file: None,
         };
         for v in [
             &["logs", "-o", "heap.img", "--epoch", "7"][..],
@@ -538,7 +456,23 @@ mod tests {
         let one =
             parse_replay(&os(&["logs", "--to", "memcached://h:1", "-o", "p"])).expect("parses");
         assert_eq!(one.replicas, 1);
+        assert_eq!(one.key_file, None);
+        let keyed = parse_replay(&os(&[
+            "logs",
+            "--to",
+            "memcached://h:1",
+            "--key-file",
+            "/k",
+            "-o",
+            "p",
+        ]))
+        .expect("parses");
+        assert_eq!(keyed.key_file, Some(PathBuf::from("/k")));
         for (v, says) in [
+            (
+                &["logs", "--key-file", "/k", "-o", "p"][..],
+                "seals the values of a pool",
+            ),
             (
                 &["logs", "--to", "file:/tmp", "-o", "p"][..],
                 "is not a pool",
@@ -547,7 +481,7 @@ mod tests {
                 &["logs", "--to", "memcached://", "-o", "p"][..],
                 "is not a pool",
             ),
-            (&["logs", "--to"][..], "needs a value"),
+            (&["logs", "--to"][..], "a value is required"),
             (&["logs", "--replicas", "2", "-o", "p"][..], "give --to"),
             (
                 &[

@@ -45,46 +45,42 @@ pub enum PoolAction {
 
 /// Parses the arguments that follow `lego pool`.
 pub fn parse_pool(args: &[OsString]) -> Result<PoolArgs, CliError> {
-    let mut action = PoolAction::Show { heaps: false };
-    let mut url = None;
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].to_string_lossy();
-        i += 1;
-        match a.as_ref() {
-            "gc" if i == 1 => action = PoolAction::Gc,
-            "--heap" if action == PoolAction::Gc => {
-                let v = args
-                    .get(i)
-                    .ok_or_else(|| CliError::Usage("--heap needs a heap id".into()))?
-                    .to_string_lossy();
-                i += 1;
-                let id = Some(&*v)
-                    .filter(|v| v.len() == 16)
-                    .and_then(|v| u64::from_str_radix(v, 16).ok())
-                    .ok_or_else(|| {
-                        CliError::Usage(format!(
-                            "--heap {v} is not a heap id: expected 16 hex digits, as lego pool \
-                             --heaps shows them"
-                        ))
-                    })?;
-                action = PoolAction::GcHeap(id);
-            }
-            "--heaps" if matches!(action, PoolAction::Show { .. }) => {
-                action = PoolAction::Show { heaps: true }
-            }
-            s if s.starts_with('-') => {
-                return Err(CliError::Usage(format!("unknown option {s}")));
-            }
-            s if url.is_none() => url = Some(s.to_owned()),
-            s => return Err(CliError::Usage(format!("unexpected argument {s}"))),
-        }
+    let mut all = vec![OsString::from("pool")];
+    all.extend(args.iter().cloned());
+    match super::args::parse(&all) {
+        Ok(super::args::Command::Pool(p)) => pool_args(p),
+        Ok(_) => unreachable!("parsed as pool"),
+        Err(e) => Err(CliError::Usage(e.render().to_string())),
     }
-    let url = url.ok_or_else(|| CliError::Usage("no pool URL given".into()))?;
-    Ok(PoolArgs {
-        action,
-        servers: parse_pool_url(&url)?,
-    })
+}
+
+/// The checks of `lego pool` that clap does not make: the URL, the heap id.
+pub fn pool_args(p: super::args::PoolCmd) -> Result<PoolArgs, CliError> {
+    let usage = |m: String| super::args::usage_error(Some("pool"), m);
+    let (action, url) = match p.action {
+        Some(super::args::PoolAction::Gc { heap: None, url }) => (PoolAction::Gc, url),
+        Some(super::args::PoolAction::Gc { heap: Some(v), url }) => {
+            let id = Some(&*v)
+                .filter(|v| v.len() == 16)
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .ok_or_else(|| {
+                    usage(format!(
+                        "--heap {v} is not a heap id: expected 16 hex digits, as lego pool \
+                         --heaps shows them"
+                    ))
+                })?;
+            (PoolAction::GcHeap(id), url)
+        }
+        None => (
+            PoolAction::Show { heaps: p.heaps },
+            p.url.ok_or_else(|| usage("no pool URL given".into()))?,
+        ),
+    };
+    let servers = parse_pool_url(&url).map_err(|e| match e {
+        CliError::Usage(m) => usage(m),
+        other => other,
+    })?;
+    Ok(PoolArgs { action, servers })
 }
 
 /// The servers of a pool URL (`memcached://HOST:PORT[,HOST:PORT...]`), or a usage error that

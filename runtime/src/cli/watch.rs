@@ -187,11 +187,7 @@ pub fn frame(
         bar(resident, cache, bar_width),
         mib_of_pages(resident),
         mib_of_pages(cache),
-        if cache == 0 {
-            0
-        } else {
-            resident * 100 / cache
-        },
+        (resident * 100).checked_div(cache).unwrap_or(0),
         mib_of_pages(now.num("peak_resident_pages")),
     ));
     lines.push(format!(
@@ -272,8 +268,17 @@ pub fn frame(
                 Some(p) if dt_s > 0.0 => rate(s.get(key).saturating_sub(p.get(key)) as f64 / dt_s),
                 _ => "0".into(),
             };
+            let latency = match prev {
+                Some(p) => {
+                    let requests = s.get("requests").saturating_sub(p.get("requests"));
+                    let busy = s.get("busy_us").saturating_sub(p.get("busy_us"));
+                    busy.checked_div(requests)
+                        .map_or("-".to_string(), |us| format!("{us} us"))
+                }
+                None => "-".to_string(),
+            };
             lines.push(format!(
-                "  {:<22} {:<4}  fetched {}/s  stored {}/s  errors {}  downs {}  full {}",
+                "  {:<22} {:<4}  latency {latency}  fetched {}/s  stored {}/s  errors {}  downs {}  full {}",
                 s.server,
                 if s.up { "up" } else { "DOWN" },
                 per_s("fetched"),

@@ -173,6 +173,10 @@ pub struct Config {
     /// How a memcached pool keeps its copies (`LEGO_REPLICAS` and its companions); the
     /// defaults with other backends.
     pub pool: PoolSettings,
+    /// The key that seals the values sent to a pool (`LEGO_KEY_FILE`), read and checked before
+    /// `main` by the preload (`seal::SealKey::load`) and handed to `Runtime::start`; only with
+    /// a memcached backend.
+    pub key_file: Option<PathBuf>,
     /// Whether statistics are published while the program runs (`LEGO_PUBLISH`).
     pub publish: bool,
     /// Where the metrics are served (`LEGO_METRICS`), `None` when unset.
@@ -235,6 +239,7 @@ struct RawSettings {
     log: RawLog,
     restore: Option<String>,
     pool: RawPool,
+    key_file: Option<String>,
     publish: Option<bool>,
     metrics: Option<MetricsAddr>,
 }
@@ -387,6 +392,7 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
                 pool::TIMEOUT_MS_MAX,
             )?,
         },
+        key_file: lookup(&get, vars::KEY_FILE),
         publish: lookup(&get, vars::PUBLISH)
             .map(|v| watch::parse_publish(&v))
             .transpose()?,
@@ -426,6 +432,11 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
 
     let log = durable::validate(raw.log, cache_bytes)?;
     let pool = pool::validate(raw.pool, &backend)?;
+    if raw.key_file.is_some() && !matches!(backend, BackendSpec::Memcached { .. }) {
+        return Err(ConfigError::NeedsPool {
+            name: vars::KEY_FILE,
+        });
+    }
 
     Ok(Config {
         cache_bytes,
@@ -450,6 +461,7 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         log,
         restore: raw.restore.map(PathBuf::from),
         pool,
+        key_file: raw.key_file.map(PathBuf::from),
         publish: raw.publish.unwrap_or(true),
         metrics: raw.metrics,
     })

@@ -38,6 +38,8 @@ pub mod vars {
     pub const REPLICATION: &str = "LEGO_REPLICATION";
     pub const ADAPTIVE_FREE: &str = "LEGO_ADAPTIVE_FREE";
     pub const TIMEOUT_MS: &str = "LEGO_TIMEOUT_MS";
+    /// Key that seals every value sent to a pool.
+    pub const KEY_FILE: &str = "LEGO_KEY_FILE";
     /// Whether statistics are published while the program runs.
     pub const PUBLISH: &str = "LEGO_PUBLISH";
     /// Where the metrics endpoint listens.
@@ -194,6 +196,14 @@ pub(super) const SETTINGS: &[Setting] = &[
         example: "500",
         meaning: "Bound on every connect, read and write to a pool server, in milliseconds, \
                   from 10 to 60000; a server that misses it counts a failure; needs \
+                  LEGO_BACKEND=memcached://.",
+    },
+    Setting {
+        name: vars::KEY_FILE,
+        default: "unset (values sent to the pool are not sealed)",
+        example: "/home/me/.lego-key",
+        meaning: "File of 32 random bytes, mode 0600, owned by you: every value sent to the pool \
+                  is encrypted and authenticated with AES-256-GCM under it; needs \
                   LEGO_BACKEND=memcached://.",
     },
     Setting {

@@ -211,6 +211,7 @@ fn every_setting_parsed() {
             log: None,
             restore: None,
             pool: PoolSettings::default(),
+            key_file: None,
             publish: true,
             metrics: None,
         }
@@ -586,6 +587,7 @@ fn documented_examples_are_accepted() {
             vars::REPLICATION,
             vars::ADAPTIVE_FREE,
             vars::TIMEOUT_MS,
+            vars::KEY_FILE,
         ]
         .contains(&s.name)
         {
@@ -766,6 +768,9 @@ fn pool_settings_are_parsed_and_checked_against_the_backend() {
             timeout_ms: 300,
         }
     );
+    assert_eq!(c.key_file, None);
+    let keyed = config(&[("LEGO_BACKEND", pool), ("LEGO_KEY_FILE", "/k")]).expect("valid");
+    assert_eq!(keyed.key_file, Some(std::path::PathBuf::from("/k")));
     let defaults = config(&[("LEGO_BACKEND", pool)]).expect("valid");
     assert_eq!(defaults.pool, PoolSettings::default());
     assert_eq!(defaults.pool.replication, Replication::Adaptive);
@@ -785,6 +790,10 @@ fn pool_settings_are_parsed_and_checked_against_the_backend() {
         (
             &[("LEGO_BACKEND", "file:/tmp"), ("LEGO_TIMEOUT_MS", "100")],
             "LEGO_TIMEOUT_MS tunes a memcached pool",
+        ),
+        (
+            &[("LEGO_KEY_FILE", "/tmp/key")],
+            "LEGO_KEY_FILE tunes a memcached pool, but LEGO_BACKEND is not one",
         ),
         (
             &[("LEGO_BACKEND", pool), ("LEGO_REPLICAS", "4")],

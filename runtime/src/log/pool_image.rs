@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! block 0:  magic "LEGO-PIM", version, page size, region base and length, epoch, log id,
-//!           entries, flags (program checkpoint), replicas, heap id, servers' text length,
+//!           entries, flags (program checkpoint, values sealed), replicas, heap id, servers' text length,
 //!           then the servers ("HOST:PORT,HOST:PORT")
 //! block k:  entries in this block, block number k, heap id, then up to
 //!           ENTRIES_PER_BLOCK entries (page, holders, crc, version), pages ascending
@@ -52,6 +52,8 @@ pub const SERVERS_MAX: usize = 64;
 pub const CHUNK_BLOCKS: usize = 256;
 /// The header's flag: the epoch is a program checkpoint.
 const FLAG_PROGRAM: u32 = 1;
+/// The header's flag: the pool's values are sealed (seeded with a key, `--key-file`).
+const FLAG_SEALED: u32 = 2;
 
 const _: () = assert!(ENTRIES_PER_BLOCK >= 128 && BLOCK_BYTES == PAGE_SIZE);
 const _: () = assert!(ENTRY_BLOCK_HEADER_BYTES + ENTRIES_PER_BLOCK * ENTRY_BYTES <= CRC_OFFSET);
@@ -81,6 +83,8 @@ pub struct PoolImageHeader {
     pub replicas: u32,
     /// The pool's servers, `HOST:PORT`, in the order the holder bits count them.
     pub servers: Vec<String>,
+    /// Whether the values are sealed (`LEGO_KEY_FILE`): a restore needs the same key.
+    pub sealed: bool,
 }
 
 /// Why a pool image cannot be written or read. Each names the file.
@@ -190,11 +194,11 @@ impl PoolImageHeader {
         put_u32(
             &mut b,
             56,
-            if self.origin.is_program() {
+            (if self.origin.is_program() {
                 FLAG_PROGRAM
             } else {
                 0
-            },
+            }) | if self.sealed { FLAG_SEALED } else { 0 },
         );
         put_u32(&mut b, 60, self.replicas);
         put_u64(&mut b, 64, self.heap_id);
@@ -268,6 +272,7 @@ impl PoolImageHeader {
             replicas,
             heap_id: get_u64(b, 64),
             servers,
+            sealed: get_u32(b, 56) & FLAG_SEALED != 0,
         };
         if header.pages > region.pages() {
             return Err(damaged(format!(
@@ -556,6 +561,7 @@ mod tests {
             heap_id: 0x0123_4567_89ab_cdef,
             replicas: 2,
             servers: vec!["127.0.0.1:11211".into(), "127.0.0.1:11212".into()],
+            sealed: pages % 2 == 1,
         }
     }
 

@@ -36,6 +36,7 @@ use crate::log::format::{EpochPage, ImageHeader, RegionInfo};
 use crate::log::image::{ImageError, ImageReader, IMAGE_CHUNK_PAGES};
 use crate::log::pool_image::{self, PoolImage, PoolImageError, PoolPage};
 use crate::log::{CheckpointSource, LogError};
+use crate::seal::SealKey;
 use crate::store::pool::records::Copy;
 use crate::store::pool::PoolStore;
 use crate::store::{self, FailureKind, FaultyStore, Outcome, PageRead, PageStore};
@@ -79,6 +80,41 @@ pub enum RestoreError {
         servers: String,
         given: String,
     },
+    #[error(
+        "{restore}={path} is a pool image of heap {heap_id:016x} whose values are sealed, but \
+         {key_file} is not set: set {key_file} to the key file it was seeded with \
+         (lego replay --key-file)"
+    )]
+    SealedNeedsKey {
+        restore: &'static str,
+        key_file: &'static str,
+        path: String,
+        heap_id: u64,
+    },
+    #[error(
+        "{restore}={path} is a pool image of heap {heap_id:016x} whose values are not sealed, \
+         but {key_file} is set: unset {key_file} to restore it, or seed the pool again with \
+         lego replay --to ... --key-file FILE"
+    )]
+    NotSealed {
+        restore: &'static str,
+        key_file: &'static str,
+        path: String,
+        heap_id: u64,
+    },
+}
+
+impl RestoreError {
+    /// Whether the error is in the settings (`LEGO_BACKEND`, `LEGO_KEY_FILE` do not fit the
+    /// image) rather than in the image.
+    pub fn is_setting(&self) -> bool {
+        matches!(
+            self,
+            RestoreError::OtherBackend { .. }
+                | RestoreError::SealedNeedsKey { .. }
+                | RestoreError::NotSealed { .. }
+        )
+    }
 }
 
 /// Opens what `path` (`LEGO_RESTORE`) names and checks that it can be restored with `config`
@@ -107,6 +143,25 @@ pub fn open_restore(config: &Config, path: &Path) -> Result<RestoreFrom, Restore
             given: config.backend.to_string(),
         });
     }
+    match (h.sealed, config.key_file.is_some()) {
+        (true, false) => {
+            return Err(RestoreError::SealedNeedsKey {
+                restore: vars::RESTORE,
+                key_file: vars::KEY_FILE,
+                path: path.display().to_string(),
+                heap_id: h.heap_id,
+            })
+        }
+        (false, true) => {
+            return Err(RestoreError::NotSealed {
+                restore: vars::RESTORE,
+                key_file: vars::KEY_FILE,
+                path: path.display().to_string(),
+                heap_id: h.heap_id,
+            })
+        }
+        _ => {}
+    }
     img.check()?;
     Ok(RestoreFrom::Pool(img))
 }
@@ -127,9 +182,11 @@ pub(super) fn open_pool_store(
     config: &Config,
     img: &PoolImage,
     pages: &[PoolPage],
+    key: Option<&SealKey>,
 ) -> Result<(Box<dyn PageStore>, store::RestoredPool), PagerError> {
     let h = img.header();
-    let restored = store::open_restored_pool(&h.servers, &config.pool, h.region.len, h.heap_id)?;
+    let restored =
+        store::open_restored_pool(&h.servers, &config.pool, h.region.len, h.heap_id, key)?;
     let pool = Arc::clone(restored.pool());
     let adopted = pool.adopt(pages.iter().map(|p| {
         (

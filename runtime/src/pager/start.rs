@@ -21,6 +21,7 @@ use crate::config::{Config, LogSync};
 use crate::log::image::ImageReader;
 use crate::log::{LogWriter, PageIndex, RegionInfo, SyncMode, WriterOptions};
 use crate::region::{self, Region};
+use crate::seal::SealKey;
 use crate::store::{self, DiscardQueue};
 use crate::uffd::{self, Kick, PagemapScanner, Userfault};
 use crate::PAGE_SIZE;
@@ -39,13 +40,20 @@ const HEAP_FEATURES: u64 = uffd::sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP
 impl Runtime {
     /// Registers `region` with a new userfaultfd, marks the pages already present as resident
     /// (the allocator may have run before the runtime started), opens the store and starts the
-    /// threads.
+    /// threads. `key` is the key of `config.key_file`, loaded by the caller (which reports a
+    /// bad key file as a bad setting); the pool's values are sealed under it.
     pub fn start(
         config: &Config,
         region: Region,
         restoring: Option<restore::RestoreFrom>,
         quiesce: Option<Quiesce>,
+        key: Option<&SealKey>,
     ) -> Result<Runtime, PagerError> {
+        assert_eq!(
+            key.is_some(),
+            config.key_file.is_some(),
+            "the caller loads the key file the configuration names"
+        );
         let (image, pool_image) = match restoring {
             Some(restore::RestoreFrom::Image(img)) => (Some(img), None),
             Some(restore::RestoreFrom::Pool(img)) => (None, Some(img)),
@@ -67,7 +75,7 @@ impl Runtime {
         let (store, mut give_back) = match &pool_image {
             // A heap restored from a pool: its pages are already there.
             Some(img) => {
-                let (store, give_back) = restore::open_pool_store(config, img, &pool_pages)?;
+                let (store, give_back) = restore::open_pool_store(config, img, &pool_pages, key)?;
                 (store, Some(give_back))
             }
             None => (
@@ -76,6 +84,7 @@ impl Runtime {
                     &config.pool,
                     config.heap_bytes,
                     config.fault_injection.as_ref(),
+                    key,
                 )?,
                 None,
             ),

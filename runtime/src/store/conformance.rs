@@ -413,12 +413,25 @@ mod tests {
         let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
         let open = |n: usize, settings: PoolSettings| {
             Box::new(
-                open_memcached_pool(&addrs[..n], &settings, heap_bytes())
+                open_memcached_pool(&addrs[..n], &settings, heap_bytes(), None)
                     .expect("opening the pool"),
             ) as Box<dyn PageStore>
         };
         check_all(&|| open(1, PoolSettings::default()));
         check_all(&|| open(2, PoolSettings::default()));
+        // Sealed values (LEGO_KEY_FILE) keep every promise of the trait.
+        let key = crate::seal::SealKey::from_bytes([0x5e; crate::seal::KEY_BYTES]);
+        check_all(&|| {
+            Box::new(
+                open_memcached_pool(
+                    &addrs[..2],
+                    &PoolSettings::default(),
+                    heap_bytes(),
+                    Some(&key),
+                )
+                .expect("opening the sealed pool"),
+            ) as Box<dyn PageStore>
+        });
         for replication in [
             Replication::Pessimistic,
             Replication::Optimistic,
@@ -443,6 +456,7 @@ mod tests {
             std::slice::from_ref(&evicting.addr),
             &settings,
             heap_bytes(),
+            None,
         )
         .err()
         .expect("refused");
@@ -453,7 +467,7 @@ mod tests {
         );
         drop(evicting);
         let gone = "127.0.0.1:1".to_string();
-        let e = open_memcached_pool(&[gone], &settings, heap_bytes())
+        let e = open_memcached_pool(&[gone], &settings, heap_bytes(), None)
             .err()
             .expect("nothing listens there");
         assert!(

@@ -523,6 +523,7 @@ mod tests {
             &Default::default(),
             16 * crate::PAGE_SIZE as u64,
             Some(&plan),
+            None,
         )
         .expect("opening a faulty file store");
         assert!(store.describe().starts_with("file:"));
@@ -533,6 +534,7 @@ mod tests {
             &spec,
             &Default::default(),
             16 * crate::PAGE_SIZE as u64,
+            None,
             None,
         )
         .expect("opening a plain file store");

@@ -53,6 +53,7 @@ mod conformance;
 pub(crate) mod memory;
 
 use crate::config::{BackendSpec, FaultPlan, PoolSettings};
+use crate::seal::{SealKey, Sealer};
 use crate::PAGE_SIZE;
 
 pub use discard::DiscardQueue;
@@ -256,16 +257,26 @@ impl PageStore for Box<dyn PageStore> {
 
 /// Opens the store the configuration names, sized for a heap of `heap_bytes`, wrapped in a
 /// [`FaultyStore`] when a fault plan is given.
+///
+/// `key` seals the values of a pool (`LEGO_KEY_FILE`); the configuration gives one only with a
+/// memcached backend.
 pub fn open(
     spec: &BackendSpec,
     pool: &PoolSettings,
     heap_bytes: u64,
     faults: Option<&FaultPlan>,
+    key: Option<&SealKey>,
 ) -> Result<Box<dyn PageStore>, StoreError> {
     let store: Box<dyn PageStore> = match spec {
-        BackendSpec::File { dir } => Box::new(FileStore::open(dir, heap_bytes)?),
+        BackendSpec::File { dir } => {
+            assert!(
+                key.is_none(),
+                "the configuration seals only a pool's values"
+            );
+            Box::new(FileStore::open(dir, heap_bytes)?)
+        }
         BackendSpec::Memcached { servers } => {
-            Box::new(open_memcached_pool(servers, pool, heap_bytes)?)
+            Box::new(open_memcached_pool(servers, pool, heap_bytes, key)?)
         }
     };
     Ok(match faults {
@@ -275,13 +286,20 @@ pub fn open(
 }
 
 /// A pool over the memcached servers `servers`, every one of them answering and refusing to
-/// evict, for a new heap (a random heap id).
+/// evict, for a new heap (a random heap id); its values sealed under `key` if one is given.
 pub fn open_memcached_pool(
     servers: &[String],
     settings: &PoolSettings,
     heap_bytes: u64,
+    key: Option<&SealKey>,
 ) -> Result<pool::PoolStore, StoreError> {
-    open_memcached_pool_as(servers, settings, heap_bytes, memcached::random_heap_id())
+    open_memcached_pool_as(
+        servers,
+        settings,
+        heap_bytes,
+        memcached::random_heap_id(),
+        key,
+    )
 }
 
 /// [`open_memcached_pool`] for the heap `heap_id` (keys `lego:HEAPID:PAGE`).
@@ -290,15 +308,18 @@ pub fn open_memcached_pool_as(
     settings: &PoolSettings,
     heap_bytes: u64,
     heap_id: u64,
+    key: Option<&SealKey>,
 ) -> Result<pool::PoolStore, StoreError> {
+    // One sealer for every server: its nonces are unique across all of them.
+    let sealer = key.map(|k| std::sync::Arc::new(Sealer::new(k, heap_id)));
     let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
     for server in servers {
-        members.push(Box::new(memcached::MemcachedServer::open(
-            server,
-            heap_id,
-            heap_bytes,
-            settings.timeout_ms,
-        )?));
+        let member =
+            memcached::MemcachedServer::open(server, heap_id, heap_bytes, settings.timeout_ms)?;
+        members.push(Box::new(match &sealer {
+            Some(s) => member.sealed(std::sync::Arc::clone(s)),
+            None => member,
+        }));
     }
     pool::PoolStore::new(
         format!("memcached://{}", servers.join(",")),
@@ -323,16 +344,23 @@ pub fn open_restored_pool(
     settings: &PoolSettings,
     heap_bytes: u64,
     heap_id: u64,
+    key: Option<&SealKey>,
 ) -> Result<RestoredPool, StoreError> {
     let name = format!("memcached://{}", servers.join(","));
+    // One sealer for every server: its nonces are unique across all of them.
+    let sealer = key.map(|k| std::sync::Arc::new(Sealer::new(k, heap_id)));
     let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
     for server in servers {
-        members.push(Box::new(memcached::MemcachedServer::open_unleased(
+        let member = memcached::MemcachedServer::open_unleased(
             server,
             heap_id,
             heap_bytes,
             settings.timeout_ms,
-        )?));
+        )?;
+        members.push(Box::new(match &sealer {
+            Some(s) => member.sealed(std::sync::Arc::clone(s)),
+            None => member,
+        }));
     }
     let claim = memcached::claim::RestoreClaim::take(servers, settings.timeout_ms, heap_id)
         .map_err(|e| StoreError::Open {

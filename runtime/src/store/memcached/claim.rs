@@ -332,7 +332,7 @@ mod tests {
                     let (names, barrier) = (names.clone(), Arc::clone(&barrier));
                     std::thread::spawn(move || {
                         barrier.wait();
-                        open_restored_pool(&names, &settings(), HEAP_BYTES, heap)
+                        open_restored_pool(&names, &settings(), HEAP_BYTES, heap, None)
                     })
                 })
                 .collect();
@@ -374,7 +374,7 @@ mod tests {
         seed_as(&good, heap, &seeded);
         // A later server may evict: refused before any lease changed.
         let names = vec![good.addr.clone(), evicting.addr.clone()];
-        let e = open_restored_pool(&names, &settings(), HEAP_BYTES, heap)
+        let e = open_restored_pool(&names, &settings(), HEAP_BYTES, heap, None)
             .err()
             .expect("a server that may evict");
         assert!(crate::logging::error_chain(&e).contains("-M"), "{e}");
@@ -385,7 +385,7 @@ mod tests {
         let other = TestServer::start(16, false);
         let names = vec![good.addr.clone(), other.addr.clone()];
         let mut restored =
-            open_restored_pool(&names, &settings(), HEAP_BYTES, heap).expect("restoring");
+            open_restored_pool(&names, &settings(), HEAP_BYTES, heap, None).expect("restoring");
         assert!(
             lease_of(&other, heap).is_none(),
             "no lease is set where none was"
@@ -402,7 +402,7 @@ mod tests {
 
         // Taken over and disarmed: the heap is this process's (a normal lease).
         let mut restored =
-            open_restored_pool(&names, &settings(), HEAP_BYTES, heap).expect("restoring");
+            open_restored_pool(&names, &settings(), HEAP_BYTES, heap, None).expect("restoring");
         restored.take_over().expect("taking over");
         restored.disarm();
         drop(restored);
@@ -419,7 +419,7 @@ mod tests {
         // This process is alive: its `restoring` lease is refused.
         let live = format!("{RESTORING_MARK} pid={} host={host}", std::process::id());
         seed_as(&server, heap, live.as_bytes());
-        let e = open_restored_pool(&names, &settings(), HEAP_BYTES, heap)
+        let e = open_restored_pool(&names, &settings(), HEAP_BYTES, heap, None)
             .err()
             .expect("a live restore");
         assert!(
@@ -429,7 +429,7 @@ mod tests {
         // Another host's: refused too (its process may be alive).
         let remote = format!("{RESTORING_MARK} pid=1 host=elsewhere-{host}");
         seed_as(&server, heap, remote.as_bytes());
-        assert!(open_restored_pool(&names, &settings(), HEAP_BYTES, heap).is_err());
+        assert!(open_restored_pool(&names, &settings(), HEAP_BYTES, heap, None).is_err());
         // A process of this host that is gone: a child that ended.
         let mut child = std::process::Command::new("true").spawn().expect("true");
         let pid = child.id();
@@ -437,7 +437,7 @@ mod tests {
         let stale = format!("{RESTORING_MARK} pid={pid} host={host}");
         seed_as(&server, heap, stale.as_bytes());
         let restored =
-            open_restored_pool(&names, &settings(), HEAP_BYTES, heap).expect("a stale claim");
+            open_restored_pool(&names, &settings(), HEAP_BYTES, heap, None).expect("a stale claim");
         drop(restored);
         let (value, expires) = lease_of(&server, heap).expect("a lease");
         assert!(!expires && lease::parse_value(&value).seeded, "{value:?}");

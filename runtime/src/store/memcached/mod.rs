@@ -5,6 +5,11 @@
 //! - Keys name the heap (a random id per run) and the page: `lego:HEAPID:PAGE` in hex.
 //! - A value is the page's CRC32C and version (little-endian `u32`s) and then the page, so a
 //!   stale or damaged value is detected on fetch and never served ([`VALUE_HEADER_BYTES`]).
+//! - With a key (`LEGO_KEY_FILE`, [`MemcachedServer::sealed`]) a value is the version and then
+//!   the page sealed by [`crate::seal::Sealer`], bound to the heap, the page and that version
+//!   ([`SEALED_VALUE_BYTES`]): the plaintext's CRC32C never leaves the machine (it would let a
+//!   server confirm a guess of a page). A value that does not open is a bad copy, like one
+//!   whose checksum is wrong; the page opened is still checked against the caller's checksum.
 //! - A batch is one pipeline: every request quiet, then `mn`, whose `MN` ends the replies (a
 //!   miss or a stored set sends nothing).
 //! - A pool, not a cache: at open the server's `stats settings` must say `evictions off`
@@ -27,7 +32,7 @@ pub mod protocol;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use connection::{stat, Connection, Sent, ServerError};
@@ -39,12 +44,17 @@ use super::{
     discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
     PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
+use crate::seal::{SealedAs, Sealer, SEALED_OVERHEAD_BYTES};
 use crate::PAGE_SIZE;
 
 /// Bytes before the page in a value: its CRC32C and its version.
 pub const VALUE_HEADER_BYTES: usize = 8;
 /// Bytes of one value.
 pub const VALUE_BYTES: usize = VALUE_HEADER_BYTES + PAGE_SIZE;
+/// Bytes before the sealed page in a sealed value: its version.
+pub const SEALED_HEADER_BYTES: usize = 4;
+/// Bytes of one sealed value: the version, then nonce, ciphertext and tag.
+pub const SEALED_VALUE_BYTES: usize = SEALED_HEADER_BYTES + SEALED_OVERHEAD_BYTES + PAGE_SIZE;
 /// Requests of one pipeline (a discard of a large range is sent in pipelines this long).
 pub const PIPELINE_REQUESTS_MAX: usize = 1024;
 
@@ -56,6 +66,10 @@ const AHEAD_PIPELINES_MAX: usize = 4;
 const AHEAD_AGE_MS_MAX: u64 = 1000;
 
 const _: () = assert!(VALUE_BYTES <= protocol::VALUE_BYTES_MAX);
+const _: () = assert!(SEALED_VALUE_BYTES <= protocol::VALUE_BYTES_MAX);
+// The two formats are told apart by their length alone: a value of one never passes as the
+// other.
+const _: () = assert!(SEALED_VALUE_BYTES != VALUE_BYTES);
 
 /// What a server says about itself (`stats`), read at open and whenever the pool probes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,6 +93,9 @@ pub struct Traffic {
     /// Pipelines sent ahead ([`PageStore::read_ahead`]), and those a fetch read.
     pub ahead_sent: AtomicU64,
     pub ahead_used: AtomicU64,
+    /// Values that did not open (changed, swapped, stale or sealed under another key), and
+    /// pages that could not be sealed.
+    pub seal_failures: AtomicU64,
 }
 
 /// The pages of a heap on one memcached server.
@@ -92,6 +109,8 @@ pub struct MemcachedServer {
     /// Pipelines of gets sent ahead, oldest first, each waiting for the fetch of exactly its
     /// pages and versions.
     ahead: Mutex<VecDeque<Ahead>>,
+    /// Seals every value sent and opens every value fetched, when the pool has a key.
+    sealer: Option<Arc<Sealer>>,
 }
 
 /// A pipeline of gets sent by [`PageStore::read_ahead`] whose replies wait in its socket.
@@ -156,7 +175,21 @@ impl MemcachedServer {
             name,
             traffic: Traffic::default(),
             ahead: Mutex::new(VecDeque::new()),
+            sealer: None,
         })
+    }
+
+    /// This store with every value sealed by `sealer` (which must be for this heap): the
+    /// sealed format of the module documentation.
+    pub fn sealed(mut self, sealer: Arc<Sealer>) -> MemcachedServer {
+        assert_eq!(sealer.heap_id(), self.heap_id, "a sealer for this heap");
+        self.sealer = Some(sealer);
+        self
+    }
+
+    /// Whether values are sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.sealer.is_some()
     }
 
     /// The heap whose pages this store holds.
@@ -268,6 +301,71 @@ impl MemcachedServer {
     }
 }
 
+/// Reads an unsealed value (`crc | version | page`) into `buf`: its (crc, version) and the
+/// CRC32C of the page as copied; None for a value of the wrong size.
+fn decode(data: &[u8], buf: &mut [u8]) -> Option<(u32, u32, u32)> {
+    if data.len() != VALUE_BYTES {
+        return None;
+    }
+    let crc = u32::from_le_bytes(data[0..4].try_into().expect("4 bytes"));
+    let version = u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
+    buf.copy_from_slice(&data[VALUE_HEADER_BYTES..]);
+    Some((crc, version, crc32c::crc32c(buf)))
+}
+
+/// Appends the sealed value (`version | sealed page`) of `buf`, version `version` of `page`, to
+/// `out`; false if no nonce is left (`protocol::set_with` then drops what was appended).
+fn seal(sealer: &Sealer, page: u64, version: u32, buf: &[u8], out: &mut Vec<u8>) -> bool {
+    let what = SealedAs {
+        page,
+        version,
+        part: 0,
+    };
+    out.extend_from_slice(&version.to_le_bytes());
+    sealer.seal_into(what, buf, out).is_ok()
+}
+
+/// Why a sealed value was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unopened {
+    /// It says it is another version of the page (an older one, likely): not tried.
+    OtherVersion,
+    /// It is not a sealed value of this page and version under this key (changed, swapped,
+    /// or not sealed at all).
+    Forged,
+}
+
+/// Opens a sealed value (`version | sealed page`) of `page` into `buf`, expecting `version`:
+/// (the page's CRC32C, its version, the same CRC32C), so that the caller's check compares the
+/// page with the checksum it knows. On failure `buf` holds zeros, never a byte of the value.
+fn open(
+    sealer: &Sealer,
+    page: u64,
+    version: u32,
+    data: &[u8],
+    buf: &mut [u8],
+) -> Result<(u32, u32, u32), Unopened> {
+    if data.len() != SEALED_VALUE_BYTES {
+        buf.fill(0);
+        return Err(Unopened::Forged);
+    }
+    let found = u32::from_le_bytes(data[0..4].try_into().expect("4 bytes"));
+    if found != version {
+        buf.fill(0);
+        return Err(Unopened::OtherVersion);
+    }
+    let what = SealedAs {
+        page,
+        version,
+        part: 0,
+    };
+    sealer
+        .open_into(what, &data[SEALED_HEADER_BYTES..], buf)
+        .map_err(|_| Unopened::Forged)?;
+    let crc = crc32c::crc32c(buf);
+    Ok((crc, version, crc))
+}
+
 /// A random id for this run's keys (std's per-process hash keys, seeded from the OS).
 pub fn random_heap_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -288,23 +386,28 @@ impl PageStore for MemcachedServer {
                 .map(|&i| (batch[i].page, batch[i].version))
                 .collect();
             // What came back for each request: the header's (crc, version) and the CRC32C of
-            // the page as copied, or None for a value of the wrong size (not one lego wrote).
-            // The page is checked as it is copied, while its bytes are still in the cache.
+            // the page as copied, or None for a value of the wrong size (not one lego wrote)
+            // or one that does not open. The page is checked as it is copied (or opened),
+            // while its bytes are still in the cache.
             let mut values: Vec<Option<Option<(u32, u32, u32)>>> = vec![None; chunk.len()];
+            let sealer = self.sealer.as_deref();
+            let traffic = &self.traffic;
             let on_reply = |reply: Reply<'_>| {
                 if let Reply::Value { opaque, data } = reply {
                     let k = opaque as usize;
                     if let (Some(slot), Some(&i)) = (values.get_mut(k), chunk.get(k)) {
-                        if data.len() == VALUE_BYTES {
-                            let crc = u32::from_le_bytes(data[0..4].try_into().expect("4 bytes"));
-                            let version =
-                                u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
-                            let buf = &mut *batch[i].buf;
-                            buf.copy_from_slice(&data[VALUE_HEADER_BYTES..]);
-                            *slot = Some(Some((crc, version, crc32c::crc32c(buf))));
-                        } else {
-                            *slot = Some(None);
-                        }
+                        let r = &mut batch[i];
+                        *slot = Some(match sealer {
+                            None => decode(data, r.buf),
+                            Some(sealer) => match open(sealer, r.page, r.version, data, r.buf) {
+                                Ok(read) => Some(read),
+                                Err(Unopened::OtherVersion) => None,
+                                Err(Unopened::Forged) => {
+                                    traffic.seal_failures.fetch_add(1, Relaxed);
+                                    None
+                                }
+                            },
+                        });
                     }
                 }
             };
@@ -394,12 +497,48 @@ impl PageStore for MemcachedServer {
             .filter(|&i| batch[i].outcome == Outcome::Pending)
             .collect();
         for chunk in positions.chunks(PIPELINE_REQUESTS_MAX) {
-            let mut request = Vec::with_capacity(chunk.len() * (VALUE_BYTES + 48));
+            let mut request = Vec::with_capacity(chunk.len() * (SEALED_VALUE_BYTES + 48));
+            let mut made = Vec::with_capacity(chunk.len());
             for (k, &i) in chunk.iter().enumerate() {
                 let w = &batch[i];
-                // The value: the page's CRC32C and version, then the page.
-                let value: [&[u8]; 3] = [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
-                protocol::set_parts(&mut request, self.key(w.page).as_str(), &value, k as u32);
+                let key = self.key(w.page);
+                match &self.sealer {
+                    // The value: the page's CRC32C and version, then the page.
+                    None => {
+                        let value: [&[u8]; 3] =
+                            [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
+                        protocol::set_parts(&mut request, key.as_str(), &value, k as u32);
+                        made.push(true);
+                    }
+                    // The version, then the sealed page (no checksum of the plaintext).
+                    Some(sealer) => {
+                        let ok = protocol::set_with(
+                            &mut request,
+                            key.as_str(),
+                            SEALED_VALUE_BYTES,
+                            k as u32,
+                            |out| seal(sealer, w.page, w.version, w.buf, out),
+                        );
+                        made.push(ok);
+                    }
+                }
+            }
+            if made.iter().any(|&ok| !ok) {
+                // No nonce is left (2^64 seals): nothing of this chunk is sent.
+                self.traffic
+                    .seal_failures
+                    .fetch_add(made.iter().filter(|&&ok| !ok).count() as u64, Relaxed);
+                for &i in chunk {
+                    batch[i].outcome = Outcome::Failed(FailureKind::Refused);
+                }
+                first_error.get_or_insert(StoreError::Io {
+                    backend: self.name.clone(),
+                    op: StoreOp::Store,
+                    page: batch[chunk[0]].page,
+                    kind: FailureKind::Refused,
+                    source: Box::new(crate::seal::SealError::NoncesUsed),
+                });
+                continue;
             }
             protocol::noop(&mut request);
             let mut not_stored: Vec<usize> = Vec::new();
@@ -492,3 +631,79 @@ impl MemcachedServer {
 
 #[cfg(test)]
 pub(crate) mod test_server;
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::seal::{SealKey, KEY_BYTES};
+
+    fn sealer() -> Sealer {
+        Sealer::new(
+            &SealKey::from_bytes([0x5a; KEY_BYTES]),
+            0x00c0_ffee_0000_0009,
+        )
+    }
+
+    fn sealed_value(s: &Sealer, page: u64, version: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        assert!(seal(s, page, version, data, &mut v));
+        assert_eq!(v.len(), SEALED_VALUE_BYTES);
+        v
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_support::config(64))]
+
+        /// A sealed value opens into its page (with the page's CRC32C) for its page and
+        /// version only; with any bit flipped, cut or grown, or opened as another page or
+        /// version, it is refused and the buffer holds zeros, never a byte of the value.
+        #[test]
+        fn fuzz_sealed_values_open_only_unchanged_and_for_their_page(
+            seed: u64,
+            page in 0u64..1 << 31,
+            version in 1u32..u32::MAX,
+            flip in 0usize..SEALED_VALUE_BYTES * 8,
+            other_page in 0u64..1 << 31,
+            cut in 1usize..SEALED_VALUE_BYTES,
+        ) {
+            let s = sealer();
+            let mut data = vec![0u8; PAGE_SIZE];
+            crate::io::test_support::fill(&mut data, seed);
+            let value = sealed_value(&s, page, version, &data);
+            let crc = crc32c::crc32c(&data);
+            let mut buf = vec![0xeeu8; PAGE_SIZE];
+            prop_assert_eq!(open(&s, page, version, &value, &mut buf), Ok((crc, version, crc)));
+            prop_assert_eq!(&buf, &data);
+
+            let refused = |v: &[u8], p: u64, ver: u32| {
+                let mut buf = vec![0xeeu8; PAGE_SIZE];
+                let r = open(&s, p, ver, v, &mut buf);
+                (r.is_err(), buf.iter().all(|&b| b == 0))
+            };
+            let mut flipped = value.clone();
+            flipped[flip / 8] ^= 1 << (flip % 8);
+            // A flip in the version label names another version: refused without opening.
+            let label = u32::from_le_bytes(flipped[0..4].try_into().expect("4 bytes"));
+            prop_assert_eq!(refused(&flipped, page, version), (true, true));
+            prop_assert_eq!(refused(&flipped, page, label), (true, true));
+            prop_assert_eq!(refused(&value[..cut], page, version), (true, true));
+            let mut grown = value.clone();
+            grown.push(0);
+            prop_assert_eq!(refused(&grown, page, version), (true, true));
+            if other_page != page {
+                prop_assert_eq!(refused(&value, other_page, version), (true, true));
+            }
+            let mut relabelled = value.clone();
+            relabelled[0..4].copy_from_slice(&(version + 1).to_le_bytes());
+            prop_assert_eq!(refused(&relabelled, page, version + 1), (true, true));
+            // Another heap under the same key file, or the same heap under another key.
+            let theirs = Sealer::new(&SealKey::from_bytes([0x5a; KEY_BYTES]), 0x00c0_ffee_0000_000a);
+            let mut buf = vec![0u8; PAGE_SIZE];
+            prop_assert!(open(&theirs, page, version, &value, &mut buf).is_err());
+            let other_key = Sealer::new(&SealKey::from_bytes([0x5b; KEY_BYTES]), 0x00c0_ffee_0000_0009);
+            prop_assert!(open(&other_key, page, version, &value, &mut buf).is_err());
+        }
+    }
+}

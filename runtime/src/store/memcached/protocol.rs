@@ -84,6 +84,33 @@ pub fn set_parts(out: &mut Vec<u8>, key: &str, parts: &[&[u8]], opaque: u32) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// [`set`] of a value of `len` bytes that `fill` appends to `out` (so that it is made in
+/// place, as a page is sealed). `fill` returns whether it made the value; when it did not,
+/// `out` is left as it was and false is returned.
+pub fn set_with(
+    out: &mut Vec<u8>,
+    key: &str,
+    len: usize,
+    opaque: u32,
+    fill: impl FnOnce(&mut Vec<u8>) -> bool,
+) -> bool {
+    debug_assert!(valid_key(key));
+    let start = out.len();
+    let _ = write!(out, "ms {key} {len} q O{opaque}\r\n");
+    let value_at = out.len();
+    if !fill(out) {
+        out.truncate(start);
+        return false;
+    }
+    assert_eq!(
+        out.len() - value_at,
+        len,
+        "the value is as long as its header says"
+    );
+    out.extend_from_slice(b"\r\n");
+    true
+}
+
 /// Appends `md KEY q O<opaque>\r\n`.
 pub fn delete(out: &mut Vec<u8>, key: &str, opaque: u32) {
     debug_assert!(valid_key(key));

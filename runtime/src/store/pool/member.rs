@@ -26,6 +26,15 @@ pub trait Member: PageStore {
     fn read_ahead_counts(&self) -> (u64, u64) {
         (0, 0)
     }
+    /// Values fetched that did not open, and pages that could not be sealed (a pool with a
+    /// key, `LEGO_KEY_FILE`).
+    fn seal_failures(&self) -> u64 {
+        0
+    }
+    /// Whether the values sent to this server are sealed.
+    fn is_sealed(&self) -> bool {
+        false
+    }
     /// Whether `e` (from this member) says the server is full: not a failure of the
     /// server, which stays up and keeps serving what it holds.
     fn is_full(&self, _e: &StoreError) -> bool {
@@ -80,6 +89,14 @@ impl Member for MemcachedServer {
             self.traffic.ahead_sent.load(Relaxed),
             self.traffic.ahead_used.load(Relaxed),
         )
+    }
+
+    fn seal_failures(&self) -> u64 {
+        self.traffic.seal_failures.load(Relaxed)
+    }
+
+    fn is_sealed(&self) -> bool {
+        MemcachedServer::is_sealed(self)
     }
 
     fn is_full(&self, e: &StoreError) -> bool {

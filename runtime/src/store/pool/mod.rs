@@ -77,6 +77,19 @@ struct ServerCounters {
     stored: AtomicU64,
     /// Write-backs it refused because it was full.
     full: AtomicU64,
+    /// Requests (fetch or store batches) sent to it, and the time they took, in
+    /// microseconds: their ratio is its latency.
+    requests: AtomicU64,
+    busy_us: AtomicU64,
+}
+
+impl ServerCounters {
+    /// Counts one request that started at `start`.
+    fn timed(&self, start: std::time::Instant) {
+        self.requests.fetch_add(1, Relaxed);
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.busy_us.fetch_add(us, Relaxed);
+    }
 }
 
 struct Inner {
@@ -524,7 +537,9 @@ impl Inner {
                         sub.push(PageRead::new(r.page, &mut *r.buf, r.crc, r.version));
                     }
                 }
+                let start = std::time::Instant::now();
                 let result = inner.members[server].fetch(&mut sub);
+                inner.served[server].timed(start);
                 let outcomes: Vec<(u64, u32, Outcome)> =
                     sub.iter().map(|r| (r.page, r.version, r.outcome)).collect();
                 drop(sub);
@@ -653,7 +668,9 @@ impl Inner {
                         PageWrite::with_crc(w.page, w.buf, w.crc, w.version)
                     })
                     .collect();
+                let start = std::time::Instant::now();
                 let result = self.members[server].store(&mut sub);
+                self.served[server].timed(start);
                 let mut stored = 0;
                 for (w, &k) in sub.iter().zip(ks) {
                     if w.outcome == Outcome::Done {

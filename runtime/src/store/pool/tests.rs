@@ -10,6 +10,7 @@ use super::member::test_member::TestMember;
 use super::member::Member;
 use super::*;
 use crate::io::test_support::{fill, pages, Page};
+use crate::seal::SealKey;
 use crate::store::conformance::{check_all, SUITE_PAGES};
 
 const HEAP_BYTES: u64 = SUITE_PAGES * PAGE_BYTES;
@@ -310,9 +311,69 @@ fn discards_reach_every_copy() {
 /// copy is, and the bad ones are counted.
 #[test]
 fn bad_values_on_a_real_server_are_detected_and_served_from_another_copy() {
-    use crate::store::memcached::connection::Connection;
-    use crate::store::memcached::protocol::{self, Reply};
+    bad_values_are_served_from_another_copy(None);
+}
+
+/// The same with sealed values (`LEGO_KEY_FILE`): each bad value fails to open (or names an
+/// older version), is counted as a seal failure, and the other copy is served.
+#[test]
+fn bad_sealed_values_are_refused_and_served_from_another_copy() {
+    let key = SealKey::from_bytes([0x42; crate::seal::KEY_BYTES]);
+    bad_values_are_served_from_another_copy(Some(&key));
+}
+
+/// Raw access to a heap's values on real servers, behind the pool's back.
+struct Raw {
+    conns: Vec<crate::store::memcached::connection::Connection>,
+    heap_id: u64,
+}
+
+impl Raw {
+    fn new(addrs: &[String], heap_id: u64) -> Raw {
+        use crate::store::memcached::connection::Connection;
+        Raw {
+            conns: addrs
+                .iter()
+                .map(|a| Connection::new(a, 2000).expect("a connection"))
+                .collect(),
+            heap_id,
+        }
+    }
+
+    fn key(&self, page: u64) -> String {
+        format!("lego:{:016x}:{page:x}", self.heap_id)
+    }
+
+    fn get(&self, server: usize, page: u64) -> Vec<u8> {
+        use crate::store::memcached::protocol::{self, Reply};
+        let mut request = Vec::new();
+        protocol::get(&mut request, &self.key(page), 0);
+        protocol::noop(&mut request);
+        let mut value = None;
+        self.conns[server]
+            .pipeline(&request, |reply| {
+                if let Reply::Value { data, .. } = reply {
+                    value = Some(data.to_vec());
+                }
+            })
+            .expect("a raw get");
+        value.expect("the value is there")
+    }
+
+    fn set(&self, server: usize, page: u64, value: &[u8]) {
+        use crate::store::memcached::protocol;
+        let mut request = Vec::new();
+        protocol::set(&mut request, &self.key(page), value, 0);
+        protocol::noop(&mut request);
+        self.conns[server]
+            .pipeline(&request, |_| {})
+            .expect("a raw set");
+    }
+}
+
+fn bad_values_are_served_from_another_copy(key: Option<&SealKey>) {
     use crate::store::memcached::test_server::TestServer;
+    use crate::store::memcached::{SEALED_VALUE_BYTES, VALUE_BYTES};
 
     let servers: Vec<TestServer> = (0..3).map(|_| TestServer::start(64, false)).collect();
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
@@ -322,60 +383,79 @@ fn bad_values_on_a_real_server_are_detected_and_served_from_another_copy() {
         replication: Replication::Pessimistic,
         ..PoolSettings::default()
     };
-    let store = crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, heap_id)
+    let store = crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, heap_id, key)
         .expect("the pool");
-    let conns: Vec<Connection> = addrs
-        .iter()
-        .map(|a| Connection::new(a, 2000).expect("a connection"))
-        .collect();
-    let key = |page: u64| format!("lego:{heap_id:016x}:{page:x}");
+    let raw = Raw::new(&addrs, heap_id);
     let first_holder = |page: u64| Placement::new(&addrs).ranking(page).servers()[0] as usize;
-    let get = |server: usize, page: u64| -> Vec<u8> {
-        let mut request = Vec::new();
-        protocol::get(&mut request, &key(page), 0);
-        protocol::noop(&mut request);
-        let mut value = None;
-        conns[server]
-            .pipeline(&request, |reply| {
-                if let Reply::Value { data, .. } = reply {
-                    value = Some(data.to_vec());
-                }
-            })
-            .expect("a raw get");
-        value.expect("the value is there")
-    };
-    let set = |server: usize, page: u64, value: &[u8]| {
-        let mut request = Vec::new();
-        protocol::set(&mut request, &key(page), value, 0);
-        protocol::noop(&mut request);
-        conns[server].pipeline(&request, |_| {}).expect("a raw set");
-    };
 
     let old = contents(16, 71);
     store_pages(&store, 0, &old, 1);
-    let old_value_of_5 = get(first_holder(5), 5);
+    let old_value_of_5 = raw.get(first_holder(5), 5);
+    let old_value_of_9 = raw.get(first_holder(9), 9);
     let src = contents(16, 72);
     store_pages(&store, 0, &src, 2);
+    let value_of_6 = raw.get(first_holder(6), 6);
+    assert_eq!(
+        value_of_6.len(),
+        if key.is_some() {
+            SEALED_VALUE_BYTES
+        } else {
+            VALUE_BYTES
+        }
+    );
+    if key.is_some() {
+        // No value holds its page in the clear, nor the page's checksum.
+        let page = &src[6].0;
+        assert!(!value_of_6.windows(64).any(|w| w == &page[..64]));
+        let crc = crc32c::crc32c(page).to_le_bytes();
+        assert!(!value_of_6.windows(4).any(|w| w == crc));
+    }
     // Page 5: its older version. Page 6: a flipped bit in the page. Page 7: page 8's value.
-    set(first_holder(5), 5, &old_value_of_5);
-    let mut flipped = get(first_holder(6), 6);
+    raw.set(first_holder(5), 5, &old_value_of_5);
+    let mut flipped = value_of_6;
     flipped[100] ^= 0x10;
-    set(first_holder(6), 6, &flipped);
-    let other = get(first_holder(8), 8);
-    set(first_holder(7), 7, &other);
+    raw.set(first_holder(6), 6, &flipped);
+    let other = raw.get(first_holder(8), 8);
+    raw.set(first_holder(7), 7, &other);
+    let mut bad = 3;
+    if key.is_some() {
+        // Page 9: its older value relabelled as the current version (the label is in the
+        // clear, the seal binds the version it was made for).
+        let mut relabelled = old_value_of_9;
+        relabelled[0..4].copy_from_slice(&2u32.to_le_bytes());
+        raw.set(first_holder(9), 9, &relabelled);
+        // Page 10: a value of another heap's page 10, same version, same key file.
+        let other_heap =
+            crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, heap_id + 1, key)
+                .expect("another heap's pool");
+        store_pages(&other_heap, 10, &src[10..11], 2);
+        let theirs = Raw::new(&addrs, heap_id + 1).get(first_holder(10), 10);
+        raw.set(first_holder(10), 10, &theirs);
+        bad += 2;
+    }
 
     assert_eq!(
         fetch_pages(&store, 0, &src, 2),
         16,
         "every page served right"
     );
-    assert_eq!(stat(&store, "pool_bad_copies"), 3);
-    assert!(stat(&store, "pool_failovers") >= 3);
+    assert_eq!(stat(&store, "pool_bad_copies"), bad);
+    assert!(stat(&store, "pool_failovers") >= bad);
+    // Each value that does not open is counted (page 5's names an older version: not opened).
+    let failures = if key.is_some() { bad - 1 } else { 0 };
+    assert_eq!(stat(&store, "pool_seal_failures"), failures);
+    let sealed = store
+        .report()
+        .into_iter()
+        .find(|(n, _)| n == "pool_sealed")
+        .expect("pool_sealed")
+        .1;
+    assert_eq!(sealed, if key.is_some() { "yes" } else { "no" });
     wait_until("the bad copies are replaced", || {
         stat(&store, "pool_underreplicated_pages") == 0
     });
     // The copies written again are good: every page is served from them too.
-    for page in 5..8u64 {
+    for page in 5..(5 + bad) {
         let mut dst = pages(1);
         let mut reads = [PageRead::new(
             page,
@@ -389,6 +469,71 @@ fn bad_values_on_a_real_server_are_detected_and_served_from_another_copy() {
     drop(servers);
 }
 
+/// With one copy and no other, a sealed value that does not open fails the fetch as lost
+/// (the pager then reads the log, or raises SIGBUS) and leaves no byte of it in the page.
+#[test]
+fn a_sealed_value_that_does_not_open_with_no_other_copy_is_lost() {
+    use crate::store::memcached::test_server::TestServer;
+
+    let server = TestServer::start(64, false);
+    let addrs = vec![server.addr.clone()];
+    let heap_id = 0x00c0_ffee_0000_0004;
+    let key = SealKey::from_bytes([0x17; crate::seal::KEY_BYTES]);
+    let store = crate::store::open_memcached_pool_as(
+        &addrs,
+        &PoolSettings::default(),
+        HEAP_BYTES,
+        heap_id,
+        Some(&key),
+    )
+    .expect("the pool");
+    let raw = Raw::new(&addrs, heap_id);
+    let src = contents(4, 73);
+    store_pages(&store, 0, &src, 1);
+    assert_eq!(fetch_pages(&store, 0, &src, 1), 4, "sealed round trip");
+    // Page 1: a flipped bit in the tag. Page 2: page 3's value. Page 3: under another key.
+    let mut flipped = raw.get(0, 1);
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    raw.set(0, 1, &flipped);
+    raw.set(0, 2, &raw.get(0, 3));
+    let other_key = SealKey::from_bytes([0x18; crate::seal::KEY_BYTES]);
+    let other = crate::store::open_memcached_pool_as(
+        &addrs,
+        &PoolSettings::default(),
+        HEAP_BYTES,
+        heap_id,
+        Some(&other_key),
+    )
+    .expect("the same heap under another key");
+    store_pages(&other, 3, &src[3..4], 1);
+    for page in 1..4u64 {
+        let mut dst = pages(1);
+        dst[0].0.fill(0xee);
+        let mut reads = [PageRead::new(
+            page,
+            &mut dst[0].0,
+            crc32c::crc32c(&src[page as usize].0),
+            1,
+        )];
+        let e = store
+            .fetch(&mut reads)
+            .expect_err("a value that does not open");
+        assert_eq!(reads[0].outcome, Outcome::Failed(FailureKind::Lost), "{e}");
+        assert!(
+            dst[0].0.iter().all(|&b| b == 0),
+            "page {page}: nothing of the value is left in the buffer"
+        );
+    }
+    assert_eq!(stat(&store, "pool_seal_failures"), 3);
+    assert_eq!(
+        fetch_pages(&store, 0, &src[..1], 1),
+        1,
+        "page 0 is untouched"
+    );
+    drop(server);
+}
+
 /// Against real memcached servers: the pool takes its heap's lease on every server at open
 /// (so another process's collection keeps off its pages) and releases it at exit.
 #[test]
@@ -400,9 +545,14 @@ fn the_pool_holds_a_lease_on_every_server_until_exit() {
     let servers: Vec<TestServer> = (0..2).map(|_| TestServer::start(64, false)).collect();
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let heap_id = 0x00c0_ffee_0000_0002;
-    let store =
-        crate::store::open_memcached_pool_as(&addrs, &PoolSettings::default(), HEAP_BYTES, heap_id)
-            .expect("the pool");
+    let store = crate::store::open_memcached_pool_as(
+        &addrs,
+        &PoolSettings::default(),
+        HEAP_BYTES,
+        heap_id,
+        None,
+    )
+    .expect("the pool");
     let has_lease = |addr: &str| {
         let conn = Connection::new(addr, 2000).expect("a connection");
         let mut request = Vec::new();
@@ -438,9 +588,14 @@ fn pages_read_ahead_are_served_right_and_stale_read_aheads_never() {
         replicas: 1,
         ..PoolSettings::default()
     };
-    let store =
-        crate::store::open_memcached_pool_as(&addrs, &settings, HEAP_BYTES, 0x00c0_ffee_0000_0003)
-            .expect("the pool");
+    let store = crate::store::open_memcached_pool_as(
+        &addrs,
+        &settings,
+        HEAP_BYTES,
+        0x00c0_ffee_0000_0003,
+        None,
+    )
+    .expect("the pool");
     let wants = |src: &[Page], version: u32| -> Vec<PageWant> {
         src.iter()
             .enumerate()

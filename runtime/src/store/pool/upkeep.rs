@@ -400,6 +400,24 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
             "pool_queued_pages".to_string(),
             inner.queue.len().to_string(),
         ),
+        (
+            "pool_sealed".to_string(),
+            if inner.members.iter().all(|m| m.is_sealed()) {
+                "yes"
+            } else {
+                "no"
+            }
+            .to_string(),
+        ),
+        (
+            "pool_seal_failures".to_string(),
+            inner
+                .members
+                .iter()
+                .map(|m| m.seal_failures())
+                .sum::<u64>()
+                .to_string(),
+        ),
     ];
     for (s, member) in inner.members.iter().enumerate() {
         let h = &inner.health[s];
@@ -408,8 +426,8 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
         out.push((
             format!("pool_server_{s}"),
             format!(
-                "{} {} fetched={} stored={} errors={} downs={} full={} bytes_sent={sent} \
-                 bytes_received={received} read_ahead={ahead_used}/{ahead_sent}",
+                "{} {} fetched={} stored={} errors={} downs={} full={} requests={} busy_us={} \
+                 bytes_sent={sent} bytes_received={received} read_ahead={ahead_used}/{ahead_sent}",
                 member.server(),
                 if h.is_up() { "up" } else { "down" },
                 inner.served[s].fetched.load(Relaxed),
@@ -417,6 +435,8 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
                 h.errors.load(Relaxed),
                 h.downs.load(Relaxed),
                 inner.served[s].full.load(Relaxed),
+                inner.served[s].requests.load(Relaxed),
+                inner.served[s].busy_us.load(Relaxed),
             ),
         ));
     }
