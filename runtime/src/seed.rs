@@ -417,6 +417,21 @@ mod tests {
         seed_and_restore(true);
     }
 
+    /// Adopts the pages a pool image lists, as a restore does.
+    fn adopt_listed(pool: &crate::store::pool::PoolStore, listed: &[PoolPage]) {
+        pool.adopt(listed.iter().map(|p| {
+            (
+                p.page,
+                crate::store::pool::records::Copy {
+                    crc: p.crc,
+                    version: p.version,
+                    holders: p.holders,
+                },
+            )
+        }))
+        .expect("adopting");
+    }
+
     fn seed_and_restore(keyed: bool) {
         use std::os::unix::fs::OpenOptionsExt;
         let dir = TestDir::new("seed");
@@ -515,17 +530,7 @@ mod tests {
                 open_restored_pool(&names, &settings, region.len, h.heap_id, Some(&wrong))
                     .expect("restore");
             let pool = restored.pool();
-            pool.adopt(listed.iter().map(|p| {
-                (
-                    p.page,
-                    crate::store::pool::records::Copy {
-                        crc: p.crc,
-                        version: p.version,
-                        holders: p.holders,
-                    },
-                )
-            }))
-            .expect("adopting");
+            adopt_listed(pool, &listed);
             let mut buf = crate::io::AlignedBuf::new(4096);
             let mut reads = [PageRead::new(3, buf.as_mut_slice(), listed[0].crc, 1)];
             assert!(pool.fetch(&mut reads).is_err());
@@ -541,17 +546,7 @@ mod tests {
                 .expect("restore");
         restored.take_over().expect("taking the heap over");
         let pool = restored.pool();
-        pool.adopt(listed.iter().map(|p| {
-            (
-                p.page,
-                crate::store::pool::records::Copy {
-                    crc: p.crc,
-                    version: p.version,
-                    holders: p.holders,
-                },
-            )
-        }))
-        .expect("adopting");
+        adopt_listed(pool, &listed);
         let mut bufs = [
             crate::io::AlignedBuf::new(4096),
             crate::io::AlignedBuf::new(4096),
