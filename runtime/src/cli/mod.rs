@@ -155,10 +155,7 @@ fn replay_args(r: args::ReplayCmd) -> Result<ReplayArgs, CliError> {
         r.to.as_deref()
             .map(pool::parse_pool_url)
             .transpose()
-            .map_err(|e| match e {
-                CliError::Usage(m) => usage(m),
-                other => other,
-            })?;
+            .map_err(usage)?;
     let replicas = match &r.replicas {
         None => None,
         Some(v) => Some(

@@ -76,21 +76,18 @@ pub fn pool_args(p: super::args::PoolCmd) -> Result<PoolArgs, CliError> {
             p.url.ok_or_else(|| usage("no pool URL given".into()))?,
         ),
     };
-    let servers = parse_pool_url(&url).map_err(|e| match e {
-        CliError::Usage(m) => usage(m),
-        other => other,
-    })?;
+    let servers = parse_pool_url(&url).map_err(usage)?;
     Ok(PoolArgs { action, servers })
 }
 
-/// The servers of a pool URL (`memcached://HOST:PORT[,HOST:PORT...]`), or a usage error that
-/// says what is expected.
-pub fn parse_pool_url(url: &str) -> Result<Vec<String>, CliError> {
+/// The servers of a pool URL (`memcached://HOST:PORT[,HOST:PORT...]`), or the message of
+/// the usage error (of the command the caller names) that says what is expected.
+pub fn parse_pool_url(url: &str) -> Result<Vec<String>, String> {
     let not_a_pool = |problem: &str| {
-        CliError::Usage(format!(
+        format!(
             "{url} is not a pool of memcached servers ({problem}): expected \
              memcached://HOST:PORT[,HOST:PORT...] (memcached://127.0.0.1:11211)"
-        ))
+        )
     };
     match parse_backend(url) {
         Ok(BackendSpec::Memcached { servers }) => Ok(servers),
