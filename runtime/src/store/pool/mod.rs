@@ -26,6 +26,7 @@
 //! Rules: the records' lock is never held across I/O; stripe locks are taken in index order
 //! and before the records' lock.
 
+pub mod coding;
 pub mod health;
 pub mod member;
 pub mod placement;
