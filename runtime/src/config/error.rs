@@ -42,6 +42,81 @@ pub enum ConfigError {
         /// Servers in LEGO_BACKEND.
         servers: usize,
     },
+    /// `LEGO_REDUNDANCY` is neither `replicas:N` nor `rs:K+M`.
+    #[error(
+        "{}={value:?} is not a redundancy: expected replicas:N (N copies of every page, 1 to 8) \
+         or rs:K+M (stripes of K pages, K = 2, 4, 8 or 16, with M parity pages, 1 to 4), such \
+         as rs:4+2",
+        vars::REDUNDANCY
+    )]
+    Redundancy {
+        /// The value as set.
+        value: String,
+    },
+    /// `LEGO_REDUNDANCY=rs:K+M` with K or M outside their bounds.
+    #[error(
+        "{}={value:?} is not a code lego supports: K (data pages of a stripe) must be 2, 4, 8 \
+         or 16 and M (parity pages) 1 to 4, such as rs:4+2",
+        vars::REDUNDANCY
+    )]
+    CodeShape {
+        /// The value as set.
+        value: String,
+    },
+    /// A stripe of more values than the pool has servers.
+    #[error(
+        "{}={value} needs {values} servers (every value of a stripe lives on a different \
+         server), but the pool has {servers}: add servers to LEGO_BACKEND or choose a smaller \
+         code",
+        vars::REDUNDANCY
+    )]
+    CodeAboveServers {
+        /// The value as set.
+        value: String,
+        /// K + M.
+        values: usize,
+        /// Servers in LEGO_BACKEND.
+        servers: usize,
+    },
+    /// `LEGO_REDUNDANCY` and `LEGO_REPLICAS` both set, saying different things.
+    #[error(
+        "{}={redundancy} and {}={replicas} disagree: set only one of them (LEGO_REPLICAS=N is \
+         LEGO_REDUNDANCY=replicas:N)",
+        vars::REDUNDANCY,
+        vars::REPLICAS
+    )]
+    RedundancyConflict {
+        /// LEGO_REDUNDANCY as set.
+        redundancy: String,
+        /// LEGO_REPLICAS as set.
+        replicas: String,
+    },
+    /// An erasure code with a replication mode other than pessimistic.
+    #[error(
+        "{}={redundancy} writes parity with its data, so {}={mode} is not supported with it: \
+         set {}=pessimistic (the default with a code) or use LEGO_REDUNDANCY=replicas:N",
+        vars::REDUNDANCY,
+        vars::REPLICATION,
+        vars::REPLICATION
+    )]
+    CodeNeedsPessimistic {
+        /// LEGO_REDUNDANCY as set.
+        redundancy: String,
+        /// The mode asked for.
+        mode: &'static str,
+    },
+    /// An erasure code with a key file: parity values are not sealed yet.
+    #[error(
+        "{}={redundancy} cannot be used with {}: parity values are not sealed yet, so a coded \
+         pool would send page contents in the clear; unset {} or use LEGO_REDUNDANCY=replicas:N",
+        vars::REDUNDANCY,
+        vars::KEY_FILE,
+        vars::KEY_FILE
+    )]
+    CodeSealed {
+        /// LEGO_REDUNDANCY as set.
+        redundancy: String,
+    },
     /// `LEGO_PUBLISH` is not on or off.
     #[error(
         "{}={value:?} is not a switch: expected on (the default) or off",

@@ -43,7 +43,7 @@ pub use faults::{
     FaultEffect, FaultOp, FaultPlan, FAULT_DELAY_MS_MAX, PANIC_FAULT_POINTS, SPAWN_FAULT_THREADS,
 };
 pub use parse::{parse_size, total_ram_bytes, SizeError};
-pub use pool::{PoolSettings, Replication, REPLICAS_MAX};
+pub use pool::{CodeShape, PoolSettings, Replication, REPLICAS_MAX};
 pub use settings::{documented_settings, vars, Setting};
 pub use watch::MetricsAddr;
 
@@ -391,6 +391,7 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
                 pool::TIMEOUT_MS_MIN,
                 pool::TIMEOUT_MS_MAX,
             )?,
+            redundancy: pool::parse_redundancy(&get)?,
         },
         key_file: lookup(&get, vars::KEY_FILE),
         publish: lookup(&get, vars::PUBLISH)
@@ -431,10 +432,16 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
     };
 
     let log = durable::validate(raw.log, cache_bytes)?;
+    let redundancy_text = raw.pool.redundancy.as_ref().map(|r| r.text.clone());
     let pool = pool::validate(raw.pool, &backend)?;
     if raw.key_file.is_some() && !matches!(backend, BackendSpec::Memcached { .. }) {
         return Err(ConfigError::NeedsPool {
             name: vars::KEY_FILE,
+        });
+    }
+    if let (Some(_), Some(_)) = (&raw.key_file, pool.code) {
+        return Err(ConfigError::CodeSealed {
+            redundancy: redundancy_text.expect("a code comes from LEGO_REDUNDANCY"),
         });
     }
 

@@ -1,8 +1,9 @@
-//! The memcached pool's settings: `LEGO_REPLICAS`, `LEGO_REPLICATION`, `LEGO_ADAPTIVE_FREE`
-//! and `LEGO_TIMEOUT_MS` ([`PoolSettings`]).
+//! The memcached pool's settings: `LEGO_REDUNDANCY` (or `LEGO_REPLICAS`), `LEGO_REPLICATION`,
+//! `LEGO_ADAPTIVE_FREE` and `LEGO_TIMEOUT_MS` ([`PoolSettings`]).
 //!
 //! Rules: they tune a pool, so setting one with another backend is an error, not something
-//! silently ignored; a pool cannot keep more copies than it has servers.
+//! silently ignored; a pool cannot keep more copies than it has servers, nor a stripe of more
+//! values than it has servers; an erasure-coded pool writes pessimistically only.
 
 use super::backend::BackendSpec;
 use super::error::ConfigError;
@@ -23,6 +24,27 @@ pub const TIMEOUT_MS_DEFAULT: usize = 2000;
 /// Bounds of `LEGO_TIMEOUT_MS`, in milliseconds.
 pub const TIMEOUT_MS_MIN: usize = 10;
 pub const TIMEOUT_MS_MAX: usize = 60_000;
+
+/// Data pages of an erasure-coded stripe allowed (`rs:K+M`: K divides a placement group).
+pub const CODE_DATA_ALLOWED: [usize; 4] = [2, 4, 8, 16];
+/// Bounds of the parity pages of a stripe (`rs:K+M`).
+pub const CODE_PARITY_MIN: usize = 1;
+pub const CODE_PARITY_MAX: usize = 4;
+
+/// The shape of an erasure code (`LEGO_REDUNDANCY=rs:K+M`): stripes of `data` pages and
+/// `parity` parity pages, on `data + parity` distinct servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeShape {
+    pub data: usize,
+    pub parity: usize,
+}
+
+/// What `LEGO_REDUNDANCY` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Redundancy {
+    Replicas(usize),
+    Code(CodeShape),
+}
 
 /// How the copies of a page are written (`LEGO_REPLICATION`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +80,8 @@ pub struct PoolSettings {
     pub adaptive_free_percent: u8,
     /// Bound on every connect, read and write, in milliseconds (`LEGO_TIMEOUT_MS`).
     pub timeout_ms: u64,
+    /// Erasure coding instead of copies (`LEGO_REDUNDANCY=rs:K+M`); `replicas` is then 1.
+    pub code: Option<CodeShape>,
 }
 
 impl Default for PoolSettings {
@@ -67,6 +91,7 @@ impl Default for PoolSettings {
             replication: Replication::Adaptive,
             adaptive_free_percent: ADAPTIVE_FREE_PERCENT_DEFAULT as u8,
             timeout_ms: TIMEOUT_MS_DEFAULT as u64,
+            code: None,
         }
     }
 }
@@ -78,6 +103,35 @@ pub(super) struct RawPool {
     pub replication: Option<Replication>,
     pub adaptive_free: Option<Raw<usize>>,
     pub timeout_ms: Option<Raw<usize>>,
+    pub redundancy: Option<Raw<Redundancy>>,
+}
+
+/// Parses `LEGO_REDUNDANCY`: `replicas:N` or `rs:K+M` (any case), the numbers checked against
+/// their bounds and the servers later.
+pub(super) fn parse_redundancy(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<Raw<Redundancy>>, ConfigError> {
+    let Some(text) = lookup(get, vars::REDUNDANCY) else {
+        return Ok(None);
+    };
+    let lower = text.to_ascii_lowercase();
+    let number = |s: &str| s.parse::<usize>().ok();
+    let value = if let Some(n) = lower.strip_prefix("replicas:") {
+        number(n).map(Redundancy::Replicas)
+    } else if let Some(code) = lower.strip_prefix("rs:") {
+        code.split_once('+').and_then(|(k, m)| {
+            Some(Redundancy::Code(CodeShape {
+                data: number(k)?,
+                parity: number(m)?,
+            }))
+        })
+    } else {
+        None
+    };
+    match value {
+        Some(value) => Ok(Some(Raw { text, value })),
+        None => Err(ConfigError::Redundancy { value: text }),
+    }
 }
 
 /// Parses `LEGO_REPLICATION` (any case).
@@ -122,6 +176,7 @@ pub(super) fn validate(raw: RawPool, backend: &BackendSpec) -> Result<PoolSettin
             (vars::REPLICATION, raw.replication.is_some()),
             (vars::ADAPTIVE_FREE, raw.adaptive_free.is_some()),
             (vars::TIMEOUT_MS, raw.timeout_ms.is_some()),
+            (vars::REDUNDANCY, raw.redundancy.is_some()),
         ];
         if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
             return Err(ConfigError::NeedsPool { name });
@@ -129,8 +184,35 @@ pub(super) fn validate(raw: RawPool, backend: &BackendSpec) -> Result<PoolSettin
         return Ok(PoolSettings::default());
     };
     let mut pool = PoolSettings::default();
-    if let Some(replicas) = raw.replicas {
-        pool.replicas = check_count(replicas, vars::REPLICAS, "copies", 1, REPLICAS_MAX)?;
+    let replicas = match (&raw.redundancy, raw.replicas) {
+        (None, replicas) => replicas,
+        (Some(r), None) => match r.value {
+            Redundancy::Replicas(n) => Some(Raw {
+                text: r.text.clone(),
+                value: n,
+            }),
+            Redundancy::Code(shape) => {
+                pool.code = Some(check_code(&r.text, shape, servers.len())?);
+                None
+            }
+        },
+        (Some(r), Some(replicas)) => {
+            if r.value != Redundancy::Replicas(replicas.value) {
+                return Err(ConfigError::RedundancyConflict {
+                    redundancy: r.text.clone(),
+                    replicas: replicas.text,
+                });
+            }
+            Some(replicas)
+        }
+    };
+    if let Some(replicas) = replicas {
+        let name = if raw.redundancy.is_some() {
+            vars::REDUNDANCY
+        } else {
+            vars::REPLICAS
+        };
+        pool.replicas = check_count(replicas, name, "copies", 1, REPLICAS_MAX)?;
         if pool.replicas > servers.len() {
             return Err(ConfigError::ReplicasAboveServers {
                 replicas: pool.replicas,
@@ -140,6 +222,21 @@ pub(super) fn validate(raw: RawPool, backend: &BackendSpec) -> Result<PoolSettin
     }
     if let Some(replication) = raw.replication {
         pool.replication = replication;
+    }
+    if pool.code.is_some() {
+        // Parity is written with its data: no queue of copies to write later (yet).
+        match raw.replication {
+            None | Some(Replication::Pessimistic) => pool.replication = Replication::Pessimistic,
+            Some(mode) => {
+                return Err(ConfigError::CodeNeedsPessimistic {
+                    redundancy: raw
+                        .redundancy
+                        .map(|r| r.text)
+                        .expect("a code comes from LEGO_REDUNDANCY"),
+                    mode: mode.name(),
+                })
+            }
+        }
     }
     if let Some(free) = raw.adaptive_free {
         let percent = check_count(
@@ -162,4 +259,23 @@ pub(super) fn validate(raw: RawPool, backend: &BackendSpec) -> Result<PoolSettin
         pool.timeout_ms = ms as u64;
     }
     Ok(pool)
+}
+
+/// Checks an erasure code's shape against its bounds and the pool's `servers`.
+fn check_code(text: &str, shape: CodeShape, servers: usize) -> Result<CodeShape, ConfigError> {
+    if !CODE_DATA_ALLOWED.contains(&shape.data)
+        || !(CODE_PARITY_MIN..=CODE_PARITY_MAX).contains(&shape.parity)
+    {
+        return Err(ConfigError::CodeShape {
+            value: text.to_owned(),
+        });
+    }
+    if shape.data + shape.parity > servers {
+        return Err(ConfigError::CodeAboveServers {
+            value: text.to_owned(),
+            values: shape.data + shape.parity,
+            servers,
+        });
+    }
+    Ok(shape)
 }

@@ -35,6 +35,8 @@ pub mod vars {
     /// Heap image to restore at start.
     pub const RESTORE: &str = "LEGO_RESTORE";
     pub const REPLICAS: &str = "LEGO_REPLICAS";
+    /// Copies or erasure coding of a pool's pages.
+    pub const REDUNDANCY: &str = "LEGO_REDUNDANCY";
     pub const REPLICATION: &str = "LEGO_REPLICATION";
     pub const ADAPTIVE_FREE: &str = "LEGO_ADAPTIVE_FREE";
     pub const TIMEOUT_MS: &str = "LEGO_TIMEOUT_MS";
@@ -172,6 +174,16 @@ pub(super) const SETTINGS: &[Setting] = &[
         example: "2",
         meaning: "Copies of every evicted page, each on a different server of the pool, from 1 \
                   to 8 and at most the number of servers; needs LEGO_BACKEND=memcached://.",
+    },
+    Setting {
+        name: vars::REDUNDANCY,
+        default: "replicas:1 (LEGO_REPLICAS)",
+        example: "rs:4+2",
+        meaning: "How a pool survives lost servers: replicas:N (N copies of every page, as \
+                  LEGO_REPLICAS=N) or rs:K+M (stripes of K pages, K = 2, 4, 8 or 16, with M \
+                  parity pages, 1 to 4, on K+M different servers: M servers may be lost at \
+                  (K+M)/K times the memory); rs writes pessimistically and is not sealed \
+                  (LEGO_KEY_FILE); needs LEGO_BACKEND=memcached://.",
     },
     Setting {
         name: vars::REPLICATION,

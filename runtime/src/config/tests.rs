@@ -593,6 +593,10 @@ fn documented_examples_are_accepted() {
         {
             pairs.push((vars::BACKEND, "memcached://10.0.0.5:11211,10.0.0.6:11211"));
         }
+        // The code's example needs K+M servers.
+        if s.name == vars::REDUNDANCY {
+            pairs.push((vars::BACKEND, "memcached://h:1,h:2,h:3,h:4,h:5,h:6"));
+        }
         config(&pairs).unwrap_or_else(|e| panic!("{}={}: {e}", s.name, s.example));
     }
 }
@@ -766,6 +770,7 @@ fn pool_settings_are_parsed_and_checked_against_the_backend() {
             replication: Replication::Optimistic,
             adaptive_free_percent: 10,
             timeout_ms: 300,
+            code: None,
         }
     );
     assert_eq!(c.key_file, None);
@@ -814,6 +819,118 @@ fn pool_settings_are_parsed_and_checked_against_the_backend() {
         (
             &[("LEGO_BACKEND", pool), ("LEGO_TIMEOUT_MS", "5")],
             "LEGO_TIMEOUT_MS=\"5\" is not a whole number of milliseconds from 10 to 60000",
+        ),
+    ];
+    for (pairs, expected) in cases {
+        let got = config(pairs).expect_err("invalid").to_string();
+        assert!(got.starts_with(expected), "{pairs:?}: {got}");
+    }
+}
+
+#[test]
+fn redundancy_is_copies_or_a_code_checked_against_the_servers_and_the_mode() {
+    let six = "memcached://h:1,h:2,h:3,h:4,h:5,h:6";
+    let c = config(&[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "rs:4+2")]).expect("valid");
+    assert_eq!(
+        c.pool.code,
+        Some(crate::config::CodeShape { data: 4, parity: 2 })
+    );
+    assert_eq!(c.pool.replicas, 1);
+    // A code writes pessimistically by default (the pool's default is adaptive).
+    assert_eq!(c.pool.replication, Replication::Pessimistic);
+    let c = config(&[
+        ("LEGO_BACKEND", six),
+        ("LEGO_REDUNDANCY", "RS:2+1"),
+        ("LEGO_REPLICATION", "pessimistic"),
+    ])
+    .expect("valid");
+    assert_eq!(
+        c.pool.code,
+        Some(crate::config::CodeShape { data: 2, parity: 1 })
+    );
+    let c = config(&[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "replicas:3")]).expect("valid");
+    assert_eq!((c.pool.replicas, c.pool.code), (3, None));
+    assert_eq!(c.pool.replication, Replication::Adaptive);
+    let same = config(&[
+        ("LEGO_BACKEND", six),
+        ("LEGO_REDUNDANCY", "replicas:2"),
+        ("LEGO_REPLICAS", "2"),
+    ])
+    .expect("the same thing twice");
+    assert_eq!(same.pool.replicas, 2);
+
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("LEGO_REDUNDANCY", "rs:4+2")],
+            "LEGO_REDUNDANCY tunes a memcached pool, but LEGO_BACKEND is not one",
+        ),
+        (
+            &[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "raid5")],
+            "LEGO_REDUNDANCY=\"raid5\" is not a redundancy: expected replicas:N",
+        ),
+        (
+            &[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "rs:4")],
+            "LEGO_REDUNDANCY=\"rs:4\" is not a redundancy",
+        ),
+        (
+            &[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "rs:3+2")],
+            "LEGO_REDUNDANCY=\"rs:3+2\" is not a code lego supports: K (data pages of a stripe) must be 2, 4, 8 or 16",
+        ),
+        (
+            &[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "rs:4+5")],
+            "LEGO_REDUNDANCY=\"rs:4+5\" is not a code lego supports",
+        ),
+        (
+            &[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "rs:4+0")],
+            "LEGO_REDUNDANCY=\"rs:4+0\" is not a code lego supports",
+        ),
+        (
+            &[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "rs:8+2")],
+            "LEGO_REDUNDANCY=rs:8+2 needs 10 servers (every value of a stripe lives on a different server), but the pool has 6",
+        ),
+        (
+            &[("LEGO_BACKEND", six), ("LEGO_REDUNDANCY", "replicas:9")],
+            "LEGO_REDUNDANCY=\"replicas:9\" is not a whole number of copies from 1 to 8",
+        ),
+        (
+            &[
+                ("LEGO_BACKEND", six),
+                ("LEGO_REDUNDANCY", "rs:4+2"),
+                ("LEGO_REPLICAS", "2"),
+            ],
+            "LEGO_REDUNDANCY=rs:4+2 and LEGO_REPLICAS=2 disagree: set only one of them",
+        ),
+        (
+            &[
+                ("LEGO_BACKEND", six),
+                ("LEGO_REDUNDANCY", "replicas:3"),
+                ("LEGO_REPLICAS", "2"),
+            ],
+            "LEGO_REDUNDANCY=replicas:3 and LEGO_REPLICAS=2 disagree",
+        ),
+        (
+            &[
+                ("LEGO_BACKEND", six),
+                ("LEGO_REDUNDANCY", "rs:4+2"),
+                ("LEGO_REPLICATION", "optimistic"),
+            ],
+            "LEGO_REDUNDANCY=rs:4+2 writes parity with its data, so LEGO_REPLICATION=optimistic is not supported with it",
+        ),
+        (
+            &[
+                ("LEGO_BACKEND", six),
+                ("LEGO_REDUNDANCY", "rs:4+2"),
+                ("LEGO_REPLICATION", "adaptive"),
+            ],
+            "LEGO_REDUNDANCY=rs:4+2 writes parity with its data, so LEGO_REPLICATION=adaptive",
+        ),
+        (
+            &[
+                ("LEGO_BACKEND", six),
+                ("LEGO_REDUNDANCY", "rs:4+2"),
+                ("LEGO_KEY_FILE", "/k"),
+            ],
+            "LEGO_REDUNDANCY=rs:4+2 cannot be used with LEGO_KEY_FILE: parity values are not sealed yet",
         ),
     ];
     for (pairs, expected) in cases {
