@@ -45,6 +45,7 @@ mod error;
 pub mod faulty;
 pub mod file;
 pub mod memcached;
+pub mod parity;
 pub mod pool;
 
 #[cfg(test)]

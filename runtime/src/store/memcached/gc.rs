@@ -71,10 +71,13 @@ pub enum DumpCut {
     Time,
 }
 
-/// One page of a heap as the dump showed it.
+/// One page of a heap as the dump showed it (or one parity value of an erasure-coded stripe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredPage {
+    /// The page, or the stripe of a parity value.
     pub page: u64,
+    /// `Some(slot)`: parity value `slot` of stripe `page` (`lego:HEAPID:sSTRIPE:P`).
+    pub parity: Option<u8>,
     pub cas: u64,
     /// The item's size in the server's memory, in bytes.
     pub size: u64,
@@ -124,8 +127,8 @@ impl Survey {
     /// while items move between them, so it may list an item twice.
     fn finish(&mut self) {
         for heap in self.heaps.values_mut() {
-            heap.pages.sort_unstable_by_key(|p| p.page);
-            heap.pages.dedup_by_key(|p| p.page);
+            heap.pages.sort_unstable_by_key(|p| (p.parity, p.page));
+            heap.pages.dedup_by_key(|p| (p.parity, p.page));
         }
     }
 
@@ -140,6 +143,13 @@ impl Survey {
                 match key {
                     LegoKey::Page { page, .. } => heap.pages.push(StoredPage {
                         page,
+                        parity: None,
+                        cas: item.cas,
+                        size: item.size,
+                    }),
+                    LegoKey::Parity { stripe, slot, .. } => heap.pages.push(StoredPage {
+                        page: stripe,
+                        parity: Some(slot),
                         cas: item.cas,
                         size: item.size,
                     }),
@@ -381,12 +391,11 @@ fn delete_pages(
         let mut request = Vec::with_capacity(chunk.len() * 64);
         for (k, p) in chunk.iter().enumerate() {
             let opaque = u32::try_from(k).expect("a pipeline's requests are counted in u32");
-            protocol::delete_if(
-                &mut request,
-                &keys::page_key(heap_id, p.page),
-                p.cas,
-                opaque,
-            );
+            let key = match p.parity {
+                None => keys::page_key(heap_id, p.page),
+                Some(slot) => keys::parity_key(heap_id, p.page, slot),
+            };
+            protocol::delete_if(&mut request, &key, p.cas, opaque);
         }
         protocol::noop(&mut request);
         // Quiet: only a page not deleted answers (NF gone, EX changed since the dump).

@@ -20,6 +20,9 @@
 //!   with a time to live), before any page is stored; the pool renews it; a normal exit
 //!   releases it ([`PageStore::at_exit`]). Garbage collection ([`gc`]) frees the pages of
 //!   heaps without a lease: dead processes'.
+//! - Parity values of an erasure-coded pool ([`crate::store::parity`], keys
+//!   `lego:HEAPID:sSTRIPE:P`) go in the same pipeline as pages ([`MemcachedServer::exchange`],
+//!   [`MemcachedServer::store_with_parity`]); a sealed server stores none (refused).
 //! - Nothing listens: lego only connects.
 
 pub mod claim;
@@ -40,6 +43,7 @@ use gc::{DumpLimits, GcError, GcReport};
 use lease::{LeaseError, Renewal, LEASE_TTL_S};
 use protocol::Reply;
 
+use super::parity::{self, ParityKey, ParityRead, ParityWrite};
 use super::{
     discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
     PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
@@ -96,6 +100,10 @@ pub struct Traffic {
     /// Values that did not open (changed, swapped, stale or sealed under another key), and
     /// pages that could not be sealed.
     pub seal_failures: AtomicU64,
+    /// Pipelines sent (each ends with `mn`).
+    pub pipelines: AtomicU64,
+    /// Bytes of parity values sent and received.
+    pub parity_bytes: AtomicU64,
 }
 
 /// The pages of a heap on one memcached server.
@@ -291,10 +299,296 @@ impl MemcachedServer {
         ahead.remove(at)
     }
 
+    /// Decides a page read from what came back for it: the header's (crc, version) and the
+    /// CRC32C of the page as copied (`Some(None)`: a value that is not one lego wrote for
+    /// it; `None`: no value, a page never stored, which reads as zeros).
+    fn settle_read(
+        &self,
+        r: &mut PageRead<'_>,
+        value: Option<Option<(u32, u32, u32)>>,
+    ) -> Option<StoreError> {
+        let (found_crc, found_version, actual) = match value {
+            Some(Some(read)) => read,
+            Some(None) => (!r.crc, 0, crc32c::crc32c(r.buf)),
+            // Never stored (or discarded): zeros, as in every store.
+            None => {
+                r.buf.fill(0);
+                let zeros = crc32c::crc32c(r.buf);
+                (zeros, r.version, zeros)
+            }
+        };
+        if found_crc == r.crc && found_version == r.version && actual == r.crc {
+            r.outcome = Outcome::Done;
+            None
+        } else {
+            Some(super::lost_read(&self.name, r, actual))
+        }
+    }
+
+    fn parity_key(&self, key: ParityKey) -> keys::ParityKeyName {
+        keys::ParityKeyName::new(self.heap_id, key.stripe, key.slot)
+    }
+
+    fn refuse_sealed_parity(&self, op: StoreOp, stripe: u64) -> StoreError {
+        StoreError::Io {
+            backend: self.name.clone(),
+            op,
+            page: stripe,
+            kind: FailureKind::Refused,
+            source: "a sealed pool stores no parity values (they are not sealed yet)".into(),
+        }
+    }
+
+    /// Reads `pages` and `parity` in one pipeline (per [`PIPELINE_REQUESTS_MAX`] requests):
+    /// pages checked as by [`PageStore::fetch`]; a parity value is `Done` only whole, with its
+    /// crc right and exactly the cover asked for (another cover is an old copy: `Lost`).
+    pub fn exchange(
+        &self,
+        pages: &mut [PageRead<'_>],
+        parity: &mut [ParityRead<'_>],
+    ) -> Result<(), StoreError> {
+        if parity.is_empty() {
+            // Pages alone: the fetch, which reads a pipeline sent ahead if there is one.
+            return if pages.is_empty() {
+                Ok(())
+            } else {
+                self.fetch(pages)
+            };
+        }
+        if self.sealer.is_some() {
+            for r in parity.iter_mut() {
+                r.outcome = Outcome::Failed(FailureKind::Refused);
+            }
+            let e = self.refuse_sealed_parity(StoreOp::Fetch, parity[0].key.stripe);
+            return if pages.is_empty() {
+                Err(e)
+            } else {
+                self.fetch(pages).and(Err(e))
+            };
+        }
+        if pages.len() + parity.len() > PIPELINE_REQUESTS_MAX {
+            // Longer than one pipeline: the pages, then the parity in pipelines of its own.
+            let first = self.fetch(pages);
+            let mut rest = Ok(());
+            for chunk in parity.chunks_mut(PIPELINE_REQUESTS_MAX) {
+                if let Err(e) = self.exchange(&mut [], chunk) {
+                    rest = rest.and(Err(e));
+                }
+            }
+            return first.and(rest);
+        }
+        let mut first_error = refuse_bad_reads(&self.name, self.pages, pages.iter_mut());
+        let positions: Vec<usize> = (0..pages.len())
+            .filter(|&i| pages[i].outcome == Outcome::Pending)
+            .collect();
+        let n = positions.len();
+        let mut request = Vec::with_capacity((n + parity.len()) * 48 + 8);
+        for (k, &i) in positions.iter().enumerate() {
+            protocol::get(&mut request, self.key(pages[i].page).as_str(), k as u32);
+        }
+        for (j, r) in parity.iter().enumerate() {
+            protocol::get(
+                &mut request,
+                self.parity_key(r.key).as_str(),
+                (n + j) as u32,
+            );
+        }
+        protocol::noop(&mut request);
+        let mut values: Vec<Option<Option<(u32, u32, u32)>>> = vec![None; n];
+        let mut parity_found: Vec<Option<Result<(), parity::Unread>>> = vec![None; parity.len()];
+        let traffic = &self.traffic;
+        let result = self.pipeline(&request, |reply| {
+            if let Reply::Value { opaque, data } = reply {
+                let k = opaque as usize;
+                if k < n {
+                    values[k] = Some(decode(data, pages[positions[k]].buf));
+                } else if let (Some(slot), Some(r)) =
+                    (parity_found.get_mut(k - n), parity.get_mut(k - n))
+                {
+                    traffic.parity_bytes.fetch_add(data.len() as u64, Relaxed);
+                    *slot = Some(parity::decode(data, r));
+                }
+            }
+        });
+        if let Err(e) = result {
+            let kind = e.kind();
+            for &i in &positions {
+                pages[i].outcome = Outcome::Failed(kind);
+            }
+            for r in parity.iter_mut() {
+                r.outcome = Outcome::Failed(kind);
+            }
+            let page = positions
+                .first()
+                .map_or(parity[0].key.stripe, |&i| pages[i].page);
+            return Err(first_error.unwrap_or(self.error(StoreOp::Fetch, page, e)));
+        }
+        for (k, &i) in positions.iter().enumerate() {
+            if let Some(e) = self.settle_read(&mut pages[i], values[k]) {
+                first_error.get_or_insert(e);
+            }
+        }
+        for (r, found) in parity.iter_mut().zip(parity_found) {
+            if found == Some(Ok(())) {
+                r.outcome = Outcome::Done;
+            } else {
+                r.outcome = Outcome::Failed(FailureKind::Lost);
+                let why = match found {
+                    None => "the parity value is missing",
+                    Some(Err(parity::Unread::Old)) => "the parity value is an old one",
+                    _ => "the parity value is damaged",
+                };
+                first_error.get_or_insert(StoreError::Io {
+                    backend: self.name.clone(),
+                    op: StoreOp::Fetch,
+                    page: r.key.stripe,
+                    kind: FailureKind::Lost,
+                    source: why.into(),
+                });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Writes `pages` and `parity` in one pipeline (per [`PIPELINE_REQUESTS_MAX`] requests).
+    pub fn store_with_parity(
+        &self,
+        pages: &mut [PageWrite<'_>],
+        parity: &mut [ParityWrite<'_>],
+    ) -> Result<(), StoreError> {
+        if parity.is_empty() {
+            return if pages.is_empty() {
+                Ok(())
+            } else {
+                self.store(pages)
+            };
+        }
+        if self.sealer.is_some() || pages.len() + parity.len() > PIPELINE_REQUESTS_MAX {
+            let first = if pages.is_empty() {
+                Ok(())
+            } else {
+                self.store(pages)
+            };
+            if self.sealer.is_some() {
+                for w in parity.iter_mut() {
+                    w.outcome = Outcome::Failed(FailureKind::Refused);
+                }
+                return first.and(Err(
+                    self.refuse_sealed_parity(StoreOp::Store, parity[0].key.stripe)
+                ));
+            }
+            let mut rest = Ok(());
+            for chunk in parity.chunks_mut(PIPELINE_REQUESTS_MAX) {
+                if let Err(e) = self.store_with_parity(&mut [], chunk) {
+                    rest = rest.and(Err(e));
+                }
+            }
+            return first.and(rest);
+        }
+        let mut first_error = refuse_bad_writes(&self.name, self.pages, pages);
+        let positions: Vec<usize> = (0..pages.len())
+            .filter(|&i| pages[i].outcome == Outcome::Pending)
+            .collect();
+        let n = positions.len();
+        let mut request = Vec::with_capacity((n + parity.len()) * (VALUE_BYTES + 256));
+        for (k, &i) in positions.iter().enumerate() {
+            let w = &pages[i];
+            let value: [&[u8]; 3] = [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
+            protocol::set_parts(&mut request, self.key(w.page).as_str(), &value, k as u32);
+        }
+        let before = request.len();
+        for (j, w) in parity.iter().enumerate() {
+            let len = parity::value_bytes(w.cover.len());
+            protocol::set_with(
+                &mut request,
+                self.parity_key(w.key).as_str(),
+                len,
+                (n + j) as u32,
+                |out| {
+                    parity::encode(w, out);
+                    true
+                },
+            );
+        }
+        self.traffic
+            .parity_bytes
+            .fetch_add((request.len() - before) as u64, Relaxed);
+        protocol::noop(&mut request);
+        let mut not_stored: Vec<usize> = Vec::new();
+        let result = self.pipeline(&request, |reply| {
+            if let Reply::NotDone {
+                opaque: Some(opaque),
+            } = reply
+            {
+                not_stored.push(opaque as usize);
+            }
+        });
+        match result {
+            Ok(()) => {
+                for (k, &i) in positions.iter().enumerate() {
+                    pages[i].outcome = if not_stored.contains(&k) {
+                        Outcome::Failed(FailureKind::Transient)
+                    } else {
+                        Outcome::Done
+                    };
+                }
+                for (j, w) in parity.iter_mut().enumerate() {
+                    w.outcome = if not_stored.contains(&(n + j)) {
+                        Outcome::Failed(FailureKind::Transient)
+                    } else {
+                        Outcome::Done
+                    };
+                }
+                if !not_stored.is_empty() {
+                    first_error.get_or_insert(StoreError::Io {
+                        backend: self.name.clone(),
+                        op: StoreOp::Store,
+                        page: positions
+                            .first()
+                            .map_or(parity[0].key.stripe, |&i| pages[i].page),
+                        kind: FailureKind::Transient,
+                        source: "the server did not store it".into(),
+                    });
+                }
+            }
+            Err(e) => {
+                let kind = e.kind();
+                for &i in &positions {
+                    pages[i].outcome = Outcome::Failed(kind);
+                }
+                for w in parity.iter_mut() {
+                    w.outcome = Outcome::Failed(kind);
+                }
+                let page = positions
+                    .first()
+                    .map_or(parity[0].key.stripe, |&i| pages[i].page);
+                first_error.get_or_insert(self.error(StoreOp::Store, page, e));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Deletes parity values (best effort: one never stored is no error).
+    pub fn delete_parity(&self, keys: &[ParityKey]) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for chunk in keys.chunks(PIPELINE_REQUESTS_MAX) {
+            let mut request = Vec::with_capacity(chunk.len() * 48);
+            for &key in chunk {
+                protocol::delete(&mut request, self.parity_key(key).as_str(), 0);
+            }
+            protocol::noop(&mut request);
+            if let Err(e) = self.pipeline(&request, |_| {}) {
+                first_error.get_or_insert(self.error(StoreOp::Discard, chunk[0].stripe, e));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     fn pipeline(&self, request: &[u8], on_reply: impl FnMut(Reply<'_>)) -> Result<(), ServerError> {
         self.traffic
             .bytes_sent
             .fetch_add(request.len() as u64, Relaxed);
+        self.traffic.pipelines.fetch_add(1, Relaxed);
         let received = self.conn.pipeline(request, on_reply)?;
         self.traffic.bytes_received.fetch_add(received, Relaxed);
         Ok(())
@@ -435,21 +729,7 @@ impl PageStore for MemcachedServer {
                 continue;
             }
             for (k, &i) in chunk.iter().enumerate() {
-                let r = &mut batch[i];
-                let (found_crc, found_version, actual) = match values[k] {
-                    Some(Some(read)) => read,
-                    Some(None) => (!r.crc, 0, crc32c::crc32c(r.buf)),
-                    // Never stored (or discarded): zeros, as in every store.
-                    None => {
-                        r.buf.fill(0);
-                        let zeros = crc32c::crc32c(r.buf);
-                        (zeros, r.version, zeros)
-                    }
-                };
-                if found_crc == r.crc && found_version == r.version && actual == r.crc {
-                    r.outcome = Outcome::Done;
-                } else {
-                    let e = super::lost_read(&self.name, r, actual);
+                if let Some(e) = self.settle_read(&mut batch[i], values[k]) {
                     first_error.get_or_insert(e);
                 }
             }

@@ -1,14 +1,27 @@
 //! [`Member`]: what the pool needs of one server beyond [`PageStore`]: its name, how it is
-//! (`stats`), deleting values, and dropping its connections. [`MemcachedServer`] is the real
-//! one; the tests also run the pool over in-memory members that fail, lose or damage pages on
-//! demand.
+//! (`stats`), deleting values, dropping its connections, and for an erasure-coded pool the
+//! parity values ([`crate::store::parity`]) read and written in the same pipeline as pages.
+//! [`MemcachedServer`] is the real one; the tests also run the pool over in-memory members
+//! that fail, lose or damage pages and parity on demand.
 
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::store::memcached::gc::DumpLimits;
 use crate::store::memcached::lease::Renewal;
 use crate::store::memcached::{MemcachedServer, ServerInfo};
-use crate::store::{PageStore, StoreError};
+use crate::store::parity::{ParityKey, ParityRead, ParityWrite};
+use crate::store::{FailureKind, Outcome, PageRead, PageStore, PageWrite, StoreError, StoreOp};
+
+/// The error of a member asked for parity it does not store.
+fn no_parity(server: &str, op: StoreOp, stripe: u64) -> StoreError {
+    StoreError::Io {
+        backend: server.to_owned(),
+        op,
+        page: stripe,
+        kind: FailureKind::Refused,
+        source: "this member stores no parity values".into(),
+    }
+}
 
 /// One server of the pool.
 pub trait Member: PageStore {
@@ -57,6 +70,67 @@ pub trait Member: PageStore {
     /// Takes over a seeded heap's lease for this process (a restore from a pool image).
     fn take_over_lease(&self) -> Result<(), String> {
         Ok(())
+    }
+    /// Reads `pages` and `parity` in one pipeline, so that a degraded read stays one round
+    /// per server; each gets its outcome (a parity value whose cover differs is an old copy:
+    /// `Failed(Lost)`). The default reads the pages and refuses parity.
+    fn exchange(
+        &self,
+        pages: &mut [PageRead<'_>],
+        parity: &mut [ParityRead<'_>],
+    ) -> Result<(), StoreError> {
+        let result = if pages.is_empty() {
+            Ok(())
+        } else {
+            self.fetch(pages)
+        };
+        if parity.is_empty() {
+            return result;
+        }
+        for r in parity.iter_mut() {
+            r.outcome = Outcome::Failed(FailureKind::Refused);
+        }
+        Err(no_parity(
+            self.server(),
+            StoreOp::Fetch,
+            parity[0].key.stripe,
+        ))
+    }
+    /// Writes `pages` and `parity` in one pipeline. The default writes the pages and refuses
+    /// parity.
+    fn store_with_parity(
+        &self,
+        pages: &mut [PageWrite<'_>],
+        parity: &mut [ParityWrite<'_>],
+    ) -> Result<(), StoreError> {
+        let result = if pages.is_empty() {
+            Ok(())
+        } else {
+            self.store(pages)
+        };
+        if parity.is_empty() {
+            return result;
+        }
+        for w in parity.iter_mut() {
+            w.outcome = Outcome::Failed(FailureKind::Refused);
+        }
+        Err(no_parity(
+            self.server(),
+            StoreOp::Store,
+            parity[0].key.stripe,
+        ))
+    }
+    /// Deletes parity values (best effort). The default refuses.
+    fn delete_parity(&self, keys: &[ParityKey]) -> Result<(), StoreError> {
+        match keys.first() {
+            None => Ok(()),
+            Some(k) => Err(no_parity(self.server(), StoreOp::Discard, k.stripe)),
+        }
+    }
+    /// Pipelines sent to the server (each fetch, store or exchange is one per
+    /// [`crate::store::memcached::PIPELINE_REQUESTS_MAX`] requests).
+    fn pipelines(&self) -> u64 {
+        0
     }
 }
 
@@ -119,6 +193,30 @@ impl Member for MemcachedServer {
         MemcachedServer::take_over_lease(self).map_err(|e| crate::logging::error_chain(&e))
     }
 
+    fn exchange(
+        &self,
+        pages: &mut [PageRead<'_>],
+        parity: &mut [ParityRead<'_>],
+    ) -> Result<(), StoreError> {
+        MemcachedServer::exchange(self, pages, parity)
+    }
+
+    fn store_with_parity(
+        &self,
+        pages: &mut [PageWrite<'_>],
+        parity: &mut [ParityWrite<'_>],
+    ) -> Result<(), StoreError> {
+        MemcachedServer::store_with_parity(self, pages, parity)
+    }
+
+    fn delete_parity(&self, keys: &[ParityKey]) -> Result<(), StoreError> {
+        MemcachedServer::delete_parity(self, keys)
+    }
+
+    fn pipelines(&self) -> u64 {
+        self.traffic.pipelines.load(Relaxed)
+    }
+
     fn collect_orphans(&self) -> Option<String> {
         match MemcachedServer::collect_orphans(self, &DumpLimits::IN_PROCESS) {
             Ok(r) if r.heaps_collected > 0 => Some(format!(
@@ -137,12 +235,13 @@ impl Member for MemcachedServer {
 #[cfg(test)]
 pub(crate) mod test_member {
     //! An in-memory member whose failures a test switches on and off.
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     use std::sync::Mutex;
 
     use super::*;
     use crate::store::memory::MemoryStore;
-    use crate::store::{FailureKind, Outcome, PageRead, PageWrite};
+    use crate::store::parity;
 
     pub(crate) struct TestMember {
         name: String,
@@ -154,6 +253,14 @@ pub(crate) mod test_member {
         pub(crate) corrupt: AtomicBool,
         pid: AtomicU64,
         pub(crate) fetches: AtomicU64,
+        /// Parity values as the server would hold them (encoded), by (stripe, slot).
+        parity: Mutex<HashMap<(u64, u8), Vec<u8>>>,
+        /// Parity writes fail (pages are still written).
+        pub(crate) fail_parity_writes: AtomicBool,
+        /// Page writes fail (parity is still written).
+        pub(crate) fail_page_writes: AtomicBool,
+        /// Calls that would be one pipeline each on a real server.
+        pub(crate) pipelines: AtomicU64,
     }
 
     impl TestMember {
@@ -166,35 +273,35 @@ pub(crate) mod test_member {
                 corrupt: AtomicBool::new(false),
                 pid: AtomicU64::new(1),
                 fetches: AtomicU64::new(0),
+                parity: Mutex::new(HashMap::new()),
+                fail_parity_writes: AtomicBool::new(false),
+                fail_page_writes: AtomicBool::new(false),
+                pipelines: AtomicU64::new(0),
             }
         }
 
         /// Restarts the server empty (another pid).
         pub(crate) fn restart_empty(&self) {
             *self.store.lock().unwrap() = MemoryStore::new(self.heap_bytes);
+            self.parity.lock().unwrap().clear();
             self.pid.fetch_add(1, Relaxed);
         }
 
-        fn gone(&self, page: u64) -> StoreError {
-            StoreError::Io {
-                backend: self.name.clone(),
-                op: crate::store::StoreOp::Fetch,
-                page,
-                kind: FailureKind::Transient,
-                source: "the test server is down".into(),
-            }
+        /// Parity values held.
+        pub(crate) fn parity_values(&self) -> usize {
+            self.parity.lock().unwrap().len()
         }
-    }
 
-    impl PageStore for TestMember {
-        fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
-            self.fetches.fetch_add(1, Relaxed);
-            if self.down.load(Relaxed) {
-                for r in batch.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
-                    r.outcome = Outcome::Failed(FailureKind::Transient);
-                }
-                return Err(self.gone(batch.first().map_or(0, |r| r.page)));
-            }
+        /// Puts back an older parity value (a late write, or one left from before).
+        pub(crate) fn parity_value(&self, stripe: u64, slot: u8) -> Option<Vec<u8>> {
+            self.parity.lock().unwrap().get(&(stripe, slot)).cloned()
+        }
+
+        pub(crate) fn put_parity_value(&self, stripe: u64, slot: u8, value: Vec<u8>) {
+            self.parity.lock().unwrap().insert((stripe, slot), value);
+        }
+
+        fn fetch_pages(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
             if self.corrupt.load(Relaxed) {
                 // What a server with a flipped bit would hand back: the member's own check
                 // (as MemcachedServer's) finds it.
@@ -216,8 +323,33 @@ pub(crate) mod test_member {
             self.store.lock().unwrap().fetch(batch)
         }
 
-        fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+        fn gone(&self, page: u64) -> StoreError {
+            StoreError::Io {
+                backend: self.name.clone(),
+                op: crate::store::StoreOp::Fetch,
+                page,
+                kind: FailureKind::Transient,
+                source: "the test server is down".into(),
+            }
+        }
+    }
+
+    impl PageStore for TestMember {
+        fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+            self.fetches.fetch_add(1, Relaxed);
+            self.pipelines.fetch_add(1, Relaxed);
             if self.down.load(Relaxed) {
+                for r in batch.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
+                    r.outcome = Outcome::Failed(FailureKind::Transient);
+                }
+                return Err(self.gone(batch.first().map_or(0, |r| r.page)));
+            }
+            self.fetch_pages(batch)
+        }
+
+        fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+            self.pipelines.fetch_add(1, Relaxed);
+            if self.down.load(Relaxed) || self.fail_page_writes.load(Relaxed) {
                 for w in batch.iter_mut().filter(|w| w.outcome == Outcome::Pending) {
                     w.outcome = Outcome::Failed(FailureKind::Transient);
                 }
@@ -267,6 +399,104 @@ pub(crate) mod test_member {
 
         fn wire_bytes(&self) -> (u64, u64) {
             (0, 0)
+        }
+
+        fn pipelines(&self) -> u64 {
+            self.pipelines.load(Relaxed)
+        }
+
+        fn exchange(
+            &self,
+            pages: &mut [PageRead<'_>],
+            parity: &mut [ParityRead<'_>],
+        ) -> Result<(), StoreError> {
+            self.pipelines.fetch_add(1, Relaxed);
+            if !pages.is_empty() {
+                self.fetches.fetch_add(1, Relaxed);
+            }
+            if self.down.load(Relaxed) {
+                for r in pages.iter_mut().filter(|r| r.outcome == Outcome::Pending) {
+                    r.outcome = Outcome::Failed(FailureKind::Transient);
+                }
+                for r in parity.iter_mut() {
+                    r.outcome = Outcome::Failed(FailureKind::Transient);
+                }
+                return Err(self.gone(0));
+            }
+            let mut result = if pages.is_empty() {
+                Ok(())
+            } else {
+                self.fetch_pages(pages)
+            };
+            let held = self.parity.lock().unwrap();
+            let corrupt = self.corrupt.load(Relaxed);
+            for r in parity.iter_mut() {
+                let value = held.get(&(r.key.stripe, r.key.slot)).map(|v| {
+                    let mut v = v.clone();
+                    if corrupt {
+                        let last = v.len() - 1;
+                        v[last] ^= 1;
+                    }
+                    v
+                });
+                r.outcome = match value.map(|v| parity::decode(&v, r)) {
+                    Some(Ok(())) => Outcome::Done,
+                    _ => {
+                        if result.is_ok() {
+                            result = Err(StoreError::Io {
+                                backend: self.name.clone(),
+                                op: StoreOp::Fetch,
+                                page: r.key.stripe,
+                                kind: FailureKind::Lost,
+                                source: "the parity value is missing, old or damaged".into(),
+                            });
+                        }
+                        Outcome::Failed(FailureKind::Lost)
+                    }
+                };
+            }
+            result
+        }
+
+        fn store_with_parity(
+            &self,
+            pages: &mut [PageWrite<'_>],
+            parity: &mut [ParityWrite<'_>],
+        ) -> Result<(), StoreError> {
+            // One pipeline: counted once, by the pages' store or here.
+            let mut result = if pages.is_empty() {
+                self.pipelines.fetch_add(1, Relaxed);
+                Ok(())
+            } else {
+                self.store(pages)
+            };
+            let failing = self.down.load(Relaxed) || self.fail_parity_writes.load(Relaxed);
+            let mut held = self.parity.lock().unwrap();
+            for w in parity.iter_mut() {
+                if failing {
+                    w.outcome = Outcome::Failed(FailureKind::Transient);
+                    if result.is_ok() {
+                        result = Err(self.gone(w.key.stripe));
+                    }
+                    continue;
+                }
+                let mut value = Vec::new();
+                parity::encode(w, &mut value);
+                held.insert((w.key.stripe, w.key.slot), value);
+                w.outcome = Outcome::Done;
+            }
+            result
+        }
+
+        fn delete_parity(&self, keys: &[ParityKey]) -> Result<(), StoreError> {
+            if self.down.load(Relaxed) {
+                return Err(self.gone(0));
+            }
+            let mut held = self.parity.lock().unwrap();
+            for k in keys {
+                held.remove(&(k.stripe, k.slot));
+            }
+            Ok(())
         }
     }
 }

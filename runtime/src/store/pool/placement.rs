@@ -72,6 +72,32 @@ impl Placement {
     }
 }
 
+impl Placement {
+    /// The servers that may hold value `slot` of stripe `stripe` of a code of `width` = K+M
+    /// values whose stripes start at page `first_page`, best first: its home, position
+    /// `(slot + stripe) % width` of the group's ranking (the rotation spreads parity over the
+    /// group's first `width` servers), then the spares (positions from `width` on) in ranking
+    /// order. The caller skips servers that are down or hold another value of the stripe.
+    pub fn stripe_candidates(
+        &self,
+        first_page: u64,
+        stripe: u64,
+        width: usize,
+        slot: usize,
+    ) -> Ranking {
+        let ranking = self.ranking(first_page);
+        let all = ranking.servers();
+        assert!(width <= all.len() && slot < width, "a stripe fits the pool");
+        let mut order = [0u8; SERVERS_MAX];
+        order[0] = all[(slot + (stripe % width as u64) as usize) % width];
+        order[1..1 + all.len() - width].copy_from_slice(&all[width..]);
+        Ranking {
+            order,
+            len: 1 + all.len() - width,
+        }
+    }
+}
+
 const _: () = assert!(REPLICAS_MAX <= SERVERS_MAX);
 
 /// FNV-1a of a name (stable across runs and builds).
@@ -118,6 +144,38 @@ mod tests {
         }
         for f in firsts {
             assert!((9_000..11_000).contains(&f), "{firsts:?}");
+        }
+    }
+
+    #[test]
+    fn a_stripe_has_distinct_homes_its_rotation_covers_them_and_spares_are_apart() {
+        let p = Placement::new(&names(8));
+        let (k, m) = (4usize, 2usize);
+        let width = k + m;
+        for group in 0..200u64 {
+            let first = group * GROUP_PAGES;
+            let ranking = p.ranking(first);
+            let mut parity_homes = std::collections::BTreeSet::new();
+            for s in 0..GROUP_PAGES / k as u64 {
+                let stripe = group * (GROUP_PAGES / k as u64) + s;
+                let homes: Vec<u8> = (0..width)
+                    .map(|slot| p.stripe_candidates(first, stripe, width, slot).servers()[0])
+                    .collect();
+                let mut distinct = homes.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                assert_eq!(distinct.len(), width, "K+M distinct servers");
+                assert!(homes.iter().all(|h| ranking.servers()[..width].contains(h)));
+                parity_homes.extend(homes[k..].iter().copied());
+                for slot in 0..width {
+                    let c = p.stripe_candidates(first, stripe, width, slot);
+                    assert_eq!(&c.servers()[1..], &ranking.servers()[width..], "the spares");
+                    assert!(!homes.contains(&c.servers()[1]), "a spare is no home");
+                }
+            }
+            // The rotation moves parity by one server a stripe: four stripes of a group put
+            // it on five of its six home servers (and a sweep of the group uses all six).
+            assert_eq!(parity_homes.len(), 5, "group {group}");
         }
     }
 

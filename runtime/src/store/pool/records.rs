@@ -5,6 +5,13 @@
 //!
 //! Two arrays with an entry for every page of the heap, committed only where written (see
 //! `cache::array`), behind one lock that is never held across I/O.
+//!
+//! An erasure-coded pool (`rs:K+M`) also keeps, per stripe of K pages, which server holds
+//! each of its M parity values: byte m of the stripe's word is 1 + that server's index, 0 for
+//! none. **Invariant P**: a nonzero byte means that server holds parity m computed from
+//! exactly the (version, crc) the records hold now for the stripe's K pages. Whoever changes
+//! a page's record under its stripe lock rewrites the stripe's parity bytes in the same
+//! critical section (with parities just stored) or clears them.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -31,16 +38,31 @@ pub struct Arrays {
     holders: ZeroArray<u64>,
     /// One past the highest page ever stored (scans stop there).
     top: u64,
+    /// Per stripe, the servers of its parity values (erasure-coded pools only).
+    parity: Option<ZeroArray<u64>>,
+    /// K: pages of a stripe (0 without a code).
+    stripe_pages: u64,
 }
 
 impl Records {
     pub fn new(pages: u64) -> Result<Records, RegionError> {
+        Records::with_stripes(pages, 0)
+    }
+
+    /// Records of an erasure-coded pool whose stripes are `stripe_pages` pages (0: no code).
+    pub fn with_stripes(pages: u64, stripe_pages: u64) -> Result<Records, RegionError> {
         let len = usize::try_from(pages).expect("the heap's pages fit in usize");
+        let parity = match stripe_pages {
+            0 => None,
+            k => Some(ZeroArray::new(len.div_ceil(k as usize).max(1))?),
+        };
         Ok(Records {
             inner: Mutex::new(Arrays {
                 meta: ZeroArray::new(len)?,
                 holders: ZeroArray::new(len)?,
                 top: 0,
+                parity,
+                stripe_pages,
             }),
         })
     }
@@ -101,20 +123,129 @@ impl Arrays {
     /// empty, or its lease lapsed: repair then copies those pages again). A page it alone
     /// holds keeps it: it may have been stored there after the restart, and a fetch that
     /// finds it missing treats it as lost anyway (then the log, if any, gives it).
+    ///
+    /// With a code, every value there is forgotten: its parity bytes and its data pages too
+    /// (a data page's only holder: the page is rebuilt from the rest of its stripe, by a
+    /// degraded read and by repair, which writes it again).
     pub fn forget_server(&mut self, server: usize) -> u64 {
         let mut forgotten = 0;
         let top = self.top as usize;
         let bit = 1u64 << server;
+        let coded = self.parity.is_some();
         for h in &mut self.holders[..top] {
-            if *h & bit != 0 && *h != bit {
+            if *h & bit != 0 && (*h != bit || coded) {
                 *h &= !bit;
                 forgotten += 1;
+            }
+        }
+        let stripes = self.stripes_top() as usize;
+        if let Some(parity) = &mut self.parity {
+            let tag = server as u64 + 1;
+            for word in &mut parity[..stripes] {
+                for m in 0..8 {
+                    if (*word >> (8 * m)) & 0xff == tag {
+                        *word &= !(0xff << (8 * m));
+                        forgotten += 1;
+                    }
+                }
             }
         }
         forgotten
     }
 
+    /// The servers of stripe `stripe`'s parity values: byte m = 1 + server, 0 = none.
+    pub fn parity(&self, stripe: u64) -> u64 {
+        self.parity.as_ref().map_or(0, |p| p[stripe as usize])
+    }
+
+    /// Sets the servers of stripe `stripe`'s parity values (see invariant P).
+    pub fn set_parity(&mut self, stripe: u64, servers: u64) {
+        let parity = self
+            .parity
+            .as_mut()
+            .expect("parity is recorded with a code only");
+        parity[stripe as usize] = servers;
+    }
+
+    /// Clears parity value `slot` of stripe `stripe` if `server` holds it (it was found
+    /// missing, old or damaged there).
+    pub fn drop_parity(&mut self, stripe: u64, slot: usize, server: usize) {
+        if let Some(parity) = &mut self.parity {
+            let word = &mut parity[stripe as usize];
+            if (*word >> (8 * slot)) & 0xff == server as u64 + 1 {
+                *word &= !(0xff << (8 * slot));
+            }
+        }
+    }
+
+    /// One past the highest stripe holding a stored page.
+    pub fn stripes_top(&self) -> u64 {
+        match self.stripe_pages {
+            0 => 0,
+            k => self.top.div_ceil(k),
+        }
+    }
+
     pub fn top(&self) -> u64 {
         self.top
+    }
+}
+
+/// The server of parity `slot` in a stripe's parity word, if any.
+pub fn parity_server(word: u64, slot: usize) -> Option<usize> {
+    match (word >> (8 * slot)) & 0xff {
+        0 => None,
+        tag => Some(tag as usize - 1),
+    }
+}
+
+/// `word` with parity `slot` on `server` (None: no server).
+pub fn with_parity_server(word: u64, slot: usize, server: Option<usize>) -> u64 {
+    let tag = server.map_or(0, |s| s as u64 + 1);
+    (word & !(0xff << (8 * slot))) | tag << (8 * slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parity_bytes_name_servers_and_a_restart_forgets_everything_there() {
+        let records = Records::with_stripes(64, 4).expect("records");
+        let mut r = records.lock();
+        r.set(0, 7, 1, 1 << 2);
+        r.set(1, 8, 1, 1 << 3);
+        r.set(5, 9, 2, 1 << 2);
+        let word = with_parity_server(with_parity_server(0, 0, Some(4)), 1, Some(2));
+        assert_eq!(
+            (parity_server(word, 0), parity_server(word, 1)),
+            (Some(4), Some(2))
+        );
+        assert_eq!(parity_server(word, 2), None);
+        assert_eq!(parity_server(with_parity_server(word, 0, None), 0), None);
+        r.set_parity(0, word);
+        r.set_parity(1, with_parity_server(0, 0, Some(0)));
+        assert_eq!(r.stripes_top(), 2);
+        // Server 2 restarted: its data pages (even as their only holder) and parity go.
+        assert_eq!(r.forget_server(2), 3);
+        assert_eq!(r.get(0).holders, 0);
+        assert_eq!(r.get(1).holders, 1 << 3);
+        assert_eq!(r.get(5).holders, 0);
+        assert_eq!(parity_server(r.parity(0), 0), Some(4));
+        assert_eq!(parity_server(r.parity(0), 1), None);
+        r.drop_parity(0, 0, 3);
+        assert_eq!(
+            parity_server(r.parity(0), 0),
+            Some(4),
+            "another server's: kept"
+        );
+        r.drop_parity(0, 0, 4);
+        assert_eq!(r.parity(0), 0);
+        // Without a code a sole holder keeps the page.
+        let plain = Records::new(16).expect("records");
+        let mut p = plain.lock();
+        p.set(0, 1, 1, 1 << 2);
+        assert_eq!(p.forget_server(2), 0);
+        assert_eq!(p.parity(0), 0);
     }
 }
