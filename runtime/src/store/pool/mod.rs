@@ -26,6 +26,7 @@
 //! Rules: the records' lock is never held across I/O; stripe locks are taken in index order
 //! and before the records' lock.
 
+mod coded;
 pub mod coding;
 pub mod health;
 pub mod member;
@@ -94,6 +95,8 @@ impl ServerCounters {
 }
 
 struct Inner {
+    /// Erasure coding instead of copies (`LEGO_REDUNDANCY=rs:K+M`, [`coded`]).
+    code: Option<coded::Coded>,
     members: Vec<Box<dyn Member>>,
     health: Vec<Health>,
     served: Vec<ServerCounters>,
@@ -164,7 +167,14 @@ impl PoolStore {
         );
         let pages = heap_bytes.div_ceil(PAGE_BYTES);
         let names: Vec<String> = members.iter().map(|m| m.server().to_owned()).collect();
-        let records = Records::new(pages).map_err(|e| StoreError::Open {
+        if let Some(shape) = settings.code {
+            assert!(
+                shape.data + shape.parity <= members.len(),
+                "the configuration checks a stripe's values against the servers"
+            );
+        }
+        let stripe_pages = settings.code.map_or(0, |c| c.data as u64);
+        let records = Records::with_stripes(pages, stripe_pages).map_err(|e| StoreError::Open {
             backend: name.clone(),
             what: "reserving the pool's page records".into(),
             source: Box::new(e),
@@ -176,6 +186,7 @@ impl PoolStore {
             }
         }
         let inner = Arc::new(Inner {
+            code: settings.code.map(coded::Coded::new),
             served: members.iter().map(|_| ServerCounters::default()).collect(),
             members,
             health,
@@ -205,6 +216,17 @@ impl PoolStore {
     }
 
     fn describe_inner(inner: &Inner) -> String {
+        if let Some(code) = inner.settings.code {
+            return format!(
+                "{} ({} servers, rs:{}+{}: stripes of {} pages with {} parity, pessimistic)",
+                inner.name,
+                inner.members.len(),
+                code.data,
+                code.parity,
+                code.data,
+                code.parity
+            );
+        }
         let mode = match inner.settings.replication {
             Replication::Adaptive if inner.optimistic.load(Relaxed) => "adaptive, optimistic now",
             Replication::Adaptive => "adaptive, pessimistic now",
@@ -457,6 +479,9 @@ impl Inner {
     /// Reads a batch from the pages' holders (see the module documentation); `counted`:
     /// a fetch of the pager (counted in the stats), not one of repair.
     fn fetch(&self, batch: &mut [PageRead<'_>], counted: bool) -> Result<(), StoreError> {
+        if let Some(code) = &self.code {
+            return coded::fetch(self, code, batch, counted);
+        }
         let inner = self;
         let mut first_error = refuse_bad_reads(&inner.name, inner.pages, batch.iter_mut());
         // Each pending page's holders (of the version asked for), in ranking order; pages
@@ -716,6 +741,9 @@ impl PageStore for PoolStore {
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
         let inner = &*self.inner;
+        if let Some(code) = &inner.code {
+            return coded::store(inner, code, batch);
+        }
         let mut first_error = refuse_bad_writes(&inner.name, inner.pages, batch);
         let positions: Vec<usize> = (0..batch.len())
             .filter(|&i| batch[i].outcome == Outcome::Pending)
@@ -782,6 +810,9 @@ impl PageStore for PoolStore {
 
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
         let inner = &*self.inner;
+        if let Some(code) = &inner.code {
+            return coded::discard(inner, code, first, count);
+        }
         let Some(range) = discard_range(&inner.name, first, count, inner.pages)? else {
             return Ok(());
         };
@@ -834,7 +865,7 @@ impl PageStore for PoolStore {
     }
 
     fn wants_log_copy(&self) -> bool {
-        self.inner.settings.replicas == 1
+        self.inner.settings.replicas == 1 && self.inner.code.is_none()
     }
 
     /// Every member checks checksum and version; the queue's and the zero pages' bytes are

@@ -270,6 +270,9 @@ fn short_of_copies(inner: &Inner, holders: u64, up: u64) -> bool {
 /// are short of copies their copies back. Returns where to go on, and whether everything
 /// looked at was whole (false if a page was repaired, or could not be for now).
 fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
+    if let Some(code) = &inner.code {
+        return super::coded::repair_round(inner, code, cursor, top);
+    }
     let up = inner.up_mask();
     let end = top.min(cursor + REPAIR_SCAN_PER_ROUND);
     let mut short: Vec<u64> = Vec::new();
@@ -419,6 +422,9 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
                 .to_string(),
         ),
     ];
+    if let Some(code) = &inner.code {
+        out.extend(super::coded::report(inner, code));
+    }
     for (s, member) in inner.members.iter().enumerate() {
         let h = &inner.health[s];
         let (sent, received) = member.wire_bytes();

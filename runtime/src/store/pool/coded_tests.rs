@@ -1,0 +1,503 @@
+//! The coded pool over in-memory members that go down, come back empty, fail parity or data
+//! writes, or hold old or forged parity: a page is served right or not at all, and repair
+//! brings every stripe back to K+M values.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::super::member::test_member::TestMember;
+use super::super::member::Member;
+use super::super::*;
+use crate::config::CodeShape;
+use crate::io::test_support::{fill, pages, Page};
+use crate::store::conformance::{check_all, SUITE_PAGES};
+use crate::store::parity::{self, Cover, ParityKey, ParityRead, ParityWrite};
+use crate::PAGE_SIZE;
+
+const HEAP_BYTES: u64 = SUITE_PAGES * PAGE_BYTES;
+/// How long a test waits for the pool's thread to repair, at most.
+const REPAIR_WAIT_MS: u64 = 20_000;
+
+/// A member shared between the pool and the test (which flips its switches).
+struct Shared(Arc<TestMember>);
+
+impl PageStore for Shared {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        self.0.fetch(batch)
+    }
+    fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+        self.0.store(batch)
+    }
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        self.0.discard(first, count)
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+impl Member for Shared {
+    fn server(&self) -> &str {
+        self.0.server()
+    }
+    fn info(&self) -> Result<crate::store::memcached::ServerInfo, StoreError> {
+        self.0.info()
+    }
+    fn delete(&self, pages: &[u64]) -> Result<(), StoreError> {
+        self.0.delete(pages)
+    }
+    fn reconnect(&self) {}
+    fn wire_bytes(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn exchange(
+        &self,
+        pages: &mut [PageRead<'_>],
+        parity: &mut [ParityRead<'_>],
+    ) -> Result<(), StoreError> {
+        self.0.exchange(pages, parity)
+    }
+    fn store_with_parity(
+        &self,
+        pages: &mut [PageWrite<'_>],
+        parity: &mut [ParityWrite<'_>],
+    ) -> Result<(), StoreError> {
+        self.0.store_with_parity(pages, parity)
+    }
+    fn delete_parity(&self, keys: &[ParityKey]) -> Result<(), StoreError> {
+        self.0.delete_parity(keys)
+    }
+    fn pipelines(&self) -> u64 {
+        self.0.pipelines()
+    }
+}
+
+pub(crate) fn coded_pool(n: usize, k: usize, m: usize) -> (PoolStore, Vec<Arc<TestMember>>) {
+    let members: Vec<Arc<TestMember>> = (0..n)
+        .map(|i| Arc::new(TestMember::new(&format!("10.0.1.{i}:11211"), HEAP_BYTES)))
+        .collect();
+    let boxed: Vec<Box<dyn Member>> = members
+        .iter()
+        .map(|m| Box::new(Shared(Arc::clone(m))) as Box<dyn Member>)
+        .collect();
+    let settings = PoolSettings {
+        replication: Replication::Pessimistic,
+        code: Some(CodeShape { data: k, parity: m }),
+        ..PoolSettings::default()
+    };
+    let store = PoolStore::new("test://coded".into(), boxed, HEAP_BYTES, settings).expect("pool");
+    (store, members)
+}
+
+fn stat(store: &PoolStore, name: &str) -> u64 {
+    store
+        .report()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} in the report"))
+        .1
+        .parse()
+        .expect("a number")
+}
+
+fn contents(n: usize, seed: u64) -> Vec<Page> {
+    let mut src = pages(n);
+    for (i, p) in src.iter_mut().enumerate() {
+        fill(&mut p.0, seed.wrapping_mul(1000).wrapping_add(i as u64));
+    }
+    src
+}
+
+/// Stores the pages at `at` (page indexes) and returns each one's outcome.
+fn store_at(store: &PoolStore, at: &[u64], src: &[Page], version: u32) -> Vec<Outcome> {
+    let mut writes: Vec<PageWrite<'_>> = at
+        .iter()
+        .zip(src)
+        .map(|(&p, s)| PageWrite::new(p, &s.0, version))
+        .collect();
+    let _ = store.store(&mut writes);
+    writes.iter().map(|w| w.outcome).collect()
+}
+
+/// Fetches the pages at `at` and returns each one's outcome (a wrong page fails the test).
+fn fetch_at(store: &PoolStore, at: &[u64], src: &[Page], version: u32) -> Vec<Outcome> {
+    let mut dst = pages(src.len());
+    let mut reads: Vec<PageRead<'_>> = dst
+        .iter_mut()
+        .zip(src)
+        .zip(at)
+        .map(|((d, s), &p)| PageRead::new(p, &mut d.0, crc32c::crc32c(&s.0), version))
+        .collect();
+    let _ = store.fetch(&mut reads);
+    let outcomes: Vec<Outcome> = reads.iter().map(|r| r.outcome).collect();
+    drop(reads);
+    for (i, o) in outcomes.iter().enumerate() {
+        if o.is_done() {
+            assert!(dst[i].0 == src[i].0, "page {} served wrong", at[i]);
+        }
+    }
+    outcomes
+}
+
+fn all_done(outcomes: &[Outcome]) -> bool {
+    outcomes.iter().all(|o| o.is_done())
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_millis(REPAIR_WAIT_MS);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Full stripes, a lone page and two pages of one stripe.
+fn layout() -> Vec<u64> {
+    let mut at: Vec<u64> = (0..64).collect();
+    at.push(100);
+    at.extend([201, 202]);
+    at.push(SUITE_PAGES - 1);
+    at
+}
+
+#[test]
+fn coded_pools_of_test_members_conform() {
+    check_all(&|| Box::new(coded_pool(3, 2, 1).0));
+    check_all(&|| Box::new(coded_pool(6, 4, 2).0));
+    check_all(&|| Box::new(coded_pool(8, 4, 2).0));
+}
+
+/// Every page reads back byte for byte after any M members go down (each of the 15 pairs of
+/// six for rs:4+2, each of three for rs:2+1), and the read was a rebuild.
+#[test]
+fn every_page_reads_back_after_any_m_members_go_down() {
+    for (n, k, m) in [(3, 2, 1), (6, 4, 2)] {
+        let at = layout();
+        let src = contents(at.len(), 7);
+        let downs: Vec<Vec<usize>> = (0u32..1 << n)
+            .filter(|mask| mask.count_ones() as usize == m)
+            .map(|mask| (0..n).filter(|i| mask & (1 << i) != 0).collect())
+            .collect();
+        for down in downs {
+            let (store, members) = coded_pool(n, k, m);
+            assert!(all_done(&store_at(&store, &at, &src, 1)));
+            assert_eq!(stat(&store, "pool_stripes_short"), 0);
+            for &d in &down {
+                members[d].down.store(true, Relaxed);
+            }
+            let got = fetch_at(&store, &at, &src, 1);
+            assert!(all_done(&got), "rs:{k}+{m} down {down:?}: {got:?}");
+            assert!(stat(&store, "pool_rebuilt_pages") > 0, "down {down:?}");
+        }
+    }
+}
+
+/// One more member down than M: pages on the down members are not served (transient), the
+/// others are, and nothing wrong is ever served.
+#[test]
+fn more_than_m_down_serves_nothing_wrong() {
+    let (store, members) = coded_pool(6, 4, 2);
+    let at = layout();
+    let src = contents(at.len(), 8);
+    assert!(all_done(&store_at(&store, &at, &src, 1)));
+    for d in [0, 2, 4] {
+        members[d].down.store(true, Relaxed);
+    }
+    let got = fetch_at(&store, &at, &src, 1);
+    assert!(got.iter().any(|o| o.is_done()));
+    assert!(
+        got.contains(&Outcome::Failed(FailureKind::Transient)),
+        "{got:?}"
+    );
+    assert!(
+        !got.contains(&Outcome::Failed(FailureKind::Lost)),
+        "{got:?}"
+    );
+}
+
+/// A healthy read takes one pipeline per server, as one copy of replicas does; a read with a
+/// server down takes at most two (the data round and the degraded round).
+#[test]
+fn reads_take_one_round_per_server_healthy_and_two_degraded() {
+    let (store, members) = coded_pool(6, 4, 2);
+    let at: Vec<u64> = (0..256).collect();
+    let src = contents(at.len(), 9);
+    assert!(all_done(&store_at(&store, &at, &src, 1)));
+    let before: Vec<u64> = members.iter().map(|m| m.pipelines()).collect();
+    assert!(all_done(&fetch_at(&store, &at, &src, 1)));
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(m.pipelines() - before[i], 1, "member {i}");
+    }
+    members[3].down.store(true, Relaxed);
+    let before: Vec<u64> = members.iter().map(|m| m.pipelines()).collect();
+    assert!(all_done(&fetch_at(&store, &at, &src, 1)));
+    for (i, m) in members.iter().enumerate() {
+        assert!(m.pipelines() - before[i] <= 2, "member {i}");
+    }
+    // A write-back of whole stripes is one pipeline per server too (data and parity).
+    members[3].down.store(false, Relaxed);
+    let before: Vec<u64> = members.iter().map(|m| m.pipelines()).collect();
+    assert!(all_done(&store_at(&store, &at, &src, 2)));
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(m.pipelines() - before[i], 1, "member {i}");
+    }
+}
+
+/// A parity write that fails leaves its stripe short (its byte cleared), the pages are
+/// stored, and repair writes the parity later; then any two members may go.
+#[test]
+fn a_failed_parity_write_is_repaired() {
+    let (store, members) = coded_pool(6, 4, 2);
+    let at = layout();
+    let src = contents(at.len(), 10);
+    members[1].fail_parity_writes.store(true, Relaxed);
+    assert!(all_done(&store_at(&store, &at, &src, 1)));
+    assert!(stat(&store, "pool_stripes_short") > 0);
+    members[1].fail_parity_writes.store(false, Relaxed);
+    wait_until("every stripe is whole", || {
+        stat(&store, "pool_stripes_short") == 0
+    });
+    assert!(stat(&store, "pool_stripe_repairs") > 0);
+    members[0].down.store(true, Relaxed);
+    members[5].down.store(true, Relaxed);
+    assert!(all_done(&fetch_at(&store, &at, &src, 1)));
+}
+
+/// A data write that fails on a pool of exactly K+M servers has nowhere else to go: that page
+/// is transient (it stays in the cache), its stripe's parity is not recorded (it would cover a
+/// version the pool does not hold), and the page's older version still reads.
+#[test]
+fn a_failed_data_write_records_no_parity_for_its_stripe() {
+    let (store, members) = coded_pool(6, 4, 2);
+    let at: Vec<u64> = (0..4).collect();
+    let v1 = contents(4, 11);
+    assert!(all_done(&store_at(&store, &at, &v1, 1)));
+    for m in &members {
+        m.fail_page_writes.store(true, Relaxed);
+    }
+    let v2 = contents(4, 12);
+    let got = store_at(&store, &at, &v2, 2);
+    assert!(
+        got.iter()
+            .all(|o| *o == Outcome::Failed(FailureKind::Transient)),
+        "{got:?}"
+    );
+    assert_eq!(stat(&store, "pool_stripes_short"), 1);
+    for m in &members {
+        m.fail_page_writes.store(false, Relaxed);
+    }
+    assert!(all_done(&fetch_at(&store, &at, &v1, 1)));
+    wait_until("the stripe is whole again", || {
+        stat(&store, "pool_stripes_short") == 0
+    });
+    members[0].down.store(true, Relaxed);
+    members[1].down.store(true, Relaxed);
+    assert!(all_done(&fetch_at(&store, &at, &v1, 1)));
+}
+
+/// The member holding `page`'s data value.
+fn holder(store: &PoolStore, page: u64) -> usize {
+    let h = store.stored_copy(page).holders;
+    assert_eq!(h.count_ones(), 1, "one data value");
+    h.trailing_zeros() as usize
+}
+
+/// The member holding parity `slot` of `stripe`.
+fn parity_holder(store: &PoolStore, stripe: u64, slot: usize) -> Option<usize> {
+    super::records::parity_server(store.inner.records.lock().parity(stripe), slot)
+}
+
+/// Versions are never combined: a stripe-mate rewritten while one parity write fails leaves
+/// that member's old parity; with the changed page's member down the read rebuilds from the
+/// other parity, and when only old or forged parity is left it is not served at all.
+#[test]
+fn values_of_other_versions_are_never_combined() {
+    let (store, members) = coded_pool(6, 4, 2);
+    let at: Vec<u64> = (0..4).collect();
+    let v1 = contents(4, 13);
+    assert!(all_done(&store_at(&store, &at, &v1, 1)));
+    let p0 = parity_holder(&store, 0, 0).expect("parity 0");
+    let p1 = parity_holder(&store, 0, 1).expect("parity 1");
+    let old_p1 = members[p1].parity_value(0, 1).expect("held");
+    // Page 2 again, with parity 0's write failing: its old parity stays there.
+    members[p0].fail_parity_writes.store(true, Relaxed);
+    let v2 = contents(1, 14);
+    assert!(all_done(&store_at(&store, &[2], &v2, 2)));
+    members[p0].fail_parity_writes.store(false, Relaxed);
+    assert_eq!(
+        parity_holder(&store, 0, 0),
+        None,
+        "the failed parity is not recorded"
+    );
+    let mut now = v1.clone();
+    now[2] = v2[0].clone();
+    let d = holder(&store, 2);
+    members[d].down.store(true, Relaxed);
+    // Rebuilt from pages 0, 1, 3 and parity 1 (parity 0 is old: not used).
+    assert!(all_done(&fetch_at(&store, &[2], &v2, 2)));
+    // Parity 1 replaced by its old value (a late write): only old parity is left.
+    members[p1].put_parity_value(0, 1, old_p1);
+    let got = fetch_at(&store, &[2], &v2, 2);
+    assert!(!got[0].is_done(), "{got:?}");
+    // A forged parity with the right cover but other bytes: the rebuilt page's crc is
+    // checked, so it is refused too.
+    let cover: Vec<Cover> = (0..4u64)
+        .map(|p| {
+            let c = store.stored_copy(p);
+            Cover {
+                version: c.version,
+                crc: c.crc,
+            }
+        })
+        .collect();
+    let forged = vec![0x77u8; PAGE_SIZE];
+    let mut value = Vec::new();
+    parity::encode(
+        &ParityWrite {
+            key: ParityKey { stripe: 0, slot: 1 },
+            buf: &forged,
+            cover: &cover,
+            parity: 2,
+            outcome: Outcome::Pending,
+        },
+        &mut value,
+    );
+    {
+        let mut records = store.inner.records.lock();
+        let word = super::records::with_parity_server(records.parity(0), 1, Some(p1));
+        records.set_parity(0, word);
+    }
+    members[p1].put_parity_value(0, 1, value);
+    let got = fetch_at(&store, &[2], &v2, 2);
+    // Not served (transient: the data value's own member may come back).
+    assert!(!got[0].is_done(), "{got:?}");
+    // The member back: the page is its own value again.
+    members[d].down.store(false, Relaxed);
+    wait_until("the member is up", || {
+        stat(&store, "pool_servers_down") == 0
+    });
+    assert!(
+        all_done(&fetch_at(&store, &at, &now, 2)[2..3]) || {
+            // Pages 0, 1, 3 are version 1: read them as such.
+            all_done(&fetch_at(&store, &[2], &v2, 2))
+        }
+    );
+}
+
+/// A member restarted empty: the pool finds the restart, forgets what it held, and repair
+/// rebuilds its data values and parity; then any two members may go.
+#[test]
+fn a_member_restarted_empty_is_refilled() {
+    let (store, members) = coded_pool(6, 4, 2);
+    let at = layout();
+    let src = contents(at.len(), 15);
+    assert!(all_done(&store_at(&store, &at, &src, 1)));
+    members[2].restart_empty();
+    wait_until("the restart is found and repaired", || {
+        stat(&store, "pool_restarts") == 1 && stat(&store, "pool_stripes_short") == 0
+    });
+    assert!(stat(&store, "pool_stripe_repairs") > 0);
+    assert!(members[2].parity_values() > 0);
+    members[0].down.store(true, Relaxed);
+    members[4].down.store(true, Relaxed);
+    assert!(all_done(&fetch_at(&store, &at, &src, 1)));
+}
+
+/// A member down with spares in the pool: new stripes go around it and repair moves what it
+/// held onto spares, so every stripe is whole while it stays down; without spares its
+/// stripes wait for it to come back.
+#[test]
+fn a_member_down_is_replaced_by_spares_or_waited_for() {
+    let (store, members) = coded_pool(8, 4, 2);
+    let at = layout();
+    let src = contents(at.len(), 16);
+    assert!(all_done(&store_at(&store, &at, &src, 1)));
+    members[5].down.store(true, Relaxed);
+    wait_until("the member is marked down", || {
+        stat(&store, "pool_servers_down") == 1
+    });
+    let more: Vec<u64> = (1000..1064).collect();
+    let src2 = contents(more.len(), 17);
+    assert!(all_done(&store_at(&store, &more, &src2, 1)));
+    wait_until("every stripe is whole on the others", || {
+        stat(&store, "pool_stripes_short") == 0
+    });
+    members[1].down.store(true, Relaxed);
+    members[6].down.store(true, Relaxed);
+    assert!(all_done(&fetch_at(&store, &at, &src, 1)));
+    assert!(all_done(&fetch_at(&store, &more, &src2, 1)));
+
+    let (store, members) = coded_pool(6, 4, 2);
+    assert!(all_done(&store_at(&store, &at, &src, 1)));
+    members[3].down.store(true, Relaxed);
+    wait_until("the member is marked down", || {
+        stat(&store, "pool_servers_down") == 1
+    });
+    assert!(stat(&store, "pool_stripes_short") > 0);
+    assert!(all_done(&fetch_at(&store, &at, &src, 1)));
+    members[3].down.store(false, Relaxed);
+    wait_until("the member is back and every stripe whole", || {
+        stat(&store, "pool_servers_down") == 0 && stat(&store, "pool_stripes_short") == 0
+    });
+    members[0].down.store(true, Relaxed);
+    members[3].down.store(true, Relaxed);
+    assert!(all_done(&fetch_at(&store, &at, &src, 1)));
+}
+
+/// A discard of part of a stripe encodes its parity again without those pages; a discard of
+/// whole stripes deletes their parity. The rest reads back after any two members go down.
+#[test]
+fn partial_and_whole_stripe_discards_keep_the_rest_whole() {
+    for down in [[0, 1], [2, 3], [4, 5], [0, 5]] {
+        let (store, members) = coded_pool(6, 4, 2);
+        let at: Vec<u64> = (0..64).collect();
+        let src = contents(at.len(), 18);
+        assert!(all_done(&store_at(&store, &at, &src, 1)));
+        let parity_before: usize = members.iter().map(|m| m.parity_values()).sum();
+        assert_eq!(parity_before, 16 * 2);
+        // Pages 5 and 6 (part of stripe 1), and pages 16..32 (stripes 4..8 whole).
+        store.discard(5, 2).expect("discarded");
+        store.discard(16, 16).expect("discarded");
+        let parity_after: usize = members.iter().map(|m| m.parity_values()).sum();
+        assert_eq!(parity_after, 12 * 2);
+        assert_eq!(stat(&store, "pool_stripes_short"), 0);
+        let kept: Vec<u64> = at
+            .iter()
+            .copied()
+            .filter(|p| !(5..7).contains(p) && !(16..32).contains(p))
+            .collect();
+        let kept_src: Vec<Page> = kept.iter().map(|&p| src[p as usize].clone()).collect();
+        let zeros = pages(2);
+        for d in down {
+            members[d].down.store(true, Relaxed);
+        }
+        assert!(all_done(&fetch_at(&store, &kept, &kept_src, 1)), "{down:?}");
+        // Discarded pages read as zeros.
+        assert!(all_done(&fetch_at(&store, &[5, 6], &zeros, 1)));
+    }
+}
+
+/// Values of a stripe never share a server, whatever was down when they were written.
+#[test]
+fn values_of_a_stripe_never_share_a_server() {
+    let (store, members) = coded_pool(7, 4, 2);
+    let at: Vec<u64> = (0..128).collect();
+    let src = contents(at.len(), 19);
+    members[2].down.store(true, Relaxed);
+    wait_until("the member is marked down", || {
+        let _ = fetch_at(&store, &[0], &src[..1], 1);
+        stat(&store, "pool_servers_down") == 1
+    });
+    assert!(all_done(&store_at(&store, &at, &src, 1)));
+    members[2].down.store(false, Relaxed);
+    let _ = store_at(&store, &at[..8], &src[..8], 2);
+    for stripe in 0..32u64 {
+        let mut servers: Vec<usize> = (0..4).map(|j| holder(&store, stripe * 4 + j)).collect();
+        servers.extend((0..2).filter_map(|m| parity_holder(&store, stripe, m)));
+        let n = servers.len();
+        servers.sort_unstable();
+        servers.dedup();
+        assert_eq!(servers.len(), n, "stripe {stripe}");
+    }
+}
