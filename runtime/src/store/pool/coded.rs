@@ -137,15 +137,38 @@ impl Snapshot {
 
     /// Whether every value of a live stripe is on an up server.
     fn whole(&self, coded: &Coded, up: u64) -> bool {
+        let (_, data, parity) = self.placed(coded, up);
+        data == 0 && parity == 0
+    }
+
+    /// Which values of the stripe are where they should be: walking the data slots, then the
+    /// parity slots, a value stays if its server is up and holds no value met before. Returns
+    /// the servers of the values that stay, and the data and parity slots (a bit each) to
+    /// write again.
+    fn placed(&self, coded: &Coded, up: u64) -> (u64, u32, u32) {
+        let mut seen = 0u64;
+        let (mut data, mut parity) = (0u32, 0u32);
         if !self.live() {
-            return true;
+            return (0, 0, 0);
         }
-        let data = self
-            .copies
-            .iter()
-            .all(|c| c.version == 0 || c.holders & up != 0);
-        data && (0..coded.m())
-            .all(|m| records::parity_server(self.parity, m).is_some_and(|s| up & (1 << s) != 0))
+        for (j, c) in self.copies.iter().enumerate() {
+            if c.version == 0 {
+                continue;
+            }
+            let h = c.holders & up;
+            if h != 0 && h & seen == 0 {
+                seen |= 1 << h.trailing_zeros();
+            } else {
+                data |= 1 << j;
+            }
+        }
+        for m in 0..coded.m() {
+            match records::parity_server(self.parity, m) {
+                Some(s) if up & (1 << s) != 0 && seen & (1 << s) == 0 => seen |= 1 << s,
+                _ => parity |= 1 << m,
+            }
+        }
+        (seen, data, parity)
     }
 }
 
@@ -678,6 +701,9 @@ struct Outgoing<'a> {
     cover: &'a [Cover],
     /// The server tried first (where the value is now), before the home and the spares.
     prefer: Option<usize>,
+    /// May share a server with another value of its stripe when no other is up (a data page
+    /// of a write-back: stored with less redundancy rather than not at all).
+    crowd: bool,
     tried: u64,
     server: Option<usize>,
     acked: Option<usize>,
@@ -709,11 +735,29 @@ fn send(
                 coded.width,
                 v.slot,
             );
-            let choice = v
-                .prefer
-                .into_iter()
-                .chain(candidates.servers().iter().map(|&s| usize::from(s)))
-                .find(|&s| up & (1 << s) != 0 && v.tried & (1 << s) == 0 && taken & (1 << s) == 0);
+            let order = || {
+                v.prefer
+                    .into_iter()
+                    .chain(candidates.servers().iter().map(|&s| usize::from(s)))
+            };
+            let free = |s: usize| up & (1 << s) != 0 && v.tried & (1 << s) == 0;
+            // A data value with no server free of its stripe still goes to an up one (the
+            // page is stored, with less redundancy, and repair moves it when it can).
+            let choice = order()
+                .find(|&s| free(s) && taken & (1 << s) == 0)
+                .or_else(|| {
+                    if !v.crowd {
+                        return None;
+                    }
+                    // Any server of the group's ranking will do.
+                    let all = inner.placement.ranking(coded.first_page(v.stripe));
+                    let found = all
+                        .servers()
+                        .iter()
+                        .map(|&s| usize::from(s))
+                        .find(|&s| free(s));
+                    found
+                });
             if let Some(s) = choice {
                 v.server = Some(s);
                 v.tried |= 1 << s;
@@ -902,6 +946,7 @@ pub(super) fn store(
                     crc: w.crc,
                     version: w.version,
                     cover: &[],
+                    crowd: true,
                     prefer: (holders.count_ones() == 1).then(|| holders.trailing_zeros() as usize),
                     tried: 0,
                     server: None,
@@ -919,6 +964,7 @@ pub(super) fn store(
                     crc: 0,
                     version: 0,
                     cover: &e.cover,
+                    crowd: false,
                     prefer: records::parity_server(snap.parity, m),
                     tried: 0,
                     server: None,
@@ -1121,6 +1167,7 @@ pub(super) fn discard(
                     crc: 0,
                     version: 0,
                     cover,
+                    crowd: false,
                     prefer: records::parity_server(*old_word, m),
                     tried: 0,
                     server: None,
@@ -1228,22 +1275,10 @@ pub(super) fn repair_round(inner: &Inner, coded: &Coded, cursor: u64, top: u64) 
     let mut values: Vec<Outgoing<'_>> = Vec::new();
     for job in jobs.iter().filter(|j| j.done) {
         let snap = &job.snap;
-        let mut taken = 0u64;
-        for c in &snap.copies {
-            if c.version != 0 {
-                taken |= c.holders & up;
-            }
-        }
-        for m in 0..coded.m() {
-            if let Some(s) = records::parity_server(snap.parity, m) {
-                if up & (1 << s) != 0 {
-                    taken |= 1 << s;
-                }
-            }
-        }
+        let (taken, data_moves, parity_moves) = snap.placed(coded, up);
         used.insert(job.stripe, taken);
         for (j, c) in snap.copies.iter().enumerate() {
-            if c.version != 0 && c.holders & up == 0 {
+            if data_moves & (1 << j) != 0 {
                 values.push(Outgoing {
                     stripe: job.stripe,
                     slot: j,
@@ -1252,6 +1287,7 @@ pub(super) fn repair_round(inner: &Inner, coded: &Coded, cursor: u64, top: u64) 
                     crc: c.crc,
                     version: c.version,
                     cover: &[],
+                    crowd: false,
                     prefer: None,
                     tried: 0,
                     server: None,
@@ -1261,8 +1297,7 @@ pub(super) fn repair_round(inner: &Inner, coded: &Coded, cursor: u64, top: u64) 
         }
         let (cover, p) = &parity[&job.stripe];
         for (m, buf) in p.iter().enumerate() {
-            let valid = records::parity_server(snap.parity, m).is_some_and(|s| up & (1 << s) != 0);
-            if !valid {
+            if parity_moves & (1 << m) != 0 {
                 values.push(Outgoing {
                     stripe: job.stripe,
                     slot: k + m,
@@ -1271,6 +1306,7 @@ pub(super) fn repair_round(inner: &Inner, coded: &Coded, cursor: u64, top: u64) 
                     crc: 0,
                     version: 0,
                     cover,
+                    crowd: false,
                     prefer: None,
                     tried: 0,
                     server: None,
@@ -1294,12 +1330,7 @@ pub(super) fn repair_round(inner: &Inner, coded: &Coded, cursor: u64, top: u64) 
                 written += 1;
                 if v.slot < k {
                     let c = job.snap.copies[v.slot];
-                    records.set(
-                        v.page,
-                        c.crc,
-                        c.version,
-                        (now.copies[v.slot].holders & up) | 1 << s,
-                    );
+                    records.set(v.page, c.crc, c.version, 1 << s);
                 } else {
                     word = records::with_parity_server(word, v.slot - k, Some(s));
                 }
