@@ -99,6 +99,7 @@ impl Coded {
 /// What the records say of one stripe.
 #[derive(Clone)]
 struct Snapshot {
+    stripe: u64,
     copies: Vec<Copy>,
     parity: u64,
 }
@@ -116,6 +117,7 @@ impl Snapshot {
             })
             .collect();
         Snapshot {
+            stripe,
             copies,
             parity: records.parity(stripe),
         }
@@ -136,8 +138,8 @@ impl Snapshot {
     }
 
     /// Whether every value of a live stripe is on an up server.
-    fn whole(&self, coded: &Coded, up: u64) -> bool {
-        let (_, data, parity) = self.placed(coded, up);
+    fn whole(&self, inner: &Inner, coded: &Coded, up: u64) -> bool {
+        let (_, data, parity) = self.placed(inner, coded, up);
         data == 0 && parity == 0
     }
 
@@ -145,27 +147,61 @@ impl Snapshot {
     /// parity slots, a value stays if its server is up and holds no value met before. Returns
     /// the servers of the values that stay, and the data and parity slots (a bit each) to
     /// write again.
-    fn placed(&self, coded: &Coded, up: u64) -> (u64, u32, u32) {
-        let mut seen = 0u64;
-        let (mut data, mut parity) = (0u32, 0u32);
+    fn placed(&self, inner: &Inner, coded: &Coded, up: u64) -> (u64, u32, u32) {
         if !self.live() {
             return (0, 0, 0);
         }
-        for (j, c) in self.copies.iter().enumerate() {
-            if c.version == 0 {
-                continue;
-            }
-            let h = c.holders & up;
-            if h != 0 && h & seen == 0 {
-                seen |= 1 << h.trailing_zeros();
-            } else {
-                data |= 1 << j;
+        let k = coded.data();
+        // Each value's server (None: no value, or not up).
+        let server: Vec<Option<usize>> = (0..coded.width)
+            .map(|t| {
+                let s = if t < k {
+                    let c = self.copies[t];
+                    if c.version == 0 {
+                        return None;
+                    }
+                    let h = c.holders & up;
+                    (h != 0).then(|| h.trailing_zeros() as usize)
+                } else {
+                    records::parity_server(self.parity, t - k)
+                };
+                s.filter(|&s| up & (1 << s) != 0)
+            })
+            .collect();
+        let live = |t: usize| t >= k || self.copies[t].version != 0;
+        let mut seen = 0u64;
+        let mut stays = vec![false; coded.width];
+        // Values on their home server first (a value moved aside for a down home gives way
+        // to it), then the others.
+        for home_pass in [true, false] {
+            for t in 0..coded.width {
+                let Some(s) = server[t] else { continue };
+                if stays[t] || seen & (1 << s) != 0 {
+                    continue;
+                }
+                let home = inner
+                    .placement
+                    .stripe_candidates(coded.first_page(self.stripe), self.stripe, coded.width, t)
+                    .servers()[0];
+                let home = usize::from(home);
+                // Away from home: it stays only while its home cannot take it (down, or
+                // holding a value at its own home); else it goes home, which frees the
+                // server it is on for the value whose home that is.
+                let home_free = up & (1 << home) != 0 && seen & (1 << home) == 0;
+                if home == s || (!home_pass && !home_free) {
+                    stays[t] = true;
+                    seen |= 1 << s;
+                }
             }
         }
-        for m in 0..coded.m() {
-            match records::parity_server(self.parity, m) {
-                Some(s) if up & (1 << s) != 0 && seen & (1 << s) == 0 => seen |= 1 << s,
-                _ => parity |= 1 << m,
+        let (mut data, mut parity) = (0u32, 0u32);
+        for (t, &stay) in stays.iter().enumerate() {
+            if live(t) && !stay {
+                if t < k {
+                    data |= 1 << t;
+                } else {
+                    parity |= 1 << (t - k);
+                }
             }
         }
         (seen, data, parity)
@@ -1227,7 +1263,7 @@ pub(super) fn repair_round(inner: &Inner, coded: &Coded, cursor: u64, top: u64) 
     {
         let records = inner.records.lock();
         for stripe in first_stripe..end_stripe {
-            if !Snapshot::take(inner, coded, &records, stripe).whole(coded, up) {
+            if !Snapshot::take(inner, coded, &records, stripe).whole(inner, coded, up) {
                 short.push(stripe);
                 if short.len() == REPAIR_STRIPES_PER_ROUND_MAX {
                     next = coded.first_page(stripe + 1);
@@ -1275,7 +1311,7 @@ pub(super) fn repair_round(inner: &Inner, coded: &Coded, cursor: u64, top: u64) 
     let mut values: Vec<Outgoing<'_>> = Vec::new();
     for job in jobs.iter().filter(|j| j.done) {
         let snap = &job.snap;
-        let (taken, data_moves, parity_moves) = snap.placed(coded, up);
+        let (taken, data_moves, parity_moves) = snap.placed(inner, coded, up);
         used.insert(job.stripe, taken);
         for (j, c) in snap.copies.iter().enumerate() {
             if data_moves & (1 << j) != 0 {
@@ -1352,7 +1388,7 @@ pub(super) fn report(inner: &Inner, coded: &Coded) -> Vec<(String, String)> {
             let snap = Snapshot::take(inner, coded, &records, stripe);
             if snap.live() {
                 stripes += 1;
-                if !snap.whole(coded, up) {
+                if !snap.whole(inner, coded, up) {
                     short += 1;
                 }
             }

@@ -296,6 +296,50 @@ mod tests {
         assert!(code.delta(4, &data[0], &data[1], &mut parity).is_err());
     }
 
+    /// A measurement, not a test (`cargo test --release -- --ignored coding_costs
+    /// --nocapture`): medians of encoding and rebuilding one stripe of 4 KiB pages.
+    #[test]
+    #[ignore]
+    fn coding_costs() {
+        for (k, m) in [(4, 2), (8, 2)] {
+            let code = Code::new(k, m).expect("code");
+            let data = pages(k, 5);
+            let mut all = data.clone();
+            all.extend(encoded(&code, &data));
+            let median = |f: &mut dyn FnMut()| {
+                let mut times: Vec<u128> = (0..2001)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_nanos()
+                    })
+                    .collect();
+                times.sort_unstable();
+                times[times.len() / 2]
+            };
+            let mut parity = vec![vec![0u8; PAGE_SIZE]; m];
+            let encode = median(&mut || code.encode(&data, &mut parity).expect("encode"));
+            let mut values = all.clone();
+            let rebuild = |lost: &[usize], values: &mut Vec<Vec<u8>>| {
+                let mut slices: Vec<(&mut [u8], bool)> = values
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, v)| (v.as_mut_slice(), !lost.contains(&i)))
+                    .collect();
+                code.rebuild(&mut slices).expect("rebuild");
+            };
+            let one = median(&mut || rebuild(&[1], &mut values));
+            let two = median(&mut || rebuild(&[0, 2], &mut values));
+            println!(
+                "rs:{k}+{m} stripe of 4 KiB pages: encode {:.2} us ({:.2} us/page), rebuild 1 lost {:.2} us, {m} lost {:.2} us",
+                encode as f64 / 1000.0,
+                encode as f64 / 1000.0 / k as f64,
+                one as f64 / 1000.0,
+                two as f64 / 1000.0
+            );
+        }
+    }
+
     proptest! {
         #![proptest_config(crate::fuzz_support::config(48))]
 
