@@ -494,3 +494,139 @@ fn with_a_key_the_pool_holds_no_plaintext_page() {
     );
     assert!(!stats.raw.as_bytes().windows(32).any(|w| w == key_bytes));
 }
+
+/// Servers of the erasure-coded pool tests (rs:4+2 needs six).
+const CODED_SERVERS: usize = 6;
+
+/// Runs the workload on six servers with `LEGO_REDUNDANCY=rs:4+2` and, midway, kills the
+/// servers `victims` (`SIGKILL`). With `heal`, once the program holds, the victims are
+/// restarted empty and the test waits until the published statistics say every stripe is
+/// whole again (`pool_stripes_short=0`, after repairs). The workload is the kill tests' own
+/// (`pager_stress`, heap four times the cache: every page written back, fetched and rewritten
+/// many times), whose `hold` lets the test wait while pages keep moving.
+fn kill_coded(label: &str, victims: &[usize], heal: bool) -> (lego_tests::Outcome, ShimSetup) {
+    let servers: Vec<Memcached> = (0..CODED_SERVERS).map(|_| Memcached::start(256)).collect();
+    let setup = ShimSetup::new(label, 32);
+    let runtime_dir = setup.dir.path().join("run");
+    std::fs::create_dir_all(&runtime_dir).expect("the runtime directory");
+    let run = setup
+        .apply(Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS))
+        .env("LEGO_BACKEND", pool_backend(&servers))
+        .env("LEGO_REDUNDANCY", "rs:4+2")
+        .env("LEGO_TIMEOUT_MS", "500")
+        .env("XDG_RUNTIME_DIR", &runtime_dir)
+        .hang_after(600);
+    let victims = victims.to_vec();
+    let breaker = std::thread::spawn(move || {
+        let mut servers = servers;
+        std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
+        for &v in &victims {
+            servers[v].kill();
+        }
+        (servers, victims)
+    });
+    let mut kept = None;
+    let out = run.run_with(|live| {
+        if live
+            .wait_for_line(|l| l == "holding", Duration::from_secs(600))
+            .is_none()
+        {
+            return;
+        }
+        let (mut servers, victims) = breaker.join().expect("the thread that kills servers");
+        if heal {
+            for &v in &victims {
+                servers[v].restart();
+            }
+            wait_until_stripes_whole(&runtime_dir.join("lego"));
+        }
+        kept = Some(servers);
+    });
+    drop(kept);
+    (out, setup)
+}
+
+/// Waits, while the program holds, until its published statistics say every stripe has its
+/// K+M values on up servers after some were repaired; fails the test after [`HEAL_WAIT_S`].
+fn wait_until_stripes_whole(published: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(HEAL_WAIT_S);
+    let mut last = String::new();
+    loop {
+        for (pid, alive) in lego_runtime::watch::read::published(published) {
+            if !alive {
+                continue;
+            }
+            if let Ok(stats) = lego_runtime::watch::read::read(published, pid) {
+                let n = |k: &str| {
+                    stats.get(k).and_then(|v| {
+                        v.as_str()
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .or(v.as_u64())
+                    })
+                };
+                if n("pool_stripes_short") == Some(0)
+                    && n("pool_servers_down") == Some(0)
+                    && n("pool_stripe_repairs").is_some_and(|r| r > 0)
+                {
+                    return;
+                }
+                last = serde_json::Value::Object(stats).to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coded pool was not back to whole stripes after {HEAL_WAIT_S} s; last \
+             statistics: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// rs:4+2 on six servers, two of them killed mid-run: identical output, no page lost (pages
+/// of the dead servers rebuilt from their stripes); the servers restarted empty, the pool
+/// repairs every stripe back to six values.
+#[test]
+fn two_of_six_servers_killed_cost_nothing_with_rs_4_2() {
+    let _serial = heavy();
+    let native = native_workload();
+    let (out, setup) = kill_coded("pool-rs-kill-two", &[1, 4], true);
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    assert!(!out.stdout.contains("WRONG DATA"), "{out}");
+    let stats = setup.stats();
+    assert_eq!(stats.number("pages_poisoned"), Some(0), "{}", stats.raw);
+    assert!(
+        stats.number("pages_fetched").is_some_and(|n| n > 10_000),
+        "the workload must page: {}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pool_rebuilt_pages").is_some_and(|n| n > 0),
+        "pages of the killed servers must have been rebuilt: {}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pool_stripe_repairs").is_some_and(|n| n > 0),
+        "{}",
+        stats.raw
+    );
+}
+
+/// rs:4+2 on six servers, three of them killed mid-run: more than the code survives. The
+/// program that touches a lost page dies with SIGBUS and a message, and never reads wrong
+/// data.
+#[test]
+fn three_of_six_servers_killed_with_rs_4_2_is_sigbus_never_wrong_data() {
+    let _serial = heavy();
+    let (out, _setup) = kill_coded("pool-rs-kill-three", &[0, 2, 5], false);
+    assert!(!out.stdout.contains("WRONG DATA"), "{out}");
+    assert_eq!(
+        out.signal,
+        Some(libc::SIGBUS),
+        "expected death by SIGBUS:\n{out}"
+    );
+    assert!(
+        out.stderr.contains("lego: SIGBUS"),
+        "stderr must explain the SIGBUS in a 'lego: ' line:\n{out}"
+    );
+}

@@ -14,9 +14,10 @@
 //!   record's, or it is `Lost`: never other bytes.
 //! - Discard ([`discard`]) and repair ([`repair_round`]) keep the stripes whole.
 //!
-//! Rules: everything done to a stripe holds its group's stripe lock (the caller's for
-//! `fetch`: none, since every value read is checked against a snapshot of the records);
-//! the records' lock is never held across I/O.
+//! Rules: everything done to a stripe holds its group's stripe lock (a fetch only for its
+//! degraded reads: a normal read is checked against the records like a replica's, while a
+//! rebuild needs the stripe's values and records to agree, so it waits for a write under
+//! way); the records' lock is never held across I/O.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -635,6 +636,9 @@ pub(super) fn fetch(
         }
     }
     if !by_stripe.is_empty() {
+        // A degraded read waits for a write of its stripes under way: their values on the
+        // servers and the records agree only between two writes.
+        let _stripes = inner.lock_stripes(by_stripe.keys().map(|&s| coded.first_page(s)));
         let mut jobs: Vec<Job> = {
             let records = inner.records.lock();
             by_stripe
