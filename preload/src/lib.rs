@@ -129,6 +129,8 @@ fn internal_heap() -> &'static Heap {
             Err(_) => die(EXIT_CANNOT_START, "lego: cannot format the internal heap"),
         };
         INTERNAL_BASE.store(region.base, Ordering::Release);
+        // Threads that exit give their caches back (two heaps: room is guaranteed).
+        heap.flush_caches_at_thread_exit(discard_pages);
         INTERNAL_HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
         INTERNAL_STATE.store(READY, Ordering::Release);
         return heap;
@@ -203,6 +205,7 @@ fn publish_user_heap(heap: &'static Heap, region: Region) {
         .get()
         .map_or(0, |c| usize::try_from(c.cache_bytes).unwrap_or(usize::MAX));
     heap.set_retain_bytes((cache / 8).min(lego_runtime::heap::RETAIN_BYTES_DEFAULT));
+    heap.flush_caches_at_thread_exit(discard_pages);
     USER_BASE.store(region.base, Ordering::Release);
     USER_LEN.store(region.len, Ordering::Release);
     USER_HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);

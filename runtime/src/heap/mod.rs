@@ -416,15 +416,14 @@ impl Heap {
 
     /// Bytes of live allocations, counted at their class or page-run size.
     pub fn bytes_in_use(&self) -> u64 {
-        let small: u64 = self
-            .arenas
-            .iter()
-            .map(|a| {
-                let cached = a.cached_bytes.load(Ordering::Relaxed);
-                a.bytes.load(Ordering::Relaxed).saturating_sub(cached)
-            })
-            .sum();
-        small + self.large_bytes.load(Ordering::Relaxed)
+        // A cache may hold objects of other arenas' slabs, so only the totals compare.
+        let (counted, cached) = self.arenas.iter().fold((0u64, 0u64), |(b, c), a| {
+            (
+                b + a.bytes.load(Ordering::Relaxed),
+                c + a.cached_bytes.load(Ordering::Relaxed),
+            )
+        });
+        counted.saturating_sub(cached) + self.large_bytes.load(Ordering::Relaxed)
     }
 
     /// Bytes of the region below the bump pointer: header, page map (reserved, touched
