@@ -205,6 +205,9 @@ fn publish_user_heap(heap: &'static Heap, region: Region) {
         .get()
         .map_or(0, |c| usize::try_from(c.cache_bytes).unwrap_or(usize::MAX));
     heap.set_retain_bytes((cache / 8).min(lego_runtime::heap::RETAIN_BYTES_DEFAULT));
+    // A program holding many big blocks keeps up to half as many bytes of freed ones, within
+    // the same eighth of the cache.
+    heap.set_retain_max_bytes(cache / 8);
     heap.flush_caches_at_thread_exit(discard_pages);
     USER_BASE.store(region.base, Ordering::Release);
     USER_LEN.store(region.len, Ordering::Release);

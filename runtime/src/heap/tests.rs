@@ -986,3 +986,56 @@ fn a_dead_threads_cache_is_given_back() {
     .join()
     .expect("second worker failed");
 }
+
+/// With the budget following the live large allocations, a loop that replaces big blocks one
+/// at a time reuses the freed ones (nothing given back, nothing to fault in again), and what
+/// is kept stays within half the live bytes and shrinks with them.
+#[test]
+fn retained_large_blocks_follow_the_live_ones() {
+    const BLOCKS: usize = 20;
+    const BLOCK: usize = 4 << 20;
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    heap.set_retain_bytes(1 << 20);
+    heap.set_retain_max_bytes(64 << 20);
+    let mut live: Vec<*mut u8> = (0..BLOCKS)
+        .map(|i| {
+            let p = heap.malloc(BLOCK);
+            fill(p, BLOCK, i as u8);
+            p
+        })
+        .collect();
+    let before = discards_in(heap).len();
+    let mut rng = Rng::new(13);
+    for i in 0..200 {
+        let k = rng.below(BLOCKS as u64) as usize;
+        heap.free(live[k], discard);
+        let p = heap.malloc(BLOCK);
+        assert_eq!(
+            resident_pages(p, BLOCK),
+            BLOCK / PAGE_SIZE,
+            "step {i}: the new block is a retained one, all resident"
+        );
+        fill(p, BLOCK, i as u8);
+        live[k] = p;
+        let bound = heap.bytes_in_use() / RETAIN_LIVE_DIVISOR;
+        assert!(
+            heap.retained_bytes() <= bound,
+            "step {i}: kept more than half the live bytes"
+        );
+    }
+    assert_eq!(
+        discards_in(heap).len(),
+        before,
+        "a freed block was given back although it was reused"
+    );
+    for p in live.drain(..) {
+        heap.free(p, discard);
+    }
+    assert!(
+        heap.retained_bytes() <= 1 << 20,
+        "with nothing live, only the fixed budget is kept: {} bytes",
+        heap.retained_bytes()
+    );
+    assert_eq!(heap.bytes_in_use(), 0);
+}
