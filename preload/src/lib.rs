@@ -142,7 +142,19 @@ fn internal_heap() -> &'static Heap {
 
 /// The user's heap, created on first use (which reads and checks the configuration: a bad
 /// setting ends the process here, before `main`).
+#[inline]
 fn user_heap() -> Option<&'static Heap> {
+    match published_user_heap() {
+        Some(h) => Some(h),
+        None => create_user_heap(),
+    }
+}
+
+/// The slow path of [`user_heap`], kept out of line so that every `malloc` does not pay for
+/// its frame.
+#[cold]
+#[inline(never)]
+fn create_user_heap() -> Option<&'static Heap> {
     if let Some(h) = published_user_heap() {
         return Some(h);
     }
@@ -271,6 +283,7 @@ fn reserve_for_restore(config: &Config, path: &std::path::Path) {
 }
 
 /// The heap that serves a call made on this thread now.
+#[inline]
 fn heap_for_caller() -> &'static Heap {
     if lego_runtime::threads::is_runtime_thread() {
         return internal_heap();
@@ -532,6 +545,7 @@ fn release_user_heap() {
 }
 
 /// The user heap if it is open (never creates it: the flusher is a runtime thread).
+#[inline]
 fn published_user_heap() -> Option<&'static Heap> {
     let p = USER_HEAP.load(Ordering::Acquire);
     // SAFETY: once published, the heap lives in a region that is never unmapped.

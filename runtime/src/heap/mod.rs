@@ -276,6 +276,7 @@ impl Heap {
         Ok(h)
     }
 
+    #[inline]
     pub fn malloc(&self, size: usize) -> *mut u8 {
         if size <= SMALL_MAX_BYTES {
             self.alloc_small(class_of(size)).0
