@@ -31,9 +31,11 @@
 //! Threads: each thread claims one of [`ARENAS_MAX`] arena indices for itself (shared round
 //! robin once all are held by live threads), remembered in a `thread_local` that both heaps
 //! share; the claiming thread keeps a lock-free cache of small objects in its arena (see
-//! `arena`). A free by another thread goes to the arena owning the slab, under its lock. Page
-//! runs come from the page heap under one lock. Lock order: arena, then
-//! page heap; arenas in index order (only `prepare_fork` takes more than one).
+//! `arena`), which also takes its frees of other arenas' objects and returns them to their
+//! owners in batches. A thread that exits flushes its caches and releases its index (a pthread
+//! key destructor), so short-lived threads reuse the arenas of dead ones. Page runs come from
+//! the page heap under one lock. Lock order: arena, then page heap; arenas in index order
+//! (only `prepare_fork` takes more than one).
 
 mod arena;
 mod lock;
