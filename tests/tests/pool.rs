@@ -290,6 +290,52 @@ fn a_server_killed_with_one_copy_and_the_log_costs_nothing() {
     );
 }
 
+/// Adaptive replication with the log on, the pool's memory scarce (`LEGO_ADAPTIVE_FREE=90`:
+/// scarce once a tenth of it is used): the log stands in for the second copy of the pages it
+/// holds, so they get one copy in the pool; a server killed mid-run costs nothing, its
+/// one-copy pages come back from the log. Identical output.
+#[test]
+fn adaptive_with_scarce_memory_and_the_log_keeps_one_copy_and_loses_nothing() {
+    let _serial = heavy();
+    let native = native_workload();
+    let logs = lego_tests::TempDir::new("pool-kill-adaptive-log");
+    let log_dir = logs.path().join("log");
+    let log_dir = log_dir.to_str().expect("a UTF-8 path");
+    let (out, setup) = kill_one_of_three(
+        "pool-kill-adaptive-log",
+        &[
+            ("LEGO_REPLICAS", "2"),
+            ("LEGO_REPLICATION", "adaptive"),
+            ("LEGO_ADAPTIVE_FREE", "90"),
+            ("LEGO_LOG_DIR", log_dir),
+            ("LEGO_LOG_LEVEL", "info"),
+        ],
+        Wait::Nothing,
+    );
+    let stats = assert_survived(&out, &setup, &native, "adaptive, scarce, with the log");
+    assert!(
+        out.stderr
+            .contains("pool replication is one copy and the log now"),
+        "the switch must be logged at info:\n{out}"
+    );
+    assert!(
+        stats.number("pool_mode_switches").is_some_and(|n| n >= 1),
+        "{}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pool_log_copies").is_some_and(|n| n > 1000),
+        "pages the log held must have been stored with one copy: {}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pages_from_log").is_some_and(|n| n > 0),
+        "the killed server's one-copy pages must have come back from the log: {}",
+        stats.raw
+    );
+    assert_eq!(stats.number("log_errors"), Some(0), "{}", stats.raw);
+}
+
 /// With one copy and no log, a killed server's pages are gone: the program that touches one
 /// dies with SIGBUS and a message, and never reads wrong data.
 #[test]

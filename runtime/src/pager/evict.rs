@@ -126,7 +126,12 @@ pub(super) fn evictor_loop(sh: &Shared) {
         // Evict down to the low watermark, one batch at a time, each inside the gate.
         loop {
             let _pass = sh.gate.enter();
-            let log_first = sh.durable.as_ref().filter(|d| d.log_first());
+            // The store says, batch by batch, whether the log is to stand in for a copy now
+            // (an adaptive pool short of memory keeps one copy of what the log holds).
+            let log_first = sh
+                .durable
+                .as_ref()
+                .filter(|d| d.log_first() && sh.store.log_copy_now());
             if log_first.is_some_and(|d| d.in_flight.load(Ordering::SeqCst)) {
                 // An epoch is being written: the pages its cut took may not be in the log
                 // yet, and only pages the log holds may be evicted now.

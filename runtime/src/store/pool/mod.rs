@@ -20,8 +20,10 @@
 //!   down and probed with backoff; the pool's thread (`lego-pool`) writes the queued copies,
 //!   probes, watches free memory, and re-replicates pages that have fewer than N copies on up
 //!   servers (after a server went down, or came back empty) from a surviving copy.
-//! - Ordering: writes of the same page by the evictor and by the pool's thread are serialised
-//!   by stripe locks (by group), so an older copy never lands after a newer one on a server.
+//! - Ordering: writes of the same page by write-backs, discards and repair are serialised by
+//!   stripe locks (by group); the pool's thread writes queued copies without them, and a
+//!   writer of a page it is writing waits for it ([`queue`]). So an older copy never lands
+//!   after a newer one on a server.
 //!
 //! Rules: the records' lock is never held across I/O; stripe locks are taken in index order
 //! and before the records' lock.
@@ -34,7 +36,7 @@ pub mod records;
 mod upkeep;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use self::health::Health;
 use self::member::Member;
@@ -42,8 +44,8 @@ use self::placement::Placement;
 use self::queue::ReplicaQueue;
 use self::records::Records;
 use super::{
-    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
-    PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
+    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, LogCopies, Outcome, PageRead,
+    PageStore, PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::config::{PoolSettings, Replication};
 use crate::logging::{error_chain, RateLimit};
@@ -68,6 +70,8 @@ struct Counters {
     queue_reads: AtomicU64,
     /// Servers found restarted (empty).
     restarts: AtomicU64,
+    /// Pages stored with one copy because the log held them (adaptive, memory scarce).
+    log_copies: AtomicU64,
 }
 
 /// Per-server page counters.
@@ -101,8 +105,11 @@ struct Inner {
     queue: ReplicaQueue,
     stripes: Vec<Mutex<()>>,
     settings: PoolSettings,
-    /// Current mode of adaptive replication (fixed for the other two).
+    /// Current mode of adaptive replication (fixed for the other two): memory is scarce.
     optimistic: AtomicBool,
+    /// With adaptive replication and a log: what the log holds. While memory is scarce, a
+    /// page the log holds gets one copy in the pool (the log stands in for the others).
+    log: OnceLock<Arc<dyn LogCopies>>,
     counters: Counters,
     /// Some page may have fewer copies than it should.
     repair_needed: AtomicBool,
@@ -184,6 +191,7 @@ impl PoolStore {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             settings,
             optimistic: AtomicBool::new(settings.replication == Replication::Optimistic),
+            log: OnceLock::new(),
             counters: Counters::default(),
             repair_needed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
@@ -205,6 +213,7 @@ impl PoolStore {
 
     fn describe_inner(inner: &Inner) -> String {
         let mode = match inner.settings.replication {
+            Replication::Adaptive if inner.log_covers_now() => "adaptive, one copy and the log now",
             Replication::Adaptive if inner.optimistic.load(Relaxed) => "adaptive, optimistic now",
             Replication::Adaptive => "adaptive, pessimistic now",
             other => other.name(),
@@ -367,6 +376,19 @@ impl Inner {
             .filter(|(_, &w)| w)
             .map(|(i, _)| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner()))
             .collect()
+    }
+
+    /// The log, while it stands in for the other copies of the pages it holds: adaptive
+    /// replication with a log, memory scarce.
+    fn log_covers_now(&self) -> bool {
+        self.log_now().is_some()
+    }
+
+    fn log_now(&self) -> Option<&dyn LogCopies> {
+        let scarce = self.settings.replication == Replication::Adaptive
+            && self.settings.replicas > 1
+            && self.optimistic.load(Relaxed);
+        self.log.get().filter(|_| scarce).map(|l| &**l)
     }
 
     fn up_mask(&self) -> u64 {
@@ -723,16 +745,32 @@ impl PageStore for PoolStore {
             return first_error.map_or(Ok(()), Err);
         }
         let replicas = inner.settings.replicas;
-        // Optimistic only while the queue has room for every page's other copies.
-        let optimistic =
-            replicas > 1 && inner.optimistic.load(Relaxed) && inner.queue.has_room(positions.len());
-        let need = vec![if optimistic { 1 } else { replicas }; positions.len()];
+        // Adaptive with a log, memory scarce: one copy of the pages the log holds, every copy
+        // of the others. Else optimistic only while the queue has room for every page's other
+        // copies.
+        let log = inner.log_now();
+        let optimistic = log.is_none()
+            && replicas > 1
+            && inner.optimistic.load(Relaxed)
+            && inner.queue.has_room(positions.len());
+        let need: Vec<usize> = positions
+            .iter()
+            .map(|&i| match log {
+                Some(log) if log.holds(batch[i].page, batch[i].crc) => 1,
+                _ if optimistic => 1,
+                _ => replicas,
+            })
+            .collect();
         let mut acked = vec![0u64; positions.len()];
-        let _stripes = inner.lock_stripes(positions.iter().map(|&i| batch[i].page));
+        let pages: Vec<u64> = positions.iter().map(|&i| batch[i].page).collect();
+        let _stripes = inner.lock_stripes(pages.iter().copied());
+        // The pool's thread may be writing older copies of these pages: wait for it.
+        inner.queue.hold(&pages);
         if let Some(e) = inner.write_copies(batch, &positions, &need, &mut acked) {
             first_error.get_or_insert(e);
         }
         let mut short = false;
+        let mut log_copies = 0;
         let mut failed = None;
         {
             let mut records = inner.records.lock();
@@ -745,11 +783,15 @@ impl PageStore for PoolStore {
                 }
                 w.outcome = Outcome::Done;
                 records.set(w.page, w.crc, w.version, acked[k]);
-                if (acked[k].count_ones() as usize) < replicas {
+                if (acked[k].count_ones() as usize) < need[k] {
                     short = true;
+                }
+                if need[k] < replicas && !optimistic {
+                    log_copies += 1;
                 }
             }
         }
+        inner.counters.log_copies.fetch_add(log_copies, Relaxed);
         if optimistic {
             for (k, &i) in positions.iter().enumerate() {
                 let w = &batch[i];
@@ -762,6 +804,9 @@ impl PageStore for PoolStore {
             // Fewer servers up than copies: the pool's thread adds them when it can.
             inner.repair_needed.store(true, Relaxed);
         }
+        // Older queued versions not replaced above (written with all their copies now, or not
+        // at all) go back to the pool's thread, which drops the stale ones.
+        inner.queue.release(&pages);
         if batch.iter().all(|w| w.outcome.is_done()) {
             return Ok(());
         }
@@ -795,6 +840,8 @@ impl PageStore for PoolStore {
             inner.lock_stripes(range.clone())
         };
         let mut by_server: Vec<Vec<u64>> = vec![Vec::new(); inner.members.len()];
+        // The pool's thread may be writing copies of these pages: wait, then forget them.
+        inner.queue.settle(range.clone());
         {
             let mut records = inner.records.lock();
             for page in range {
@@ -832,8 +879,19 @@ impl PageStore for PoolStore {
         upkeep::report(&self.inner)
     }
 
+    /// One copy, or adaptive replication (which keeps one copy of what the log holds while
+    /// memory is scarce).
     fn wants_log_copy(&self) -> bool {
-        self.inner.settings.replicas == 1
+        let s = &self.inner.settings;
+        s.replicas == 1 || s.replication == Replication::Adaptive
+    }
+
+    fn log_copy_now(&self) -> bool {
+        self.inner.settings.replicas == 1 || self.inner.log_covers_now()
+    }
+
+    fn log_stands_in(&self, log: Arc<dyn LogCopies>) {
+        let _ = self.inner.log.set(log);
     }
 
     /// Every member checks checksum and version; the queue's and the zero pages' bytes are

@@ -26,10 +26,9 @@ use crate::PAGE_SIZE;
 const TICK_MS: u64 = 100;
 /// How often the servers are asked how they are, in milliseconds.
 const HEALTH_CHECK_MS: u64 = 1000;
-/// Queued pages whose copies one batch writes. (A batch holds its pages' stripe locks while it
-/// writes, and the evictor's write-backs wait for them; but smaller batches drain the queue
-/// slower, and a fuller queue costs memory: 64 made the bench's optimistic runs outgrow
-/// their cgroup.)
+/// Queued pages whose copies one batch writes. (A write-back of a page in the batch waits
+/// for the batch; but smaller batches drain the queue slower, and a fuller queue costs
+/// memory: 64 made the bench's optimistic runs outgrow their cgroup.)
 const QUEUE_PAGES_PER_ROUND: usize = 256;
 /// Batches of queued pages one round writes at most (the round's other duties, leases
 /// among them, must not wait for a queue that never empties).
@@ -102,17 +101,19 @@ fn run(inner: &Inner) {
 }
 
 /// Writes the other copies of queued pages, [`QUEUE_PAGES_PER_ROUND`] at a time, for at most
-/// [`QUEUE_BATCHES_PER_ROUND`] batches.
+/// [`QUEUE_BATCHES_PER_ROUND`] batches. No stripe lock is held: the taken pages are
+/// `Draining`, and every other writer of them waits for that to end (see [`super::queue`]),
+/// so write-backs of other pages go on while these copies are written.
 fn drain_queue(inner: &Inner) {
     for _ in 0..QUEUE_BATCHES_PER_ROUND {
         let taken = inner.queue.take(QUEUE_PAGES_PER_ROUND);
         if taken.is_empty() {
             return;
         }
-        let stripes = inner.lock_stripes(taken.iter().map(|(page, _)| *page));
         // Only versions that are still the newest; each with the holders it has already.
         let mut acked = Vec::with_capacity(taken.len());
         let mut live = Vec::with_capacity(taken.len());
+        let mut stale = Vec::new();
         {
             let records = inner.records.lock();
             for (page, w) in &taken {
@@ -121,9 +122,12 @@ fn drain_queue(inner: &Inner) {
                     acked.push(copy.holders);
                     live.push((*page, w));
                 } else {
-                    inner.queue.finish(*page, w.version, true);
+                    stale.push((*page, w.version, true));
                 }
             }
+        }
+        if !stale.is_empty() {
+            inner.queue.finish(&stale);
         }
         let mut batch: Vec<PageWrite<'_>> = live
             .iter()
@@ -133,14 +137,15 @@ fn drain_queue(inner: &Inner) {
         let need = vec![inner.settings.replicas; batch.len()];
         let before = acked.clone();
         let _ = inner.write_copies(&mut batch, &positions, &need, &mut acked);
+        let mut done = Vec::with_capacity(live.len());
         let mut records = inner.records.lock();
         for (k, (page, w)) in live.iter().enumerate() {
             records.add_holders(*page, w.version, acked[k] & !before[k]);
             let complete = acked[k].count_ones() as usize >= inner.settings.replicas;
-            inner.queue.finish(*page, w.version, complete);
+            done.push((*page, w.version, complete));
         }
         drop(records);
-        drop(stripes);
+        inner.queue.finish(&done);
         // Not enough servers up: try again next round.
         let retry_later = live.is_empty()
             || acked
@@ -248,16 +253,26 @@ fn check_servers(inner: &Inner) {
         if let Some(to) = switch_to {
             inner.optimistic.store(to, Relaxed);
             inner.counters.mode_switches.fetch_add(1, Relaxed);
+            let mode = match (to, inner.log.get().is_some()) {
+                (true, true) => "one copy and the log",
+                (true, false) => "optimistic",
+                (false, _) => "pessimistic",
+            };
             log::info!(
-                "pool replication is {} now: {free_percent}% of the pool's memory is free \
-                 (the threshold is {threshold}%)",
-                if to { "optimistic" } else { "pessimistic" }
+                "pool replication is {mode} now: {free_percent}% of the pool's memory is free \
+                 (the threshold is {threshold}%)"
             );
             if !to {
                 inner.repair_needed.store(true, Relaxed);
             }
         }
     }
+}
+
+/// Whether a page short of copies needs none now: the log stands in for the others (memory
+/// scarce) and it has one on an up server. Repair adds them once memory is plentiful again.
+fn log_covers(inner: &Inner, page: u64, crc: u32, up_holders: u64) -> bool {
+    up_holders != 0 && inner.log_now().is_some_and(|log| log.holds(page, crc))
 }
 
 /// How many of a page's holders are up, against how many copies it should have now.
@@ -278,7 +293,10 @@ fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
         let records = inner.records.lock();
         for page in cursor..end {
             let copy = records.get(page);
-            if copy.version != 0 && short_of_copies(inner, copy.holders, up) {
+            if copy.version != 0
+                && short_of_copies(inner, copy.holders, up)
+                && !log_covers(inner, page, copy.crc, copy.holders & up)
+            {
                 // Pages still queued get their copies from the queue.
                 short.push(page);
                 if short.len() == REPAIR_PAGES_PER_ROUND {
@@ -399,6 +417,10 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
         (
             "pool_queued_pages".to_string(),
             inner.queue.len().to_string(),
+        ),
+        (
+            "pool_log_copies".to_string(),
+            c.log_copies.load(Relaxed).to_string(),
         ),
         (
             "pool_sealed".to_string(),
