@@ -54,6 +54,9 @@ static POOL_FULL: RateLimit = RateLimit::new(3);
 
 /// Stripe locks that order writes of the same pages.
 const STRIPES: usize = 64;
+/// Queued copies a write-back takes along, per page of its own, at most (more than one, so
+/// that write-backs also drain a queue that has grown).
+const QUEUED_RIDERS_PER_PAGE: usize = 2;
 
 /// Counters of the pool, for the stats.
 #[derive(Default)]
@@ -761,14 +764,37 @@ impl PageStore for PoolStore {
                 _ => replicas,
             })
             .collect();
-        let mut acked = vec![0u64; positions.len()];
+        let n = positions.len();
         let pages: Vec<u64> = positions.iter().map(|&i| batch[i].page).collect();
         let _stripes = inner.lock_stripes(pages.iter().copied());
         // The pool's thread may be writing older copies of these pages: wait for it.
         inner.queue.hold(&pages);
-        if let Some(e) = inner.write_copies(batch, &positions, &need, &mut acked) {
+        // Queued copies of earlier write-backs ride along, in the same requests (one
+        // round per server for both, instead of a round of the pool's thread's besides).
+        let queued = if replicas > 1 {
+            upkeep::Queued::take(inner, n * QUEUED_RIDERS_PER_PAGE)
+        } else {
+            upkeep::Queued::none()
+        };
+        let mut all: Vec<PageWrite<'_>> = positions
+            .iter()
+            .map(|&i| {
+                let w = &batch[i];
+                PageWrite::with_crc(w.page, w.buf, w.crc, w.version)
+            })
+            .collect();
+        all.extend(queued.writes());
+        let mut need_all = need.clone();
+        need_all.resize(all.len(), replicas);
+        let mut acked = vec![0u64; n];
+        acked.extend_from_slice(&queued.holders);
+        let every: Vec<usize> = (0..all.len()).collect();
+        if let Some(e) = inner.write_copies(&mut all, &every, &need_all, &mut acked) {
             first_error.get_or_insert(e);
         }
+        drop(all);
+        queued.finish(inner, &acked[n..]);
+        acked.truncate(n);
         let mut short = false;
         let mut log_copies = 0;
         let mut failed = None;
@@ -799,7 +825,7 @@ impl PageStore for PoolStore {
                     inner.queue.push(w.page, w.crc, w.version, w.buf);
                 }
             }
-            inner.wake_thread();
+            // The next write-back carries them, or the pool's thread within its tick.
         } else if short {
             // Fewer servers up than copies: the pool's thread adds them when it can.
             inner.repair_needed.store(true, Relaxed);

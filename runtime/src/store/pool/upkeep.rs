@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::health::Probed;
+use super::queue::Waiting;
 use super::Inner;
 use crate::config::Replication;
 use crate::io::AlignedBuf;
@@ -100,27 +101,31 @@ fn run(inner: &Inner) {
     }
 }
 
-/// Writes the other copies of queued pages, [`QUEUE_PAGES_PER_ROUND`] at a time, for at most
-/// [`QUEUE_BATCHES_PER_ROUND`] batches. No stripe lock is held: the taken pages are
-/// `Draining`, and every other writer of them waits for that to end (see [`super::queue`]),
-/// so write-backs of other pages go on while these copies are written.
-fn drain_queue(inner: &Inner) {
-    for _ in 0..QUEUE_BATCHES_PER_ROUND {
-        let taken = inner.queue.take(QUEUE_PAGES_PER_ROUND);
-        if taken.is_empty() {
-            return;
-        }
-        // Only versions that are still the newest; each with the holders it has already.
-        let mut acked = Vec::with_capacity(taken.len());
+/// Queued pages taken for their other copies (marked `Draining`, see [`super::queue`]): the
+/// versions that are still the newest, each with the servers that hold it already. Stale
+/// versions are finished when taken.
+pub(super) struct Queued {
+    taken: Vec<(u64, Waiting)>,
+    /// Indexes into `taken` of the pages still to be copied.
+    live: Vec<usize>,
+    /// Servers holding each live page's version already.
+    pub(super) holders: Vec<u64>,
+}
+
+impl Queued {
+    /// Takes up to `n` queued pages.
+    pub(super) fn take(inner: &Inner, n: usize) -> Queued {
+        let taken = inner.queue.take(n);
         let mut live = Vec::with_capacity(taken.len());
+        let mut holders = Vec::with_capacity(taken.len());
         let mut stale = Vec::new();
-        {
+        if !taken.is_empty() {
             let records = inner.records.lock();
-            for (page, w) in &taken {
+            for (k, (page, w)) in taken.iter().enumerate() {
                 let copy = records.get(*page);
                 if copy.version == w.version {
-                    acked.push(copy.holders);
-                    live.push((*page, w));
+                    holders.push(copy.holders);
+                    live.push(k);
                 } else {
                     stale.push((*page, w.version, true));
                 }
@@ -129,35 +134,81 @@ fn drain_queue(inner: &Inner) {
         if !stale.is_empty() {
             inner.queue.finish(&stale);
         }
-        let mut batch: Vec<PageWrite<'_>> = live
-            .iter()
-            .map(|(page, w)| PageWrite::with_crc(*page, w.bytes.as_slice(), w.crc, w.version))
-            .collect();
-        let positions: Vec<usize> = (0..batch.len()).collect();
-        let need = vec![inner.settings.replicas; batch.len()];
-        let before = acked.clone();
-        let _ = inner.write_copies(&mut batch, &positions, &need, &mut acked);
-        let mut done = Vec::with_capacity(live.len());
-        let mut records = inner.records.lock();
-        for (k, (page, w)) in live.iter().enumerate() {
-            records.add_holders(*page, w.version, acked[k] & !before[k]);
-            let complete = acked[k].count_ones() as usize >= inner.settings.replicas;
-            done.push((*page, w.version, complete));
+        Queued {
+            taken,
+            live,
+            holders,
         }
-        drop(records);
+    }
+
+    /// Nothing taken.
+    pub(super) fn none() -> Queued {
+        Queued {
+            taken: Vec::new(),
+            live: Vec::new(),
+            holders: Vec::new(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// The writes of the live pages, in order.
+    pub(super) fn writes(&self) -> impl Iterator<Item = PageWrite<'_>> {
+        self.live.iter().map(|&k| {
+            let (page, w) = &self.taken[k];
+            PageWrite::with_crc(*page, w.bytes.as_slice(), w.crc, w.version)
+        })
+    }
+
+    /// Records the copies written (`acked`: the servers now holding each live page, those
+    /// it held before included) and gives the pages back to the queue: gone when they have
+    /// every copy, else to be tried again. Returns whether every page has every copy.
+    pub(super) fn finish(self, inner: &Inner, acked: &[u64]) -> bool {
+        let replicas = inner.settings.replicas;
+        let mut done = Vec::with_capacity(self.live.len());
+        let mut complete_all = true;
+        {
+            let mut records = inner.records.lock();
+            for (j, &k) in self.live.iter().enumerate() {
+                let (page, w) = &self.taken[k];
+                records.add_holders(*page, w.version, acked[j] & !self.holders[j]);
+                let complete = acked[j].count_ones() as usize >= replicas;
+                complete_all &= complete;
+                done.push((*page, w.version, complete));
+            }
+        }
         inner.queue.finish(&done);
-        // Not enough servers up: try again next round.
-        let retry_later = live.is_empty()
-            || acked
-                .iter()
-                .any(|a| (a.count_ones() as usize) < inner.settings.replicas);
-        drop(batch);
-        drop(live);
         // The buffers of pages that left the queue serve the next ones.
-        for (_, w) in taken {
+        for (_, w) in self.taken {
             inner.queue.recycle(w);
         }
-        if retry_later {
+        complete_all
+    }
+}
+
+/// Writes the other copies of queued pages, [`QUEUE_PAGES_PER_ROUND`] at a time, for at most
+/// [`QUEUE_BATCHES_PER_ROUND`] batches. No stripe lock is held: the taken pages are
+/// `Draining`, and every other writer of them waits for that to end (see [`super::queue`]),
+/// so write-backs of other pages go on while these copies are written. (While write-backs
+/// run, they carry most queued copies themselves: see `PoolStore::store`.)
+fn drain_queue(inner: &Inner) {
+    for _ in 0..QUEUE_BATCHES_PER_ROUND {
+        let queued = Queued::take(inner, QUEUE_PAGES_PER_ROUND);
+        if queued.is_empty() {
+            // Nothing queued, or only stale versions (finished): done for this round.
+            queued.finish(inner, &[]);
+            return;
+        }
+        let mut batch: Vec<PageWrite<'_>> = queued.writes().collect();
+        let positions: Vec<usize> = (0..batch.len()).collect();
+        let need = vec![inner.settings.replicas; batch.len()];
+        let mut acked = queued.holders.clone();
+        let _ = inner.write_copies(&mut batch, &positions, &need, &mut acked);
+        drop(batch);
+        // Not enough servers up: try again next round.
+        if !queued.finish(inner, &acked) {
             return;
         }
     }
