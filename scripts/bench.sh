@@ -8,6 +8,8 @@
 #   scripts/bench.sh [--quick] --only pool   only the memcached pool rows (~1.5 min quick here),
 #                                         so that they can be rerun alone on a shared machine
 #   scripts/bench.sh [--quick] --only watch  only the rows of what publishing costs (~1 min quick)
+#   scripts/bench.sh [--quick] --only swap   only the oversubscribed rows and the cache curve,
+#                                         lego vs kernel swap vs zswap
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -15,9 +17,11 @@
 #   oversubscribed   seq, random, zipf, mt over a heap 4x the cache: lego in a memory cgroup
 #                    capped at cache + 16 MiB (the stated overhead) with no swap, vs the same
 #                    program without the shim in a cgroup capped at the cache with a swap file
-#                    on the same disk (kernel swap), plus an uncapped native run for reference
+#                    on the same disk (kernel swap), the same with zswap on (compressed swap in
+#                    RAM, lz4 where the kernel has it), plus an uncapped native run for reference
 #   thread scaling   page_sweep mt under lego with 1 .. nproc threads
 #   cache curve      zipf at a cache of 10/25/50/100% of the working set, lego vs kernel swap
+#                    vs zswap
 #                    (target/bench/cache_curve.png)
 #   allocator        bench/alloc_bench.c modes, lego with the heap all resident vs glibc:
 #                    time and peak RSS (/usr/bin/time -f %M), geometric means of the ratios
@@ -78,19 +82,19 @@ note() { printf '    %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 quick=0
-only=""   # empty: every benchmark; pool or watch: only those rows
+only=""   # empty: every benchmark; pool, watch or swap: only those rows
 while [ "$#" -gt 0 ]; do
     case $1 in
         --quick) quick=1 ;;
         --only)
-            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool or --only watch)"
+            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool, watch or swap)"
             case $2 in
-                pool | watch) only=$2 ;;
-                *) die "unknown section '$2' for --only (expected pool or watch)" ;;
+                pool | watch | swap) only=$2 ;;
+                *) die "unknown section '$2' for --only (expected pool, watch or swap)" ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument '$1' (expected --quick, --only pool, --only watch or nothing)" ;;
+        *) die "unknown argument '$1' (expected --quick, --only pool|watch|swap or nothing)" ;;
     esac
     shift
 done
@@ -181,6 +185,7 @@ cleanup() {
         wait "$child" 2>/dev/null || true
     fi
     mc_stop
+    restore_zswap
     if [ "$swap_on" = 1 ]; then swapoff "$swap_file" 2>/dev/null || note "swapoff $swap_file failed"; fi
     if [ "$swap_created" = 1 ]; then rm -f "$swap_file"; fi
     rm -rf "$log_root"
@@ -236,6 +241,13 @@ cgroup_reason=""
 swap_ok=0
 swap_reason=""
 swap_toggle=0   # 1 when swap cannot be refused per cgroup: lego runs with the swap file off
+# zswap (compressed swap in RAM): on only for the zswap-cg runs, its settings restored at exit.
+zswap_ok=0
+zswap_reason=""
+zswap_dir=/sys/module/zswap/parameters
+zswap_saved_enabled=""
+zswap_saved_compressor=""
+zswap_on=0
 
 setup_cgroups_and_swap() {
     say "memory cgroups and swap file"
@@ -275,6 +287,7 @@ setup_cgroups_and_swap() {
         swap_reason="cannot create swap file $swap_file: ${msg:-unknown error}"
     fi
     if [ "$swap_ok" = 0 ]; then note "kernel-swap baseline skipped: $swap_reason"; fi
+    setup_zswap
     if tail -n +2 /proc/swaps | grep -qv "^$swap_file "; then
         note "other swap devices are active (see /proc/swaps); lego's cgroup still refuses swap"
     fi
@@ -302,6 +315,45 @@ cg_limit() {
     echo 0 >"$dir/memory.force_empty" 2>/dev/null || true
     echo 0 >"$dir/memory.max_usage_in_bytes"
     if [ -f "$dir/memory.memsw.max_usage_in_bytes" ]; then echo 0 >"$dir/memory.memsw.max_usage_in_bytes"; fi
+}
+
+# zswap for the zswap-cg runs: the swap file behind it, lz4 (else zstd, else the kernel's
+# default compressor). Off for every other run, as the kernel-swap baseline is measured.
+setup_zswap() {
+    if [ "$swap_ok" = 0 ]; then
+        zswap_reason="$swap_reason"
+    elif [ ! -w "$zswap_dir/enabled" ]; then
+        zswap_reason="no zswap in this kernel ($zswap_dir)"
+    else
+        zswap_saved_enabled="$(cat "$zswap_dir/enabled")"
+        zswap_saved_compressor="$(cat "$zswap_dir/compressor")"
+        local c
+        for c in lz4 zstd; do
+            if echo "$c" >"$zswap_dir/compressor" 2>/dev/null; then break; fi
+        done
+        if echo N >"$zswap_dir/enabled" 2>/dev/null; then
+            zswap_ok=1
+            note "zswap baseline: compressor $(cat "$zswap_dir/compressor"), max_pool_percent $(cat "$zswap_dir/max_pool_percent"), off but for its runs (was enabled=$zswap_saved_enabled, compressor $zswap_saved_compressor; restored at exit)"
+        else
+            zswap_reason="cannot turn zswap off and on ($zswap_dir/enabled)"
+        fi
+    fi
+    if [ "$zswap_ok" = 0 ]; then note "zswap baseline skipped: $zswap_reason"; fi
+}
+
+set_zswap() { # on|off
+    [ "$zswap_ok" = 1 ] || return 0
+    if [ "$1" = on ] && [ "$zswap_on" = 0 ]; then echo Y >"$zswap_dir/enabled" && zswap_on=1; fi
+    if [ "$1" = off ] && [ "$zswap_on" = 1 ]; then echo N >"$zswap_dir/enabled" && zswap_on=0; fi
+}
+
+restore_zswap() {
+    if [ -n "$zswap_saved_compressor" ]; then
+        echo "$zswap_saved_compressor" >"$zswap_dir/compressor" 2>/dev/null || note "could not restore the zswap compressor"
+    fi
+    if [ -n "$zswap_saved_enabled" ]; then
+        echo "$zswap_saved_enabled" >"$zswap_dir/enabled" 2>/dev/null || note "could not restore zswap's enabled setting"
+    fi
 }
 
 cg_oom_kills() { awk '$1 == "oom_kill" { print $2; found = 1 } END { if (!found) print 0 }' "$1/memory.oom_control"; }
@@ -397,7 +449,8 @@ stores_left=0   # lego runs that exited normally but left their page store direc
 # One measured run.
 #   measure NAME VARIANT ROUND SETUP PROGRAM ARGS...
 # SETUP: plain | lego:CACHE_MIB | lego-cg:CACHE_MIB (lego capped at cache + overhead, no swap)
-#        | swap-cg:CACHE_MIB (no shim, capped at the cache, swap allowed)
+#        | swap-cg:CACHE_MIB (no shim, capped at the cache, swap allowed, zswap off)
+#        | zswap-cg:CACHE_MIB (the same with zswap on)
 #        | lego-log:CACHE_MIB (lego with LEGO_LOG_DIR=$log_root/NAME.VARIANT.ROUND, the
 #          default interval and sync) | lego-ckpt:CACHE_MIB (the same, but only
 #          lego_checkpoint() and exit start epochs, and the log is never compacted)
@@ -421,8 +474,9 @@ measure() {
     local -a cmd=(timeout -k 5 "$run_timeout_s" /usr/bin/time -f %M -o "$rss_file")
     if [ "$cgroup_ok" = 1 ]; then
         case $kind in
-            lego-cg) cg=$cg_lego; set_swap off; cg_limit "$cg" $(( (cache + overhead_mib) << 20 )) no-swap ;;
-            swap-cg) cg=$cg_swap; set_swap on; cg_limit "$cg" $(( cache << 20 )) swap ;;
+            lego-cg) cg=$cg_lego; set_swap off; set_zswap off; cg_limit "$cg" $(( (cache + overhead_mib) << 20 )) no-swap ;;
+            swap-cg) cg=$cg_swap; set_swap on; set_zswap off; cg_limit "$cg" $(( cache << 20 )) swap ;;
+            zswap-cg) cg=$cg_swap; set_swap on; set_zswap on; cg_limit "$cg" $(( cache << 20 )) swap ;;
         esac
     fi
     if [ -n "$cg" ]; then
@@ -546,7 +600,7 @@ sweep_args() { # the page_sweep arguments of one oversubscribed workload
 }
 
 run_oversubscribed() {
-    say "oversubscribed: heap $over_heap_mib MiB over cache $over_cache_mib MiB; lego vs kernel swap vs native"
+    say "oversubscribed: heap $over_heap_mib MiB over cache $over_cache_mib MiB; lego vs kernel swap vs zswap vs native"
     local r w
     local -a args
     for r in $(seq 1 "$rounds"); do
@@ -555,6 +609,9 @@ run_oversubscribed() {
             measure "$w" lego "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
             if [ "$swap_ok" = 1 ]; then
                 measure "$w" swap "$r" "swap-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+            fi
+            if [ "$zswap_ok" = 1 ]; then
+                measure "$w" zswap "$r" "zswap-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
             fi
             measure "$w" native "$r" plain "$bin_dir/page_sweep" "${args[@]}"
         done
@@ -584,7 +641,7 @@ curve_cache_mib() { # the cache for PERCENT of the curve's heap, at least lego's
 }
 
 run_cache_curve() {
-    say "cache curve: zipf over $curve_heap_mib MiB at $curve_percents % cache; lego vs kernel swap"
+    say "cache curve: zipf over $curve_heap_mib MiB at $curve_percents % cache; lego vs kernel swap vs zswap"
     local r p c rounds_now=$curve_rounds
     for r in $(seq 1 "$curve_rounds"); do
         for p in $curve_percents; do
@@ -592,6 +649,9 @@ run_cache_curve() {
             measure "curve_$p" lego "$r" "lego-cg:$c" "$bin_dir/page_sweep" zipf "$curve_heap_mib" "$zipf_per_page"
             if [ "$swap_ok" = 1 ]; then
                 measure "curve_$p" swap "$r" "swap-cg:$c" "$bin_dir/page_sweep" zipf "$curve_heap_mib" "$zipf_per_page"
+            fi
+            if [ "$zswap_ok" = 1 ]; then
+                measure "curve_$p" zswap "$r" "zswap-cg:$c" "$bin_dir/page_sweep" zipf "$curve_heap_mib" "$zipf_per_page"
             fi
         done
     done
@@ -950,18 +1010,16 @@ geomean_row() { # METRIC KEY UNIT GOAL: geometric mean over the allocator modes 
 
 # ---------------------------------------------------------------------------------------------
 # The report.
-build_rows() {
+build_swap_rows() { # lego against kernel swap and zswap over the oversubscribed workloads
     local over="heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M"
-    compare "first touch, lego / kernel anonymous fault ($first_touch_mib MiB)" \
-        first_touch lego kernel ns_per_page ns le 1.0 ""
-    compare "first touch, lego / naive uffd floor (1 handler, UFFDIO_ZEROPAGE)" \
-        first_touch lego floor ns_per_page ns none "" ""
-    compare "first touch, naive uffd floor / kernel anonymous fault" \
-        first_touch floor kernel ns_per_page ns none "" ""
     compare "sequential sweeps ($seq_sweeps), $over, lego / kernel swap" seq lego swap seconds s le 0.3 "$swap_reason"
     compare "random page reads (${random_per_page}x pages), $over, lego / kernel swap" random lego swap seconds s le 1.0 "$swap_reason"
     compare "zipf 0.99 reads+writes (${zipf_per_page}x pages), $over, lego / kernel swap" zipf lego swap seconds s none "" "$swap_reason"
     compare "$mt_threads threads random reads (${mt_per_page}x pages), $over, lego / kernel swap" mt lego swap seconds s none "" "$swap_reason"
+    compare "sequential sweeps ($seq_sweeps), $over, lego / zswap" seq lego zswap seconds s le 1.0 "$zswap_reason"
+    compare "random page reads (${random_per_page}x pages), $over, lego / zswap" random lego zswap seconds s le 1.0 "$zswap_reason"
+    compare "zipf 0.99 reads+writes (${zipf_per_page}x pages), $over, lego / zswap" zipf lego zswap seconds s le 1.0 "$zswap_reason"
+    compare "$mt_threads threads random reads (${mt_per_page}x pages), $over, lego / zswap" mt lego zswap seconds s none "" "$zswap_reason"
     local w
     for w in seq random zipf mt; do
         compare "$w, $over, lego / native without cap (reference)" "$w" lego native seconds s none "" ""
@@ -974,6 +1032,17 @@ build_rows() {
         add_row "peak cgroup memory over seq/random/zipf/mt, lego (cap $(( over_cache_mib + overhead_mib )) MiB) / kernel swap (cap $over_cache_mib MiB)" \
             "$peak_lego" "$peak_swap" bytes none "" "$([ -n "$peak_swap" ] || echo "skipped ($swap_reason)")"
     fi
+}
+
+build_rows() {
+    local over="heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M"
+    compare "first touch, lego / kernel anonymous fault ($first_touch_mib MiB)" \
+        first_touch lego kernel ns_per_page ns le 1.0 ""
+    compare "first touch, lego / naive uffd floor (1 handler, UFFDIO_ZEROPAGE)" \
+        first_touch lego floor ns_per_page ns none "" ""
+    compare "first touch, naive uffd floor / kernel anonymous fault" \
+        first_touch floor kernel ns_per_page ns none "" ""
+    build_swap_rows
     local t prev=""
     for t in $(thread_counts); do
         if [ -n "$prev" ]; then
@@ -1057,21 +1126,22 @@ build_pool_rows() {
     fi
 }
 
-curve_lines=() # percent, cache MiB, lego seconds, swap seconds
+curve_lines=() # percent, cache MiB, lego seconds, swap seconds, zswap seconds
 
 build_curve() {
-    local p c a b
+    local p c a b z
     for p in $curve_percents; do
         c="$(curve_cache_mib "$p")"
         a="$(median "curve_$p" lego seconds)"
         b="$(median "curve_$p" swap seconds)"
-        curve_lines+=("$p	$c	${a:-?}	${b:-?}")
+        z="$(median "curve_$p" zswap seconds)"
+        curve_lines+=("$p	$c	${a:-?}	${b:-?}	${z:-?}")
     done
 }
 
 plot_curve() {
     local dat="$out_dir/cache_curve.dat" png="$out_dir/cache_curve.png" term=png
-    printf '# percent\tcache_mib\tlego_s\tswap_s\n' >"$dat"
+    printf '# percent\tcache_mib\tlego_s\tswap_s\tzswap_s\n' >"$dat"
     printf '%s\n' "${curve_lines[@]}" >>"$dat"
     if ! command -v gnuplot >/dev/null 2>&1; then
         notes+=("plot skipped: gnuplot is not installed")
@@ -1091,7 +1161,8 @@ set xrange [0:105]
 set yrange [0:*]
 set xtics (10, 25, 50, 100)
 plot '$dat' using 1:3 with linespoints lw 2 pt 7 title 'lego (cgroup: cache + ${overhead_mib} MiB, no swap)', \
-     '$dat' using 1:4 with linespoints lw 2 pt 5 title 'kernel swap (cgroup: cache, swap file)'
+     '$dat' using 1:4 with linespoints lw 2 pt 5 title 'kernel swap (cgroup: cache, swap file)', \
+     '$dat' using 1:5 with linespoints lw 2 pt 9 title 'zswap (the same, zswap on)'
 EOF
 }
 
@@ -1136,12 +1207,14 @@ write_reports() {
         if [ "${#curve_lines[@]}" -gt 0 ]; then
             echo "## Time against cache size (zipf 0.99, ${zipf_per_page}x pages, heap $curve_heap_mib MiB)"
             echo
-            echo "| cache | lego | kernel swap | lego / swap |"
-            echo "|---|---|---|---|"
+            echo "| cache | lego | kernel swap | zswap | lego / swap | lego / zswap |"
+            echo "|---|---|---|---|---|---|"
             for line in "${curve_lines[@]}"; do
-                printf '%s\n' "$line" | awk -F'\t' '{
-                    r = ($3 != "?" && $4 != "?" && $4 > 0) ? sprintf("%.2f", $3 / $4) : "—"
-                    printf "| %s%% (%s MiB) | %s | %s | %s |\n", $1, $2, ($3 == "?" ? "—" : sprintf("%.3f s", $3)), ($4 == "?" ? "—" : sprintf("%.3f s", $4)), r
+                printf '%s\n' "$line" | awk -F'\t' '
+                function t(x) { return (x == "?" ? "—" : sprintf("%.3f s", x)) }
+                function q(a, b) { return (a != "?" && b != "?" && b > 0) ? sprintf("%.2f", a / b) : "—" }
+                {
+                    printf "| %s%% (%s MiB) | %s | %s | %s | %s | %s |\n", $1, $2, t($3), t($4), t($5), q($3, $4), q($3, $5)
                 }'
             done
             echo
@@ -1150,7 +1223,12 @@ write_reports() {
         echo "## Set-up"
         echo
         echo "- lego: \`LD_PRELOAD=$lib\` (a copy of $built_lib taken after the build), \`LEGO_BACKEND=file:$store_dir\`; oversubscribed runs in a memory cgroup (v1) capped at cache + $overhead_mib MiB with swap refused (memsw limit = limit, swappiness 0)."
-        echo "- kernel swap: the same program without the shim in a memory cgroup capped at the cache size, swap file in $store_dir (same disk), swappiness $(cat /proc/sys/vm/swappiness 2>/dev/null || echo '?'), page-cluster $(cat /proc/sys/vm/page-cluster 2>/dev/null || echo '?'), zswap $(cat /sys/module/zswap/parameters/enabled 2>/dev/null || echo 'absent')."
+        echo "- kernel swap: the same program without the shim in a memory cgroup capped at the cache size, swap file in $store_dir (same disk), swappiness $(cat /proc/sys/vm/swappiness 2>/dev/null || echo '?'), page-cluster $(cat /proc/sys/vm/page-cluster 2>/dev/null || echo '?'), zswap off."
+        if [ "$zswap_ok" = 1 ]; then
+            echo "- zswap: the kernel-swap set-up with zswap on (compressor $(cat "$zswap_dir/compressor" 2>/dev/null), max_pool_percent $(cat "$zswap_dir/max_pool_percent" 2>/dev/null)); the swap file behind it. page_sweep's pages hold pseudo-random words, which compress poorly. Measured by hand on this kernel (6.18): zswap kept such pages as they are (\\`Zswap\\` = \\`Zswapped\\` in /proc/meminfo, 99 MB for a 128 MiB random run), and its pool is not charged to a v1 memory cgroup's limit (the cgroup's usage stayed at its 32 MiB cap): **the zswap rows hold the cap plus up to the whole evicted heap in RAM**, not the same memory as lego and kernel swap."
+        else
+            echo "- zswap: skipped ($zswap_reason)."
+        fi
         echo "- first touch and allocator: lego with LEGO_CACHE_SIZE=${first_touch_cache}M (heap all resident), no cgroup; peak RSS from \`/usr/bin/time -f %M\`."
         echo "- durable heap: lego with LEGO_CACHE_SIZE=${first_touch_cache}M and LEGO_LOG_DIR in $log_root (the same disk). Log append: \`log_write checkpoint $log_mib $log_epochs\` with epochs started only by lego_checkpoint() (LEGO_FLUSH_MS=3600000, LEGO_FLUSH_PAGES=16777216, LEGO_LOG_MAX=1T), each timed epoch holding every page of the block, vs \`dd if=/dev/zero bs=1M count=$log_mib oflag=direct conv=fdatasync\` into $log_root. Logging cost: \`log_write update $update_heap_mib $update_mwrites\` under lego with the default LEGO_FLUSH_MS and LEGO_SYNC vs without LEGO_LOG_DIR. Replay: \`lego replay\` of the log-append run's log (image in the same directory) vs \`dd iflag=direct bs=1M\` of its segments, page cache dropped before each; MB = 10^6 bytes."
         if [ "$mc_ok" = 1 ]; then
@@ -1203,8 +1281,8 @@ write_reports() {
         for line in "${curve_lines[@]}"; do
             IFS=$'\t' read -r -a f <<<"$line"
             [ "$i" = 0 ] || printf ',\n'
-            printf '    {"percent": %s, "cache_mib": %s, "lego_seconds": %s, "swap_seconds": %s}' \
-                "${f[0]}" "${f[1]}" "$(json_num "${f[2]}")" "$(json_num "${f[3]}")"
+            printf '    {"percent": %s, "cache_mib": %s, "lego_seconds": %s, "swap_seconds": %s, "zswap_seconds": %s}' \
+                "${f[0]}" "${f[1]}" "$(json_num "${f[2]}")" "$(json_num "${f[3]}")" "$(json_num "${f[4]}")"
             i=$(( i + 1 ))
         done
         printf '\n  ],\n  "runs": [\n'
@@ -1247,16 +1325,23 @@ if [ -z "$only" ]; then
     run_alloc
     run_log_append_and_replay
     run_log_cost
+elif [ "$only" = swap ]; then
+    run_oversubscribed
+    run_cache_curve
 fi
-if [ "$only" != watch ]; then run_pool; fi
-if [ "$only" != pool ]; then run_watch; fi
+if [ -z "$only" ] || [ "$only" = pool ]; then run_pool; fi
+if [ -z "$only" ] || [ "$only" = watch ]; then run_watch; fi
 if [ -z "$only" ]; then
     build_rows
+elif [ "$only" = swap ]; then
+    build_swap_rows
+fi
+if [ -z "$only" ] || [ "$only" = swap ]; then
     build_curve
     plot_curve
 fi
-if [ "$only" != watch ]; then build_pool_rows; fi
-if [ "$only" != pool ]; then build_watch_rows; fi
+if [ -z "$only" ] || [ "$only" = pool ]; then build_pool_rows; fi
+if [ -z "$only" ] || [ "$only" = watch ]; then build_watch_rows; fi
 write_reports
 failed_total="$(awk -F'\t' '$4 != "ok"' "$raw" | wc -l)"
 if [ "$failed_total" != 0 ]; then
@@ -1264,4 +1349,4 @@ if [ "$failed_total" != 0 ]; then
 else
     rm -f "$failures"
 fi
-say "done in $(( SECONDS - start_s )) s: $out_dir/results.md, $out_dir/results.json$([ -n "$only" ] || echo ", $out_dir/cache_curve.png")"
+say "done in $(( SECONDS - start_s )) s: $out_dir/results.md, $out_dir/results.json$([ -n "$only" ] && [ "$only" != swap ] || echo ", $out_dir/cache_curve.png")"
