@@ -346,18 +346,28 @@ fn classify(
 ) -> Vec<StoreCopy> {
     let n = victims.len();
     let mut copies = vec![StoreCopy::default(); n];
+    // The staged bytes are the evictor's alone: they are read before the cache's lock is
+    // taken, so that faults do not wait for a batch's checksums.
+    let mut zero = vec![false; n];
+    for i in 0..n {
+        if present[i] {
+            let page = staging_page(sh, i);
+            zero[i] = page.iter().all(|&b| b == 0);
+            if !zero[i] {
+                copies[i].crc = crc32c::crc32c(page);
+            }
+        }
+    }
     let t = sh.cache.lock();
     for i in 0..n {
         if !present[i] {
             continue;
         }
-        let page = staging_page(sh, i);
-        if page.iter().all(|&b| b == 0) {
+        if zero[i] {
             fate[i] = Fate::Zero;
             continue;
         }
-        let crc = crc32c::crc32c(page);
-        copies[i].crc = crc;
+        let crc = copies[i].crc;
         let p = victims[i];
         fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crc {
             Fate::Clean
