@@ -250,7 +250,9 @@ fn evict_moved(
             return true;
         }
     }
-    let Some(dirty) = write_back(sh, victims, runs, &fate, &copies) else {
+    // With log_first every page written back was just checked to be in the log, outside an
+    // epoch in flight: the store may keep fewer copies of it.
+    let Some(dirty) = write_back(sh, victims, runs, &fate, &copies, log_first.is_some()) else {
         forget_failed_batch(sh, victims, written, &fate, &copies);
         return false;
     };
@@ -390,12 +392,16 @@ fn write_back(
     runs: &[(usize, usize)],
     fate: &[Fate],
     copies: &[StoreCopy],
+    log_held: bool,
 ) -> Option<u64> {
     let mut writes: Vec<PageWrite<'_>> = (0..victims.len())
         .filter(|&i| fate[i] == Fate::Dirty)
         .map(|i| {
             let c = copies[i];
-            PageWrite::with_crc(victims[i] as u64, staging_page(sh, i), c.crc, c.version)
+            let mut w =
+                PageWrite::with_crc(victims[i] as u64, staging_page(sh, i), c.crc, c.version);
+            w.log_held = log_held;
+            w
         })
         .collect();
     let dirty = writes.len() as u64;

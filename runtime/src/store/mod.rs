@@ -123,6 +123,9 @@ pub struct PageWrite<'a> {
     pub buf: &'a [u8],
     pub crc: u32,
     pub version: u32,
+    /// The writer checked that the log holds exactly this content, committed (see
+    /// [`PageStore::log_copy_now`]): a store may keep fewer copies of it. False by default.
+    pub log_held: bool,
     /// Set by the store.
     pub outcome: Outcome,
 }
@@ -135,6 +138,7 @@ impl<'a> PageWrite<'a> {
             buf,
             crc: crc32c::crc32c(buf),
             version,
+            log_held: false,
             outcome: Outcome::Pending,
         }
     }
@@ -147,6 +151,7 @@ impl<'a> PageWrite<'a> {
             buf,
             crc,
             version,
+            log_held: false,
             outcome: Outcome::Pending,
         }
     }
@@ -202,9 +207,10 @@ pub trait PageStore: Send + Sync {
     }
 
     /// Whether, now, the pager should evict only pages whose content the log holds (the log
-    /// is their second copy). Asked before each eviction batch; the store must not rely on
-    /// it (it may change between the question and the write-back), only on `log` itself.
-    /// By default, what [`PageStore::wants_log_copy`] says.
+    /// is their second copy). Asked before each eviction batch; the pages of such a batch are
+    /// written with [`PageWrite::log_held`], and the store relies on that flag only (the
+    /// answer may change between the question and the write-back). By default, what
+    /// [`PageStore::wants_log_copy`] says.
     fn log_copy_now(&self) -> bool {
         self.wants_log_copy()
     }

@@ -748,9 +748,9 @@ impl PageStore for PoolStore {
             return first_error.map_or(Ok(()), Err);
         }
         let replicas = inner.settings.replicas;
-        // Adaptive with a log, memory scarce: one copy of the pages the log holds, every copy
-        // of the others. Else optimistic only while the queue has room for every page's other
-        // copies.
+        // Adaptive with a log, memory scarce: one copy of the pages the evictor found in the
+        // log (committed, outside an epoch in flight: `log_held`), every copy of the others.
+        // Else optimistic only while the queue has room for every page's other copies.
         let log = inner.log_now();
         let optimistic = log.is_none()
             && replicas > 1
@@ -759,7 +759,7 @@ impl PageStore for PoolStore {
         let need: Vec<usize> = positions
             .iter()
             .map(|&i| match log {
-                Some(log) if log.holds(batch[i].page, batch[i].crc) => 1,
+                Some(log) if batch[i].log_held && log.holds(batch[i].page, batch[i].crc) => 1,
                 _ if optimistic => 1,
                 _ => replicas,
             })
@@ -774,7 +774,7 @@ impl PageStore for PoolStore {
         let queued = if replicas > 1 {
             upkeep::Queued::take(inner, n * QUEUED_RIDERS_PER_PAGE)
         } else {
-            upkeep::Queued::none()
+            upkeep::Queued::none(inner)
         };
         let mut all: Vec<PageWrite<'_>> = positions
             .iter()
@@ -866,8 +866,9 @@ impl PageStore for PoolStore {
             inner.lock_stripes(range.clone())
         };
         let mut by_server: Vec<Vec<u64>> = vec![Vec::new(); inner.members.len()];
-        // The pool's thread may be writing copies of these pages: wait, then forget them.
-        inner.queue.settle(range.clone());
+        // The pool's thread (or a write-back carrying queued copies) may be writing copies of
+        // these pages: wait, and forget them in the same step, so none is taken meanwhile.
+        inner.queue.settle_and_remove(range.clone());
         {
             let mut records = inner.records.lock();
             for page in range {
@@ -881,7 +882,6 @@ impl PageStore for PoolStore {
                     }
                 }
                 records.clear(page);
-                inner.queue.remove(page);
             }
         }
         // Best effort: a copy left behind is never served (the page's record is gone).

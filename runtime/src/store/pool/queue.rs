@@ -183,15 +183,21 @@ impl ReplicaQueue {
         }
     }
 
-    /// Waits until the pool's thread is writing no page of `range` (a discard, under the
-    /// range's stripe locks, then removes them).
-    pub fn settle(&self, range: Range<u64>) {
+    /// For a discard of `range` (under its stripe locks): waits until no page of it is being
+    /// written, then forgets them all, in one step (so none is taken in between).
+    pub fn settle_and_remove(&self, range: Range<u64>) {
         let mut map = self.lock();
         while map
             .range(range.clone())
             .any(|(_, w)| w.stage == Stage::Draining)
         {
             map = self.drained.wait(map).unwrap_or_else(|e| e.into_inner());
+        }
+        let pages: Vec<u64> = map.range(range).map(|(&p, _)| p).collect();
+        let removed: Vec<Waiting> = pages.iter().filter_map(|p| map.remove(p)).collect();
+        drop(map);
+        for w in removed {
+            self.recycle(w);
         }
     }
 
@@ -215,14 +221,6 @@ impl ReplicaQueue {
         drop(pages);
         self.drained.notify_all();
         for w in removed {
-            self.recycle(w);
-        }
-    }
-
-    /// Forgets `page` (discarded).
-    pub fn remove(&self, page: u64) {
-        let removed = self.lock().remove(&page);
-        if let Some(w) = removed {
             self.recycle(w);
         }
     }
@@ -295,15 +293,17 @@ mod tests {
         q.finish(&[(40, 1, true)]);
         let taken: Vec<u64> = q.take(10).into_iter().map(|(p, _)| p).collect();
         assert_eq!(taken, vec![1, 2]);
-        // A discard of 0..10 waits until they are written.
+        // A discard of 0..10 waits until they are written, then forgets them (40 stays).
+        q.push(40, 3, 2, &[3u8; 4096]);
         let settler = {
             let q = Arc::clone(&q);
-            std::thread::spawn(move || q.settle(0..10))
+            std::thread::spawn(move || q.settle_and_remove(0..10))
         };
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!settler.is_finished());
-        q.finish(&[(1, 1, true), (2, 1, true)]);
+        q.finish(&[(1, 1, false), (2, 1, false)]);
         settler.join().unwrap();
-        assert!(q.is_empty());
+        assert_eq!(q.len(), 1, "only page 40 is left");
+        assert_eq!(q.take(10).len(), 1);
     }
 }

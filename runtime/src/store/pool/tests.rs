@@ -759,8 +759,32 @@ fn adaptive_with_a_log_keeps_one_copy_of_what_the_log_holds_while_memory_is_scar
         "{}",
         store.describe()
     );
-    store_pages(&store, 0, &src, 1);
+    // As the evictor writes in this mode: every page flagged as found in the log; the pool
+    // keeps one copy only of those the log really holds (the even ones).
+    let mut writes: Vec<PageWrite<'_>> = src
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut w = PageWrite::new(i as u64, &p.0, 1);
+            w.log_held = true;
+            w
+        })
+        .collect();
+    store.store(&mut writes).expect("stored");
+    drop(writes);
     assert_eq!(stat(&store, "pool_log_copies"), 32);
+    // Not flagged (the evictor did not check the log): every copy, log or not.
+    let more = contents(2, 78);
+    log.0
+        .lock()
+        .unwrap()
+        .insert((64, crc32c::crc32c(&more[0].0)));
+    store_pages(&store, 64, &more[..1], 1);
+    assert_eq!(
+        stat(&store, "pool_log_copies"),
+        32,
+        "an unflagged write gets every copy"
+    );
     assert_eq!(
         stat(&store, "pool_queued_pages"),
         0,

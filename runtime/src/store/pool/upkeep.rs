@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::health::Probed;
-use super::queue::Waiting;
+use super::queue::{ReplicaQueue, Waiting};
 use super::Inner;
 use crate::config::Replication;
 use crate::io::AlignedBuf;
@@ -104,7 +104,8 @@ fn run(inner: &Inner) {
 /// Queued pages taken for their other copies (marked `Draining`, see [`super::queue`]): the
 /// versions that are still the newest, each with the servers that hold it already. Stale
 /// versions are finished when taken.
-pub(super) struct Queued {
+pub(super) struct Queued<'q> {
+    queue: &'q ReplicaQueue,
     taken: Vec<(u64, Waiting)>,
     /// Indexes into `taken` of the pages still to be copied.
     live: Vec<usize>,
@@ -112,9 +113,9 @@ pub(super) struct Queued {
     pub(super) holders: Vec<u64>,
 }
 
-impl Queued {
+impl<'q> Queued<'q> {
     /// Takes up to `n` queued pages.
-    pub(super) fn take(inner: &Inner, n: usize) -> Queued {
+    pub(super) fn take(inner: &'q Inner, n: usize) -> Queued<'q> {
         let taken = inner.queue.take(n);
         let mut live = Vec::with_capacity(taken.len());
         let mut holders = Vec::with_capacity(taken.len());
@@ -135,6 +136,7 @@ impl Queued {
             inner.queue.finish(&stale);
         }
         Queued {
+            queue: &inner.queue,
             taken,
             live,
             holders,
@@ -142,8 +144,9 @@ impl Queued {
     }
 
     /// Nothing taken.
-    pub(super) fn none() -> Queued {
+    pub(super) fn none(inner: &'q Inner) -> Queued<'q> {
         Queued {
+            queue: &inner.queue,
             taken: Vec::new(),
             live: Vec::new(),
             holders: Vec::new(),
@@ -165,7 +168,7 @@ impl Queued {
     /// Records the copies written (`acked`: the servers now holding each live page, those
     /// it held before included) and gives the pages back to the queue: gone when they have
     /// every copy, else to be tried again. Returns whether every page has every copy.
-    pub(super) fn finish(self, inner: &Inner, acked: &[u64]) -> bool {
+    pub(super) fn finish(mut self, inner: &Inner, acked: &[u64]) -> bool {
         let replicas = inner.settings.replicas;
         let mut done = Vec::with_capacity(self.live.len());
         let mut complete_all = true;
@@ -180,11 +183,27 @@ impl Queued {
             }
         }
         inner.queue.finish(&done);
+        self.live.clear();
         // The buffers of pages that left the queue serve the next ones.
-        for (_, w) in self.taken {
+        for (_, w) in std::mem::take(&mut self.taken) {
             inner.queue.recycle(w);
         }
         complete_all
+    }
+}
+
+/// Pages taken and never finished (a panic while writing them) go back to the queue, so that
+/// no writer waits for them forever.
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.live.is_empty() {
+            let back: Vec<(u64, u32, bool)> = self
+                .live
+                .iter()
+                .map(|&k| (self.taken[k].0, self.taken[k].1.version, false))
+                .collect();
+            self.queue.finish(&back);
+        }
     }
 }
 
@@ -348,7 +367,6 @@ fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
                 && short_of_copies(inner, copy.holders, up)
                 && !log_covers(inner, page, copy.crc, copy.holders & up)
             {
-                // Pages still queued get their copies from the queue.
                 short.push(page);
                 if short.len() == REPAIR_PAGES_PER_ROUND {
                     next = page + 1;
