@@ -673,14 +673,19 @@ run_cache_curve() {
 # Real programs under pressure (issue 13): each run natively first (its output hash and peak
 # RSS), then at caches of $real_percents % of that peak under lego, kernel swap and zswap, in
 # the cgroups of the oversubscribed rows; every run's output must hash as the native one's.
-# (Python's small objects live in arenas it maps itself, and Debian's Redis uses its own
-# jemalloc: neither is paged by lego until anonymous mmap is served, issue 14.)
-real_programs="perl sqlite"
+# Python runs with PYTHONMALLOC=malloc everywhere (its own small-object arenas are mapped,
+# which lego does not page until anonymous mmap is served, issue 14); Debian's Redis uses its
+# own jemalloc over mmap, so it is not here yet.
+real_programs="perl python sqlite"
 real_percents="10 25 50"
 
 real_command() { # NAME: sets real_cmd to the program and its arguments
     case $1 in
         perl) real_cmd=(perl -e "my %h; for my \$i (1..$real_perl_keys) { \$h{\"key\$i\"} = \$i * 7 } my @k = sort keys %h; my \$s = 0; \$s += \$h{\$_} for @k; print scalar(@k), \" \$k[0] \$k[-1] \$s\\n\"") ;;
+        python) real_cmd=(env PYTHONMALLOC=malloc PYTHONHASHSEED=0 python3 -c "h = {}
+for i in range($real_perl_keys): h['key%d' % i] = i * 7
+k = sorted(h)
+print(len(k), k[0], k[-1], sum(h[x] for x in k))") ;;
         sqlite) real_cmd=(sqlite3 :memory: "CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT, v TEXT); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < $real_sqlite_rows) INSERT INTO t SELECT x, printf('%08x', (x * 2654435761) % 4294967296), printf('%d-%0180d', x, x * x) FROM c; CREATE INDEX ik ON t(k); SELECT count(*), sum(length(v)), min(k), max(k) FROM t WHERE k > '8'; SELECT sum(id) FROM (SELECT id FROM t ORDER BY k LIMIT 1000 OFFSET 5000);") ;;
     esac
 }
@@ -692,10 +697,12 @@ real_cache_mib() { # PEAK_KIB PERCENT: the cache for PERCENT of a peak, at least
 
 real_native=()  # NAME PEAK_KIB FNV per program, from its native run
 run_real() {
-    say "real programs: perl hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
+    say "real programs: perl and python hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
     local prog r p c peak fnv line rounds_now=$real_rounds
     for prog in $real_programs; do
-        command -v "${prog/sqlite/sqlite3}" >/dev/null 2>&1 || { note "real program $prog skipped: not installed"; continue; }
+        local binary=$prog
+        case $prog in python) binary=python3 ;; sqlite) binary=sqlite3 ;; esac
+        command -v "$binary" >/dev/null 2>&1 || { note "real program $prog skipped: $binary is not installed"; continue; }
         real_command "$prog"
         expect_fnv=""
         measure "real_$prog" native 1 plain "$bin_dir/timed" "$prog" "${real_cmd[@]}"
@@ -1359,7 +1366,7 @@ write_reports() {
             echo "- memcached pool: skipped ($mc_reason)."
         fi
         if [ "${#real_native[@]}" -gt 0 ]; then
-            echo "- real programs: \`perl\` $(perl -e 'print $^V' 2>/dev/null) building a hash of $real_perl_keys keys and sorting them; \`sqlite3\` $(sqlite3 -version 2>/dev/null | cut -d' ' -f1) in memory: $real_sqlite_rows rows inserted, an index built, two queries. Each is run natively once (its peak RSS sets the caches: $real_percents % of it, at least $lego_min_cache_mib MiB), then under lego, kernel swap and zswap in the cgroups above, $real_rounds round(s); bench/timed.c (static) times each run and hashes its output, and a run whose output differs from the native one fails as wrong-output. Python and Redis are not here: Python's small objects live in arenas it maps itself and Debian's Redis uses its own jemalloc, so lego does not page them until anonymous mmap is served (issue 14)."
+            echo "- real programs: \`perl\` $(perl -e 'print $^V' 2>/dev/null) building a hash of $real_perl_keys keys and sorting them, and \`sqlite3\` $(sqlite3 -version 2>/dev/null | cut -d' ' -f1) in memory: $real_sqlite_rows rows inserted, an index built, two queries. Each is run natively once (its peak RSS sets the caches: $real_percents % of it, at least $lego_min_cache_mib MiB), then under lego, kernel swap and zswap in the cgroups above, $real_rounds round(s); bench/timed.c (static) times each run and hashes its output, and a run whose output differs from the native one fails as wrong-output. \`python3\` builds and sorts the same hash with \`PYTHONMALLOC=malloc\` in every run (its own small-object arenas are mapped, and lego does not page anonymous mmap until issue 14). Redis is not here: Debian's is built with its own jemalloc over mmap."
         fi
         echo "- programs: bench/*.c, gcc -O2; page_sweep fills every page before the timed part and checks every access and, at the end, every word; log_write checks every word (checkpoint) or the sum of all words (update) at the end, and a replay that drops part of a log fails the run."
         echo
