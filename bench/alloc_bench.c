@@ -3,13 +3,24 @@
  *
  * usage: alloc_bench MODE [SCALE=1]
  *   small     alloc/free churn of 16-512 B objects over a table of live slots (one thread).
+ *   smallmt   the same loop in 4 threads at once, each over its own table (no object crosses
+ *             threads): how the allocator scales and what its per-thread fast path costs.
  *   prodcons  a producer thread mallocs 16-512 B objects and hands them through a ring to a
- *             consumer thread, which checks and frees them: every free is a cross-thread free.
+ *             consumer thread, which checks and frees them: every free is a cross-thread free,
+ *             one at a time as they stream through the ring.
+ *   xburst    bursts of cross-thread frees: in each round 4 threads each allocate a batch of
+ *             16-512 B objects, then each frees the whole batch of its neighbour at once.
  *   realloc   vectors grown by doubling with realloc from 16 B up to 1-4 MiB, 16 at a time
  *             round-robin (so neighbours get in the way of growing in place).
  *   large     blocks of 64 KiB-4 MiB, 8 live at a time, each written once per page.
+ *   bigblocks blocks of 5-25 MiB, 20 live at a time, each zero-filled whole with memset (as a
+ *             program clearing a buffer does), checked and freed: whether freed blocks are
+ *             reused without faulting their pages in again.
  *   frag      a long-lived fragmented heap: allocate many small objects, free every other one,
  *             allocate objects of in-between sizes into the holes; several rounds; then check.
+ *   churnmt   short-lived threads (larson-like): 4 arrays of 16-800 B objects, each taken over
+ *             in every round by a new thread that frees and replaces random objects of it (most
+ *             allocated by threads that have exited) and exits; its peak RSS is the point.
  * SCALE multiplies the amount of work (0.3 for a quick run).
  *
  * Every object carries a key at its start and a check byte at its end, verified before it
@@ -21,7 +32,8 @@
 
 #include "bench.h"
 
-static const char *const USAGE = "alloc_bench small|prodcons|realloc|large|frag [SCALE=1]";
+static const char *const USAGE =
+    "alloc_bench small|smallmt|prodcons|xburst|realloc|large|bigblocks|frag|churnmt [SCALE=1]";
 
 /* An object: its first word is its key, its last byte the key's low byte. */
 static void stamp_obj(void *p, size_t size, uint64_t key) {
@@ -49,29 +61,60 @@ struct slot {
     uint64_t key;
 };
 
-static size_t bench_small(double scale) {
-    enum { SLOTS = 1 << 16 };
-    size_t ops = scaled(8e6, scale);
-    struct slot *slots = calloc(SLOTS, sizeof *slots);
-    rng_t r = {1};
+static void start_thread(pthread_t *t, void *(*fn)(void *), void *arg) {
+    if (pthread_create(t, NULL, fn, arg) != 0) {
+        fprintf(stderr, "alloc_bench: pthread_create failed\n");
+        exit(3);
+    }
+}
+
+/* `ops` alloc/free steps over a table of `nslots` live slots, seeded by `seed`. */
+static void small_loop(size_t nslots, size_t ops, uint64_t seed) {
+    struct slot *slots = calloc(nslots, sizeof *slots);
+    if (!slots) {
+        fprintf(stderr, "alloc_bench: calloc of the slot table failed\n");
+        exit(3);
+    }
+    rng_t r = {seed};
     for (size_t i = 0; i < ops; i++) {
-        struct slot *s = &slots[rng_below(&r, SLOTS)];
+        struct slot *s = &slots[rng_below(&r, nslots)];
         if (s->p) {
             check_obj(s->p, s->size, s->key, "small");
             free(s->p);
         }
         s->size = rng_range(&r, 16, 512);
-        s->key = mix64(i);
+        s->key = mix64(i ^ (seed << 40));
         s->p = xmalloc(s->size);
         stamp_obj(s->p, s->size, s->key);
     }
-    for (size_t i = 0; i < SLOTS; i++) {
+    for (size_t i = 0; i < nslots; i++) {
         if (!slots[i].p) continue;
         check_obj(slots[i].p, slots[i].size, slots[i].key, "small");
         free(slots[i].p);
     }
     free(slots);
+}
+
+static size_t bench_small(double scale) {
+    size_t ops = scaled(8e6, scale);
+    small_loop(1 << 16, ops, 1);
     return ops;
+}
+
+enum { MT_THREADS = 4 };
+static size_t smallmt_ops;
+
+static void *smallmt_thread(void *arg) {
+    small_loop(1 << 14, smallmt_ops, (uint64_t)(uintptr_t)arg + 100);
+    return NULL;
+}
+
+static size_t bench_smallmt(double scale) {
+    smallmt_ops = scaled(3e6, scale);
+    pthread_t t[MT_THREADS];
+    for (uintptr_t i = 0; i < MT_THREADS; i++) start_thread(&t[i], smallmt_thread, (void *)i);
+    for (int i = 0; i < MT_THREADS; i++) pthread_join(t[i], NULL);
+    return smallmt_ops * MT_THREADS;
 }
 
 /* prodcons: a single-producer single-consumer ring of object pointers. */
@@ -109,10 +152,7 @@ static void *producer(void *arg) {
 static size_t bench_prodcons(double scale) {
     prodcons_objects = scaled(3e6, scale);
     pthread_t t;
-    if (pthread_create(&t, NULL, producer, NULL) != 0) {
-        fprintf(stderr, "alloc_bench: pthread_create failed\n");
-        exit(3);
-    }
+    start_thread(&t, producer, NULL);
     for (size_t i = 0; i < prodcons_objects; i++) {
         size_t tail = atomic_load_explicit(&ring.tail, memory_order_relaxed);
         unsigned spins = 0;
@@ -126,6 +166,52 @@ static size_t bench_prodcons(double scale) {
     }
     pthread_join(t, NULL);
     return prodcons_objects;
+}
+
+/* xburst: per round, thread t fills batch t, then (after a barrier) frees batch t+1. */
+enum { XBURST_BATCH = 20000 };
+static struct slot *xburst_batch[MT_THREADS];
+static size_t xburst_rounds;
+static pthread_barrier_t xburst_line;
+
+static void *xburst_thread(void *arg) {
+    size_t t = (size_t)(uintptr_t)arg;
+    rng_t r = {200 + t};
+    for (size_t round = 0; round < xburst_rounds; round++) {
+        struct slot *mine = xburst_batch[t];
+        for (size_t i = 0; i < XBURST_BATCH; i++) {
+            mine[i].size = rng_range(&r, 16, 512);
+            mine[i].key = mix64((round << 32) ^ (t << 24) ^ i);
+            mine[i].p = xmalloc(mine[i].size);
+            stamp_obj(mine[i].p, mine[i].size, mine[i].key);
+        }
+        pthread_barrier_wait(&xburst_line);
+        struct slot *theirs = xburst_batch[(t + 1) % MT_THREADS];
+        for (size_t i = 0; i < XBURST_BATCH; i++) {
+            check_obj(theirs[i].p, theirs[i].size, theirs[i].key, "xburst");
+            free(theirs[i].p);
+        }
+        pthread_barrier_wait(&xburst_line);
+    }
+    return NULL;
+}
+
+static size_t bench_xburst(double scale) {
+    xburst_rounds = scaled(100, scale);
+    pthread_barrier_init(&xburst_line, NULL, MT_THREADS);
+    for (int i = 0; i < MT_THREADS; i++) {
+        xburst_batch[i] = calloc(XBURST_BATCH, sizeof(struct slot));
+        if (!xburst_batch[i]) {
+            fprintf(stderr, "alloc_bench: calloc of a batch failed\n");
+            exit(3);
+        }
+    }
+    pthread_t t[MT_THREADS];
+    for (uintptr_t i = 0; i < MT_THREADS; i++) start_thread(&t[i], xburst_thread, (void *)i);
+    for (int i = 0; i < MT_THREADS; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < MT_THREADS; i++) free(xburst_batch[i]);
+    pthread_barrier_destroy(&xburst_line);
+    return xburst_rounds * MT_THREADS * XBURST_BATCH;
 }
 
 /* realloc: word j of vector generation `key` is key * 2^32 + j. */
@@ -200,6 +286,37 @@ static size_t bench_large(double scale) {
     return ops;
 }
 
+/* bigblocks: each block is zeroed whole, then stamped once per page; checked before it goes. */
+static size_t bench_bigblocks(double scale) {
+    enum { LIVE = 20 };
+    size_t ops = scaled(600, scale);
+    size_t ps = page_size();
+    struct slot live[LIVE] = {{0}};
+    rng_t r = {6};
+    for (size_t i = 0; i < ops; i++) {
+        struct slot *s = &live[rng_below(&r, LIVE)];
+        if (s->p) {
+            for (size_t off = 0; off + sizeof(uint64_t) <= s->size; off += ps) {
+                const unsigned char *at = (const unsigned char *)s->p + off;
+                if (*(const uint64_t *)at != s->key + off)
+                    WRONG_DATA("big block of %zu bytes at offset %zu", s->size, off);
+                if (off + sizeof(uint64_t) < s->size && at[sizeof(uint64_t)] != 0)
+                    WRONG_DATA("big block of %zu bytes: byte %zu not zeroed", s->size,
+                               off + sizeof(uint64_t));
+            }
+            free(s->p);
+        }
+        s->size = rng_range(&r, 5 * MIB, 25 * MIB) & ~(size_t)7;
+        s->key = mix64(i);
+        s->p = xmalloc(s->size);
+        memset(s->p, 0, s->size);
+        for (size_t off = 0; off + sizeof(uint64_t) <= s->size; off += ps)
+            *(uint64_t *)((char *)s->p + off) = s->key + off;
+    }
+    for (int i = 0; i < LIVE; i++) free(live[i].p);
+    return ops;
+}
+
 static size_t bench_frag(double scale) {
     enum { ROUNDS = 6 };
     size_t n = scaled(1e6, scale);
@@ -241,6 +358,64 @@ static size_t bench_frag(double scale) {
     return ops;
 }
 
+/* churnmt: lane l's array survives its threads; each round starts a new thread per lane. */
+enum { CHURN_SLOTS = 8192 };
+struct lane {
+    struct slot *slots;
+    rng_t r;
+    size_t round;
+};
+static size_t churn_ops_per_thread;
+
+static void *churn_thread(void *arg) {
+    struct lane *l = arg;
+    for (size_t i = 0; i < churn_ops_per_thread; i++) {
+        struct slot *s = &l->slots[rng_below(&l->r, CHURN_SLOTS)];
+        if (s->p) {
+            check_obj(s->p, s->size, s->key, "churnmt");
+            free(s->p);
+        }
+        s->size = rng_range(&l->r, 16, 800);
+        s->key = mix64((l->round << 32) ^ i ^ (uint64_t)(uintptr_t)l);
+        s->p = xmalloc(s->size);
+        stamp_obj(s->p, s->size, s->key);
+    }
+    return NULL;
+}
+
+static size_t bench_churnmt(double scale) {
+    size_t rounds = scaled(200, scale);
+    churn_ops_per_thread = CHURN_SLOTS * 2;
+    struct lane lanes[MT_THREADS];
+    for (int i = 0; i < MT_THREADS; i++) {
+        lanes[i].slots = calloc(CHURN_SLOTS, sizeof(struct slot));
+        if (!lanes[i].slots) {
+            fprintf(stderr, "alloc_bench: calloc of a lane failed\n");
+            exit(3);
+        }
+        lanes[i].r.s = 300 + (uint64_t)i;
+        lanes[i].round = 0;
+    }
+    for (size_t round = 0; round < rounds; round++) {
+        pthread_t t[MT_THREADS];
+        for (int i = 0; i < MT_THREADS; i++) {
+            lanes[i].round = round;
+            start_thread(&t[i], churn_thread, &lanes[i]);
+        }
+        for (int i = 0; i < MT_THREADS; i++) pthread_join(t[i], NULL);
+    }
+    for (int i = 0; i < MT_THREADS; i++) {
+        for (size_t j = 0; j < CHURN_SLOTS; j++) {
+            struct slot *s = &lanes[i].slots[j];
+            if (!s->p) continue;
+            check_obj(s->p, s->size, s->key, "churnmt");
+            free(s->p);
+        }
+        free(lanes[i].slots);
+    }
+    return rounds * MT_THREADS * churn_ops_per_thread;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) die_usage(USAGE);
     const char *mode = argv[1];
@@ -251,6 +426,10 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "realloc")) bench = bench_realloc;
     if (!strcmp(mode, "large")) bench = bench_large;
     if (!strcmp(mode, "frag")) bench = bench_frag;
+    if (!strcmp(mode, "smallmt")) bench = bench_smallmt;
+    if (!strcmp(mode, "xburst")) bench = bench_xburst;
+    if (!strcmp(mode, "bigblocks")) bench = bench_bigblocks;
+    if (!strcmp(mode, "churnmt")) bench = bench_churnmt;
     if (!bench) die_usage(USAGE);
 
     uint64_t t0 = now_ns();

@@ -129,6 +129,8 @@ fn internal_heap() -> &'static Heap {
             Err(_) => die(EXIT_CANNOT_START, "lego: cannot format the internal heap"),
         };
         INTERNAL_BASE.store(region.base, Ordering::Release);
+        // Threads that exit give their caches back (two heaps: room is guaranteed).
+        heap.flush_caches_at_thread_exit(discard_pages);
         INTERNAL_HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
         INTERNAL_STATE.store(READY, Ordering::Release);
         return heap;
@@ -140,7 +142,19 @@ fn internal_heap() -> &'static Heap {
 
 /// The user's heap, created on first use (which reads and checks the configuration: a bad
 /// setting ends the process here, before `main`).
+#[inline]
 fn user_heap() -> Option<&'static Heap> {
+    match published_user_heap() {
+        Some(h) => Some(h),
+        None => create_user_heap(),
+    }
+}
+
+/// The slow path of [`user_heap`], kept out of line so that every `malloc` does not pay for
+/// its frame.
+#[cold]
+#[inline(never)]
+fn create_user_heap() -> Option<&'static Heap> {
     if let Some(h) = published_user_heap() {
         return Some(h);
     }
@@ -203,6 +217,10 @@ fn publish_user_heap(heap: &'static Heap, region: Region) {
         .get()
         .map_or(0, |c| usize::try_from(c.cache_bytes).unwrap_or(usize::MAX));
     heap.set_retain_bytes((cache / 8).min(lego_runtime::heap::RETAIN_BYTES_DEFAULT));
+    // A program holding many big blocks keeps up to half as many bytes of freed ones, within
+    // the same eighth of the cache.
+    heap.set_retain_max_bytes(cache / 8);
+    heap.flush_caches_at_thread_exit(discard_pages);
     USER_BASE.store(region.base, Ordering::Release);
     USER_LEN.store(region.len, Ordering::Release);
     USER_HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
@@ -265,6 +283,7 @@ fn reserve_for_restore(config: &Config, path: &std::path::Path) {
 }
 
 /// The heap that serves a call made on this thread now.
+#[inline]
 fn heap_for_caller() -> &'static Heap {
     if lego_runtime::threads::is_runtime_thread() {
         return internal_heap();
@@ -526,6 +545,7 @@ fn release_user_heap() {
 }
 
 /// The user heap if it is open (never creates it: the flusher is a runtime thread).
+#[inline]
 fn published_user_heap() -> Option<&'static Heap> {
     let p = USER_HEAP.load(Ordering::Acquire);
     // SAFETY: once published, the heap lives in a region that is never unmapped.

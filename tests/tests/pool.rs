@@ -38,6 +38,18 @@ fn break_one_of_three(
     mishap: fn(&mut Memcached),
     wait: Wait,
 ) -> (lego_tests::Outcome, ShimSetup) {
+    break_one_of_three_once(label, env, mishap, wait, None)
+}
+
+/// [`break_one_of_three`], the mishap waiting (after [`KILL_AFTER_MS`]) until the program's
+/// published statistic `kill_when` is above 0, for at most [`HEAL_WAIT_S`].
+fn break_one_of_three_once(
+    label: &str,
+    env: &[(&str, &str)],
+    mishap: fn(&mut Memcached),
+    wait: Wait,
+    kill_when: Option<&'static str>,
+) -> (lego_tests::Outcome, ShimSetup) {
     let mut servers: Vec<Memcached> = (0..3).map(|_| Memcached::start(256)).collect();
     let setup = ShimSetup::new(label, 32);
     let runtime_dir = setup.dir.path().join("run");
@@ -52,8 +64,16 @@ fn break_one_of_three(
         run = run.env(k, v);
     }
     let mut victim = servers.remove(1);
+    let published = runtime_dir.join("lego");
     let breaker = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(KILL_AFTER_MS));
+        if let Some(stat) = kill_when {
+            let deadline = Instant::now() + Duration::from_secs(HEAL_WAIT_S);
+            while published_number(&published, stat).unwrap_or(0) == 0 && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         mishap(&mut victim);
         victim
     });
@@ -75,6 +95,20 @@ fn break_one_of_three(
     });
     let _victim = breaker.join().expect("the thread that breaks a server");
     (out, setup)
+}
+
+/// A number in the statistics a live program publishes under `published`, if any.
+fn published_number(published: &std::path::Path, name: &str) -> Option<u64> {
+    lego_runtime::watch::read::published(published)
+        .into_iter()
+        .filter(|(_, alive)| *alive)
+        .find_map(|(pid, _)| {
+            let stats = lego_runtime::watch::read::read(published, pid).ok()?;
+            let v = stats.get(name)?;
+            v.as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .or(v.as_u64())
+        })
 }
 
 /// Waits, while the program holds, until its published statistics say every page has two
@@ -288,6 +322,55 @@ fn a_server_killed_with_one_copy_and_the_log_costs_nothing() {
         "epochs must go on being committed: {}",
         stats.raw
     );
+}
+
+/// Adaptive replication with the log on, the pool's memory scarce (`LEGO_ADAPTIVE_FREE=90`:
+/// scarce once a tenth of it is used): the log stands in for the second copy of the pages it
+/// holds, so they get one copy in the pool; a server killed mid-run costs nothing, its
+/// one-copy pages come back from the log. Identical output.
+#[test]
+fn adaptive_with_scarce_memory_and_the_log_keeps_one_copy_and_loses_nothing() {
+    let _serial = heavy();
+    let native = native_workload();
+    let logs = lego_tests::TempDir::new("pool-kill-adaptive-log");
+    let log_dir = logs.path().join("log");
+    let log_dir = log_dir.to_str().expect("a UTF-8 path");
+    // The kill waits until pages have been stored with one copy (the switch happened).
+    let (out, setup) = break_one_of_three_once(
+        "pool-kill-adaptive-log",
+        &[
+            ("LEGO_REPLICAS", "2"),
+            ("LEGO_REPLICATION", "adaptive"),
+            ("LEGO_ADAPTIVE_FREE", "90"),
+            ("LEGO_LOG_DIR", log_dir),
+            ("LEGO_LOG_LEVEL", "info"),
+        ],
+        Memcached::kill,
+        Wait::Nothing,
+        Some("pool_log_copies"),
+    );
+    let stats = assert_survived(&out, &setup, &native, "adaptive, scarce, with the log");
+    assert!(
+        out.stderr
+            .contains("pool replication is one copy and the log now"),
+        "the switch must be logged at info:\n{out}"
+    );
+    assert!(
+        stats.number("pool_mode_switches").is_some_and(|n| n >= 1),
+        "{}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pool_log_copies").is_some_and(|n| n > 1000),
+        "pages the log held must have been stored with one copy: {}",
+        stats.raw
+    );
+    assert!(
+        stats.number("pages_from_log").is_some_and(|n| n > 0),
+        "the killed server's one-copy pages must have come back from the log: {}",
+        stats.raw
+    );
+    assert_eq!(stats.number("log_errors"), Some(0), "{}", stats.raw);
 }
 
 /// With one copy and no log, a killed server's pages are gone: the program that touches one

@@ -2,22 +2,34 @@
 //! a lock-free per-thread cache in front.
 //!
 //! **Arena choice.** On its first call a thread claims an arena index for itself alone: the
-//! claim is its kernel thread id in a process-wide table (`CLAIMS`), found by CAS; claims of
-//! threads that have died are taken over (`tgkill(pid, tid, 0)` answers ESRCH). If all
-//! [`ARENAS_MAX`] indices are held by live threads, the thread shares one round robin. The
-//! choice is kept in a `thread_local` with a const initializer and no destructor (registering
-//! a destructor allocates). Claims are process state, not heap state: both heaps of the
-//! process use the same index, and a restored heap simply sees new threads.
+//! claim is its kernel thread id in a process-wide table (`CLAIMS`), found by CAS, lowest free
+//! index first. If all [`ARENAS_MAX`] indices are held by live threads, the thread shares one
+//! round robin. The choice is kept in a `thread_local` with a const initializer and no
+//! destructor (registering a Rust TLS destructor allocates). Claims are process state, not
+//! heap state: both heaps of the process use the same index, and a restored heap simply sees
+//! new threads.
+//!
+//! **Thread exit.** A thread that claims an index also sets a pthread key whose destructor
+//! runs when it exits (`pthread_setspecific` of a key below 32 allocates nothing): it flushes
+//! the thread's caches in every heap registered with [`Heap::flush_caches_at_thread_exit`]
+//! back to their slabs, gives back the slabs of that arena that are empty, and releases the
+//! claim, so the next thread takes the same index and a program of short-lived threads uses
+//! as many arenas as it has threads at once. (Any later call of the exiting thread goes to
+//! the locked path.) A claim whose thread died without it (the key could not be set) is taken
+//! over once no index is free (`tgkill(pid, tid, 0)` answers ESRCH).
 //!
 //! **Thread cache.** The thread holding an exclusive claim on index `a` owns arena `a`'s
 //! cache (`tcache`, in the region like everything else): per class up to
 //! [`TCACHE_COUNT_MAX`] objects that stay allocated as far as their slab knows, linked
 //! through their first word and marked by the heap's `tcache_key` in their second. That
 //! thread pops and pushes without any lock or atomic read-modify-write; it refills and
-//! flushes in batches under the arena lock. Frees by any other thread (and all frees of
-//! classes above [`TCACHE_SIZE_MAX`]) take the arena lock. An object bearing the key is in a
-//! cache: freeing it again is a double free and is refused. A thread that dies leaves its
-//! cache to the next thread that claims the index.
+//! flushes in batches under the arena lock. The cache takes the thread's frees of objects of
+//! any arena (a free by another thread than the slab's owner is no different from a local
+//! one): a flush sorts its batch by owning arena and takes each owner's lock once, so remote
+//! frees go back to their owner in batches, and a consumer thread's own mallocs reuse what it
+//! freed. Frees by a thread without an exclusive claim (and all frees of classes above
+//! [`TCACHE_SIZE_MAX`]) take the owning arena's lock. An object bearing the key is in a
+//! cache (this thread's or another's): freeing it again is a double free and is refused.
 //!
 //! The lock-free free path reads the slab's geometry (`start`, `npages`, `class`) without the
 //! lock: those never change while the slab holds a live object, so only a garbage pointer can
@@ -30,7 +42,7 @@
 //! with room.
 
 use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use super::lock::RawLock;
 use super::size_class::{class_of, ClassInfo, CLASSES, CLASS_COUNT};
@@ -47,6 +59,9 @@ const TCACHE_FLUSH_COUNT: u32 = TCACHE_COUNT_MAX / 2;
 /// that refilling does not touch pages that are not needed yet.
 const TCACHE_REFILL_BYTES: usize = 2048;
 const TCACHE_REFILL_MAX: usize = 16;
+
+/// Heaps whose caches a thread flushes when it exits (the preload has two).
+const EXIT_HEAPS_MAX: usize = 4;
 
 const _: () = assert!(TCACHE_REFILL_MAX as u32 <= TCACHE_COUNT_MAX);
 const _: () = assert!(ARENAS_MAX.is_power_of_two() && ARENAS_MAX <= 128);
@@ -98,11 +113,107 @@ fn thread_slot() -> u32 {
             if v != SLOT_UNASSIGNED {
                 return v;
             }
-            let v = claim_slot();
-            slot.set(v);
-            v
+            first_slot(slot)
         })
         .unwrap_or(0)
+}
+
+#[cold]
+fn first_slot(slot: &Cell<u32>) -> u32 {
+    let v = claim_slot();
+    // Set before the exit hook is registered: should `pthread_setspecific` allocate after
+    // all, that allocation finds the slot taken.
+    slot.set(v);
+    if v & SLOT_EXCLUSIVE != 0 {
+        register_exit_hook(v & SLOT_INDEX_MASK);
+    }
+    v
+}
+
+/// The pthread key whose destructor runs [`thread_exit`]: `EXIT_KEY_NONE` until created,
+/// `EXIT_KEY_BUSY` while one thread creates it, `EXIT_KEY_FAILED` if it cannot be.
+static EXIT_KEY_STATE: AtomicU32 = AtomicU32::new(EXIT_KEY_NONE);
+static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+const EXIT_KEY_NONE: u32 = 0;
+const EXIT_KEY_BUSY: u32 = 1;
+const EXIT_KEY_READY: u32 = 2;
+const EXIT_KEY_FAILED: u32 = 3;
+
+/// Heaps registered with [`Heap::flush_caches_at_thread_exit`], each with its discard
+/// callback (stored before the heap is published in its slot).
+static EXIT_HEAPS: [AtomicPtr<Heap>; EXIT_HEAPS_MAX] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; EXIT_HEAPS_MAX];
+static EXIT_DISCARDS: [AtomicPtr<()>; EXIT_HEAPS_MAX] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; EXIT_HEAPS_MAX];
+
+fn exit_key() -> Option<libc::pthread_key_t> {
+    loop {
+        match EXIT_KEY_STATE.compare_exchange(
+            EXIT_KEY_NONE,
+            EXIT_KEY_BUSY,
+            Ordering::Acquire,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                let mut key: libc::pthread_key_t = 0;
+                // SAFETY: `key` is a valid out slot; the destructor is a plain `extern "C"`
+                // function that lives as long as the process (this code is never unloaded).
+                let rc = unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) };
+                if rc != 0 {
+                    EXIT_KEY_STATE.store(EXIT_KEY_FAILED, Ordering::Release);
+                    return None;
+                }
+                EXIT_KEY.store(key, Ordering::Relaxed);
+                EXIT_KEY_STATE.store(EXIT_KEY_READY, Ordering::Release);
+                return Some(key);
+            }
+            Err(EXIT_KEY_READY) => return Some(EXIT_KEY.load(Ordering::Relaxed)),
+            Err(EXIT_KEY_FAILED) => return None,
+            // Another thread is creating it: a few instructions away.
+            Err(_) => std::hint::spin_loop(),
+        }
+    }
+}
+
+/// Arranges for [`thread_exit`] to run when the calling thread, holder of index `index`,
+/// exits. Without it the claim stays until a thread takes over dead claims.
+fn register_exit_hook(index: u32) {
+    let Some(key) = exit_key() else {
+        return;
+    };
+    // The value is never null (a null value runs no destructor): index + 1.
+    let value = std::ptr::without_provenance_mut::<libc::c_void>(index as usize + 1);
+    // SAFETY: `key` was created by `pthread_key_create`; the value is an integer, never
+    // dereferenced.
+    unsafe { libc::pthread_setspecific(key, value) };
+}
+
+/// The pthread key destructor of a thread holding an exclusive claim (`value` = index + 1):
+/// flushes its caches in the registered heaps, gives back their empty slabs, moves the thread
+/// to the locked path and releases the claim.
+extern "C" fn thread_exit(value: *mut libc::c_void) {
+    let index = value.addr().wrapping_sub(1);
+    let slot = THREAD_SLOT.try_with(Cell::get).unwrap_or(SLOT_UNASSIGNED);
+    if index >= ARENAS_MAX || slot != index as u32 | SLOT_EXCLUSIVE {
+        return;
+    }
+    for (h, d) in EXIT_HEAPS.iter().zip(&EXIT_DISCARDS) {
+        let heap = h.load(Ordering::Acquire);
+        if heap.is_null() {
+            continue;
+        }
+        let discard = d.load(Ordering::Relaxed);
+        // SAFETY: the slot's callback was stored from a `DiscardFn` before the heap was
+        // published with release (acquired above), and function pointers round-trip through
+        // data pointers on the targets Linux runs on.
+        let discard: DiscardFn = unsafe { std::mem::transmute::<*mut (), DiscardFn>(discard) };
+        // SAFETY: registered heaps are `'static` (see `flush_caches_at_thread_exit`), and
+        // this thread still holds the exclusive claim on `index`.
+        unsafe { (*heap).flush_thread_cache(index, discard) };
+    }
+    // Whatever this thread still frees or allocates now takes the arena's lock.
+    let _ = THREAD_SLOT.try_with(|s| s.set(index as u32));
+    CLAIMS[index].store(0, Ordering::Release);
 }
 
 fn gettid() -> u32 {
@@ -172,6 +283,65 @@ impl Heap {
                 }
             }
             arena.cached_bytes.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Has every thread that exits flush its cache of this heap back to the slabs and give
+    /// back the slabs of its arena that are empty (see the module docs), with `discard` for
+    /// the runs that then go back. For the heaps of a process, which live as long as it does.
+    /// False if [`EXIT_HEAPS_MAX`] other heaps are registered already (this heap's caches then
+    /// wait for the next thread of the same index); registering a heap again changes nothing.
+    pub fn flush_caches_at_thread_exit(&'static self, discard: DiscardFn) -> bool {
+        static REGISTER: RawLock = RawLock::new();
+        let me = std::ptr::from_ref(self).cast_mut();
+        REGISTER.lock();
+        let done = EXIT_HEAPS.iter().any(|h| h.load(Ordering::Acquire) == me)
+            || match EXIT_HEAPS
+                .iter()
+                .position(|h| h.load(Ordering::Acquire).is_null())
+            {
+                Some(i) => {
+                    EXIT_DISCARDS[i].store(discard as *mut (), Ordering::Relaxed);
+                    EXIT_HEAPS[i].store(me, Ordering::Release);
+                    true
+                }
+                None => false,
+            };
+        REGISTER.unlock();
+        done
+    }
+
+    /// Empties arena `a`'s cache into the slabs and gives back the slabs of `a` that hold no
+    /// object (those an arena keeps for the next allocation of their class).
+    ///
+    /// # Safety
+    /// The calling thread holds the exclusive claim on index `a`.
+    unsafe fn flush_thread_cache(&self, a: usize, discard: DiscardFn) {
+        let arena = &self.arenas[a];
+        for class in 0..TCACHE_CLASSES {
+            while (*arena.tcache.get())[class].count > 0 {
+                self.tcache_flush(arena, class, TCACHE_FLUSH_COUNT, discard);
+            }
+        }
+        let mut empty = [0u32; CLASS_COUNT];
+        let mut count = 0;
+        arena.lock.lock();
+        let partial = &mut *arena.partial.get();
+        for (class, head) in partial.iter_mut().enumerate() {
+            let si = *head;
+            // Only the kept slab can be empty: any other that empties is given back at once.
+            if si != 0 && (*self.span(si)).used == 0 && (*self.span(si)).next == 0 {
+                *head = 0;
+                let s = self.span(si);
+                debug_assert_eq!(usize::from((*s).class), class);
+                (*s).owner.store(OWNER_NONE, Ordering::Release);
+                empty[count] = si;
+                count += 1;
+            }
+        }
+        arena.lock.unlock();
+        for &si in &empty[..count] {
+            self.give_back(si, false, discard);
         }
     }
 
@@ -247,24 +417,25 @@ impl Heap {
         bin.count += 1;
     }
 
-    /// Frees `ptr` into the calling thread's cache. `None` if the class is not cached;
-    /// `Some(false)` if `ptr` is not a live object (double free, garbage).
+    /// Frees `ptr`, an object of any arena, into the calling thread's cache. `None` if the
+    /// class is not cached; `Some(false)` if `ptr` is not a live object (double free,
+    /// garbage).
     ///
     /// # Safety
-    /// The calling thread holds the exclusive claim on index `a`, `arena` is arena `a`, and
-    /// `si` is the page map's descriptor for `page`, the page of `ptr`, as read just before.
+    /// The calling thread holds the exclusive claim on `arena`'s index, and `si` is the page
+    /// map's descriptor for `page`, the page of `ptr`, as read just before.
     #[inline]
     unsafe fn tcache_free(
         &self,
         arena: &Arena,
-        a: usize,
         ptr: *mut u8,
         page: u32,
         si: u32,
         discard: DiscardFn,
     ) -> Option<bool> {
         let s = self.span(si);
-        if (*s).owner.load(Ordering::Acquire) != a as u32 + 1 {
+        let owner = (*s).owner.load(Ordering::Acquire);
+        if owner == OWNER_NONE || owner as usize > ARENAS_MAX {
             return Some(false);
         }
         let class = (*s).class as usize;
@@ -282,13 +453,17 @@ impl Heap {
         if !(*s).is_live(idx) {
             return Some(false);
         }
-        let bin = &mut (*arena.tcache.get())[class];
-        if ptr.cast::<u64>().add(1).read() == self.tcache_key && self.tcache_holds(bin, ptr) {
+        // The key says the object sits in a cache, this thread's or another's: freeing it
+        // again is refused (a live object whose second word happens to equal the 64-bit key
+        // is refused too, as the locked path does).
+        if ptr.cast::<u64>().add(1).read() == self.tcache_key {
             return Some(false);
         }
+        let bin = &mut (*arena.tcache.get())[class];
         if bin.count >= TCACHE_COUNT_MAX {
             self.tcache_flush(arena, class, TCACHE_FLUSH_COUNT, discard);
         }
+        let bin = &mut (*arena.tcache.get())[class];
         self.tcache_push(bin, ptr);
         let cached = arena.cached_bytes.load(Ordering::Relaxed);
         arena
@@ -297,23 +472,9 @@ impl Heap {
         Some(true)
     }
 
-    /// Whether `ptr` is in `bin` (bounded by `TCACHE_COUNT_MAX`).
-    ///
-    /// # Safety
-    /// As for [`Heap::tcache_push`].
-    unsafe fn tcache_holds(&self, bin: &TCacheBin, ptr: *mut u8) -> bool {
-        let mut at = bin.head;
-        for _ in 0..bin.count {
-            if at == ptr.addr() {
-                return true;
-            }
-            at = self.base().with_addr(at).cast::<usize>().read();
-        }
-        false
-    }
-
     /// Returns up to `n` cached objects of `class` to their slabs, giving back slabs that
-    /// empty.
+    /// empty. The objects may belong to any arena: the batch is sorted by owner and each
+    /// owner's lock is taken once.
     ///
     /// # Safety
     /// The calling thread holds the exclusive claim on `arena`'s index.
@@ -321,10 +482,8 @@ impl Heap {
         let bin = &mut (*arena.tcache.get())[class];
         // Every slab released by the batch must fit `released`, or it would be lost.
         let n = n.min(bin.count).min(TCACHE_FLUSH_COUNT);
-        let mut released = [0u32; TCACHE_FLUSH_COUNT as usize];
-        let mut released_count = 0;
-        arena.lock.lock();
-        for _ in 0..n {
+        let mut batch = [(0u32, 0u32, std::ptr::null_mut::<u8>()); TCACHE_FLUSH_COUNT as usize];
+        for item in &mut batch[..n as usize] {
             let p = self.base().with_addr(bin.head);
             bin.head = p.cast::<usize>().read();
             bin.count -= 1;
@@ -332,16 +491,31 @@ impl Heap {
             let (_, si) = self
                 .route(p)
                 .expect("a cached object lies in a slab of the heap");
-            let s = self.span(si);
-            let idx = CLASSES[class]
-                .object_at(p.addr() - self.page_addr((*s).start).addr())
-                .expect("a cached object starts an object slot");
-            if self.free_small_locked(arena, si, idx, p) && released_count < released.len() {
-                released[released_count] = si;
-                released_count += 1;
-            }
+            // A cached object is allocated as far as its slab knows, so the slab stays owned
+            // by its arena until the object is freed below.
+            let owner = (*self.span(si)).owner.load(Ordering::Acquire);
+            debug_assert!(owner >= 1 && owner as usize <= ARENAS_MAX);
+            *item = (owner, si, p);
         }
-        arena.lock.unlock();
+        let batch = &mut batch[..n as usize];
+        batch.sort_unstable_by_key(|&(owner, _, _)| owner);
+        let mut released = [0u32; TCACHE_FLUSH_COUNT as usize];
+        let mut released_count = 0;
+        for group in batch.chunk_by(|x, y| x.0 == y.0) {
+            let owner_arena = &self.arenas[group[0].0 as usize - 1];
+            owner_arena.lock.lock();
+            for &(_, si, p) in group {
+                let s = self.span(si);
+                let idx = CLASSES[class]
+                    .object_at(p.addr() - self.page_addr((*s).start).addr())
+                    .expect("a cached object starts an object slot");
+                if self.free_small_locked(owner_arena, si, idx, p) {
+                    released[released_count] = si;
+                    released_count += 1;
+                }
+            }
+            owner_arena.lock.unlock();
+        }
         let cached = arena.cached_bytes.load(Ordering::Relaxed);
         arena.cached_bytes.store(
             cached - u64::from(n) * u64::from(CLASSES[class].size),
@@ -461,13 +635,15 @@ impl Heap {
         a: usize,
         discard: DiscardFn,
     ) -> bool {
-        let arena = &self.arenas[a];
-        if thread_slot() == a as u32 | SLOT_EXCLUSIVE {
-            // SAFETY: the slot says this thread holds the exclusive claim on index `a`.
-            if let Some(ok) = unsafe { self.tcache_free(arena, a, ptr, page, si, discard) } {
+        let slot = thread_slot();
+        if slot & SLOT_EXCLUSIVE != 0 {
+            let mine = &self.arenas[(slot & SLOT_INDEX_MASK) as usize];
+            // SAFETY: the slot says this thread holds the exclusive claim on `mine`'s index.
+            if let Some(ok) = unsafe { self.tcache_free(mine, ptr, page, si, discard) } {
                 return ok;
             }
         }
+        let arena = &self.arenas[a];
         arena.lock.lock();
         // SAFETY: the arena lock is held; `slab_object` checks `si` before anything changes.
         let release = unsafe {
@@ -529,5 +705,34 @@ impl Heap {
         (*s).prev = 0;
         (*s).owner.store(OWNER_NONE, Ordering::Release);
         true
+    }
+}
+
+// Test-only views of the calling thread's claim and of an arena's counters.
+#[cfg(test)]
+impl Heap {
+    /// The calling thread's arena index, if it holds it exclusively.
+    pub(super) fn exclusive_arena() -> Option<usize> {
+        let slot = thread_slot();
+        (slot & SLOT_EXCLUSIVE != 0).then_some((slot & SLOT_INDEX_MASK) as usize)
+    }
+
+    /// Bytes arena `a`'s slabs count as allocated, and bytes sitting in its cache.
+    pub(super) fn arena_bytes(&self, a: usize) -> (u64, u64) {
+        let arena = &self.arenas[a];
+        (
+            arena.bytes.load(Ordering::Relaxed),
+            arena.cached_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether arena `a` holds no slab (none partial; full ones would hold objects).
+    pub(super) fn arena_holds_no_slab(&self, a: usize) -> bool {
+        let arena = &self.arenas[a];
+        arena.lock.lock();
+        // SAFETY: the arena lock is held.
+        let empty = unsafe { (*arena.partial.get()).iter().all(|&si| si == 0) };
+        arena.lock.unlock();
+        empty
     }
 }

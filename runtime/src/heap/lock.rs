@@ -22,6 +22,13 @@ pub(crate) struct RawLock {
 }
 
 impl RawLock {
+    /// A free lock (for locks outside a heap image; those inside start as zeroed memory).
+    pub const fn new() -> RawLock {
+        RawLock {
+            state: AtomicU32::new(FREE),
+        }
+    }
+
     #[inline]
     pub fn lock(&self) {
         if self

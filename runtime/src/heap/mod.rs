@@ -31,9 +31,11 @@
 //! Threads: each thread claims one of [`ARENAS_MAX`] arena indices for itself (shared round
 //! robin once all are held by live threads), remembered in a `thread_local` that both heaps
 //! share; the claiming thread keeps a lock-free cache of small objects in its arena (see
-//! `arena`). A free by another thread goes to the arena owning the slab, under its lock. Page
-//! runs come from the page heap under one lock. Lock order: arena, then
-//! page heap; arenas in index order (only `prepare_fork` takes more than one).
+//! `arena`), which also takes its frees of other arenas' objects and returns them to their
+//! owners in batches. A thread that exits flushes its caches and releases its index (a pthread
+//! key destructor), so short-lived threads reuse the arenas of dead ones. Page runs come from
+//! the page heap under one lock. Lock order: arena, then page heap; arenas in index order
+//! (only `prepare_fork` takes more than one).
 
 mod arena;
 mod lock;
@@ -63,7 +65,7 @@ pub type DiscardFn = fn(addr: *mut u8, len: usize);
 /// "LEGOHEAP", little-endian.
 pub const HEAP_MAGIC: u64 = u64::from_le_bytes(*b"LEGOHEAP");
 /// Version of the heap image format; bump on any change to the layout or the class table.
-pub const HEAP_VERSION: u32 = 3;
+pub const HEAP_VERSION: u32 = 4;
 /// Arenas for small objects; threads beyond this many share them round robin.
 pub const ARENAS_MAX: usize = 64;
 /// Largest region a heap can manage, in pages: page indices (the header, descriptors, the
@@ -77,9 +79,12 @@ const SPANS_PER_PAGE: usize = PAGE_SIZE / SPAN_BYTES;
 pub const DATA_PAGES_MIN: usize = 64;
 /// Free runs at least this long are given back (discarded) when they hold dirty pages.
 pub const DISCARD_MIN_BYTES: usize = 64 * 1024;
-/// Requests above this many bytes are page runs rather than size-class objects.
 /// Default of [`Heap::set_retain_bytes`].
 pub const RETAIN_BYTES_DEFAULT: usize = 32 << 20;
+/// With [`Heap::set_retain_max_bytes`], freed dirty runs are kept up to this fraction
+/// (1/divisor) of the bytes of live large allocations.
+pub const RETAIN_LIVE_DIVISOR: u64 = 2;
+/// Requests above this many bytes are page runs rather than size-class objects.
 pub const LARGE_MIN_BYTES: usize = SMALL_MAX_BYTES + 1;
 
 const _: () = assert!(DISCARD_MIN_BYTES.is_multiple_of(PAGE_SIZE));
@@ -153,6 +158,9 @@ pub struct Heap {
     /// Pages of freed, dirty runs kept for reuse before freed runs are given back (see
     /// [`Heap::set_retain_bytes`]).
     retain_pages: AtomicU32,
+    /// How far the retain budget may grow following the live large allocations, in pages
+    /// (see [`Heap::set_retain_max_bytes`]); 0 keeps it fixed.
+    retain_max_pages: AtomicU32,
     /// Marks objects sitting in a thread cache (second word); derived from the base so that
     /// it is fixed for the image and unlikely to appear in program data.
     tcache_key: u64,
@@ -270,6 +278,7 @@ impl Heap {
         Ok(h)
     }
 
+    #[inline]
     pub fn malloc(&self, size: usize) -> *mut u8 {
         if size <= SMALL_MAX_BYTES {
             self.alloc_small(class_of(size)).0
@@ -416,15 +425,14 @@ impl Heap {
 
     /// Bytes of live allocations, counted at their class or page-run size.
     pub fn bytes_in_use(&self) -> u64 {
-        let small: u64 = self
-            .arenas
-            .iter()
-            .map(|a| {
-                let cached = a.cached_bytes.load(Ordering::Relaxed);
-                a.bytes.load(Ordering::Relaxed).saturating_sub(cached)
-            })
-            .sum();
-        small + self.large_bytes.load(Ordering::Relaxed)
+        // A cache may hold objects of other arenas' slabs, so only the totals compare.
+        let (counted, cached) = self.arenas.iter().fold((0u64, 0u64), |(b, c), a| {
+            (
+                b + a.bytes.load(Ordering::Relaxed),
+                c + a.cached_bytes.load(Ordering::Relaxed),
+            )
+        });
+        counted.saturating_sub(cached) + self.large_bytes.load(Ordering::Relaxed)
     }
 
     /// Bytes of the region below the bump pointer: header, page map (reserved, touched
@@ -438,6 +446,18 @@ impl Heap {
     pub fn set_retain_bytes(&self, bytes: usize) {
         let pages = u32::try_from(bytes / PAGE_SIZE).unwrap_or(u32::MAX);
         self.retain_pages.store(pages, Ordering::Relaxed);
+    }
+
+    /// Lets the retain budget follow what the program reuses: it is then the larger of the
+    /// fixed budget ([`Heap::set_retain_bytes`]) and half ([`RETAIN_LIVE_DIVISOR`]) of the bytes of
+    /// live large allocations, up to `bytes`. A program that keeps hundreds of MiB of big
+    /// blocks and replaces them one at a time (glibc keeps such blocks in its heap, its mmap
+    /// threshold rising with the blocks freed) then reuses freed blocks instead of faulting
+    /// every page of each new one in again, while the memory kept stays a fraction of the
+    /// memory the program holds anyway. 0 (the default) keeps the budget fixed.
+    pub fn set_retain_max_bytes(&self, bytes: usize) {
+        let pages = u32::try_from(bytes / PAGE_SIZE).unwrap_or(u32::MAX);
+        self.retain_max_pages.store(pages, Ordering::Relaxed);
     }
 
     /// Bytes of freed runs kept dirty for reuse right now.

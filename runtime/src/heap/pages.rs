@@ -17,7 +17,7 @@
 use std::sync::atomic::Ordering;
 
 use super::span::{Span, KIND_FREE, KIND_LARGE, KIND_LIMBO, KIND_UNUSED, OWNER_LARGE, OWNER_NONE};
-use super::{DiscardFn, Heap, DISCARD_MIN_BYTES};
+use super::{DiscardFn, Heap, DISCARD_MIN_BYTES, RETAIN_LIVE_DIVISOR};
 use crate::PAGE_SIZE;
 
 /// Free buckets: 16 exact ones, then 4 per power of two up to 2^32 pages (any `u32` run, so
@@ -184,9 +184,13 @@ impl Heap {
         self.take_purge(st)
     }
 
-    /// Dirty free pages the heap keeps (see [`Heap::set_retain_bytes`]).
+    /// Dirty free pages the heap keeps (see [`Heap::set_retain_bytes`] and
+    /// [`Heap::set_retain_max_bytes`]).
     fn retain_budget_pages(&self) -> u64 {
-        u64::from(self.retain_pages.load(Ordering::Relaxed))
+        let fixed = u64::from(self.retain_pages.load(Ordering::Relaxed));
+        let max = u64::from(self.retain_max_pages.load(Ordering::Relaxed));
+        let live = self.large_bytes.load(Ordering::Relaxed) / PAGE_SIZE as u64;
+        fixed.max((live / RETAIN_LIVE_DIVISOR).min(max))
     }
 
     /// Takes the largest dirty free runs (at least [`DISCARD_MIN_PAGES`] each, at most
@@ -441,22 +445,37 @@ impl Heap {
             .store(si, Ordering::Release);
     }
 
-    /// First run in the buckets with at least `need` pages, or 0.
+    /// A run in the buckets with at least `need` pages, or 0: the first dirty one among the
+    /// first [`FREE_SCAN_MAX`] runs of the fitting buckets (reusing it faults nothing in),
+    /// else the first fitting one.
     ///
     /// # Safety
     /// The page lock is held and `st` is its state.
     unsafe fn find_free(&self, st: &PageState, need: u32) -> u32 {
         let b = bucket_of(need);
-        if st.nonempty & (1 << b) != 0 {
-            let mut si = st.buckets[b];
-            let mut scanned = 0;
+        let mut fresh_fit = 0;
+        let mut scanned = 0;
+        let mut buckets = st.nonempty & (!0u128 << b);
+        while buckets != 0 && scanned < FREE_SCAN_MAX {
+            let at = buckets.trailing_zeros() as usize;
+            buckets &= buckets - 1;
+            let mut si = st.buckets[at];
             while si != 0 && scanned < FREE_SCAN_MAX {
-                if (*self.span(si)).npages >= need {
-                    return si;
+                let s = self.span(si);
+                if (*s).npages >= need {
+                    if (*s).fresh == 0 {
+                        return si;
+                    }
+                    if fresh_fit == 0 {
+                        fresh_fit = si;
+                    }
                 }
-                si = (*self.span(si)).next;
+                si = (*s).next;
                 scanned += 1;
             }
+        }
+        if fresh_fit != 0 {
+            return fresh_fit;
         }
         // Every run in a higher bucket is longer than `need`.
         let higher = st.nonempty & (!0u128 << (b + 1));

@@ -855,3 +855,187 @@ fn region_size_limit() {
         assert_eq!(Heap::written_ranges(r.base.add(PAGE_SIZE)), None);
     }
 }
+
+/// A thread frees objects another thread allocated: they go into its own cache (its next
+/// mallocs reuse them) and back to the owner's slabs in batches, and frees of objects sitting
+/// in a cache are refused whichever thread tries.
+#[test]
+fn remote_frees_go_back_to_their_owner_in_batches() {
+    const OBJECTS: usize = 2000;
+    const SIZE: usize = 64;
+    let r = Arc::new(TestRegion::new(REGION_BYTES));
+    let heap = r.create();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<usize>();
+    let owner = std::thread::spawn(move || {
+        let a = Heap::exclusive_arena();
+        let ps: Vec<usize> = (0..OBJECTS)
+            .map(|i| {
+                let p = heap.malloc(SIZE);
+                fill(p, SIZE, i as u8);
+                p.addr()
+            })
+            .collect();
+        tx.send((a, ps)).expect("sending the objects");
+        // Frees of objects another thread's cache holds are double frees.
+        let cached = done_rx.recv().expect("waiting for the freeing thread");
+        heap.free(std::ptr::with_exposed_provenance_mut(cached), discard);
+    });
+    let (owner_arena, ps) = rx.recv().expect("receiving the objects");
+    let me = Heap::exclusive_arena();
+    for (i, &p) in ps.iter().enumerate() {
+        let p = heap.base().with_addr(p);
+        assert!(check(p, SIZE, i as u8), "object {i} overwritten");
+        heap.free(p, discard);
+    }
+    assert_eq!(heap.invalid_frees(), 0);
+    assert_eq!(heap.bytes_in_use(), 0);
+    let bound = u64::from(arena::TCACHE_COUNT_MAX) * SIZE as u64;
+    if let (Some(a), Some(m)) = (owner_arena, me) {
+        if a != m {
+            let (counted, _) = heap.arena_bytes(a);
+            let (_, cached) = heap.arena_bytes(m);
+            assert!(
+                counted <= bound,
+                "{counted} bytes still counted by the owner"
+            );
+            assert_eq!(
+                counted, cached,
+                "the owner counts exactly what my cache holds"
+            );
+            assert!(
+                cached > 0,
+                "the remote frees went through this thread's cache"
+            );
+        }
+    }
+    // The next malloc reuses a freed object; freeing it twice is refused.
+    let q = heap.malloc(SIZE);
+    assert!(
+        ps.contains(&q.addr()),
+        "a malloc reuses a remotely freed object"
+    );
+    heap.free(q, discard);
+    heap.free(q, discard);
+    assert_eq!(heap.invalid_frees(), 1);
+    done_tx.send(q.addr()).expect("telling the owner");
+    owner.join().expect("owner thread failed");
+    assert_eq!(
+        heap.invalid_frees(),
+        2,
+        "a free of an object in another cache is refused"
+    );
+    assert_eq!(heap.bytes_in_use(), 0);
+}
+
+/// A thread that exits gives its caches back: its objects return to their slabs, the slabs
+/// to the page heap, and its arena holds nothing.
+#[test]
+fn a_dead_threads_cache_is_given_back() {
+    // The heap must outlive every thread exit that may flush it: its region is never unmapped.
+    let r = Box::leak(Box::new(TestRegion::new(REGION_BYTES)));
+    let heap = r.create();
+    assert!(heap.flush_caches_at_thread_exit(discard));
+    let worker = std::thread::spawn(move || {
+        let mut rng = Rng::new(9);
+        let mut live = Vec::new();
+        for i in 0..5000 {
+            let size = rng.below(1024) as usize + 1;
+            let p = heap.malloc(size);
+            fill(p, size, i as u8);
+            live.push((p, size, i as u8));
+            if live.len() > 200 {
+                let (p, size, b) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                assert!(check(p, size, b), "block overwritten");
+                heap.free(p, discard);
+            }
+        }
+        for (p, size, b) in live {
+            assert!(check(p, size, b), "block overwritten");
+            heap.free(p, discard);
+        }
+        let a = Heap::exclusive_arena();
+        if let Some(a) = a {
+            assert!(
+                heap.arena_bytes(a).1 > 0,
+                "the cache holds objects before exit"
+            );
+        }
+        a
+    });
+    let a = worker.join().expect("worker failed");
+    assert_eq!(heap.bytes_in_use(), 0);
+    assert_eq!(heap.invalid_frees(), 0);
+    if let Some(a) = a {
+        assert_eq!(
+            heap.arena_bytes(a),
+            (0, 0),
+            "the dead thread's cache is empty"
+        );
+        assert!(
+            heap.arena_holds_no_slab(a),
+            "the dead thread's slabs are given back"
+        );
+    }
+    // The memory is reusable by anyone: one more thread allocates and frees.
+    std::thread::spawn(move || {
+        let p = heap.malloc(100);
+        fill(p, 100, 1);
+        heap.free(p, discard);
+    })
+    .join()
+    .expect("second worker failed");
+}
+
+/// With the budget following the live large allocations, a loop that replaces big blocks one
+/// at a time reuses the freed ones (nothing given back, nothing to fault in again), and what
+/// is kept stays within half the live bytes and shrinks with them.
+#[test]
+fn retained_large_blocks_follow_the_live_ones() {
+    const BLOCKS: usize = 20;
+    const BLOCK: usize = 4 << 20;
+    let r = TestRegion::new(REGION_BYTES);
+    let heap = r.create();
+    heap.set_retain_bytes(1 << 20);
+    heap.set_retain_max_bytes(64 << 20);
+    let mut live: Vec<*mut u8> = (0..BLOCKS)
+        .map(|i| {
+            let p = heap.malloc(BLOCK);
+            fill(p, BLOCK, i as u8);
+            p
+        })
+        .collect();
+    let before = discards_in(heap).len();
+    let mut rng = Rng::new(13);
+    for i in 0..200 {
+        let k = rng.below(BLOCKS as u64) as usize;
+        heap.free(live[k], discard);
+        let p = heap.malloc(BLOCK);
+        assert_eq!(
+            resident_pages(p, BLOCK),
+            BLOCK / PAGE_SIZE,
+            "step {i}: the new block is a retained one, all resident"
+        );
+        fill(p, BLOCK, i as u8);
+        live[k] = p;
+        let bound = heap.bytes_in_use() / RETAIN_LIVE_DIVISOR;
+        assert!(
+            heap.retained_bytes() <= bound,
+            "step {i}: kept more than half the live bytes"
+        );
+    }
+    assert_eq!(
+        discards_in(heap).len(),
+        before,
+        "a freed block was given back although it was reused"
+    );
+    for p in live.drain(..) {
+        heap.free(p, discard);
+    }
+    assert!(
+        heap.retained_bytes() <= 1 << 20,
+        "with nothing live, only the fixed budget is kept: {} bytes",
+        heap.retained_bytes()
+    );
+    assert_eq!(heap.bytes_in_use(), 0);
+}

@@ -126,7 +126,12 @@ pub(super) fn evictor_loop(sh: &Shared) {
         // Evict down to the low watermark, one batch at a time, each inside the gate.
         loop {
             let _pass = sh.gate.enter();
-            let log_first = sh.durable.as_ref().filter(|d| d.log_first());
+            // The store says, batch by batch, whether the log is to stand in for a copy now
+            // (an adaptive pool short of memory keeps one copy of what the log holds).
+            let log_first = sh
+                .durable
+                .as_ref()
+                .filter(|d| d.log_first() && sh.store.log_copy_now());
             if log_first.is_some_and(|d| d.in_flight.load(Ordering::SeqCst)) {
                 // An epoch is being written: the pages its cut took may not be in the log
                 // yet, and only pages the log holds may be evicted now.
@@ -245,7 +250,9 @@ fn evict_moved(
             return true;
         }
     }
-    let Some(dirty) = write_back(sh, victims, runs, &fate, &copies) else {
+    // With log_first every page written back was just checked to be in the log, outside an
+    // epoch in flight: the store may keep fewer copies of it.
+    let Some(dirty) = write_back(sh, victims, runs, &fate, &copies, log_first.is_some()) else {
         forget_failed_batch(sh, victims, written, &fate, &copies);
         return false;
     };
@@ -341,18 +348,28 @@ fn classify(
 ) -> Vec<StoreCopy> {
     let n = victims.len();
     let mut copies = vec![StoreCopy::default(); n];
+    // The staged bytes are the evictor's alone: they are read before the cache's lock is
+    // taken, so that faults do not wait for a batch's checksums.
+    let mut zero = vec![false; n];
+    for i in 0..n {
+        if present[i] {
+            let page = staging_page(sh, i);
+            zero[i] = page.iter().all(|&b| b == 0);
+            if !zero[i] {
+                copies[i].crc = crc32c::crc32c(page);
+            }
+        }
+    }
     let t = sh.cache.lock();
     for i in 0..n {
         if !present[i] {
             continue;
         }
-        let page = staging_page(sh, i);
-        if page.iter().all(|&b| b == 0) {
+        if zero[i] {
             fate[i] = Fate::Zero;
             continue;
         }
-        let crc = crc32c::crc32c(page);
-        copies[i].crc = crc;
+        let crc = copies[i].crc;
         let p = victims[i];
         fate[i] = if !written[i] && t.has_flag(p, STORED) && t.crc(p) == crc {
             Fate::Clean
@@ -375,12 +392,16 @@ fn write_back(
     runs: &[(usize, usize)],
     fate: &[Fate],
     copies: &[StoreCopy],
+    log_held: bool,
 ) -> Option<u64> {
     let mut writes: Vec<PageWrite<'_>> = (0..victims.len())
         .filter(|&i| fate[i] == Fate::Dirty)
         .map(|i| {
             let c = copies[i];
-            PageWrite::with_crc(victims[i] as u64, staging_page(sh, i), c.crc, c.version)
+            let mut w =
+                PageWrite::with_crc(victims[i] as u64, staging_page(sh, i), c.crc, c.version);
+            w.log_held = log_held;
+            w
         })
         .collect();
     let dirty = writes.len() as u64;

@@ -245,6 +245,14 @@ impl PageStore for SharedPool {
         self.0.wants_log_copy()
     }
 
+    fn log_copy_now(&self) -> bool {
+        self.0.log_copy_now()
+    }
+
+    fn log_stands_in(&self, log: std::sync::Arc<dyn crate::store::LogCopies>) {
+        self.0.log_stands_in(log)
+    }
+
     fn verifies_reads(&self) -> bool {
         self.0.verifies_reads()
     }

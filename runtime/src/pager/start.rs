@@ -90,7 +90,7 @@ impl Runtime {
             ),
         };
         let scanner = PagemapScanner::open()?;
-        // A pool that keeps one copy of each page, and a log that cuts epochs on its own:
+        // A pool that may keep one copy of a page, and a log that cuts epochs on its own:
         // the log is the second copy (evicted pages are in it, and read from it when the
         // pool cannot give them).
         let index = match &config.log {
@@ -104,6 +104,9 @@ impl Runtime {
             )),
             _ => None,
         };
+        if let Some(index) = &index {
+            store.log_stands_in(Arc::clone(index) as Arc<dyn crate::store::LogCopies>);
+        }
         let mut pool_checkpoint = pool_image
             .as_ref()
             .map(|img| restore::PoolCheckpoint::new(store.as_ref(), img, &pool_pages));

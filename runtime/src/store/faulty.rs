@@ -241,6 +241,14 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.inner.wants_log_copy()
     }
 
+    fn log_copy_now(&self) -> bool {
+        self.inner.log_copy_now()
+    }
+
+    fn log_stands_in(&self, log: std::sync::Arc<dyn crate::store::LogCopies>) {
+        self.inner.log_stands_in(log)
+    }
+
     fn describe(&self) -> String {
         let plan = self.budget.plan;
         let once = if plan.once { " once" } else { "" };

@@ -53,6 +53,8 @@ mod conformance;
 #[cfg(test)]
 pub(crate) mod memory;
 
+use std::sync::Arc;
+
 use crate::config::{BackendSpec, FaultPlan, PoolSettings};
 use crate::seal::{SealKey, Sealer};
 use crate::PAGE_SIZE;
@@ -122,6 +124,9 @@ pub struct PageWrite<'a> {
     pub buf: &'a [u8],
     pub crc: u32,
     pub version: u32,
+    /// The writer checked that the log holds exactly this content, committed (see
+    /// [`PageStore::log_copy_now`]): a store may keep fewer copies of it. False by default.
+    pub log_held: bool,
     /// Set by the store.
     pub outcome: Outcome,
 }
@@ -134,6 +139,7 @@ impl<'a> PageWrite<'a> {
             buf,
             crc: crc32c::crc32c(buf),
             version,
+            log_held: false,
             outcome: Outcome::Pending,
         }
     }
@@ -146,6 +152,7 @@ impl<'a> PageWrite<'a> {
             buf,
             crc,
             version,
+            log_held: false,
             outcome: Outcome::Pending,
         }
     }
@@ -192,12 +199,27 @@ pub trait PageStore: Send + Sync {
     /// fetch pages).
     fn at_exit(&self) {}
 
-    /// Whether the store keeps a single copy of each page somewhere that can fail on its own
-    /// (a pool with one copy): with a log, the pager then keeps the log holding every
-    /// evicted page, so that the log stands in for the second copy. False by default.
+    /// Whether the store may keep a single copy of a page somewhere that can fail on its own
+    /// (a pool with one copy, or an adaptive pool short of memory): with a log, the pager
+    /// then keeps an index of the log's pages, hands it to [`PageStore::log_stands_in`],
+    /// and reads a page the store cannot give from the log. False by default.
     fn wants_log_copy(&self) -> bool {
         false
     }
+
+    /// Whether, now, the pager should evict only pages whose content the log holds (the log
+    /// is their second copy). Asked before each eviction batch; the pages of such a batch are
+    /// written with [`PageWrite::log_held`], and the store relies on that flag only (the
+    /// answer may change between the question and the write-back). By default, what
+    /// [`PageStore::wants_log_copy`] says.
+    fn log_copy_now(&self) -> bool {
+        self.wants_log_copy()
+    }
+
+    /// With [`PageStore::wants_log_copy`] and a log: which pages the log holds, for the
+    /// store to keep fewer copies of them. Called once, before the first write-back. The
+    /// default ignores it.
+    fn log_stands_in(&self, _log: Arc<dyn LogCopies>) {}
 
     /// Whether every read this store marks `Done` was checked against the checksum asked
     /// for (the pager then trusts it instead of checking each page a second time). False by
@@ -211,6 +233,13 @@ pub trait PageStore: Send + Sync {
     fn report(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+}
+
+/// What the log holds, as a store sees it: whether its newest record of `page` has exactly
+/// the content whose CRC32C is `crc` (then the page can be read back from the log while the
+/// process lives, whatever happens to the store's copies).
+pub trait LogCopies: Send + Sync {
+    fn holds(&self, page: u64, crc: u32) -> bool;
 }
 
 // Boxed stores (what `store::open` returns) can be wrapped too.
@@ -245,6 +274,14 @@ impl PageStore for Box<dyn PageStore> {
 
     fn wants_log_copy(&self) -> bool {
         (**self).wants_log_copy()
+    }
+
+    fn log_copy_now(&self) -> bool {
+        (**self).log_copy_now()
+    }
+
+    fn log_stands_in(&self, log: Arc<dyn LogCopies>) {
+        (**self).log_stands_in(log)
     }
 
     fn verifies_reads(&self) -> bool {
@@ -312,7 +349,7 @@ pub fn open_memcached_pool_as(
     key: Option<&SealKey>,
 ) -> Result<pool::PoolStore, StoreError> {
     // One sealer for every server: its nonces are unique across all of them.
-    let sealer = key.map(|k| std::sync::Arc::new(Sealer::new(k, heap_id)));
+    let sealer = key.map(|k| Arc::new(Sealer::new(k, heap_id)));
     let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
     for server in servers {
         let member =
@@ -349,7 +386,7 @@ pub fn open_restored_pool(
 ) -> Result<RestoredPool, StoreError> {
     let name = format!("memcached://{}", servers.join(","));
     // One sealer for every server: its nonces are unique across all of them.
-    let sealer = key.map(|k| std::sync::Arc::new(Sealer::new(k, heap_id)));
+    let sealer = key.map(|k| Arc::new(Sealer::new(k, heap_id)));
     let mut members: Vec<Box<dyn pool::member::Member>> = Vec::with_capacity(servers.len());
     for server in servers {
         let member = memcached::MemcachedServer::open_unleased(

@@ -118,6 +118,11 @@ impl PageIndex {
         }
     }
 
+    /// Whether the newest record of `page` holds the content whose checksum is `crc`.
+    pub fn holds(&self, page: u64, crc: u32) -> bool {
+        matches!(self.locate(page), Located::At { crc: logged, .. } if logged == crc)
+    }
+
     /// Reads `page` from its newest record into `buf` (a page), if that record holds the
     /// content whose checksum is `crc`.
     pub fn read(&self, page: u64, crc: u32, buf: &mut [u8]) -> Result<(), IndexError> {
@@ -178,6 +183,12 @@ fn check(buf: &[u8], crc: u32) -> Result<(), IndexError> {
             found,
             expected: crc,
         })
+    }
+}
+
+impl crate::store::LogCopies for PageIndex {
+    fn holds(&self, page: u64, crc: u32) -> bool {
+        PageIndex::holds(self, page, crc)
     }
 }
 

@@ -453,11 +453,12 @@ mod tests {
         release(&conn, a).expect("releasing a released lease is no error");
 
         // A short lease, renewed, lives on; left alone, it expires, and the next renewal
-        // says the lease had lapsed.
-        assert_eq!(renew(&conn, b, 2).expect("taking"), Renewal::Started);
+        // says the lease had lapsed. (Renewed every second with 5 s to live: only a stall of
+        // 4 s on a loaded machine, not memcached's one-second clock, could lapse it.)
+        assert_eq!(renew(&conn, b, 5).expect("taking"), Renewal::Started);
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(1000));
-            assert_eq!(renew(&conn, b, 2).expect("renewing"), Renewal::Extended);
+            assert_eq!(renew(&conn, b, 5).expect("renewing"), Renewal::Extended);
         }
         assert!(holders(&conn, &[b]).expect("reading")[0].is_some());
         assert_eq!(renew(&conn, b, 1).expect("renewing"), Renewal::Extended);

@@ -20,8 +20,10 @@
 //!   down and probed with backoff; the pool's thread (`lego-pool`) writes the queued copies,
 //!   probes, watches free memory, and re-replicates pages that have fewer than N copies on up
 //!   servers (after a server went down, or came back empty) from a surviving copy.
-//! - Ordering: writes of the same page by the evictor and by the pool's thread are serialised
-//!   by stripe locks (by group), so an older copy never lands after a newer one on a server.
+//! - Ordering: writes of the same page by write-backs, discards and repair are serialised by
+//!   stripe locks (by group); the pool's thread writes queued copies without them, and a
+//!   writer of a page it is writing waits for it ([`queue`]). So an older copy never lands
+//!   after a newer one on a server.
 //!
 //! Rules: the records' lock is never held across I/O; stripe locks are taken in index order
 //! and before the records' lock.
@@ -36,7 +38,7 @@ pub mod records;
 mod upkeep;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use self::health::Health;
 use self::member::Member;
@@ -44,8 +46,8 @@ use self::placement::Placement;
 use self::queue::ReplicaQueue;
 use self::records::Records;
 use super::{
-    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, Outcome, PageRead, PageStore,
-    PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
+    discard_range, refuse_bad_reads, refuse_bad_writes, FailureKind, LogCopies, Outcome, PageRead,
+    PageStore, PageWant, PageWrite, StoreError, StoreOp, PAGE_BYTES,
 };
 use crate::config::{PoolSettings, Replication};
 use crate::logging::{error_chain, RateLimit};
@@ -54,6 +56,9 @@ static POOL_FULL: RateLimit = RateLimit::new(3);
 
 /// Stripe locks that order writes of the same pages.
 const STRIPES: usize = 64;
+/// Queued copies a write-back takes along, per page of its own, at most (more than one, so
+/// that write-backs also drain a queue that has grown).
+const QUEUED_RIDERS_PER_PAGE: usize = 2;
 
 /// Counters of the pool, for the stats.
 #[derive(Default)]
@@ -70,6 +75,8 @@ struct Counters {
     queue_reads: AtomicU64,
     /// Servers found restarted (empty).
     restarts: AtomicU64,
+    /// Pages stored with one copy because the log held them (adaptive, memory scarce).
+    log_copies: AtomicU64,
 }
 
 /// Per-server page counters.
@@ -105,8 +112,11 @@ struct Inner {
     queue: ReplicaQueue,
     stripes: Vec<Mutex<()>>,
     settings: PoolSettings,
-    /// Current mode of adaptive replication (fixed for the other two).
+    /// Current mode of adaptive replication (fixed for the other two): memory is scarce.
     optimistic: AtomicBool,
+    /// With adaptive replication and a log: what the log holds. While memory is scarce, a
+    /// page the log holds gets one copy in the pool (the log stands in for the others).
+    log: OnceLock<Arc<dyn LogCopies>>,
     counters: Counters,
     /// Some page may have fewer copies than it should.
     repair_needed: AtomicBool,
@@ -196,6 +206,7 @@ impl PoolStore {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             settings,
             optimistic: AtomicBool::new(settings.replication == Replication::Optimistic),
+            log: OnceLock::new(),
             counters: Counters::default(),
             repair_needed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
@@ -228,6 +239,7 @@ impl PoolStore {
             );
         }
         let mode = match inner.settings.replication {
+            Replication::Adaptive if inner.log_covers_now() => "adaptive, one copy and the log now",
             Replication::Adaptive if inner.optimistic.load(Relaxed) => "adaptive, optimistic now",
             Replication::Adaptive => "adaptive, pessimistic now",
             other => other.name(),
@@ -390,6 +402,19 @@ impl Inner {
             .filter(|(_, &w)| w)
             .map(|(i, _)| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner()))
             .collect()
+    }
+
+    /// The log, while it stands in for the other copies of the pages it holds: adaptive
+    /// replication with a log, memory scarce.
+    fn log_covers_now(&self) -> bool {
+        self.log_now().is_some()
+    }
+
+    fn log_now(&self) -> Option<&dyn LogCopies> {
+        let scarce = self.settings.replication == Replication::Adaptive
+            && self.settings.replicas > 1
+            && self.optimistic.load(Relaxed);
+        self.log.get().filter(|_| scarce).map(|l| &**l)
     }
 
     fn up_mask(&self) -> u64 {
@@ -752,16 +777,55 @@ impl PageStore for PoolStore {
             return first_error.map_or(Ok(()), Err);
         }
         let replicas = inner.settings.replicas;
-        // Optimistic only while the queue has room for every page's other copies.
-        let optimistic =
-            replicas > 1 && inner.optimistic.load(Relaxed) && inner.queue.has_room(positions.len());
-        let need = vec![if optimistic { 1 } else { replicas }; positions.len()];
-        let mut acked = vec![0u64; positions.len()];
-        let _stripes = inner.lock_stripes(positions.iter().map(|&i| batch[i].page));
-        if let Some(e) = inner.write_copies(batch, &positions, &need, &mut acked) {
+        // Adaptive with a log, memory scarce: one copy of the pages the evictor found in the
+        // log (committed, outside an epoch in flight: `log_held`), every copy of the others.
+        // Else optimistic only while the queue has room for every page's other copies.
+        let log = inner.log_now();
+        let optimistic = log.is_none()
+            && replicas > 1
+            && inner.optimistic.load(Relaxed)
+            && inner.queue.has_room(positions.len());
+        let need: Vec<usize> = positions
+            .iter()
+            .map(|&i| match log {
+                Some(log) if batch[i].log_held && log.holds(batch[i].page, batch[i].crc) => 1,
+                _ if optimistic => 1,
+                _ => replicas,
+            })
+            .collect();
+        let n = positions.len();
+        let pages: Vec<u64> = positions.iter().map(|&i| batch[i].page).collect();
+        let _stripes = inner.lock_stripes(pages.iter().copied());
+        // The pool's thread may be writing older copies of these pages: wait for it.
+        inner.queue.hold(&pages);
+        // Queued copies of earlier write-backs ride along, in the same requests (one
+        // round per server for both, instead of a round of the pool's thread's besides).
+        let queued = if replicas > 1 {
+            upkeep::Queued::take(inner, n * QUEUED_RIDERS_PER_PAGE)
+        } else {
+            upkeep::Queued::none(inner)
+        };
+        let mut all: Vec<PageWrite<'_>> = positions
+            .iter()
+            .map(|&i| {
+                let w = &batch[i];
+                PageWrite::with_crc(w.page, w.buf, w.crc, w.version)
+            })
+            .collect();
+        all.extend(queued.writes());
+        let mut need_all = need.clone();
+        need_all.resize(all.len(), replicas);
+        let mut acked = vec![0u64; n];
+        acked.extend_from_slice(&queued.holders);
+        let every: Vec<usize> = (0..all.len()).collect();
+        if let Some(e) = inner.write_copies(&mut all, &every, &need_all, &mut acked) {
             first_error.get_or_insert(e);
         }
+        drop(all);
+        queued.finish(inner, &acked[n..]);
+        acked.truncate(n);
         let mut short = false;
+        let mut log_copies = 0;
         let mut failed = None;
         {
             let mut records = inner.records.lock();
@@ -774,11 +838,15 @@ impl PageStore for PoolStore {
                 }
                 w.outcome = Outcome::Done;
                 records.set(w.page, w.crc, w.version, acked[k]);
-                if (acked[k].count_ones() as usize) < replicas {
+                if (acked[k].count_ones() as usize) < need[k] {
                     short = true;
+                }
+                if need[k] < replicas && !optimistic {
+                    log_copies += 1;
                 }
             }
         }
+        inner.counters.log_copies.fetch_add(log_copies, Relaxed);
         if optimistic {
             for (k, &i) in positions.iter().enumerate() {
                 let w = &batch[i];
@@ -786,11 +854,14 @@ impl PageStore for PoolStore {
                     inner.queue.push(w.page, w.crc, w.version, w.buf);
                 }
             }
-            inner.wake_thread();
+            // The next write-back carries them, or the pool's thread within its tick.
         } else if short {
             // Fewer servers up than copies: the pool's thread adds them when it can.
             inner.repair_needed.store(true, Relaxed);
         }
+        // Older queued versions not replaced above (written with all their copies now, or not
+        // at all) go back to the pool's thread, which drops the stale ones.
+        inner.queue.release(&pages);
         if batch.iter().all(|w| w.outcome.is_done()) {
             return Ok(());
         }
@@ -827,6 +898,9 @@ impl PageStore for PoolStore {
             inner.lock_stripes(range.clone())
         };
         let mut by_server: Vec<Vec<u64>> = vec![Vec::new(); inner.members.len()];
+        // The pool's thread (or a write-back carrying queued copies) may be writing copies of
+        // these pages: wait, and forget them in the same step, so none is taken meanwhile.
+        inner.queue.settle_and_remove(range.clone());
         {
             let mut records = inner.records.lock();
             for page in range {
@@ -840,7 +914,6 @@ impl PageStore for PoolStore {
                     }
                 }
                 records.clear(page);
-                inner.queue.remove(page);
             }
         }
         // Best effort: a copy left behind is never served (the page's record is gone).
@@ -864,8 +937,20 @@ impl PageStore for PoolStore {
         upkeep::report(&self.inner)
     }
 
+    /// One copy, or adaptive replication (which keeps one copy of what the log holds while
+    /// memory is scarce); never with erasure coding.
     fn wants_log_copy(&self) -> bool {
-        self.inner.settings.replicas == 1 && self.inner.code.is_none()
+        let s = &self.inner.settings;
+        self.inner.code.is_none() && (s.replicas == 1 || s.replication == Replication::Adaptive)
+    }
+
+    fn log_copy_now(&self) -> bool {
+        self.inner.code.is_none()
+            && (self.inner.settings.replicas == 1 || self.inner.log_covers_now())
+    }
+
+    fn log_stands_in(&self, log: Arc<dyn LogCopies>) {
+        let _ = self.inner.log.set(log);
     }
 
     /// Every member checks checksum and version; the queue's and the zero pages' bytes are

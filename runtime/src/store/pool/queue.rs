@@ -6,9 +6,18 @@
 //! evictor writes the other copies itself, as in pessimistic mode. While a page is queued its
 //! bytes serve a fetch whose servers fail, so losing the first copy in this window costs
 //! nothing while the process lives.
+//!
+//! Ordering without stripe locks: the pool's thread writes queued copies without holding the
+//! pages' stripe locks (holding them across its I/O would stall every write-back behind it).
+//! Instead, a page the pool's thread is writing is [`Stage::Draining`], and whoever else is
+//! about to write that page (a write-back, a discard, under the page's stripe lock) first
+//! waits for it to leave that stage and marks its entry [`Stage::Held`], which the pool's
+//! thread does not take. So two writers never write copies of one page at once, and an older
+//! copy never lands on a server after a newer one.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::io::AlignedBuf;
 
@@ -27,13 +36,25 @@ pub struct Waiting {
     pub version: u32,
     /// Page-aligned, as stores want their buffers.
     pub bytes: Arc<AlignedBuf>,
-    /// Taken by the pool's thread and being written.
-    pub in_flight: bool,
+    pub stage: Stage,
+}
+
+/// Where a queued page is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Waiting for the pool's thread.
+    Queued,
+    /// Taken by the pool's thread, its copies being written.
+    Draining,
+    /// Held by a writer of the page (a write-back or a discard); the pool's thread leaves it.
+    Held,
 }
 
 #[derive(Default)]
 pub struct ReplicaQueue {
     pages: Mutex<BTreeMap<u64, Waiting>>,
+    /// Signalled whenever a page leaves [`Stage::Draining`].
+    drained: Condvar,
     /// Buffers of pages that left the queue, for the next ones.
     spare: Mutex<Vec<AlignedBuf>>,
 }
@@ -86,7 +107,7 @@ impl ReplicaQueue {
             crc,
             version,
             bytes: Arc::new(self.copy_of(bytes)),
-            in_flight: false,
+            stage: Stage::Queued,
         };
         let replaced = self.lock().insert(page, waiting);
         if let Some(old) = replaced {
@@ -110,7 +131,7 @@ impl ReplicaQueue {
         self.lock().get(&page).is_some_and(|w| w.version == version)
     }
 
-    /// Takes up to `n` pages that are not in flight, marking them so.
+    /// Takes up to `n` queued pages, marking them [`Stage::Draining`].
     pub fn take(&self, n: usize) -> Vec<(u64, Waiting)> {
         let mut pages = self.lock();
         let mut taken = Vec::new();
@@ -118,38 +139,88 @@ impl ReplicaQueue {
             if taken.len() == n {
                 break;
             }
-            if !w.in_flight {
-                w.in_flight = true;
+            if w.stage == Stage::Queued {
+                w.stage = Stage::Draining;
                 taken.push((page, w.clone()));
             }
         }
         taken
     }
 
-    /// The pool's thread is done with `version` of `page`: removed when `complete`, else put
-    /// back to be tried again (unless a newer version replaced it meanwhile).
-    pub fn finish(&self, page: u64, version: u32, complete: bool) {
-        let mut pages = self.lock();
-        let mut done = None;
-        if let Some(w) = pages.get_mut(&page) {
-            if w.version == version {
-                if complete {
-                    done = pages.remove(&page);
-                } else {
-                    w.in_flight = false;
+    /// Before writing `pages` (under their stripe locks): waits until the pool's thread is
+    /// writing none of them, then marks their entries [`Stage::Held`] so it does not take
+    /// them. [`ReplicaQueue::push`] (a newer version) or [`ReplicaQueue::release`] ends it.
+    pub fn hold(&self, pages: &[u64]) {
+        let mut map = self.lock();
+        if map.is_empty() {
+            return;
+        }
+        while pages
+            .iter()
+            .any(|p| map.get(p).is_some_and(|w| w.stage == Stage::Draining))
+        {
+            map = self.drained.wait(map).unwrap_or_else(|e| e.into_inner());
+        }
+        for p in pages {
+            if let Some(w) = map.get_mut(p) {
+                w.stage = Stage::Held;
+            }
+        }
+    }
+
+    /// Gives the entries of `pages` that are still [`Stage::Held`] back to the pool's thread.
+    pub fn release(&self, pages: &[u64]) {
+        let mut map = self.lock();
+        if map.is_empty() {
+            return;
+        }
+        for p in pages {
+            if let Some(w) = map.get_mut(p) {
+                if w.stage == Stage::Held {
+                    w.stage = Stage::Queued;
                 }
             }
         }
-        drop(pages);
-        if let Some(w) = done {
+    }
+
+    /// For a discard of `range` (under its stripe locks): waits until no page of it is being
+    /// written, then forgets them all, in one step (so none is taken in between).
+    pub fn settle_and_remove(&self, range: Range<u64>) {
+        let mut map = self.lock();
+        while map
+            .range(range.clone())
+            .any(|(_, w)| w.stage == Stage::Draining)
+        {
+            map = self.drained.wait(map).unwrap_or_else(|e| e.into_inner());
+        }
+        let pages: Vec<u64> = map.range(range).map(|(&p, _)| p).collect();
+        let removed: Vec<Waiting> = pages.iter().filter_map(|p| map.remove(p)).collect();
+        drop(map);
+        for w in removed {
             self.recycle(w);
         }
     }
 
-    /// Forgets `page` (discarded).
-    pub fn remove(&self, page: u64) {
-        let removed = self.lock().remove(&page);
-        if let Some(w) = removed {
+    /// The pool's thread is done with the pages `done`: each `(page, version, complete)` is
+    /// removed when `complete`, else put back to be tried again (unless a newer version
+    /// replaced it meanwhile). Wakes the writers waiting for them.
+    pub fn finish(&self, done: &[(u64, u32, bool)]) {
+        let mut pages = self.lock();
+        let mut removed = Vec::new();
+        for &(page, version, complete) in done {
+            if let Some(w) = pages.get_mut(&page) {
+                if w.version == version && w.stage == Stage::Draining {
+                    if complete {
+                        removed.extend(pages.remove(&page));
+                    } else {
+                        w.stage = Stage::Queued;
+                    }
+                }
+            }
+        }
+        drop(pages);
+        self.drained.notify_all();
+        for w in removed {
             self.recycle(w);
         }
     }
@@ -178,13 +249,61 @@ mod tests {
         assert_eq!(taken.len(), 1);
         assert!(q.take(10).is_empty(), "in flight");
         q.push(5, 3, 3, &[3u8; 4096]);
-        q.finish(5, 2, true);
+        q.finish(&[(5, 2, true)]);
         assert_eq!(q.len(), 1, "version 3 stays");
-        q.finish(5, 3, false);
-        assert_eq!(q.take(1).len(), 1);
-        q.finish(5, 3, true);
+        let taken = q.take(1);
+        assert_eq!(taken.len(), 1);
+        q.finish(&[(5, 3, false)]);
+        assert_eq!(q.take(1).len(), 1, "put back to be tried again");
+        q.finish(&[(5, 3, true)]);
         assert_eq!(q.len(), 0);
         assert!(q.has_room(QUEUE_PAGES_MAX));
         assert!(!q.has_room(QUEUE_PAGES_MAX + 1));
+    }
+
+    /// A writer of a page the pool's thread is writing waits for it, and the pool's thread
+    /// never takes a held page.
+    #[test]
+    fn writers_wait_for_draining_pages_and_held_pages_are_not_taken() {
+        let q = Arc::new(ReplicaQueue::default());
+        q.push(1, 1, 1, &[1u8; 4096]);
+        q.push(2, 2, 1, &[2u8; 4096]);
+        q.push(40, 3, 1, &[3u8; 4096]);
+        let taken = q.take(1);
+        assert_eq!(taken[0].0, 1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || {
+                q.hold(&[1, 2]);
+                tx.send(()).unwrap();
+            })
+        };
+        // Page 1 is being written: the writer waits.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        q.finish(&[(1, 1, false)]);
+        rx.recv().unwrap();
+        writer.join().unwrap();
+        // 1 and 2 are held now: only 40 can be taken.
+        let taken: Vec<u64> = q.take(10).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(taken, vec![40]);
+        q.release(&[1, 2]);
+        q.finish(&[(40, 1, true)]);
+        let taken: Vec<u64> = q.take(10).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(taken, vec![1, 2]);
+        // A discard of 0..10 waits until they are written, then forgets them (40 stays).
+        q.push(40, 3, 2, &[3u8; 4096]);
+        let settler = {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || q.settle_and_remove(0..10))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!settler.is_finished());
+        q.finish(&[(1, 1, false), (2, 1, false)]);
+        settler.join().unwrap();
+        assert_eq!(q.len(), 1, "only page 40 is left");
+        assert_eq!(q.take(10).len(), 1);
     }
 }

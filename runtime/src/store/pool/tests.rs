@@ -2,8 +2,8 @@
 //! copies: pages are always served right or not at all, and the pool gets back to N copies.
 //! (The same pool over real memcached servers: `store::conformance` and `tests/tests/pool.rs`.)
 
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::member::test_member::TestMember;
@@ -656,4 +656,182 @@ fn pages_read_ahead_are_served_right_and_stale_read_aheads_never() {
     store.read_ahead(&wants(&new[..16], 2));
     assert_eq!(fetch_pages(&store, 0, &new, 2), 64);
     drop(servers);
+}
+
+/// A member whose server reports `used` bytes of its 64 MiB (the adaptive mode's signal).
+struct Tight {
+    member: Arc<TestMember>,
+    used: Arc<AtomicU64>,
+}
+
+impl PageStore for Tight {
+    fn fetch(&self, batch: &mut [PageRead<'_>]) -> Result<(), StoreError> {
+        self.member.fetch(batch)
+    }
+    fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
+        self.member.store(batch)
+    }
+    fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
+        self.member.discard(first, count)
+    }
+    fn describe(&self) -> String {
+        self.member.describe()
+    }
+}
+
+impl Member for Tight {
+    fn server(&self) -> &str {
+        self.member.server()
+    }
+    fn info(&self) -> Result<crate::store::memcached::ServerInfo, StoreError> {
+        let mut info = self.member.info()?;
+        info.used_bytes = self.used.load(Relaxed).min(info.limit_bytes);
+        Ok(info)
+    }
+    fn delete(&self, pages: &[u64]) -> Result<(), StoreError> {
+        self.member.delete(pages)
+    }
+    fn reconnect(&self) {}
+    fn wire_bytes(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+/// The log as the pool sees it: the (page, checksum) pairs it holds.
+#[derive(Default)]
+struct FakeLog(Mutex<std::collections::HashSet<(u64, u32)>>);
+
+impl LogCopies for FakeLog {
+    fn holds(&self, page: u64, crc: u32) -> bool {
+        self.0.lock().unwrap().contains(&(page, crc))
+    }
+}
+
+/// Adaptive replication with a log, memory scarce: a page the log holds gets one copy in the
+/// pool (the log stands in for the other), a page it lacks gets two; the switch is counted
+/// and described. Once memory is plentiful again, repair gives every page its second copy.
+#[test]
+fn adaptive_with_a_log_keeps_one_copy_of_what_the_log_holds_while_memory_is_scarce() {
+    let used = Arc::new(AtomicU64::new(60 << 20)); // 6% free, under the default 20%
+    let members: Vec<Arc<TestMember>> = (0..3)
+        .map(|i| Arc::new(TestMember::new(&format!("10.0.1.{i}:11211"), HEAP_BYTES)))
+        .collect();
+    let boxed: Vec<Box<dyn Member>> = members
+        .iter()
+        .map(|m| {
+            Box::new(Tight {
+                member: Arc::clone(m),
+                used: Arc::clone(&used),
+            }) as Box<dyn Member>
+        })
+        .collect();
+    let settings = PoolSettings {
+        replicas: 2,
+        replication: Replication::Adaptive,
+        ..PoolSettings::default()
+    };
+    let store = PoolStore::new("test://pool".into(), boxed, HEAP_BYTES, settings).expect("pool");
+    assert!(
+        store.wants_log_copy(),
+        "adaptive pools want the log's index"
+    );
+    let log = Arc::new(FakeLog::default());
+    store.log_stands_in(Arc::clone(&log) as Arc<dyn LogCopies>);
+    let src = contents(64, 77);
+    for (i, p) in src.iter().enumerate() {
+        if i % 2 == 0 {
+            log.0
+                .lock()
+                .unwrap()
+                .insert((i as u64, crc32c::crc32c(&p.0)));
+        }
+    }
+    assert!(
+        !store.log_copy_now(),
+        "memory is plentiful until the thread looks"
+    );
+    wait_until("the pool finds memory scarce", || {
+        stat(&store, "pool_mode_switches") == 1
+    });
+    assert!(store.log_copy_now());
+    assert!(
+        store.describe().contains("one copy and the log now"),
+        "{}",
+        store.describe()
+    );
+    // As the evictor writes in this mode: every page flagged as found in the log; the pool
+    // keeps one copy only of those the log really holds (the even ones).
+    let mut writes: Vec<PageWrite<'_>> = src
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut w = PageWrite::new(i as u64, &p.0, 1);
+            w.log_held = true;
+            w
+        })
+        .collect();
+    store.store(&mut writes).expect("stored");
+    drop(writes);
+    assert_eq!(stat(&store, "pool_log_copies"), 32);
+    // Not flagged (the evictor did not check the log): every copy, log or not.
+    let more = contents(2, 78);
+    log.0
+        .lock()
+        .unwrap()
+        .insert((64, crc32c::crc32c(&more[0].0)));
+    store_pages(&store, 64, &more[..1], 1);
+    assert_eq!(
+        stat(&store, "pool_log_copies"),
+        32,
+        "an unflagged write gets every copy"
+    );
+    assert_eq!(
+        stat(&store, "pool_queued_pages"),
+        0,
+        "nothing is queued for later"
+    );
+    // One member down at a time: the pages the log lacks always have another copy; each
+    // page the log holds is missing exactly while its only server is down.
+    let mut unserved = vec![0usize; 64];
+    for member in &members {
+        member.down.store(true, Relaxed);
+        let mut dst = pages(64);
+        let mut reads: Vec<PageRead<'_>> = dst
+            .iter_mut()
+            .zip(&src)
+            .enumerate()
+            .map(|(i, (d, s))| PageRead::new(i as u64, &mut d.0, crc32c::crc32c(&s.0), 1))
+            .collect();
+        let _ = store.fetch(&mut reads);
+        let done: Vec<bool> = reads.iter().map(|r| r.outcome.is_done()).collect();
+        drop(reads);
+        for (i, d) in dst.iter().enumerate() {
+            if done[i] {
+                assert!(d.0 == src[i].0, "page {i} served wrong");
+            } else {
+                unserved[i] += 1;
+            }
+        }
+        member.down.store(false, Relaxed);
+    }
+    for (i, n) in unserved.iter().enumerate() {
+        let want = if i % 2 == 0 { 1 } else { 0 };
+        assert_eq!(
+            *n, want,
+            "page {i}: unserved with {n} of 3 servers down in turn"
+        );
+    }
+    // Plentiful again: back to two copies of every page.
+    used.store(0, Relaxed);
+    wait_until("the pool is pessimistic and whole again", || {
+        stat(&store, "pool_mode_switches") == 2
+            && stat(&store, "pool_servers_down") == 0
+            && stat(&store, "pool_underreplicated_pages") == 0
+    });
+    assert!(!store.log_copy_now());
+    for (m, member) in members.iter().enumerate() {
+        member.down.store(true, Relaxed);
+        assert_eq!(fetch_pages(&store, 0, &src, 1), 64, "server {m} down");
+        member.down.store(false, Relaxed);
+    }
 }

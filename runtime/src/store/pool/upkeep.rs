@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::health::Probed;
+use super::queue::{ReplicaQueue, Waiting};
 use super::Inner;
 use crate::config::Replication;
 use crate::io::AlignedBuf;
@@ -26,10 +27,9 @@ use crate::PAGE_SIZE;
 const TICK_MS: u64 = 100;
 /// How often the servers are asked how they are, in milliseconds.
 const HEALTH_CHECK_MS: u64 = 1000;
-/// Queued pages whose copies one batch writes. (A batch holds its pages' stripe locks while it
-/// writes, and the evictor's write-backs wait for them; but smaller batches drain the queue
-/// slower, and a fuller queue costs memory: 64 made the bench's optimistic runs outgrow
-/// their cgroup.)
+/// Queued pages whose copies one batch writes. (A write-back of a page in the batch waits
+/// for the batch; but smaller batches drain the queue slower, and a fuller queue costs
+/// memory: 64 made the bench's optimistic runs outgrow their cgroup.)
 const QUEUE_PAGES_PER_ROUND: usize = 256;
 /// Batches of queued pages one round writes at most (the round's other duties, leases
 /// among them, must not wait for a queue that never empties).
@@ -101,58 +101,133 @@ fn run(inner: &Inner) {
     }
 }
 
-/// Writes the other copies of queued pages, [`QUEUE_PAGES_PER_ROUND`] at a time, for at most
-/// [`QUEUE_BATCHES_PER_ROUND`] batches.
-fn drain_queue(inner: &Inner) {
-    for _ in 0..QUEUE_BATCHES_PER_ROUND {
-        let taken = inner.queue.take(QUEUE_PAGES_PER_ROUND);
-        if taken.is_empty() {
-            return;
-        }
-        let stripes = inner.lock_stripes(taken.iter().map(|(page, _)| *page));
-        // Only versions that are still the newest; each with the holders it has already.
-        let mut acked = Vec::with_capacity(taken.len());
+/// Queued pages taken for their other copies (marked `Draining`, see [`super::queue`]): the
+/// versions that are still the newest, each with the servers that hold it already. Stale
+/// versions are finished when taken.
+pub(super) struct Queued<'q> {
+    queue: &'q ReplicaQueue,
+    taken: Vec<(u64, Waiting)>,
+    /// Indexes into `taken` of the pages still to be copied.
+    live: Vec<usize>,
+    /// Servers holding each live page's version already.
+    pub(super) holders: Vec<u64>,
+}
+
+impl<'q> Queued<'q> {
+    /// Takes up to `n` queued pages.
+    pub(super) fn take(inner: &'q Inner, n: usize) -> Queued<'q> {
+        let taken = inner.queue.take(n);
         let mut live = Vec::with_capacity(taken.len());
-        {
+        let mut holders = Vec::with_capacity(taken.len());
+        let mut stale = Vec::new();
+        if !taken.is_empty() {
             let records = inner.records.lock();
-            for (page, w) in &taken {
+            for (k, (page, w)) in taken.iter().enumerate() {
                 let copy = records.get(*page);
                 if copy.version == w.version {
-                    acked.push(copy.holders);
-                    live.push((*page, w));
+                    holders.push(copy.holders);
+                    live.push(k);
                 } else {
-                    inner.queue.finish(*page, w.version, true);
+                    stale.push((*page, w.version, true));
                 }
             }
         }
-        let mut batch: Vec<PageWrite<'_>> = live
-            .iter()
-            .map(|(page, w)| PageWrite::with_crc(*page, w.bytes.as_slice(), w.crc, w.version))
-            .collect();
-        let positions: Vec<usize> = (0..batch.len()).collect();
-        let need = vec![inner.settings.replicas; batch.len()];
-        let before = acked.clone();
-        let _ = inner.write_copies(&mut batch, &positions, &need, &mut acked);
-        let mut records = inner.records.lock();
-        for (k, (page, w)) in live.iter().enumerate() {
-            records.add_holders(*page, w.version, acked[k] & !before[k]);
-            let complete = acked[k].count_ones() as usize >= inner.settings.replicas;
-            inner.queue.finish(*page, w.version, complete);
+        if !stale.is_empty() {
+            inner.queue.finish(&stale);
         }
-        drop(records);
-        drop(stripes);
-        // Not enough servers up: try again next round.
-        let retry_later = live.is_empty()
-            || acked
-                .iter()
-                .any(|a| (a.count_ones() as usize) < inner.settings.replicas);
-        drop(batch);
-        drop(live);
+        Queued {
+            queue: &inner.queue,
+            taken,
+            live,
+            holders,
+        }
+    }
+
+    /// Nothing taken.
+    pub(super) fn none(inner: &'q Inner) -> Queued<'q> {
+        Queued {
+            queue: &inner.queue,
+            taken: Vec::new(),
+            live: Vec::new(),
+            holders: Vec::new(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// The writes of the live pages, in order.
+    pub(super) fn writes(&self) -> impl Iterator<Item = PageWrite<'_>> {
+        self.live.iter().map(|&k| {
+            let (page, w) = &self.taken[k];
+            PageWrite::with_crc(*page, w.bytes.as_slice(), w.crc, w.version)
+        })
+    }
+
+    /// Records the copies written (`acked`: the servers now holding each live page, those
+    /// it held before included) and gives the pages back to the queue: gone when they have
+    /// every copy, else to be tried again. Returns whether every page has every copy.
+    pub(super) fn finish(mut self, inner: &Inner, acked: &[u64]) -> bool {
+        let replicas = inner.settings.replicas;
+        let mut done = Vec::with_capacity(self.live.len());
+        let mut complete_all = true;
+        {
+            let mut records = inner.records.lock();
+            for (j, &k) in self.live.iter().enumerate() {
+                let (page, w) = &self.taken[k];
+                records.add_holders(*page, w.version, acked[j] & !self.holders[j]);
+                let complete = acked[j].count_ones() as usize >= replicas;
+                complete_all &= complete;
+                done.push((*page, w.version, complete));
+            }
+        }
+        inner.queue.finish(&done);
+        self.live.clear();
         // The buffers of pages that left the queue serve the next ones.
-        for (_, w) in taken {
+        for (_, w) in std::mem::take(&mut self.taken) {
             inner.queue.recycle(w);
         }
-        if retry_later {
+        complete_all
+    }
+}
+
+/// Pages taken and never finished (a panic while writing them) go back to the queue, so that
+/// no writer waits for them forever.
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.live.is_empty() {
+            let back: Vec<(u64, u32, bool)> = self
+                .live
+                .iter()
+                .map(|&k| (self.taken[k].0, self.taken[k].1.version, false))
+                .collect();
+            self.queue.finish(&back);
+        }
+    }
+}
+
+/// Writes the other copies of queued pages, [`QUEUE_PAGES_PER_ROUND`] at a time, for at most
+/// [`QUEUE_BATCHES_PER_ROUND`] batches. No stripe lock is held: the taken pages are
+/// `Draining`, and every other writer of them waits for that to end (see [`super::queue`]),
+/// so write-backs of other pages go on while these copies are written. (While write-backs
+/// run, they carry most queued copies themselves: see `PoolStore::store`.)
+fn drain_queue(inner: &Inner) {
+    for _ in 0..QUEUE_BATCHES_PER_ROUND {
+        let queued = Queued::take(inner, QUEUE_PAGES_PER_ROUND);
+        if queued.is_empty() {
+            // Nothing queued, or only stale versions (finished): done for this round.
+            queued.finish(inner, &[]);
+            return;
+        }
+        let mut batch: Vec<PageWrite<'_>> = queued.writes().collect();
+        let positions: Vec<usize> = (0..batch.len()).collect();
+        let need = vec![inner.settings.replicas; batch.len()];
+        let mut acked = queued.holders.clone();
+        let _ = inner.write_copies(&mut batch, &positions, &need, &mut acked);
+        drop(batch);
+        // Not enough servers up: try again next round.
+        if !queued.finish(inner, &acked) {
             return;
         }
     }
@@ -248,16 +323,26 @@ fn check_servers(inner: &Inner) {
         if let Some(to) = switch_to {
             inner.optimistic.store(to, Relaxed);
             inner.counters.mode_switches.fetch_add(1, Relaxed);
+            let mode = match (to, inner.log.get().is_some()) {
+                (true, true) => "one copy and the log",
+                (true, false) => "optimistic",
+                (false, _) => "pessimistic",
+            };
             log::info!(
-                "pool replication is {} now: {free_percent}% of the pool's memory is free \
-                 (the threshold is {threshold}%)",
-                if to { "optimistic" } else { "pessimistic" }
+                "pool replication is {mode} now: {free_percent}% of the pool's memory is free \
+                 (the threshold is {threshold}%)"
             );
             if !to {
                 inner.repair_needed.store(true, Relaxed);
             }
         }
     }
+}
+
+/// Whether a page short of copies needs none now: the log stands in for the others (memory
+/// scarce) and it has one on an up server. Repair adds them once memory is plentiful again.
+fn log_covers(inner: &Inner, page: u64, crc: u32, up_holders: u64) -> bool {
+    up_holders != 0 && inner.log_now().is_some_and(|log| log.holds(page, crc))
 }
 
 /// How many of a page's holders are up, against how many copies it should have now.
@@ -281,8 +366,10 @@ fn repair_round(inner: &Inner, cursor: u64, top: u64) -> (u64, bool) {
         let records = inner.records.lock();
         for page in cursor..end {
             let copy = records.get(page);
-            if copy.version != 0 && short_of_copies(inner, copy.holders, up) {
-                // Pages still queued get their copies from the queue.
+            if copy.version != 0
+                && short_of_copies(inner, copy.holders, up)
+                && !log_covers(inner, page, copy.crc, copy.holders & up)
+            {
                 short.push(page);
                 if short.len() == REPAIR_PAGES_PER_ROUND {
                     next = page + 1;
@@ -402,6 +489,10 @@ pub(super) fn report(inner: &Inner) -> Vec<(String, String)> {
         (
             "pool_queued_pages".to_string(),
             inner.queue.len().to_string(),
+        ),
+        (
+            "pool_log_copies".to_string(),
+            c.log_copies.load(Relaxed).to_string(),
         ),
         (
             "pool_sealed".to_string(),
