@@ -33,12 +33,14 @@ pub enum ConfigError {
     },
     /// More copies than servers.
     #[error(
-        "LEGO_REPLICAS={replicas} asks for more copies than the pool has servers ({servers}): \
+        "{name}={setting} asks for more copies than the pool has servers ({servers}): \
          every copy of a page lives on a different server"
     )]
     ReplicasAboveServers {
-        /// Copies asked for.
-        replicas: usize,
+        /// The variable that asked (`LEGO_REPLICAS` or `LEGO_REDUNDANCY`).
+        name: &'static str,
+        /// Its value, as written.
+        setting: String,
         /// Servers in LEGO_BACKEND.
         servers: usize,
     },

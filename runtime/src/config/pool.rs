@@ -212,10 +212,15 @@ pub(super) fn validate(raw: RawPool, backend: &BackendSpec) -> Result<PoolSettin
         } else {
             vars::REPLICAS
         };
+        let setting = raw
+            .redundancy
+            .as_ref()
+            .map_or_else(|| replicas.text.clone(), |r| r.text.clone());
         pool.replicas = check_count(replicas, name, "copies", 1, REPLICAS_MAX)?;
         if pool.replicas > servers.len() {
             return Err(ConfigError::ReplicasAboveServers {
-                replicas: pool.replicas,
+                name,
+                setting,
                 servers: servers.len(),
             });
         }

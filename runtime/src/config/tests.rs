@@ -805,6 +805,10 @@ fn pool_settings_are_parsed_and_checked_against_the_backend() {
             "LEGO_REPLICAS=4 asks for more copies than the pool has servers (3)",
         ),
         (
+            &[("LEGO_BACKEND", pool), ("LEGO_REDUNDANCY", "replicas:4")],
+            "LEGO_REDUNDANCY=replicas:4 asks for more copies than the pool has servers (3)",
+        ),
+        (
             &[("LEGO_BACKEND", pool), ("LEGO_REPLICAS", "0")],
             "LEGO_REPLICAS=\"0\" is not a whole number of copies from 1 to 8",
         ),
