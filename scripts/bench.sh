@@ -11,6 +11,8 @@
 #   scripts/bench.sh [--quick] --only swap   only the oversubscribed rows and the cache curve,
 #                                         lego vs kernel swap vs zswap
 #   scripts/bench.sh [--quick] --only real   only the real programs under pressure (Perl, SQLite)
+#   scripts/bench.sh [--quick] --only codes  only the scheme table: copies against erasure
+#                                         codes, with and without a key, on 10 servers
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -56,6 +58,20 @@
 #                    optimistic vs LEGO_REPLICAS=1
 #                    A pool run whose server was full or failed (the stats' pool_server_N
 #                    full= and errors=) counts as failed: its pages stayed in the cache.
+#   schemes          (issue 12) one table, a row per way a pool survives lost servers: 1 copy,
+#                    LEGO_REDUNDANCY=replicas:2, replicas:3, rs:4+2, rs:8+2 (replicas pessimistic,
+#                    as rs writes), each without and with LEGO_KEY_FILE, all on the same
+#                    10 fresh memcached servers (rs:8+2 needs 10), alternated in every
+#                    round: page_sweep seq, random and write over a heap 4x the cache. Columns:
+#                    pool memory per heap byte (memcached `stats` bytes summed over the servers
+#                    after the run, page_sweep keeping its heap at exit, over 4096 x the pages
+#                    the pool held, pool_stored_pages), servers that may be lost, the seq and
+#                    random times and the random page writes per second (each evicts a dirty
+#                    page: write-back bound), each also as a ratio to replicas:2 with the same
+#                    key setting, and CPU per page moved (user + sys of the lego process, from
+#                    /usr/bin/time, over pages_fetched + pages_written_back; the servers' CPU
+#                    is not in it). Goals: rs:4+2 at most 1.6 bytes per heap byte, its seq and
+#                    random time at most 1.25x replicas:2's, sealing at most 1.10x.
 #   publishing       (issue 15) the random-fault workload over a heap 4x the cache and the
 #                    allocator's small-object loop, lego publishing its statistics every
 #                    second (LEGO_PUBLISH=on, the default every other lego row runs with) vs
@@ -83,19 +99,19 @@ note() { printf '    %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 quick=0
-only=""   # empty: every benchmark; pool, watch, swap or real: only those rows
+only=""   # empty: every benchmark; pool, codes, watch, swap or real: only those rows
 while [ "$#" -gt 0 ]; do
     case $1 in
         --quick) quick=1 ;;
         --only)
-            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool, watch, swap or real)"
+            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool, codes, watch, swap or real)"
             case $2 in
-                pool | watch | swap | real) only=$2 ;;
-                *) die "unknown section '$2' for --only (expected pool, watch, swap or real)" ;;
+                pool | codes | watch | swap | real) only=$2 ;;
+                *) die "unknown section '$2' for --only (expected pool, codes, watch, swap or real)" ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument '$1' (expected --quick, --only pool|watch|swap|real or nothing)" ;;
+        *) die "unknown argument '$1' (expected --quick, --only pool|codes|watch|swap|real or nothing)" ;;
     esac
     shift
 done
@@ -154,6 +170,10 @@ lego_min_cache_mib=16     # LEGO_CACHE_SIZE's minimum
 pool_servers=3
 mc_batch_pages="$(sed -n 's/^pub const FETCH_CHUNK_PAGES: usize = \([0-9]*\);.*/\1/p' runtime/src/pager/mod.rs)"
 mc_batch_pages=${mc_batch_pages:-64}
+# The scheme table (issue 12): every scheme on the same number of servers, as many as the
+# widest code needs (rs:8+2: 10).
+codes_schemes="replicas:1 replicas:2 replicas:3 rs:4+2 rs:8+2"
+codes_servers=10
 ncpu="$(nproc)"
 mt_threads=$(( ncpu >= 2 ? ncpu : 2 ))
 
@@ -481,7 +501,8 @@ measure() {
     local tag="$name.$variant.$round"
     local out="$runs_dir/$tag.out" err="$runs_dir/$tag.err" rss_file="$runs_dir/$tag.rss"
     local cg="" oom_before=0
-    local -a cmd=(timeout -k 5 "$run_timeout_s" /usr/bin/time -f %M -o "$rss_file")
+    # The first line: user and system CPU seconds; the last: peak RSS in KiB.
+    local -a cmd=(timeout -k 5 "$run_timeout_s" /usr/bin/time -f $'%U %S\n%M' -o "$rss_file")
     if [ "$cgroup_ok" = 1 ]; then
         case $kind in
             lego-cg) cg=$cg_lego; set_swap off; set_zswap off; cg_limit "$cg" $(( (cache + overhead_mib) << 20 )) no-swap ;;
@@ -528,8 +549,8 @@ measure() {
     local pool_full="" pool_errors=""
     if [ -n "$result" ] && grep -q '"pool_server_0"' "$runs_dir/$tag.stats.json" 2>/dev/null; then
         local key val
-        for key in pages_fetched pages_written_back; do
-            val="$(grep -o "\"$key\":[0-9]*" "$runs_dir/$tag.stats.json" | cut -d: -f2 || true)"
+        for key in pages_fetched pages_written_back pool_stored_pages; do
+            val="$(grep -o "\"$key\":\"\{0,1\}[0-9]*" "$runs_dir/$tag.stats.json" | tr -d '"' | cut -d: -f2 || true)"
             result="$result $key=${val:-?}"
         done
         pool_full="$(grep -o '"pool_server_[0-9]*":"[^"]*' "$runs_dir/$tag.stats.json" \
@@ -539,6 +560,15 @@ measure() {
         result="$result pool_full=$pool_full pool_errors=$pool_errors"
     fi
     rss="$(tail -n 1 "$rss_file" 2>/dev/null | grep -E '^[0-9]+$' || true)"
+    # CPU per page moved, for the runs on a pool: user + sys over pages fetched and written back.
+    local cpu_s
+    cpu_s="$(grep -E '^[0-9.]+ [0-9.]+$' "$rss_file" 2>/dev/null | awk '{ print $1 + $2; exit }' || true)"
+    if [ -n "$result" ] && [ -n "$cpu_s" ]; then
+        result="$result cpu_s=$cpu_s"
+        result="$result $(printf '%s\n' "$result" | tr ' ' '\n' | awk -F= -v cpu="$cpu_s" '
+            $1 == "pages_fetched" || $1 == "pages_written_back" { if ($2 == "?") bad = 1; n += $2; seen++ }
+            END { if (seen == 2 && !bad && n > 0) printf "cpu_us_per_page=%.3f", cpu * 1e6 / n; else printf "cpu_us_per_page=?" }')"
+    fi
     if [ -n "$cg" ]; then cg_peak="$(cat "$cg/memory.max_usage_in_bytes")"; fi
     if grep -q '^WRONG DATA' "$out"; then
         status=wrong-data
@@ -886,7 +916,32 @@ pool_measure() {
     read -r -a lego_env <<<"LEGO_BACKEND=$mc_backend $words"
     measure "$@"
     lego_env=()
+    pool_memory_of_run
     mc_stop
+}
+
+mc_bytes() { # the sum of the `stats` bytes (item bytes in memory) of the servers of mc_backend
+    local hp sum=0 b
+    for hp in $(printf '%s' "${mc_backend#memcached://}" | tr ',' ' '); do
+        # shellcheck disable=SC2016 # $0 belongs to the inner shell
+        b="$(timeout 5 bash -c 'exec 3<>"/dev/tcp/${0%:*}/${0##*:}" && printf "stats\r\nquit\r\n" >&3 && cat <&3' "$hp" 2>/dev/null \
+            | awk '$1 == "STAT" && $2 == "bytes" { print $3 + 0 }' || true)"
+        [ -n "$b" ] || { echo ""; return; }
+        sum=$(( sum + b ))
+    done
+    echo "$sum"
+}
+
+# Adds to the last run's line the servers' memory after it (pool_bytes=) and, over the heap
+# bytes the pool held at exit (pool_stored_pages), pool_per_heap_byte= ("?" when unknown).
+pool_memory_of_run() {
+    local bytes stored per="?"
+    bytes="$(mc_bytes)"
+    stored="$(tail -n 1 "$raw" | tr ' \t' '\n\n' | sed -n 's/^pool_stored_pages=\([0-9][0-9]*\)$/\1/p')"
+    if [ -n "$bytes" ] && [ -n "$stored" ] && [ "$stored" -gt 0 ]; then
+        per="$(awk -v b="$bytes" -v p="$stored" 'BEGIN { printf "%.4f", b / (p * 4096) }')"
+    fi
+    sed -i "\$ s/\$/ pool_bytes=${bytes:-?} pool_per_heap_byte=$per/" "$raw"
 }
 
 # raw_measure NAME VARIANT ROUND: bench/mc_raw on one fresh server, the heap's pages read back
@@ -898,13 +953,16 @@ raw_measure() {
     mc_stop
 }
 
+make_key_file() { # the sealed runs' key: 32 random bytes, readable by this user only
+    [ -s "$key_file" ] || (umask 077 && head -c 32 /dev/urandom >"$key_file")
+}
+
 run_pool() {
     if [ "$mc_ok" = 0 ]; then return; fi
     say "memcached pool: heap $over_heap_mib MiB over cache $over_cache_mib MiB; fetch bandwidth vs raw mg, pool vs file vs swap, sealed vs not, 2 copies vs 1"
     local r w
     local -a args
-    # The sealed runs' key: 32 random bytes, readable by this user only.
-    (umask 077 && head -c 32 /dev/urandom >"$key_file")
+    make_key_file
     for r in $(seq 1 "$rounds"); do
         pool_measure "" 1 pool_fetch lego "$r" "lego-cg:$over_cache_mib" \
             "$bin_dir/page_sweep" seqread "$over_heap_mib" "$seq_sweeps"
@@ -927,6 +985,44 @@ run_pool() {
             "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
         pool_measure "LEGO_REPLICAS=2 LEGO_REPLICATION=optimistic" "$pool_servers" pool_write optimistic "$r" \
             "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+    done
+}
+
+codes_variant() { # SCHEME SEALED(0|1): the variant name of a scheme table run
+    if [ "$2" = 1 ]; then echo "$1+key"; else echo "$1"; fi
+}
+
+codes_losses() { # SCHEME: how many servers it may lose
+    case $1 in
+        replicas:*) echo $(( ${1#replicas:} - 1 )) ;;
+        rs:*+*) echo "${1##*+}" ;;
+    esac
+}
+
+# The scheme table (issue 12): each scheme, without and with a key, on the same number of
+# fresh servers, alternated in every round and every workload.
+run_codes() {
+    if [ "$mc_ok" = 0 ]; then return; fi
+    say "schemes: $codes_schemes, each without and with LEGO_KEY_FILE, on $codes_servers memcached servers; heap $over_heap_mib MiB over cache $over_cache_mib MiB; seq, random, write"
+    local r w scheme sealed words
+    local -a args
+    make_key_file
+    for r in $(seq 1 "$rounds"); do
+        for w in seq random write; do
+            if [ "$w" = write ]; then
+                args=(write "$over_heap_mib" "$write_per_page")
+            else
+                read -r -a args <<<"$(sweep_args "$w")"
+            fi
+            for scheme in $codes_schemes; do
+                for sealed in 0 1; do
+                    words="LEGO_REDUNDANCY=$scheme LEGO_REPLICATION=pessimistic PAGE_SWEEP_KEEP_HEAP=1"
+                    [ "$sealed" = 0 ] || words="$words LEGO_KEY_FILE=$key_file"
+                    pool_measure "$words" "$codes_servers" "codes_$w" "$(codes_variant "$scheme" "$sealed")" \
+                        "$r" "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+                done
+            done
+        done
     done
 }
 
@@ -1255,6 +1351,68 @@ build_pool_rows() {
     fi
 }
 
+# The scheme table (issue 12): one markdown line per scheme and key setting, and the goal rows.
+codes_lines=()
+
+build_codes_rows() {
+    local over="heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M, $codes_servers memcached servers"
+    if [ "$mc_ok" = 0 ]; then
+        local why="skipped ($mc_reason)"
+        add_row "pool memory per heap byte, rs:4+2" "" "" "" le 1.6 "$why"
+        add_row "sequential sweeps, rs:4+2 / replicas:2" "" "" s le 1.25 "$why"
+        add_row "random page reads, rs:4+2 / replicas:2" "" "" s le 1.25 "$why"
+        return
+    fi
+    local scheme sealed v base mem seq rnd wr cpu_r cpu_w seq_b rnd_b wr_b plain_v
+    local seal_seq seal_rnd
+    q() { # A B: A / B to two places, or a dash
+        if [ -n "$1" ] && [ -n "$2" ] && [ "$(calc "$2 > 0")" = 1 ]; then
+            awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+        else
+            echo "—"
+        fi
+    }
+    cell() { # VALUE FORMAT: VALUE printed with FORMAT, or a dash
+        if [ -n "$1" ]; then awk -v x="$1" -v f="$2" 'BEGIN { printf f, x }'; else echo "—"; fi
+    }
+    for scheme in $codes_schemes; do
+        for sealed in 0 1; do
+            v="$(codes_variant "$scheme" "$sealed")"
+            base="$(codes_variant replicas:2 "$sealed")"
+            plain_v="$(codes_variant "$scheme" 0)"
+            mem="$(median codes_write "$v" pool_per_heap_byte)"
+            seq="$(median codes_seq "$v" seconds)"
+            rnd="$(median codes_random "$v" seconds)"
+            wr="$(median codes_write "$v" accesses_per_s)"
+            cpu_r="$(median codes_random "$v" cpu_us_per_page)"
+            cpu_w="$(median codes_write "$v" cpu_us_per_page)"
+            seq_b="$(median codes_seq "$base" seconds)"
+            rnd_b="$(median codes_random "$base" seconds)"
+            wr_b="$(median codes_write "$base" accesses_per_s)"
+            seal_seq="—"; seal_rnd="—"
+            if [ "$sealed" = 1 ]; then
+                seal_seq="$(q "$seq" "$(median codes_seq "$plain_v" seconds)")"
+                seal_rnd="$(q "$rnd" "$(median codes_random "$plain_v" seconds)")"
+            fi
+            codes_lines+=("| $scheme | $([ "$sealed" = 1 ] && echo yes || echo no) | $(codes_losses "$scheme") | $(cell "$mem" "%.2f") | $(cell "$seq" "%.3f s") | $(q "$seq" "$seq_b") | $(cell "$rnd" "%.3f s") | $(q "$rnd" "$rnd_b") | $(cell "$wr" "%.0f/s") | $(q "$wr" "$wr_b") | $(cell "$cpu_r" "%.1f us") | $(cell "$cpu_w" "%.1f us") | $seal_seq | $seal_rnd |")
+            local fails
+            fails="$(failure_note codes_seq "$v")$(failure_note codes_random "$v")$(failure_note codes_write "$v")"
+            if [ -n "$fails" ]; then notes+=("scheme table, $v: $fails (target/bench/failures.log)"); fi
+        done
+    done
+    # The goal rows. Memory: bytes per heap byte against 1 (the ratio is the value).
+    mem="$(median codes_write rs:4+2 pool_per_heap_byte)"
+    add_row "pool memory per heap byte (memcached stats bytes / 4096 x pool_stored_pages), rs:4+2, random page writes, $over (replicas:3 survives as many losses at $(cell "$(median codes_write replicas:3 pool_per_heap_byte)" "%.2f"))" \
+        "$mem" "${mem:+1}" "" le 1.6 "$(missing_reason codes_write rs:4+2 "")"
+    compare "sequential sweeps ($seq_sweeps), $over, rs:4+2 / replicas:2" codes_seq rs:4+2 replicas:2 seconds s le 1.25 ""
+    compare "random page reads (${random_per_page}x pages), $over, rs:4+2 / replicas:2" codes_random rs:4+2 replicas:2 seconds s le 1.25 ""
+    compare "random page writes per second (${write_per_page}x pages), $over, rs:4+2 / replicas:2 (reference)" codes_write rs:4+2 replicas:2 accesses_per_s rate none "" ""
+    for scheme in replicas:2 rs:4+2 rs:8+2; do
+        compare "sequential sweeps, $scheme, sealed (LEGO_KEY_FILE) / not sealed" codes_seq "$scheme+key" "$scheme" seconds s le 1.10 ""
+        compare "random page reads, $scheme, sealed (LEGO_KEY_FILE) / not sealed" codes_random "$scheme+key" "$scheme" seconds s le 1.10 ""
+    done
+}
+
 curve_lines=() # percent, cache MiB, lego seconds, swap seconds, zswap seconds
 
 build_curve() {
@@ -1299,6 +1457,16 @@ json_str() { # a JSON string literal
     printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"
 }
 
+codes_table() { # the scheme table, in markdown
+    echo "## Copies and codes (heap $over_heap_mib MiB over cache $over_cache_mib MiB, $codes_servers memcached servers, $rounds rounds, medians)"
+    echo
+    echo "Ratios \"/ r2\" are against replicas:2 with the same key setting; \"sealed /\" against the same scheme without a key. CPU: user + sys of the lego process per page fetched or written back (the servers' not included)."
+    echo
+    echo "| scheme | key | servers that may be lost | pool bytes per heap byte | seq sweeps | / r2 | random reads | / r2 | random writes | / r2 | CPU per page, reads | CPU per page, writes | sealed / plain, seq | sealed / plain, random |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    printf '%s\n' "${codes_lines[@]}"
+}
+
 json_num() { # a JSON number, or null
     if [ -n "$1" ] && [ "$1" != "?" ]; then printf '%s' "$1"; else printf 'null'; fi
 }
@@ -1331,6 +1499,10 @@ write_reports() {
         if [ "${#notes[@]}" -gt 0 ]; then
             echo "Notes:"
             printf -- '- %s\n' "${notes[@]}"
+            echo
+        fi
+        if [ "${#codes_lines[@]}" -gt 0 ]; then
+            codes_table
             echo
         fi
         if [ "${#curve_lines[@]}" -gt 0 ]; then
@@ -1435,6 +1607,7 @@ write_reports() {
     } >"$json"
 
     printf '\n%s\n\n' "$table"
+    if [ "${#codes_lines[@]}" -gt 0 ]; then codes_table; echo; fi
     if [ "${#notes[@]}" -gt 0 ]; then printf -- '- %s\n' "${notes[@]}"; echo; fi
 }
 
@@ -1465,6 +1638,7 @@ elif [ "$only" = real ]; then
     run_real
 fi
 if [ -z "$only" ] || [ "$only" = pool ]; then run_pool; fi
+if [ -z "$only" ] || [ "$only" = codes ]; then run_codes; fi
 if [ -z "$only" ] || [ "$only" = watch ]; then run_watch; fi
 if [ -z "$only" ]; then
     build_rows
@@ -1479,6 +1653,7 @@ if [ -z "$only" ] || [ "$only" = swap ]; then
     plot_curve
 fi
 if [ -z "$only" ] || [ "$only" = pool ]; then build_pool_rows; fi
+if [ -z "$only" ] || [ "$only" = codes ]; then build_codes_rows; fi
 if [ -z "$only" ] || [ "$only" = watch ]; then build_watch_rows; fi
 write_reports
 failed_total="$(awk -F'\t' '$4 != "ok"' "$raw" | wc -l)"
