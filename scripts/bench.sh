@@ -13,6 +13,7 @@
 #   scripts/bench.sh [--quick] --only real   only the real programs under pressure (Perl, SQLite)
 #   scripts/bench.sh [--quick] --only codes  only the scheme table: copies against erasure
 #                                         codes, with and without a key, on 10 servers
+#                                         (~9 min quick here)
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -71,8 +72,9 @@
 #                    key setting, and CPU per page moved (user + sys of the lego process, from
 #                    /usr/bin/time, over pages_fetched + pages_written_back; the servers' CPU
 #                    is not in it), and the peak RSS of the lego process (no memory cgroup
-#                    in these rows: see run_codes). Goals: rs:4+2 at most 1.6 bytes per heap byte, its seq and
-#                    random time at most 1.25x replicas:2's, sealing at most 1.10x.
+#                    in these rows: see run_codes). Goals: rs:4+2 at most 1.6 bytes per heap
+#                    byte, its seq and random time at most 1.25x replicas:2's, sealing at
+#                    most 1.10x.
 #   publishing       (issue 15) the random-fault workload over a heap 4x the cache and the
 #                    allocator's small-object loop, lego publishing its statistics every
 #                    second (LEGO_PUBLISH=on, the default every other lego row runs with) vs
