@@ -139,8 +139,14 @@ pub fn decode(data: &[u8], r: &mut ParityRead<'_>) -> Result<(), Unread> {
 }
 
 /// The cover as the seal binds it: K x (version u32 LE, crc u32 LE), in `buf`; its length.
-fn cover_bytes(cover: &[Cover], buf: &mut [u8; COVER_ENTRY_BYTES * PARITY_COVER_ENTRIES_MAX]) -> usize {
-    assert!(cover.len() <= PARITY_COVER_ENTRIES_MAX, "at most 16 data pages");
+fn cover_bytes(
+    cover: &[Cover],
+    buf: &mut [u8; COVER_ENTRY_BYTES * PARITY_COVER_ENTRIES_MAX],
+) -> usize {
+    assert!(
+        cover.len() <= PARITY_COVER_ENTRIES_MAX,
+        "at most 16 data pages"
+    );
     for (entry, c) in buf.chunks_exact_mut(COVER_ENTRY_BYTES).zip(cover) {
         entry[0..4].copy_from_slice(&c.version.to_le_bytes());
         entry[4..8].copy_from_slice(&c.crc.to_le_bytes());
@@ -206,11 +212,7 @@ pub fn decode_sealed(sealer: &Sealer, data: &[u8], r: &mut ParityRead<'_>) -> Re
         cover: &cover[..len],
     };
     sealer
-        .open_parity_into(
-            &what,
-            &data[SEALED_PARITY_HEADER_BYTES + 4 * k..],
-            r.buf,
-        )
+        .open_parity_into(&what, &data[SEALED_PARITY_HEADER_BYTES + 4 * k..], r.buf)
         .map_err(|_| Unread::Forged)
 }
 
@@ -394,7 +396,11 @@ mod tests {
             },
             &mut plain6,
         );
-        assert_eq!(plain6.len(), sealed_value_bytes(6), "the same length for K = 6");
+        assert_eq!(
+            plain6.len(),
+            sealed_value_bytes(6),
+            "the same length for K = 6"
+        );
         assert!(open_sealed(&s, &plain6, 9, 1, 2, &c6).is_err());
         // Two seals of one parity never share a nonce: their bytes differ.
         assert_ne!(sealed(&s, 9, 1, &page, &c), value);

@@ -332,7 +332,8 @@ impl MemcachedServer {
 
     /// Reads `pages` and `parity` in one pipeline (per [`PIPELINE_REQUESTS_MAX`] requests):
     /// pages checked as by [`PageStore::fetch`]; a parity value is `Done` only whole, with its
-    /// crc right and exactly the cover asked for (another cover is an old copy: `Lost`).
+    /// crc right (sealed: it opens) and exactly the cover asked for (another cover is an old
+    /// copy: `Lost`; a sealed value that does not open is `Lost` and a seal failure).
     pub fn exchange(
         &self,
         pages: &mut [PageRead<'_>],
@@ -492,8 +493,7 @@ impl MemcachedServer {
             let key = self.key(w.page);
             match &self.sealer {
                 None => {
-                    let value: [&[u8]; 3] =
-                        [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
+                    let value: [&[u8]; 3] = [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
                     protocol::set_parts(&mut request, key.as_str(), &value, k as u32);
                 }
                 Some(sealer) => {

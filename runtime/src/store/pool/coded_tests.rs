@@ -508,8 +508,8 @@ fn values_of_a_stripe_never_share_a_server() {
 
 mod real {
     //! The same over real memcached servers on loopback.
-    use super::*;
     use super::super::super::tests::Raw;
+    use super::*;
     use crate::seal::SealKey;
     use crate::store::memcached::test_server::TestServer;
     use crate::store::memcached::{random_heap_id, MemcachedServer};
@@ -731,7 +731,8 @@ mod real {
                 .filter(|v| {
                     src.iter().any(|p| {
                         v.windows(64).any(|w| w == &p.0[1000..1064])
-                            || v.windows(4).any(|w| w == crc32c::crc32c(&p.0).to_le_bytes())
+                            || v.windows(4)
+                                .any(|w| w == crc32c::crc32c(&p.0).to_le_bytes())
                     })
                 })
                 .count()
