@@ -10,7 +10,8 @@
 #   scripts/bench.sh [--quick] --only watch  only the rows of what publishing costs (~1 min quick)
 #   scripts/bench.sh [--quick] --only swap   only the oversubscribed rows and the cache curve,
 #                                         lego vs kernel swap vs zswap
-#   scripts/bench.sh [--quick] --only real   only the real programs under pressure (Perl, SQLite)
+#   scripts/bench.sh [--quick] --only real   only the real programs under pressure (Perl, Python,
+#                                         SQLite, Redis, gcc)
 #   scripts/bench.sh [--quick] --only codes  only the scheme table: copies against erasure
 #                                         codes, with and without a key, on 10 servers
 #                                         (~9 min quick here)
@@ -139,6 +140,9 @@ if [ "$quick" = 1 ]; then
     write_per_page=0.5    # page_sweep write ROUNDS (random page writes per page) on the pool
     real_perl_keys=400000 # the Perl hash-and-sort's keys (about 105 MiB peak)
     real_sqlite_rows=300000 # the SQLite table's rows (about 80 MiB peak)
+    real_redis_keys=200000  # Redis: keys of 200 bytes loaded (about 75 MiB peak)
+    real_redis_reads=20000  # Redis: random GETs by redis-benchmark, twice
+    real_gcc_functions=1000 # gcc -O2 on a generated file of this many functions (141 MiB, 18 s)
     real_rounds=1         # rounds of each real program at each cache
     run_timeout_s=120     # one run; a run past it is killed and reported as a timeout
 else
@@ -159,6 +163,9 @@ else
     write_per_page=1
     real_perl_keys=1000000
     real_sqlite_rows=800000
+    real_redis_keys=400000
+    real_redis_reads=50000
+    real_gcc_functions=2000 # 251 MiB peak, 35 s natively here
     real_rounds=1
     run_timeout_s=300
 fi
@@ -263,6 +270,8 @@ build() {
     done
     # The timer of the real programs: static, so that their LD_PRELOAD does not load into it.
     gcc -O2 -static -Wall -Wextra -o "$bin_dir/timed" bench/timed.c
+    # The Redis driver too: the preload is for redis-server only.
+    gcc -O2 -static -Wall -Wextra -o "$bin_dir/redis_drive" bench/redis_drive.c
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -709,7 +718,7 @@ run_cache_curve() {
 # Python runs with PYTHONMALLOC=malloc everywhere (its own small-object arenas are mapped,
 # which lego does not page until anonymous mmap is served, issue 14); Debian's Redis uses its
 # own jemalloc over mmap, so it is not here yet.
-real_programs="perl python sqlite"
+real_programs="${BENCH_REAL_PROGRAMS:-perl python sqlite redis gcc}"  # BENCH_REAL_PROGRAMS picks some
 real_percents="10 25 50"
 
 real_command() { # NAME: sets real_cmd to the program and its arguments
@@ -719,8 +728,24 @@ real_command() { # NAME: sets real_cmd to the program and its arguments
 for i in range($real_perl_keys): h['key%d' % i] = i * 7
 k = sorted(h)
 print(len(k), k[0], k[-1], sum(h[x] for x in k))") ;;
+        redis) real_cmd=("$bin_dir/redis_drive" "$real_redis_keys" 200 "$real_redis_reads") ;;
+        # cc1's collector maps its heap (2 MiB chunks): LEGO_MMAP=1 serves it. The output is
+        # the object's checksum.
+        gcc) real_cmd=(env LEGO_MMAP=1 sh -c 'gcc -O2 -c "$0" -o "$1" && cksum <"$1"' \
+            "$runs_dir/real_gcc.c" "$runs_dir/real_gcc.o") ;;
         sqlite) real_cmd=(sqlite3 :memory: "CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT, v TEXT); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < $real_sqlite_rows) INSERT INTO t SELECT x, printf('%08x', (x * 2654435761) % 4294967296), printf('%d-%0180d', x, x * x) FROM c; CREATE INDEX ik ON t(k); SELECT count(*), sum(length(v)), min(k), max(k) FROM t WHERE k > '8'; SELECT sum(id) FROM (SELECT id FROM t ORDER BY k LIMIT 1000 OFFSET 5000);") ;;
     esac
+}
+
+real_gcc_source() { # a C file of $real_gcc_functions small functions and a main that calls them
+    awk -v n="$real_gcc_functions" 'BEGIN {
+        print "#include <stdio.h>"
+        for (i = 0; i < n; i++)
+            printf "int f%d(int x){ int a[16]; for(int j=0;j<16;j++) a[j]=x*j+%d; int s=0; for(int j=0;j<16;j++) s+=a[j]^(s<<1); return s+%d; }\n", i, i, i
+        print "int main(void){ int s=0;"
+        for (i = 0; i < n; i++) printf "s+=f%d(s);\n", i
+        print "printf(\"%d\\n\",s);}"
+    }'
 }
 
 real_cache_mib() { # PEAK_KIB PERCENT: the cache for PERCENT of a peak, at least lego's minimum
@@ -730,12 +755,19 @@ real_cache_mib() { # PEAK_KIB PERCENT: the cache for PERCENT of a peak, at least
 
 real_native=()  # NAME PEAK_KIB FNV per program, from its native run
 run_real() {
-    say "real programs: perl and python hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
+    say "real programs: perl and python hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows), redis ($real_redis_keys keys, $real_redis_reads random GETs twice), gcc -O2 ($real_gcc_functions functions) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
+    # Redis' clients run outside the memory cgroup that caps the server (bench/redis_drive.c).
+    if [ "$cgroup_ok" = 1 ]; then export REDIS_DRIVE_CLIENT_CGROUP="$cg_root/cgroup.procs"; fi
     local prog r p c peak fnv line rounds_now=$real_rounds
     for prog in $real_programs; do
         local binary=$prog
-        case $prog in python) binary=python3 ;; sqlite) binary=sqlite3 ;; esac
+        case $prog in python) binary=python3 ;; sqlite) binary=sqlite3 ;; redis) binary=redis-benchmark ;; esac
         command -v "$binary" >/dev/null 2>&1 || { note "real program $prog skipped: $binary is not installed"; continue; }
+        if [ "$prog" = redis ] && ! command -v redis-server >/dev/null 2>&1; then
+            note "real program redis skipped: redis-server is not installed"
+            continue
+        fi
+        if [ "$prog" = gcc ]; then real_gcc_source >"$runs_dir/real_gcc.c"; fi
         real_command "$prog"
         expect_fnv=""
         measure "real_$prog" native 1 plain "$bin_dir/timed" "$prog" "${real_cmd[@]}"
