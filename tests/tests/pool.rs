@@ -769,3 +769,43 @@ fn three_of_six_servers_killed_with_rs_4_2_is_sigbus_never_wrong_data() {
         "stderr must explain the SIGBUS in a 'lego: ' line:\n{out}"
     );
 }
+
+/// Servers of the pool whose memory lego's own must not grow with.
+const WIDE_POOL_SERVERS: usize = 10;
+
+/// Sequential sweeps over a heap four times the cache on a pool of ten servers stay within the
+/// cache plus the stated overhead in every scheme (one copy, two copies, rs:4+2): the buffers
+/// lego keeps per server (reply buffers, pipelines sent ahead) must not multiply the overhead
+/// by the servers. Every scheme runs on the same servers (each run is its own heap).
+#[test]
+fn sweeps_on_a_pool_of_ten_servers_stay_within_the_stated_overhead() {
+    const CACHE_MIB: u64 = 32;
+    let _serial = heavy();
+    let args = ["128", "3"];
+    let native = Run::new(program("heap_sweeps"))
+        .args(args)
+        .measure_rss()
+        .run();
+    native.assert_success();
+    let servers: Vec<Memcached> = (0..WIDE_POOL_SERVERS)
+        .map(|_| Memcached::start(128))
+        .collect();
+    for redundancy in ["replicas:1", "replicas:2", "rs:4+2"] {
+        let setup = ShimSetup::new("pool-wide-rss", CACHE_MIB);
+        let out = setup
+            .apply(Run::new(program("heap_sweeps")).args(args))
+            .env("LEGO_BACKEND", pool_backend(&servers))
+            .env("LEGO_REDUNDANCY", redundancy)
+            .hang_after(120)
+            .run();
+        lego_tests::assert_same_output(&native, &out);
+        let stats = setup.stats();
+        assert!(
+            stats.number("pages_fetched").is_some_and(|n| n > 10_000),
+            "{redundancy}: the pages must have come back from the pool:\n{}",
+            stats.raw
+        );
+        eprintln!("LEGO_REDUNDANCY={redundancy}:");
+        lego_tests::assert_rss_within_cache(&out, CACHE_MIB, Some(&native));
+    }
+}

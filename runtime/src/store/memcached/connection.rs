@@ -5,7 +5,11 @@
 //!
 //! Rules: a connection whose pipeline did not end cleanly is dropped (its stream may hold
 //! replies of a request nobody waits for); a new one is made on the next call. Buffers come
-//! from Rust's allocator (the internal heap in the preload library).
+//! from Rust's allocator (the internal heap in the preload library), and their resident bytes
+//! are part of lego's stated overhead, multiplied by the pool's servers: a reply buffer is
+//! held only while replies are read (a pipeline sent ahead waits in its socket without one),
+//! and at most [`SPARE_REPLY_BUFFERS_MAX`] of [`REPLY_BUFFER_BYTES`] each are kept per server
+//! (one that grew for a long reply is shrunk back first).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -20,10 +24,14 @@ use crate::store::FailureKind;
 pub const CONNECTIONS_PER_SERVER_MAX: usize = 4;
 /// Least room a read of a server's replies is given, in bytes.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// A connection's reply buffer, in bytes (a read fills as much of it as has arrived).
-const REPLY_BUFFER_BYTES: usize = 256 * 1024;
-/// Largest reply buffer kept with an idle connection, in bytes.
-const REPLY_BUFFER_BYTES_MAX: usize = 1024 * 1024;
+/// A reply buffer, in bytes (a read fills as much of it as has arrived; replies are parsed as
+/// they come, so a pipeline of any length is read through one buffer this size, grown only
+/// for a single reply longer than the room left). Kept buffers are shrunk back to this.
+pub const REPLY_BUFFER_BYTES: usize = 128 * 1024;
+/// Reply buffers kept per server for the next pipeline (about one per reader that reads from
+/// the server at once: the fault handlers); more are freed when given back.
+pub const SPARE_REPLY_BUFFERS_MAX: usize = 2;
+const _: () = assert!(READ_CHUNK_BYTES <= REPLY_BUFFER_BYTES);
 /// Longest text reply (`stats`) read, in bytes.
 const TEXT_REPLY_BYTES_MAX: usize = 1 << 20;
 
@@ -32,7 +40,6 @@ const TEXT_REPLY_BYTES_MAX: usize = 1 << 20;
 /// closes the connection (the server's replies die with it).
 pub struct Sent {
     stream: TcpStream,
-    buf: Vec<u8>,
     /// An idle connection was used (it may have been closed by the server meanwhile).
     reused: bool,
 }
@@ -54,9 +61,12 @@ pub struct Connection {
     /// `HOST:PORT` as the user wrote it.
     pub name: String,
     timeout: Duration,
-    /// Idle connections, each with its reply buffer (kept, so that a pipeline neither
-    /// allocates nor zero-fills one).
-    idle: Mutex<Vec<(TcpStream, Vec<u8>)>>,
+    /// Idle connections.
+    idle: Mutex<Vec<TcpStream>>,
+    /// Reply buffers kept for the next pipeline (so that one neither allocates nor
+    /// zero-fills a buffer), at most [`SPARE_REPLY_BUFFERS_MAX`], each of
+    /// [`REPLY_BUFFER_BYTES`].
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Why talking to a server failed.
@@ -98,6 +108,7 @@ impl Connection {
             name: name.to_owned(),
             timeout: Duration::from_millis(timeout_ms),
             idle: Mutex::new(Vec::new()),
+            spare: Mutex::new(Vec::new()),
         })
     }
 
@@ -109,26 +120,50 @@ impl Connection {
         Ok(stream)
     }
 
-    /// An idle connection and its buffer (`true`: reused), or a new one.
-    fn take(&self) -> std::io::Result<(TcpStream, Vec<u8>, bool)> {
+    /// An idle connection (`true`: reused), or a new one.
+    fn take(&self) -> std::io::Result<(TcpStream, bool)> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match idle {
-            Some((stream, buf)) => Ok((stream, buf, true)),
-            None => Ok((self.connect()?, vec![0u8; REPLY_BUFFER_BYTES], false)),
+            Some(stream) => Ok((stream, true)),
+            None => Ok((self.connect()?, false)),
         }
     }
 
     /// Gives a connection whose pipeline ended cleanly back to the pool.
-    fn give_back(&self, stream: TcpStream, buf: Vec<u8>) {
+    fn give_back(&self, stream: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < CONNECTIONS_PER_SERVER_MAX && buf.len() <= REPLY_BUFFER_BYTES_MAX {
-            idle.push((stream, buf));
+        if idle.len() < CONNECTIONS_PER_SERVER_MAX {
+            idle.push(stream);
         }
+    }
+
+    /// A kept reply buffer, or a new one of [`REPLY_BUFFER_BYTES`].
+    fn take_buffer(&self) -> Vec<u8> {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        spare.unwrap_or_else(|| vec![0u8; REPLY_BUFFER_BYTES])
+    }
+
+    /// Keeps `buf` for the next pipeline, shrunk back to [`REPLY_BUFFER_BYTES`] if a long
+    /// reply grew it, unless [`SPARE_REPLY_BUFFERS_MAX`] are kept already.
+    fn give_back_buffer(&self, mut buf: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_REPLY_BUFFERS_MAX {
+            buf.truncate(REPLY_BUFFER_BYTES);
+            buf.shrink_to(REPLY_BUFFER_BYTES);
+            spare.push(buf);
+        }
+    }
+
+    /// Bytes of the reply buffers kept (for tests of the bound).
+    pub fn spare_buffer_bytes(&self) -> usize {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        spare.iter().map(Vec::capacity).sum()
     }
 
     /// Drops every idle connection (after the server was down: they are likely dead).
     pub fn forget_idle(&self) {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Sends `request` (a pipeline ending in `mn`) and hands every reply up to `MN` to
@@ -147,13 +182,9 @@ impl Connection {
     /// own and returns it, so that the server answers while the caller does other work. The
     /// replies wait in the socket until [`Connection::receive`].
     pub fn send(&self, request: &[u8]) -> Result<Sent, ServerError> {
-        let (mut stream, buf, reused) = self.take().map_err(ServerError::Io)?;
+        let (mut stream, reused) = self.take().map_err(ServerError::Io)?;
         match stream.write_all(request) {
-            Ok(()) => Ok(Sent {
-                stream,
-                buf,
-                reused,
-            }),
+            Ok(()) => Ok(Sent { stream, reused }),
             // An idle connection the server (or a middlebox) closed meanwhile: that is not
             // the server failing. Once more on a new connection.
             Err(e) if reused => {
@@ -165,7 +196,6 @@ impl Connection {
                 stream.write_all(request).map_err(ServerError::Io)?;
                 Ok(Sent {
                     stream,
-                    buf,
                     reused: false,
                 })
             }
@@ -182,7 +212,22 @@ impl Connection {
         mut on_reply: impl FnMut(Reply<'_>),
     ) -> Result<u64, ServerError> {
         let reused = sent.reused;
-        match self.receive_on(sent, &mut on_reply) {
+        let mut buf = self.take_buffer();
+        let result = self.receive_retrying(sent, reused, request, &mut buf, &mut on_reply);
+        self.give_back_buffer(buf);
+        result
+    }
+
+    /// [`Connection::receive`] with the reply buffer `buf`.
+    fn receive_retrying(
+        &self,
+        sent: Sent,
+        reused: bool,
+        request: &[u8],
+        buf: &mut Vec<u8>,
+        on_reply: &mut impl FnMut(Reply<'_>),
+    ) -> Result<u64, ServerError> {
+        match self.receive_on(sent, buf, on_reply) {
             // An idle connection the server closed meanwhile fails before any reply: once
             // more on a new connection.
             Err((e, 0)) if reused => {
@@ -194,10 +239,9 @@ impl Connection {
                 stream.write_all(request).map_err(ServerError::Io)?;
                 let fresh = Sent {
                     stream,
-                    buf: vec![0u8; REPLY_BUFFER_BYTES],
                     reused: false,
                 };
-                self.receive_on(fresh, &mut on_reply).map_err(|(e, _)| e)
+                self.receive_on(fresh, buf, on_reply).map_err(|(e, _)| e)
             }
             Err((e, _)) => Err(e),
             Ok(n) => Ok(n),
@@ -207,11 +251,8 @@ impl Connection {
     /// Reads the replies of a sent pipeline; an error comes with the bytes received.
     fn receive_on(
         &self,
-        Sent {
-            mut stream,
-            mut buf,
-            ..
-        }: Sent,
+        Sent { mut stream, .. }: Sent,
+        buf: &mut Vec<u8>,
         on_reply: &mut impl FnMut(Reply<'_>),
     ) -> Result<u64, (ServerError, u64)> {
         // Replies are parsed from buf[start..end]; what is left of a partial reply moves to
@@ -226,7 +267,7 @@ impl Connection {
                     Some((Reply::End, taken)) => {
                         start += taken;
                         if start == end {
-                            self.give_back(stream, buf);
+                            self.give_back(stream);
                         }
                         return Ok(received);
                     }
