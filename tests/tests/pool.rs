@@ -809,3 +809,37 @@ fn sweeps_on_a_pool_of_ten_servers_stay_within_the_stated_overhead() {
         lego_tests::assert_rss_within_cache(&out, CACHE_MIB, Some(&native));
     }
 }
+
+/// Random rewrites under rs:4+2 on ten servers, with the largest eviction batch
+/// (`LEGO_EVICT_BATCH=1024`), stay within the cache plus the stated overhead: a coded write
+/// holds its stripes' values, parity and requests for a bounded number of stripes at a time,
+/// not for every page of the batch (random pages lie each in a stripe of its own).
+#[test]
+fn coded_random_writes_with_the_largest_eviction_batch_stay_within_the_stated_overhead() {
+    const CACHE_MIB: u64 = 32;
+    let _serial = heavy();
+    let args = ["128", "2", "40000"];
+    let native = Run::new(program(WORKLOAD)).args(args).measure_rss().run();
+    native.assert_success();
+    let servers: Vec<Memcached> = (0..WIDE_POOL_SERVERS)
+        .map(|_| Memcached::start(128))
+        .collect();
+    let setup = ShimSetup::new("pool-coded-write-rss", CACHE_MIB);
+    let out = setup
+        .apply(Run::new(program(WORKLOAD)).args(args))
+        .env("LEGO_BACKEND", pool_backend(&servers))
+        .env("LEGO_REDUNDANCY", "rs:4+2")
+        .env("LEGO_EVICT_BATCH", "1024")
+        .hang_after(120)
+        .run();
+    lego_tests::assert_same_output(&native, &out);
+    let stats = setup.stats();
+    assert!(
+        stats
+            .number("pages_written_back")
+            .is_some_and(|n| n > 10_000),
+        "the pages must have gone to the pool:\n{}",
+        stats.raw
+    );
+    lego_tests::assert_rss_within_cache(&out, CACHE_MIB, Some(&native));
+}

@@ -19,7 +19,7 @@
 //! rebuild needs the stripe's values and records to agree, so it waits for a write under
 //! way); the records' lock is never held across I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::coding::Code;
@@ -37,6 +37,10 @@ use crate::PAGE_SIZE;
 
 /// Stripes one repair round rebuilds or re-encodes at most.
 pub(super) const REPAIR_STRIPES_PER_ROUND_MAX: usize = 64;
+/// Stripes one round of a write touches, at most ([`store`]). A round holds, per stripe, its
+/// K+M values read, its M parity values and the requests of its values: about 44 KiB at
+/// rs:4+2 and 60 KiB at rs:8+2, so a round stays under 4 MiB whatever the eviction batch.
+pub(super) const STORE_STRIPES_PER_ROUND_MAX: usize = 64;
 /// Stripes one repair round looks at.
 const REPAIR_SCAN_STRIPES_PER_ROUND: u64 = 1 << 14;
 
@@ -876,12 +880,51 @@ fn send(
     first_error
 }
 
-/// Writes a batch (`PageStore::store` of a coded pool).
+/// Writes a batch (`PageStore::store` of a coded pool), in rounds of consecutive writes that
+/// touch at most [`STORE_STRIPES_PER_ROUND_MAX`] stripes: a round holds, for each of its
+/// stripes, the other data values read, the parity values encoded and every value's request,
+/// so the bound is what bounds the memory of a write (a batch of random pages, each in a
+/// stripe of its own, would otherwise hold all of that for every page of an eviction batch).
 pub(super) fn store(
     inner: &Inner,
     coded: &Coded,
     batch: &mut [PageWrite<'_>],
 ) -> Result<(), StoreError> {
+    let mut first_error = None;
+    let mut at = 0;
+    while at < batch.len() {
+        let mut stripes: BTreeSet<u64> = BTreeSet::new();
+        let mut end = at;
+        while end < batch.len() {
+            let stripe = coded.stripe(batch[end].page);
+            if !stripes.contains(&stripe) && stripes.len() == STORE_STRIPES_PER_ROUND_MAX {
+                break;
+            }
+            stripes.insert(stripe);
+            end += 1;
+        }
+        if let Err(e) = store_round(inner, coded, &mut batch[at..end]) {
+            first_error.get_or_insert(e);
+        }
+        at = end;
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// One round of [`store`]: writes that touch at most [`STORE_STRIPES_PER_ROUND_MAX`] stripes.
+fn store_round(
+    inner: &Inner,
+    coded: &Coded,
+    batch: &mut [PageWrite<'_>],
+) -> Result<(), StoreError> {
+    debug_assert!(
+        batch
+            .iter()
+            .map(|w| coded.stripe(w.page))
+            .collect::<BTreeSet<u64>>()
+            .len()
+            <= STORE_STRIPES_PER_ROUND_MAX
+    );
     let mut first_error = refuse_bad_writes(&inner.name, inner.pages, batch);
     let positions: Vec<usize> = (0..batch.len())
         .filter(|&i| batch[i].outcome == Outcome::Pending)
