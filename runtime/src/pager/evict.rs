@@ -22,7 +22,7 @@ use super::discard::Runs;
 use super::install::{finish_run, install_pages, Outcome, Source};
 use super::moving::{move_out, Stuck};
 use super::{publish_resident, sleep_ms, Shared, EVICT_BATCH_PAGES_MAX, STATS};
-use crate::cache::{PageState, REMOVED, STORED};
+use crate::cache::{PageState, MAPPED, REMOVED, STORED};
 use crate::log::Located;
 use crate::logging::RateLimit;
 use crate::region::Region;
@@ -468,11 +468,14 @@ fn record(
 ) {
     let n = victims.len();
     let mut discard = Runs::<{ EVICT_BATCH_PAGES_MAX }>::new();
-    let (mut evicted, mut clean) = (0u64, 0u64);
+    let (mut evicted, mut clean, mut mapped) = (0u64, 0u64, 0u64);
     {
         let mut t = sh.cache.lock();
         for i in 0..n {
             let p = victims[i];
+            if fate[i] != Fate::Stayed && t.has_flag(p, MAPPED) {
+                mapped += 1;
+            }
             let removed = t.has_flag(p, REMOVED);
             t.set_flag(p, REMOVED, false);
             // The scan above consumed the page's written bit: the log learns of the change
@@ -517,6 +520,7 @@ fn record(
     }
     STATS.add(Counter::PagesEvicted, evicted);
     STATS.add(Counter::PagesDroppedClean, clean);
+    STATS.add(Counter::MappedPagesEvicted, mapped);
 }
 
 /// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. A page that
