@@ -37,9 +37,7 @@ use lego_runtime::region;
 use lego_runtime::stats::Counter;
 use lego_runtime::PAGE_SIZE;
 
-use super::{
-    discard_pages, published_user_heap, CONFIG, DETACHED, RUNTIME, USER_BASE, USER_LEN,
-};
+use super::{discard_pages, published_user_heap, CONFIG, DETACHED, RUNTIME, USER_BASE, USER_LEN};
 
 /// Flags that keep a mapping ordinary memory.
 const UNSERVED_FLAGS: c_int = libc::MAP_GROWSDOWN
@@ -390,7 +388,15 @@ fn serve_mremap(
             Err(_) => {}
         }
     }
-    Some(move_mapping(heap, old, old_len, new_len, prot, fixed.then_some(new_addr), dontunmap))
+    Some(move_mapping(
+        heap,
+        old,
+        old_len,
+        new_len,
+        prot,
+        fixed.then_some(new_addr),
+        dontunmap,
+    ))
 }
 
 /// The moving `mremap`: a new run (or the served range at `to`) gets the old bytes, copied
@@ -424,7 +430,9 @@ fn move_mapping(
             at
         }
         None => {
-            let p = heap.map_pages(new_len, PROT_RW, discard_pages).ok_or(libc::ENOMEM)?;
+            let p = heap
+                .map_pages(new_len, PROT_RW, discard_pages)
+                .ok_or(libc::ENOMEM)?;
             mark_mapped(p as usize, new_len, true);
             p as usize
         }
@@ -532,11 +540,13 @@ pub unsafe extern "C" fn mremap(
     match serve_mremap(old as usize, old_len, new_len, flags, target) {
         Some(Ok(p)) => p as *mut c_void,
         Some(Err(e)) => fail_ptr(e),
-        // SAFETY: the program's own call, passed on unchanged.
-        None => match unsafe { region::sys_mremap(old as usize, old_len, new_len, flags, target) } {
-            Ok(p) => p as *mut c_void,
-            Err(e) => fail_ptr(e),
-        },
+        None => {
+            // SAFETY: the program's own call, passed on unchanged.
+            match unsafe { region::sys_mremap(old as usize, old_len, new_len, flags, target) } {
+                Ok(p) => p as *mut c_void,
+                Err(e) => fail_ptr(e),
+            }
+        }
     }
 }
 

@@ -146,16 +146,15 @@ pub unsafe fn drop_pages(addr: usize, len: usize) {
     let _ = unsafe { sys_madvise(addr, len, libc::MADV_DONTNEED) };
 }
 
-/// The result of a raw memory-map system call: its value, or the errno.
+/// The result of a raw memory-map system call: its value, or the errno. glibc's `syscall`
+/// returns -1 and sets `errno` on failure; every other value is the call's result (user
+/// addresses are below 2^47, so never negative).
 fn syscall_result(ret: libc::c_long) -> Result<usize, i32> {
-    if ret < 0 && ret >= -4095 {
-        // `libc::syscall` returns -1 and sets errno; a raw value in -4095..-1 is the same
-        // convention seen through the kernel's return register.
+    if ret == -1 {
         // SAFETY: `__errno_location` returns this thread's errno slot, always valid.
-        let errno = unsafe { *libc::__errno_location() };
-        return Err(if ret == -1 { errno } else { -(ret as i32) });
+        return Err(unsafe { *libc::__errno_location() });
     }
-    Ok(usize::try_from(ret).unwrap_or(usize::MAX))
+    usize::try_from(ret).map_err(|_| libc::EOVERFLOW)
 }
 
 /// The kernel's `mmap`, bypassing any interposed `mmap` symbol.

@@ -415,11 +415,10 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
         mmap_min_bytes: match lookup(&get, vars::MMAP_MIN) {
             None => None,
             Some(text) => {
-                let value = parse_size(&text, host.total_ram_bytes).map_err(|_| {
-                    ConfigError::MmapMin {
+                let value =
+                    parse_size(&text, host.total_ram_bytes).map_err(|_| ConfigError::MmapMin {
                         value: text.clone(),
-                    }
-                })?;
+                    })?;
                 Some(Raw { text, value })
             }
         },

@@ -102,7 +102,9 @@ impl Heap {
     pub fn overlaps_mapping(&self, addr: usize, len: usize) -> bool {
         let base = self.base_addr;
         let start = addr.max(base);
-        let end = addr.saturating_add(len).min(base + self.region_len as usize);
+        let end = addr
+            .saturating_add(len)
+            .min(base + self.region_len as usize);
         if start >= end {
             return false;
         }
@@ -449,11 +451,7 @@ impl Heap {
                     let s = self.span(si);
                     // SAFETY: as above.
                     let (start, n, prot) = unsafe { ((*s).start, (*s).npages, (*s).prot) };
-                    f(
-                        self.page_addr(start).addr(),
-                        n as usize * PAGE_SIZE,
-                        prot,
-                    );
+                    f(self.page_addr(start).addr(), n as usize * PAGE_SIZE, prot);
                     p = start + n;
                 }
                 None => p += 1,

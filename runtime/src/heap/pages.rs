@@ -570,7 +570,13 @@ impl Heap {
     ///
     /// # Safety
     /// The page lock is held, `st` is its state, and a spare exists.
-    pub(super) unsafe fn take_spare(&self, st: &mut PageState, start: u32, npages: u32, fresh: u8) -> u32 {
+    pub(super) unsafe fn take_spare(
+        &self,
+        st: &mut PageState,
+        start: u32,
+        npages: u32,
+        fresh: u8,
+    ) -> u32 {
         let si = st.spare;
         assert!(
             si != 0,

@@ -1050,14 +1050,19 @@ fn rw() -> u8 {
 fn mappings_are_zeroed_page_runs_that_free_refuses() {
     let r = TestRegion::new(REGION_BYTES);
     let h = r.create();
-    let m = h.map_pages(10 * PAGE_SIZE + 1, rw(), discard).expect("room");
+    let m = h
+        .map_pages(10 * PAGE_SIZE + 1, rw(), discard)
+        .expect("room");
     assert_eq!(m.addr() % PAGE_SIZE, 0);
     // SAFETY: the mapping is 11 pages of this test's region.
     let bytes = unsafe { std::slice::from_raw_parts_mut(m, 11 * PAGE_SIZE) };
     assert!(bytes.iter().all(|&b| b == 0));
     bytes.fill(0xab);
     assert!(h.is_mapped(m.addr(), 11 * PAGE_SIZE));
-    assert!(h.is_mapped(m.addr() + 5 * PAGE_SIZE, PAGE_SIZE), "any page is found");
+    assert!(
+        h.is_mapped(m.addr() + 5 * PAGE_SIZE, PAGE_SIZE),
+        "any page is found"
+    );
     assert!(!h.is_mapped(m.addr(), 12 * PAGE_SIZE));
     // free, realloc and malloc_usable_size refuse a mapping, even at its start.
     let before = h.invalid_frees();
@@ -1065,7 +1070,10 @@ fn mappings_are_zeroed_page_runs_that_free_refuses() {
     assert_eq!(h.invalid_frees(), before + 1);
     assert!(h.realloc(m, 100, discard).is_null());
     assert_eq!(h.usable_size(m), 0);
-    assert!(h.is_mapped(m.addr(), 11 * PAGE_SIZE), "the refused free changed nothing");
+    assert!(
+        h.is_mapped(m.addr(), 11 * PAGE_SIZE),
+        "the refused free changed nothing"
+    );
     // And the mapping calls refuse a malloc block.
     let block = h.malloc(1 << 20);
     assert!(!h.is_mapped(block.addr(), PAGE_SIZE));
@@ -1086,7 +1094,10 @@ fn partial_unmaps_split_and_pages_come_back_fresh() {
     unsafe { std::ptr::write_bytes(m, 0x5a, pages * PAGE_SIZE) };
     // Unmap the middle: two pieces remain.
     let u = h.unmap_begin(at(16), 16 * PAGE_SIZE).expect("mapped");
-    assert_eq!((u.addr, u.len, u.protected), (at(16), 16 * PAGE_SIZE, false));
+    assert_eq!(
+        (u.addr, u.len, u.protected),
+        (at(16), 16 * PAGE_SIZE, false)
+    );
     assert!(!h.is_mapped(at(16), PAGE_SIZE), "limbo is not mapped");
     assert!(h.unmap_begin(at(16), PAGE_SIZE).is_err(), "no second unmap");
     discard(u.addr as *mut u8, u.len);
@@ -1134,7 +1145,10 @@ fn protections_split_pieces_and_mremap_needs_one() {
     ));
     let mut seen = Vec::new();
     h.for_each_mapping(|a, l, p| seen.push((a, l / PAGE_SIZE, p)));
-    assert_eq!(seen, vec![(at(0), 4, PROT_RW), (at(4), 4, 0), (at(8), 24, PROT_RW)]);
+    assert_eq!(
+        seen,
+        vec![(at(0), 4, PROT_RW), (at(4), 4, 0), (at(8), 24, PROT_RW)]
+    );
     // An unmap over the guard says the protection must be put back first.
     let u = h.unmap_begin(at(2), 4 * PAGE_SIZE).expect("mapped");
     assert!(u.protected);
@@ -1151,18 +1165,28 @@ fn growth_in_place_takes_the_free_run_or_the_top() {
     let h = r.create();
     let a = h.map_pages(8 * PAGE_SIZE, rw(), discard).expect("room");
     // At the top: grows.
-    assert_eq!(h.grow_in_place(a.addr(), 8 * PAGE_SIZE, 16 * PAGE_SIZE, discard), Ok(PROT_RW));
+    assert_eq!(
+        h.grow_in_place(a.addr(), 8 * PAGE_SIZE, 16 * PAGE_SIZE, discard),
+        Ok(PROT_RW)
+    );
     assert!(h.is_mapped(a.addr(), 16 * PAGE_SIZE));
     // A neighbour after it: cannot.
     let b = h.map_pages(8 * PAGE_SIZE, rw(), discard).expect("room");
     assert_eq!(b.addr(), a.addr() + 16 * PAGE_SIZE);
-    assert!(h.grow_in_place(a.addr(), 16 * PAGE_SIZE, 17 * PAGE_SIZE, discard).is_err());
+    assert!(h
+        .grow_in_place(a.addr(), 16 * PAGE_SIZE, 17 * PAGE_SIZE, discard)
+        .is_err());
     // A prefix of a mapping cannot grow over the rest of it.
-    assert!(h.grow_in_place(a.addr(), 4 * PAGE_SIZE, 8 * PAGE_SIZE, discard).is_err());
+    assert!(h
+        .grow_in_place(a.addr(), 4 * PAGE_SIZE, 8 * PAGE_SIZE, discard)
+        .is_err());
     // Once the neighbour is gone, its free run is taken (a part of it).
     let u = h.unmap_begin(b.addr(), 8 * PAGE_SIZE).expect("mapped");
     h.unmap_finish(u);
-    assert_eq!(h.grow_in_place(a.addr(), 16 * PAGE_SIZE, 20 * PAGE_SIZE, discard), Ok(PROT_RW));
+    assert_eq!(
+        h.grow_in_place(a.addr(), 16 * PAGE_SIZE, 20 * PAGE_SIZE, discard),
+        Ok(PROT_RW)
+    );
     assert!(h.is_mapped(a.addr(), 20 * PAGE_SIZE));
     assert!(!h.is_mapped(a.addr(), 21 * PAGE_SIZE));
     assert!(h.locks_free());
@@ -1173,7 +1197,9 @@ fn a_full_region_refuses_a_mapping() {
     let r = TestRegion::new(REGION_BYTES);
     let h = r.create();
     assert!(h.map_pages(REGION_BYTES, rw(), discard).is_none());
-    let big = h.map_pages(REGION_BYTES / 2, rw(), discard).expect("half fits");
+    let big = h
+        .map_pages(REGION_BYTES / 2, rw(), discard)
+        .expect("half fits");
     assert!(h.map_pages(REGION_BYTES / 2, rw(), discard).is_none());
     let u = h.unmap_begin(big.addr(), REGION_BYTES / 2).expect("mapped");
     h.unmap_finish(u);
