@@ -4,8 +4,12 @@
 //! really evicted and fetched back; a JIT's page flips between writable and executable and
 //! keeps its code across evictions.
 
+use std::fmt::Write as _;
+use std::fs;
+
 use lego_tests::{
-    assert_rss_within_cache, assert_same_output, heavy, program, Run, ShimSetup, Stats,
+    assert_rss_within_cache, assert_same_output, heavy, program, which, Outcome, Run, ShimSetup,
+    Stats, TempDir, STATED_OVERHEAD_KIB,
 };
 
 /// The cache of every run here, in MiB (the smallest lego accepts).
@@ -101,5 +105,111 @@ fn jit_page_flips_between_writable_and_executable() {
         n("mapped_pages_evicted") >= 1,
         "the code page was never evicted, so its coming back was not tested:\n{}",
         stats.raw
+    );
+}
+
+/// Functions in the generated C file of the `gcc` test: about 330 MiB of peak RSS and 80 s
+/// for `gcc -O2` here (its collector's heap is `mmap`ed in 2 MiB chunks).
+const GCC_FUNCTIONS: usize = 3000;
+
+/// A large C file: `GCC_FUNCTIONS` small functions and one `main` that calls them all (the
+/// long `main` is what makes `cc1` big).
+fn large_c_file() -> String {
+    let mut src = String::from("#include <stdio.h>\n");
+    for i in 0..GCC_FUNCTIONS {
+        let _ = writeln!(
+            src,
+            "int f{i}(int x){{ int a[16]; for(int j=0;j<16;j++) a[j]=x*j+{i}; int s=0; \
+             for(int j=0;j<16;j++) s+=a[j]^(s<<1); return s+{i}; }}"
+        );
+    }
+    src.push_str("int main(void){ int s=0;\n");
+    for i in 0..GCC_FUNCTIONS {
+        let _ = writeln!(src, "s+=f{i}(s);");
+    }
+    src.push_str("printf(\"%d\\n\",s);}\n");
+    src
+}
+
+/// The largest value of `counter` in the `LEGO_STATS=1` summaries on stderr (one per
+/// process: the driver, `cc1`, `as`).
+fn largest_in_summaries(out: &Outcome, counter: &str) -> u64 {
+    out.stderr
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("lego:")?.split_whitespace();
+            (words.next()? == counter).then(|| words.next()?.parse::<u64>().ok())?
+        })
+        .max()
+        .unwrap_or_else(|| panic!("no {counter} in any summary:\n{out}"))
+}
+
+/// `gcc -O2` on a large generated file under `LEGO_MMAP=1` with a cache of a tenth of its
+/// native peak RSS: the same object file, `cc1`'s mapped pages paged, and the peak RSS within
+/// the cache plus the stated overhead plus what `gcc` needs for an empty file (`cc1`'s own
+/// code and data, which lego does not manage). About three minutes here, so it runs only with
+/// `LEGO_TEST_GCC=1`.
+#[test]
+fn gcc_compiles_a_large_file_paged() {
+    if std::env::var_os("LEGO_TEST_GCC").is_none() {
+        eprintln!("skipped: set LEGO_TEST_GCC=1 to compile a large file with gcc under lego");
+        return;
+    }
+    let _serial = heavy();
+    let dir = TempDir::new("gcc-big");
+    let src = dir.path().join("big.c");
+    fs::write(&src, large_c_file()).expect("write the generated C file");
+    let tiny = dir.path().join("tiny.c");
+    fs::write(&tiny, "int main(void) { return 0; }\n").expect("write the empty C file");
+    let gcc = which("gcc");
+    let compile = |input: &std::path::Path, output: &str| {
+        let out = dir.path().join(output);
+        Run::new(&gcc)
+            .args([
+                std::ffi::OsStr::new("-O2"),
+                std::ffi::OsStr::new("-c"),
+                input.as_os_str(),
+                std::ffi::OsStr::new("-o"),
+                out.as_os_str(),
+            ])
+            .measure_rss()
+    };
+    let empty = compile(&tiny, "tiny.o").run();
+    empty.assert_success();
+    let native = compile(&src, "native.o").run();
+    native.assert_success();
+    let cache_mib = (native.rss_kib() / 10 / 1024).max(16);
+    let setup = ShimSetup::new("gcc-big", cache_mib);
+    let shimmed = setup
+        .apply(compile(&src, "lego.o"))
+        .env("LEGO_MMAP", "1")
+        .env("LEGO_STATS", "1")
+        .run();
+    shimmed.assert_success();
+    let native_obj = fs::read(dir.path().join("native.o")).expect("native object");
+    let lego_obj = fs::read(dir.path().join("lego.o")).expect("lego's object");
+    assert!(
+        native_obj == lego_obj,
+        "gcc under lego wrote a different object file ({} bytes against {})",
+        lego_obj.len(),
+        native_obj.len()
+    );
+    let evicted = largest_in_summaries(&shimmed, "mapped_pages_evicted");
+    let served = largest_in_summaries(&shimmed, "mapped_bytes");
+    let limit = cache_mib * 1024 + STATED_OVERHEAD_KIB + empty.rss_kib();
+    eprintln!(
+        "gcc -O2 on {GCC_FUNCTIONS} functions: native peak RSS {} KiB; under lego with a {cache_mib} MiB cache {} KiB (limit {limit} KiB: cache + {STATED_OVERHEAD_KIB} KiB + gcc on an empty file {} KiB); cc1 mapped {served} bytes, {evicted} of their pages evicted",
+        native.rss_kib(),
+        shimmed.rss_kib(),
+        empty.rss_kib()
+    );
+    assert!(
+        evicted * 4096 >= served / 4,
+        "cc1's mappings were not paged (mapped {served} bytes, {evicted} pages evicted):\n{shimmed}"
+    );
+    assert!(
+        shimmed.rss_kib() <= limit,
+        "peak RSS {} KiB exceeds {limit} KiB:\n{shimmed}",
+        shimmed.rss_kib()
     );
 }
