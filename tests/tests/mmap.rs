@@ -7,9 +7,11 @@
 use std::fmt::Write as _;
 use std::fs;
 
+use std::process::Command;
+
 use lego_tests::{
-    assert_rss_within_cache, assert_same_output, heavy, program, which, Outcome, Run, ShimSetup,
-    Stats, TempDir, STATED_OVERHEAD_KIB,
+    assert_rss_within_cache, assert_same_output, heavy, lego_bin, program, which, Outcome, Run,
+    ShimSetup, Stats, TempDir, STATED_OVERHEAD_KIB,
 };
 
 /// The cache of every run here, in MiB (the smallest lego accepts).
@@ -211,5 +213,52 @@ fn gcc_compiles_a_large_file_paged() {
         shimmed.rss_kib() <= limit,
         "peak RSS {} KiB exceeds {limit} KiB:\n{shimmed}",
         shimmed.rss_kib()
+    );
+}
+
+/// The durable heap covers served mappings: a 48 MiB mapping (three times the cache) and a
+/// mapping with a `PROT_NONE` guard and a read-only part, filled before they were protected,
+/// checkpointed (the guard is read past its protection by the epoch cut) and changed again
+/// before a normal exit; `lego replay` and `LEGO_RESTORE` give back every byte, and the
+/// protections (the guard faults, the read-only part refuses a write).
+#[test]
+fn mappings_are_restored_with_their_protections() {
+    let _serial = heavy();
+    let dir = TempDir::new("mmap-durable");
+    let store = TempDir::new("mmap-durable-store");
+    let log = dir.path().join("log");
+    let image = dir.path().join("heap.img");
+    let run = |args: &[&str]| {
+        Run::new(program("mmap_durable"))
+            .args(args)
+            .shim()
+            .env("LEGO_MMAP", "1")
+            .env("LEGO_CACHE_SIZE", format!("{CACHE_MIB}M"))
+            .env("LEGO_HEAP_SIZE", "4G")
+            .env("LEGO_BACKEND", store.backend())
+    };
+    let first = run(&["run", "48"]).env("LEGO_LOG_DIR", &log).run();
+    first.assert_success();
+    let replay = Command::new(lego_bin())
+        .arg("replay")
+        .arg(&log)
+        .arg("-o")
+        .arg(&image)
+        .output()
+        .expect("running lego replay");
+    assert!(
+        replay.status.success(),
+        "lego replay failed:\n{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let restored = run(&["verify"]).env("LEGO_RESTORE", &image).run();
+    restored.assert_success();
+    assert_eq!(
+        restored.stdout,
+        "verify: big mapping holds the final bytes\n\
+         verify: guard faults on read 1, read-only faults on write 1\n\
+         verify: guard holds its bytes once readable\n\
+         verify: unmapped and mapped again\n",
+        "{restored}"
     );
 }
