@@ -262,3 +262,29 @@ fn mappings_are_restored_with_their_protections() {
         "{restored}"
     );
 }
+
+/// A forked child of a program with a served mapping larger than the cache: as for the heap,
+/// lego pages everything in before the fork (README, Limits), so the child reads the parent's
+/// bytes as of the fork, unmaps half, maps and protects new memory, while the parent rewrites
+/// its copy; each sees only its own bytes. (Peak RSS is not held to the cache: the fork
+/// brings the mapping in.)
+#[test]
+fn forked_child_keeps_its_copy_of_a_mapping() {
+    let _serial = heavy();
+    let bin = program("mmap_fork");
+    let native = Run::new(&bin).args(["48"]).run();
+    let setup = ShimSetup::new("mmap-fork", CACHE_MIB);
+    let shimmed = setup
+        .apply(Run::new(&bin).args(["48"]))
+        .env("LEGO_MMAP", "1")
+        .run();
+    assert_same_output(&native, &shimmed);
+    let stats = setup.stats();
+    let n = |k: &str| stats.number(k).expect("key");
+    assert!(n("mapped_pages_evicted") > 0, "{}", stats.raw);
+    assert!(
+        n("fork_page_ins") > 0,
+        "the fork found nothing evicted:\n{}",
+        stats.raw
+    );
+}
