@@ -288,3 +288,27 @@ fn forked_child_keeps_its_copy_of_a_mapping() {
         stats.raw
     );
 }
+
+/// A read-only mapping three times the cache: its pages are pinned (never evicted), so once
+/// they fill the cache no fault could ever get room; lego serves them beyond the cache instead
+/// of waiting (the overflow README states), and the heap block after it still pages.
+#[test]
+fn pinned_pages_beyond_the_cache_are_served() {
+    let _serial = heavy();
+    let bin = program("mmap_pinned");
+    let native = Run::new(&bin).args(["48"]).run();
+    let setup = ShimSetup::new("mmap-pinned", CACHE_MIB);
+    let shimmed = setup
+        .apply(Run::new(&bin).args(["48"]))
+        .env("LEGO_MMAP", "1")
+        .run();
+    assert_same_output(&native, &shimmed);
+    let stats = setup.stats();
+    let pinned_pages = 48 * 256;
+    assert!(
+        stats.peak_resident_pages >= pinned_pages,
+        "the pinned mapping was not resident at once:\n{}",
+        stats.raw
+    );
+    assert!(stats.pages_evicted > 0, "{}", stats.raw);
+}

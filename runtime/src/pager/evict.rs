@@ -62,6 +62,8 @@ pub(super) struct Eviction {
     /// waiting for room too, since a thread that waits inside the allocator would keep the
     /// next epoch's cut from taking the allocator's locks.
     starved: AtomicBool,
+    /// The last batch found no victim at all (every resident page pinned or in transit).
+    nothing_evictable: AtomicBool,
 }
 
 impl Eviction {
@@ -80,6 +82,7 @@ impl Eviction {
             batch_pages,
             store_failing: AtomicBool::new(false),
             starved: AtomicBool::new(false),
+            nothing_evictable: AtomicBool::new(false),
         })
     }
 
@@ -109,6 +112,13 @@ impl Eviction {
     /// yet (handlers then wait for room a bounded time only).
     pub(super) fn starved(&self) -> bool {
         self.starved.load(Ordering::Relaxed)
+    }
+
+    /// True while the evictor finds nothing it may evict (every resident page is pinned or
+    /// in transit): handlers then serve faults without waiting for room, since none would
+    /// come.
+    pub(super) fn nothing_evictable(&self) -> bool {
+        self.nothing_evictable.load(Ordering::Relaxed)
     }
 }
 
@@ -163,11 +173,19 @@ pub(super) fn evictor_loop(sh: &Shared) {
                     sleep_ms(STARVED_RETRY_MS);
                     break;
                 }
+                // Nothing can leave now: every resident page is pinned (a served mapping that
+                // is not read-write) or in transit. Faults are then served without waiting for
+                // room, and the cache overflows by what is pinned (README), until a batch
+                // finds victims again.
+                if !sh.evict.nothing_evictable.swap(true, Ordering::Relaxed) {
+                    sh.cache.room_freed();
+                }
                 drop(_pass);
                 sleep_ms(NOTHING_TO_EVICT_MS);
                 break;
             }
             sh.evict.starved.store(false, Ordering::Relaxed);
+            sh.evict.nothing_evictable.store(false, Ordering::Relaxed);
             let ok = evict_batch(sh, &victims, log_first);
             sh.cache.room_freed();
             if !ok {

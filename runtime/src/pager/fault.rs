@@ -173,10 +173,11 @@ pub(super) fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
             PageState::Evicted => true,
         };
         // A starved evictor (the log does not hold the candidates yet) gets a bounded wait:
-        // this thread may hold the allocator's lock, which the next epoch's cut needs.
+        // this thread may hold the allocator's lock, which the next epoch's cut needs. An
+        // evictor with nothing it may evict (all pinned) gets none: no room would come.
         let starved_long = sh.evict.starved()
             && waiting_since.is_some_and(|w| w.elapsed() >= Duration::from_millis(STARVED_WAIT_MS));
-        let failing = sh.evict.store_failing() || starved_long;
+        let failing = sh.evict.store_failing() || starved_long || sh.evict.nothing_evictable();
         let room = sh.cache.capacity_pages().saturating_sub(t.resident());
         if room == 0 && !failing && !ignore_room {
             if sh.gate.is_closing() {
