@@ -28,6 +28,10 @@
 //! region but touched only where the heap has used it (4 GiB and 64 MiB of address space for a
 //! 4 TiB region, a few pages of it for a small program).
 //!
+//! Besides `malloc`'s slabs and large runs, the page heap hands out runs for the program's
+//! anonymous mappings when the preload serves them (`LEGO_MMAP=1`, see `mapped`): their own
+//! span kind, which `free` refuses.
+//!
 //! Threads: each thread claims one of [`ARENAS_MAX`] arena indices for itself (shared round
 //! robin once all are held by live threads), remembered in a `thread_local` that both heaps
 //! share; the claiming thread keeps a lock-free cache of small objects in its arena (see
