@@ -51,6 +51,8 @@ const PROT_ANY: c_int = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
 /// `MADV_DONTNEED_LOCKED` (Linux 5.18), missing from older `libc` crates.
 const MADV_DONTNEED_LOCKED: c_int = 24;
 
+/// Smallest pinned range [`say_pinned`] mentions, in bytes: a JIT's page flips are not news.
+const PINNED_SAID_BYTES_MIN: usize = 1 << 20;
 /// Said once: a mapping stayed ordinary for want of room in the region.
 static NO_ROOM_SAID: AtomicBool = AtomicBool::new(false);
 
@@ -213,11 +215,24 @@ fn serve_mmap(addr: usize, len: usize, prot: c_int, flags: c_int) -> Option<Resu
             unmap(heap, at, len);
             return Some(Err(e));
         }
+        say_pinned(at, len, prot);
     }
     mark_mapped(at, len, true);
     STATS.add(Counter::MappingsServed, 1);
     STATS.add(Counter::MappedBytes, len as u64);
     Some(Ok(at))
+}
+
+/// Says at `info` (rate-limited; ranges of [`PINNED_SAID_BYTES_MIN`] or more) that a range's
+/// pages are pinned: they stay resident, over
+/// the cache if need be, until they are read-write again.
+fn say_pinned(addr: usize, len: usize, prot: c_int) {
+    if prot != libc::PROT_READ | libc::PROT_WRITE && len >= PINNED_SAID_BYTES_MIN {
+        lego_runtime::log_limited!(
+            log::Level::Info, lego_runtime::logging::LIMITED_MESSAGES_PER_SECOND;
+            "{len} bytes at {addr:#x} are not read-write (prot {prot:#x}): pinned, resident and never evicted while they stay so"
+        );
+    }
 }
 
 /// `mmap(MAP_FIXED)` over a served range: its pages are discarded and given `prot`.
@@ -315,6 +330,7 @@ fn serve_mprotect(addr: usize, len: usize, prot: c_int) -> Option<c_int> {
     if let Err(e) = protect(addr, plen, prot) {
         return Some(e);
     }
+    say_pinned(addr, plen, prot);
     if heap.is_mapped(addr, plen) {
         let span_prot = u8::try_from(prot & PROT_ANY).unwrap_or(PROT_RW);
         let _ = heap.protect_pages(addr, plen, span_prot);
