@@ -16,6 +16,9 @@
  *           writes its version word, so every page touched is dirty and every page evicted
  *           is written back.
  * ROUNDS may be fractional for the random modes (0.5 = half as many accesses as pages).
+ * With PAGE_SWEEP_KEEP_HEAP=1 in the environment the heap is not freed before exit, so that
+ * a pager's page store still holds its pages for the caller to measure (scripts/bench.sh's
+ * scheme table reads the pool's memory after the run).
  *
  * The heap is one malloc'd block of HEAP_MIB. Before the timed part every page is filled
  * completely (its first word is a stamp derived from its index, its second a version, the rest
@@ -250,7 +253,10 @@ int main(int argc, char **argv) {
            mode, heap_mib, pages, mt ? threads : 1, done, s, s * 1e6 / (double)done,
            (double)done / s);
     free(table);
-    free(heap);
-    free(versions);
+    const char *keep = getenv("PAGE_SWEEP_KEEP_HEAP");
+    if (!(keep && strcmp(keep, "1") == 0)) {
+        free(heap);
+        free(versions);
+    }
     return 0;
 }

@@ -10,7 +10,11 @@
 #   scripts/bench.sh [--quick] --only watch  only the rows of what publishing costs (~1 min quick)
 #   scripts/bench.sh [--quick] --only swap   only the oversubscribed rows and the cache curve,
 #                                         lego vs kernel swap vs zswap
-#   scripts/bench.sh [--quick] --only real   only the real programs under pressure (Perl, SQLite)
+#   scripts/bench.sh [--quick] --only real   only the real programs under pressure (Perl, Python,
+#                                         SQLite, Redis, gcc)
+#   scripts/bench.sh [--quick] --only codes  only the scheme table: copies against erasure
+#                                         codes, with and without a key, on 10 servers
+#                                         (~9 min quick here)
 #
 # Benchmarks (C programs in bench/, compiled into target/bench/bin/) and their baselines:
 #   first touch      lego (cache larger than the heap) vs the kernel's anonymous fault (no
@@ -56,6 +60,22 @@
 #                    optimistic vs LEGO_REPLICAS=1
 #                    A pool run whose server was full or failed (the stats' pool_server_N
 #                    full= and errors=) counts as failed: its pages stayed in the cache.
+#   schemes          (issue 12) one table, a row per way a pool survives lost servers: 1 copy,
+#                    LEGO_REDUNDANCY=replicas:2, replicas:3, rs:4+2, rs:8+2 (replicas pessimistic,
+#                    as rs writes), each without and with LEGO_KEY_FILE, all on the same
+#                    10 fresh memcached servers (rs:8+2 needs 10), alternated in every
+#                    round: page_sweep seq, random and write over a heap 4x the cache. Columns:
+#                    pool memory per heap byte (memcached `stats` bytes summed over the servers
+#                    after the run, page_sweep keeping its heap at exit, over 4096 x the pages
+#                    the pool held, pool_stored_pages), servers that may be lost, the seq and
+#                    random times and the random page writes per second (each evicts a dirty
+#                    page: write-back bound), each also as a ratio to replicas:2 with the same
+#                    key setting, and CPU per page moved (user + sys of the lego process, from
+#                    /usr/bin/time, over pages_fetched + pages_written_back; the servers' CPU
+#                    is not in it), and the peak RSS of the lego process (no memory cgroup
+#                    in these rows: see run_codes). Goals: rs:4+2 at most 1.6 bytes per heap
+#                    byte, its seq and random time at most 1.25x replicas:2's, sealing at
+#                    most 1.10x.
 #   publishing       (issue 15) the random-fault workload over a heap 4x the cache and the
 #                    allocator's small-object loop, lego publishing its statistics every
 #                    second (LEGO_PUBLISH=on, the default every other lego row runs with) vs
@@ -83,19 +103,19 @@ note() { printf '    %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 quick=0
-only=""   # empty: every benchmark; pool, watch, swap or real: only those rows
+only=""   # empty: every benchmark; pool, codes, watch, swap or real: only those rows
 while [ "$#" -gt 0 ]; do
     case $1 in
         --quick) quick=1 ;;
         --only)
-            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool, watch, swap or real)"
+            [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool, codes, watch, swap or real)"
             case $2 in
-                pool | watch | swap | real) only=$2 ;;
-                *) die "unknown section '$2' for --only (expected pool, watch, swap or real)" ;;
+                pool | codes | watch | swap | real) only=$2 ;;
+                *) die "unknown section '$2' for --only (expected pool, codes, watch, swap or real)" ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument '$1' (expected --quick, --only pool|watch|swap|real or nothing)" ;;
+        *) die "unknown argument '$1' (expected --quick, --only pool|codes|watch|swap|real or nothing)" ;;
     esac
     shift
 done
@@ -120,6 +140,9 @@ if [ "$quick" = 1 ]; then
     write_per_page=0.5    # page_sweep write ROUNDS (random page writes per page) on the pool
     real_perl_keys=400000 # the Perl hash-and-sort's keys (about 105 MiB peak)
     real_sqlite_rows=300000 # the SQLite table's rows (about 80 MiB peak)
+    real_redis_keys=200000  # Redis: keys of 200 bytes loaded (about 75 MiB peak)
+    real_redis_reads=20000  # Redis: random GETs by redis-benchmark, twice
+    real_gcc_functions=1000 # gcc -O2 on a generated file of this many functions (141 MiB, 18 s)
     real_rounds=1         # rounds of each real program at each cache
     run_timeout_s=120     # one run; a run past it is killed and reported as a timeout
 else
@@ -140,6 +163,9 @@ else
     write_per_page=1
     real_perl_keys=1000000
     real_sqlite_rows=800000
+    real_redis_keys=400000
+    real_redis_reads=50000
+    real_gcc_functions=2000 # 251 MiB peak, 35 s natively here
     real_rounds=1
     run_timeout_s=300
 fi
@@ -154,6 +180,10 @@ lego_min_cache_mib=16     # LEGO_CACHE_SIZE's minimum
 pool_servers=3
 mc_batch_pages="$(sed -n 's/^pub const FETCH_CHUNK_PAGES: usize = \([0-9]*\);.*/\1/p' runtime/src/pager/mod.rs)"
 mc_batch_pages=${mc_batch_pages:-64}
+# The scheme table (issue 12): every scheme on the same number of servers, as many as the
+# widest code needs (rs:8+2: 10).
+codes_schemes="replicas:1 replicas:2 replicas:3 rs:4+2 rs:8+2"
+codes_servers=10
 ncpu="$(nproc)"
 mt_threads=$(( ncpu >= 2 ? ncpu : 2 ))
 
@@ -240,6 +270,8 @@ build() {
     done
     # The timer of the real programs: static, so that their LD_PRELOAD does not load into it.
     gcc -O2 -static -Wall -Wextra -o "$bin_dir/timed" bench/timed.c
+    # The Redis driver too: the preload is for redis-server only.
+    gcc -O2 -static -Wall -Wextra -o "$bin_dir/redis_drive" bench/redis_drive.c
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +513,8 @@ measure() {
     local tag="$name.$variant.$round"
     local out="$runs_dir/$tag.out" err="$runs_dir/$tag.err" rss_file="$runs_dir/$tag.rss"
     local cg="" oom_before=0
-    local -a cmd=(timeout -k 5 "$run_timeout_s" /usr/bin/time -f %M -o "$rss_file")
+    # The first line: user and system CPU seconds; the last: peak RSS in KiB.
+    local -a cmd=(timeout -k 5 "$run_timeout_s" /usr/bin/time -f $'%U %S\n%M' -o "$rss_file")
     if [ "$cgroup_ok" = 1 ]; then
         case $kind in
             lego-cg) cg=$cg_lego; set_swap off; set_zswap off; cg_limit "$cg" $(( (cache + overhead_mib) << 20 )) no-swap ;;
@@ -528,8 +561,8 @@ measure() {
     local pool_full="" pool_errors=""
     if [ -n "$result" ] && grep -q '"pool_server_0"' "$runs_dir/$tag.stats.json" 2>/dev/null; then
         local key val
-        for key in pages_fetched pages_written_back; do
-            val="$(grep -o "\"$key\":[0-9]*" "$runs_dir/$tag.stats.json" | cut -d: -f2 || true)"
+        for key in pages_fetched pages_written_back pool_stored_pages; do
+            val="$(grep -o "\"$key\":\"\{0,1\}[0-9]*" "$runs_dir/$tag.stats.json" | tr -d '"' | cut -d: -f2 || true)"
             result="$result $key=${val:-?}"
         done
         pool_full="$(grep -o '"pool_server_[0-9]*":"[^"]*' "$runs_dir/$tag.stats.json" \
@@ -539,6 +572,15 @@ measure() {
         result="$result pool_full=$pool_full pool_errors=$pool_errors"
     fi
     rss="$(tail -n 1 "$rss_file" 2>/dev/null | grep -E '^[0-9]+$' || true)"
+    # CPU per page moved, for the runs on a pool: user + sys over pages fetched and written back.
+    local cpu_s
+    cpu_s="$(grep -E '^[0-9.]+ [0-9.]+$' "$rss_file" 2>/dev/null | awk '{ print $1 + $2; exit }' || true)"
+    if [ -n "$result" ] && [ -n "$cpu_s" ]; then
+        result="$result cpu_s=$cpu_s"
+        result="$result $(printf '%s\n' "$result" | tr ' ' '\n' | awk -F= -v cpu="$cpu_s" '
+            $1 == "pages_fetched" || $1 == "pages_written_back" { if ($2 == "?") bad = 1; n += $2; seen++ }
+            END { if (seen == 2 && !bad && n > 0) printf "cpu_us_per_page=%.3f", cpu * 1e6 / n; else printf "cpu_us_per_page=?" }')"
+    fi
     if [ -n "$cg" ]; then cg_peak="$(cat "$cg/memory.max_usage_in_bytes")"; fi
     if grep -q '^WRONG DATA' "$out"; then
         status=wrong-data
@@ -676,7 +718,7 @@ run_cache_curve() {
 # Python runs with PYTHONMALLOC=malloc everywhere (its own small-object arenas are mapped,
 # which lego does not page until anonymous mmap is served, issue 14); Debian's Redis uses its
 # own jemalloc over mmap, so it is not here yet.
-real_programs="perl python sqlite"
+real_programs="${BENCH_REAL_PROGRAMS:-perl python sqlite redis gcc}"  # BENCH_REAL_PROGRAMS picks some
 real_percents="10 25 50"
 
 real_command() { # NAME: sets real_cmd to the program and its arguments
@@ -686,8 +728,24 @@ real_command() { # NAME: sets real_cmd to the program and its arguments
 for i in range($real_perl_keys): h['key%d' % i] = i * 7
 k = sorted(h)
 print(len(k), k[0], k[-1], sum(h[x] for x in k))") ;;
+        redis) real_cmd=("$bin_dir/redis_drive" "$real_redis_keys" 200 "$real_redis_reads") ;;
+        # cc1's collector maps its heap (2 MiB chunks): LEGO_MMAP=1 serves it. The output is
+        # the object's checksum.
+        gcc) real_cmd=(env LEGO_MMAP=1 sh -c 'gcc -O2 -c "$0" -o "$1" && cksum <"$1"' \
+            "$runs_dir/real_gcc.c" "$runs_dir/real_gcc.o") ;;
         sqlite) real_cmd=(sqlite3 :memory: "CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT, v TEXT); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < $real_sqlite_rows) INSERT INTO t SELECT x, printf('%08x', (x * 2654435761) % 4294967296), printf('%d-%0180d', x, x * x) FROM c; CREATE INDEX ik ON t(k); SELECT count(*), sum(length(v)), min(k), max(k) FROM t WHERE k > '8'; SELECT sum(id) FROM (SELECT id FROM t ORDER BY k LIMIT 1000 OFFSET 5000);") ;;
     esac
+}
+
+real_gcc_source() { # a C file of $real_gcc_functions small functions and a main that calls them
+    awk -v n="$real_gcc_functions" 'BEGIN {
+        print "#include <stdio.h>"
+        for (i = 0; i < n; i++)
+            printf "int f%d(int x){ int a[16]; for(int j=0;j<16;j++) a[j]=x*j+%d; int s=0; for(int j=0;j<16;j++) s+=a[j]^(s<<1); return s+%d; }\n", i, i, i
+        print "int main(void){ int s=0;"
+        for (i = 0; i < n; i++) printf "s+=f%d(s);\n", i
+        print "printf(\"%d\\n\",s);}"
+    }'
 }
 
 real_cache_mib() { # PEAK_KIB PERCENT: the cache for PERCENT of a peak, at least lego's minimum
@@ -697,12 +755,19 @@ real_cache_mib() { # PEAK_KIB PERCENT: the cache for PERCENT of a peak, at least
 
 real_native=()  # NAME PEAK_KIB FNV per program, from its native run
 run_real() {
-    say "real programs: perl and python hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
+    say "real programs: perl and python hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows), redis ($real_redis_keys keys, $real_redis_reads random GETs twice), gcc -O2 ($real_gcc_functions functions) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
+    # Redis' clients run outside the memory cgroup that caps the server (bench/redis_drive.c).
+    if [ "$cgroup_ok" = 1 ]; then export REDIS_DRIVE_CLIENT_CGROUP="$cg_root/cgroup.procs"; fi
     local prog r p c peak fnv line rounds_now=$real_rounds
     for prog in $real_programs; do
         local binary=$prog
-        case $prog in python) binary=python3 ;; sqlite) binary=sqlite3 ;; esac
+        case $prog in python) binary=python3 ;; sqlite) binary=sqlite3 ;; redis) binary=redis-benchmark ;; esac
         command -v "$binary" >/dev/null 2>&1 || { note "real program $prog skipped: $binary is not installed"; continue; }
+        if [ "$prog" = redis ] && ! command -v redis-server >/dev/null 2>&1; then
+            note "real program redis skipped: redis-server is not installed"
+            continue
+        fi
+        if [ "$prog" = gcc ]; then real_gcc_source >"$runs_dir/real_gcc.c"; fi
         real_command "$prog"
         expect_fnv=""
         measure "real_$prog" native 1 plain "$bin_dir/timed" "$prog" "${real_cmd[@]}"
@@ -886,7 +951,32 @@ pool_measure() {
     read -r -a lego_env <<<"LEGO_BACKEND=$mc_backend $words"
     measure "$@"
     lego_env=()
+    pool_memory_of_run
     mc_stop
+}
+
+mc_bytes() { # the sum of the `stats` bytes (item bytes in memory) of the servers of mc_backend
+    local hp sum=0 b
+    for hp in $(printf '%s' "${mc_backend#memcached://}" | tr ',' ' '); do
+        # shellcheck disable=SC2016 # $0 belongs to the inner shell
+        b="$(timeout 5 bash -c 'exec 3<>"/dev/tcp/${0%:*}/${0##*:}" && printf "stats\r\nquit\r\n" >&3 && cat <&3' "$hp" 2>/dev/null \
+            | awk '$1 == "STAT" && $2 == "bytes" { print $3 + 0 }' || true)"
+        [ -n "$b" ] || { echo ""; return; }
+        sum=$(( sum + b ))
+    done
+    echo "$sum"
+}
+
+# Adds to the last run's line the servers' memory after it (pool_bytes=) and, over the heap
+# bytes the pool held at exit (pool_stored_pages), pool_per_heap_byte= ("?" when unknown).
+pool_memory_of_run() {
+    local bytes stored per="?"
+    bytes="$(mc_bytes)"
+    stored="$(tail -n 1 "$raw" | tr ' \t' '\n\n' | sed -n 's/^pool_stored_pages=\([0-9][0-9]*\)$/\1/p')"
+    if [ -n "$bytes" ] && [ -n "$stored" ] && [ "$stored" -gt 0 ]; then
+        per="$(awk -v b="$bytes" -v p="$stored" 'BEGIN { printf "%.4f", b / (p * 4096) }')"
+    fi
+    sed -i "\$ s/\$/ pool_bytes=${bytes:-?} pool_per_heap_byte=$per/" "$raw"
 }
 
 # raw_measure NAME VARIANT ROUND: bench/mc_raw on one fresh server, the heap's pages read back
@@ -898,13 +988,16 @@ raw_measure() {
     mc_stop
 }
 
+make_key_file() { # the sealed runs' key: 32 random bytes, readable by this user only
+    [ -s "$key_file" ] || (umask 077 && head -c 32 /dev/urandom >"$key_file")
+}
+
 run_pool() {
     if [ "$mc_ok" = 0 ]; then return; fi
     say "memcached pool: heap $over_heap_mib MiB over cache $over_cache_mib MiB; fetch bandwidth vs raw mg, pool vs file vs swap, sealed vs not, 2 copies vs 1"
     local r w
     local -a args
-    # The sealed runs' key: 32 random bytes, readable by this user only.
-    (umask 077 && head -c 32 /dev/urandom >"$key_file")
+    make_key_file
     for r in $(seq 1 "$rounds"); do
         pool_measure "" 1 pool_fetch lego "$r" "lego-cg:$over_cache_mib" \
             "$bin_dir/page_sweep" seqread "$over_heap_mib" "$seq_sweeps"
@@ -927,6 +1020,47 @@ run_pool() {
             "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
         pool_measure "LEGO_REPLICAS=2 LEGO_REPLICATION=optimistic" "$pool_servers" pool_write optimistic "$r" \
             "lego-cg:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+    done
+}
+
+codes_variant() { # SCHEME SEALED(0|1): the variant name of a scheme table run
+    if [ "$2" = 1 ]; then echo "$1+key"; else echo "$1"; fi
+}
+
+codes_losses() { # SCHEME: how many servers it may lose
+    case $1 in
+        replicas:*) echo $(( ${1#replicas:} - 1 )) ;;
+        rs:*+*) echo "${1##*+}" ;;
+    esac
+}
+
+# The scheme table (issue 12): each scheme, without and with a key, on the same number of
+# fresh servers, alternated in every round and every workload. lego runs without a memory
+# cgroup here (its cache is still LEGO_CACHE_SIZE): on ten servers its memory beyond the cache
+# passes the cache + 16 MiB cap of the other rows (measured: seq sweeps OOM-killed at the
+# 48 MiB cap with every scheme, one copy included), so the table shows each scheme's peak RSS.
+run_codes() {
+    if [ "$mc_ok" = 0 ]; then return; fi
+    say "schemes: $codes_schemes, each without and with LEGO_KEY_FILE, on $codes_servers memcached servers; heap $over_heap_mib MiB over cache $over_cache_mib MiB; seq, random, write"
+    local r w scheme sealed words
+    local -a args
+    make_key_file
+    for r in $(seq 1 "$rounds"); do
+        for w in seq random write; do
+            if [ "$w" = write ]; then
+                args=(write "$over_heap_mib" "$write_per_page")
+            else
+                read -r -a args <<<"$(sweep_args "$w")"
+            fi
+            for scheme in $codes_schemes; do
+                for sealed in 0 1; do
+                    words="LEGO_REDUNDANCY=$scheme LEGO_REPLICATION=pessimistic PAGE_SWEEP_KEEP_HEAP=1"
+                    [ "$sealed" = 0 ] || words="$words LEGO_KEY_FILE=$key_file"
+                    pool_measure "$words" "$codes_servers" "codes_$w" "$(codes_variant "$scheme" "$sealed")" \
+                        "$r" "lego:$over_cache_mib" "$bin_dir/page_sweep" "${args[@]}"
+                done
+            done
+        done
     done
 }
 
@@ -1196,7 +1330,7 @@ build_rows() {
         log_append lego dd mb_per_s mbps ge 0.8 ""
     epochs="$(median log_cost logged epochs_committed)"
     compare "logging at the default interval (1 s, fdatasync), $update_mwrites M random writes over $update_heap_mib MiB in the cache (${epochs:-?} epochs committed), lego with log / without" \
-        log_cost logged unlogged seconds s le 1.10 ""
+        log_cost logged unlogged seconds s le 1.05 ""
     replay_mib="$(median log_replay lego bytes)"
     [ -z "$replay_mib" ] || replay_mib="$(awk -v x="$replay_mib" 'BEGIN { printf "%.0f", x / 1048576 }')"
     compare "replay of the log-append log (${replay_mib:-?} MiB), lego replay / dd iflag=direct of its segments, page cache dropped, MB/s" \
@@ -1255,6 +1389,69 @@ build_pool_rows() {
     fi
 }
 
+# The scheme table (issue 12): one markdown line per scheme and key setting, and the goal rows.
+codes_lines=()
+
+build_codes_rows() {
+    local over="heap ${over_heap_mib}M = 4x cache ${over_cache_mib}M, $codes_servers memcached servers"
+    if [ "$mc_ok" = 0 ]; then
+        local why="skipped ($mc_reason)"
+        add_row "pool memory per heap byte, rs:4+2" "" "" "" le 1.6 "$why"
+        add_row "sequential sweeps, rs:4+2 / replicas:2" "" "" s le 1.25 "$why"
+        add_row "random page reads, rs:4+2 / replicas:2" "" "" s le 1.25 "$why"
+        return
+    fi
+    local scheme sealed v base mem seq rnd wr cpu_r cpu_w seq_b rnd_b wr_b plain_v
+    local seal_seq seal_rnd rss
+    q() { # A B: A / B to two places, or a dash
+        if [ -n "$1" ] && [ -n "$2" ] && [ "$(calc "$2 > 0")" = 1 ]; then
+            awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+        else
+            echo "—"
+        fi
+    }
+    cell() { # VALUE FORMAT: VALUE printed with FORMAT, or a dash
+        if [ -n "$1" ]; then awk -v x="$1" -v f="$2" 'BEGIN { printf f, x }'; else echo "—"; fi
+    }
+    for scheme in $codes_schemes; do
+        for sealed in 0 1; do
+            v="$(codes_variant "$scheme" "$sealed")"
+            base="$(codes_variant replicas:2 "$sealed")"
+            plain_v="$(codes_variant "$scheme" 0)"
+            mem="$(median codes_write "$v" pool_per_heap_byte)"
+            seq="$(median codes_seq "$v" seconds)"
+            rnd="$(median codes_random "$v" seconds)"
+            wr="$(median codes_write "$v" accesses_per_s)"
+            cpu_r="$(median codes_random "$v" cpu_us_per_page)"
+            cpu_w="$(median codes_write "$v" cpu_us_per_page)"
+            rss="$(peak "$v" rss_kib codes_seq codes_random codes_write)"
+            seq_b="$(median codes_seq "$base" seconds)"
+            rnd_b="$(median codes_random "$base" seconds)"
+            wr_b="$(median codes_write "$base" accesses_per_s)"
+            seal_seq="—"; seal_rnd="—"
+            if [ "$sealed" = 1 ]; then
+                seal_seq="$(q "$seq" "$(median codes_seq "$plain_v" seconds)")"
+                seal_rnd="$(q "$rnd" "$(median codes_random "$plain_v" seconds)")"
+            fi
+            codes_lines+=("| $scheme | $([ "$sealed" = 1 ] && echo yes || echo no) | $(codes_losses "$scheme") | $(cell "$mem" "%.2f") | $(cell "$seq" "%.3f s") | $(q "$seq" "$seq_b") | $(cell "$rnd" "%.3f s") | $(q "$rnd" "$rnd_b") | $(cell "$wr" "%.0f/s") | $(q "$wr" "$wr_b") | $(cell "$cpu_r" "%.1f us") | $(cell "$cpu_w" "%.1f us") | $(cell "$rss" "%.0f") | $seal_seq | $seal_rnd |")
+            local fails
+            fails="$(failure_note codes_seq "$v")$(failure_note codes_random "$v")$(failure_note codes_write "$v")"
+            if [ -n "$fails" ]; then notes+=("scheme table, $v: $fails (target/bench/failures.log)"); fi
+        done
+    done
+    # The goal rows. Memory: bytes per heap byte against 1 (the ratio is the value).
+    mem="$(median codes_write rs:4+2 pool_per_heap_byte)"
+    add_row "pool memory per heap byte (memcached stats bytes / 4096 x pool_stored_pages), rs:4+2, random page writes, $over (replicas:3 survives as many losses at $(cell "$(median codes_write replicas:3 pool_per_heap_byte)" "%.2f"))" \
+        "$mem" "${mem:+1}" "" le 1.6 "$(missing_reason codes_write rs:4+2 "")"
+    compare "sequential sweeps ($seq_sweeps), $over, rs:4+2 / replicas:2" codes_seq rs:4+2 replicas:2 seconds s le 1.25 ""
+    compare "random page reads (${random_per_page}x pages), $over, rs:4+2 / replicas:2" codes_random rs:4+2 replicas:2 seconds s le 1.25 ""
+    compare "random page writes per second (${write_per_page}x pages), $over, rs:4+2 / replicas:2 (reference)" codes_write rs:4+2 replicas:2 accesses_per_s rate none "" ""
+    for scheme in replicas:2 rs:4+2 rs:8+2; do
+        compare "sequential sweeps, $scheme, sealed (LEGO_KEY_FILE) / not sealed" codes_seq "$scheme+key" "$scheme" seconds s le 1.10 ""
+        compare "random page reads, $scheme, sealed (LEGO_KEY_FILE) / not sealed" codes_random "$scheme+key" "$scheme" seconds s le 1.10 ""
+    done
+}
+
 curve_lines=() # percent, cache MiB, lego seconds, swap seconds, zswap seconds
 
 build_curve() {
@@ -1299,6 +1496,16 @@ json_str() { # a JSON string literal
     printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"
 }
 
+codes_table() { # the scheme table, in markdown
+    echo "## Copies and codes (heap $over_heap_mib MiB over cache $over_cache_mib MiB, $codes_servers memcached servers, $rounds rounds, medians)"
+    echo
+    echo "Ratios \"/ r2\" are against replicas:2 with the same key setting; \"sealed /\" against the same scheme without a key. CPU: user + sys of the lego process per page fetched or written back (the servers' not included). Peak RSS: the largest over the three workloads, cache $over_cache_mib MiB, no memory cgroup."
+    echo
+    echo "| scheme | key | servers that may be lost | pool bytes per heap byte | seq sweeps | / r2 | random reads | / r2 | random writes | / r2 | CPU per page, reads | CPU per page, writes | peak RSS, KiB | sealed / plain, seq | sealed / plain, random |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    printf '%s\n' "${codes_lines[@]}"
+}
+
 json_num() { # a JSON number, or null
     if [ -n "$1" ] && [ "$1" != "?" ]; then printf '%s' "$1"; else printf 'null'; fi
 }
@@ -1331,6 +1538,10 @@ write_reports() {
         if [ "${#notes[@]}" -gt 0 ]; then
             echo "Notes:"
             printf -- '- %s\n' "${notes[@]}"
+            echo
+        fi
+        if [ "${#codes_lines[@]}" -gt 0 ]; then
+            codes_table
             echo
         fi
         if [ "${#curve_lines[@]}" -gt 0 ]; then
@@ -1435,6 +1646,7 @@ write_reports() {
     } >"$json"
 
     printf '\n%s\n\n' "$table"
+    if [ "${#codes_lines[@]}" -gt 0 ]; then codes_table; echo; fi
     if [ "${#notes[@]}" -gt 0 ]; then printf -- '- %s\n' "${notes[@]}"; echo; fi
 }
 
@@ -1465,6 +1677,7 @@ elif [ "$only" = real ]; then
     run_real
 fi
 if [ -z "$only" ] || [ "$only" = pool ]; then run_pool; fi
+if [ -z "$only" ] || [ "$only" = codes ]; then run_codes; fi
 if [ -z "$only" ] || [ "$only" = watch ]; then run_watch; fi
 if [ -z "$only" ]; then
     build_rows
@@ -1479,6 +1692,7 @@ if [ -z "$only" ] || [ "$only" = swap ]; then
     plot_curve
 fi
 if [ -z "$only" ] || [ "$only" = pool ]; then build_pool_rows; fi
+if [ -z "$only" ] || [ "$only" = codes ]; then build_codes_rows; fi
 if [ -z "$only" ] || [ "$only" = watch ]; then build_watch_rows; fi
 write_reports
 failed_total="$(awk -F'\t' '$4 != "ok"' "$raw" | wc -l)"

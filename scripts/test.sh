@@ -25,6 +25,9 @@ missing_packages() {
     [ -x /usr/bin/time ] || missing+=(time)
     command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
     command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+    # Redis is one of the real programs (redis-server; redis-cli and redis-benchmark drive it).
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
     # lego top is tested in a real terminal.
     command -v tmux >/dev/null 2>&1 || missing+=(tmux)
     # ip (network namespaces for the pool's network tests) lives in /usr/sbin, which is not

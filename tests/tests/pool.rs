@@ -483,19 +483,21 @@ fn server_values(addr: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     values
 }
 
-/// Runs `seal_marker` (48 MiB in a 16 MiB cache) on a fresh pool of two servers with two
-/// copies, `LEGO_KEY_FILE` set or not; returns the run, its stats, and every value the
-/// servers hold after it.
+/// Runs `seal_marker` (48 MiB in a 16 MiB cache) on a fresh pool of `servers` servers with
+/// `LEGO_REDUNDANCY=redundancy`, `LEGO_KEY_FILE` set or not; returns the run, its stats, and
+/// every value the servers hold after it.
 fn marker_run(
     label: &str,
+    servers: usize,
+    redundancy: &str,
     key: Option<&std::path::Path>,
 ) -> (lego_tests::Outcome, lego_tests::Stats, Vec<Vec<u8>>) {
-    let servers: Vec<Memcached> = (0..2).map(|_| Memcached::start(256)).collect();
+    let servers: Vec<Memcached> = (0..servers).map(|_| Memcached::start(256)).collect();
     let setup = ShimSetup::new(label, 16);
     let mut run = setup
         .apply(Run::new(program("seal_marker")).args(["48"]))
         .env("LEGO_BACKEND", pool_backend(&servers))
-        .env("LEGO_REPLICAS", "2")
+        .env("LEGO_REDUNDANCY", redundancy)
         .hang_after(300);
     if let Some(k) = key {
         run = run.env("LEGO_KEY_FILE", k);
@@ -517,11 +519,25 @@ fn marker_run(
 #[test]
 fn with_a_key_the_pool_holds_no_plaintext_page() {
     let _serial = heavy();
+    assert_no_plaintext_with_a_key("seal", 2, "replicas:2");
+}
+
+/// The same for an erasure-coded pool (`rs:4+2` on six servers): neither its data values nor
+/// its parity values hold a page in the clear.
+#[test]
+fn with_a_key_a_coded_pool_holds_no_plaintext_page() {
+    let _serial = heavy();
+    assert_no_plaintext_with_a_key("seal-rs", CODED_SERVERS, "rs:4+2");
+}
+
+/// The two runs of the tests above (without a key, the control; with one) on `servers`
+/// servers with `LEGO_REDUNDANCY=redundancy`, and what they must show.
+fn assert_no_plaintext_with_a_key(label: &str, servers: usize, redundancy: &str) {
     let native = Run::new(program("seal_marker")).args(["48"]).run();
     native.assert_success();
     let has_marker = |v: &Vec<u8>| v.windows(SEAL_MARKER.len()).any(|w| w == SEAL_MARKER);
 
-    let (plain, stats, values) = marker_run("seal-plain", None);
+    let (plain, stats, values) = marker_run(&format!("{label}-plain"), servers, redundancy, None);
     plain.assert_success();
     assert_eq!(plain.stdout, native.stdout, "{plain}");
     assert!(
@@ -542,7 +558,8 @@ fn with_a_key_the_pool_holds_no_plaintext_page() {
 
     let dir = lego_tests::TempDir::new("seal-key");
     let key = key_file(&dir);
-    let (sealed, stats, values) = marker_run("seal-keyed", Some(&key));
+    let (sealed, stats, values) =
+        marker_run(&format!("{label}-keyed"), servers, redundancy, Some(&key));
     sealed.assert_success();
     assert_eq!(sealed.stdout, native.stdout, "{sealed}");
     assert!(
@@ -586,19 +603,28 @@ const CODED_SERVERS: usize = 6;
 /// restarted empty and the test waits until the published statistics say every stripe is
 /// whole again (`pool_stripes_short=0`, after repairs). The workload is the kill tests' own
 /// (`pager_stress`, heap four times the cache: every page written back, fetched and rewritten
-/// many times), whose `hold` lets the test wait while pages keep moving.
-fn kill_coded(label: &str, victims: &[usize], heal: bool) -> (lego_tests::Outcome, ShimSetup) {
+/// many times), whose `hold` lets the test wait while pages keep moving. With `key`, every
+/// value is sealed (`LEGO_KEY_FILE`).
+fn kill_coded(
+    label: &str,
+    victims: &[usize],
+    heal: bool,
+    key: Option<&std::path::Path>,
+) -> (lego_tests::Outcome, ShimSetup) {
     let servers: Vec<Memcached> = (0..CODED_SERVERS).map(|_| Memcached::start(256)).collect();
     let setup = ShimSetup::new(label, 32);
     let runtime_dir = setup.dir.path().join("run");
     std::fs::create_dir_all(&runtime_dir).expect("the runtime directory");
-    let run = setup
+    let mut run = setup
         .apply(Run::new(program(WORKLOAD)).args(WORKLOAD_ARGS))
         .env("LEGO_BACKEND", pool_backend(&servers))
         .env("LEGO_REDUNDANCY", "rs:4+2")
         .env("LEGO_TIMEOUT_MS", "500")
         .env("XDG_RUNTIME_DIR", &runtime_dir)
         .hang_after(600);
+    if let Some(k) = key {
+        run = run.env("LEGO_KEY_FILE", k);
+    }
     let victims = victims.to_vec();
     let breaker = std::thread::spawn(move || {
         let mut servers = servers;
@@ -671,8 +697,37 @@ fn wait_until_stripes_whole(published: &std::path::Path) {
 #[test]
 fn two_of_six_servers_killed_cost_nothing_with_rs_4_2() {
     let _serial = heavy();
+    let stats = two_of_six_killed("pool-rs-kill-two", None);
+    assert_eq!(
+        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
+        Some("no"),
+        "{}",
+        stats.raw
+    );
+}
+
+/// The same with sealed values (`LEGO_KEY_FILE`): data and parity values sealed, two servers
+/// killed, identical output, every stripe repaired, and no value that failed to open.
+#[test]
+fn two_of_six_servers_killed_cost_nothing_with_rs_4_2_and_a_key() {
+    let _serial = heavy();
+    let dir = lego_tests::TempDir::new("rs-key");
+    let key = key_file(&dir);
+    let stats = two_of_six_killed("pool-rs-key-kill-two", Some(&key));
+    assert_eq!(
+        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
+        Some("yes"),
+        "{}",
+        stats.raw
+    );
+    assert_eq!(stats.number("pool_seal_failures"), Some(0), "{}", stats.raw);
+}
+
+/// The run of the two tests above (rs:4+2, servers 1 and 4 killed and restarted empty) and
+/// what both must show; returns its stats.
+fn two_of_six_killed(label: &str, key: Option<&std::path::Path>) -> lego_tests::Stats {
     let native = native_workload();
-    let (out, setup) = kill_coded("pool-rs-kill-two", &[1, 4], true);
+    let (out, setup) = kill_coded(label, &[1, 4], true, key);
     out.assert_success();
     assert_eq!(out.stdout, native.stdout, "{out}");
     assert!(!out.stdout.contains("WRONG DATA"), "{out}");
@@ -693,6 +748,7 @@ fn two_of_six_servers_killed_cost_nothing_with_rs_4_2() {
         "{}",
         stats.raw
     );
+    stats
 }
 
 /// rs:4+2 on six servers, three of them killed mid-run: more than the code survives. The
@@ -701,7 +757,7 @@ fn two_of_six_servers_killed_cost_nothing_with_rs_4_2() {
 #[test]
 fn three_of_six_servers_killed_with_rs_4_2_is_sigbus_never_wrong_data() {
     let _serial = heavy();
-    let (out, _setup) = kill_coded("pool-rs-kill-three", &[0, 2, 5], false);
+    let (out, _setup) = kill_coded("pool-rs-kill-three", &[0, 2, 5], false, None);
     assert!(!out.stdout.contains("WRONG DATA"), "{out}");
     assert_eq!(
         out.signal,

@@ -2,7 +2,8 @@
 //! `python3` (with `PYTHONMALLOC=malloc`, so every object is in the malloc heap) and
 //! `sqlite3 :memory:` (every database page is in the malloc heap). Output must equal the
 //! native run's, peak RSS must stay within the cache plus the stated overhead, and the
-//! stats must show the heap really grew to ~10x the cache.
+//! stats must show the heap really grew to ~10x the cache. Redis (its `malloc` is lego's, the
+//! jemalloc it links answers only size queries) is driven over loopback by its own clients.
 
 use lego_tests::{
     assert_rss_within_cache, assert_same_output, heavy, python3, real_file, which, Outcome, Run,
@@ -73,4 +74,207 @@ fn sqlite_in_memory_database_ten_times_the_cache() {
     let setup = ShimSetup::new("sqlite", 32);
     let shimmed = setup.apply(make()).run();
     check_real(&native, &shimmed, &setup);
+}
+
+/// Keys of the Redis dataset, and each value's size: about 55 MiB of peak RSS natively and
+/// about 80 MiB of lego heap (five times the cache; ten would double the test's time).
+const REDIS_KEYS: u64 = 150_000;
+const REDIS_VALUE_BYTES: usize = 200;
+/// Random reads by `redis-benchmark` after the load, over the whole key space.
+const REDIS_READS: u64 = 20_000;
+
+/// The value of key `i`: its number, then a pattern that depends on it, `REDIS_VALUE_BYTES`
+/// bytes; `round` > 0 gives the overwritten values of the second phase.
+fn redis_value(i: u64, round: u64) -> String {
+    let mut v = format!("{i:012}-{round}-");
+    let mut x = i.wrapping_mul(2_654_435_761).wrapping_add(round);
+    while v.len() < REDIS_VALUE_BYTES {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        v.push(char::from(b'a' + (x >> 59) as u8 % 26));
+    }
+    v
+}
+
+/// RESP commands for `redis-cli --pipe`.
+fn resp(commands: impl Iterator<Item = Vec<String>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for words in commands {
+        out.extend_from_slice(format!("*{}\r\n", words.len()).as_bytes());
+        for w in words {
+            out.extend_from_slice(format!("${}\r\n{w}\r\n", w.len()).as_bytes());
+        }
+    }
+    out
+}
+
+/// Runs a Redis client (never preloaded: this test process is not) against `port`; its
+/// standard output. Panics with the client's output if it fails.
+fn redis_client(program: &str, port: u16, args: &[&str], stdin: Option<Vec<u8>>) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(which(program))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    if let Some(data) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(&data)
+            .unwrap_or_else(|e| panic!("{program} stopped reading its input: {e}"));
+    }
+    let out = child.wait_with_output().expect("the client ran");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Loads the dataset into the Redis server on `port`, reads it at random, changes part of it
+/// (every 7th key overwritten, every 11th deleted) and reads it again; returns what must be
+/// the same with and without lego: the dataset's digest, its size and sampled values.
+fn drive_redis(port: u16) -> String {
+    let load = resp(
+        (0..REDIS_KEYS).map(|i| vec!["SET".into(), format!("key:{i:012}"), redis_value(i, 0)]),
+    );
+    let piped = redis_client("redis-cli", port, &["--pipe"], Some(load));
+    assert!(piped.contains("errors: 0"), "the load failed:\n{piped}");
+    let reads = REDIS_READS.to_string();
+    let keys = REDIS_KEYS.to_string();
+    let bench = [
+        "-q",
+        "-c",
+        "4",
+        "-n",
+        &reads,
+        "-r",
+        &keys,
+        "GET",
+        "key:__rand_int__",
+    ];
+    redis_client("redis-benchmark", port, &bench, None);
+    let change = resp(
+        (0..REDIS_KEYS)
+            .filter(|i| i % 7 == 0 || i % 11 == 0)
+            .map(|i| {
+                if i % 11 == 0 {
+                    vec!["DEL".into(), format!("key:{i:012}")]
+                } else {
+                    vec!["SET".into(), format!("key:{i:012}"), redis_value(i, 1)]
+                }
+            }),
+    );
+    let piped = redis_client("redis-cli", port, &["--pipe"], Some(change));
+    assert!(piped.contains("errors: 0"), "the changes failed:\n{piped}");
+    redis_client("redis-benchmark", port, &bench, None);
+    let mut seen = String::new();
+    for cmd in [&["DBSIZE"][..], &["DEBUG", "DIGEST"]] {
+        seen += &redis_client("redis-cli", port, cmd, None);
+    }
+    // Values checked one by one, spread over the key space (kept, overwritten, deleted).
+    for i in (0..REDIS_KEYS).step_by(9_973) {
+        let got = redis_client("redis-cli", port, &["GET", &format!("key:{i:012}")], None);
+        let want = match (i % 11, i % 7) {
+            (0, _) => String::new(),
+            (_, 0) => redis_value(i, 1),
+            _ => redis_value(i, 0),
+        };
+        assert_eq!(
+            got.trim_end_matches('\n'),
+            want,
+            "key:{i:012} reads back wrong"
+        );
+        seen += &got;
+    }
+    seen
+}
+
+/// A port no one listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Runs `redis-server` (as `make` builds it) on a loopback port, drives it from this process
+/// and shuts it down; the server's outcome and what the driver read.
+fn redis_run(make: impl Fn(u16) -> Run) -> (Outcome, String) {
+    let port = free_port();
+    let mut seen = String::new();
+    let out = make(port).run_with(|live| {
+        let ready = live.wait_for_line(
+            |l| l.contains("Ready to accept connections"),
+            std::time::Duration::from_secs(60),
+        );
+        assert!(
+            ready.is_some(),
+            "redis-server did not start:\n{}",
+            live.stdout_so_far()
+        );
+        seen = drive_redis(port);
+        redis_client("redis-cli", port, &["SHUTDOWN", "NOSAVE"], None);
+    });
+    (out, seen)
+}
+
+#[test]
+fn redis_serves_a_dataset_five_times_the_cache() {
+    let _serial = heavy();
+    let server = which("redis-server");
+    let make = |port: u16| {
+        Run::new(&server).args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "local",
+            "--logfile",
+            "",
+        ])
+    };
+    let (native, native_seen) = redis_run(|port| make(port).measure_rss());
+    native.assert_success();
+    let setup = ShimSetup::new("redis", 16);
+    let (shimmed, shimmed_seen) = redis_run(|port| setup.apply(make(port)));
+    shimmed.assert_success();
+    assert_eq!(
+        native_seen, shimmed_seen,
+        "Redis under lego holds another dataset than natively"
+    );
+    assert_rss_within_cache(&shimmed, setup.cache_mib, Some(&native));
+    let stats = setup.stats();
+    stats.assert_oversubscribed(setup.cache_mib);
+    assert!(
+        stats.heap_top_bytes >= 5 * setup.cache_mib * MIB,
+        "{}: heap_top_bytes {} is less than 5x the {} MiB cache:\n{}",
+        shimmed.what,
+        stats.heap_top_bytes,
+        setup.cache_mib,
+        stats.raw
+    );
+    eprintln!(
+        "redis: native peak RSS {:?} KiB; under lego heap top {} MiB, evicted {} fetched {} pages",
+        native.peak_rss_kib,
+        stats.heap_top_bytes / MIB,
+        stats.pages_evicted,
+        stats.pages_fetched
+    );
 }

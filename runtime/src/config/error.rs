@@ -107,18 +107,6 @@ pub enum ConfigError {
         /// The mode asked for.
         mode: &'static str,
     },
-    /// An erasure code with a key file: parity values are not sealed yet.
-    #[error(
-        "{}={redundancy} cannot be used with {}: parity values are not sealed yet, so a coded \
-         pool would send page contents in the clear; unset {} or use LEGO_REDUNDANCY=replicas:N",
-        vars::REDUNDANCY,
-        vars::KEY_FILE,
-        vars::KEY_FILE
-    )]
-    CodeSealed {
-        /// LEGO_REDUNDANCY as set.
-        redundancy: String,
-    },
     /// `LEGO_PUBLISH` is not on or off.
     #[error(
         "{}={value:?} is not a switch: expected on (the default) or off",

@@ -454,16 +454,10 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
     };
 
     let log = durable::validate(raw.log, cache_bytes)?;
-    let redundancy_text = raw.pool.redundancy.as_ref().map(|r| r.text.clone());
     let pool = pool::validate(raw.pool, &backend)?;
     if raw.key_file.is_some() && !matches!(backend, BackendSpec::Memcached { .. }) {
         return Err(ConfigError::NeedsPool {
             name: vars::KEY_FILE,
-        });
-    }
-    if let (Some(_), Some(_)) = (&raw.key_file, pool.code) {
-        return Err(ConfigError::CodeSealed {
-            redundancy: redundancy_text.expect("a code comes from LEGO_REDUNDANCY"),
         });
     }
 

@@ -864,6 +864,15 @@ fn redundancy_is_copies_or_a_code_checked_against_the_servers_and_the_mode() {
     ])
     .expect("the same thing twice");
     assert_eq!(same.pool.replicas, 2);
+    // A code with a key: parity values are sealed like pages.
+    let sealed = config(&[
+        ("LEGO_BACKEND", six),
+        ("LEGO_REDUNDANCY", "rs:4+2"),
+        ("LEGO_KEY_FILE", "/k"),
+    ])
+    .expect("a sealed coded pool");
+    assert_eq!(sealed.pool.code, Some(CodeShape { data: 4, parity: 2 }));
+    assert_eq!(sealed.key_file, Some(std::path::PathBuf::from("/k")));
 
     let cases: &[(&[(&str, &str)], &str)] = &[
         (
@@ -929,14 +938,6 @@ fn redundancy_is_copies_or_a_code_checked_against_the_servers_and_the_mode() {
                 ("LEGO_REPLICATION", "adaptive"),
             ],
             "LEGO_REDUNDANCY=rs:4+2 writes parity with its data, so LEGO_REPLICATION=adaptive",
-        ),
-        (
-            &[
-                ("LEGO_BACKEND", six),
-                ("LEGO_REDUNDANCY", "rs:4+2"),
-                ("LEGO_KEY_FILE", "/k"),
-            ],
-            "LEGO_REDUNDANCY=rs:4+2 cannot be used with LEGO_KEY_FILE: parity values are not sealed yet",
         ),
     ];
     for (pairs, expected) in cases {

@@ -367,7 +367,11 @@ fn classify(
     let n = victims.len();
     let mut copies = vec![StoreCopy::default(); n];
     // The staged bytes are the evictor's alone: they are read before the cache's lock is
-    // taken, so that faults do not wait for a batch's checksums.
+    // taken, so that faults do not wait for a batch's checksums. Every moved page is summed,
+    // also one the scan found unwritten and that still had its fetched bytes then: a write
+    // between the scan and the move leaves no trace but the bytes (the move makes a fresh
+    // entry, without the write-protect bit), and only the checksum tells it from its copy.
+    // (Skipping the sum for such pages lost writes in `cpp_containers_multi_threaded`.)
     let mut zero = vec![false; n];
     for i in 0..n {
         if present[i] {

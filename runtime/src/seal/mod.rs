@@ -14,7 +14,10 @@
 //!   restored under the same id gets a new one) followed by a 64-bit counter. A counter that
 //!   would wrap stops sealing ([`SealError::NoncesUsed`]) rather than reuse a nonce.
 //! - The associated data binds a value to its heap, its page (or shard) and its version:
-//!   a value of another page, of another heap or of an older version does not open.
+//!   a value of another page, of another heap or of an older version does not open. A parity
+//!   value of an erasure-coded stripe ([`SealedParityAs`]) is bound to its heap, stripe, slot,
+//!   code shape and the versions and checksums of the data values it was computed from; its
+//!   associated data is longer than any page's, so neither kind opens as the other.
 //! - A value that does not open is a lost copy, never an error of the program: the caller
 //!   treats it like any other bad copy (another copy, the log, else `SIGBUS`).
 //! - The plaintext's checksum never leaves the machine (it would let a server confirm a guess
@@ -80,13 +83,65 @@ pub struct SealedAs {
 }
 
 impl SealedAs {
-    fn encode(&self, heap_id: u64) -> [u8; 21] {
-        let mut a = [0u8; 21];
+    fn encode(&self, heap_id: u64) -> [u8; PAGE_AAD_BYTES] {
+        let mut a = [0u8; PAGE_AAD_BYTES];
         a[0..8].copy_from_slice(&heap_id.to_le_bytes());
         a[8..16].copy_from_slice(&self.page.to_le_bytes());
         a[16..20].copy_from_slice(&self.version.to_le_bytes());
         a[20] = self.part;
         a
+    }
+}
+
+/// Bytes of a page's associated data ([`SealedAs`]).
+const PAGE_AAD_BYTES: usize = 21;
+/// Marks a parity value's associated data (after the heap id).
+const PARITY_AAD_TAG: &[u8; 8] = b"parity\0\0";
+/// Bytes of a parity value's associated data before its cover.
+const PARITY_AAD_HEAD_BYTES: usize = 8 + PARITY_AAD_TAG.len() + 8 + 4;
+/// Bytes of one cover entry: a version and a CRC32C (u32 LE each).
+pub const PARITY_COVER_ENTRY_BYTES: usize = 8;
+/// Data values a parity value may cover, at most (the largest code, rs:16+M).
+pub const PARITY_COVER_ENTRIES_MAX: usize = 16;
+const PARITY_AAD_BYTES_MAX: usize =
+    PARITY_AAD_HEAD_BYTES + PARITY_COVER_ENTRY_BYTES * PARITY_COVER_ENTRIES_MAX;
+
+// GCM authenticates the associated data's length: a parity value's, always longer than a
+// page's, never opens as a page's value (nor the other way round).
+const _: () = assert!(PARITY_AAD_HEAD_BYTES > PAGE_AAD_BYTES);
+
+/// What a parity value of an erasure-coded stripe is bound to: the associated data of its
+/// seal. A parity value computed from other data values (an old one) does not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedParityAs<'a> {
+    /// The stripe's number.
+    pub stripe: u64,
+    /// Which of the stripe's M parity values it is.
+    pub slot: u8,
+    /// K and M of the code.
+    pub data: u8,
+    pub parity: u8,
+    /// The data values it was computed from: K entries of [`PARITY_COVER_ENTRY_BYTES`]
+    /// (version u32 LE, CRC32C u32 LE), in stripe order.
+    pub cover: &'a [u8],
+}
+
+impl SealedParityAs<'_> {
+    /// The associated data, in `buf`; its length.
+    fn encode(&self, heap_id: u64, buf: &mut [u8; PARITY_AAD_BYTES_MAX]) -> usize {
+        assert_eq!(
+            self.cover.len(),
+            PARITY_COVER_ENTRY_BYTES * usize::from(self.data),
+            "one cover entry per data value"
+        );
+        assert!(usize::from(self.data) <= PARITY_COVER_ENTRIES_MAX);
+        buf[0..8].copy_from_slice(&heap_id.to_le_bytes());
+        buf[8..16].copy_from_slice(PARITY_AAD_TAG);
+        buf[16..24].copy_from_slice(&self.stripe.to_le_bytes());
+        buf[24..28].copy_from_slice(&[self.data, self.parity, self.slot, 0]);
+        let end = PARITY_AAD_HEAD_BYTES + self.cover.len();
+        buf[PARITY_AAD_HEAD_BYTES..end].copy_from_slice(self.cover);
+        end
     }
 }
 
@@ -151,6 +206,40 @@ impl Sealer {
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
+        self.seal_with(&what.encode(self.heap_id), data, out)
+    }
+
+    /// Opens `value` (sealed by [`Sealer::seal_into`] for `what`) into `dst`, which must be
+    /// as long as the sealed data. On any failure `dst` holds no plaintext (it is zeroed).
+    pub fn open_into(&self, what: SealedAs, value: &[u8], dst: &mut [u8]) -> Result<(), SealError> {
+        self.open_with(&what.encode(self.heap_id), value, dst)
+    }
+
+    /// [`Sealer::seal_into`] for a parity value.
+    pub fn seal_parity_into(
+        &self,
+        what: &SealedParityAs<'_>,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), SealError> {
+        let mut aad = [0u8; PARITY_AAD_BYTES_MAX];
+        let len = what.encode(self.heap_id, &mut aad);
+        self.seal_with(&aad[..len], data, out)
+    }
+
+    /// [`Sealer::open_into`] for a parity value.
+    pub fn open_parity_into(
+        &self,
+        what: &SealedParityAs<'_>,
+        value: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(), SealError> {
+        let mut aad = [0u8; PARITY_AAD_BYTES_MAX];
+        let len = what.encode(self.heap_id, &mut aad);
+        self.open_with(&aad[..len], value, dst)
+    }
+
+    fn seal_with(&self, aad: &[u8], data: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         if n == u64::MAX {
             self.counter.store(u64::MAX, Ordering::Relaxed);
@@ -166,7 +255,7 @@ impl Sealer {
             .key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(what.encode(self.heap_id)),
+                Aad::from(aad),
                 &mut out[start..],
             )
             .expect("AES-GCM seals any length below 64 GiB");
@@ -174,9 +263,7 @@ impl Sealer {
         Ok(())
     }
 
-    /// Opens `value` (sealed by [`Sealer::seal_into`] for `what`) into `dst`, which must be
-    /// as long as the sealed data. On any failure `dst` holds no plaintext (it is zeroed).
-    pub fn open_into(&self, what: SealedAs, value: &[u8], dst: &mut [u8]) -> Result<(), SealError> {
+    fn open_with(&self, aad: &[u8], value: &[u8], dst: &mut [u8]) -> Result<(), SealError> {
         let want = dst.len() + SEALED_OVERHEAD_BYTES;
         if value.len() != want {
             return Err(SealError::Length {
@@ -192,7 +279,7 @@ impl Sealer {
         let tag: [u8; TAG_BYTES] = tag.try_into().expect("the rest is TAG_BYTES");
         let opened = self.key.open_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(what.encode(self.heap_id)),
+            Aad::from(aad),
             Tag::from(tag),
             dst,
             0..,

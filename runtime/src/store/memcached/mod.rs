@@ -22,7 +22,8 @@
 //!   heaps without a lease: dead processes'.
 //! - Parity values of an erasure-coded pool ([`crate::store::parity`], keys
 //!   `lego:HEAPID:sSTRIPE:P`) go in the same pipeline as pages ([`MemcachedServer::exchange`],
-//!   [`MemcachedServer::store_with_parity`]); a sealed server stores none (refused).
+//!   [`MemcachedServer::store_with_parity`]); a sealed server seals them too
+//!   ([`parity::encode_sealed`]), bound to the stripe, the slot and the data values covered.
 //! - Nothing listens: lego only connects.
 
 pub mod claim;
@@ -329,19 +330,10 @@ impl MemcachedServer {
         keys::ParityKeyName::new(self.heap_id, key.stripe, key.slot)
     }
 
-    fn refuse_sealed_parity(&self, op: StoreOp, stripe: u64) -> StoreError {
-        StoreError::Io {
-            backend: self.name.clone(),
-            op,
-            page: stripe,
-            kind: FailureKind::Refused,
-            source: "a sealed pool stores no parity values (they are not sealed yet)".into(),
-        }
-    }
-
     /// Reads `pages` and `parity` in one pipeline (per [`PIPELINE_REQUESTS_MAX`] requests):
     /// pages checked as by [`PageStore::fetch`]; a parity value is `Done` only whole, with its
-    /// crc right and exactly the cover asked for (another cover is an old copy: `Lost`).
+    /// crc right (sealed: it opens) and exactly the cover asked for (another cover is an old
+    /// copy: `Lost`; a sealed value that does not open is `Lost` and a seal failure).
     pub fn exchange(
         &self,
         pages: &mut [PageRead<'_>],
@@ -353,17 +345,6 @@ impl MemcachedServer {
                 Ok(())
             } else {
                 self.fetch(pages)
-            };
-        }
-        if self.sealer.is_some() {
-            for r in parity.iter_mut() {
-                r.outcome = Outcome::Failed(FailureKind::Refused);
-            }
-            let e = self.refuse_sealed_parity(StoreOp::Fetch, parity[0].key.stripe);
-            return if pages.is_empty() {
-                Err(e)
-            } else {
-                self.fetch(pages).and(Err(e))
             };
         }
         if pages.len() + parity.len() > PIPELINE_REQUESTS_MAX {
@@ -397,16 +378,35 @@ impl MemcachedServer {
         let mut values: Vec<Option<Option<(u32, u32, u32)>>> = vec![None; n];
         let mut parity_found: Vec<Option<Result<(), parity::Unread>>> = vec![None; parity.len()];
         let traffic = &self.traffic;
+        let sealer = self.sealer.as_deref();
         let result = self.pipeline(&request, |reply| {
             if let Reply::Value { opaque, data } = reply {
                 let k = opaque as usize;
                 if k < n {
-                    values[k] = Some(decode(data, pages[positions[k]].buf));
+                    let r = &mut pages[positions[k]];
+                    values[k] = Some(match sealer {
+                        None => decode(data, r.buf),
+                        Some(sealer) => match open(sealer, r.page, r.version, data, r.buf) {
+                            Ok(read) => Some(read),
+                            Err(Unopened::OtherVersion) => None,
+                            Err(Unopened::Forged) => {
+                                traffic.seal_failures.fetch_add(1, Relaxed);
+                                None
+                            }
+                        },
+                    });
                 } else if let (Some(slot), Some(r)) =
                     (parity_found.get_mut(k - n), parity.get_mut(k - n))
                 {
                     traffic.parity_bytes.fetch_add(data.len() as u64, Relaxed);
-                    *slot = Some(parity::decode(data, r));
+                    let found = match sealer {
+                        None => parity::decode(data, r),
+                        Some(sealer) => parity::decode_sealed(sealer, data, r),
+                    };
+                    if found == Err(parity::Unread::Forged) {
+                        traffic.seal_failures.fetch_add(1, Relaxed);
+                    }
+                    *slot = Some(found);
                 }
             }
         });
@@ -436,6 +436,9 @@ impl MemcachedServer {
                 let why = match found {
                     None => "the parity value is missing",
                     Some(Err(parity::Unread::Old)) => "the parity value is an old one",
+                    Some(Err(parity::Unread::Forged)) => {
+                        "the parity value does not open (changed, swapped or under another key)"
+                    }
                     _ => "the parity value is damaged",
                 };
                 first_error.get_or_insert(StoreError::Io {
@@ -463,20 +466,12 @@ impl MemcachedServer {
                 self.store(pages)
             };
         }
-        if self.sealer.is_some() || pages.len() + parity.len() > PIPELINE_REQUESTS_MAX {
+        if pages.len() + parity.len() > PIPELINE_REQUESTS_MAX {
             let first = if pages.is_empty() {
                 Ok(())
             } else {
                 self.store(pages)
             };
-            if self.sealer.is_some() {
-                for w in parity.iter_mut() {
-                    w.outcome = Outcome::Failed(FailureKind::Refused);
-                }
-                return first.and(Err(
-                    self.refuse_sealed_parity(StoreOp::Store, parity[0].key.stripe)
-                ));
-            }
             let mut rest = Ok(());
             for chunk in parity.chunks_mut(PIPELINE_REQUESTS_MAX) {
                 if let Err(e) = self.store_with_parity(&mut [], chunk) {
@@ -490,25 +485,67 @@ impl MemcachedServer {
             .filter(|&i| pages[i].outcome == Outcome::Pending)
             .collect();
         let n = positions.len();
-        let mut request = Vec::with_capacity((n + parity.len()) * (VALUE_BYTES + 256));
+        let mut request = Vec::with_capacity((n + parity.len()) * (SEALED_VALUE_BYTES + 256));
+        // Whether every value was made (a sealer with no nonce left makes none).
+        let mut made = true;
         for (k, &i) in positions.iter().enumerate() {
             let w = &pages[i];
-            let value: [&[u8]; 3] = [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
-            protocol::set_parts(&mut request, self.key(w.page).as_str(), &value, k as u32);
+            let key = self.key(w.page);
+            match &self.sealer {
+                None => {
+                    let value: [&[u8]; 3] = [&w.crc.to_le_bytes(), &w.version.to_le_bytes(), w.buf];
+                    protocol::set_parts(&mut request, key.as_str(), &value, k as u32);
+                }
+                Some(sealer) => {
+                    made &= protocol::set_with(
+                        &mut request,
+                        key.as_str(),
+                        SEALED_VALUE_BYTES,
+                        k as u32,
+                        |out| seal(sealer, w.page, w.version, w.buf, out),
+                    );
+                }
+            }
         }
         let before = request.len();
         for (j, w) in parity.iter().enumerate() {
-            let len = parity::value_bytes(w.cover.len());
-            protocol::set_with(
-                &mut request,
-                self.parity_key(w.key).as_str(),
-                len,
-                (n + j) as u32,
-                |out| {
-                    parity::encode(w, out);
-                    true
-                },
-            );
+            let key = self.parity_key(w.key);
+            made &= match &self.sealer {
+                None => protocol::set_with(
+                    &mut request,
+                    key.as_str(),
+                    parity::value_bytes(w.cover.len()),
+                    (n + j) as u32,
+                    |out| {
+                        parity::encode(w, out);
+                        true
+                    },
+                ),
+                Some(sealer) => protocol::set_with(
+                    &mut request,
+                    key.as_str(),
+                    parity::sealed_value_bytes(w.cover.len()),
+                    (n + j) as u32,
+                    |out| parity::encode_sealed(sealer, w, out),
+                ),
+            };
+        }
+        if !made {
+            // No nonce is left (2^64 seals): nothing is sent.
+            self.traffic.seal_failures.fetch_add(1, Relaxed);
+            for &i in &positions {
+                pages[i].outcome = Outcome::Failed(FailureKind::Refused);
+            }
+            for w in parity.iter_mut() {
+                w.outcome = Outcome::Failed(FailureKind::Refused);
+            }
+            return Err(first_error.unwrap_or(StoreError::Io {
+                backend: self.name.clone(),
+                op: StoreOp::Store,
+                page: parity[0].key.stripe,
+                kind: FailureKind::Refused,
+                source: Box::new(crate::seal::SealError::NoncesUsed),
+            }));
         }
         self.traffic
             .parity_bytes

@@ -322,14 +322,15 @@ fn bad_sealed_values_are_refused_and_served_from_another_copy() {
     bad_values_are_served_from_another_copy(Some(&key));
 }
 
-/// Raw access to a heap's values on real servers, behind the pool's back.
-struct Raw {
+/// Raw access to a heap's values on real servers, behind the pool's back (also the coded
+/// pool's tests').
+pub(super) struct Raw {
     conns: Vec<crate::store::memcached::connection::Connection>,
     heap_id: u64,
 }
 
 impl Raw {
-    fn new(addrs: &[String], heap_id: u64) -> Raw {
+    pub(super) fn new(addrs: &[String], heap_id: u64) -> Raw {
         use crate::store::memcached::connection::Connection;
         Raw {
             conns: addrs
@@ -344,10 +345,21 @@ impl Raw {
         format!("lego:{:016x}:{page:x}", self.heap_id)
     }
 
+    /// The key of parity `slot` of `stripe`.
+    pub(super) fn parity_key(&self, stripe: u64, slot: u8) -> String {
+        crate::store::memcached::keys::parity_key(self.heap_id, stripe, slot)
+    }
+
     fn get(&self, server: usize, page: u64) -> Vec<u8> {
+        self.get_key(server, &self.key(page))
+            .expect("the value is there")
+    }
+
+    /// The value of `key` on `server`, if it has one.
+    pub(super) fn get_key(&self, server: usize, key: &str) -> Option<Vec<u8>> {
         use crate::store::memcached::protocol::{self, Reply};
         let mut request = Vec::new();
-        protocol::get(&mut request, &self.key(page), 0);
+        protocol::get(&mut request, key, 0);
         protocol::noop(&mut request);
         let mut value = None;
         self.conns[server]
@@ -357,17 +369,30 @@ impl Raw {
                 }
             })
             .expect("a raw get");
-        value.expect("the value is there")
+        value
+    }
+
+    /// The value of `page` on `server`, if it has one.
+    pub(super) fn get_page(&self, server: usize, page: u64) -> Option<Vec<u8>> {
+        self.get_key(server, &self.key(page))
     }
 
     fn set(&self, server: usize, page: u64, value: &[u8]) {
+        self.set_key(server, &self.key(page), value);
+    }
+
+    pub(super) fn set_key(&self, server: usize, key: &str, value: &[u8]) {
         use crate::store::memcached::protocol;
         let mut request = Vec::new();
-        protocol::set(&mut request, &self.key(page), value, 0);
+        protocol::set(&mut request, key, value, 0);
         protocol::noop(&mut request);
         self.conns[server]
             .pipeline(&request, |_| {})
             .expect("a raw set");
+    }
+
+    pub(super) fn set_page(&self, server: usize, page: u64, value: &[u8]) {
+        self.set(server, page, value);
     }
 }
 
