@@ -1330,7 +1330,7 @@ build_rows() {
         log_append lego dd mb_per_s mbps ge 0.8 ""
     epochs="$(median log_cost logged epochs_committed)"
     compare "logging at the default interval (1 s, fdatasync), $update_mwrites M random writes over $update_heap_mib MiB in the cache (${epochs:-?} epochs committed), lego with log / without" \
-        log_cost logged unlogged seconds s le 1.10 ""
+        log_cost logged unlogged seconds s le 1.05 ""
     replay_mib="$(median log_replay lego bytes)"
     [ -z "$replay_mib" ] || replay_mib="$(awk -v x="$replay_mib" 'BEGIN { printf "%.0f", x / 1048576 }')"
     compare "replay of the log-append log (${replay_mib:-?} MiB), lego replay / dd iflag=direct of its segments, page cache dropped, MB/s" \

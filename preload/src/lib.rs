@@ -15,6 +15,7 @@
 //! This is one of the few leaf modules with FFI: the exported symbols and their C contracts.
 
 mod exports;
+mod mmap;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
@@ -474,6 +475,7 @@ extern "C" fn lego_init() {
             }
         };
         publish_user_heap(heap, region);
+        reapply_protections(heap);
     }
     start_watching(config);
     // SAFETY: the handlers are plain `extern "C"` functions that live as long as the library.
@@ -481,6 +483,25 @@ extern "C" fn lego_init() {
         libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
         libc::atexit(lego_exit);
     }
+}
+
+/// A restored heap's served mappings get their protections back (the image holds their
+/// bytes; the kernel's protections were the old process's) and their marks in the table.
+fn reapply_protections(heap: &'static Heap) {
+    let Some(rt) = RUNTIME.get() else {
+        return;
+    };
+    heap.for_each_mapping(|addr, len, prot| {
+        rt.mark_mapped(addr, len, true);
+        // A piece of unknown protection (a split that found no descriptor) stays read-write.
+        if prot != lego_runtime::heap::PROT_RW && prot <= 7 {
+            if let Err(e) = rt.protect(addr, len, i32::from(prot)) {
+                stderr_line(&format!(
+                    "lego: warning: the restored mapping at {addr:#x}+{len:#x} keeps read-write: mprotect failed (errno {e})"
+                ));
+            }
+        }
+    });
 }
 
 /// Publishes the statistics while the program runs and serves the metrics, as configured.

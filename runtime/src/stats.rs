@@ -157,6 +157,12 @@ counters! {
     /// Eviction candidates kept resident until the log held their content (a store with one
     /// copy and a log).
     EvictionsHeldForLog => evictions_held_for_log,
+    /// Anonymous mappings the shim served from the heap (`LEGO_MMAP=1`).
+    MappingsServed => mappings_served,
+    /// Bytes of those mappings, as asked by `mmap` and grown by `mremap`.
+    MappedBytes => mapped_bytes,
+    /// Evicted pages that belonged to a served mapping (counted in `pages_evicted` too).
+    MappedPagesEvicted => mapped_pages_evicted,
 }
 
 /// Number of counters.
@@ -623,8 +629,9 @@ mod tests {
         assert_eq!(snap.faults_zero_fill, 101);
         assert_eq!(snap.fork_page_ins, 22 + 100);
         assert_eq!(snap.log_compactions, 28 + 100);
-        assert_eq!(snap.evictions_held_for_log, COUNTERS as u64 + 100);
-        assert_eq!(COUNTERS, 30);
+        assert_eq!(snap.evictions_held_for_log, 30 + 100);
+        assert_eq!(snap.mapped_pages_evicted, COUNTERS as u64 + 100);
+        assert_eq!(COUNTERS, 33);
     }
 
     #[test]

@@ -76,12 +76,12 @@ fn sqlite_in_memory_database_ten_times_the_cache() {
     check_real(&native, &shimmed, &setup);
 }
 
-/// Keys of the Redis dataset, and each value's size: about 55 MiB of peak RSS natively and
-/// about 80 MiB of lego heap (five times the cache; ten would double the test's time).
-const REDIS_KEYS: u64 = 150_000;
+/// Keys of the Redis dataset, and each value's size: about 45 MiB of peak RSS natively and
+/// about 75 MiB of lego heap (over four times the cache; ten would triple the test's time).
+const REDIS_KEYS: u64 = 100_000;
 const REDIS_VALUE_BYTES: usize = 200;
 /// Random reads by `redis-benchmark` after the load, over the whole key space.
-const REDIS_READS: u64 = 20_000;
+const REDIS_READS: u64 = 10_000;
 
 /// The value of key `i`: its number, then a pattern that depends on it, `REDIS_VALUE_BYTES`
 /// bytes; `round` > 0 gives the overwritten values of the second phase.
@@ -231,7 +231,7 @@ fn redis_run(make: impl Fn(u16) -> Run) -> (Outcome, String) {
 }
 
 #[test]
-fn redis_serves_a_dataset_five_times_the_cache() {
+fn redis_serves_a_dataset_four_times_the_cache() {
     let _serial = heavy();
     let server = which("redis-server");
     let make = |port: u16| {
@@ -263,8 +263,8 @@ fn redis_serves_a_dataset_five_times_the_cache() {
     let stats = setup.stats();
     stats.assert_oversubscribed(setup.cache_mib);
     assert!(
-        stats.heap_top_bytes >= 5 * setup.cache_mib * MIB,
-        "{}: heap_top_bytes {} is less than 5x the {} MiB cache:\n{}",
+        stats.heap_top_bytes >= 4 * setup.cache_mib * MIB,
+        "{}: heap_top_bytes {} is less than 4x the {} MiB cache:\n{}",
         shimmed.what,
         stats.heap_top_bytes,
         setup.cache_mib,

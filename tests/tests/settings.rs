@@ -110,6 +110,10 @@ fn every_setting_rejects_garbage() {
         ("LEGO_LOG_LEVEL", "loud"),
         ("LEGO_HANDLER_THREADS", "many"),
         ("LEGO_FAULT_INJECT", "bogus"),
+        ("LEGO_MMAP", "2"),
+        ("LEGO_MMAP", "maybe"),
+        ("LEGO_MMAP_MIN", "100"),
+        ("LEGO_MMAP_MIN", "huge"),
     ];
     for &(var, value) in cases {
         let out = hello_with(&[(var, value)]);

@@ -72,7 +72,7 @@ impl<T: Zeroed> Drop for ZeroArray<T> {
     fn drop(&mut self) {
         // SAFETY: the mapping was created for this array alone and no reference into it
         // outlives `self`. A failure only leaks address space.
-        unsafe { libc::munmap(self.region.base as *mut libc::c_void, self.region.len) };
+        let _ = unsafe { crate::region::sys_munmap(self.region.base, self.region.len) };
     }
 }
 

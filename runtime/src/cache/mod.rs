@@ -111,6 +111,12 @@ pub const LOGHOLD: u16 = 1 << 8;
 /// Flag: a `Resident` page that an epoch cut moved into its snapshot slot and has not put back
 /// yet: it is not in the region, and a fault on it copies it back from the slot.
 pub const SNAP: u16 = 1 << 9;
+/// Flag: the page belongs to a mapping the shim serves (`LEGO_MMAP`), for the statistics.
+pub const MAPPED: u16 = 1 << 10;
+/// Flag: the page's protection is not read-write (a served mapping's `mprotect`): the evictor
+/// never picks it (`UFFDIO_MOVE` moves only between writable areas), and no fault run crosses
+/// it (a run is copied into one VMA, and a protection change splits the VMA there).
+pub const PINNED: u16 = 1 << 11;
 
 impl PageState {
     fn from_bits(bits: u16) -> PageState {
@@ -255,14 +261,16 @@ impl Table {
     }
 
     /// Length of the run starting at `page` (at most `max` pages) whose pages are all in a
-    /// state accepted by `accept`.
+    /// state accepted by `accept` and not [`PINNED`] (a run is installed into one VMA).
     pub fn run_len(&self, page: usize, max: usize, accept: impl Fn(PageState) -> bool) -> usize {
         let end = (page + max).min(self.entries.len());
-        (page..end).take_while(|&p| accept(self.state(p))).count()
+        (page..end)
+            .take_while(|&p| accept(self.state(p)) && !self.has_flag(p, PINNED))
+            .count()
     }
 
     /// Length of the run ending just before `page` (at most `max` pages, going down) whose
-    /// pages are all in a state accepted by `accept`.
+    /// pages are all in a state accepted by `accept` and not [`PINNED`].
     pub fn run_len_before(
         &self,
         page: usize,
@@ -271,7 +279,7 @@ impl Table {
     ) -> usize {
         (page.saturating_sub(max)..page)
             .rev()
-            .take_while(|&p| accept(self.state(p)))
+            .take_while(|&p| accept(self.state(p)) && !self.has_flag(p, PINNED))
             .count()
     }
 
@@ -299,7 +307,7 @@ impl Table {
             let p = self.hand;
             self.hand += 1;
             visited += 1;
-            if self.state(p) != PageState::Resident || self.has_flag(p, LOGHOLD | SNAP) {
+            if self.state(p) != PageState::Resident || self.has_flag(p, LOGHOLD | SNAP | PINNED) {
                 continue;
             }
             if log_clean_only && self.is_log_dirty(p) {
@@ -462,6 +470,22 @@ mod tests {
             4,
             "evicting pages still count until written back"
         );
+    }
+
+    #[test]
+    fn pinned_pages_are_never_victims_and_end_runs() {
+        let cache = Cache::new(8, 8, false).expect("reserve");
+        let mut t = cache.lock();
+        for p in 0..4 {
+            t.set_state(p, PageState::Resident);
+        }
+        t.set_flag(1, PINNED, true);
+        let mut v = Vec::new();
+        t.pick_victims(8, &mut v);
+        assert_eq!(v, vec![0, 2, 3]);
+        t.set_flag(6, PINNED, true);
+        assert_eq!(t.run_len(4, 4, |s| s == PageState::Absent), 2);
+        assert_eq!(t.run_len_before(8, 4, |s| s == PageState::Absent), 1);
     }
 
     #[test]

@@ -116,6 +116,26 @@ pub enum ConfigError {
         /// The value as set.
         value: String,
     },
+    /// `LEGO_MMAP` is not on or off.
+    #[error(
+        "{}={value:?} is not a switch: expected 1 (serve large anonymous mappings from the \
+         managed heap) or 0 (the default: leave them to the kernel)",
+        vars::MMAP
+    )]
+    Mmap {
+        /// The value as set.
+        value: String,
+    },
+    /// `LEGO_MMAP_MIN` is out of range.
+    #[error(
+        "{}={value:?} is out of range: expected a size from 4096 (4K) to 1T; mappings of at \
+         least this many bytes are served (default 256K)",
+        vars::MMAP_MIN
+    )]
+    MmapMin {
+        /// The value as set.
+        value: String,
+    },
     /// `LEGO_METRICS` is not an address.
     #[error(
         "{}={value:?} is not where metrics can be served: expected IP:PORT (such as \

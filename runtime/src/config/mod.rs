@@ -31,6 +31,7 @@ mod backend;
 mod durable;
 mod error;
 mod faults;
+mod mmap;
 mod parse;
 mod pool;
 mod settings;
@@ -42,6 +43,7 @@ pub use error::ConfigError;
 pub use faults::{
     FaultEffect, FaultOp, FaultPlan, FAULT_DELAY_MS_MAX, PANIC_FAULT_POINTS, SPAWN_FAULT_THREADS,
 };
+pub use mmap::{MMAP_MIN_BYTES_DEFAULT, MMAP_MIN_BYTES_MAX, MMAP_MIN_BYTES_MIN};
 pub use parse::{parse_size, total_ram_bytes, SizeError};
 pub use pool::{CodeShape, PoolSettings, Replication, REPLICAS_MAX};
 pub use settings::{documented_settings, vars, Setting};
@@ -181,6 +183,11 @@ pub struct Config {
     pub publish: bool,
     /// Where the metrics are served (`LEGO_METRICS`), `None` when unset.
     pub metrics: Option<MetricsAddr>,
+    /// Whether the shim serves large private anonymous mappings from the heap (`LEGO_MMAP`).
+    pub mmap: bool,
+    /// Smallest mapping it serves, in bytes (`LEGO_MMAP_MIN`): a page multiple within
+    /// [`MMAP_MIN_BYTES_MIN`]..=[`MMAP_MIN_BYTES_MAX`].
+    pub mmap_min_bytes: u64,
 }
 
 /// Where the statistics go when the program exits.
@@ -241,6 +248,8 @@ struct RawSettings {
     pool: RawPool,
     key_file: Option<String>,
     publish: Option<bool>,
+    mmap: Option<bool>,
+    mmap_min_bytes: Option<Raw<u64>>,
     metrics: Option<MetricsAddr>,
 }
 
@@ -400,6 +409,19 @@ fn parse_raw(get: impl Fn(&str) -> Option<String>, host: Host) -> Result<RawSett
         metrics: lookup(&get, vars::METRICS)
             .map(|v| watch::parse_metrics(&v))
             .transpose()?,
+        mmap: lookup(&get, vars::MMAP)
+            .map(|v| mmap::parse_mmap(&v))
+            .transpose()?,
+        mmap_min_bytes: match lookup(&get, vars::MMAP_MIN) {
+            None => None,
+            Some(text) => {
+                let value =
+                    parse_size(&text, host.total_ram_bytes).map_err(|_| ConfigError::MmapMin {
+                        value: text.clone(),
+                    })?;
+                Some(Raw { text, value })
+            }
+        },
     })
 }
 
@@ -465,6 +487,11 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         key_file: raw.key_file.map(PathBuf::from),
         publish: raw.publish.unwrap_or(true),
         metrics: raw.metrics,
+        mmap: raw.mmap.unwrap_or(false),
+        mmap_min_bytes: match raw.mmap_min_bytes {
+            Some(r) => mmap::check_mmap_min(&r.text, r.value)?,
+            None => MMAP_MIN_BYTES_DEFAULT,
+        },
     })
 }
 

@@ -46,6 +46,10 @@ pub mod vars {
     pub const PUBLISH: &str = "LEGO_PUBLISH";
     /// Where the metrics endpoint listens.
     pub const METRICS: &str = "LEGO_METRICS";
+    /// Whether large private anonymous mappings are served from the managed heap.
+    pub const MMAP: &str = "LEGO_MMAP";
+    /// Smallest mapping served with `LEGO_MMAP=1`.
+    pub const MMAP_MIN: &str = "LEGO_MMAP_MIN";
     /// Not lego's own: the default backend directory comes from it.
     pub const TMPDIR: &str = "TMPDIR";
 }
@@ -231,6 +235,21 @@ pub(super) const SETTINGS: &[Setting] = &[
         example: "127.0.0.1:9464",
         meaning: "Serve the statistics over HTTP (GET /metrics) in Prometheus' text format, on \
                   IP:PORT, localhost:PORT or unix:PATH.",
+    },
+    Setting {
+        name: vars::MMAP,
+        default: "0",
+        example: "1",
+        meaning: "1: the program's private anonymous mappings of at least LEGO_MMAP_MIN bytes \
+                  (mmap, munmap, mremap, madvise, mprotect) are served from the managed heap and \
+                  paged like it; 0: they are ordinary memory.",
+    },
+    Setting {
+        name: vars::MMAP_MIN,
+        default: "256K",
+        example: "1M",
+        meaning: "Smallest anonymous mapping served with LEGO_MMAP=1, a size from 4K to 1T, \
+                  rounded up to pages; smaller mappings stay ordinary memory.",
     },
 ];
 

@@ -214,6 +214,8 @@ fn every_setting_parsed() {
             key_file: None,
             publish: true,
             metrics: None,
+            mmap: false,
+            mmap_min_bytes: MMAP_MIN_BYTES_DEFAULT,
         }
     );
     assert_eq!(c.cache_pages(), 48 * MIB / PAGE_BYTES);
@@ -941,5 +943,26 @@ fn redundancy_is_copies_or_a_code_checked_against_the_servers_and_the_mode() {
     for (pairs, expected) in cases {
         let got = config(pairs).expect_err("invalid").to_string();
         assert!(got.starts_with(expected), "{pairs:?}: {got}");
+    }
+}
+
+#[test]
+fn mmap_switch_and_threshold() {
+    let c = config(&[]).expect("defaults");
+    assert!(!c.mmap, "off by default");
+    assert_eq!(c.mmap_min_bytes, MMAP_MIN_BYTES_DEFAULT);
+    let c = config(&[("LEGO_MMAP", "1"), ("LEGO_MMAP_MIN", "1M")]).expect("valid");
+    assert!(c.mmap);
+    assert_eq!(c.mmap_min_bytes, MIB);
+    let c = config(&[("LEGO_MMAP", "off"), ("LEGO_MMAP_MIN", "5000")]).expect("valid");
+    assert!(!c.mmap);
+    assert_eq!(c.mmap_min_bytes, 8192, "rounded up to pages");
+    let e = error(&[("LEGO_MMAP", "2")]);
+    assert!(e.contains("LEGO_MMAP=\"2\""), "{e}");
+    assert!(e.contains("expected 1"), "{e}");
+    for bad in ["0", "100", "2T", "lots"] {
+        let e = error(&[("LEGO_MMAP_MIN", bad)]);
+        assert!(e.contains("LEGO_MMAP_MIN"), "{bad}: {e}");
+        assert!(e.contains(bad), "{bad}: {e}");
     }
 }

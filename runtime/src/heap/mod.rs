@@ -28,6 +28,10 @@
 //! region but touched only where the heap has used it (4 GiB and 64 MiB of address space for a
 //! 4 TiB region, a few pages of it for a small program).
 //!
+//! Besides `malloc`'s slabs and large runs, the page heap hands out runs for the program's
+//! anonymous mappings when the preload serves them (`LEGO_MMAP=1`, see `mapped`): their own
+//! span kind, which `free` refuses.
+//!
 //! Threads: each thread claims one of [`ARENAS_MAX`] arena indices for itself (shared round
 //! robin once all are held by live threads), remembered in a `thread_local` that both heaps
 //! share; the claiming thread keeps a lock-free cache of small objects in its arena (see
@@ -39,6 +43,7 @@
 
 mod arena;
 mod lock;
+mod mapped;
 mod pages;
 mod size_class;
 mod span;
@@ -56,6 +61,8 @@ use self::lock::RawLock;
 use self::pages::PageState;
 use self::size_class::{class_of, CLASSES, SMALL_MAX_BYTES};
 use self::span::{Span, OWNER_LARGE, SPAN_BYTES};
+
+pub use self::mapped::{MapError, Unmapping, PROT_RW};
 use crate::PAGE_SIZE;
 
 /// Called with page-aligned ranges whose content is no longer needed; afterwards they must
@@ -65,7 +72,7 @@ pub type DiscardFn = fn(addr: *mut u8, len: usize);
 /// "LEGOHEAP", little-endian.
 pub const HEAP_MAGIC: u64 = u64::from_le_bytes(*b"LEGOHEAP");
 /// Version of the heap image format; bump on any change to the layout or the class table.
-pub const HEAP_VERSION: u32 = 4;
+pub const HEAP_VERSION: u32 = 5;
 /// Arenas for small objects; threads beyond this many share them round robin.
 pub const ARENAS_MAX: usize = 64;
 /// Largest region a heap can manage, in pages: page indices (the header, descriptors, the

@@ -55,6 +55,13 @@ pub(crate) struct PageState {
     pub(super) dirty_free_pages: u64,
 }
 
+impl PageState {
+    /// Spare descriptors on hand.
+    pub(super) fn spare_count(&self) -> u32 {
+        self.spare_count
+    }
+}
+
 /// Dirty free runs taken out of the buckets to be given back outside the lock (see
 /// [`Heap::release_run`]).
 pub(crate) struct Purge {
@@ -423,7 +430,7 @@ impl Heap {
     /// # Safety
     /// The page lock is held (it guards `kind`, `start` and `npages` of every descriptor
     /// that is not a slab, and a slab's never change while it is one).
-    unsafe fn free_run_at(&self, page: u32) -> Option<u32> {
+    pub(super) unsafe fn free_run_at(&self, page: u32) -> Option<u32> {
         let si = self.pagemap(page).load(Ordering::Relaxed);
         if si == 0 {
             return None;
@@ -488,7 +495,7 @@ impl Heap {
 
     /// # Safety
     /// The page lock is held, `st` is its state, `si` is a run in no list.
-    unsafe fn insert_free(&self, st: &mut PageState, si: u32) {
+    pub(super) unsafe fn insert_free(&self, st: &mut PageState, si: u32) {
         let s = self.span(si);
         (*s).kind = KIND_FREE;
         let b = bucket_of((*s).npages);
@@ -508,7 +515,7 @@ impl Heap {
 
     /// # Safety
     /// The page lock is held, `st` is its state, `si` is a free run in its bucket.
-    unsafe fn remove_free(&self, st: &mut PageState, si: u32) {
+    pub(super) unsafe fn remove_free(&self, st: &mut PageState, si: u32) {
         let s = self.span(si);
         debug_assert_eq!((*s).kind, KIND_FREE);
         let b = bucket_of((*s).npages);
@@ -537,7 +544,7 @@ impl Heap {
     ///
     /// # Safety
     /// The page lock is held and `st` is its state.
-    unsafe fn ensure_spares(&self, st: &mut PageState, count: u32) -> bool {
+    pub(super) unsafe fn ensure_spares(&self, st: &mut PageState, count: u32) -> bool {
         while st.spare_count < count {
             let top = self.top_page.load(Ordering::Relaxed);
             let slot = st.span_pages;
@@ -563,7 +570,13 @@ impl Heap {
     ///
     /// # Safety
     /// The page lock is held, `st` is its state, and a spare exists.
-    unsafe fn take_spare(&self, st: &mut PageState, start: u32, npages: u32, fresh: u8) -> u32 {
+    pub(super) unsafe fn take_spare(
+        &self,
+        st: &mut PageState,
+        start: u32,
+        npages: u32,
+        fresh: u8,
+    ) -> u32 {
         let si = st.spare;
         assert!(
             si != 0,
@@ -580,6 +593,7 @@ impl Heap {
         (*s).kind = KIND_UNUSED;
         (*s).class = 0;
         (*s).fresh = fresh;
+        (*s).prot = 0;
         (*s).used = 0;
         (*s).capacity = 0;
         (*s).bump = 0;
@@ -590,7 +604,7 @@ impl Heap {
 
     /// # Safety
     /// The page lock is held, `st` is its state, `si` is a descriptor in no list.
-    unsafe fn put_spare(&self, st: &mut PageState, si: u32) {
+    pub(super) unsafe fn put_spare(&self, st: &mut PageState, si: u32) {
         let s = self.span(si);
         (*s).owner.store(OWNER_NONE, Ordering::Relaxed);
         (*s).kind = KIND_UNUSED;

@@ -7,7 +7,7 @@
 //! Which lock guards which field:
 //! - `owner` is atomic: it is read without any lock to route a `free` to the right lock, then
 //!   re-checked under that lock.
-//! - `start`, `npages`, `kind`, `fresh` belong to the page heap (its lock), except that a span
+//! - `start`, `npages`, `kind`, `fresh`, `prot` belong to the page heap (its lock), except that a span
 //!   owned by an arena keeps them stable while owned.
 //! - `next`/`prev` link the span in a page-heap free bucket (page lock) or, while it is a slab,
 //!   in its arena's partial list (arena lock).
@@ -33,6 +33,17 @@ pub(crate) const KIND_SMALL: u8 = 2;
 pub(crate) const KIND_LARGE: u8 = 3;
 /// A free run whose dirty pages are being discarded outside the lock; in no bucket yet.
 pub(crate) const KIND_LIMBO: u8 = 4;
+/// A served anonymous mapping (`mmap` through the shim with `LEGO_MMAP=1`), or a piece of
+/// one: every page's page-map entry names it, and `prot` holds its protection.
+pub(crate) const KIND_MAPPED: u8 = 5;
+
+/// `owner` of a served mapping (guarded by the page lock): neither `free` nor `realloc`
+/// accepts it.
+pub(crate) const OWNER_MAPPED: u32 = u32::MAX - 1;
+
+/// `prot` of a mapping piece whose protection is not known exactly (a split failed for want
+/// of a descriptor): treated as not read-write.
+pub(crate) const PROT_MIXED: u8 = 0xff;
 
 /// End of an in-slab free list (object indices are < `SPAN_OBJECTS_MAX`).
 pub(crate) const OBJECT_NIL: u16 = u16::MAX;
@@ -50,7 +61,8 @@ pub(crate) struct Span {
     /// Free run: every page reads as zero. Slab: objects never handed out (index >= `bump`)
     /// read as zero.
     pub fresh: u8,
-    pub _reserved: u8,
+    /// A mapping's `PROT_*` bits ([`PROT_MIXED`] when unknown); 0 for every other kind.
+    pub prot: u8,
     /// Live objects of a slab.
     pub used: u16,
     /// Objects a slab holds.

@@ -1039,3 +1039,170 @@ fn retained_large_blocks_follow_the_live_ones() {
     );
     assert_eq!(heap.bytes_in_use(), 0);
 }
+
+// ----- served mappings (KIND_MAPPED) -----
+
+fn rw() -> u8 {
+    PROT_RW
+}
+
+#[test]
+fn mappings_are_zeroed_page_runs_that_free_refuses() {
+    let r = TestRegion::new(REGION_BYTES);
+    let h = r.create();
+    let m = h
+        .map_pages(10 * PAGE_SIZE + 1, rw(), discard)
+        .expect("room");
+    assert_eq!(m.addr() % PAGE_SIZE, 0);
+    // SAFETY: the mapping is 11 pages of this test's region.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(m, 11 * PAGE_SIZE) };
+    assert!(bytes.iter().all(|&b| b == 0));
+    bytes.fill(0xab);
+    assert!(h.is_mapped(m.addr(), 11 * PAGE_SIZE));
+    assert!(
+        h.is_mapped(m.addr() + 5 * PAGE_SIZE, PAGE_SIZE),
+        "any page is found"
+    );
+    assert!(!h.is_mapped(m.addr(), 12 * PAGE_SIZE));
+    // free, realloc and malloc_usable_size refuse a mapping, even at its start.
+    let before = h.invalid_frees();
+    h.free(m, discard);
+    assert_eq!(h.invalid_frees(), before + 1);
+    assert!(h.realloc(m, 100, discard).is_null());
+    assert_eq!(h.usable_size(m), 0);
+    assert!(
+        h.is_mapped(m.addr(), 11 * PAGE_SIZE),
+        "the refused free changed nothing"
+    );
+    // And the mapping calls refuse a malloc block.
+    let block = h.malloc(1 << 20);
+    assert!(!h.is_mapped(block.addr(), PAGE_SIZE));
+    assert!(h.unmap_begin(block.addr(), PAGE_SIZE).is_err());
+    assert!(h.protect_pages(block.addr(), PAGE_SIZE, 0).is_err());
+    h.free(block, discard);
+    assert!(h.locks_free());
+}
+
+#[test]
+fn partial_unmaps_split_and_pages_come_back_fresh() {
+    let r = TestRegion::new(REGION_BYTES);
+    let h = r.create();
+    let pages = 64;
+    let m = h.map_pages(pages * PAGE_SIZE, rw(), discard).expect("room");
+    let at = |p: usize| m.addr() + p * PAGE_SIZE;
+    // SAFETY: the mapping's pages belong to this test.
+    unsafe { std::ptr::write_bytes(m, 0x5a, pages * PAGE_SIZE) };
+    // Unmap the middle: two pieces remain.
+    let u = h.unmap_begin(at(16), 16 * PAGE_SIZE).expect("mapped");
+    assert_eq!(
+        (u.addr, u.len, u.protected),
+        (at(16), 16 * PAGE_SIZE, false)
+    );
+    assert!(!h.is_mapped(at(16), PAGE_SIZE), "limbo is not mapped");
+    assert!(h.unmap_begin(at(16), PAGE_SIZE).is_err(), "no second unmap");
+    discard(u.addr as *mut u8, u.len);
+    h.unmap_finish(u);
+    assert!(h.is_mapped(at(0), 16 * PAGE_SIZE));
+    assert!(h.is_mapped(at(32), 32 * PAGE_SIZE));
+    assert!(!h.is_mapped(at(0), 17 * PAGE_SIZE));
+    // The hole is reused, fresh (no discard needed), by a mapping that fits it.
+    let n = h.map_pages(16 * PAGE_SIZE, rw(), discard).expect("room");
+    assert_eq!(n.addr(), at(16), "the hole is taken");
+    // SAFETY: the new mapping's pages belong to this test.
+    assert!(unsafe { std::slice::from_raw_parts(n, 16 * PAGE_SIZE) }
+        .iter()
+        .all(|&b| b == 0));
+    // Unmapping across the two pieces and the new mapping works as one range.
+    let u = h.unmap_begin(at(8), 40 * PAGE_SIZE).expect("all mapped");
+    discard(u.addr as *mut u8, u.len);
+    h.unmap_finish(u);
+    assert!(h.is_mapped(at(0), 8 * PAGE_SIZE) && h.is_mapped(at(48), 16 * PAGE_SIZE));
+    assert!(!h.overlaps_mapping(at(8), 40 * PAGE_SIZE));
+    for (a, l) in [(at(0), 8), (at(48), 16)] {
+        let u = h.unmap_begin(a, l * PAGE_SIZE).expect("mapped");
+        h.unmap_finish(u);
+    }
+    assert!(!h.overlaps_mapping(m.addr(), pages * PAGE_SIZE));
+    // Everything merged back: one mapping of all of it fits where the first one was.
+    let again = h.map_pages(pages * PAGE_SIZE, rw(), discard).expect("room");
+    assert_eq!(again, m);
+    assert!(h.locks_free());
+}
+
+#[test]
+fn protections_split_pieces_and_mremap_needs_one() {
+    let r = TestRegion::new(REGION_BYTES);
+    let h = r.create();
+    let m = h.map_pages(32 * PAGE_SIZE, rw(), discard).expect("room");
+    let at = |p: usize| m.addr() + p * PAGE_SIZE;
+    assert_eq!(h.mapping_prot(at(0), 32 * PAGE_SIZE), Ok(PROT_RW));
+    h.protect_pages(at(4), 4 * PAGE_SIZE, 0).expect("mapped");
+    assert_eq!(h.mapping_prot(at(4), 4 * PAGE_SIZE), Ok(0));
+    assert_eq!(h.mapping_prot(at(0), 4 * PAGE_SIZE), Ok(PROT_RW));
+    assert!(matches!(
+        h.mapping_prot(at(0), 32 * PAGE_SIZE),
+        Err(MapError::Mixed { .. })
+    ));
+    let mut seen = Vec::new();
+    h.for_each_mapping(|a, l, p| seen.push((a, l / PAGE_SIZE, p)));
+    assert_eq!(
+        seen,
+        vec![(at(0), 4, PROT_RW), (at(4), 4, 0), (at(8), 24, PROT_RW)]
+    );
+    // An unmap over the guard says the protection must be put back first.
+    let u = h.unmap_begin(at(2), 4 * PAGE_SIZE).expect("mapped");
+    assert!(u.protected);
+    h.unmap_finish(u);
+    let u = h.unmap_begin(at(8), 8 * PAGE_SIZE).expect("mapped");
+    assert!(!u.protected);
+    h.unmap_finish(u);
+    assert!(h.locks_free());
+}
+
+#[test]
+fn growth_in_place_takes_the_free_run_or_the_top() {
+    let r = TestRegion::new(REGION_BYTES);
+    let h = r.create();
+    let a = h.map_pages(8 * PAGE_SIZE, rw(), discard).expect("room");
+    // At the top: grows.
+    assert_eq!(
+        h.grow_in_place(a.addr(), 8 * PAGE_SIZE, 16 * PAGE_SIZE, discard),
+        Ok(PROT_RW)
+    );
+    assert!(h.is_mapped(a.addr(), 16 * PAGE_SIZE));
+    // A neighbour after it: cannot.
+    let b = h.map_pages(8 * PAGE_SIZE, rw(), discard).expect("room");
+    assert_eq!(b.addr(), a.addr() + 16 * PAGE_SIZE);
+    assert!(h
+        .grow_in_place(a.addr(), 16 * PAGE_SIZE, 17 * PAGE_SIZE, discard)
+        .is_err());
+    // A prefix of a mapping cannot grow over the rest of it.
+    assert!(h
+        .grow_in_place(a.addr(), 4 * PAGE_SIZE, 8 * PAGE_SIZE, discard)
+        .is_err());
+    // Once the neighbour is gone, its free run is taken (a part of it).
+    let u = h.unmap_begin(b.addr(), 8 * PAGE_SIZE).expect("mapped");
+    h.unmap_finish(u);
+    assert_eq!(
+        h.grow_in_place(a.addr(), 16 * PAGE_SIZE, 20 * PAGE_SIZE, discard),
+        Ok(PROT_RW)
+    );
+    assert!(h.is_mapped(a.addr(), 20 * PAGE_SIZE));
+    assert!(!h.is_mapped(a.addr(), 21 * PAGE_SIZE));
+    assert!(h.locks_free());
+}
+
+#[test]
+fn a_full_region_refuses_a_mapping() {
+    let r = TestRegion::new(REGION_BYTES);
+    let h = r.create();
+    assert!(h.map_pages(REGION_BYTES, rw(), discard).is_none());
+    let big = h
+        .map_pages(REGION_BYTES / 2, rw(), discard)
+        .expect("half fits");
+    assert!(h.map_pages(REGION_BYTES / 2, rw(), discard).is_none());
+    let u = h.unmap_begin(big.addr(), REGION_BYTES / 2).expect("mapped");
+    h.unmap_finish(u);
+    assert!(h.map_pages(REGION_BYTES / 2, rw(), discard).is_some());
+    assert!(h.locks_free());
+}

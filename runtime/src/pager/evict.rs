@@ -22,7 +22,7 @@ use super::discard::Runs;
 use super::install::{finish_run, install_pages, Outcome, Source};
 use super::moving::{move_out, Stuck};
 use super::{publish_resident, sleep_ms, Shared, EVICT_BATCH_PAGES_MAX, STATS};
-use crate::cache::{PageState, REMOVED, STORED};
+use crate::cache::{PageState, MAPPED, REMOVED, STORED};
 use crate::log::Located;
 use crate::logging::RateLimit;
 use crate::region::Region;
@@ -62,6 +62,8 @@ pub(super) struct Eviction {
     /// waiting for room too, since a thread that waits inside the allocator would keep the
     /// next epoch's cut from taking the allocator's locks.
     starved: AtomicBool,
+    /// The last batch found no victim at all (every resident page pinned or in transit).
+    nothing_evictable: AtomicBool,
 }
 
 impl Eviction {
@@ -80,6 +82,7 @@ impl Eviction {
             batch_pages,
             store_failing: AtomicBool::new(false),
             starved: AtomicBool::new(false),
+            nothing_evictable: AtomicBool::new(false),
         })
     }
 
@@ -109,6 +112,13 @@ impl Eviction {
     /// yet (handlers then wait for room a bounded time only).
     pub(super) fn starved(&self) -> bool {
         self.starved.load(Ordering::Relaxed)
+    }
+
+    /// True while the evictor finds nothing it may evict (every resident page is pinned or
+    /// in transit): handlers then serve faults without waiting for room, since none would
+    /// come.
+    pub(super) fn nothing_evictable(&self) -> bool {
+        self.nothing_evictable.load(Ordering::Relaxed)
     }
 }
 
@@ -163,11 +173,19 @@ pub(super) fn evictor_loop(sh: &Shared) {
                     sleep_ms(STARVED_RETRY_MS);
                     break;
                 }
+                // Nothing can leave now: every resident page is pinned (a served mapping that
+                // is not read-write) or in transit. Faults are then served without waiting for
+                // room, and the cache overflows by what is pinned (README), until a batch
+                // finds victims again.
+                if !sh.evict.nothing_evictable.swap(true, Ordering::Relaxed) {
+                    sh.cache.room_freed();
+                }
                 drop(_pass);
                 sleep_ms(NOTHING_TO_EVICT_MS);
                 break;
             }
             sh.evict.starved.store(false, Ordering::Relaxed);
+            sh.evict.nothing_evictable.store(false, Ordering::Relaxed);
             let ok = evict_batch(sh, &victims, log_first);
             sh.cache.room_freed();
             if !ok {
@@ -472,11 +490,14 @@ fn record(
 ) {
     let n = victims.len();
     let mut discard = Runs::<{ EVICT_BATCH_PAGES_MAX }>::new();
-    let (mut evicted, mut clean) = (0u64, 0u64);
+    let (mut evicted, mut clean, mut mapped) = (0u64, 0u64, 0u64);
     {
         let mut t = sh.cache.lock();
         for i in 0..n {
             let p = victims[i];
+            if fate[i] != Fate::Stayed && t.has_flag(p, MAPPED) {
+                mapped += 1;
+            }
             let removed = t.has_flag(p, REMOVED);
             t.set_flag(p, REMOVED, false);
             // The scan above consumed the page's written bit: the log learns of the change
@@ -521,6 +542,7 @@ fn record(
     }
     STATS.add(Counter::PagesEvicted, evicted);
     STATS.add(Counter::PagesDroppedClean, clean);
+    STATS.add(Counter::MappedPagesEvicted, mapped);
 }
 
 /// Moves victims `[i, i+len)` (consecutive pages) to staging slots `[i, i+len)`. A page that

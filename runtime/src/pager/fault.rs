@@ -25,7 +25,7 @@ use super::{
     pin_to_cpu, publish_resident, Shared, EVENTS_PER_READ_MAX, FETCH_CHUNK_PAGES,
     FETCH_FIRST_CHUNK_PAGES, FETCH_RUN_PAGES_MAX, STATS, ZERO_RUN_PAGES_MAX,
 };
-use crate::cache::{PageState, Table, SNAP};
+use crate::cache::{PageState, Table, PINNED, SNAP};
 use crate::region::Region;
 use crate::stats::Counter;
 use crate::PAGE_SIZE;
@@ -173,10 +173,11 @@ pub(super) fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
             PageState::Evicted => true,
         };
         // A starved evictor (the log does not hold the candidates yet) gets a bounded wait:
-        // this thread may hold the allocator's lock, which the next epoch's cut needs.
+        // this thread may hold the allocator's lock, which the next epoch's cut needs. An
+        // evictor with nothing it may evict (all pinned) gets none: no room would come.
         let starved_long = sh.evict.starved()
             && waiting_since.is_some_and(|w| w.elapsed() >= Duration::from_millis(STARVED_WAIT_MS));
-        let failing = sh.evict.store_failing() || starved_long;
+        let failing = sh.evict.store_failing() || starved_long || sh.evict.nothing_evictable();
         let room = sh.cache.capacity_pages().saturating_sub(t.resident());
         if room == 0 && !failing && !ignore_room {
             if sh.gate.is_closing() {
@@ -198,7 +199,10 @@ pub(super) fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
                 want.min(room).max(1)
             }
         };
-        let (first, n) = if !fetch {
+        let (first, n) = if t.has_flag(page, PINNED) {
+            // Not read-write: its VMA may be this one page (see `PINNED`).
+            (page, 1)
+        } else if !fetch {
             let limit = limit(ZERO_RUN_PAGES_MAX);
             let accept = |s| s == PageState::Absent;
             let mut n = 1 + t.run_len(page + 1, limit - 1, accept);
@@ -242,7 +246,7 @@ pub(super) fn plan_fault(sh: &Shared, page: usize, ignore_room: bool) -> Plan {
 fn prefetch(sh: &Shared, page: usize, buf: &mut PageBuf) {
     let n = {
         let mut t = sh.cache.lock();
-        if page >= t.pages() || t.state(page) != PageState::Evicted {
+        if page >= t.pages() || t.state(page) != PageState::Evicted || t.has_flag(page, PINNED) {
             return;
         }
         let room = sh.cache.capacity_pages().saturating_sub(t.resident());

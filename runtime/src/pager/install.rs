@@ -68,6 +68,9 @@ pub(super) unsafe fn install_pages(
     out: &mut [Outcome],
 ) {
     let n = out.len();
+    // After the kernel refused a run because it spans two VMAs (a served mapping's
+    // `mprotect` split the region there), the rest goes in one page at a time.
+    let mut one_at_a_time = false;
     'retry: loop {
         let guard = sh.kernel.installing();
         {
@@ -84,7 +87,10 @@ pub(super) unsafe fn install_pages(
                 i += 1;
                 continue;
             }
-            let end = (i..n).find(|&j| out[j] != Outcome::Pending).unwrap_or(n);
+            let mut end = (i..n).find(|&j| out[j] != Outcome::Pending).unwrap_or(n);
+            if one_at_a_time {
+                end = i + 1;
+            }
             // SAFETY: the caller guarantees `src` is readable for `n` pages and page-aligned,
             // and that the destination pages lie in the registered region and are its own.
             let res = unsafe {
@@ -117,6 +123,15 @@ pub(super) unsafe fn install_pages(
                         let _ = sh.kernel.uffd.wake(sh.addr_of(first + i), PAGE_SIZE);
                         out[i] = Outcome::Installed;
                         i += 1;
+                        continue;
+                    }
+                    if end - i > 1
+                        && matches!(
+                            partial.errno,
+                            nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL
+                        )
+                    {
+                        one_at_a_time = true;
                         continue;
                     }
                     if FAULT_ERRORS.allow() {

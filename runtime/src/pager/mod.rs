@@ -36,6 +36,7 @@
 //!   outcomes into the table, poison);
 //! - `events.rs`: the kernel side ([`events::Kernel`]): reading events and applying them,
 //!   faults deferred to the handlers;
+//! - `mapped.rs`: served mappings' protections ([`Runtime::protect`], `PINNED`) and marks;
 //! - `discard.rs`: [`Runtime::discard`] and `forget_range` (pages the program gave back);
 //! - `moving.rs`: `UFFDIO_MOVE` out of the heap, checked page by page;
 //! - `buf.rs`, `gate.rs`, `readahead.rs`: a page buffer, the fork gate, the read-ahead streams.
@@ -53,6 +54,7 @@ mod fetch;
 mod fork;
 mod gate;
 mod install;
+mod mapped;
 mod moving;
 mod readahead;
 mod restore;

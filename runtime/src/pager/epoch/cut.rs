@@ -19,7 +19,7 @@ use super::super::gate::Pass;
 use super::super::moving::{move_out, Stuck};
 use super::super::{Shared, EVENTS_PER_READ_MAX, STATS};
 use super::snapshot::page_runs;
-use crate::cache::{PageSet, PageState, LOGHOLD, SNAP};
+use crate::cache::{PageSet, PageState, LOGHOLD, PINNED, SNAP};
 use crate::log::EpochOrigin;
 use crate::stats::Counter;
 use crate::PAGE_SIZE;
@@ -268,6 +268,18 @@ fn move_pages(
 
 fn copy_page(sh: &Shared, page: usize) -> Box<[u8]> {
     let mut b = vec![0u8; PAGE_SIZE].into_boxed_slice();
+    if sh.cache.lock().has_flag(page, PINNED) {
+        // Maybe `PROT_NONE` (a served mapping's guard): read past the protection. The page
+        // is present (the caller checked), so this never faults into the handlers.
+        match crate::region::read_own_memory(sh.addr_of(page), &mut b) {
+            Ok(()) => return b,
+            Err(e) => log::warn!(
+                "an epoch cut could not read the protected page at {:#x} through /proc/self/mem \
+                 ({e}); reading it directly",
+                sh.addr_of(page)
+            ),
+        }
+    }
     // SAFETY: the page is present in the region (a resident page of the heap), which stays
     // mapped; reading it races only with the program's own writes, which is the documented
     // weakness of this fallback.
