@@ -384,17 +384,7 @@ impl MemcachedServer {
                 let k = opaque as usize;
                 if k < n {
                     let r = &mut pages[positions[k]];
-                    values[k] = Some(match sealer {
-                        None => decode(data, r.buf),
-                        Some(sealer) => match open(sealer, r.page, r.version, data, r.buf) {
-                            Ok(read) => Some(read),
-                            Err(Unopened::OtherVersion) => None,
-                            Err(Unopened::Forged) => {
-                                traffic.seal_failures.fetch_add(1, Relaxed);
-                                None
-                            }
-                        },
-                    });
+                    values[k] = Some(read_value(sealer, traffic, r, data));
                 } else if let (Some(slot), Some(r)) =
                     (parity_found.get_mut(k - n), parity.get_mut(k - n))
                 {
@@ -632,6 +622,28 @@ impl MemcachedServer {
     }
 }
 
+/// Reads a value that came back for `r` into its buffer, opening it first when the pool is
+/// sealed: its (crc, version, CRC32C of the page as copied), or None for a value that is not
+/// one of this page's (one that does not open counts as a seal failure).
+fn read_value(
+    sealer: Option<&Sealer>,
+    traffic: &Traffic,
+    r: &mut PageRead<'_>,
+    data: &[u8],
+) -> Option<(u32, u32, u32)> {
+    match sealer {
+        None => decode(data, r.buf),
+        Some(sealer) => match open(sealer, r.page, r.version, data, r.buf) {
+            Ok(read) => Some(read),
+            Err(Unopened::OtherVersion) => None,
+            Err(Unopened::Forged) => {
+                traffic.seal_failures.fetch_add(1, Relaxed);
+                None
+            }
+        },
+    }
+}
+
 /// Reads an unsealed value (`crc | version | page`) into `buf`: its (crc, version) and the
 /// CRC32C of the page as copied; None for a value of the wrong size.
 fn decode(data: &[u8], buf: &mut [u8]) -> Option<(u32, u32, u32)> {
@@ -728,17 +740,7 @@ impl PageStore for MemcachedServer {
                     let k = opaque as usize;
                     if let (Some(slot), Some(&i)) = (values.get_mut(k), chunk.get(k)) {
                         let r = &mut batch[i];
-                        *slot = Some(match sealer {
-                            None => decode(data, r.buf),
-                            Some(sealer) => match open(sealer, r.page, r.version, data, r.buf) {
-                                Ok(read) => Some(read),
-                                Err(Unopened::OtherVersion) => None,
-                                Err(Unopened::Forged) => {
-                                    traffic.seal_failures.fetch_add(1, Relaxed);
-                                    None
-                                }
-                            },
-                        });
+                        *slot = Some(read_value(sealer, traffic, r, data));
                     }
                 }
             };
