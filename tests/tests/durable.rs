@@ -90,7 +90,7 @@ fn kill_after(
     restore: Option<&Path>,
     after: Duration,
 ) -> (Option<(u64, u64)>, String) {
-    kill_after_on(cmd, log, &store.backend(), restore, after)
+    kill_after_on(cmd, log, &store.backend(), restore, after, false)
 }
 
 /// [`kill_after`] with the page store `backend` (a pool).
@@ -100,6 +100,7 @@ fn kill_after_on(
     backend: &str,
     restore: Option<&Path>,
     after: Duration,
+    until_checkpoint: bool,
 ) -> (Option<(u64, u64)>, String) {
     cmd.env("LD_PRELOAD", shim_lib())
         .env("LEGO_CACHE_SIZE", CACHE)
@@ -120,12 +121,15 @@ fn kill_after_on(
     });
     let started = Instant::now();
     let mut lines = Vec::new();
-    // Wait for the program to start (a restore may take a while), then the chosen time.
+    // Wait for the program to start (a restore may take a while), then the chosen time, and
+    // with `until_checkpoint` until it has seen an epoch committed (a loaded machine may take
+    // longer than the chosen time to commit the first one).
     let mut deadline = None;
     loop {
         let now = Instant::now();
         if let Some(d) = deadline {
-            if now >= d {
+            let committed = lines.iter().any(|l: &String| l.starts_with("checkpoint"));
+            if now >= d && (committed || !until_checkpoint) {
                 break;
             }
         }
@@ -1008,7 +1012,14 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     cmd.args(["run", "1000000", "4"])
         .env("LEGO_FLUSH_MS", "20")
         .env("LEGO_HEAP_SIZE", HEAP);
-    let (seen, text) = kill_after_on(cmd, &log, &pool, Some(&second), Duration::from_millis(400));
+    let (seen, text) = kill_after_on(
+        cmd,
+        &log,
+        &pool,
+        Some(&second),
+        Duration::from_millis(400),
+        true,
+    );
     let (gen, seen_epoch) =
         seen.unwrap_or_else(|| panic!("no epoch committed after the pool restore:\n{text}"));
     assert!(
