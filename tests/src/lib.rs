@@ -207,6 +207,14 @@ pub fn which(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not on PATH: install it (scripts/test.sh does)"))
 }
 
+/// A loopback port no one listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 static HEAVY: Mutex<()> = Mutex::new(());
 
 /// Serializes the runs that page hundreds of MiB: take it for the whole test. A test that

@@ -3,7 +3,8 @@
 //! and `lego pool gc` against real memcached servers (and a port where nothing listens).
 
 use lego_tests::{
-    assert_rss_within_cache, assert_same_output, heavy, lego_bin, program, shim_lib, Run, TempDir,
+    assert_rss_within_cache, assert_same_output, free_port, heavy, lego_bin, program, shim_lib,
+    Run, TempDir,
 };
 
 #[test]
@@ -283,13 +284,6 @@ impl Drop for Memcached {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// A live heap (its lease, as a running lego holds it, and two pages), an orphaned heap

@@ -6,8 +6,8 @@
 //! jemalloc it links answers only size queries) is driven over loopback by its own clients.
 
 use lego_tests::{
-    assert_rss_within_cache, assert_same_output, heavy, python3, real_file, which, Outcome, Run,
-    ShimSetup, MIB,
+    assert_rss_within_cache, assert_same_output, free_port, heavy, python3, real_file, which,
+    Outcome, Run, ShimSetup, MIB,
 };
 
 /// Rows of the sqlite database: about 340 MiB of heap natively.
@@ -199,14 +199,6 @@ fn drive_redis(port: u16) -> String {
         seen += &got;
     }
     seen
-}
-
-/// A port no one listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// Runs `redis-server` (as `make` builds it) on a loopback port, drives it from this process
