@@ -207,12 +207,27 @@ pub fn which(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not on PATH: install it (scripts/test.sh does)"))
 }
 
-/// A loopback port no one listens on now.
+/// Ports [`free_port`] has handed out in this process.
+static PORTS_GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// A loopback port no one listens on now, and one this process has not been given before:
+/// the kernel may hand the same free port to two `bind(0)` calls once the first listener is
+/// closed, and two tests running in parallel must not start servers on one port (or find
+/// one test's server where the other expects nobody).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    let mut given = PORTS_GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 static HEAVY: Mutex<()> = Mutex::new(());

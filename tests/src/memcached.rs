@@ -8,7 +8,7 @@
 //! [`Memcached::restart`] brings up an empty server on the same address, as an operator
 //! restarting a crashed host would.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ const START_WAIT_MS: u64 = 10_000;
 
 /// Bound on one connection attempt while waiting for a server to accept.
 const CONNECT_ATTEMPT_MS: u64 = 200;
+
+/// Free ports tried before a loopback server is given up on.
+const START_ATTEMPTS: usize = 5;
 
 /// Pause between connection attempts while waiting for a server to accept.
 const CONNECT_RETRY_MS: u64 = 20;
@@ -38,13 +41,17 @@ pub struct Memcached {
 }
 
 impl Memcached {
-    /// Starts a server holding `megabytes` on a free loopback port.
+    /// Starts a server holding `megabytes` on a free loopback port. A server that cannot
+    /// listen there (another process took the port in between) is started again on another.
     pub fn start(megabytes: u32) -> Memcached {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        Memcached::start_with("127.0.0.1", port, megabytes, None)
+        for _ in 0..START_ATTEMPTS {
+            let mut server = Memcached::new("127.0.0.1", crate::free_port(), megabytes, None);
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(status) => eprintln!("memcached at {} exited at start ({status})", server.addr),
+            }
+        }
+        panic!("memcached did not start on any of {START_ATTEMPTS} free loopback ports");
     }
 
     /// Starts a server holding `megabytes` inside the network namespace `netns`, listening on
@@ -55,19 +62,36 @@ impl Memcached {
     }
 
     fn start_with(ip: &str, port: u16, megabytes: u32, netns: Option<String>) -> Memcached {
-        let mut server = Memcached {
+        let mut server = Memcached::new(ip, port, megabytes, netns);
+        server.spawn_or_panic();
+        server
+    }
+
+    fn new(ip: &str, port: u16, megabytes: u32, netns: Option<String>) -> Memcached {
+        Memcached {
             child: None,
             addr: format!("{ip}:{port}"),
             ip: ip.to_string(),
             port,
             megabytes,
             netns,
-        };
-        server.spawn();
-        server
+        }
     }
 
-    fn spawn(&mut self) {
+    fn spawn_or_panic(&mut self) {
+        if let Err(status) = self.spawn() {
+            panic!(
+                "memcached for {} exited at start ({status}): is the address taken, or not \
+                 an address of {}?",
+                self.addr,
+                self.netns.as_deref().unwrap_or("this namespace")
+            );
+        }
+    }
+
+    /// Starts the server and waits until it accepts; Err with its exit status if it exited
+    /// first.
+    fn spawn(&mut self) -> Result<(), std::process::ExitStatus> {
         assert!(
             self.child.is_none(),
             "memcached at {} already runs",
@@ -109,33 +133,30 @@ impl Memcached {
             )
         });
         self.child = Some(child);
-        self.wait_until_accepting();
+        self.wait_until_accepting()
     }
 
-    fn wait_until_accepting(&mut self) {
+    /// Waits until the server answers `stats` with its own process id: a connection alone
+    /// could reach another process on the port (ours then exits, unable to bind).
+    fn wait_until_accepting(&mut self) -> Result<(), std::process::ExitStatus> {
         let addr: SocketAddr = self
             .addr
             .parse()
             .unwrap_or_else(|e| panic!("{} is not an IP address and port: {e}", self.addr));
         let deadline = Instant::now() + Duration::from_millis(START_WAIT_MS);
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(CONNECT_ATTEMPT_MS)).is_ok()
-            {
-                return;
-            }
             let child = self.child.as_mut().expect("spawned above");
+            let pid = child.id();
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
-                panic!(
-                    "memcached for {} exited at start ({status}): is the address taken, or \
-                     not an address of {}?",
-                    self.addr,
-                    self.netns.as_deref().unwrap_or("this namespace")
-                );
+                return Err(status);
+            }
+            if server_pid(&addr) == Some(pid) {
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
-                "memcached at {} did not accept connections within {START_WAIT_MS} ms",
+                "memcached at {} did not answer as process {pid} within {START_WAIT_MS} ms",
                 self.addr
             );
             std::thread::sleep(Duration::from_millis(CONNECT_RETRY_MS));
@@ -155,7 +176,7 @@ impl Memcached {
     /// waits until it accepts connections.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        self.spawn_or_panic();
     }
 
     /// The server's process is alive (it has not exited or been killed).
@@ -175,6 +196,27 @@ impl Drop for Memcached {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The process id the memcached at `addr` reports in `stats`, or None if none answers.
+fn server_pid(addr: &SocketAddr) -> Option<u32> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream =
+        TcpStream::connect_timeout(addr, Duration::from_millis(CONNECT_ATTEMPT_MS)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(CONNECT_ATTEMPT_MS)))
+        .ok()?;
+    stream.write_all(b"stats\r\n").ok()?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.ok()?;
+        if let Some(pid) = line.strip_prefix("STAT pid ") {
+            return pid.trim().parse().ok();
+        }
+        if line == "END" {
+            return None;
+        }
+    }
+    None
 }
 
 /// `memcached://A,B,...`: the `LEGO_BACKEND` value for a pool of `servers`, in order.

@@ -2,6 +2,7 @@
 //! under the shim with the exit status passed through; misuse is a usage error. `lego pool`
 //! and `lego pool gc` against real memcached servers (and a port where nothing listens).
 
+use lego_tests::memcached::Memcached;
 use lego_tests::{
     assert_rss_within_cache, assert_same_output, free_port, heavy, lego_bin, program, shim_lib,
     Run, TempDir,
@@ -204,86 +205,44 @@ fn replay_checkpoint_strict_and_inspect_of_program_checkpoints() {
     );
 }
 
-/// A memcached on a free loopback port, started as users start it (`-M`), killed on drop.
-/// (A copy of the one in pool.rs, smallest form.)
-struct Memcached {
-    child: std::process::Child,
-    addr: String,
+/// Sends text-protocol commands to `server` on a raw connection and returns the whole reply
+/// up to `last` (a line ending the reply of the last command).
+fn talk(server: &Memcached, request: &[u8], last: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&server.addr).expect("connecting");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("a timeout");
+    s.write_all(request).expect("writing");
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&reply).ends_with(last) {
+        let n = s.read(&mut buf).expect("reading");
+        assert!(
+            n > 0,
+            "the server closed: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        reply.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&reply).into_owned()
 }
 
-impl Memcached {
-    fn start() -> Memcached {
-        use std::os::unix::fs::MetadataExt;
-        use std::process::{Command, Stdio};
-        let port = free_port();
-        let mut cmd = Command::new("memcached");
-        cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-M"])
-            .args(["-m", "16"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // memcached refuses to run as root without naming the user; /proc/self belongs to
-        // this process's effective user.
-        if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-            cmd.args(["-u", "root"]);
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("starting memcached failed ({e}): scripts/test.sh --setup-only installs it")
-        });
-        let addr = format!("127.0.0.1:{port}");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "memcached at {addr} never accepted"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Memcached { child, addr }
-    }
-
-    /// Sends text-protocol commands on a raw connection and returns the whole reply up to
-    /// `last` (a line ending the reply of the last command).
-    fn talk(&self, request: &[u8], last: &str) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.addr).expect("connecting");
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .expect("a timeout");
-        s.write_all(request).expect("writing");
-        let mut reply = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&reply).ends_with(last) {
-            let n = s.read(&mut buf).expect("reading");
-            assert!(
-                n > 0,
-                "the server closed: {}",
-                String::from_utf8_lossy(&reply)
-            );
-            reply.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&reply).into_owned()
-    }
-
-    /// Stores `key` with a page-sized value, expiring after `ttl_s` (0: never).
-    fn set(&self, key: &str, ttl_s: u32) {
-        let value = vec![b'x'; 4104];
-        let mut request = format!("set {key} 0 {ttl_s} {}\r\n", value.len()).into_bytes();
-        request.extend_from_slice(&value);
-        request.extend_from_slice(b"\r\n");
-        assert_eq!(self.talk(&request, "\r\n"), "STORED\r\n", "storing {key}");
-    }
-
-    /// Whether the server holds `key`.
-    fn has(&self, key: &str) -> bool {
-        self.talk(format!("get {key}\r\n").as_bytes(), "END\r\n")
-            .starts_with("VALUE")
-    }
+/// Stores `key` on `server` with a page-sized value, expiring after `ttl_s` (0: never).
+fn set(server: &Memcached, key: &str, ttl_s: u32) {
+    let value = vec![b'x'; 4104];
+    let mut request = format!("set {key} 0 {ttl_s} {}\r\n", value.len()).into_bytes();
+    request.extend_from_slice(&value);
+    request.extend_from_slice(b"\r\n");
+    assert_eq!(
+        talk(server, &request, "\r\n"),
+        "STORED\r\n",
+        "storing {key}"
+    );
 }
 
-impl Drop for Memcached {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Whether `server` holds `key`.
+fn has(server: &Memcached, key: &str) -> bool {
+    talk(server, format!("get {key}\r\n").as_bytes(), "END\r\n").starts_with("VALUE")
 }
 
 /// A live heap (its lease, as a running lego holds it, and two pages), an orphaned heap
@@ -294,14 +253,14 @@ const ORPHAN: &str = "lego:00000000000dead0";
 const FOREIGN: &str = "session:42";
 
 fn fill(server: &Memcached) {
-    server.set(&format!("{LIVE}:lease"), 60);
+    set(server, &format!("{LIVE}:lease"), 60);
     for page in ["0", "1"] {
-        server.set(&format!("{LIVE}:{page}"), 0);
+        set(server, &format!("{LIVE}:{page}"), 0);
     }
     for page in ["0", "1", "2f"] {
-        server.set(&format!("{ORPHAN}:{page}"), 0);
+        set(server, &format!("{ORPHAN}:{page}"), 0);
     }
-    server.set(FOREIGN, 0);
+    set(server, FOREIGN, 0);
 }
 
 /// `lego pool` prints one line per server, the one that answered with what lego holds there
@@ -309,7 +268,7 @@ fn fill(server: &Memcached) {
 /// and 0 when every server answered; `--heaps` lists the heaps.
 #[test]
 fn pool_describes_servers_up_and_down() {
-    let server = Memcached::start();
+    let server = Memcached::start(16);
     fill(&server);
     let nobody = format!("127.0.0.1:{}", free_port());
     let url = format!("memcached://{},{nobody}", server.addr);
@@ -356,14 +315,14 @@ fn pool_describes_servers_up_and_down() {
         "{out}"
     );
     // Looking changes nothing.
-    assert!(server.has(&format!("{ORPHAN}:2f")) && server.has(FOREIGN));
+    assert!(has(&server, &format!("{ORPHAN}:2f")) && has(&server, FOREIGN));
 }
 
 /// `lego pool gc` deletes the orphaned heap's pages and nothing else, says what it freed,
 /// still collects when another server is down (exit 1), and frees nothing the second time.
 #[test]
 fn pool_gc_frees_an_orphaned_heap() {
-    let server = Memcached::start();
+    let server = Memcached::start(16);
     fill(&server);
     let nobody = format!("127.0.0.1:{}", free_port());
     let out = Run::new(lego_bin())
@@ -389,7 +348,7 @@ fn pool_gc_frees_an_orphaned_heap() {
         "{out}"
     );
     for page in ["0", "1", "2f"] {
-        assert!(!server.has(&format!("{ORPHAN}:{page}")), "{out}");
+        assert!(!has(&server, &format!("{ORPHAN}:{page}")), "{out}");
     }
     for key in [
         format!("{LIVE}:lease"),
@@ -397,7 +356,7 @@ fn pool_gc_frees_an_orphaned_heap() {
         format!("{LIVE}:1"),
         FOREIGN.to_owned(),
     ] {
-        assert!(server.has(&key), "{key} must be kept:\n{out}");
+        assert!(has(&server, &key), "{key} must be kept:\n{out}");
     }
 
     let url = format!("memcached://{}", server.addr);
