@@ -71,6 +71,15 @@ fn fail_int(e: c_int) -> c_int {
     -1
 }
 
+/// The C return of a call that returns 0 or -1: what lego served (`Some(0)` or `Some(errno)`),
+/// or, when lego does not serve it (`None`), the kernel's answer to `pass_on`.
+fn int_return(served: Option<c_int>, pass_on: impl FnOnce() -> Result<(), c_int>) -> c_int {
+    match served.map_or_else(pass_on, |e| if e == 0 { Ok(()) } else { Err(e) }) {
+        Ok(()) => 0,
+        Err(e) => fail_int(e),
+    }
+}
+
 /// The user heap when lego serves mappings now: `LEGO_MMAP=1`, the heap published and either
 /// the runtime serving it or this a forked child (its region is ordinary memory).
 ///
@@ -570,30 +579,20 @@ pub unsafe extern "C" fn mremap(
 /// C `madvise` contract.
 #[no_mangle]
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
-    match serve_madvise(addr as usize, len, advice) {
-        Some(0) => 0,
-        Some(e) => fail_int(e),
+    int_return(serve_madvise(addr as usize, len, advice), || {
         // SAFETY: the program's own call, passed on unchanged.
-        None => match unsafe { region::sys_madvise(addr as usize, len, advice) } {
-            Ok(()) => 0,
-            Err(e) => fail_int(e),
-        },
-    }
+        unsafe { region::sys_madvise(addr as usize, len, advice) }
+    })
 }
 
 /// # Safety
 /// C `mprotect` contract.
 #[no_mangle]
 pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -> c_int {
-    match serve_mprotect(addr as usize, len, prot) {
-        Some(0) => 0,
-        Some(e) => fail_int(e),
+    int_return(serve_mprotect(addr as usize, len, prot), || {
         // SAFETY: the program's own call, passed on unchanged.
-        None => match unsafe { region::sys_mprotect(addr as usize, len, prot) } {
-            Ok(()) => 0,
-            Err(e) => fail_int(e),
-        },
-    }
+        unsafe { region::sys_mprotect(addr as usize, len, prot) }
+    })
 }
 
 #[cfg(test)]

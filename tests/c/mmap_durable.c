@@ -12,9 +12,9 @@
  * Prints what it checked; a wrong byte is a "WRONG DATA" line and exit 1. */
 #define _GNU_SOURCE
 #include "common.h"
+#include "segv_probe.h"
 
 #include <errno.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -35,24 +35,6 @@ struct state {
     size_t big_len;
     unsigned char *small;
 };
-
-static sigjmp_buf trap;
-
-static void on_segv(int sig) {
-    (void)sig;
-    siglongjmp(trap, 1);
-}
-
-static int faults(volatile unsigned char *p, int write) {
-    if (sigsetjmp(trap, 1) == 0) {
-        if (write)
-            *p = 1;
-        else
-            (void)*p;
-        return 0;
-    }
-    return 1;
-}
 
 static void must(int ok, const char *what) {
     if (!ok) {
@@ -79,11 +61,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s run MIB | verify (under liblego.so)\n", argv[0]);
         return 2;
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_segv;
-    sigemptyset(&sa.sa_mask);
-    must(sigaction(SIGSEGV, &sa, NULL) == 0, "sigaction");
+    segv_probe_install();
     if (strcmp(argv[1], "run") == 0 && argc == 3) {
         struct state *st = malloc(sizeof *st);
         st->magic = MAGIC;
@@ -114,7 +92,7 @@ int main(int argc, char **argv) {
         check(st->big, 0, st->big_len, 3, "big mapping");
         printf("verify: big mapping holds the final bytes\n");
         printf("verify: guard faults on read %d, read-only faults on write %d\n",
-               faults(st->small, 0), faults(st->small + QUARTER, 1));
+               segv_probe(st->small, 0), segv_probe(st->small + QUARTER, 1));
         check(st->small, QUARTER, SMALL - QUARTER, 2, "read-only and read-write parts");
         must(mprotect(st->small, QUARTER, PROT_READ | PROT_WRITE) == 0, "mprotect back");
         /* Guarded when its epoch was cut: its bytes were read past the protection. */

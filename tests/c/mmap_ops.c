@@ -13,9 +13,9 @@
  * or not) is never printed: lego and the kernel place mappings differently. */
 #define _GNU_SOURCE
 #include "common.h"
+#include "segv_probe.h"
 
 #include <errno.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -57,27 +57,6 @@ static void must(int ok, const char *what) {
     }
 }
 
-static sigjmp_buf trap;
-static volatile sig_atomic_t faults;
-
-static void on_segv(int sig) {
-    (void)sig;
-    faults++;
-    siglongjmp(trap, 1);
-}
-
-/* Reads (or writes, if `write`) one byte at p; returns 1 if that raised SIGSEGV. */
-static int touch_faults(volatile unsigned char *p, int write) {
-    if (sigsetjmp(trap, 1) == 0) {
-        if (write)
-            *p = 1;
-        else
-            (void)*p;
-        return 0;
-    }
-    return 1;
-}
-
 /* Every page of [p, p+len) either reads as key's pattern or as zeros (MADV_FREE's choice). */
 static int pattern_or_zero(const unsigned char *p, size_t len, uint64_t key, size_t offset) {
     for (size_t at = 0; at < len; at += PAGE) {
@@ -98,11 +77,7 @@ int main(int argc, char **argv) {
     }
     size_t big = (size_t)atoi(argv[1]) * MIB;
     size_t half = big / 2, quarter = big / 4, eighth = big / 8;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_segv;
-    sigemptyset(&sa.sa_mask);
-    must(sigaction(SIGSEGV, &sa, NULL) == 0, "sigaction");
+    segv_probe_install();
 
     /* 1. Three mappings, filled. */
     unsigned char *a = must_map(big, PROT_READ | PROT_WRITE);
@@ -150,10 +125,9 @@ int main(int argc, char **argv) {
     must(mprotect(c, eighth, PROT_NONE) == 0, "mprotect c head PROT_NONE");
     must(mprotect(c + big - PAGE, PAGE, PROT_NONE) == 0, "mprotect c's last page PROT_NONE");
     must(mprotect(c + eighth, eighth, PROT_READ) == 0, "mprotect c PROT_READ");
-    faults = 0;
-    int f1 = touch_faults(c, 0) + touch_faults(c + eighth - 1, 1) + touch_faults(c + big - 1, 0);
-    int f2 = touch_faults(c + eighth, 1);
-    int f3 = touch_faults(c + eighth + PAGE, 0);
+    int f1 = segv_probe(c, 0) + segv_probe(c + eighth - 1, 1) + segv_probe(c + big - 1, 0);
+    int f2 = segv_probe(c + eighth, 1);
+    int f3 = segv_probe(c + eighth + PAGE, 0);
     printf("guard      faults on PROT_NONE %d, on a write to PROT_READ %d, on a read of it %d\n",
            f1, f2, f3);
     show("guard", "c read-only", c + eighth, eighth);

@@ -55,6 +55,22 @@ fn served(name: &str, args: &[&str], env: &[(&str, &str)]) -> Stats {
     stats
 }
 
+/// Runs `name ARGS` natively and under lego with `LEGO_MMAP=1`, checks the output byte for
+/// byte and returns the stats; unlike [`served`] it holds the peak RSS to nothing (the callers
+/// say why).
+fn same_output_with_mappings(name: &str, args: &[&str]) -> Stats {
+    let _serial = heavy();
+    let bin = program(name);
+    let native = Run::new(&bin).args(args).run();
+    let setup = ShimSetup::new(name, CACHE_MIB);
+    let shimmed = setup
+        .apply(Run::new(&bin).args(args))
+        .env("LEGO_MMAP", "1")
+        .run();
+    assert_same_output(&native, &shimmed);
+    setup.stats()
+}
+
 /// 160 MiB of mappings (then more) in a 16 MiB cache: growth in place and by a move, partial
 /// unmaps, PROT_NONE guards and a read-only range (faults reported the same), an mremap the
 /// kernel refuses (EFAULT both ways), MADV_DONTNEED and MADV_FREE, MAP_FIXED over its own
@@ -110,15 +126,18 @@ fn jit_page_flips_between_writable_and_executable() {
     );
 }
 
-/// Functions in the generated C file of the `gcc` test: about 330 MiB of peak RSS and 80 s
-/// for `gcc -O2` here (its collector's heap is `mmap`ed in 2 MiB chunks).
-const GCC_FUNCTIONS: usize = 3000;
+/// Whether the compiler tests use their large inputs (`LEGO_TEST_GCC=1`: about 330 MiB of
+/// peak RSS and 80 s natively for `gcc`, three minutes a test here) rather than the default
+/// ones (about 140 MiB and 18 s for `gcc`), which every run of the suite compiles.
+fn large_compiles() -> bool {
+    std::env::var_os("LEGO_TEST_GCC").is_some()
+}
 
-/// A large C file: `GCC_FUNCTIONS` small functions and one `main` that calls them all (the
-/// long `main` is what makes `cc1` big).
-fn large_c_file() -> String {
+/// A large C file: `functions` small functions and one `main` that calls them all (the long
+/// `main` is what makes `cc1` big: its collector's heap is `mmap`ed in 2 MiB chunks).
+fn large_c_file(functions: usize) -> String {
     let mut src = String::from("#include <stdio.h>\n");
-    for i in 0..GCC_FUNCTIONS {
+    for i in 0..functions {
         let _ = writeln!(
             src,
             "int f{i}(int x){{ int a[16]; for(int j=0;j<16;j++) a[j]=x*j+{i}; int s=0; \
@@ -126,10 +145,42 @@ fn large_c_file() -> String {
         );
     }
     src.push_str("int main(void){ int s=0;\n");
-    for i in 0..GCC_FUNCTIONS {
+    for i in 0..functions {
         let _ = writeln!(src, "s+=f{i}(s);");
     }
     src.push_str("printf(\"%d\\n\",s);}\n");
+    src
+}
+
+/// A template-heavy C++ file: `types` struct types, each with its own instantiations of
+/// `std::map`, `std::vector`, `std::unordered_map`, `std::sort` and `std::function`, in a
+/// function that `main` calls (every instantiation is new code for `cc1plus` to build and
+/// optimise, and its memory grows with them).
+fn template_heavy_cpp_file(types: usize) -> String {
+    let mut src = String::from(
+        "#include <algorithm>\n#include <cstdio>\n#include <functional>\n#include <map>\n\
+         #include <string>\n#include <unordered_map>\n#include <vector>\n",
+    );
+    for i in 0..types {
+        let _ = writeln!(
+            src,
+            "struct S{i} {{ int a; std::string b; bool operator<(const S{i}& o) const \
+             {{ return a < o.a || (a == o.a && b < o.b); }} }};\n\
+             long g{i}(int n) {{ std::map<S{i}, std::vector<S{i}>> m; \
+             std::unordered_map<int, S{i}> u; std::vector<S{i}> v; \
+             for (int j = 0; j < n; j++) {{ S{i} s{{j * {i} % 97, std::to_string(j)}}; \
+             v.push_back(s); m[s].push_back(s); u[j] = s; }} \
+             std::sort(v.begin(), v.end()); \
+             std::function<long(const S{i}&)> f = [](const S{i}& s) {{ return s.a + (long)s.b.size(); }}; \
+             long t = 0; for (auto& s : v) t += f(s); for (auto& kv : m) t += (long)kv.second.size(); \
+             return t + (long)u.size(); }}"
+        );
+    }
+    src.push_str("int main() { long t = 0;\n");
+    for i in 0..types {
+        let _ = writeln!(src, "t += g{i}({});", 5 + i % 11);
+    }
+    src.push_str("std::printf(\"%ld\\n\", t); }\n");
     src
 }
 
@@ -146,27 +197,25 @@ fn largest_in_summaries(out: &Outcome, counter: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {counter} in any summary:\n{out}"))
 }
 
-/// `gcc -O2` on a large generated file under `LEGO_MMAP=1` with a cache of a tenth of its
-/// native peak RSS: the same object file, `cc1`'s mapped pages paged, and the peak RSS within
-/// the cache plus the stated overhead plus what `gcc` needs for an empty file (`cc1`'s own
-/// code and data, which lego does not manage). About three minutes here, so it runs only with
-/// `LEGO_TEST_GCC=1`.
-#[test]
-fn gcc_compiles_a_large_file_paged() {
-    if std::env::var_os("LEGO_TEST_GCC").is_none() {
-        eprintln!("skipped: set LEGO_TEST_GCC=1 to compile a large file with gcc under lego");
-        return;
-    }
+/// `COMPILER -O2 -c` on `source` (written to `file_name`) natively and under `LEGO_MMAP=1`
+/// with a cache of a tenth of the native peak RSS (at least lego's 16 MiB): the same object
+/// file, the compiler's mapped pages paged (a quarter of what it mapped evicted at least),
+/// and the peak RSS within the cache plus the stated overhead plus what the compiler needs
+/// for an empty file (its own code and data, which lego does not manage).
+fn compiles_paged(compiler: &str, file_name: &str, source: &str, empty: &str) {
     let _serial = heavy();
-    let dir = TempDir::new("gcc-big");
-    let src = dir.path().join("big.c");
-    fs::write(&src, large_c_file()).expect("write the generated C file");
-    let tiny = dir.path().join("tiny.c");
-    fs::write(&tiny, "int main(void) { return 0; }\n").expect("write the empty C file");
-    let gcc = which("gcc");
+    let dir = TempDir::new(&format!("{compiler}-big"));
+    let src = dir.path().join(file_name);
+    fs::write(&src, source).expect("write the generated source file");
+    let extension = src
+        .extension()
+        .expect("a source file name with an extension");
+    let tiny = dir.path().join("tiny").with_extension(extension);
+    fs::write(&tiny, empty).expect("write the empty source file");
+    let binary = which(compiler);
     let compile = |input: &std::path::Path, output: &str| {
         let out = dir.path().join(output);
-        Run::new(&gcc)
+        Run::new(&binary)
             .args([
                 std::ffi::OsStr::new("-O2"),
                 std::ffi::OsStr::new("-c"),
@@ -180,8 +229,8 @@ fn gcc_compiles_a_large_file_paged() {
     empty.assert_success();
     let native = compile(&src, "native.o").run();
     native.assert_success();
-    let cache_mib = (native.rss_kib() / 10 / 1024).max(16);
-    let setup = ShimSetup::new("gcc-big", cache_mib);
+    let cache_mib = (native.rss_kib() / 10 / 1024).max(CACHE_MIB);
+    let setup = ShimSetup::new(&format!("{compiler}-big"), cache_mib);
     let shimmed = setup
         .apply(compile(&src, "lego.o"))
         .env("LEGO_MMAP", "1")
@@ -192,7 +241,7 @@ fn gcc_compiles_a_large_file_paged() {
     let lego_obj = fs::read(dir.path().join("lego.o")).expect("lego's object");
     assert!(
         native_obj == lego_obj,
-        "gcc under lego wrote a different object file ({} bytes against {})",
+        "{compiler} under lego wrote a different object file ({} bytes against {})",
         lego_obj.len(),
         native_obj.len()
     );
@@ -200,14 +249,15 @@ fn gcc_compiles_a_large_file_paged() {
     let served = largest_in_summaries(&shimmed, "mapped_bytes");
     let limit = cache_mib * 1024 + STATED_OVERHEAD_KIB + empty.rss_kib();
     eprintln!(
-        "gcc -O2 on {GCC_FUNCTIONS} functions: native peak RSS {} KiB; under lego with a {cache_mib} MiB cache {} KiB (limit {limit} KiB: cache + {STATED_OVERHEAD_KIB} KiB + gcc on an empty file {} KiB); cc1 mapped {served} bytes, {evicted} of their pages evicted",
+        "{compiler} -O2 on {file_name} ({} bytes): native peak RSS {} KiB; under lego with a {cache_mib} MiB cache {} KiB (limit {limit} KiB: cache + {STATED_OVERHEAD_KIB} KiB + {compiler} on an empty file {} KiB); mapped {served} bytes, {evicted} of their pages evicted",
+        source.len(),
         native.rss_kib(),
         shimmed.rss_kib(),
         empty.rss_kib()
     );
     assert!(
         evicted * 4096 >= served / 4,
-        "cc1's mappings were not paged (mapped {served} bytes, {evicted} pages evicted):\n{shimmed}"
+        "the compiler's mappings were not paged (mapped {served} bytes, {evicted} pages evicted):\n{shimmed}"
     );
     assert!(
         shimmed.rss_kib() <= limit,
@@ -215,6 +265,41 @@ fn gcc_compiles_a_large_file_paged() {
         shimmed.rss_kib()
     );
 }
+
+/// `gcc -O2` on a large generated C file, paged under a tenth of its peak RSS (see
+/// [`compiles_paged`]): 1000 functions by default, 3000 with `LEGO_TEST_GCC=1`.
+#[test]
+fn gcc_compiles_a_large_file_paged() {
+    let functions = if large_compiles() { 3000 } else { 1000 };
+    compiles_paged(
+        "gcc",
+        "big.c",
+        &large_c_file(functions),
+        "int main(void) { return 0; }\n",
+    );
+}
+
+/// `g++ -O2` on a generated template-heavy C++ file, paged under a tenth of its peak RSS
+/// (see [`compiles_paged`]): GXX_TYPES struct types by default, three times as many with
+/// `LEGO_TEST_GCC=1`.
+#[test]
+fn gxx_compiles_a_template_heavy_file_paged() {
+    let types = if large_compiles() {
+        3 * GXX_TYPES
+    } else {
+        GXX_TYPES
+    };
+    compiles_paged(
+        "g++",
+        "templates.cpp",
+        &template_heavy_cpp_file(types),
+        "int main() { return 0; }\n",
+    );
+}
+
+/// Struct types of the default `g++` test's file (about 200 MiB of peak RSS and 10 s natively
+/// here; each type adds about 9 MiB and 0.7 s).
+const GXX_TYPES: usize = 6;
 
 /// The durable heap covers served mappings: a 48 MiB mapping (three times the cache) and a
 /// mapping with a `PROT_NONE` guard and a read-only part, filled before they were protected,
@@ -270,16 +355,7 @@ fn mappings_are_restored_with_their_protections() {
 /// brings the mapping in.)
 #[test]
 fn forked_child_keeps_its_copy_of_a_mapping() {
-    let _serial = heavy();
-    let bin = program("mmap_fork");
-    let native = Run::new(&bin).args(["48"]).run();
-    let setup = ShimSetup::new("mmap-fork", CACHE_MIB);
-    let shimmed = setup
-        .apply(Run::new(&bin).args(["48"]))
-        .env("LEGO_MMAP", "1")
-        .run();
-    assert_same_output(&native, &shimmed);
-    let stats = setup.stats();
+    let stats = same_output_with_mappings("mmap_fork", &["48"]);
     let n = |k: &str| stats.number(k).expect("key");
     assert!(n("mapped_pages_evicted") > 0, "{}", stats.raw);
     assert!(
@@ -294,16 +370,7 @@ fn forked_child_keeps_its_copy_of_a_mapping() {
 /// of waiting (the overflow README states), and the heap block after it still pages.
 #[test]
 fn pinned_pages_beyond_the_cache_are_served() {
-    let _serial = heavy();
-    let bin = program("mmap_pinned");
-    let native = Run::new(&bin).args(["48"]).run();
-    let setup = ShimSetup::new("mmap-pinned", CACHE_MIB);
-    let shimmed = setup
-        .apply(Run::new(&bin).args(["48"]))
-        .env("LEGO_MMAP", "1")
-        .run();
-    assert_same_output(&native, &shimmed);
-    let stats = setup.stats();
+    let stats = same_output_with_mappings("mmap_pinned", &["48"]);
     let pinned_pages = 48 * 256;
     assert!(
         stats.peak_resident_pages >= pinned_pages,
