@@ -3,8 +3,8 @@
 # machine, alternating A B A B over several rounds, compared by medians.
 #
 #   scripts/bench.sh                      full run: 5 rounds, heap 256 MiB over a 64 MiB cache
-#                                         (~12 min here: ~8 without the pool rows)
-#   scripts/bench.sh --quick              3 rounds, heap 128 MiB over 32 MiB (~5 min here)
+#                                         (about an hour here, most of it the scheme table)
+#   scripts/bench.sh --quick              3 rounds, heap 128 MiB over 32 MiB (~25 min here)
 #   scripts/bench.sh [--quick] --only pool   only the memcached pool rows (~1.5 min quick here),
 #                                         so that they can be rerun alone on a shared machine
 #   scripts/bench.sh [--quick] --only watch  only the rows of what publishing costs (~1 min quick)
@@ -161,11 +161,14 @@ else
     update_heap_mib=256
     update_mwrites=300    # about 5 s here
     write_per_page=1
-    real_perl_keys=1000000
-    real_sqlite_rows=800000
-    real_redis_keys=400000
-    real_redis_reads=50000
-    real_gcc_functions=2000 # 251 MiB peak, 35 s natively here
+    # The real programs keep the quick sizes (73-141 MiB peaks, 1-9 s natively): larger ones
+    # made a full run take hours here (each run at 10% of its peak takes 20-60x its native
+    # time under lego, and more under kernel swap when it is not OOM-killed).
+    real_perl_keys=400000
+    real_sqlite_rows=300000
+    real_redis_keys=200000
+    real_redis_reads=20000
+    real_gcc_functions=1000
     real_rounds=1
     run_timeout_s=300
 fi
@@ -754,7 +757,9 @@ real_cache_mib() { # PEAK_KIB PERCENT: the cache for PERCENT of a peak, at least
 }
 
 real_native=()  # NAME PEAK_KIB FNV per program, from its native run
+real_timeout_s=120  # one real program's run, in both modes (measure reads run_timeout_s)
 run_real() {
+    local run_timeout_s=$real_timeout_s
     say "real programs: perl and python hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows), redis ($real_redis_keys keys, $real_redis_reads random GETs twice), gcc -O2 ($real_gcc_functions functions) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
     # Redis' clients run outside the memory cgroup that caps the server (bench/redis_drive.c).
     if [ "$cgroup_ok" = 1 ]; then export REDIS_DRIVE_CLIENT_CGROUP="$cg_root/cgroup.procs"; fi

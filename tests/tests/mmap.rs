@@ -97,14 +97,17 @@ fn mapping_calls_match_the_kernel_under_a_small_cache() {
     );
 }
 
-/// With `LEGO_MMAP` unset the same program runs on ordinary mappings: nothing is served.
+/// With `LEGO_MMAP=0` the same program runs on ordinary mappings: nothing is served.
 #[test]
-fn mappings_stay_ordinary_by_default() {
+fn mappings_stay_ordinary_when_turned_off() {
     let _serial = heavy();
     let bin = program("mmap_ops");
     let native = Run::new(&bin).args(["8"]).run();
     let setup = ShimSetup::new("mmap-off", CACHE_MIB);
-    let shimmed = setup.apply(Run::new(&bin).args(["8"])).run();
+    let shimmed = setup
+        .apply(Run::new(&bin).args(["8"]))
+        .env("LEGO_MMAP", "0")
+        .run();
     assert_same_output(&native, &shimmed);
     let stats = setup.stats();
     assert_eq!(stats.number("mappings_served"), Some(0), "{}", stats.raw);

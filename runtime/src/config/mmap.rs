@@ -4,6 +4,9 @@
 use super::error::ConfigError;
 use crate::PAGE_SIZE;
 
+/// Default of `LEGO_MMAP`: on, since the whole test suite passes with it on and programs
+/// with their own allocators over `mmap` (`gcc`, `g++`, Python's arenas) are paged only so.
+pub const MMAP_DEFAULT: bool = true;
 /// Default of `LEGO_MMAP_MIN`, in bytes: 290 of the 292 MiB `gcc -O2` maps anonymously come in
 /// mappings of at least this size (docs/DESIGN.md), while the many small ones would each cost a
 /// span and, once protected, a VMA split.
@@ -16,7 +19,7 @@ pub const MMAP_MIN_BYTES_MAX: u64 = 1 << 40;
 const _: () = assert!(MMAP_MIN_BYTES_MIN <= MMAP_MIN_BYTES_DEFAULT);
 const _: () = assert!(MMAP_MIN_BYTES_DEFAULT <= MMAP_MIN_BYTES_MAX);
 
-/// Parses `LEGO_MMAP`: `1`/`on`/`yes` or `0`/`off`/`no` (the default).
+/// Parses `LEGO_MMAP`: `1`/`on`/`yes` (the default, [`MMAP_DEFAULT`]) or `0`/`off`/`no`.
 pub(super) fn parse_mmap(value: &str) -> Result<bool, ConfigError> {
     match value.to_ascii_lowercase().as_str() {
         "on" | "1" | "yes" => Ok(true),

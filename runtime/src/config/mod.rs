@@ -43,7 +43,7 @@ pub use error::ConfigError;
 pub use faults::{
     FaultEffect, FaultOp, FaultPlan, FAULT_DELAY_MS_MAX, PANIC_FAULT_POINTS, SPAWN_FAULT_THREADS,
 };
-pub use mmap::{MMAP_MIN_BYTES_DEFAULT, MMAP_MIN_BYTES_MAX, MMAP_MIN_BYTES_MIN};
+pub use mmap::{MMAP_DEFAULT, MMAP_MIN_BYTES_DEFAULT, MMAP_MIN_BYTES_MAX, MMAP_MIN_BYTES_MIN};
 pub use parse::{parse_size, total_ram_bytes, SizeError};
 pub use pool::{CodeShape, PoolSettings, Replication, REPLICAS_MAX};
 pub use settings::{documented_settings, vars, Setting};
@@ -487,7 +487,7 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         key_file: raw.key_file.map(PathBuf::from),
         publish: raw.publish.unwrap_or(true),
         metrics: raw.metrics,
-        mmap: raw.mmap.unwrap_or(false),
+        mmap: raw.mmap.unwrap_or(MMAP_DEFAULT),
         mmap_min_bytes: match raw.mmap_min_bytes {
             Some(r) => mmap::check_mmap_min(&r.text, r.value)?,
             None => MMAP_MIN_BYTES_DEFAULT,

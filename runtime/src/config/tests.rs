@@ -214,7 +214,7 @@ fn every_setting_parsed() {
             key_file: None,
             publish: true,
             metrics: None,
-            mmap: false,
+            mmap: true,
             mmap_min_bytes: MMAP_MIN_BYTES_DEFAULT,
         }
     );
@@ -949,7 +949,7 @@ fn redundancy_is_copies_or_a_code_checked_against_the_servers_and_the_mode() {
 #[test]
 fn mmap_switch_and_threshold() {
     let c = config(&[]).expect("defaults");
-    assert!(!c.mmap, "off by default");
+    assert!(c.mmap, "on by default");
     assert_eq!(c.mmap_min_bytes, MMAP_MIN_BYTES_DEFAULT);
     let c = config(&[("LEGO_MMAP", "1"), ("LEGO_MMAP_MIN", "1M")]).expect("valid");
     assert!(c.mmap);
