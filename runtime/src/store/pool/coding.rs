@@ -296,10 +296,11 @@ mod tests {
         assert!(code.delta(4, &data[0], &data[1], &mut parity).is_err());
     }
 
-    /// A measurement, not a test (`cargo test --release -- --ignored coding_costs
-    /// --nocapture`): medians of encoding and rebuilding one stripe of 4 KiB pages.
+    /// A measurement, not a test, so it is built only with the `measure` feature (`cargo test
+    /// --release -p lego-runtime --features measure coding_costs -- --nocapture`): medians of
+    /// encoding and rebuilding one stripe of 4 KiB pages.
+    #[cfg(feature = "measure")]
     #[test]
-    #[ignore]
     fn coding_costs() {
         for (k, m) in [(4, 2), (8, 2)] {
             let code = Code::new(k, m).expect("code");
