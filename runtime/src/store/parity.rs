@@ -102,10 +102,9 @@ pub fn encode(w: &ParityWrite<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; 4]);
     let data = u8::try_from(w.cover.len()).expect("at most 16 data pages");
     out.extend_from_slice(&[data, w.parity, w.key.slot, 0]);
-    for c in w.cover {
-        out.extend_from_slice(&c.version.to_le_bytes());
-        out.extend_from_slice(&c.crc.to_le_bytes());
-    }
+    let mut cover = [0u8; COVER_ENTRY_BYTES * PARITY_COVER_ENTRIES_MAX];
+    let len = cover_bytes(w.cover, &mut cover);
+    out.extend_from_slice(&cover[..len]);
     out.extend_from_slice(w.buf);
     let crc = crc32c::crc32c(&out[start + 4..]);
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
@@ -138,7 +137,8 @@ pub fn decode(data: &[u8], r: &mut ParityRead<'_>) -> Result<(), Unread> {
     Ok(())
 }
 
-/// The cover as the seal binds it: K x (version u32 LE, crc u32 LE), in `buf`; its length.
+/// The cover as an unsealed value holds it and a seal binds it: K x (version u32 LE, crc u32
+/// LE), in `buf`; its length.
 fn cover_bytes(
     cover: &[Cover],
     buf: &mut [u8; COVER_ENTRY_BYTES * PARITY_COVER_ENTRIES_MAX],
@@ -230,19 +230,25 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_value_reads_back_only_for_its_shape_slot_and_cover() {
-        let page = vec![0x3cu8; PAGE_SIZE];
-        let c = cover(4, 9);
+    /// The unsealed value of parity `slot` of `stripe` (shape K+`parity`, K = `c.len()`).
+    fn unsealed(stripe: u64, slot: u8, parity: u8, page: &[u8], c: &[Cover]) -> Vec<u8> {
         let w = ParityWrite {
-            key: ParityKey { stripe: 5, slot: 1 },
-            buf: &page,
-            cover: &c,
-            parity: 2,
+            key: ParityKey { stripe, slot },
+            buf: page,
+            cover: c,
+            parity,
             outcome: Outcome::Pending,
         };
         let mut value = Vec::new();
         encode(&w, &mut value);
+        value
+    }
+
+    #[test]
+    fn a_value_reads_back_only_for_its_shape_slot_and_cover() {
+        let page = vec![0x3cu8; PAGE_SIZE];
+        let c = cover(4, 9);
+        let value = unsealed(5, 1, 2, &page, &c);
         assert_eq!(value.len(), 4136, "8 + 8K + 4096 for K = 4");
         let mut buf = vec![0u8; PAGE_SIZE];
         let read = |value: &[u8], cover: &[Cover], slot: u8, parity: u8| {
@@ -372,30 +378,10 @@ mod tests {
             "another key"
         );
         // An unsealed value is not a sealed one, whatever its length.
-        let mut plain = Vec::new();
-        encode(
-            &ParityWrite {
-                key: ParityKey { stripe: 9, slot: 1 },
-                buf: &page,
-                cover: &c,
-                parity: 2,
-                outcome: Outcome::Pending,
-            },
-            &mut plain,
-        );
+        let plain = unsealed(9, 1, 2, &page, &c);
         assert!(open_sealed(&s, &plain, 9, 1, 2, &c).is_err());
         let c6 = cover(6, 5);
-        let mut plain6 = Vec::new();
-        encode(
-            &ParityWrite {
-                key: ParityKey { stripe: 9, slot: 1 },
-                buf: &page,
-                cover: &c6,
-                parity: 2,
-                outcome: Outcome::Pending,
-            },
-            &mut plain6,
-        );
+        let plain6 = unsealed(9, 1, 2, &page, &c6);
         assert_eq!(
             plain6.len(),
             sealed_value_bytes(6),
@@ -455,15 +441,7 @@ mod tests {
         ) {
             let page = vec![seed as u8; PAGE_SIZE];
             let c = cover(8, seed);
-            let w = ParityWrite {
-                key: ParityKey { stripe: 1, slot: 0 },
-                buf: &page,
-                cover: &c,
-                parity: 2,
-                outcome: Outcome::Pending,
-            };
-            let mut value = Vec::new();
-            encode(&w, &mut value);
+            let mut value = unsealed(1, 0, 2, &page, &c);
             value[flip / 8] ^= 1 << (flip % 8);
             let mut buf = vec![0u8; PAGE_SIZE];
             let mut r = ParityRead {

@@ -499,26 +499,20 @@ impl MemcachedServer {
         }
         let before = request.len();
         for (j, w) in parity.iter().enumerate() {
+            let len = match &self.sealer {
+                None => parity::value_bytes(w.cover.len()),
+                Some(_) => parity::sealed_value_bytes(w.cover.len()),
+            };
             let key = self.parity_key(w.key);
-            made &= match &self.sealer {
-                None => protocol::set_with(
-                    &mut request,
-                    key.as_str(),
-                    parity::value_bytes(w.cover.len()),
-                    (n + j) as u32,
-                    |out| {
+            made &= protocol::set_with(&mut request, key.as_str(), len, (n + j) as u32, |out| {
+                match &self.sealer {
+                    None => {
                         parity::encode(w, out);
                         true
-                    },
-                ),
-                Some(sealer) => protocol::set_with(
-                    &mut request,
-                    key.as_str(),
-                    parity::sealed_value_bytes(w.cover.len()),
-                    (n + j) as u32,
-                    |out| parity::encode_sealed(sealer, w, out),
-                ),
-            };
+                    }
+                    Some(sealer) => parity::encode_sealed(sealer, w, out),
+                }
+            });
         }
         if !made {
             // No nonce is left (2^64 seals): nothing is sent.
