@@ -186,6 +186,31 @@ impl Memcached {
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
+    /// Sends raw protocol commands on a new connection and returns every reply up to `last`
+    /// (the end of the last command's reply, for example `"END\r\n"`, or `"MN\r\n"` after a
+    /// pipeline of quiet meta commands ended by `mn`). Panics if the server closes first or
+    /// says nothing for 10 s.
+    pub fn talk(&self, request: &[u8], last: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(&self.addr).expect("connecting to memcached");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a timeout");
+        s.write_all(request).expect("writing to memcached");
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !reply.ends_with(last.as_bytes()) {
+            let n = s.read(&mut buf).expect("reading memcached's replies");
+            assert!(
+                n > 0,
+                "memcached at {} closed the connection: {}",
+                self.addr,
+                String::from_utf8_lossy(&reply)
+            );
+            reply.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+
     /// The server's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

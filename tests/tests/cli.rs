@@ -205,44 +205,20 @@ fn replay_checkpoint_strict_and_inspect_of_program_checkpoints() {
     );
 }
 
-/// Sends text-protocol commands to `server` on a raw connection and returns the whole reply
-/// up to `last` (a line ending the reply of the last command).
-fn talk(server: &Memcached, request: &[u8], last: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&server.addr).expect("connecting");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("a timeout");
-    s.write_all(request).expect("writing");
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&reply).ends_with(last) {
-        let n = s.read(&mut buf).expect("reading");
-        assert!(
-            n > 0,
-            "the server closed: {}",
-            String::from_utf8_lossy(&reply)
-        );
-        reply.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&reply).into_owned()
-}
-
 /// Stores `key` on `server` with a page-sized value, expiring after `ttl_s` (0: never).
 fn set(server: &Memcached, key: &str, ttl_s: u32) {
     let value = vec![b'x'; 4104];
     let mut request = format!("set {key} 0 {ttl_s} {}\r\n", value.len()).into_bytes();
     request.extend_from_slice(&value);
     request.extend_from_slice(b"\r\n");
-    assert_eq!(
-        talk(server, &request, "\r\n"),
-        "STORED\r\n",
-        "storing {key}"
-    );
+    assert_eq!(server.talk(&request, "\r\n"), "STORED\r\n", "storing {key}");
 }
 
 /// Whether `server` holds `key`.
 fn has(server: &Memcached, key: &str) -> bool {
-    talk(server, format!("get {key}\r\n").as_bytes(), "END\r\n").starts_with("VALUE")
+    server
+        .talk(format!("get {key}\r\n").as_bytes(), "END\r\n")
+        .starts_with("VALUE")
 }
 
 /// A live heap (its lease, as a running lego holds it, and two pages), an orphaned heap

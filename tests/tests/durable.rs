@@ -1046,7 +1046,7 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
     .expect("reading the pool image");
     request.extend_from_slice(b"mn\r\n");
     for server in &servers {
-        memcached_request(&server.addr, &request);
+        server.talk(&request, "MN\r\n");
     }
     let lost = Run::new(program("durable_list"))
         .args(["verify", "40"])
@@ -1086,22 +1086,6 @@ fn a_log_reseeds_an_empty_pool_and_the_heap_comes_back_from_it() {
         "{refused}"
     );
     drop(servers);
-}
-
-/// Sends a pipeline of quiet meta commands ending in `mn` and waits for its `MN`.
-fn memcached_request(addr: &str, request: &[u8]) {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).expect("connecting to memcached");
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("a timeout");
-    conn.write_all(request).expect("sending");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.ends_with(b"MN\r\n") {
-        let n = conn.read(&mut buf).expect("reading the replies");
-        assert!(n > 0, "memcached closed the connection");
-        got.extend_from_slice(&buf[..n]);
-    }
 }
 
 /// Issue 12: a log seeds a pool with sealed values (`lego replay --to --key-file`); the heap

@@ -549,12 +549,7 @@ fn assert_no_plaintext_with_a_key(label: &str, servers: usize, redundancy: &str)
         values.iter().filter(|v| has_marker(v)).count() > 1000,
         "without a key the pages are in the clear (the control)"
     );
-    assert_eq!(
-        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
-        Some("no"),
-        "{}",
-        stats.raw
-    );
+    assert_pool_sealed(&stats, false);
 
     let dir = lego_tests::TempDir::new("seal-key");
     let key = key_file(&dir);
@@ -574,13 +569,7 @@ fn assert_no_plaintext_with_a_key(label: &str, servers: usize, redundancy: &str)
         "{clear} of {} values hold a page in the clear",
         values.len()
     );
-    assert_eq!(
-        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
-        Some("yes"),
-        "{}",
-        stats.raw
-    );
-    assert_eq!(stats.number("pool_seal_failures"), Some(0), "{}", stats.raw);
+    assert_pool_sealed(&stats, true);
     assert!(
         stats.number("pages_fetched").is_some_and(|n| n > 1000),
         "{}",
@@ -593,6 +582,20 @@ fn assert_no_plaintext_with_a_key(label: &str, servers: usize, redundancy: &str)
         "{sealed}"
     );
     assert!(!stats.raw.as_bytes().windows(32).any(|w| w == key_bytes));
+}
+
+/// The stats say whether the pool's values were sealed (`pool_sealed`) as `sealed` says, and,
+/// when they were, that every value opened (`pool_seal_failures` 0).
+fn assert_pool_sealed(stats: &lego_tests::Stats, sealed: bool) {
+    assert_eq!(
+        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
+        Some(if sealed { "yes" } else { "no" }),
+        "{}",
+        stats.raw
+    );
+    if sealed {
+        assert_eq!(stats.number("pool_seal_failures"), Some(0), "{}", stats.raw);
+    }
 }
 
 /// Servers of the erasure-coded pool tests (rs:4+2 needs six).
@@ -698,12 +701,7 @@ fn wait_until_stripes_whole(published: &std::path::Path) {
 fn two_of_six_servers_killed_cost_nothing_with_rs_4_2() {
     let _serial = heavy();
     let stats = two_of_six_killed("pool-rs-kill-two", None);
-    assert_eq!(
-        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
-        Some("no"),
-        "{}",
-        stats.raw
-    );
+    assert_pool_sealed(&stats, false);
 }
 
 /// The same with sealed values (`LEGO_KEY_FILE`): data and parity values sealed, two servers
@@ -714,13 +712,7 @@ fn two_of_six_servers_killed_cost_nothing_with_rs_4_2_and_a_key() {
     let dir = lego_tests::TempDir::new("rs-key");
     let key = key_file(&dir);
     let stats = two_of_six_killed("pool-rs-key-kill-two", Some(&key));
-    assert_eq!(
-        lego_tests::json_value(&stats.raw, "pool_sealed").as_deref(),
-        Some("yes"),
-        "{}",
-        stats.raw
-    );
-    assert_eq!(stats.number("pool_seal_failures"), Some(0), "{}", stats.raw);
+    assert_pool_sealed(&stats, true);
 }
 
 /// The run of the two tests above (rs:4+2, servers 1 and 4 killed and restarted empty) and
