@@ -138,12 +138,6 @@ if [ "$quick" = 1 ]; then
     update_heap_mib=128   # log_write update: heap, in the cache
     update_mwrites=200    # log_write update: millions of increments (about 3 s here)
     write_per_page=0.5    # page_sweep write ROUNDS (random page writes per page) on the pool
-    real_perl_keys=400000 # the Perl hash-and-sort's keys (about 105 MiB peak)
-    real_sqlite_rows=300000 # the SQLite table's rows (about 80 MiB peak)
-    real_redis_keys=200000  # Redis: keys of 200 bytes loaded (about 75 MiB peak)
-    real_redis_reads=20000  # Redis: random GETs by redis-benchmark, twice
-    real_gcc_functions=1000 # gcc -O2 on a generated file of this many functions (141 MiB, 18 s)
-    real_rounds=1         # rounds of each real program at each cache
     run_timeout_s=120     # one run; a run past it is killed and reported as a timeout
 else
     mode=full
@@ -161,17 +155,18 @@ else
     update_heap_mib=256
     update_mwrites=300    # about 5 s here
     write_per_page=1
-    # The real programs keep the quick sizes (73-141 MiB peaks, 1-9 s natively): larger ones
-    # made a full run take hours here (each run at 10% of its peak takes 20-60x its native
-    # time under lego, and more under kernel swap when it is not OOM-killed).
-    real_perl_keys=400000
-    real_sqlite_rows=300000
-    real_redis_keys=200000
-    real_redis_reads=20000
-    real_gcc_functions=1000
-    real_rounds=1
     run_timeout_s=300
 fi
+# The real programs, in both modes (larger inputs made a full run take hours here: each run
+# at 10% of its peak takes 20-60x its native time under lego, and more under kernel swap when
+# it is not OOM-killed).
+real_perl_keys=400000     # the Perl hash-and-sort's keys (about 105 MiB peak)
+real_sqlite_rows=300000   # the SQLite table's rows (about 80 MiB peak)
+real_redis_keys=200000    # Redis: keys of 200 bytes loaded (about 75 MiB peak)
+real_redis_reads=20000    # Redis: random GETs by redis-benchmark, twice
+real_gcc_functions=1000   # gcc -O2 on a generated file of this many functions (141 MiB, 9 s)
+real_rounds=1             # rounds of each real program at each cache
+real_timeout_s=120        # one real program's run, in seconds (run_real sets run_timeout_s to it)
 first_touch_cache=2048    # lego's cache for first touch and the allocator: larger than any heap
 overhead_mib=16           # lego's stated overhead (README): its cgroup is capped at cache + this
 curve_percents="10 25 50 100"
@@ -757,7 +752,6 @@ real_cache_mib() { # PEAK_KIB PERCENT: the cache for PERCENT of a peak, at least
 }
 
 real_native=()  # NAME PEAK_KIB FNV per program, from its native run
-real_timeout_s=120  # one real program's run, in both modes (measure reads run_timeout_s)
 run_real() {
     local run_timeout_s=$real_timeout_s
     say "real programs: perl and python hash-and-sort ($real_perl_keys keys), sqlite in memory ($real_sqlite_rows rows), redis ($real_redis_keys keys, $real_redis_reads random GETs twice), gcc -O2 ($real_gcc_functions functions) at $real_percents % of their peak RSS; lego vs kernel swap vs zswap"
