@@ -75,7 +75,7 @@ static CONFIG: OnceLock<Config> = OnceLock::new();
 /// The image being restored and the region reserved for it, between `user_heap` (which
 /// reserves the region) and the constructor (which starts the runtime on it).
 static RESTORING_FROM: Mutex<Option<(Region, lego_runtime::pager::RestoreFrom)>> = Mutex::new(None);
-static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+static RUNTIME: RuntimeSlot = RuntimeSlot(AtomicPtr::new(std::ptr::null_mut()));
 /// The key of `LEGO_KEY_FILE`, loaded (and checked) with the configuration, before `main`;
 /// taken by the start, which seals the pool's values under it, and dropped (zeroed) then.
 static SEAL_KEY: Mutex<Option<lego_runtime::seal::SealKey>> = Mutex::new(None);
@@ -87,6 +87,40 @@ static METRICS: OnceLock<lego_runtime::watch::metrics::Metrics> = OnceLock::new(
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);
 /// Set in a forked child: its copy of the region is ordinary memory, served by nobody.
 static DETACHED: AtomicBool = AtomicBool::new(false);
+/// Set in a forked child that runs a runtime of its own (a served fork): its exit removes only
+/// what that runtime made (the inherited publisher, metrics and log are the parent's).
+static CHILD_RUNTIME: AtomicBool = AtomicBool::new(false);
+
+/// The runtime of this process: set once at start, and replaced in a served fork's child by
+/// the child's own (the inherited one is the parent's, and is never used or dropped there).
+/// Runtimes are leaked: they live as long as the process.
+struct RuntimeSlot(AtomicPtr<Runtime>);
+
+impl RuntimeSlot {
+    fn get(&self) -> Option<&'static Runtime> {
+        let p = self.0.load(Ordering::Acquire);
+        // SAFETY: a published runtime is leaked (never freed), so the reference lives for ever.
+        (!p.is_null()).then(|| unsafe { &*p })
+    }
+
+    /// Publishes the runtime (once: a second one is dropped).
+    fn set(&self, rt: Runtime) {
+        let p = Box::into_raw(Box::new(rt));
+        if self
+            .0
+            .compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // SAFETY: `p` was never published, so this is its only owner.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+
+    /// In a served fork's child (one thread): the child's runtime from now on.
+    fn replace_in_child(&self, rt: Box<Runtime>) {
+        self.0.store(Box::into_raw(rt), Ordering::Release);
+    }
+}
 
 /// Writes `msg` and a newline to stderr with one `write(2)`, allocating nothing from the heap.
 fn stderr_line(msg: &str) {
@@ -443,9 +477,7 @@ extern "C" fn lego_init() {
     }
     let key = SEAL_KEY.lock().unwrap_or_else(|e| e.into_inner()).take();
     match Runtime::start(config, region, image, Some(quiesce), key.as_ref()) {
-        Ok(rt) => {
-            let _ = RUNTIME.set(rt);
-        }
+        Ok(rt) => RUNTIME.set(rt),
         Err(e) => die(
             EXIT_CANNOT_START,
             &format!("lego: {}", lego_runtime::logging::error_chain(&e)),
@@ -612,12 +644,33 @@ extern "C" fn fork_child() {
         return;
     }
     internal_heap().after_fork_child();
+    // The user heap's locks live in the region: a page of them that was evicted is served to
+    // the child by the parent's lego-fork until the child's runtime runs.
     if let Some(h) = user_heap() {
         h.after_fork_child();
     }
-    // The child's copy of the region lost its userfaultfd registration; every evicted page
-    // was brought back before the fork, so it is complete, and from now on ordinary memory.
-    DETACHED.store(true, Ordering::Relaxed);
+    let (Some(rt), Some(config)) = (RUNTIME.get(), CONFIG.get()) else {
+        DETACHED.store(true, Ordering::Relaxed);
+        return;
+    };
+    match rt.after_fork_child(config) {
+        // The child's copy of the region lost its userfaultfd registration; every evicted
+        // page was brought back before the fork, so it is complete, and from now on ordinary
+        // memory.
+        Ok(lego_runtime::pager::ForkedChild::Detached) => DETACHED.store(true, Ordering::Relaxed),
+        Ok(lego_runtime::pager::ForkedChild::Served(child)) => {
+            RUNTIME.replace_in_child(child);
+            CHILD_RUNTIME.store(true, Ordering::Relaxed);
+        }
+        // Its evicted pages cannot be served: it must not run on and read zeros.
+        Err(e) => die(
+            EXIT_CANNOT_START,
+            &format!(
+                "lego: a forked child cannot start its runtime, so it exits: {}",
+                lego_runtime::logging::error_chain(&e)
+            ),
+        ),
+    }
 }
 
 /// Every statistic of the process now: the counters, what the runtime and the store report,
@@ -654,6 +707,12 @@ fn full_snapshot(rt: &Runtime) -> lego_runtime::stats::StatsSnapshot {
 extern "C" fn lego_exit() {
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != OWNER_PID.load(Ordering::Relaxed) {
+        // A served fork's child removes the store it made; the rest is the parent's.
+        if CHILD_RUNTIME.load(Ordering::Relaxed) {
+            if let Some(rt) = RUNTIME.get() {
+                rt.at_exit();
+            }
+        }
         return;
     }
     let (Some(config), Some(rt)) = (CONFIG.get(), RUNTIME.get()) else {

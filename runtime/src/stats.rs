@@ -136,8 +136,12 @@ counters! {
     EventsUnmap => events_unmap,
     /// userfaultfd REMAP events (mremap of part of the region).
     EventsRemap => events_remap,
-    /// Pages served to a forked child's copy of the region.
+    /// Pages brought back before a fork that could not be served (the child is detached).
     ForkPageIns => fork_page_ins,
+    /// Forks whose child runs a runtime of its own, its evicted pages left evicted.
+    ForksServed => forks_served,
+    /// Pages served to a forked child before its runtime ran (from the parent's side).
+    ForkWindowPages => fork_window_pages,
     /// Epochs committed to the durable heap's log.
     EpochsCommitted => epochs_committed,
     /// Pages (contents and zero records) appended to the log by epochs.

@@ -260,3 +260,141 @@ fn redis_serves_a_dataset_four_times_the_cache() {
     );
     check_paged(&native, &shimmed, &setup, 4);
 }
+
+/// Keys of the dataset the background-save test writes out: with `REDIS_VALUE_BYTES` values,
+/// a heap more than ten times its 16 MiB cache.
+const REDIS_SAVE_KEYS: u64 = 450_000;
+
+/// Waits (polling `INFO persistence` on `port`) until `field` reads 0 and `status` reads ok.
+fn redis_wait_persistence(port: u16, in_progress: &str, status: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let info = redis_client("redis-cli", port, &["INFO", "persistence"], None);
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(|v| v.trim().to_string())
+        };
+        if field(in_progress).as_deref() == Some("0") {
+            assert_eq!(
+                field(status).as_deref(),
+                Some("ok"),
+                "the background save failed:\n{info}"
+            );
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background save did not finish:\n{info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Starts a fresh Redis (not preloaded) over `dir` with `args`, and returns its `DEBUG DIGEST`
+/// and its key count once it has loaded what it found there.
+fn redis_loaded_digest(dir: &std::path::Path, args: &[&str]) -> (String, String) {
+    let server = which("redis-server");
+    let port = free_port();
+    let mut found = (String::new(), String::new());
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let out = Run::new(&server)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--dir", &dir_arg, "--enable-debug-command", "local", "--logfile", ""])
+        .args(args)
+        .run_with(|live| {
+            let ready = live.wait_for_line(
+                |l| l.contains("Ready to accept connections"),
+                std::time::Duration::from_secs(120),
+            );
+            assert!(ready.is_some(), "redis-server did not load:\n{}", live.stdout_so_far());
+            found = (
+                redis_client("redis-cli", port, &["DEBUG", "DIGEST"], None),
+                redis_client("redis-cli", port, &["DBSIZE"], None),
+            );
+            redis_client("redis-cli", port, &["SHUTDOWN", "NOSAVE"], None);
+        });
+    out.assert_success();
+    found
+}
+
+/// Issue 14: Redis with a dataset more than ten times its cache saves it in the background:
+/// `BGSAVE` and `BGREWRITEAOF` each fork a child that writes the whole dataset out while the
+/// parent goes on serving. The fork pages nothing in (the child reads its evicted pages from
+/// the parent's store copies of the moment of the fork), so the peak RSS of the run (the
+/// parent's, and each child's) stays within the cache plus the stated overhead; the dump and
+/// the rewritten AOF each load into a fresh Redis with the same `DEBUG DIGEST`.
+#[test]
+fn redis_saves_a_dataset_ten_times_the_cache_in_the_background() {
+    let _serial = heavy();
+    let server = which("redis-server");
+    let dir = lego_tests::TempDir::new("redis-save");
+    let dir_arg = dir.path().to_string_lossy().into_owned();
+    let cache_mib = 16;
+    let setup = ShimSetup::new("redis-save", cache_mib);
+    let port = free_port();
+    let mut digest = String::new();
+    let out = setup
+        .apply(Run::new(&server).args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_arg,
+            "--dbfilename",
+            "dump.rdb",
+            "--appenddirname",
+            "aof",
+            "--enable-debug-command",
+            "local",
+            "--logfile",
+            "",
+        ]))
+        .run_with(|live| {
+            let ready = live.wait_for_line(
+                |l| l.contains("Ready to accept connections"),
+                std::time::Duration::from_secs(60),
+            );
+            assert!(ready.is_some(), "redis-server did not start:\n{}", live.stdout_so_far());
+            let load = resp((0..REDIS_SAVE_KEYS).map(|i| {
+                vec!["SET".into(), format!("key:{i:012}"), redis_value(i, 0)]
+            }));
+            redis_client("redis-cli", port, &["--pipe"], Some(load));
+            digest = redis_client("redis-cli", port, &["DEBUG", "DIGEST"], None);
+            redis_client("redis-cli", port, &["BGSAVE"], None);
+            redis_wait_persistence(port, "rdb_bgsave_in_progress", "rdb_last_bgsave_status");
+            redis_client("redis-cli", port, &["BGREWRITEAOF"], None);
+            redis_wait_persistence(port, "aof_rewrite_in_progress", "aof_last_bgrewrite_status");
+            // Still the same dataset in the parent.
+            assert_eq!(
+                redis_client("redis-cli", port, &["DEBUG", "DIGEST"], None),
+                digest,
+                "the parent's dataset changed over the saves"
+            );
+            redis_client("redis-cli", port, &["SHUTDOWN", "NOSAVE"], None);
+        });
+    out.assert_success();
+    let keys = format!("{REDIS_SAVE_KEYS}\n");
+    let (from_dump, n) = redis_loaded_digest(dir.path(), &["--dbfilename", "dump.rdb"]);
+    assert_eq!((from_dump.as_str(), n.as_str()), (digest.as_str(), keys.as_str()), "the dump");
+    std::fs::remove_file(dir.path().join("dump.rdb")).expect("remove the dump");
+    let (from_aof, n) =
+        redis_loaded_digest(dir.path(), &["--appendonly", "yes", "--appenddirname", "aof"]);
+    assert_eq!((from_aof.as_str(), n.as_str()), (digest.as_str(), keys.as_str()), "the AOF");
+    assert_rss_within_cache(&out, cache_mib, None);
+    let stats = setup.stats();
+    stats.assert_oversubscribed(cache_mib);
+    assert!(
+        stats.heap_top_bytes >= 10 * cache_mib * MIB,
+        "the heap ({} bytes) is not ten times the cache:\n{}",
+        stats.heap_top_bytes,
+        stats.raw
+    );
+    assert_eq!(stats.number("fork_page_ins"), Some(0), "{}", stats.raw);
+    assert_eq!(stats.number("forks_served"), Some(2), "{}", stats.raw);
+}

@@ -85,6 +85,57 @@ fn fork_with_evicted_pages() {
     oversubscribed("fork_evicted", &["256"], 24, false);
 }
 
+/// Served forks (issue 14): twelve forks of a heap six times the cache, each child checking
+/// the heap of its fork while its parent rewrites a third of it, then writing, freeing and
+/// reallocating on its own side; both evict meanwhile. Output equal to the native run; no page
+/// brought back for a fork; the parent within its cache; each child within its own cache
+/// (its peak RSS from `getrusage(RUSAGE_CHILDREN)`); children that exec or are killed let the
+/// store's frozen copies go (no generation left at exit).
+#[test]
+fn forks_leave_evicted_pages_evicted() {
+    let _serial = heavy();
+    let bin = program("fork_both_evict");
+    let cache_mib = 16;
+    for mode in ["wait", "mixed"] {
+        let args = ["96", "12", mode];
+        let native = Run::new(&bin).args(args).measure_rss().run();
+        native.assert_success();
+        let setup = ShimSetup::new(&format!("fork-{mode}"), cache_mib);
+        let shimmed = setup.apply(Run::new(&bin).args(args)).run();
+        assert_same_output(&native, &shimmed);
+        assert!(shimmed.stdout.contains("all forks ok"), "{shimmed}");
+        assert_rss_within_cache(&shimmed, cache_mib, Some(&native));
+        let children_kib: u64 = shimmed
+            .stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("children_maxrss_kib="))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no children_maxrss_kib line:\n{shimmed}"));
+        let limit = lego_tests::rss_limit_kib(cache_mib);
+        assert!(
+            children_kib <= limit,
+            "{mode}: a child's peak RSS {children_kib} KiB exceeds its cache {cache_mib} MiB plus \
+             the overhead ({limit} KiB): it was paged in\n{shimmed}"
+        );
+        let stats = setup.stats();
+        stats.assert_oversubscribed(cache_mib);
+        assert_eq!(stats.number("fork_page_ins"), Some(0), "{mode}: {}", stats.raw);
+        assert_eq!(stats.number("forks_served"), Some(12), "{mode}: {}", stats.raw);
+        assert_eq!(
+            stats.number("fork_generations_live"),
+            Some(0),
+            "{mode}: every child is gone, so no copy may stay frozen for one: {}",
+            stats.raw
+        );
+        eprintln!(
+            "{mode}: parent peak RSS {} KiB, children's {children_kib} KiB, evicted {} fetched {}",
+            shimmed.rss_kib(),
+            stats.pages_evicted,
+            stats.pages_fetched
+        );
+    }
+}
+
 /// read(2) into and write(2) from evicted buffers: the kernel's own accesses fault.
 #[test]
 fn syscalls_on_evicted_buffers() {

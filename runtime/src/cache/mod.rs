@@ -375,6 +375,44 @@ impl Cache {
     pub fn capacity_pages(&self) -> usize {
         self.capacity_pages
     }
+
+    /// In a forked child: a cache of `capacity_pages` over the table the child inherited (the
+    /// parent's at the fork, copied with the rest of its memory); `installed` pages, which the
+    /// parent put into the child's region before the child's runtime ran, are resident.
+    ///
+    /// # Safety
+    /// Only in a forked child while it has one thread, with nobody holding the lock (the parent
+    /// held it across the fork and the child released it); `self` must never be used or dropped
+    /// afterwards: the new cache owns the table's memory.
+    pub unsafe fn inherit(&self, capacity_pages: usize, installed: &[u64]) -> Cache {
+        assert!(capacity_pages > 0, "a cache needs room for at least one page");
+        let guard = self.lock();
+        // SAFETY: a bitwise copy of the table; the caller guarantees the original is never
+        // used or dropped again, so the copy is the only owner of its arrays.
+        let mut table: Table = unsafe { std::ptr::read(&*guard) };
+        drop(guard);
+        for &p in installed {
+            let Ok(p) = usize::try_from(p) else { continue };
+            if p >= table.pages() {
+                continue;
+            }
+            match table.state(p) {
+                PageState::Evicted => {
+                    table.set_state(p, PageState::Fetching);
+                    table.set_state(p, PageState::Resident);
+                }
+                PageState::Absent => {
+                    table.set_state(p, PageState::Filling);
+                    table.set_state(p, PageState::Resident);
+                }
+                _ => {}
+            }
+        }
+        Cache {
+            table: Mutex::new(table),
+            capacity_pages,
+        }
+    }
 }
 
 #[cfg(test)]

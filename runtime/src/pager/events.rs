@@ -160,7 +160,19 @@ pub(super) fn pump_events_locked(sh: &Shared, buf: &mut EventBuffer, faults: &mu
                     );
                     discard::forget_range(sh, *from as usize, *from as usize + len);
                 }
-                Event::Fork { .. } => {}
+                // Forks with lego's atfork handlers are read by `lego-fork` (the forking
+                // thread holds this lock meanwhile); one read here skipped them (`_Fork`, a
+                // raw `clone`): dropping its descriptor leaves the child's region ordinary
+                // memory, reading zeros where pages were evicted.
+                // (The descriptor closes when `events` is cleared.)
+                Event::Fork { .. } => {
+                    if FAULT_ERRORS.allow() {
+                        log::warn!(
+                            "a fork without lego's atfork handlers: the child reads zeros where \
+                             the heap's pages were evicted"
+                        );
+                    }
+                }
             }
         }
     }

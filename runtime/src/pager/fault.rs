@@ -59,6 +59,11 @@ impl Fill {
             readahead: Mutex::new(Readahead::new()),
         })
     }
+
+    /// The address of a page of zeros nothing writes (a source for `UFFDIO_COPY`).
+    pub(super) fn zeros_addr(&self) -> usize {
+        self.zeros.base
+    }
 }
 
 /// A fault handler thread; `fetch` is its buffer for fetched pages ([`FETCH_CHUNK_PAGES`]).

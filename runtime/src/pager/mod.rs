@@ -21,7 +21,10 @@
 //!
 //! The parts, each using only those listed after it (imports go down):
 //! - `start.rs`: [`Runtime::start`]: opens everything, builds [`Shared`], starts the threads;
-//! - `fork.rs`: `fork` support (every evicted page brought back, the gate held);
+//! - `fork.rs`: `fork` support: a served fork (the `lego-fork` thread reads the `FORK` event,
+//!   serves the child until its own runtime runs and hands it its userfaultfd, `handover.rs`)
+//!   or a paged-in one (every evicted page brought back, the gate held);
+//! - `child.rs`: a served fork's child runtime, over the table it inherited;
 //! - `fault.rs`: the fault handler threads: what to do about a fault (zero run, fetch, poison,
 //!   snapshot copy-back, later), claiming the run, prefetch;
 //! - `evict.rs`: the evictor thread;
@@ -45,6 +48,7 @@
 //! fields are private to its module where no other part needs them.
 
 mod buf;
+mod child;
 mod discard;
 mod epoch;
 mod events;
@@ -53,6 +57,7 @@ mod fault;
 mod fetch;
 mod fork;
 mod gate;
+mod handover;
 mod install;
 mod mapped;
 mod moving;
@@ -76,6 +81,7 @@ use crate::uffd::{Features, UffdError};
 use gate::Gate;
 
 pub use epoch::EpochError;
+pub use fork::ForkedChild;
 pub use restore::{open_restore, RestoreError, RestoreFrom};
 
 /// Counters of this process's runtime (one runtime per process).
@@ -164,8 +170,9 @@ pub(crate) struct Shared {
     evict: evict::Eviction,
     /// Where [`Runtime::discard`] moves pages out (`discard.rs`).
     discard: discard::Scratch,
-    /// The buffer `fork` pages evicted pages in through (`fork.rs`).
-    fork: fork::ForkBuf,
+    /// `fork`: the page-in buffer and what `lego-fork` shares with the forking thread
+    /// (`fork.rs`).
+    fork: fork::ForkState,
     /// The durable heap (requests, snapshot area, quiesce, read-back faults), when it has a
     /// log (`epoch/`).
     durable: Option<epoch::Durable>,

@@ -63,6 +63,7 @@ impl Runtime {
             crate::threads::fail_spawns_of(thread);
         }
         let uffd = open_heap_uffd()?;
+        let reports_forks = uffd.features().has(uffd::sys::UFFD_FEATURE_EVENT_FORK);
         let staging_uffd = Userfault::open(0)?;
         let batch = config.evict_batch_pages.clamp(1, EVICT_BATCH_PAGES_MAX);
         let mut eviction = evict::Eviction::new(&staging_uffd, batch)?;
@@ -176,7 +177,7 @@ impl Runtime {
             fill,
             evict: eviction,
             discard: scratch,
-            fork: fork::ForkBuf::new()?,
+            fork: fork::ForkState::new(reports_forks)?,
             durable,
             restore,
         });
@@ -213,7 +214,8 @@ impl Runtime {
 }
 
 /// Opens the heap's userfaultfd with the features lego uses, refusing a kernel that lacks the
-/// ones it cannot do without.
+/// ones it cannot do without. Fork events are asked for too (a served fork, `fork.rs`); the
+/// kernel grants them only with `CAP_SYS_PTRACE`, and without them forks are paged in.
 fn open_heap_uffd() -> Result<Userfault, PagerError> {
     let offered = Userfault::probe()?;
     let needed = uffd::sys::UFFD_FEATURE_WP_ASYNC
@@ -222,7 +224,19 @@ fn open_heap_uffd() -> Result<Userfault, PagerError> {
     if !offered.has(needed) {
         return Err(PagerError::KernelTooOld { offered: offered.0 });
     }
-    Ok(Userfault::open(HEAP_FEATURES & offered.0)?)
+    let features = HEAP_FEATURES & offered.0;
+    if offered.has(uffd::sys::UFFD_FEATURE_EVENT_FORK) {
+        match Userfault::open(features | uffd::sys::UFFD_FEATURE_EVENT_FORK) {
+            Ok(u) => {
+                log::info!("fork: served by the child (its evicted pages stay evicted)");
+                return Ok(u);
+            }
+            Err(e) => log::info!(
+                "fork: paged in (the kernel refused fork events: {e}; they need CAP_SYS_PTRACE)"
+            ),
+        }
+    }
+    Ok(Userfault::open(features)?)
 }
 
 /// Opens the log when the heap has one (`LEGO_LOG_DIR`): a new log, or, when restoring, the
@@ -277,8 +291,8 @@ fn mark_present_pages(t: &mut Table, region: &Region) {
 }
 
 /// Starts the fault handlers (one per CPU, pinned, when there are no more than CPUs), the
-/// evictor and, with a log, the flusher.
-fn spawn_threads(
+/// evictor, `lego-fork` when forks are reported and, with a log, the flusher.
+pub(super) fn spawn_threads(
     shared: &Arc<Shared>,
     handlers: usize,
     writer: Option<LogWriter>,
@@ -318,6 +332,15 @@ fn spawn_threads(
             source,
         }
     })?;
+    if shared.fork.reports_forks() {
+        let sh = Arc::clone(shared);
+        crate::threads::spawn("lego-fork", move || fork::fork_loop(&sh)).map_err(|source| {
+            PagerError::Thread {
+                name: "lego-fork".into(),
+                source,
+            }
+        })?;
+    }
     if let Some(writer) = writer {
         let sh = Arc::clone(shared);
         crate::threads::spawn("lego-flush", move || epoch::flusher_loop(sh, writer)).map_err(

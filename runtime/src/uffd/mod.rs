@@ -121,6 +121,23 @@ impl Userfault {
         self.features
     }
 
+    /// The userfaultfd of a forked child's copy of the registered ranges, as the `FORK` event
+    /// gave it (or as it was passed on to the child): the kernel made it with its parent's
+    /// features and registrations, so no handshake is done again.
+    pub fn adopt(fd: OwnedFd, features: Features) -> Userfault {
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        // SAFETY: `raw` is an open userfaultfd whose ownership moves into the `Uffd`.
+        let uffd = unsafe { Uffd::from_raw_fd(raw) };
+        Userfault { uffd, features }
+    }
+
+    /// Gives the descriptor up (closing nothing): for passing it to another process.
+    pub fn into_fd(self) -> OwnedFd {
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(self.uffd);
+        // SAFETY: `raw` was owned by the `Uffd`, which gave it up.
+        unsafe { OwnedFd::from_raw_fd(raw) }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.uffd.as_raw_fd()
     }
@@ -312,6 +329,28 @@ impl Userfault {
     }
 }
 
+impl Userfault {
+    /// Like [`Userfault::wait_readable`], but says whether `kick` was signalled (and drains
+    /// it then), whatever the userfaultfd has.
+    pub fn wait_or_kick(&self, kick: &Kick, timeout_ms: i32) -> bool {
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: kick.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `pfds` is an array of two live pollfds.
+        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+        ret > 0 && pfds[1].revents & libc::POLLIN != 0 && kick.take()
+    }
+}
+
 /// An eventfd that wakes the fault handlers from their `poll` when another thread has read
 /// fault events on their behalf.
 pub struct Kick {
@@ -334,6 +373,14 @@ impl Kick {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to an eventfd.
         unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Whether the kick was signalled since it was last drained; drains it.
+    pub fn take(&self) -> bool {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        n == 8 && v > 0
     }
 
     fn drain(&self) {
