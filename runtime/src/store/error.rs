@@ -133,6 +133,14 @@ pub enum StoreError {
         expected: u32,
         version: u32,
     },
+    /// Every page layer of a file store is frozen for a forked child or inherited from the
+    /// parent, and no more can be made: nothing can be written until a child's generation
+    /// ends (see `store/file/layers.rs`).
+    #[error("{backend}: all {layers} page layers are frozen for forked children or inherited from the parent, so no page can be written until a child exits")]
+    LayersFull { backend: String, layers: usize },
+    /// The backend cannot serve a forked child the pages the parent had evicted at the fork.
+    #[error("{backend}: this store cannot serve a forked child its pages, so the child must be paged in before the fork")]
+    ForkUnsupported { backend: String },
     /// A failure injected by [`super::FaultyStore`] (`LEGO_FAULT_INJECT`).
     #[error("injected fault: {op} of page {page} failed (LEGO_FAULT_INJECT)", op = op_name(*op))]
     Injected {
@@ -150,8 +158,10 @@ impl StoreError {
             StoreError::Open { .. }
             | StoreError::HeapSize { .. }
             | StoreError::PageOutOfRange { .. }
-            | StoreError::BadBuffer { .. } => FailureKind::Refused,
+            | StoreError::BadBuffer { .. }
+            | StoreError::ForkUnsupported { .. } => FailureKind::Refused,
             StoreError::Io { kind, .. } => *kind,
+            StoreError::LayersFull { .. } => FailureKind::Transient,
             StoreError::Mismatch { .. } => FailureKind::Lost,
             StoreError::Injected { source, .. } => FailureKind::of_errno(source.raw_os_error()),
         }
@@ -165,7 +175,10 @@ impl StoreError {
             | StoreError::Io { page, .. }
             | StoreError::Mismatch { page, .. }
             | StoreError::Injected { page, .. } => Some(*page),
-            StoreError::Open { .. } | StoreError::HeapSize { .. } => None,
+            StoreError::Open { .. }
+            | StoreError::HeapSize { .. }
+            | StoreError::LayersFull { .. }
+            | StoreError::ForkUnsupported { .. } => None,
         }
     }
 
@@ -177,7 +190,9 @@ impl StoreError {
             StoreError::HeapSize { .. }
             | StoreError::PageOutOfRange { .. }
             | StoreError::BadBuffer { .. }
-            | StoreError::Mismatch { .. } => None,
+            | StoreError::Mismatch { .. }
+            | StoreError::LayersFull { .. }
+            | StoreError::ForkUnsupported { .. } => None,
         }
     }
 }

@@ -249,6 +249,22 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.inner.log_stands_in(log)
     }
 
+    fn fork_freeze(&self) -> bool {
+        self.inner.fork_freeze()
+    }
+
+    fn fork_parent(&self, hup: Option<std::os::fd::OwnedFd>) {
+        self.inner.fork_parent(hup)
+    }
+
+    /// The inner store's child, wrapped with the same plan (and a budget of its own).
+    fn fork_child(&self) -> Result<Box<dyn PageStore>, StoreError> {
+        Ok(Box::new(FaultyStore::new(
+            self.inner.fork_child()?,
+            self.budget.plan,
+        )))
+    }
+
     fn describe(&self) -> String {
         let plan = self.budget.plan;
         let once = if plan.once { " once" } else { "" };

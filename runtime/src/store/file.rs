@@ -1,5 +1,5 @@
-//! [`FileStore`]: the embedded default page store, one sparse file holding the whole heap
-//! (page `p` at byte offset `p * PAGE_SIZE`).
+//! [`FileStore`]: the embedded default page store, sparse files holding the whole heap (page
+//! `p` at byte offset `p * PAGE_SIZE` of each).
 //!
 //! Lifecycle: `open` creates a private directory `DIR/lego-PID-XXXXXX` (mode 0700, created
 //! exclusively under a random name like `mkdtemp`) and in it the file `pages` (mode 0600, `O_EXCL`), sizes it with `ftruncate`
@@ -10,22 +10,38 @@
 //! of processes that no longer exist). Dropping the store removes the directory;
 //! [`FileStore::cleanup_path`] gives it to a crash handler that wants to do the same.
 //!
+//! Fork: that file is the first of a store's *layers* ([`layers`]): a `fork` freezes the
+//! layers written so far for the child, whose store object ([`PageStore::fork_child`]) reads
+//! them through duplicated descriptors, read-only, and writes its own pages to layers of its
+//! own (made like the first, in a private directory `DIR/lego-CHILDPID-XXXXXX` created at its
+//! first write); meanwhile the parent writes to a new layer (`pages-N` in its directory) and
+//! punches only copies no child can read. A byte per page names the layer holding the page's
+//! current copy; with one layer (no fork ever) it is neither read nor written.
+//!
 //! I/O: `O_DIRECT`, so that evicted pages really leave memory instead of lingering in the page
 //! cache; a filesystem that refuses it (`EINVAL`) gets buffered I/O plus
 //! `posix_fadvise(DONTNEED)` after writes. Reads and writes go through io_uring (a small pool
 //! of rings, so concurrent handler threads do not queue behind one lock), or through
 //! `preadv`/`pwritev` when the kernel refuses io_uring. Each fallback is announced by one
-//! `log::warn!` per store. Runs of consecutive pages become one I/O each (vectored when their
-//! buffers are not adjacent in memory). `discard` punches a hole.
+//! `log::warn!` per store. Runs of consecutive pages in one layer become one I/O each
+//! (vectored when their buffers are not adjacent in memory). `discard` punches a hole.
+
+mod compact;
+mod layers;
+
+#[cfg(test)]
+mod fork_tests;
+
+pub use layers::{GENERATIONS_LIVE_MAX, LAYERS_MAX};
 
 use std::collections::hash_map::RandomState;
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::ErrorKind;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError, TryLockError};
 
 use nix::errno::Errno;
@@ -38,12 +54,14 @@ use super::{
 };
 use crate::io::{self, IoError, ReadOp, Ring, WriteOp, RING_ENTRIES};
 use crate::PAGE_SIZE;
+use layers::{Layer, LayerMap, LayerSet};
 
 /// Most io_uring rings one store keeps: enough for every handler thread plus the evictor on
 /// the small machines lego targets; more concurrent callers wait for a ring.
 pub const RING_POOL_SIZE_MAX: usize = 4;
 
-/// Name of the page file inside the private directory (unlinked right after creation).
+/// Name of the first page file inside the private directory (unlinked right after
+/// creation); layer `N > 0` is `pages-N`.
 const PAGE_FILE_NAME: &str = "pages";
 
 /// Prefix of the private directory's name; the PID and a `mkdtemp` suffix follow.
@@ -69,19 +87,27 @@ pub struct FileOptions {
     pub force_buffered: bool,
 }
 
-/// The page file and how it is accessed.
+/// The page files and how they are accessed.
 pub struct FileStore {
     // `file:` and the private directory: how errors and `describe` name this store.
     name: String,
-    file: File,
-    dir: PathBuf,
-    path: PathBuf,
+    // The directory the private directories are made in (`LEGO_BACKEND=file:DIR`).
+    base: PathBuf,
+    // This store's private directory, once made (at open; for a forked child's store, at its
+    // first write). Only set under the layer set's lock.
+    dir: OnceLock<PathBuf>,
     pages: u64,
+    // Whether the first layer is accessed with `O_DIRECT` (later ones are asked to be too).
     direct: bool,
     engine: Engine,
     // Whether `discard` found that the filesystem cannot punch holes (warned once, then
     // discards are skipped: they are only an optimisation).
     punch_unsupported: AtomicBool,
+    layers: LayerSet,
+    // Which layer holds each page's current copy (maintained once there are two layers).
+    map: LayerMap,
+    // One past the highest page ever written: how much of the map a forked child copies.
+    written_end: AtomicU64,
 }
 
 impl FileOptions {
@@ -108,6 +134,28 @@ enum Engine {
     // Boxed: the pool is a kilobyte of mutexes and rings, the other variant nothing.
     Uring(Box<RingPool>),
     Sync,
+}
+
+impl Engine {
+    /// io_uring unless `force_sync` or the kernel refuses it (announced once).
+    fn new(force_sync: bool) -> Engine {
+        if force_sync {
+            return Engine::Sync;
+        }
+        match Ring::new(RING_ENTRIES) {
+            Ok(ring) => Engine::Uring(Box::new(RingPool::new(ring))),
+            Err(e) => {
+                let why = match &e {
+                    IoError::Refused { source } | IoError::Setup { source, .. } => {
+                        format!("{e} ({source})")
+                    }
+                    other => other.to_string(),
+                };
+                log::warn!("{why}; page file I/O falls back to pread/pwrite");
+                Engine::Sync
+            }
+        }
+    }
 }
 
 impl FileStore {
@@ -156,42 +204,38 @@ impl FileStore {
                 );
             }
         }
-        let engine = if options.force_sync_io {
-            Engine::Sync
-        } else {
-            match Ring::new(RING_ENTRIES) {
-                Ok(ring) => Engine::Uring(Box::new(RingPool::new(ring))),
-                Err(e) => {
-                    let why = match &e {
-                        IoError::Refused { source } | IoError::Setup { source, .. } => {
-                            format!("{e} ({source})")
-                        }
-                        other => other.to_string(),
-                    };
-                    log::warn!("{why}; page file I/O falls back to pread/pwrite");
-                    Engine::Sync
-                }
-            }
-        };
-        let dir = private.keep();
+        let map_len = usize::try_from(pages).map_err(|_| StoreError::HeapSize {
+            backend: format!("file:{}", dir.display()),
+            heap_bytes,
+        })?;
+        let map = LayerMap::new(map_len).map_err(|source| StoreError::Open {
+            backend: format!("file:{}", dir.display()),
+            what: format!("reserving the layer map of {pages} pages"),
+            source: Box::new(source),
+        })?;
+        let engine = Engine::new(options.force_sync_io);
+        let private_dir = private.keep();
         let store = FileStore {
-            name: format!("file:{}", dir.display()),
-            file,
-            dir,
-            path,
+            name: format!("file:{}", private_dir.display()),
+            base: dir.to_path_buf(),
+            dir: OnceLock::from(private_dir),
             pages,
             direct,
             engine,
             punch_unsupported: AtomicBool::new(false),
+            layers: LayerSet::new(Layer::new(file, path, direct)),
+            map,
+            written_end: AtomicU64::new(0),
         };
         log::info!("page store: {}", store.describe());
         Ok(store)
     }
 
     /// The one filesystem entry this store leaves while it is open (its private directory,
-    /// empty because the page file is already unlinked). A crash handler may `rmdir` it.
-    pub fn cleanup_path(&self) -> &Path {
-        &self.dir
+    /// empty because the page files are already unlinked), if it has made it yet (a forked
+    /// child's store makes it at its first write). A crash handler may `rmdir` it.
+    pub fn cleanup_path(&self) -> Option<&Path> {
+        self.dir.get().map(PathBuf::as_path)
     }
 
     /// Pages the file holds.
@@ -209,6 +253,50 @@ impl FileStore {
         matches!(self.engine, Engine::Uring(_))
     }
 
+    /// Page layers (files) this store reads from: one until a fork.
+    pub fn layer_count(&self) -> usize {
+        self.layers.count()
+    }
+
+    /// Fork generations that still keep layers frozen.
+    pub fn generations_live(&self) -> usize {
+        self.layers.generations_live()
+    }
+
+    /// Makes layer `index` (a new page file in the private directory, unlinked at once),
+    /// creating the directory first if this store has none yet. Called under the layer set's
+    /// lock, so never twice at once.
+    fn make_layer(&self, index: usize) -> Result<Layer, StoreError> {
+        let dir = match self.dir.get() {
+            Some(dir) => dir,
+            None => {
+                let made = DirGuard::create(&self.base)?.keep();
+                // Under the layer set's lock nobody else sets it: the first value stays.
+                let _ = self.dir.set(made);
+                self.dir.get().expect("the private directory was just set")
+            }
+        };
+        let path = dir.join(format!("{PAGE_FILE_NAME}-{index}"));
+        let (file, direct) = create_file(&path, self.pages * PAGE_BYTES, !self.direct)?;
+        std::fs::remove_file(&path).map_err(|source| StoreError::Open {
+            backend: self.name.clone(),
+            what: format!("unlinking the page file {} after creation", path.display()),
+            source: Box::new(source),
+        })?;
+        log::debug!(
+            "{}: page layer {index} made ({})",
+            self.name,
+            path.display()
+        );
+        Ok(Layer::new(file, path, direct))
+    }
+
+    /// The layer this write-back goes to (see [`layers::LayerSet::write_layer`]).
+    fn write_layer(&self) -> Result<usize, StoreError> {
+        self.layers
+            .write_layer(&self.name, |index| self.make_layer(index))
+    }
+
     fn io_error(&self, op: StoreOp, page: u64, kind: FailureKind, source: IoError) -> StoreError {
         StoreError::Io {
             backend: self.name.clone(),
@@ -219,40 +307,57 @@ impl FileStore {
         }
     }
 
-    /// Reads the pages of `batches` still `Pending`, runs of consecutive pages as one I/O
-    /// each, all submitted together.
+    /// Reads the pages of `batches` still `Pending` from the layers holding them, runs of
+    /// consecutive pages in one layer as one I/O each, all submitted on one ring (one
+    /// submission per layer read from).
     fn read_pending(&self, batches: &mut [&mut [PageRead<'_>]]) -> Result<(), IoError> {
-        let mut ops: Vec<ReadOp<'_>> = Vec::new();
-        let mut prev: Option<u64> = None;
+        // With one layer (no fork ever) every page is in it, and the map is not read.
+        let single = self.layers.count() == 1;
+        let mut ops: [Vec<ReadOp<'_>>; LAYERS_MAX] = Default::default();
+        let mut prev: Option<(u64, usize)> = None;
         for r in batches.iter_mut().flat_map(|b| b.iter_mut()) {
             if r.outcome != Outcome::Pending {
                 prev = None;
                 continue;
             }
-            match ops.last_mut() {
-                Some(op) if prev.and_then(|p| p.checked_add(1)) == Some(r.page) => {
-                    op.push(&mut *r.buf)
-                }
+            let layer = if single { 0 } else { self.map.get(r.page) };
+            let runs = &mut ops[layer];
+            let follows = prev.is_some_and(|(p, l)| l == layer && p.checked_add(1) == Some(r.page));
+            match runs.last_mut() {
+                Some(op) if follows => op.push(&mut *r.buf),
                 _ => {
                     let mut op = ReadOp::new(r.page * PAGE_BYTES);
                     op.push(&mut *r.buf);
-                    ops.push(op);
+                    runs.push(op);
                 }
             }
-            prev = Some(r.page);
+            prev = Some((r.page, layer));
         }
-        if ops.is_empty() {
-            return Ok(());
-        }
-        let fd = self.file.as_fd();
         match &self.engine {
-            Engine::Uring(pool) => pool.with(|ring| ring.read_at(fd, &mut ops)),
-            Engine::Sync => io::sync::read_at(fd, &mut ops),
+            Engine::Uring(pool) => {
+                pool.with(|ring| self.read_layers(&mut ops, |fd, runs| ring.read_at(fd, runs)))
+            }
+            Engine::Sync => self.read_layers(&mut ops, io::sync::read_at),
         }
     }
 
-    /// Writes the pages of `batch` still `Pending`, runs of consecutive pages as one I/O each.
-    fn write_pending(&self, batch: &mut [PageWrite<'_>]) -> Result<(), IoError> {
+    /// Runs `read_at` on the runs of each layer that has some (`ops[layer]`).
+    fn read_layers<'a>(
+        &self,
+        ops: &mut [Vec<ReadOp<'a>>],
+        mut read_at: impl FnMut(BorrowedFd<'_>, &mut [ReadOp<'a>]) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        for (layer, runs) in ops.iter_mut().enumerate() {
+            if !runs.is_empty() {
+                read_at(self.layers.layer(layer).file.as_fd(), runs)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the pages of `batch` still `Pending` to `layer`, runs of consecutive pages as
+    /// one I/O each.
+    fn write_pending(&self, batch: &mut [PageWrite<'_>], layer: &Layer) -> Result<(), IoError> {
         let mut ops: Vec<WriteOp<'_>> = Vec::new();
         let mut prev: Option<u64> = None;
         for w in batch.iter() {
@@ -273,18 +378,112 @@ impl FileStore {
         if ops.is_empty() {
             return Ok(());
         }
-        let fd = self.file.as_fd();
+        let fd = layer.file.as_fd();
         match &self.engine {
             Engine::Uring(pool) => pool.with(|ring| ring.write_at(fd, &mut ops)),
             Engine::Sync => io::sync::write_at(fd, &mut ops),
         }
     }
 
+    /// After a write-back to layer `write`: the map names it for every page written, and a
+    /// page's older copy in another layer that no child can read is punched (its disk space
+    /// back; best effort). With one layer there is nothing to record.
+    fn record_writes(&self, batch: &[PageWrite<'_>], write: usize) {
+        let Some(end) = batch
+            .iter()
+            .filter(|w| w.outcome.is_done())
+            .map(|w| w.page + 1)
+            .max()
+        else {
+            return;
+        };
+        self.written_end.fetch_max(end, Ordering::AcqRel);
+        if self.layers.count() == 1 {
+            return;
+        }
+        // Runs of stale copies: (layer, first page, pages).
+        let mut stale: Option<(usize, u64, u64)> = None;
+        for w in batch.iter().filter(|w| w.outcome.is_done()) {
+            let old = self.map.get(w.page);
+            if old == write {
+                continue;
+            }
+            self.map.set(w.page, write);
+            if !self.layers.layer(old).punchable() {
+                continue;
+            }
+            match &mut stale {
+                Some((layer, first, n)) if *layer == old && *first + *n == w.page => *n += 1,
+                _ => {
+                    if let Some((layer, first, n)) = stale.replace((old, w.page, 1)) {
+                        self.punch_stale(layer, first, n);
+                    }
+                }
+            }
+        }
+        if let Some((layer, first, n)) = stale {
+            self.punch_stale(layer, first, n);
+        }
+    }
+
+    /// Punches an older copy that a write-back made stale; only an optimisation, so a failure
+    /// is only logged.
+    fn punch_stale(&self, layer: usize, first: u64, count: u64) {
+        if let Err(e) = self.punch(self.layers.layer(layer), first, count) {
+            log::debug!("{}: punching stale copies: {e}", self.name);
+        }
+    }
+
+    /// Punches pages `[first, first+count)` of `layer` (which must be punchable). A filesystem
+    /// that cannot punch holes is warned about once, and punching stops.
+    fn punch(&self, layer: &Layer, first: u64, count: u64) -> Result<(), StoreError> {
+        debug_assert!(
+            layer.punchable(),
+            "a frozen or inherited layer is never punched"
+        );
+        if self.punch_unsupported.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        loop {
+            match fallocate(
+                layer.file.as_raw_fd(),
+                flags,
+                page_offset(first),
+                page_offset(count),
+            ) {
+                Ok(()) => return Ok(()),
+                // Only a signal interrupts it, and each retry is a fresh, complete attempt.
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EOPNOTSUPP) => {
+                    if !self.punch_unsupported.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "the filesystem of {} cannot punch holes; freed pages keep their \
+                             disk space until exit",
+                            layer.path.display()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    let source = std::io::Error::from(e);
+                    return Err(StoreError::Io {
+                        backend: self.name.clone(),
+                        op: StoreOp::Discard,
+                        page: first,
+                        kind: FailureKind::of_errno(source.raw_os_error()),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+    }
+
     /// Without O_DIRECT the written pages sit in the page cache, i.e. still in RAM. One
     /// advice over the batch's span starts their writeback and drops what is already clean;
     /// it is best effort, so a failure is not the caller's problem.
-    fn drop_cached(&self, batch: &[PageWrite<'_>]) {
-        if self.direct {
+    fn drop_cached(&self, batch: &[PageWrite<'_>], layer: &Layer) {
+        if layer.direct {
             return;
         }
         let written = batch.iter().filter(|w| w.outcome.is_done()).map(|w| w.page);
@@ -294,12 +493,12 @@ impl FileStore {
         let span = (high - low + 1).saturating_mul(PAGE_BYTES);
         let span = i64::try_from(span).expect("a span within the file fits off_t");
         if let Err(e) = posix_fadvise(
-            self.file.as_raw_fd(),
+            layer.file.as_raw_fd(),
             page_offset(low),
             span,
             PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         ) {
-            log::debug!("posix_fadvise(DONTNEED) on {}: {e}", self.path.display());
+            log::debug!("posix_fadvise(DONTNEED) on {}: {e}", layer.path.display());
         }
     }
 }
@@ -355,12 +554,40 @@ impl PageStore for FileStore {
 
     fn store(&self, batch: &mut [PageWrite<'_>]) -> Result<(), StoreError> {
         let mut first_error = refuse_bad_writes(&self.name, self.pages, batch);
-        if self.write_pending(batch).is_err() {
+        let Some(first_pending) = batch
+            .iter()
+            .find(|w| w.outcome == Outcome::Pending)
+            .map(|w| w.page)
+        else {
+            // Nothing to write: no layer is chosen (a forked child makes none for it).
+            return first_error.map_or(Ok(()), Err);
+        };
+        let write = match self.write_layer() {
+            Ok(write) => write,
+            Err(e) => {
+                let e = match e {
+                    StoreError::LayersFull { .. } => e,
+                    // Making the layer failed: as transient or final as its errno says.
+                    other => StoreError::Io {
+                        backend: self.name.clone(),
+                        op: StoreOp::Store,
+                        page: first_pending,
+                        kind: FailureKind::of_errno(other.errno()),
+                        source: Box::new(other),
+                    },
+                };
+                super::settle_writes(batch, Outcome::Failed(e.kind()));
+                return Err(first_error.unwrap_or(e));
+            }
+        };
+        let layer = self.layers.layer(write);
+        layer.mark_written();
+        if self.write_pending(batch, layer).is_err() {
             for i in 0..batch.len() {
                 if batch[i].outcome != Outcome::Pending {
                     continue;
                 }
-                if let Err(source) = self.write_pending(&mut batch[i..=i]) {
+                if let Err(source) = self.write_pending(&mut batch[i..=i], layer) {
                     let kind = FailureKind::of_errno(source.errno());
                     batch[i].outcome = Outcome::Failed(kind);
                     first_error.get_or_insert_with(|| {
@@ -370,10 +597,14 @@ impl PageStore for FileStore {
             }
         }
         super::settle_writes(batch, Outcome::Done);
-        self.drop_cached(batch);
+        self.record_writes(batch, write);
+        self.drop_cached(batch, layer);
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Punches the range in every layer no child can read; a copy in a frozen layer stays
+    /// (its disk space comes back when its generation ends and the page is discarded or
+    /// written again, or at exit).
     fn discard(&self, first: u64, count: u64) -> Result<(), StoreError> {
         if self.punch_unsupported.load(Ordering::Relaxed) {
             return Ok(());
@@ -381,46 +612,25 @@ impl PageStore for FileStore {
         let Some(range) = discard_range(&self.name, first, count, self.pages)? else {
             return Ok(());
         };
-        let end = range.end;
-        let len = page_offset(end - first);
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        loop {
-            match fallocate(self.file.as_raw_fd(), flags, page_offset(first), len) {
-                Ok(()) => return Ok(()),
-                // Only a signal interrupts it, and each retry is a fresh, complete attempt.
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EOPNOTSUPP) => {
-                    if !self.punch_unsupported.swap(true, Ordering::Relaxed) {
-                        log::warn!(
-                            "the filesystem of {} cannot punch holes; freed pages keep their \
-                             disk space until exit",
-                            self.path.display()
-                        );
-                    }
-                    return Ok(());
-                }
-                Err(e) => {
-                    let source = std::io::Error::from(e);
-                    return Err(StoreError::Io {
-                        backend: self.name.clone(),
-                        op: StoreOp::Discard,
-                        page: first,
-                        kind: FailureKind::of_errno(source.raw_os_error()),
-                        source: Box::new(source),
-                    });
-                }
-            }
-        }
+        let pages = range.end - range.start;
+        self.layers
+            .punch_each(|layer| self.punch(layer, range.start, pages))
     }
 
     fn at_exit(&self) {
-        // The page file was unlinked at creation and stays open; only the directory is left.
-        remove_private_dir(&self.dir);
+        // The page files were unlinked at creation and stay open; only the directory is left.
+        if let Some(dir) = self.dir.get() {
+            remove_private_dir(dir);
+        }
     }
 
     fn describe(&self) -> String {
+        let layers = match self.layers.count() {
+            1 => String::new(),
+            n => format!(", {n} layers"),
+        };
         format!(
-            "{} ({}, {})",
+            "{} ({}, {}{layers})",
             self.name,
             if self.direct { "O_DIRECT" } else { "buffered" },
             if self.uses_io_uring() {
@@ -430,12 +640,87 @@ impl PageStore for FileStore {
             }
         )
     }
+
+    fn report(&self) -> Vec<(String, String)> {
+        vec![
+            ("store_layers".into(), self.layers.count().to_string()),
+            (
+                "fork_generations_live".into(),
+                self.layers.generations_live().to_string(),
+            ),
+        ]
+    }
+
+    /// Freezes every layer written so far (see [`layers`]), first merging the layers no child
+    /// reads when the fork would otherwise need too many; false when the parent or the child
+    /// would still be left without a layer to write ([`LAYERS_MAX`]).
+    fn fork_freeze(&self) -> bool {
+        self.layers.freeze(
+            &self.name,
+            |index| self.make_layer(index),
+            |target, sources| self.compact(target, sources),
+        )
+    }
+
+    fn fork_parent(&self, hup: Option<OwnedFd>) {
+        self.layers.parent(&self.name, hup);
+    }
+
+    /// The child's store: every layer of this one inherited (read-only, through duplicated
+    /// descriptors), the map copied up to the highest page ever written, rings of its own, and
+    /// a private directory of its own made at its first write. Touches nothing of this
+    /// object but its layers' descriptors, its map and constants (see [`layers`]).
+    fn fork_child(&self) -> Result<Box<dyn PageStore>, StoreError> {
+        let name = format!(
+            "file:{} (forked child {})",
+            self.base.display(),
+            std::process::id()
+        );
+        let layers = self
+            .layers
+            .inherit()
+            .map_err(|(index, source)| StoreError::Open {
+                backend: name.clone(),
+                what: format!(
+                    "duplicating the descriptor of the parent's page layer {index} ({})",
+                    self.layers.layer(index).path.display()
+                ),
+                source: Box::new(source),
+            })?;
+        let map_len = usize::try_from(self.pages).expect("the page count fitted the map at open");
+        let map = LayerMap::new(map_len).map_err(|source| StoreError::Open {
+            backend: name.clone(),
+            what: format!("reserving the layer map of {} pages", self.pages),
+            source: Box::new(source),
+        })?;
+        let written_end = self.written_end.load(Ordering::Acquire);
+        // With one layer the map was never written: every entry names layer 0.
+        if self.layers.count() > 1 {
+            map.copy_from(&self.map, written_end);
+        }
+        let child = FileStore {
+            name,
+            base: self.base.clone(),
+            dir: OnceLock::new(),
+            pages: self.pages,
+            direct: self.direct,
+            engine: Engine::new(!self.uses_io_uring()),
+            punch_unsupported: AtomicBool::new(self.punch_unsupported.load(Ordering::Relaxed)),
+            layers,
+            map,
+            written_end: AtomicU64::new(written_end),
+        };
+        log::info!("page store of a forked child: {}", child.describe());
+        Ok(Box::new(child))
+    }
 }
 
 impl Drop for FileStore {
     fn drop(&mut self) {
-        // The page file is already unlinked; its blocks go when the descriptor closes.
-        remove_private_dir(&self.dir);
+        // The page files are already unlinked; their blocks go when the descriptors close.
+        if let Some(dir) = self.dir.get() {
+            remove_private_dir(dir);
+        }
     }
 }
 
@@ -791,14 +1076,22 @@ mod tests {
     fn modes_o_direct_and_cleanup() {
         let dir = TestDir::new("modes");
         let store = open(&dir, FileOptions::default());
-        let private = store.cleanup_path().to_path_buf();
+        let private = store
+            .cleanup_path()
+            .expect("an opened store has its directory")
+            .to_path_buf();
         assert!(private.starts_with(&dir.0));
         let dir_mode = std::fs::metadata(&private)
             .expect("the private directory exists while the store is open")
             .permissions()
             .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
-        let file_meta = store.file.metadata().expect("fstat of the page file");
+        let file_meta = store
+            .layers
+            .layer(0)
+            .file
+            .metadata()
+            .expect("fstat of the page file");
         assert_eq!(file_meta.permissions().mode() & 0o777, 0o600);
         assert_eq!(
             file_meta.nlink(),
@@ -813,8 +1106,11 @@ mod tests {
             0
         );
         // /tmp on this machine is a disk filesystem: O_DIRECT must really be in effect.
-        let flags = nix::fcntl::fcntl(store.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
-            .expect("F_GETFL on the page file");
+        let flags = nix::fcntl::fcntl(
+            store.layers.layer(0).file.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_GETFL,
+        )
+        .expect("F_GETFL on the page file");
         assert_ne!(flags & libc::O_DIRECT, 0, "the page file must be O_DIRECT");
         assert!(store.describe().contains("O_DIRECT, io_uring"));
         drop(store);
@@ -827,8 +1123,11 @@ mod tests {
                 force_buffered: true,
             },
         );
-        let flags = nix::fcntl::fcntl(buffered.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
-            .expect("F_GETFL on the page file");
+        let flags = nix::fcntl::fcntl(
+            buffered.layers.layer(0).file.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_GETFL,
+        )
+        .expect("F_GETFL on the page file");
         assert_eq!(flags & libc::O_DIRECT, 0);
         assert!(buffered.describe().contains("buffered, pread/pwrite"));
         drop(buffered);

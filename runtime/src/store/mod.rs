@@ -233,6 +233,34 @@ pub trait PageStore: Send + Sync {
     fn report(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// Before a `fork` whose child will read its evicted pages from this store (through
+    /// [`PageStore::fork_child`]): keeps every copy the store holds now as it is, for as long
+    /// as the generation this starts lives, while later writes and discards go elsewhere.
+    /// Called while no fetch or store is in flight (a discard may be); every call that
+    /// returns true is followed by one [`PageStore::fork_parent`]. False (nothing changed)
+    /// when the store cannot keep the copies: the pager then pages the child in. False by
+    /// default.
+    fn fork_freeze(&self) -> bool {
+        false
+    }
+
+    /// In the parent after the `fork` that [`PageStore::fork_freeze`] prepared: `hup` is the
+    /// read end of a pipe whose write ends only the child and its descendants hold, and the
+    /// generation lives until it reports `POLLHUP` (the child exited, was killed or
+    /// `exec`'d); `None` (the fork failed) ends the generation now. The default does nothing.
+    fn fork_parent(&self, _hup: Option<std::os::fd::OwnedFd>) {}
+
+    /// In the child after the `fork` (one thread, its memory a copy of the parent's at the
+    /// fork, this object included): a new store that reads every page with the content the
+    /// store held at the fork and writes the child's own pages somewhere of its own. The
+    /// inherited object is never used or dropped again in the child. By default the backend
+    /// cannot serve a child ([`StoreError::ForkUnsupported`]).
+    fn fork_child(&self) -> Result<Box<dyn PageStore>, StoreError> {
+        Err(StoreError::ForkUnsupported {
+            backend: self.describe(),
+        })
+    }
 }
 
 /// What the log holds, as a store sees it: whether its newest record of `page` has exactly
@@ -290,6 +318,18 @@ impl PageStore for Box<dyn PageStore> {
 
     fn describe(&self) -> String {
         (**self).describe()
+    }
+
+    fn fork_freeze(&self) -> bool {
+        (**self).fork_freeze()
+    }
+
+    fn fork_parent(&self, hup: Option<std::os::fd::OwnedFd>) {
+        (**self).fork_parent(hup)
+    }
+
+    fn fork_child(&self) -> Result<Box<dyn PageStore>, StoreError> {
+        (**self).fork_child()
     }
 }
 
