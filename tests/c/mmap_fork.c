@@ -1,4 +1,4 @@
-/* Served mappings across fork (which, as for the heap, pages everything in first): the child
+/* Served mappings across fork (served: nothing is paged in; without fork events, paged in): the child
  * reads the parent's mapping as it was at the fork, unmaps part of it, maps and protects new
  * memory; the parent rewrites its copy meanwhile; each sees only its own bytes.
  *

@@ -77,12 +77,44 @@ fn allocation_api_corners() {
 }
 
 /// fork with most of the heap evicted: the child sees the pre-fork contents while the
-/// parent rewrites them, and both can allocate and free afterwards. The peak RSS is not held
-/// to the cache here: before a fork lego brings every evicted page back (README, Limits), so
-/// the parent is briefly as large as its heap.
+/// parent rewrites them, and both can allocate and free afterwards. The fork is served (the
+/// tests run as root: the kernel reports forks), so nothing is paged in and the peak RSS is
+/// held to the cache.
 #[test]
 fn fork_with_evicted_pages() {
-    oversubscribed("fork_evicted", &["256"], 24, false);
+    let (_, stats) = oversubscribed("fork_evicted", &["256"], 24, true);
+    let stats = stats.expect("stats were read");
+    assert_eq!(stats.number("fork_page_ins"), Some(0), "{}", stats.raw);
+    assert_eq!(stats.number("forks_served"), Some(1), "{}", stats.raw);
+}
+
+/// The same fork without `CAP_SYS_PTRACE` (dropped with `setpriv`): the kernel refuses fork
+/// events, so lego brings every evicted page back before the fork and the child's copy of the
+/// region is ordinary memory; the output is the same.
+#[test]
+fn fork_without_fork_events_pages_in() {
+    let _serial = heavy();
+    let bin = program("fork_evicted");
+    let native = Run::new(&bin).args(["256"]).run();
+    let setup = ShimSetup::new("fork-pagein", 24);
+    let shimmed = setup
+        .apply(Run::new(lego_tests::which("setpriv")))
+        .args([
+            "--bounding-set=-sys_ptrace".as_ref(),
+            "--inh-caps=-sys_ptrace".as_ref(),
+            "--".as_ref(),
+            bin.as_os_str(),
+            "256".as_ref(),
+        ])
+        .run();
+    assert_same_output(&native, &shimmed);
+    let stats = setup.stats();
+    assert!(
+        stats.number("fork_page_ins").unwrap_or(0) > 0,
+        "without CAP_SYS_PTRACE the fork must page the heap in:\n{}",
+        stats.raw
+    );
+    assert_eq!(stats.number("forks_served"), Some(0), "{}", stats.raw);
 }
 
 /// Served forks (issue 14): twelve forks of a heap six times the cache, each child checking

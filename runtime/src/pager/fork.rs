@@ -430,7 +430,7 @@ fn read_until_fork(
                         w.keep_removed(from as usize, from as usize + len);
                     }
                     Event::Fork { uffd } => {
-                        let fd = uffd_into_fd(uffd);
+                        let fd = crate::uffd::uffd_into_fd(uffd);
                         if got.is_none() {
                             got = Some(fd);
                         } else {
@@ -457,13 +457,6 @@ fn read_until_fork(
     }
 }
 
-fn uffd_into_fd(uffd: userfaultfd::Uffd) -> OwnedFd {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let raw = uffd.into_raw_fd();
-    // SAFETY: `raw` was owned by the `Uffd`, which gave it up.
-    unsafe { OwnedFd::from_raw_fd(raw) }
-}
-
 /// Serves the child's faults from the parent's table (as it was at the fork: the parent is held
 /// still) until the child asks for its userfaultfd, sends it with the pages served meanwhile,
 /// and waits until the child says it is up (or is gone).
@@ -488,7 +481,7 @@ fn hand_over(sh: &Shared, child: Userfault, end: ParentEnd, buf: &mut PageBuf) {
         }
         read.clear();
         if let Err(e) = child.read_ready(&mut events, &mut read) {
-            log::debug!("reading the forked child's userfaultfd: {e}");
+            log::debug!("reading the forked child's userfaultfd: {e:?}");
             continue;
         }
         for ev in read.drain(..) {
@@ -499,6 +492,7 @@ fn hand_over(sh: &Shared, child: Userfault, end: ParentEnd, buf: &mut PageBuf) {
                         let page = sh.page_of(addr);
                         serve_child_fault(sh, &child, page, buf);
                         installed.push(page as u64);
+                        STATS.add(Counter::ForkWindowPages, 1);
                     }
                 }
                 Event::Fork { uffd } => drop(uffd),

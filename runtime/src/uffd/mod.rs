@@ -133,9 +133,7 @@ impl Userfault {
 
     /// Gives the descriptor up (closing nothing): for passing it to another process.
     pub fn into_fd(self) -> OwnedFd {
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(self.uffd);
-        // SAFETY: `raw` was owned by the `Uffd`, which gave it up.
-        unsafe { OwnedFd::from_raw_fd(raw) }
+        uffd_into_fd(self.uffd)
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -349,6 +347,17 @@ impl Userfault {
         let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
         ret > 0 && pfds[1].revents & libc::POLLIN != 0 && kick.take()
     }
+}
+
+/// The descriptor of a crate `Uffd` (a `FORK` event's, for one), as an `OwnedFd`. Not through
+/// the crate's `IntoRawFd`: in `userfaultfd` 0.9 it returns the number and then drops the
+/// `Uffd`, whose `Drop` closes it.
+pub fn uffd_into_fd(uffd: Uffd) -> OwnedFd {
+    let raw = uffd.as_raw_fd();
+    std::mem::forget(uffd);
+    // SAFETY: `raw` was owned by the `Uffd`, which is forgotten (never closes it), so the
+    // `OwnedFd` is its only owner.
+    unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
 /// An eventfd that wakes the fault handlers from their `poll` when another thread has read
