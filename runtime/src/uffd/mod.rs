@@ -97,9 +97,11 @@ impl Userfault {
         let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
         // SAFETY: `raw` is an open userfaultfd whose ownership moves into the `Uffd`.
         let uffd = unsafe { Uffd::from_raw_fd(raw) };
+        // The handshake answers with every feature the kernel supports, not the ones this
+        // descriptor has: it has those asked for.
         Ok(Userfault {
             uffd,
-            features: Features(api.features),
+            features: Features(features),
         })
     }
 
@@ -117,6 +119,7 @@ impl Userfault {
         Ok(Features(api.features))
     }
 
+    /// The features this descriptor was opened with (those asked for and granted).
     pub fn features(&self) -> Features {
         self.features
     }
