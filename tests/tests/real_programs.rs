@@ -93,9 +93,14 @@ const REDIS_READS: u64 = 10_000;
 /// The value of key `i`: its number, then a pattern that depends on it, `REDIS_VALUE_BYTES`
 /// bytes; `round` > 0 gives the overwritten values of the second phase.
 fn redis_value(i: u64, round: u64) -> String {
+    redis_value_of(i, round, REDIS_VALUE_BYTES)
+}
+
+/// [`redis_value`] of `bytes` bytes.
+fn redis_value_of(i: u64, round: u64, bytes: usize) -> String {
     let mut v = format!("{i:012}-{round}-");
     let mut x = i.wrapping_mul(2_654_435_761).wrapping_add(round);
-    while v.len() < REDIS_VALUE_BYTES {
+    while v.len() < bytes {
         x = x
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
@@ -261,9 +266,12 @@ fn redis_serves_a_dataset_four_times_the_cache() {
     check_paged(&native, &shimmed, &setup, 4);
 }
 
-/// Keys of the dataset the background-save test writes out: with `REDIS_VALUE_BYTES` values,
-/// a heap more than ten times its 16 MiB cache.
-const REDIS_SAVE_KEYS: u64 = 450_000;
+/// Keys of the dataset the background-save test writes out, and each value's size: a heap of
+/// about 190 MiB, more than ten times its 16 MiB cache. Large values keep the test short: the
+/// child walks the keys in hash order, so each key costs it a fault or two on a page the cache
+/// does not hold (with 200-byte values ten times as many keys took two minutes a save).
+const REDIS_SAVE_KEYS: u64 = 45_000;
+const REDIS_SAVE_VALUE_BYTES: usize = 4_000;
 
 /// Waits (polling `INFO persistence` on `port`) until `field` reads 0 and `status` reads ok.
 fn redis_wait_persistence(port: u16, in_progress: &str, status: &str) {
@@ -299,15 +307,33 @@ fn redis_loaded_digest(dir: &std::path::Path, args: &[&str]) -> (String, String)
     let mut found = (String::new(), String::new());
     let dir_arg = dir.to_string_lossy().into_owned();
     let out = Run::new(&server)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-        .args(["--dir", &dir_arg, "--enable-debug-command", "local", "--logfile", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args([
+            "--dir",
+            &dir_arg,
+            "--enable-debug-command",
+            "local",
+            "--logfile",
+            "",
+        ])
         .args(args)
         .run_with(|live| {
             let ready = live.wait_for_line(
                 |l| l.contains("Ready to accept connections"),
                 std::time::Duration::from_secs(120),
             );
-            assert!(ready.is_some(), "redis-server did not load:\n{}", live.stdout_so_far());
+            assert!(
+                ready.is_some(),
+                "redis-server did not load:\n{}",
+                live.stdout_so_far()
+            );
             found = (
                 redis_client("redis-cli", port, &["DEBUG", "DIGEST"], None),
                 redis_client("redis-cli", port, &["DBSIZE"], None),
@@ -360,9 +386,17 @@ fn redis_saves_a_dataset_ten_times_the_cache_in_the_background() {
                 |l| l.contains("Ready to accept connections"),
                 std::time::Duration::from_secs(60),
             );
-            assert!(ready.is_some(), "redis-server did not start:\n{}", live.stdout_so_far());
+            assert!(
+                ready.is_some(),
+                "redis-server did not start:\n{}",
+                live.stdout_so_far()
+            );
             let load = resp((0..REDIS_SAVE_KEYS).map(|i| {
-                vec!["SET".into(), format!("key:{i:012}"), redis_value(i, 0)]
+                vec![
+                    "SET".into(),
+                    format!("key:{i:012}"),
+                    redis_value_of(i, 0, REDIS_SAVE_VALUE_BYTES),
+                ]
             }));
             redis_client("redis-cli", port, &["--pipe"], Some(load));
             digest = redis_client("redis-cli", port, &["DEBUG", "DIGEST"], None);
@@ -381,11 +415,21 @@ fn redis_saves_a_dataset_ten_times_the_cache_in_the_background() {
     out.assert_success();
     let keys = format!("{REDIS_SAVE_KEYS}\n");
     let (from_dump, n) = redis_loaded_digest(dir.path(), &["--dbfilename", "dump.rdb"]);
-    assert_eq!((from_dump.as_str(), n.as_str()), (digest.as_str(), keys.as_str()), "the dump");
+    assert_eq!(
+        (from_dump.as_str(), n.as_str()),
+        (digest.as_str(), keys.as_str()),
+        "the dump"
+    );
     std::fs::remove_file(dir.path().join("dump.rdb")).expect("remove the dump");
-    let (from_aof, n) =
-        redis_loaded_digest(dir.path(), &["--appendonly", "yes", "--appenddirname", "aof"]);
-    assert_eq!((from_aof.as_str(), n.as_str()), (digest.as_str(), keys.as_str()), "the AOF");
+    let (from_aof, n) = redis_loaded_digest(
+        dir.path(),
+        &["--appendonly", "yes", "--appenddirname", "aof"],
+    );
+    assert_eq!(
+        (from_aof.as_str(), n.as_str()),
+        (digest.as_str(), keys.as_str()),
+        "the AOF"
+    );
     assert_rss_within_cache(&out, cache_mib, None);
     let stats = setup.stats();
     stats.assert_oversubscribed(cache_mib);

@@ -151,8 +151,18 @@ fn forks_leave_evicted_pages_evicted() {
         );
         let stats = setup.stats();
         stats.assert_oversubscribed(cache_mib);
-        assert_eq!(stats.number("fork_page_ins"), Some(0), "{mode}: {}", stats.raw);
-        assert_eq!(stats.number("forks_served"), Some(12), "{mode}: {}", stats.raw);
+        assert_eq!(
+            stats.number("fork_page_ins"),
+            Some(0),
+            "{mode}: {}",
+            stats.raw
+        );
+        assert_eq!(
+            stats.number("forks_served"),
+            Some(12),
+            "{mode}: {}",
+            stats.raw
+        );
         assert_eq!(
             stats.number("fork_generations_live"),
             Some(0),

@@ -385,7 +385,10 @@ impl Cache {
     /// held it across the fork and the child released it); `self` must never be used or dropped
     /// afterwards: the new cache owns the table's memory.
     pub unsafe fn inherit(&self, capacity_pages: usize, installed: &[u64]) -> Cache {
-        assert!(capacity_pages > 0, "a cache needs room for at least one page");
+        assert!(
+            capacity_pages > 0,
+            "a cache needs room for at least one page"
+        );
         let guard = self.lock();
         // SAFETY: a bitwise copy of the table; the caller guarantees the original is never
         // used or dropped again, so the copy is the only owner of its arrays.

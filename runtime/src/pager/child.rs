@@ -65,7 +65,9 @@ impl Runtime {
             base: parent.kernel.region.base,
             len: parent.kernel.region.len,
         };
-        let events = uffd.features().has(crate::uffd::sys::UFFD_FEATURE_EVENT_FORK);
+        let events = uffd
+            .features()
+            .has(crate::uffd::sys::UFFD_FEATURE_EVENT_FORK);
         let shared = Arc::new(Shared {
             kernel: Kernel::new(region, uffd, staging_uffd, scanner, kick),
             cache: Residency::new(cache),

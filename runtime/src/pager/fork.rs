@@ -267,8 +267,7 @@ impl Runtime {
                 // The child holds the write end; the store keeps the copies frozen for it
                 // until every process holding it is gone.
                 let generation = held.generation.take().map(|(read, _write)| read);
-                sh.store
-                    .fork_parent(if forked { generation } else { None });
+                sh.store.fork_parent(if forked { generation } else { None });
                 STATS.add(Counter::ForksServed, u64::from(forked));
             }
         }
@@ -390,11 +389,7 @@ pub(super) fn fork_loop(sh: &Shared) {
 /// this thread's behalf) until a `FORK` event, or until the forking thread says `fork()`
 /// returned and nothing is left to read. Faults and the other events are kept for after the
 /// fork.
-fn read_until_fork(
-    sh: &Shared,
-    buf: &mut EventBuffer,
-    read: &mut Vec<Event>,
-) -> Option<OwnedFd> {
+fn read_until_fork(sh: &Shared, buf: &mut EventBuffer, read: &mut Vec<Event>) -> Option<OwnedFd> {
     let k = &sh.kernel;
     let mut got: Option<OwnedFd> = None;
     loop {
@@ -516,7 +511,11 @@ fn serve_child_fault(sh: &Shared, child: &Userfault, page: usize, buf: &mut Page
         let t = sh.cache.lock();
         (t.state(page), t.flags(page), t.crc(page), t.version(page))
     };
-    debug_assert_eq!(flags & (IMAGE | SNAP), 0, "served forks have no image and no log");
+    debug_assert_eq!(
+        flags & (IMAGE | SNAP),
+        0,
+        "served forks have no image and no log"
+    );
     let src: usize = match state {
         PageState::Evicted => {
             let mut pages = buf.pages_mut(1);
@@ -544,7 +543,10 @@ fn serve_child_fault(sh: &Shared, child: &Userfault, page: usize, buf: &mut Page
     // `addr` lies in the child's registered region, on the child's userfaultfd.
     if let Err(e) = unsafe { child.copy(addr, src as *const u8, PAGE_SIZE, true, true) } {
         if e.errno != nix::errno::Errno::EEXIST {
-            log::debug!("serving the forked child's page at {addr:#x}: {:?}", e.errno);
+            log::debug!(
+                "serving the forked child's page at {addr:#x}: {:?}",
+                e.errno
+            );
         }
     }
 }

@@ -214,7 +214,10 @@ impl ChildEnd {
                 Err(e) => return Err(handover_error("the parent's answer", e.into())),
             };
             let bytes = msg.bytes;
-            for c in msg.cmsgs().map_err(|e| handover_error("its descriptor", e.into()))? {
+            for c in msg
+                .cmsgs()
+                .map_err(|e| handover_error("its descriptor", e.into()))?
+            {
                 if let ControlMessageOwned::ScmRights(fds) = c {
                     for fd in fds {
                         // SAFETY: the kernel just installed `fd` in this process for us.
