@@ -10,6 +10,7 @@
 #   scripts/bench.sh [--quick] --only watch  only the rows of what publishing costs (~1 min quick)
 #   scripts/bench.sh [--quick] --only swap   only the oversubscribed rows and the cache curve,
 #                                         lego vs kernel swap vs zswap
+#   scripts/bench.sh [--quick] --only fork   only fork() of a heap 90% evicted (issue 14)
 #   scripts/bench.sh [--quick] --only real   only the real programs under pressure (Perl, Python,
 #                                         SQLite, Redis, gcc)
 #   scripts/bench.sh [--quick] --only codes  only the scheme table: copies against erasure
@@ -110,12 +111,12 @@ while [ "$#" -gt 0 ]; do
         --only)
             [ "$#" -ge 2 ] || die "--only needs a section (expected --only pool, codes, watch, swap or real)"
             case $2 in
-                pool | codes | watch | swap | real) only=$2 ;;
-                *) die "unknown section '$2' for --only (expected pool, codes, watch, swap or real)" ;;
+                pool | codes | watch | swap | real | fork) only=$2 ;;
+                *) die "unknown section '$2' for --only (expected pool, codes, watch, swap, real or fork)" ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument '$1' (expected --quick, --only pool|codes|watch|swap|real or nothing)" ;;
+        *) die "unknown argument '$1' (expected --quick, --only pool|codes|watch|swap|real|fork or nothing)" ;;
     esac
     shift
 done
@@ -138,6 +139,7 @@ if [ "$quick" = 1 ]; then
     update_heap_mib=128   # log_write update: heap, in the cache
     update_mwrites=200    # log_write update: millions of increments (about 3 s here)
     write_per_page=0.5    # page_sweep write ROUNDS (random page writes per page) on the pool
+    fork_heap_mib=256     # fork_time: the heap forked (a tenth of it as the cache)
     run_timeout_s=120     # one run; a run past it is killed and reported as a timeout
 else
     mode=full
@@ -155,6 +157,7 @@ else
     update_heap_mib=256
     update_mwrites=300    # about 5 s here
     write_per_page=1
+    fork_heap_mib=1024
     run_timeout_s=300
 fi
 # The real programs, in both modes (larger inputs made a full run take hours here: each run
@@ -173,6 +176,7 @@ curve_percents="10 25 50 100"
 log_mib=256               # log_write checkpoint: the block every timed epoch appends whole
 log_epochs=3              # log_write checkpoint: timed epochs per run (the run reports the median)
 lego_min_cache_mib=16     # LEGO_CACHE_SIZE's minimum
+fork_forks=9              # fork_time: forks timed in each run (the run reports their median)
 # The memcached pool (issue 11): servers of the three-server rows, and the pipeline length of
 # the raw baseline, which is the chunk lego's read-ahead reads at once (fetch_in_chunks).
 pool_servers=3
@@ -821,6 +825,35 @@ build_real_rows() {
 
 alloc_modes="small smallmt prodcons xburst realloc large bigblocks frag churnmt"
 
+# fork() with 90% of the heap evicted (issue 14): lego (a served fork: nothing is paged in),
+# kernel swap at the same cap, and the program without lego or cap.
+run_fork() {
+    local cache=$(( fork_heap_mib / 10 ))
+    [ "$cache" -ge "$lego_min_cache_mib" ] || cache=$lego_min_cache_mib
+    say "fork: heap $fork_heap_mib MiB, cache $cache MiB (90% evicted), $fork_forks forks a run; lego vs kernel swap vs native"
+    local r
+    for r in $(seq 1 "$rounds"); do
+        measure fork lego "$r" "lego-cg:$cache" "$bin_dir/fork_time" "$fork_heap_mib" "$fork_forks"
+        if [ "$swap_ok" = 1 ]; then
+            measure fork swap "$r" "swap-cg:$cache" "$bin_dir/fork_time" "$fork_heap_mib" "$fork_forks"
+        fi
+        measure fork native "$r" plain "$bin_dir/fork_time" "$fork_heap_mib" "$fork_forks"
+    done
+}
+
+build_fork_rows() {
+    local cache=$(( fork_heap_mib / 10 ))
+    [ "$cache" -ge "$lego_min_cache_mib" ] || cache=$lego_min_cache_mib
+    local what="fork() of a $fork_heap_mib MiB heap, 90% evicted (cache $cache MiB), median of $fork_forks forks (bench/fork_time.c)"
+    compare "$what, lego / kernel swap at the same cap" fork lego swap fork_ms ms none "" "$swap_reason"
+    compare "$what, lego / no lego, no cap (all resident)" fork lego native fork_ms ms none "" ""
+    compare "peak RSS of the forked children (each reads a page of every MiB), lego / kernel swap" \
+        fork lego swap child_rss_kib kib none "" "$swap_reason"
+    compare "peak RSS of the forked children, lego / no lego" fork lego native child_rss_kib kib none "" ""
+    compare "peak RSS of the forking process (its children included), lego / kernel swap" \
+        fork lego swap rss_kib kib none "" "$swap_reason"
+}
+
 run_alloc() {
     say "allocator: lego (cache ${first_touch_cache} MiB, all resident) vs glibc, scale $alloc_scale"
     local r m
@@ -1111,6 +1144,7 @@ fmt_value() { # VALUE UNIT: a table cell
     [ -n "$1" ] || { echo "—"; return; }
     case $2 in
         ns) awk -v x="$1" 'BEGIN { printf "%.2f us/page", x / 1000 }' ;;
+        ms) awk -v x="$1" 'BEGIN { printf "%.2f ms", x }' ;;
         s) awk -v x="$1" 'BEGIN { printf "%.3g s", x }' ;;
         kib) awk -v x="$1" 'BEGIN { printf "%.1f MiB", x / 1024 }' ;;
         bytes) awk -v x="$1" 'BEGIN { printf "%.1f MiB", x / 1048576 }' ;;
@@ -1669,6 +1703,9 @@ if [ -z "$only" ]; then
     run_log_append_and_replay
     run_log_cost
     run_real
+    run_fork
+elif [ "$only" = fork ]; then
+    run_fork
 elif [ "$only" = swap ]; then
     run_oversubscribed
     run_cache_curve
@@ -1681,6 +1718,9 @@ if [ -z "$only" ] || [ "$only" = watch ]; then run_watch; fi
 if [ -z "$only" ]; then
     build_rows
     build_real_rows
+    build_fork_rows
+elif [ "$only" = fork ]; then
+    build_fork_rows
 elif [ "$only" = swap ]; then
     build_swap_rows
 elif [ "$only" = real ]; then

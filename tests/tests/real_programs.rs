@@ -213,21 +213,26 @@ fn drive_redis(port: u16) -> String {
     seen
 }
 
+/// Waits until the Redis server says it accepts connections (after loading what it found).
+fn wait_redis_ready(live: &lego_tests::Live) {
+    let ready = live.wait_for_line(
+        |l| l.contains("Ready to accept connections"),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(
+        ready.is_some(),
+        "redis-server did not start:\n{}",
+        live.stdout_so_far()
+    );
+}
+
 /// Runs `redis-server` (as `make` builds it) on a loopback port, drives it from this process
 /// and shuts it down; the server's outcome and what the driver read.
 fn redis_run(make: impl Fn(u16) -> Run) -> (Outcome, String) {
     let port = free_port();
     let mut seen = String::new();
     let out = make(port).run_with(|live| {
-        let ready = live.wait_for_line(
-            |l| l.contains("Ready to accept connections"),
-            std::time::Duration::from_secs(60),
-        );
-        assert!(
-            ready.is_some(),
-            "redis-server did not start:\n{}",
-            live.stdout_so_far()
-        );
+        wait_redis_ready(live);
         seen = drive_redis(port);
         redis_client("redis-cli", port, &["SHUTDOWN", "NOSAVE"], None);
     });
@@ -325,15 +330,7 @@ fn redis_loaded_digest(dir: &std::path::Path, args: &[&str]) -> (String, String)
         ])
         .args(args)
         .run_with(|live| {
-            let ready = live.wait_for_line(
-                |l| l.contains("Ready to accept connections"),
-                std::time::Duration::from_secs(120),
-            );
-            assert!(
-                ready.is_some(),
-                "redis-server did not load:\n{}",
-                live.stdout_so_far()
-            );
+            wait_redis_ready(live);
             found = (
                 redis_client("redis-cli", port, &["DEBUG", "DIGEST"], None),
                 redis_client("redis-cli", port, &["DBSIZE"], None),
@@ -382,15 +379,7 @@ fn redis_saves_a_dataset_ten_times_the_cache_in_the_background() {
             "",
         ]))
         .run_with(|live| {
-            let ready = live.wait_for_line(
-                |l| l.contains("Ready to accept connections"),
-                std::time::Duration::from_secs(60),
-            );
-            assert!(
-                ready.is_some(),
-                "redis-server did not start:\n{}",
-                live.stdout_so_far()
-            );
+            wait_redis_ready(live);
             let load = resp((0..REDIS_SAVE_KEYS).map(|i| {
                 vec![
                     "SET".into(),

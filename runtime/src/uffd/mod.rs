@@ -309,31 +309,22 @@ impl Userfault {
     /// Blocks until the userfaultfd has an event to read, `kick` (an eventfd) is signalled,
     /// or `timeout_ms` passes. Returns true if something is ready; drains `kick`.
     pub fn wait_readable(&self, kick: &Kick, timeout_ms: i32) -> bool {
-        let mut pfds = [
-            libc::pollfd {
-                fd: self.raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: kick.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `pfds` is an array of two live pollfds.
-        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
-        if ret > 0 && pfds[1].revents & libc::POLLIN != 0 {
+        let (ready, kicked) = self.poll_with(kick, timeout_ms);
+        if kicked {
             kick.drain();
         }
-        ret > 0
+        ready
     }
-}
 
-impl Userfault {
     /// Like [`Userfault::wait_readable`], but says whether `kick` was signalled (and drains
     /// it then), whatever the userfaultfd has.
     pub fn wait_or_kick(&self, kick: &Kick, timeout_ms: i32) -> bool {
+        let (_, kicked) = self.poll_with(kick, timeout_ms);
+        kicked && kick.take()
+    }
+
+    /// `poll` on this userfaultfd and `kick` for input: (anything ready, `kick` readable).
+    fn poll_with(&self, kick: &Kick, timeout_ms: i32) -> (bool, bool) {
         let mut pfds = [
             libc::pollfd {
                 fd: self.raw_fd(),
@@ -348,7 +339,7 @@ impl Userfault {
         ];
         // SAFETY: `pfds` is an array of two live pollfds.
         let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
-        ret > 0 && pfds[1].revents & libc::POLLIN != 0 && kick.take()
+        (ret > 0, ret > 0 && pfds[1].revents & libc::POLLIN != 0)
     }
 }
 
