@@ -313,6 +313,7 @@ setup_cgroups_and_swap() {
         note "no memory.memsw.* (swap accounting off): lego runs with the swap file turned off"
     fi
     local heap_max=$(( over_heap_mib > curve_heap_mib ? over_heap_mib : curve_heap_mib ))
+    heap_max=$(( fork_heap_mib > heap_max ? fork_heap_mib : heap_max ))
     local swap_mib=$(( 2 * heap_max )) msg
     if msg="$(dd if=/dev/zero of="$swap_file" bs=1M count="$swap_mib" status=none 2>&1 \
         && chmod 600 "$swap_file" && mkswap "$swap_file" 2>&1 >/dev/null)"; then
