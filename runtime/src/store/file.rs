@@ -994,11 +994,12 @@ mod tests {
     use crate::io::test_support::{fill, pages};
     use std::os::unix::fs::PermissionsExt;
 
-    /// A directory of its own for each test, so stale sweeps and listings do not interfere.
-    struct TestDir(PathBuf);
+    /// A directory of its own for each test, so stale sweeps and listings do not interfere
+    /// (the fork tests use it too).
+    pub(super) struct TestDir(pub(super) PathBuf);
 
     impl TestDir {
-        fn new(name: &str) -> TestDir {
+        pub(super) fn new(name: &str) -> TestDir {
             let path =
                 std::env::temp_dir().join(format!("lego-store-test-{}-{name}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
@@ -1006,7 +1007,7 @@ mod tests {
             TestDir(path)
         }
 
-        fn entries(&self) -> usize {
+        pub(super) fn entries(&self) -> usize {
             std::fs::read_dir(&self.0)
                 .expect("listing the test directory")
                 .count()

@@ -14,31 +14,7 @@ use crate::store::conformance::{check_all, SUITE_PAGES};
 use crate::store::memory::MemoryStore;
 use crate::store::FaultyStore;
 
-/// A directory of its own for each test, removed afterwards.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let path =
-            std::env::temp_dir().join(format!("lego-fork-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).expect("creating the test directory");
-        TestDir(path)
-    }
-
-    /// Entries in it: one private directory per store that has made one.
-    fn entries(&self) -> usize {
-        std::fs::read_dir(&self.0)
-            .expect("listing the test directory")
-            .count()
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use super::tests::TestDir;
 
 const HEAP_PAGES: u64 = 4096;
 
