@@ -5,7 +5,6 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 
 use super::*;
 use crate::config::{FaultEffect, FaultOp, FaultPlan};
