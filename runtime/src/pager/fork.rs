@@ -387,8 +387,8 @@ pub(super) fn fork_loop(sh: &Shared) {
 
 /// Reads the parent's userfaultfd (the forking thread holds the `events` lock for writing on
 /// this thread's behalf) until a `FORK` event, or until the forking thread says `fork()`
-/// returned and nothing is left to read. Faults and the other events are kept for after the
-/// fork.
+/// returned and nothing is left to read. Faults are not kept (their threads are woken after
+/// the fork); `REMOVE`/`UNMAP`/`REMAP` ranges are, in room reserved before the fork.
 fn read_until_fork(sh: &Shared, buf: &mut EventBuffer, read: &mut Vec<Event>) -> Option<OwnedFd> {
     let k = &sh.kernel;
     let mut got: Option<OwnedFd> = None;

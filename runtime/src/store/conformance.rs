@@ -43,7 +43,7 @@ fn contents(indices: &[u64], seed: u64) -> Vec<Page> {
 }
 
 /// Stores `src[i]` as `version` of `indices[i]`, all in one batch; every page must be done.
-fn store_all(store: &dyn PageStore, indices: &[u64], src: &[Page], version: u32) {
+pub(crate) fn store_all(store: &dyn PageStore, indices: &[u64], src: &[Page], version: u32) {
     let mut writes: Vec<PageWrite<'_>> = src
         .iter()
         .zip(indices)

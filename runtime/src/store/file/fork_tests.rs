@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use super::*;
 use crate::config::{FaultEffect, FaultOp, FaultPlan};
 use crate::io::test_support::{fill, pages, Page};
-use crate::store::conformance::{check_all, SUITE_PAGES};
+use crate::store::conformance::{check_all, store_all, SUITE_PAGES};
 use crate::store::memory::MemoryStore;
 use crate::store::FaultyStore;
 
@@ -39,14 +39,7 @@ fn contents(indices: &[u64], round: u64) -> Vec<Page> {
 fn write(store: &dyn PageStore, indices: &[u64], round: u64) -> Vec<Page> {
     let src = contents(indices, round);
     let version = u32::try_from(round).expect("a small round");
-    let mut writes: Vec<PageWrite<'_>> = src
-        .iter()
-        .zip(indices)
-        .map(|(p, &page)| PageWrite::new(page, &p.0, version))
-        .collect();
-    store
-        .store(&mut writes)
-        .unwrap_or_else(|e| panic!("{}: storing: {e}", store.describe()));
+    store_all(store, indices, &src, version);
     src
 }
 
