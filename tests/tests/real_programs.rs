@@ -213,6 +213,23 @@ fn drive_redis(port: u16) -> String {
     seen
 }
 
+/// `redis-server` on `port` of loopback, logging to stdout, with no snapshots and the debug
+/// command on (for `DEBUG DIGEST`); each test adds what it needs.
+fn redis_server(port: u16) -> Run {
+    Run::new(which("redis-server")).args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--enable-debug-command",
+        "local",
+        "--logfile",
+        "",
+    ])
+}
+
 /// Waits until the Redis server says it accepts connections (after loading what it found).
 fn wait_redis_ready(live: &lego_tests::Live) {
     let ready = live.wait_for_line(
@@ -242,23 +259,7 @@ fn redis_run(make: impl Fn(u16) -> Run) -> (Outcome, String) {
 #[test]
 fn redis_serves_a_dataset_four_times_the_cache() {
     let _serial = heavy();
-    let server = which("redis-server");
-    let make = |port: u16| {
-        Run::new(&server).args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--enable-debug-command",
-            "local",
-            "--logfile",
-            "",
-        ])
-    };
+    let make = |port: u16| redis_server(port).args(["--appendonly", "no"]);
     let (native, native_seen) = redis_run(|port| make(port).measure_rss());
     native.assert_success();
     let setup = ShimSetup::new("redis", 16);
@@ -307,27 +308,11 @@ fn redis_wait_persistence(port: u16, in_progress: &str, status: &str) {
 /// Starts a fresh Redis (not preloaded) over `dir` with `args`, and returns its `DEBUG DIGEST`
 /// and its key count once it has loaded what it found there.
 fn redis_loaded_digest(dir: &std::path::Path, args: &[&str]) -> (String, String) {
-    let server = which("redis-server");
     let port = free_port();
     let mut found = (String::new(), String::new());
     let dir_arg = dir.to_string_lossy().into_owned();
-    let out = Run::new(&server)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args([
-            "--dir",
-            &dir_arg,
-            "--enable-debug-command",
-            "local",
-            "--logfile",
-            "",
-        ])
+    let out = redis_server(port)
+        .args(["--dir", &dir_arg])
         .args(args)
         .run_with(|live| {
             wait_redis_ready(live);
@@ -350,7 +335,6 @@ fn redis_loaded_digest(dir: &std::path::Path, args: &[&str]) -> (String, String)
 #[test]
 fn redis_saves_a_dataset_ten_times_the_cache_in_the_background() {
     let _serial = heavy();
-    let server = which("redis-server");
     let dir = lego_tests::TempDir::new("redis-save");
     let dir_arg = dir.path().to_string_lossy().into_owned();
     let cache_mib = 16;
@@ -358,13 +342,7 @@ fn redis_saves_a_dataset_ten_times_the_cache_in_the_background() {
     let port = free_port();
     let mut digest = String::new();
     let out = setup
-        .apply(Run::new(&server).args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
+        .apply(redis_server(port).args([
             "--appendonly",
             "no",
             "--dir",
@@ -373,10 +351,6 @@ fn redis_saves_a_dataset_ten_times_the_cache_in_the_background() {
             "dump.rdb",
             "--appenddirname",
             "aof",
-            "--enable-debug-command",
-            "local",
-            "--logfile",
-            "",
         ]))
         .run_with(|live| {
             wait_redis_ready(live);
