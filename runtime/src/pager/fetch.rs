@@ -157,7 +157,7 @@ fn fetch_chunk(
             })
             .collect()
     };
-    let (status, last_error) = read_with_retries(sh, first, &expect, buf);
+    let (status, last_error, log_error) = read_with_retries(sh, first, &expect, buf, faulting);
     let mut out: Vec<Outcome> = status
         .iter()
         .enumerate()
@@ -177,11 +177,14 @@ fn fetch_chunk(
     // SAFETY: `buf` holds the `n` pages just read (at most its size, checked by `pages_mut`)
     // and is not touched until this returns; the run was claimed (`Fetching`) by this thread.
     unsafe { install_pages(sh, first, buf.addr(0) as *const u8, true, &mut out) };
-    let why = if corrupt_faulting.is_some() || last_error.is_empty() {
+    let mut why = if corrupt_faulting.is_some() || last_error.is_empty() {
         "its copy in the store failed its CRC32C check or could not be installed".to_string()
     } else {
         format!("fetching it from the store failed: {last_error}")
     };
+    if let Some(e) = log_error {
+        why = format!("{why}; the log could not give it either: {e}");
+    }
     let installed = finish_run(sh, first, &out, Source::Store, &why);
     if status.contains(&PageFetch::FromLog) {
         // The store lost them: their next eviction writes them to it again.
@@ -208,13 +211,16 @@ fn fetch_chunk(
 
 /// Reads the pages `expect` describes into `buf` and checks each against its checksum,
 /// reading again those that failed in a way that may pass, up to [`FETCH_ATTEMPTS_MAX`] times
-/// in all. Returns each page's state and the last failure's description.
+/// in all, then from the log those the store could not give. Returns each page's state and the
+/// last failure's description, and why the log could not give the `faulting` page (or, if
+/// the log gave that one, the first it could not give).
 fn read_with_retries(
     sh: &Shared,
     first: usize,
     expect: &[Expect],
     buf: &mut PageBuf,
-) -> (Vec<PageFetch>, String) {
+    faulting: Option<usize>,
+) -> (Vec<PageFetch>, String, Option<String>) {
     let mut status = vec![PageFetch::Unread; expect.len()];
     let mut last_error = String::new();
     // A store that checked each page against the checksum asked for is not checked again.
@@ -255,25 +261,27 @@ fn read_with_retries(
             super::sleep_ms(FETCH_RETRY_MS * u64::from(attempt));
         }
     }
-    read_from_log(sh, first, expect, buf, &mut status);
-    (status, last_error)
+    let log_error = read_from_log(sh, first, expect, buf, &mut status, faulting);
+    (status, last_error, log_error)
 }
 
 /// The copy of last resort: pages the store could not give, read from the log when it holds
 /// their exact content (a pool with one copy whose server died; see `Durable::log_first`).
+/// Returns why the log could not give the `faulting` page, or else the first it could not
+/// give, if any.
 fn read_from_log(
     sh: &Shared,
     first: usize,
     expect: &[Expect],
     buf: &mut PageBuf,
     status: &mut [PageFetch],
-) {
-    let Some(index) = sh.durable.as_ref().and_then(|d| d.index.as_ref()) else {
-        return;
-    };
+    faulting: Option<usize>,
+) -> Option<String> {
+    let index = sh.durable.as_ref().and_then(|d| d.index.as_ref())?;
     if status.iter().all(|st| *st == PageFetch::Good) {
-        return;
+        return None;
     }
+    let mut first_failure = None;
     let mut pages = buf.pages_mut(expect.len());
     for (i, st) in status.iter_mut().enumerate() {
         let Expect::Store { crc, .. } = expect[i] else {
@@ -293,12 +301,20 @@ fn read_from_log(
                     );
                 }
             }
-            Err(e) => log::debug!(
-                "the page at {:#x} is not in the log either: {e}",
-                sh.addr_of(first + i)
-            ),
+            Err(e) => {
+                log::debug!(
+                    "the page at {:#x} is not in the log either: {e}",
+                    sh.addr_of(first + i)
+                );
+                if Some(first + i) == faulting {
+                    first_failure = Some(e.to_string());
+                } else {
+                    first_failure.get_or_insert_with(|| e.to_string());
+                }
+            }
         }
     }
+    first_failure
 }
 
 static FROM_LOG: crate::logging::RateLimit = crate::logging::RateLimit::new(2);

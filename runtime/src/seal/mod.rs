@@ -13,8 +13,11 @@
 //! - The nonce is unique per seal: a random 32-bit incarnation per [`Sealer`] (a heap
 //!   restored under the same id gets a new one) followed by a 64-bit counter. A counter that
 //!   would wrap stops sealing ([`SealError::NoncesUsed`]) rather than reuse a nonce.
-//! - The associated data binds a value to its heap, its page (or shard) and its version:
-//!   a value of another page, of another heap or of an older version does not open. A parity
+//! - The associated data binds a value to its heap, its page (or shard), its version and the
+//!   CRC32C of its plaintext: a value of another page, of another heap, of an older version or
+//!   of other content under a repeated version does not open. So an opened value is the very
+//!   content its reader expects, and needs no checksum pass of its own (a reader knows the
+//!   checksum it expects; the associated data is never sent). A parity
 //!   value of an erasure-coded stripe ([`SealedParityAs`]) is bound to its heap, stripe, slot,
 //!   code shape and the versions and checksums of the data values it was computed from; its
 //!   associated data is longer than any page's, so neither kind opens as the other.
@@ -47,7 +50,7 @@ pub const TAG_BYTES: usize = 16;
 pub const SEALED_OVERHEAD_BYTES: usize = NONCE_BYTES + TAG_BYTES;
 
 /// HKDF's context for the per-heap key; a new layout of sealed values gets a new one.
-const HEAP_KEY_INFO: &[u8] = b"lego sealed page v1";
+const HEAP_KEY_INFO: &[u8] = b"lego sealed page v2";
 
 const _: () = assert!(NONCE_BYTES == 4 + 8, "incarnation (u32) + counter (u64)");
 
@@ -78,6 +81,8 @@ pub struct SealedAs {
     pub page: u64,
     /// The value's version (the store's version of the page).
     pub version: u32,
+    /// The CRC32C of the value's plaintext (what the pager knows of the page's content).
+    pub crc: u32,
     /// Which part of the page the value is (0 for a whole page; a shard's index).
     pub part: u8,
 }
@@ -88,13 +93,14 @@ impl SealedAs {
         a[0..8].copy_from_slice(&heap_id.to_le_bytes());
         a[8..16].copy_from_slice(&self.page.to_le_bytes());
         a[16..20].copy_from_slice(&self.version.to_le_bytes());
-        a[20] = self.part;
+        a[20..24].copy_from_slice(&self.crc.to_le_bytes());
+        a[24] = self.part;
         a
     }
 }
 
 /// Bytes of a page's associated data ([`SealedAs`]).
-const PAGE_AAD_BYTES: usize = 21;
+const PAGE_AAD_BYTES: usize = 25;
 /// Marks a parity value's associated data (after the heap id).
 const PARITY_AAD_TAG: &[u8; 8] = b"parity\0\0";
 /// Bytes of a parity value's associated data before its cover.

@@ -11,6 +11,7 @@ fn sealer(heap: u64) -> Sealer {
 const AS: SealedAs = SealedAs {
     page: 12,
     version: 3,
+    crc: 0x5eed_c0de,
     part: 0,
 };
 
@@ -36,7 +37,7 @@ fn a_page_round_trips_and_its_plaintext_is_not_in_the_value() {
 }
 
 #[test]
-fn another_page_version_part_heap_or_key_does_not_open() {
+fn another_page_version_checksum_part_heap_or_key_does_not_open() {
     let s = sealer(1);
     let page = [0x5au8; 4096];
     let v = sealed(&s, AS, &page);
@@ -44,6 +45,10 @@ fn another_page_version_part_heap_or_key_does_not_open() {
     for other in [
         SealedAs { page: 13, ..AS },
         SealedAs { version: 2, ..AS },
+        SealedAs {
+            crc: 0x5eed_c0df,
+            ..AS
+        },
         SealedAs { part: 1, ..AS },
     ] {
         assert_eq!(s.open_into(other, &v, &mut out), Err(SealError::Forged));

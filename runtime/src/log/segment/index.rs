@@ -61,6 +61,13 @@ pub enum IndexError {
     NotLogged,
     #[error("the log's newest record of the page has other content (checksum {found:#010x}, expected {expected:#010x})")]
     Other { found: u32, expected: u32 },
+    #[error("the bytes the index names for the page ({name} at byte {offset}) do not match the record's checksum (found {found:#010x}, expected {expected:#010x})")]
+    Damaged {
+        name: String,
+        offset: u64,
+        found: u32,
+        expected: u32,
+    },
     #[error("reading the page from the log segment {name} failed")]
     Read {
         name: String,
@@ -131,7 +138,15 @@ impl PageIndex {
             Located::Nowhere => Err(IndexError::NotLogged),
             Located::Zero => {
                 buf.fill(0);
-                check(buf, crc)
+                let found = crc32c::crc32c(buf);
+                if found == crc {
+                    Ok(())
+                } else {
+                    Err(IndexError::Other {
+                        found,
+                        expected: crc,
+                    })
+                }
             }
             Located::At {
                 seq,
@@ -150,7 +165,17 @@ impl PageIndex {
                     name: name.clone(),
                     source,
                 })?;
-                check(buf, crc)
+                let found = crc32c::crc32c(buf);
+                if found == crc {
+                    Ok(())
+                } else {
+                    Err(IndexError::Damaged {
+                        name,
+                        offset,
+                        found,
+                        expected: crc,
+                    })
+                }
             }
         }
     }
@@ -170,19 +195,6 @@ impl PageIndex {
             files.insert(seq, File::open(self.dir.join(name))?);
         }
         f(&files[&seq])
-    }
-}
-
-/// `buf` holds the content whose checksum is `crc`, or the error says what it holds.
-fn check(buf: &[u8], crc: u32) -> Result<(), IndexError> {
-    let found = crc32c::crc32c(buf);
-    if found == crc {
-        Ok(())
-    } else {
-        Err(IndexError::Other {
-            found,
-            expected: crc,
-        })
     }
 }
 

@@ -492,7 +492,7 @@ impl MemcachedServer {
                         key.as_str(),
                         SEALED_VALUE_BYTES,
                         k as u32,
-                        |out| seal(sealer, w.page, w.version, w.buf, out),
+                        |out| seal(sealer, w.page, w.version, w.crc, w.buf, out),
                     );
                 }
             }
@@ -627,7 +627,7 @@ fn read_value(
 ) -> Option<(u32, u32, u32)> {
     match sealer {
         None => decode(data, r.buf),
-        Some(sealer) => match open(sealer, r.page, r.version, data, r.buf) {
+        Some(sealer) => match open(sealer, r.page, r.version, r.crc, data, r.buf) {
             Ok(read) => Some(read),
             Err(Unopened::OtherVersion) => None,
             Err(Unopened::Forged) => {
@@ -650,12 +650,14 @@ fn decode(data: &[u8], buf: &mut [u8]) -> Option<(u32, u32, u32)> {
     Some((crc, version, crc32c::crc32c(buf)))
 }
 
-/// Appends the sealed value (`version | sealed page`) of `buf`, version `version` of `page`, to
-/// `out`; false if no nonce is left (`protocol::set_with` then drops what was appended).
-fn seal(sealer: &Sealer, page: u64, version: u32, buf: &[u8], out: &mut Vec<u8>) -> bool {
+/// Appends the sealed value (`version | sealed page`) of `buf`, version `version` of `page`
+/// whose CRC32C is `crc`, to `out`; false if no nonce is left (`protocol::set_with` then drops
+/// what was appended).
+fn seal(sealer: &Sealer, page: u64, version: u32, crc: u32, buf: &[u8], out: &mut Vec<u8>) -> bool {
     let what = SealedAs {
         page,
         version,
+        crc,
         part: 0,
     };
     out.extend_from_slice(&version.to_le_bytes());
@@ -672,13 +674,15 @@ enum Unopened {
     Forged,
 }
 
-/// Opens a sealed value (`version | sealed page`) of `page` into `buf`, expecting `version`:
-/// (the page's CRC32C, its version, the same CRC32C), so that the caller's check compares the
-/// page with the checksum it knows. On failure `buf` holds zeros, never a byte of the value.
+/// Opens a sealed value (`version | sealed page`) of `page` into `buf`, expecting `version`
+/// and content whose CRC32C is `crc`: (crc, version, crc). The seal binds that checksum, so a
+/// value that opens holds exactly that content and is not checked again (one CRC32C pass per
+/// page saved). On failure `buf` holds zeros, never a byte of the value.
 fn open(
     sealer: &Sealer,
     page: u64,
     version: u32,
+    crc: u32,
     data: &[u8],
     buf: &mut [u8],
 ) -> Result<(u32, u32, u32), Unopened> {
@@ -694,12 +698,12 @@ fn open(
     let what = SealedAs {
         page,
         version,
+        crc,
         part: 0,
     };
     sealer
         .open_into(what, &data[SEALED_HEADER_BYTES..], buf)
         .map_err(|_| Unopened::Forged)?;
-    let crc = crc32c::crc32c(buf);
     Ok((crc, version, crc))
 }
 
@@ -830,7 +834,7 @@ impl PageStore for MemcachedServer {
                             key.as_str(),
                             SEALED_VALUE_BYTES,
                             k as u32,
-                            |out| seal(sealer, w.page, w.version, w.buf, out),
+                            |out| seal(sealer, w.page, w.version, w.crc, w.buf, out),
                         );
                         made.push(ok);
                     }
@@ -961,7 +965,7 @@ mod tests {
 
     fn sealed_value(s: &Sealer, page: u64, version: u32, data: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
-        assert!(seal(s, page, version, data, &mut v));
+        assert!(seal(s, page, version, crc32c::crc32c(data), data, &mut v));
         assert_eq!(v.len(), SEALED_VALUE_BYTES);
         v
     }
@@ -969,9 +973,9 @@ mod tests {
     proptest! {
         #![proptest_config(crate::fuzz_support::config(64))]
 
-        /// A sealed value opens into its page (with the page's CRC32C) for its page and
-        /// version only; with any bit flipped, cut or grown, or opened as another page or
-        /// version, it is refused and the buffer holds zeros, never a byte of the value.
+        /// A sealed value opens into its page for its page, version and the page's CRC32C
+        /// only; with any bit flipped, cut or grown, or opened as another page, version or
+        /// content, it is refused and the buffer holds zeros, never a byte of the value.
         #[test]
         fn fuzz_sealed_values_open_only_unchanged_and_for_their_page(
             seed: u64,
@@ -979,6 +983,7 @@ mod tests {
             version in 1u32..u32::MAX,
             flip in 0usize..SEALED_VALUE_BYTES * 8,
             other_page in 0u64..1 << 31,
+            other_crc: u32,
             cut in 1usize..SEALED_VALUE_BYTES,
         ) {
             let s = sealer();
@@ -987,14 +992,19 @@ mod tests {
             let value = sealed_value(&s, page, version, &data);
             let crc = crc32c::crc32c(&data);
             let mut buf = vec![0xeeu8; PAGE_SIZE];
-            prop_assert_eq!(open(&s, page, version, &value, &mut buf), Ok((crc, version, crc)));
+            prop_assert_eq!(open(&s, page, version, crc, &value, &mut buf), Ok((crc, version, crc)));
             prop_assert_eq!(&buf, &data);
 
-            let refused = |v: &[u8], p: u64, ver: u32| {
+            let refused_as = |v: &[u8], p: u64, ver: u32, c: u32| {
                 let mut buf = vec![0xeeu8; PAGE_SIZE];
-                let r = open(&s, p, ver, v, &mut buf);
+                let r = open(&s, p, ver, c, v, &mut buf);
                 (r.is_err(), buf.iter().all(|&b| b == 0))
             };
+            let refused = |v: &[u8], p: u64, ver: u32| refused_as(v, p, ver, crc);
+            if other_crc != crc {
+                // The same page and version with other content (a version used twice).
+                prop_assert_eq!(refused_as(&value, page, version, other_crc), (true, true));
+            }
             let mut flipped = value.clone();
             flipped[flip / 8] ^= 1 << (flip % 8);
             // A flip in the version label names another version: refused without opening.
@@ -1014,9 +1024,9 @@ mod tests {
             // Another heap under the same key file, or the same heap under another key.
             let theirs = Sealer::new(&SealKey::from_bytes([0x5a; KEY_BYTES]), 0x00c0_ffee_0000_000a);
             let mut buf = vec![0u8; PAGE_SIZE];
-            prop_assert!(open(&theirs, page, version, &value, &mut buf).is_err());
+            prop_assert!(open(&theirs, page, version, crc, &value, &mut buf).is_err());
             let other_key = Sealer::new(&SealKey::from_bytes([0x5b; KEY_BYTES]), 0x00c0_ffee_0000_0009);
-            prop_assert!(open(&other_key, page, version, &value, &mut buf).is_err());
+            prop_assert!(open(&other_key, page, version, crc, &value, &mut buf).is_err());
         }
     }
 }
