@@ -151,6 +151,9 @@ counters! {
     EpochCutMicros => epoch_cut_micros,
     /// Pages an epoch copied while the program could write them (they would not move).
     EpochPagesCopied => epoch_pages_copied,
+    /// Times an epoch, before emptying its snapshot, waited for a fault handler still copying
+    /// pages back from it.
+    EpochSnapshotWaits => epoch_snapshot_waits,
     /// Epochs or compactions the log failed to write.
     LogErrors => log_errors,
     /// Compactions of the log into a checkpoint.
@@ -632,10 +635,10 @@ mod tests {
         }
         assert_eq!(snap.faults_zero_fill, 101);
         assert_eq!(snap.fork_page_ins, 22 + 100);
-        assert_eq!(snap.log_compactions, 30 + 100);
-        assert_eq!(snap.evictions_held_for_log, 32 + 100);
+        assert_eq!(snap.log_compactions, 31 + 100);
+        assert_eq!(snap.evictions_held_for_log, 33 + 100);
         assert_eq!(snap.mapped_pages_evicted, COUNTERS as u64 + 100);
-        assert_eq!(COUNTERS, 35);
+        assert_eq!(COUNTERS, 36);
     }
 
     #[test]

@@ -1166,3 +1166,43 @@ fn a_log_seeds_a_sealed_pool_and_the_heap_comes_back_with_the_key() {
         "the heap restored from the sealed pool differs from the one restored from the image"
     );
 }
+
+/// A fault handler that claimed pages of an epoch's snapshot and copies them back late (here
+/// 150 ms late, `LEGO_FAULT_INJECT=stall:snapshot:150`) must still find them in their slots:
+/// the epoch empties its snapshot only once every page is back. Before the fix the flusher
+/// emptied the slots as soon as the log had the epoch, the late copy faulted on the staging
+/// userfaultfd, which nobody serves, and the handler and the program threads waiting for its
+/// pages hung for ever (seen once in a dozen runs of the adaptive pool kill test under load).
+/// Four threads rewriting pages at random while epochs are cut every 20 ms: identical output,
+/// and the wait happened.
+#[test]
+fn a_late_copy_back_from_the_snapshot_finds_its_pages() {
+    let _serial = heavy();
+    let args = ["32", "4", "400000"];
+    let native = Run::new(program("pager_stress")).args(args).run();
+    native.assert_success();
+    let logs = TempDir::new("snapshot-late");
+    let setup = lego_tests::ShimSetup::new("snapshot-late", 64);
+    let out = setup
+        .apply(Run::new(program("pager_stress")).args(args))
+        .env("LEGO_LOG_DIR", logs.path().join("log"))
+        .env("LEGO_FLUSH_MS", "20")
+        .env("LEGO_FAULT_INJECT", "stall:snapshot:150")
+        .hang_after(120)
+        .run();
+    assert!(!out.hung, "a late copy-back must not hang:\n{out}");
+    out.assert_success();
+    assert_eq!(out.stdout, native.stdout, "{out}");
+    let stats = setup.stats();
+    assert!(
+        stats.number("epochs_committed").is_some_and(|n| n >= 2),
+        "{}",
+        stats.raw
+    );
+    assert!(
+        stats.number("epoch_snapshot_waits").is_some_and(|n| n > 0),
+        "an epoch must have waited for a handler's late copy-back: {}",
+        stats.raw
+    );
+    assert_eq!(stats.number("log_errors"), Some(0), "{}", stats.raw);
+}

@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use super::faults::{FAULT_DELAY_MS_MAX, SPAWN_FAULT_THREADS};
+use super::faults::{FAULT_DELAY_MS_MAX, SPAWN_FAULT_THREADS, STALL_FAULT_POINTS};
 use super::parse::SizeError;
 use super::settings::vars;
 use super::{CACHE_BYTES_MIN, FLUSH_MS_MAX, FLUSH_MS_MIN, HEAP_BYTES_MAX, LOG_MAX_BYTES_MIN};
@@ -330,17 +330,19 @@ pub enum ConfigError {
         /// Largest accepted value.
         max: usize,
     },
-    /// `LEGO_FAULT_INJECT` does not follow `OP:EFFECT:after=N[:once]`, `spawn:THREAD` or
-    /// `panic:fork`.
+    /// `LEGO_FAULT_INJECT` does not follow `OP:EFFECT:after=N[:once]`, `spawn:THREAD`,
+    /// `panic:fork` or `stall:POINT:MS`.
     #[error(
         "{}={value:?} is not a fault plan ({problem}): expected OP:ERRNO:after=N with OP \
          fetch, store or readback and ERRNO eio or enospc (fetch:eio:after=100), \
          fetch:corrupt:after=N, readback:corrupt:after=N, \
          fetch:delay=MS:after=N or store:delay=MS:after=N with MS from 1 to \
          {FAULT_DELAY_MS_MAX}, any of these ending in :once to hit one call only, \
-         spawn:THREAD with THREAD one of {}, or panic:fork",
+         spawn:THREAD with THREAD one of {}, panic:fork, or stall:POINT:MS with POINT \
+         one of {} and MS from 1 to {FAULT_DELAY_MS_MAX}",
         vars::FAULT_INJECT,
-        SPAWN_FAULT_THREADS.join(", ")
+        SPAWN_FAULT_THREADS.join(", "),
+        STALL_FAULT_POINTS.join(", ")
     )]
     FaultPlan {
         /// The value as set.

@@ -1,7 +1,8 @@
 //! `LEGO_FAULT_INJECT`, a testing hook: a [`FaultPlan`] for the page store (which operation
 //! fails or misbehaves, after how many pages, how, and whether only once:
 //! `OP:EFFECT:after=N[:once]` with EFFECT an errno, `corrupt` or `delay=MS`), a runtime thread whose start fails
-//! (`spawn:THREAD`), or a point where the shim panics (`panic:fork`).
+//! (`spawn:THREAD`), a point where the shim panics (`panic:fork`), or a point where the
+//! runtime waits before it goes on (`stall:POINT:MS`, to widen a race window).
 //!
 //! This module only parses; the store seam (`store::faulty`), the epoch's read-back and the
 //! runtime's threads act on what it returns. Rules: a plan that is set but wrong is refused,
@@ -60,6 +61,9 @@ pub const SPAWN_FAULT_THREADS: &[&str] = &[
 ];
 /// Where `LEGO_FAULT_INJECT=panic:POINT` can make the shim panic.
 pub const PANIC_FAULT_POINTS: &[&str] = &["fork"];
+/// Where `LEGO_FAULT_INJECT=stall:POINT:MS` makes the runtime wait: `snapshot`, a fault
+/// handler that copies pages back from an epoch's snapshot, after it claimed them.
+pub const STALL_FAULT_POINTS: &[&str] = &["snapshot"];
 
 /// A page store operation that fault injection can make fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +86,15 @@ pub(super) enum Injection {
     Store(FaultPlan),
     Spawn(&'static str),
     Panic(&'static str),
+    Stall(Stall),
+}
+
+/// `stall:POINT:MS`: the runtime waits `ms` milliseconds (1 to [`FAULT_DELAY_MS_MAX`]) each
+/// time it reaches `point` (one of [`STALL_FAULT_POINTS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    pub point: &'static str,
+    pub ms: u64,
 }
 
 pub(super) fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
@@ -100,6 +113,18 @@ pub(super) fn parse_fault_plan(value: &str) -> Result<Injection, ConfigError> {
         return named(PANIC_FAULT_POINTS, point)
             .map(Injection::Panic)
             .ok_or_else(|| fail("unknown panic point"));
+    }
+    if let Some(rest) = value.strip_prefix("stall:") {
+        let (point, ms) = rest
+            .split_once(':')
+            .ok_or_else(|| fail("a stall needs a point and a time: stall:POINT:MS"))?;
+        let point = named(STALL_FAULT_POINTS, point).ok_or_else(|| fail("unknown stall point"))?;
+        let ms = ms
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| (1..=FAULT_DELAY_MS_MAX).contains(ms))
+            .ok_or_else(|| fail("MS must be a whole number of milliseconds from 1 to 60000"))?;
+        return Ok(Injection::Stall(Stall { point, ms }));
     }
     let parts: Vec<&str> = value.split(':').collect();
     let (op, effect, after, once) = match parts[..] {

@@ -41,7 +41,8 @@ pub use backend::{parse_backend, BackendSpec};
 pub use durable::{LogSettings, LogSync};
 pub use error::ConfigError;
 pub use faults::{
-    FaultEffect, FaultOp, FaultPlan, FAULT_DELAY_MS_MAX, PANIC_FAULT_POINTS, SPAWN_FAULT_THREADS,
+    FaultEffect, FaultOp, FaultPlan, Stall, FAULT_DELAY_MS_MAX, PANIC_FAULT_POINTS,
+    SPAWN_FAULT_THREADS, STALL_FAULT_POINTS,
 };
 pub use mmap::{MMAP_DEFAULT, MMAP_MIN_BYTES_DEFAULT, MMAP_MIN_BYTES_MAX, MMAP_MIN_BYTES_MIN};
 pub use parse::{parse_size, total_ram_bytes, SizeError};
@@ -168,6 +169,9 @@ pub struct Config {
     pub spawn_failure: Option<&'static str>,
     /// Where the shim panics on purpose (`LEGO_FAULT_INJECT=panic:fork`); a testing hook.
     pub panic_injection: Option<&'static str>,
+    /// Where the runtime waits on purpose, and how long (`LEGO_FAULT_INJECT=stall:POINT:MS`);
+    /// a testing hook.
+    pub stall_injection: Option<Stall>,
     /// The durable heap's log (`LEGO_LOG_DIR` and its companions), `None` when unset.
     pub log: Option<LogSettings>,
     /// The heap image to start from (`LEGO_RESTORE`).
@@ -325,6 +329,9 @@ impl fmt::Display for Config {
         if let Some(thread) = self.spawn_failure {
             write!(f, ", fault injection: the thread {thread} fails to start")?;
         }
+        if let Some(Stall { point, ms }) = self.stall_injection {
+            write!(f, ", fault injection: a {ms} ms stall at {point}")?;
+        }
         Ok(())
     }
 }
@@ -479,6 +486,10 @@ fn validate(raw: RawSettings, host: Host) -> Result<Config, ConfigError> {
         },
         panic_injection: match raw.fault_injection {
             Some(Injection::Panic(point)) => Some(point),
+            _ => None,
+        },
+        stall_injection: match raw.fault_injection {
+            Some(Injection::Stall(stall)) => Some(stall),
             _ => None,
         },
         log,

@@ -126,7 +126,9 @@ pub(super) const SETTINGS: &[Setting] = &[
                   store works again; readback:... does \
                   the same to an epoch's reads of evicted pages only; spawn:THREAD makes \
                   starting the runtime thread THREAD (lego-logwrite) fail; panic:fork panics \
-                  inside fork() with every lock of the internal heap held.",
+                  inside fork() with every lock of the internal heap held; \
+                  stall:snapshot:MS makes a fault handler wait MS milliseconds before it \
+                  copies pages back from an epoch's snapshot.",
     },
     Setting {
         name: vars::LOG_DIR,

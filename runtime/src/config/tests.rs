@@ -208,6 +208,7 @@ fn every_setting_parsed() {
             }),
             spawn_failure: None,
             panic_injection: None,
+            stall_injection: None,
             log: None,
             restore: None,
             pool: PoolSettings::default(),
@@ -292,6 +293,15 @@ fn other_accepted_forms() {
     assert_eq!(c.spawn_failure, Some("lego-logwrite"));
     let c = config(&[("LEGO_FAULT_INJECT", "panic:fork")]).expect("valid");
     assert_eq!(c.panic_injection, Some("fork"));
+    assert_eq!(c.fault_injection, None);
+    let c = config(&[("LEGO_FAULT_INJECT", "stall:snapshot:250")]).expect("valid");
+    assert_eq!(
+        c.stall_injection,
+        Some(Stall {
+            point: "snapshot",
+            ms: 250
+        })
+    );
     assert_eq!(c.fault_injection, None);
     for threads in ["1", "256"] {
         config(&[("LEGO_HANDLER_THREADS", threads)]).expect(threads);
@@ -407,6 +417,18 @@ fn rejections_name_variable_value_and_expectation() {
         (
             &[("LEGO_FAULT_INJECT", "read:eio:after=1")],
             "(unknown operation)",
+        ),
+        (
+            &[("LEGO_FAULT_INJECT", "stall:evict:10")],
+            "(unknown stall point)",
+        ),
+        (
+            &[("LEGO_FAULT_INJECT", "stall:snapshot:0")],
+            "(MS must be a whole number of milliseconds from 1 to 60000)",
+        ),
+        (
+            &[("LEGO_FAULT_INJECT", "stall:snapshot")],
+            "(a stall needs a point and a time: stall:POINT:MS)",
         ),
         (
             &[("LEGO_FAULT_INJECT", "fetch:eperm:after=1")],

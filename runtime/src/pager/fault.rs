@@ -141,7 +141,7 @@ pub(super) fn handle_missing(sh: &Shared, addr: usize, fetch: &mut PageBuf) {
             }
         }
         Plan::Poison { page } => poison(sh, page, "its content was lost earlier"),
-        Plan::Snap { first, n } => snapshot::install_from_snapshot(sh, first, n),
+        Plan::Snap { first, n } => snapshot::handler_copy_back(sh, first, n),
         Plan::Later => {
             sh.kernel.defer(vec![addr]);
         }

@@ -62,6 +62,9 @@ impl Runtime {
         if let Some(thread) = config.spawn_failure {
             crate::threads::fail_spawns_of(thread);
         }
+        if let Some(stall) = config.stall_injection {
+            super::epoch::snapshot::stall_copies_for(stall.ms);
+        }
         let uffd = open_heap_uffd()?;
         let reports_forks = uffd.features().has(uffd::sys::UFFD_FEATURE_EVENT_FORK);
         let staging_uffd = Userfault::open(0)?;

@@ -360,7 +360,7 @@ fn run_epoch(
         Ok(last_committed)
     };
     release_holds(sh, &cut);
-    durable.snapshot.drop_slots(&cut.moved);
+    durable.snapshot.drop_slots(sh, &cut.moved);
     let outcome = match result {
         Ok(epoch) => {
             if cut.pages() > 0 {

@@ -6,18 +6,29 @@
 //! ([`Snapshot::page`]).
 //!
 //! Rules: slots are only read between the cut and the end of the epoch, and dropped after it
-//! ([`Snapshot::drop_slots`]); a page goes back write-protected (the log has its content, so
-//! it is clean) and without taking new room in the cache (it is still counted resident).
+//! ([`Snapshot::drop_slots`]) once no page is in the snapshot any more: a handler that claimed
+//! a run of snapshot pages may copy it later than the flusher's copy-back and the log writer
+//! finish, and a copy from an emptied slot faults on the staging userfaultfd, which nobody
+//! serves (the handler, and every thread waiting for its pages, would wait for ever). A page
+//! goes back write-protected (the log has its content, so it is clean) and without taking new
+//! room in the cache (it is still counted resident).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::super::install::{finish_run, install_pages, Outcome, Source};
-use super::super::{PagerError, Shared};
+use super::super::{PagerError, Shared, STATS};
 use crate::cache::{PageState, Table, SNAP};
 use crate::region::Region;
+use crate::stats::Counter;
 use crate::uffd::Userfault;
 use crate::PAGE_SIZE;
 
 /// Snapshot pages the flusher copies back at once after a cut.
 const COPY_BACK_PAGES: usize = 256;
+/// How long the flusher waits at a time, before it empties the slots, for a handler that is
+/// copying pages back from them, in milliseconds.
+const COPY_BACK_WAIT_MS: u64 = 2;
 
 /// The snapshot area.
 pub(in super::super) struct Snapshot {
@@ -50,8 +61,10 @@ impl Snapshot {
         }
     }
 
-    /// At the end of an epoch: empties the slots of the pages the cut moved (`moved`, sorted).
-    pub(super) fn drop_slots(&self, moved: &[usize]) {
+    /// At the end of an epoch: waits until every page the cut moved (`moved`, sorted) is back
+    /// in the heap ([`wait_all_back`]), then empties their slots.
+    pub(super) fn drop_slots(&self, sh: &Shared, moved: &[usize]) {
+        wait_all_back(sh, moved);
         for (first, n) in page_runs(moved) {
             // SAFETY: the snapshot area is the flusher's; these slots' pages are back in the
             // heap and written to the log (or the epoch failed), so nobody reads them any more.
@@ -60,12 +73,32 @@ impl Snapshot {
     }
 }
 
+/// How long a handler waits after it claimed snapshot pages, before it copies them back, in
+/// milliseconds (`LEGO_FAULT_INJECT=stall:snapshot:MS`, a testing hook; 0: no wait).
+static HANDLER_STALL_MS: AtomicU64 = AtomicU64::new(0);
+
+/// From now on, a handler that claimed snapshot pages waits `ms` milliseconds before it copies
+/// them back (testing hook: it widens the window in which the epoch ends meanwhile).
+pub(in super::super) fn stall_copies_for(ms: u64) {
+    HANDLER_STALL_MS.store(ms, Ordering::Relaxed);
+}
+
 /// Claims `[first, first+n)`, pages in the epoch snapshot, for copying back.
 pub(in super::super) fn claim_snapshot(t: &mut Table, first: usize, n: usize) {
     for p in first..first + n {
         debug_assert_eq!(snapshot_run_len(t, p, 1), 1);
         t.set_state(p, PageState::Filling);
     }
+}
+
+/// A fault handler's copy of the claimed run `[first, first+n)` back from the epoch snapshot:
+/// [`install_from_snapshot`], after the stall a test asked for.
+pub(in super::super) fn handler_copy_back(sh: &Shared, first: usize, n: usize) {
+    let stall = HANDLER_STALL_MS.load(Ordering::Relaxed);
+    if stall > 0 {
+        std::thread::sleep(Duration::from_millis(stall));
+    }
+    install_from_snapshot(sh, first, n);
 }
 
 /// Copies the claimed run `[first, first+n)` back from the epoch snapshot (page `p` is in slot
@@ -128,6 +161,24 @@ pub(in super::super) fn copy_back(sh: &Shared, moved: &[usize]) {
                 install_from_snapshot(sh, run.0, run.1);
             }
         }
+    }
+}
+
+/// Until no page of `moved` is in the snapshot: copies back those still there (`Resident`,
+/// `SNAP`) and waits for the handlers copying back the others (`Filling`, still `SNAP` until
+/// their `finish_run`), [`COPY_BACK_WAIT_MS`] at a time.
+fn wait_all_back(sh: &Shared, moved: &[usize]) {
+    loop {
+        copy_back(sh, moved);
+        let t = sh.cache.lock();
+        if !moved.iter().any(|&p| t.has_flag(p, SNAP)) {
+            return;
+        }
+        STATS.add(Counter::EpochSnapshotWaits, 1);
+        drop(
+            sh.cache
+                .wait_for_room(t, Duration::from_millis(COPY_BACK_WAIT_MS)),
+        );
     }
 }
 
