@@ -138,15 +138,12 @@ impl PageIndex {
             Located::Nowhere => Err(IndexError::NotLogged),
             Located::Zero => {
                 buf.fill(0);
-                let found = crc32c::crc32c(buf);
-                if found == crc {
-                    Ok(())
-                } else {
+                mismatch(buf, crc).map_or(Ok(()), |found| {
                     Err(IndexError::Other {
                         found,
                         expected: crc,
                     })
-                }
+                })
             }
             Located::At {
                 seq,
@@ -165,17 +162,14 @@ impl PageIndex {
                     name: name.clone(),
                     source,
                 })?;
-                let found = crc32c::crc32c(buf);
-                if found == crc {
-                    Ok(())
-                } else {
+                mismatch(buf, crc).map_or(Ok(()), |found| {
                     Err(IndexError::Damaged {
                         name,
                         offset,
                         found,
                         expected: crc,
                     })
-                }
+                })
             }
         }
     }
@@ -196,6 +190,12 @@ impl PageIndex {
         }
         f(&files[&seq])
     }
+}
+
+/// The checksum `buf` has, if it is not `crc`.
+fn mismatch(buf: &[u8], crc: u32) -> Option<u32> {
+    let found = crc32c::crc32c(buf);
+    (found != crc).then_some(found)
 }
 
 impl crate::store::LogCopies for PageIndex {
