@@ -306,10 +306,11 @@ fn read_from_log(
                     "the page at {:#x} is not in the log either: {e}",
                     sh.addr_of(first + i)
                 );
+                let why = crate::logging::error_chain(&e);
                 if Some(first + i) == faulting {
-                    first_failure = Some(e.to_string());
+                    first_failure = Some(why);
                 } else {
-                    first_failure.get_or_insert_with(|| e.to_string());
+                    first_failure.get_or_insert(why);
                 }
             }
         }

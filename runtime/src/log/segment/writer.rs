@@ -308,6 +308,10 @@ impl LogWriter {
                 return;
             }
             self.segment_bytes.remove(&seq);
+            log::debug!(
+                "removed {} (no longer needed after epoch {epoch})",
+                self.storage.segment_path(seq).display()
+            );
         }
         if self.options.sync == SyncMode::Data {
             if let Err(e) = self.storage.sync_dir() {
