@@ -6,7 +6,6 @@
 //! are the same however the pages are chunked; dropped uncommitted, an epoch that wrote
 //! nothing leaves no trace, and one that wrote something breaks the writer (checkpoint next).
 
-use super::index::PageIndex;
 use super::{LogError, LogWriter};
 use crate::log::format::{
     BatchCrc, Block, Commit, CommitKind, EntryKind, EpochOrigin, EpochPage, PageEntry, PageGroup,
@@ -40,7 +39,24 @@ pub struct EpochAppend<'w> {
     pub(super) pages: u64,
     pub(super) body_bytes: u64,
     pub(super) batch: BatchCrc,
+    // Where the pages written so far are, for the page index: published only once their
+    // bytes are in the file (`append` may return before they are written, and a read of
+    // the log through the index must never find less than the page).
+    pub(super) unpublished: Vec<Indexed>,
 }
+
+/// A page's place in the log, waiting to be published in the page index.
+#[derive(Clone, Copy)]
+pub(super) struct Indexed {
+    page: u64,
+    /// `(seq, offset, crc)` of its payload; `None`: a zero record.
+    at: Option<(u64, u64, u32)>,
+}
+
+/// Pages whose places an epoch keeps unpublished at most: past it, the writer waits for its
+/// writes to reach the file and publishes them (a checkpoint of a large heap would otherwise
+/// keep one entry per page until its commit).
+const UNPUBLISHED_PAGES_MAX: usize = 64 * 1024;
 
 /// Where the payloads of a page group to write are.
 enum Payloads<'p, 'd> {
@@ -99,6 +115,7 @@ impl EpochAppend<'_> {
             )?;
             self.wrote = true;
             self.writer.sync("fdatasync before a commit record")?;
+            self.publish();
             self.writer.write_pieces(
                 self.epoch,
                 self.kind,
@@ -187,10 +204,10 @@ impl EpochAppend<'_> {
                 Ok(bytes) => {
                     self.wrote = true;
                     self.body_bytes += bytes;
-                    if let Some(index) = &self.writer.index {
+                    if self.writer.index.is_some() {
                         let start = self.writer.offset - bytes;
                         index_groups(
-                            index,
+                            &mut self.unpublished,
                             self.writer.seq,
                             start,
                             &groups,
@@ -204,6 +221,14 @@ impl EpochAppend<'_> {
             if groups.iter().any(|(_, p)| matches!(p, Payloads::Buffered)) {
                 self.buf.clear();
             }
+        }
+        if self.unpublished.len() >= UNPUBLISHED_PAGES_MAX {
+            // The pages are in the file once the writes in flight are: then they can be read.
+            if let Err(e) = self.writer.storage.flush() {
+                let e = self.writer.io_error("writing an epoch's pages", e);
+                return Err(self.fail(e));
+            }
+            self.publish();
         }
         debug_assert!(rest.len() < GROUP_ENTRIES_MAX && (rest.is_empty() || !last));
         for p in rest {
@@ -260,10 +285,26 @@ impl EpochAppend<'_> {
     }
 }
 
-/// Records in `index` where the pages of `groups`, written at `start` of segment `seq`, are:
-/// each group is its block, then its pages' payloads in order (zero records have none).
+impl EpochAppend<'_> {
+    /// Publishes in the page index where the pages written so far are (their bytes are in the
+    /// file: the caller flushed or synced the storage since they were appended).
+    fn publish(&mut self) {
+        let Some(index) = &self.writer.index else {
+            return;
+        };
+        for e in self.unpublished.drain(..) {
+            match e.at {
+                Some((seq, offset, crc)) => index.record(e.page, seq, offset, crc),
+                None => index.record_zero(e.page),
+            }
+        }
+    }
+}
+
+/// Adds to `out` where the pages of `groups`, written at `start` of segment `seq`, are: each
+/// group is its block, then its pages' payloads in order (zero records have none).
 fn index_groups(
-    index: &PageIndex,
+    out: &mut Vec<Indexed>,
     seq: u64,
     start: u64,
     groups: &[(Box<Block>, Payloads<'_, '_>)],
@@ -275,10 +316,13 @@ fn index_groups(
         offset += BLOCK_BYTES as u64;
         let mut note = |page: u64, data: Option<&[u8]>| match data {
             Some(d) => {
-                index.record(page, seq, offset, crc32c::crc32c(d));
+                out.push(Indexed {
+                    page,
+                    at: Some((seq, offset, crc32c::crc32c(d))),
+                });
                 offset += PAGE_SIZE as u64;
             }
-            None => index.record_zero(page),
+            None => out.push(Indexed { page, at: None }),
         };
         match payloads {
             Payloads::Buffered => {

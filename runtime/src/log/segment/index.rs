@@ -2,8 +2,10 @@
 //! other copies are gone (a pool server that died) can be read back from the log while the
 //! program runs: the log is the copy of last resort.
 //!
-//! The writer records every page it appends (after the bytes reached the segment) and every
-//! zero record; a page read through the index is checked against the checksum its reader
+//! The writer records every page it appends and every zero record once the bytes are in the
+//! file (an append may still be in flight when it returns: entries are published after the
+//! flush or sync that follows, at the latest the one before the commit record; never before,
+//! or a read through the index could find less than the page); a page read through the index is checked against the checksum its reader
 //! expects, so an entry that went stale (a segment removed with its generation) only makes the
 //! read fail, never serve other bytes.
 //!

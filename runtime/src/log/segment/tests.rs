@@ -980,3 +980,40 @@ fn resume_continues_a_log_from_a_replayed_image() {
     assert_eq!((report.epoch, report.base_epoch), (10, 10));
     assert!(std::fs::read(&out).expect("the image") == model.image(10));
 }
+
+/// The page index learns where an epoch's pages are only once their bytes are in the file
+/// (at the flush before the commit record): an append may return with its writes still in
+/// flight, and a read through the index then found less than the page (seen as a short read
+/// of a compaction's new segment after a pool server died).
+#[test]
+fn the_index_names_a_page_only_once_its_bytes_are_written() {
+    let storage = MemoryStorage::new();
+    let mut w = memory_writer(&storage, BIG, 1 << 20);
+    let dir = TestDir::new("index-publish");
+    let index = std::sync::Arc::new(PageIndex::new(dir.path(), BIG.pages()).expect("an index"));
+    w.set_index(index.clone());
+    let n = crate::log::format::GROUP_ENTRIES_MAX as u64 * 2;
+    let pages: Vec<Vec<u8>> = (0..n).map(|i| page(i + 1)).collect();
+    let epoch: Vec<EpochPage<'_>> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, d)| EpochPage {
+            page: i as u64,
+            data: Some(d),
+        })
+        .collect();
+    let mut e = w.begin_epoch().expect("beginning");
+    e.add(&epoch)
+        .expect("adding whole groups, which are written at once");
+    assert!(
+        (0..n).all(|p| index.locate(p) == Located::Nowhere),
+        "no page may be named before its bytes are in the file"
+    );
+    e.commit().expect("committing");
+    for (p, d) in pages.iter().enumerate() {
+        assert!(
+            matches!(index.locate(p as u64), Located::At { crc, .. } if crc == crc32c::crc32c(d)),
+            "page {p} must be named after the commit"
+        );
+    }
+}

@@ -270,6 +270,7 @@ impl LogWriter {
             pages: 0,
             body_bytes: 0,
             batch: BatchCrc::default(),
+            unpublished: Vec::new(),
         }
     }
 
