@@ -237,6 +237,20 @@ impl EpochAppend<'_> {
         Ok(())
     }
 
+    /// Publishes in the page index where the pages written so far are (their bytes are in the
+    /// file: the caller flushed or synced the storage since they were appended).
+    fn publish(&mut self) {
+        let Some(index) = &self.writer.index else {
+            return;
+        };
+        for e in self.unpublished.drain(..) {
+            match e.at {
+                Some((seq, offset, crc)) => index.record(e.page, seq, offset, crc),
+                None => index.record_zero(e.page),
+            }
+        }
+    }
+
     fn entry(&self, p: &EpochPage<'_>) -> PageEntry {
         match p.data {
             Some(d) => PageEntry::data(self.epoch, p.page, d),
@@ -282,22 +296,6 @@ impl EpochAppend<'_> {
         w.next_epoch = self.epoch + 1;
         log::error!("writing epoch {} to the log failed: {e}", self.epoch);
         e
-    }
-}
-
-impl EpochAppend<'_> {
-    /// Publishes in the page index where the pages written so far are (their bytes are in the
-    /// file: the caller flushed or synced the storage since they were appended).
-    fn publish(&mut self) {
-        let Some(index) = &self.writer.index else {
-            return;
-        };
-        for e in self.unpublished.drain(..) {
-            match e.at {
-                Some((seq, offset, crc)) => index.record(e.page, seq, offset, crc),
-                None => index.record_zero(e.page),
-            }
-        }
     }
 }
 
